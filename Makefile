@@ -1,0 +1,47 @@
+# Two commands do all set-up on a fresh clone:  make lab  |  make test
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PORT ?= 8888
+# Jupyter/IPython state stays inside the project (pip's own config in XDG_CONFIG_HOME is left alone).
+export JUPYTER_CONFIG_DIR := $(CURDIR)/.jupyter/config
+export JUPYTER_DATA_DIR := $(CURDIR)/.jupyter/data
+export JUPYTER_RUNTIME_DIR := $(CURDIR)/.jupyter/runtime
+export IPYTHONDIR := $(CURDIR)/.jupyter/ipython
+export TRITON_INTERPRET ?= 1
+
+.PHONY: setup lab test test-fast bench clean
+
+$(VENV)/bin/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): $(VENV)/bin/python requirements.txt pyproject.toml
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (v4lab)" >/dev/null
+	$(BIN)/python -m v4lab.labsettings
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+lab: setup
+	@TOKEN=$$($(BIN)/python -c "import secrets; print(secrets.token_hex(16))"); \
+	echo ""; echo "JupyterLab: http://127.0.0.1:$(PORT)/lab?token=$$TOKEN"; echo ""; \
+	$(BIN)/jupyter lab --no-browser --ip 127.0.0.1 --port $(PORT) --ServerApp.token=$$TOKEN \
+	  --ServerApp.root_dir=$(CURDIR)/notebooks
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --nbval-lax notebooks
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -x -m "not slow and not browser" tests
+
+bench: setup
+	$(BIN)/v4lab bench all --quick
+
+clean:
+	rm -rf $(VENV) .jupyter

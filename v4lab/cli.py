@@ -1,0 +1,63 @@
+"""The ``v4lab`` command line.
+
+    v4lab info PRESET_OR_CONFIG_JSON [--context N] [--json]
+    v4lab compare A B [--context N] [--json]
+    v4lab bench {attention,moe,quant,kernels,widgets,all} [--quick] [--json]
+    v4lab train ...        (see v4lab.train)
+    v4lab generate ...     (see v4lab.generate)
+
+Bad input (unknown preset, unreadable or malformed file, invalid value) prints one line on stderr and
+exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+BENCHES = ("attention", "moe", "quant", "kernels", "widgets")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's own convention, without the usage dump)
+        sys.stderr.write(f"v4lab: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _delegate(module: str, argv: list[str]) -> int:
+    mod = importlib.import_module(module)
+    return int(mod.main(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    try:
+        if cmd in ("info", "compare"):
+            from v4lab import accounting
+            return accounting.cli(cmd, rest, parser_cls=_Parser)
+        if cmd == "bench":
+            p = _Parser(prog="v4lab bench")
+            p.add_argument("name", choices=BENCHES + ("all",))
+            args, more = p.parse_known_args(rest)
+            names = BENCHES if args.name == "all" else (args.name,)
+            rc = 0
+            for n in names:
+                rc |= _delegate(f"v4lab.bench.{n}", more)
+            return rc
+        if cmd == "train":
+            return _delegate("v4lab.train", rest)
+        if cmd == "generate":
+            return _delegate("v4lab.generate", rest)
+        sys.stderr.write(f"v4lab: error: unknown command {cmd!r} (info, compare, bench, train, generate)\n")
+        return 2
+    except ValueError as e:
+        sys.stderr.write(f"v4lab: error: {e}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,350 @@
+"""One config type for the DeepSeek family v4lab knows: V3, V3.2, V4-Flash, V4-Pro and a tiny V4.
+
+Keys follow the released Hugging Face ``config.json`` (``hidden_size``, ``compress_ratios``,
+``num_hash_layers`` ...), so a downloaded ``config.json`` loads as is. V3/V3.2 keys (MLA ranks, dense
+first layers, group-limited routing) live in the same type; ``arch`` tells the families apart.
+
+Spec: ../shared/spec/v4-attention.md §1, §6 and v4-moe-mhc-fp4.md §9.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# compress_ratios values: 0 = sliding window only, 4 = CSA (+ lightning indexer), 128 = HCA.
+LAYER_KINDS = {0: "window", 4: "csa", 128: "hca"}
+SCORING_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
+
+
+def _yarn(factor: float = 16.0, original: int = 65536) -> dict:
+    return {"type": "yarn", "factor": factor, "original_max_position_embeddings": original,
+            "beta_fast": 32, "beta_slow": 1}
+
+
+@dataclass
+class V4Config:
+    # --- identity -----------------------------------------------------------------------------
+    model_type: str = "deepseek_v4"          # deepseek_v4 | deepseek_v32 | deepseek_v3
+    name: str = "custom"
+    # --- trunk --------------------------------------------------------------------------------
+    vocab_size: int = 129280
+    hidden_size: int = 4096
+    num_hidden_layers: int = 43
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 1048576
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    initializer_range: float = 0.02
+    hidden_act: str = "silu"
+    torch_dtype: str = "bfloat16"
+    # --- V4 attention -------------------------------------------------------------------------
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 1
+    head_dim: int = 512
+    qk_rope_head_dim: int = 64
+    q_lora_rank: int = 1024
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    sliding_window: int = 128
+    compress_ratios: list = field(default_factory=lambda: [0, 0] + [4, 128] * 20 + [4, 0])
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    rope_scaling: dict | None = field(default_factory=_yarn)
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    # --- V3 / V3.2 attention (MLA); unused by V4 ----------------------------------------------
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    # --- MoE ----------------------------------------------------------------------------------
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 6
+    moe_intermediate_size: int = 2048
+    scoring_func: str = "sqrtsoftplus"
+    topk_method: str = "noaux_tc"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.5
+    num_hash_layers: int = 3
+    swiglu_limit: float = 10.0
+    n_group: int = 1                         # V3 group-limited routing (1 = no limit)
+    topk_group: int = 1
+    first_k_dense_replace: int = 0           # V3 dense FFN layers at the bottom
+    intermediate_size: int = 0               # V3 dense FFN width
+    # --- mHC ----------------------------------------------------------------------------------
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    # --- MTP / formats ------------------------------------------------------------------------
+    num_nextn_predict_layers: int = 1
+    expert_dtype: str | None = "fp4"
+    quantization_config: dict | None = field(default_factory=lambda: {
+        "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+        "scale_fmt": "ue8m0", "weight_block_size": [128, 128]})
+
+    def __post_init__(self):
+        self.validate()
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def arch(self) -> str:
+        return {"deepseek_v4": "v4", "deepseek_v32": "v3.2", "deepseek_v3": "v3"}[self.model_type]
+
+    @property
+    def is_v4(self) -> bool:
+        return self.model_type == "deepseek_v4"
+
+    @property
+    def n_layers(self) -> int:
+        return self.num_hidden_layers
+
+    def compress_ratio(self, layer_id: int) -> int:
+        """Ratio of layer ``layer_id``; ``layer_id == num_hidden_layers`` is the MTP block."""
+        if not self.is_v4:
+            return 0
+        return int(self.compress_ratios[layer_id])
+
+    def layer_kind(self, layer_id: int) -> str:
+        """'window' | 'csa' | 'hca' for V4, 'mla' for V3, 'mla+dsa' for V3.2."""
+        if self.model_type == "deepseek_v3":
+            return "mla"
+        if self.model_type == "deepseek_v32":
+            return "mla+dsa"
+        return LAYER_KINDS[self.compress_ratio(layer_id)]
+
+    @property
+    def layer_kinds(self) -> list[str]:
+        return [self.layer_kind(i) for i in range(self.num_hidden_layers)]
+
+    def is_hash_layer(self, layer_id: int) -> bool:
+        return self.is_v4 and layer_id < self.num_hash_layers
+
+    def is_dense_layer(self, layer_id: int) -> bool:
+        return layer_id < self.first_k_dense_replace
+
+    @property
+    def rope_factor(self) -> float:
+        return float((self.rope_scaling or {}).get("factor", 1.0))
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def bad(key, value, rule):
+            raise ValueError(f"config key {key!r} = {value!r}: {rule}")
+
+        if self.model_type not in ("deepseek_v4", "deepseek_v32", "deepseek_v3"):
+            bad("model_type", self.model_type, "must be deepseek_v4, deepseek_v32 or deepseek_v3")
+        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+                    "q_lora_rank", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+                    "max_position_embeddings", "n_group", "topk_group"]
+        if self.is_v4:
+            positive += ["num_key_value_heads", "o_groups", "o_lora_rank", "sliding_window",
+                         "index_n_heads", "index_head_dim", "index_topk", "hc_mult",
+                         "hc_sinkhorn_iters", "qk_rope_head_dim"]
+        else:
+            positive += ["kv_lora_rank", "qk_nope_head_dim", "v_head_dim", "qk_rope_head_dim"]
+        for key in positive:
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                bad(key, v, "must be a positive integer")
+        for key in ("rms_norm_eps", "rope_theta", "compress_rope_theta"):
+            v = getattr(self, key)
+            if not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
+                bad(key, v, "must be a positive finite number")
+        if self.hc_eps < 0 or not math.isfinite(self.hc_eps):
+            bad("hc_eps", self.hc_eps, "must be a finite number >= 0")
+        if self.n_shared_experts < 0:
+            bad("n_shared_experts", self.n_shared_experts, "must be >= 0")
+        if self.num_hash_layers < 0:
+            bad("num_hash_layers", self.num_hash_layers, "must be >= 0")
+        if self.num_hash_layers > self.num_hidden_layers:
+            bad("num_hash_layers", self.num_hash_layers,
+                f"must be <= num_hidden_layers ({self.num_hidden_layers})")
+        if self.num_nextn_predict_layers < 0:
+            bad("num_nextn_predict_layers", self.num_nextn_predict_layers, "must be >= 0")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            bad("num_experts_per_tok", self.num_experts_per_tok,
+                f"top-k must be <= n_routed_experts ({self.n_routed_experts})")
+        if self.scoring_func not in SCORING_FUNCS:
+            bad("scoring_func", self.scoring_func, f"must be one of {SCORING_FUNCS}")
+        if self.routed_scaling_factor <= 0:
+            bad("routed_scaling_factor", self.routed_scaling_factor, "must be > 0")
+        if not isinstance(self.swiglu_limit, (int, float)) or not math.isfinite(self.swiglu_limit):
+            bad("swiglu_limit", self.swiglu_limit, "must be a finite number (<= 0 disables the clamp)")
+        if self.n_routed_experts % self.n_group:
+            bad("n_group", self.n_group, f"must divide n_routed_experts ({self.n_routed_experts})")
+        if self.topk_group > self.n_group:
+            bad("topk_group", self.topk_group, f"must be <= n_group ({self.n_group})")
+        if self.n_group > 1 and self.num_experts_per_tok > self.topk_group * (self.n_routed_experts // self.n_group):
+            bad("num_experts_per_tok", self.num_experts_per_tok,
+                "top-k must fit in the experts of the topk_group chosen groups")
+        if self.first_k_dense_replace < 0 or self.first_k_dense_replace > self.num_hidden_layers:
+            bad("first_k_dense_replace", self.first_k_dense_replace, "must be in [0, num_hidden_layers]")
+        if self.first_k_dense_replace > 0 and self.intermediate_size <= 0:
+            bad("intermediate_size", self.intermediate_size, "dense first layers need a positive width")
+        rd = self.qk_rope_head_dim
+        if rd % 2:
+            bad("qk_rope_head_dim", rd, "RoPE pairs channels, so it must be even")
+        if not self.is_v4:
+            return
+        if rd > self.head_dim:
+            bad("qk_rope_head_dim", rd, f"must be <= head_dim ({self.head_dim})")
+        if rd > self.index_head_dim:
+            bad("qk_rope_head_dim", rd, f"must be <= index_head_dim ({self.index_head_dim}); the indexer rotates it too")
+        if self.num_key_value_heads != 1:
+            bad("num_key_value_heads", self.num_key_value_heads, "V4 has one shared K=V head (must be 1)")
+        if self.num_attention_heads % self.o_groups:
+            bad("o_groups", self.o_groups, f"must divide num_attention_heads ({self.num_attention_heads})")
+        if self.hc_mult < 1:
+            bad("hc_mult", self.hc_mult, "must be >= 1")
+        want = self.num_hidden_layers + self.num_nextn_predict_layers
+        if not isinstance(self.compress_ratios, (list, tuple)) or len(self.compress_ratios) not in (
+                want, self.num_hidden_layers + 1):
+            n = len(self.compress_ratios) if isinstance(self.compress_ratios, (list, tuple)) else None
+            bad("compress_ratios", self.compress_ratios if n is None else f"<list of {n}>",
+                f"needs num_hidden_layers + 1 = {self.num_hidden_layers + 1} entries (last one: the MTP block)")
+        self.compress_ratios = [int(r) if isinstance(r, (int, float)) and not isinstance(r, bool) and float(r).is_integer() else r
+                                for r in self.compress_ratios]
+        for i, r in enumerate(self.compress_ratios):
+            if r not in LAYER_KINDS:
+                bad(f"compress_ratios[{i}]", r, "must be 0 (window), 4 (CSA) or 128 (HCA)")
+        if self.compress_ratios[-1] != 0:
+            bad(f"compress_ratios[{len(self.compress_ratios) - 1}]", self.compress_ratios[-1],
+                "the MTP block (last entry) is sliding-window only and must be 0")
+        if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                bad("rope_scaling", self.rope_scaling, "must be a dict or null")
+            f = self.rope_scaling.get("factor", 1.0)
+            if not isinstance(f, (int, float)) or f < 1:
+                bad("rope_scaling.factor", f, "must be a number >= 1")
+        if self.expert_dtype not in (None, "fp4", "fp8", "bf16"):
+            bad("expert_dtype", self.expert_dtype, "must be fp4, fp8, bf16 or absent")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("name")
+        d["architectures"] = ["DeepseekV4ForCausalLM" if self.is_v4 else
+                              ("DeepseekV32ForCausalLM" if self.arch == "v3.2" else "DeepseekV3ForCausalLM")]
+        return d
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def replace(self, **changes) -> "V4Config":
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        d.update(changes)
+        return V4Config(**d)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], name: str = "custom", strict: bool = False) -> "V4Config":
+        """Build from a released HF ``config.json`` dict. Keys of other tools are ignored unless strict."""
+        d = dict(d)
+        aliases = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+                   "moe_inter_dim": "moe_intermediate_size", "n_activated_experts": "num_experts_per_tok",
+                   "n_hash_layers": "num_hash_layers", "score_func": "scoring_func",
+                   "route_scale": "routed_scaling_factor", "rope_head_dim": "qk_rope_head_dim",
+                   "window_size": "sliding_window", "norm_eps": "rms_norm_eps",
+                   "n_mtp_layers": "num_nextn_predict_layers", "first_k_dense": "first_k_dense_replace"}
+        for a, k in aliases.items():
+            if a in d and k not in d:
+                d[k] = d.pop(a)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known - {"architectures", "transformers_version", "use_cache"})
+        if strict and unknown:
+            raise ValueError(f"config key {unknown[0]!r}: unknown key (strict mode)")
+        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs["name"] = name
+        mt = kwargs.get("model_type", "deepseek_v4")
+        if mt not in ("deepseek_v4", "deepseek_v32", "deepseek_v3"):
+            raise ValueError(f"config key 'model_type' = {mt!r}: must be deepseek_v4, deepseek_v32 or deepseek_v3")
+        if mt == "deepseek_v4" and "compress_ratios" not in kwargs:
+            raise ValueError("config key 'compress_ratios' is missing: a V4 config needs one ratio per layer "
+                             "plus one for the MTP block")
+        if mt != "deepseek_v4":
+            kwargs.setdefault("compress_ratios", [])
+            kwargs.setdefault("expert_dtype", None)
+        try:
+            return cls(**kwargs)
+        except TypeError as e:  # wrong value types that slipped past validate
+            raise ValueError(f"config: {e}") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "V4Config":
+        p = Path(path)
+        if p.is_dir():
+            p = p / "config.json"
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ValueError(f"config file {str(p)!r}: cannot be read ({e.strerror or e})") from None
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {str(p)!r}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"config file {str(p)!r}: top level must be a JSON object")
+        return cls.from_dict(d, name=p.parent.name if p.name == "config.json" else p.stem)
+
+
+# ---------------------------------------------------------------------------------------- presets
+def _v4_flash() -> V4Config:
+    return V4Config(name="v4-flash")
+
+
+def _v4_pro() -> V4Config:
+    return V4Config(name="v4-pro", hidden_size=7168, num_hidden_layers=61, num_attention_heads=128,
+                    q_lora_rank=1536, o_groups=16, o_lora_rank=1024, index_topk=1024,
+                    moe_intermediate_size=3072, n_routed_experts=384, routed_scaling_factor=2.5,
+                    compress_ratios=[128, 128] + [4, 128] * 29 + [4, 0])
+
+
+def _v3(dsa: bool) -> V4Config:
+    # MLA; V3.2 adds the DSA token-level indexer (64 heads x 128, top-2048). Sigmoid routing with groups.
+    return V4Config(
+        model_type="deepseek_v32" if dsa else "deepseek_v3", name="v3.2" if dsa else "v3",
+        hidden_size=7168, num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
+        head_dim=192, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, q_lora_rank=1536,
+        kv_lora_rank=512, o_groups=1, o_lora_rank=0, sliding_window=0, compress_ratios=[],
+        rope_scaling=_yarn(40.0, 4096), max_position_embeddings=163840,
+        index_n_heads=64 if dsa else 0, index_head_dim=128 if dsa else 0, index_topk=2048 if dsa else 0,
+        n_routed_experts=256, num_experts_per_tok=8, moe_intermediate_size=2048, scoring_func="sigmoid",
+        routed_scaling_factor=2.5, num_hash_layers=0, swiglu_limit=0.0, n_group=8, topk_group=4,
+        first_k_dense_replace=3, intermediate_size=18432, hc_mult=1, hc_sinkhorn_iters=0, expert_dtype=None)
+
+
+def _tiny() -> V4Config:
+    # Same structure at CPU size: window, CSA and HCA layers, hash layers, mHC, MTP.
+    # HCA ratio stays 128 (the released value) so short sequences only see it past 128 tokens;
+    # the window is shrunk so the compressed branches matter early.
+    return V4Config(
+        name="tiny", vocab_size=512, hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
+        head_dim=64, qk_rope_head_dim=16, q_lora_rank=64, o_groups=2, o_lora_rank=64, sliding_window=16,
+        compress_ratios=[0, 4, 128, 4, 128, 4, 0], index_n_heads=4, index_head_dim=32, index_topk=8,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=128,
+        routed_scaling_factor=1.5, num_hash_layers=2, max_position_embeddings=4096,
+        rope_scaling=_yarn(16.0, 1024), hc_mult=4, hc_sinkhorn_iters=20)
+
+
+PRESETS = {"v4-flash": _v4_flash, "v4-pro": _v4_pro, "v3": lambda: _v3(False), "v3.2": lambda: _v3(True),
+           "tiny": _tiny}
+
+
+def get_config(name_or_path: str | Path) -> V4Config:
+    """A preset name (``v4-flash``, ``v4-pro``, ``v3``, ``v3.2``, ``tiny``) or a ``config.json`` path."""
+    key = str(name_or_path)
+    if key in PRESETS:
+        return PRESETS[key]()
+    p = Path(key)
+    if p.suffix == ".json" or p.is_dir() or p.exists():
+        return V4Config.from_json(p)
+    raise ValueError(f"unknown preset or config file {key!r}: presets are {', '.join(PRESETS)}; "
+                     "or give a path to a config.json")

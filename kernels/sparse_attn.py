@@ -87,7 +87,8 @@ def _sparse_attn_fwd(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr,
     m_fin = tl.maximum(m_i, sink)
     alpha = tl.exp(m_i - m_fin)
     l_fin = l_i * alpha + tl.exp(sink - m_fin)
-    o = acc * (alpha / l_fin)[:, None]
+    # l_fin = 0 only for an empty row with a −inf sink: return zeros there, not 0/0.
+    o = acc * tl.where(l_fin > 0, alpha / tl.where(l_fin > 0, l_fin, 1.0), 0.0)[:, None]
     tl.store(o_ptr + b * so_b + s * so_s + offs_h[:, None] * so_h + offs_d[None, :],
              o.to(o_ptr.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
 
@@ -132,7 +133,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx:
     if o.numel() == 0:
         return o
     lowp = (not interpreted()) and q.dtype in (torch.bfloat16, torch.float16) and kv.dtype == q.dtype
-    BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_D = max(16, triton.next_power_of_2(D))
     args = (q, kv, attn_sink, idx, o, S, H, kv.shape[1], K, D, float(scale),
             q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
             idx.stride(0), idx.stride(1), o.stride(0), o.stride(1), o.stride(2))

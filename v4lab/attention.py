@@ -5,6 +5,12 @@ Spec: ../shared/spec/v4-attention.md §3.
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from .compressor import Compressor, CompressorState
+from .indexer import Indexer, visible_entries
+from .norm import RMSNorm, rms_norm
+from .rope import apply_rope, cos_sin, layer_inv_freq
 
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx: torch.Tensor,
@@ -40,3 +46,280 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx:
     p = p.masked_fill(~valid[:, :, None, :], 0.0)                  # (a −inf sink with no entry would be NaN)
     o = torch.einsum("bshk,bskd->bshd", p, g)
     return o.to(q.dtype)
+
+
+def sparse_attn_probs(q, kv, attn_sink, idx, scale):
+    """Same math as `sparse_attn`, returning the probabilities instead: p [B, S, H, K] (0 on −1 slots) and
+    the sink's mass [B, S, H] (1 − Σ p). For inspection; memory as large as the gather."""
+    B, S, H, D = q.shape
+    valid = idx >= 0
+    g = torch.gather(kv.float(), 1, idx.clamp(min=0).long().reshape(B, -1, 1).expand(-1, -1, D)).view(B, S, -1, D)
+    z = torch.einsum("bshd,bskd->bshk", q.float(), g.masked_fill(~valid[..., None], 0.0)) * scale
+    z = z.masked_fill(~valid[:, :, None, :], float("-inf"))
+    p = torch.cat([z, attn_sink.float().view(1, 1, H, 1).expand(B, S, H, 1)], -1).softmax(-1)
+    return p[..., :-1].masked_fill(~valid[:, :, None, :], 0.0), p[..., -1]
+
+
+# ------------------------------------------------------------------------------------------ cache
+class _Growing:
+    """An append-only [B, n, D] tensor with doubling capacity (decode appends one entry at a time)."""
+
+    def __init__(self):
+        self.data, self.n = None, 0
+
+    def append(self, x: torch.Tensor) -> None:
+        if x.shape[1] == 0 and self.data is not None:
+            return
+        if self.data is None:
+            self.data = x.new_empty(x.shape[0], max(16, x.shape[1]), x.shape[2])
+        if self.n + x.shape[1] > self.data.shape[1]:
+            grown = self.data.new_empty(self.data.shape[0], max(2 * self.data.shape[1], self.n + x.shape[1]),
+                                        self.data.shape[2])
+            grown[:, :self.n] = self.data[:, :self.n]
+            self.data = grown
+        self.data[:, self.n:self.n + x.shape[1]] = x
+        self.n += x.shape[1]
+
+    def get(self) -> torch.Tensor | None:
+        return None if self.data is None else self.data[:, :self.n]
+
+    def nbytes(self) -> int:
+        return 0 if self.data is None else self.n * self.data.shape[0] * self.data.shape[2] * self.data.element_size()
+
+
+class AttentionCache:
+    """Decode state of one attention layer for a batch that advances in lock-step.
+
+    window: ring buffer [B, sliding_window, D] (position p lives in slot p % w); compressor / indexer
+    compressor streaming states (open window, CSA previous window); entries: compressed KV [B, Nc, D];
+    index_keys: indexer keys [B, Nc, Di] (CSA). `length` = tokens seen = the next start_pos.
+    """
+
+    def __init__(self, batch_size: int, kind: str, window: int):
+        self.batch_size, self.kind, self.window_size, self.length = batch_size, kind, window, 0
+        self.window = None
+        self.comp_state = CompressorState() if kind in ("csa", "hca") else None
+        self.index_state = CompressorState() if kind == "csa" else None
+        self.entries, self.index_keys = _Growing(), _Growing()
+
+    def window_entries(self, lo: int, hi: int) -> torch.Tensor | None:
+        if hi <= lo:
+            return None
+        slots = torch.arange(lo, hi, device=self.window.device) % self.window_size
+        return self.window[:, slots]
+
+    def write_window(self, kv: torch.Tensor, start_pos: int) -> None:
+        if self.window is None:
+            self.window = kv.new_zeros(kv.shape[0], self.window_size, kv.shape[2])
+        keep = min(kv.shape[1], self.window_size)
+        pos = torch.arange(start_pos + kv.shape[1] - keep, start_pos + kv.shape[1], device=kv.device)
+        self.window[:, pos % self.window_size] = kv[:, -keep:].to(self.window.dtype)
+
+    def nbytes(self) -> int:
+        """Bytes held (dtype as stored; the low-precision simulation keeps values FP8-rounded, not packed)."""
+        n = 0 if self.window is None else self.window.numel() * self.window.element_size()
+        n += self.entries.nbytes() + self.index_keys.nbytes()
+        for st in (self.comp_state, self.index_state):
+            n += st.nbytes() if st is not None else 0
+        return n
+
+
+# ------------------------------------------------------------------------------------------ layer
+_NEEDS = {"window": ["sliding_window", "qk_rope_head_dim", "rope_theta"],
+          "hca": ["sliding_window", "qk_rope_head_dim", "compress_rope_theta"],
+          "csa": ["sliding_window", "qk_rope_head_dim", "compress_rope_theta", "index_n_heads",
+                  "index_head_dim", "index_topk"]}
+
+
+class Attention(nn.Module):
+    """One V4 attention layer: window-only, CSA or HCA, chosen by `cfg.layer_kind(layer_id)`.
+
+    Prefill and decode share one path: the S new tokens are appended to a cache (a temporary one when
+    `cache` is None), and queries are processed in chunks of `q_chunk` with explicit index lists
+    (window slots, then compressed entries), so no [S, S] mask or score matrix is ever built.
+    Batches advance in lock-step: every row has the same length and positions (ragged batches raise).
+    """
+
+    def __init__(self, cfg, layer_id: int):
+        super().__init__()
+        n_layers = cfg.num_hidden_layers
+        if not isinstance(layer_id, int) or not 0 <= layer_id <= n_layers:
+            raise ValueError(f"layer_id = {layer_id!r}: must be an int in [0, num_hidden_layers={n_layers}] "
+                             "(the last one is the MTP block)")
+        kind = cfg.layer_kind(layer_id)
+        if kind not in _NEEDS:
+            raise ValueError(f"config model_type {cfg.model_type!r}: layer {layer_id} is {kind!r}, "
+                             "V4 Attention needs a window, csa or hca layer")
+        for key in _NEEDS[kind] + ["num_attention_heads", "head_dim", "q_lora_rank", "o_groups", "o_lora_rank"]:
+            v = getattr(cfg, key, None)
+            if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise ValueError(f"config key {key!r} = {v!r}: a {kind} layer needs it as a positive number")
+        if kind != "window" and cfg.rope_scaling is not None and not isinstance(cfg.rope_scaling, dict):
+            raise ValueError(f"config key 'rope_scaling' = {cfg.rope_scaling!r}: must be a dict or None")
+        self.cfg, self.layer_id, self.kind = cfg, layer_id, kind
+        self.ratio = cfg.compress_ratio(layer_id)
+        d, H, D, r = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.qk_rope_head_dim
+        self.n_heads, self.head_dim, self.rope_dim = H, D, r
+        self.window, self.eps, self.scale = cfg.sliding_window, cfg.rms_norm_eps, D ** -0.5
+        self.wq_a = nn.Linear(d, cfg.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.wq_b = nn.Linear(cfg.q_lora_rank, H * D, bias=False)
+        self.wkv = nn.Linear(d, D, bias=False)
+        self.kv_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.o_groups = cfg.o_groups
+        self.wo_a = nn.Linear(H * D // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)  # block-diagonal
+        self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, d, bias=False)
+        self.attn_sink = nn.Parameter(torch.zeros(H, dtype=torch.float32))
+        freqs = layer_inv_freq(cfg, layer_id)
+        self.register_buffer("rope_freqs", freqs, persistent=False)
+        if kind != "window":
+            self.compressor = Compressor(d, D, self.ratio, kind == "csa", freqs, cfg.rms_norm_eps)
+        if kind == "csa":
+            self.indexer = Indexer(cfg, freqs, self.ratio)
+        self._low_precision = False
+        self.inspect = False
+        self.last_inspect: dict | None = None
+        self.q_chunk = 64                         # queries per sparse_attn call (memory ∝ q_chunk · K · D)
+        self.sparse_attn_fn = sparse_attn         # swap in kernels.sparse_attn.sparse_attn for speed
+
+    # -------------------------------------------------------------- switches
+    @property
+    def low_precision(self) -> bool:
+        return self._low_precision
+
+    @low_precision.setter
+    def low_precision(self, on: bool) -> None:
+        self._low_precision = bool(on)
+        if self.kind == "csa":
+            self.indexer.low_precision = bool(on)
+
+    def new_cache(self, batch_size: int) -> AttentionCache:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size = {batch_size!r}: must be a positive int")
+        return AttentionCache(batch_size, self.kind, self.window)
+
+    def _fp8_nope(self, kv: torch.Tensor) -> torch.Tensor:
+        # OFF stores window and compressed KV with the non-rope dims rounded to FP8 E4M3 (block 64,
+        # power-of-two scales) and the rope dims in BF16-range full precision.
+        if not self._low_precision:
+            return kv
+        from .quant import act_quant_fp8
+        nope = kv[..., :self.head_dim - self.rope_dim]
+        return torch.cat([act_quant_fp8(nope, 64).to(kv.dtype), kv[..., self.head_dim - self.rope_dim:]], -1)
+
+    # -------------------------------------------------------------- checks
+    def _check(self, x, start_pos, cache, seq_lens):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.cfg.hidden_size:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x {shape}: must be a [B, S, hidden_size={self.cfg.hidden_size}] tensor")
+        if not x.is_floating_point():
+            raise ValueError(f"x dtype {x.dtype}: must be floating point (hidden states, not token ids)")
+        if x.shape[0] < 1 or x.shape[1] < 1:
+            raise ValueError(f"x {tuple(x.shape)}: batch and sequence length must be >= 1")
+        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
+            raise ValueError(f"start_pos = {start_pos!r}: must be an int >= 0")
+        have = 0 if cache is None else cache.length
+        if start_pos != have:
+            raise ValueError(f"start_pos = {start_pos}: must equal the cache length ({have}"
+                             f"{'; no cache given' if cache is None else ''}); positions cannot skip or rewind")
+        if cache is not None:
+            if not isinstance(cache, AttentionCache):
+                raise ValueError(f"cache {type(cache).__name__}: must come from Attention.new_cache")
+            if cache.kind != self.kind or cache.batch_size != x.shape[0]:
+                raise ValueError(f"cache (kind {cache.kind!r}, batch {cache.batch_size}) does not fit this layer "
+                                 f"(kind {self.kind!r}) and x batch {x.shape[0]}")
+        end = start_pos + x.shape[1]
+        if end > self.cfg.max_position_embeddings:
+            raise ValueError(f"positions {start_pos}..{end - 1}: the last position must be < "
+                             f"max_position_embeddings = {self.cfg.max_position_embeddings}")
+        if seq_lens is not None and any(int(n) != x.shape[1] for n in seq_lens):
+            raise ValueError(f"seq_lens = {list(map(int, seq_lens))}: rows of different lengths are not supported "
+                             f"(all must be {x.shape[1]}); run them as separate batches")
+
+    # -------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: AttentionCache | None = None,
+                seq_lens=None) -> torch.Tensor:
+        """x [B, S, d] at positions start_pos..start_pos+S−1 → [B, S, d]. `cache` is advanced in place."""
+        self._check(x, start_pos, cache, seq_lens)
+        B, S, _ = x.shape
+        H, D, w = self.n_heads, self.head_dim, self.window
+        if cache is None:
+            cache = self.new_cache(B)
+        pos = torch.arange(start_pos, start_pos + S, device=x.device)
+        cos, sin = cos_sin(self.rope_freqs, pos)                              # [S, r/2]
+
+        qr = self.q_norm(self.wq_a(x))                                        # shared with the indexer
+        q = rms_norm(self.wq_b(qr).view(B, S, H, D), None, self.eps)          # weightless per-head norm
+        q = apply_rope(q, cos[:, None], sin[:, None])
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)                  # one K=V head [B, S, D]
+        kv = self._fp8_nope(kv)
+
+        # raw entries: the last w−1 cached positions, then the new ones; local[0] sits at position lo
+        lo = max(0, start_pos - w + 1)
+        prev = cache.window_entries(lo, start_pos)
+        local = kv if prev is None else torch.cat([prev.to(kv.dtype), kv], 1)
+        cache.write_window(kv, start_pos)
+        L = local.shape[1]
+
+        comp = None
+        insp = {} if self.inspect else None
+        if self.kind != "window":
+            self.compressor.inspect = self.inspect
+            new = self._fp8_nope(self.compressor(x, cache.comp_state))
+            cache.entries.append(new.to(kv.dtype))
+            comp = cache.entries.get()
+            if insp is not None:
+                insp["pool_weights"] = self.compressor.last_weights
+                insp["entries"] = comp
+        if self.kind == "csa":
+            cache.index_keys.append(self.indexer.keys(x, cache.index_state))
+            keys = cache.index_keys.get()
+            iq, iw = self.indexer.queries(x, qr, pos)
+        kv_all = local if comp is None else torch.cat([local, comp], 1)       # [B, L + Nc, D]
+        Nc = 0 if comp is None else comp.shape[1]
+
+        offs = torch.arange(w - 1, -1, -1, device=x.device)                    # window slots, oldest first
+        outs, records = [], []
+        k_cols = w + (min(self.cfg.index_topk, Nc) if self.kind == "csa" else Nc)
+        chunk = max(1, min(self.q_chunk, (1 << 24) // max(1, k_cols * D)))
+        for c0 in range(0, S, chunk):
+            t = pos[c0:c0 + chunk]                                              # [s]
+            wp = t[:, None] - offs[None]                                        # positions t−w+1..t
+            idx = torch.where(wp >= 0, wp - lo, -1)
+            rec = {}
+            if self.kind == "hca":
+                s = torch.arange(Nc, device=x.device)
+                vis = s[None] < visible_entries(t, self.ratio)[:, None]
+                cidx = torch.where(vis, s[None], -1)
+                idx = torch.cat([idx, torch.where(cidx >= 0, cidx + L, -1)], 1)
+            idx = idx[None].expand(B, -1, -1)
+            if self.kind == "csa":
+                cidx, scores = self.indexer.select(iq[:, c0:c0 + chunk], iw[:, c0:c0 + chunk], keys, t)
+                idx = torch.cat([idx, torch.where(cidx >= 0, cidx + L, -1)], 2)
+                if insp is not None:
+                    rec["index_scores"] = scores.masked_fill(
+                        torch.arange(Nc, device=x.device)[None, None] >= visible_entries(t, self.ratio)[None, :, None],
+                        float("-inf"))
+                    rec["selected"] = cidx
+            idx = idx.contiguous()
+            qc = q[:, c0:c0 + chunk]
+            outs.append(self.sparse_attn_fn(qc, kv_all, self.attn_sink, idx, self.scale))
+            if insp is not None:
+                p, sink = sparse_attn_probs(qc, kv_all, self.attn_sink, idx, self.scale)
+                rec["window_positions"] = wp.where(wp >= 0, -1)[None].expand(B, -1, -1)
+                rec["compressed_idx"] = torch.where(idx[..., w:] >= 0, idx[..., w:] - L, -1)
+                rec["probs_window"], rec["probs_compressed"], rec["sink"] = p[..., :w], p[..., w:], sink
+                records.append(rec)
+        o = torch.cat(outs, 1)                                                  # [B, S, H, D]
+        cache.length = start_pos + S
+
+        o = apply_rope(o, cos[:, None], sin[:, None], inverse=True)            # back to relative positions
+        og = o.reshape(B, S, self.o_groups, -1)                                # [B, S, g, H·D/g]
+        wa = self.wo_a.weight.view(self.o_groups, -1, og.shape[-1])             # [g, o_lora_rank, H·D/g]
+        y = self.wo_b(torch.einsum("bsgi,goi->bsgo", og, wa).flatten(2))
+        if insp is not None:
+            for key in records[0]:
+                insp[key] = torch.cat([r[key] for r in records], 1)
+            insp["positions"] = pos
+            self.last_inspect = insp
+        return y

@@ -142,6 +142,18 @@ class V4Config:
 
         if self.model_type not in ("deepseek_v4", "deepseek_v32", "deepseek_v3"):
             bad("model_type", self.model_type, "must be deepseek_v4, deepseek_v32 or deepseek_v3")
+        # Types first, so a hand-written config.json with "hidden_size": "4096" gets a named error, not a
+        # TypeError from a comparison below. (Annotations are strings under `from __future__ import annotations`.)
+        for f in dataclasses.fields(self):
+            v, t = getattr(self, f.name), f.type
+            if t == "int" and (isinstance(v, bool) or not isinstance(v, int)):
+                bad(f.name, v, "must be an integer")
+            if t == "float" and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                bad(f.name, v, "must be a number")
+            if t == "bool" and not isinstance(v, bool):
+                bad(f.name, v, "must be true or false")
+            if t == "str" and not isinstance(v, str):
+                bad(f.name, v, "must be a string")
         positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
                     "q_lora_rank", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
                     "max_position_embeddings", "n_group", "topk_group"]
@@ -193,6 +205,12 @@ class V4Config:
         rd = self.qk_rope_head_dim
         if rd % 2:
             bad("qk_rope_head_dim", rd, "RoPE pairs channels, so it must be even")
+        if self.model_type == "deepseek_v32":
+            for key in ("index_n_heads", "index_head_dim", "index_topk"):
+                if getattr(self, key) <= 0:
+                    bad(key, getattr(self, key), "must be a positive integer (the V3.2 DSA indexer)")
+            if rd > self.index_head_dim:
+                bad("qk_rope_head_dim", rd, f"must be <= index_head_dim ({self.index_head_dim}); the indexer rotates it too")
         if not self.is_v4:
             return
         if rd > self.head_dim:
@@ -216,9 +234,10 @@ class V4Config:
         for i, r in enumerate(self.compress_ratios):
             if r not in LAYER_KINDS:
                 bad(f"compress_ratios[{i}]", r, "must be 0 (window), 4 (CSA) or 128 (HCA)")
-        if self.compress_ratios[-1] != 0:
-            bad(f"compress_ratios[{len(self.compress_ratios) - 1}]", self.compress_ratios[-1],
-                "the MTP block (last entry) is sliding-window only and must be 0")
+        for i in range(self.num_hidden_layers, len(self.compress_ratios)):  # entries past the backbone: MTP
+            if self.compress_ratios[i] != 0:
+                bad(f"compress_ratios[{i}]", self.compress_ratios[i],
+                    "the MTP block (last entry) is sliding-window only and must be 0")
         if self.rope_scaling is not None:
             if not isinstance(self.rope_scaling, dict):
                 bad("rope_scaling", self.rope_scaling, "must be a dict or null")
@@ -286,6 +305,8 @@ class V4Config:
             text = p.read_text()
         except OSError as e:
             raise ValueError(f"config file {str(p)!r}: cannot be read ({e.strerror or e})") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"config file {str(p)!r}: not valid JSON (not UTF-8 text)") from None
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:

@@ -5,6 +5,11 @@ Spec: ../shared/spec/v4-attention.md §3.5–§3.6. Paper eqs. 13–17.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .compressor import Compressor, CompressorState
+from .rope import apply_rope, cos_sin
 
 
 def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -20,3 +25,77 @@ def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Ten
         raise ValueError(f"index_scores: shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, w {tuple(w.shape)}")
     logits = torch.einsum("bshd,bnd->bshn", q.float(), k.float()).relu()   # [B, S, Hi, N]
     return torch.einsum("bshn,bsh->bsn", logits, w.float())
+
+
+def visible_entries(positions: torch.Tensor, ratio: int) -> torch.Tensor:
+    """Number of compressed entries query position t may use: ⌊(t+1)/m⌋ (entry s visible iff s < that).
+
+    The official code's rule (spec §3.5); the paper's text says ⌊t/m⌋, which differs at window ends.
+    """
+    return torch.div(positions + 1, ratio, rounding_mode="floor")
+
+
+def topk_visible(scores: torch.Tensor, n_visible: torch.Tensor, k: int) -> torch.Tensor:
+    """scores [B, S, N], n_visible [S] → idx [B, S, min(k, N)] of the best visible entries, −1 for picks that
+    are invisible (a query with fewer than k visible entries, or none at all)."""
+    N = scores.shape[-1]
+    k = min(k, N)
+    if k == 0:
+        return scores.new_zeros(*scores.shape[:2], 0, dtype=torch.long)
+    invisible = torch.arange(N, device=scores.device)[None, :] >= n_visible[:, None]    # [S, N]
+    masked = scores.masked_fill(invisible[None], float("-inf"))
+    # NaN scores (NaN inputs) must not win top-k silently over real entries: rank them lowest,
+    # the NaN then still reaches the output through the attention of the same token's NaN q/kv.
+    masked = torch.nan_to_num(masked, nan=float("-inf"))
+    # Exact ties are common (ReLU can zero every head → score 0.0 for several entries). torch.topk breaks
+    # them differently for different shapes, which would make decode differ from prefill; a stable
+    # descending sort breaks them the same way everywhere: the lower (older) entry index wins.
+    idx = masked.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.where(idx >= n_visible[None, :, None], torch.full_like(idx, -1), idx)
+
+
+class Indexer(nn.Module):
+    """Lightning indexer of one CSA layer.
+
+    Params (official names): `wq_b` q_lora_rank → Hi·Di, `weights_proj` d → Hi, and a private CSA compressor
+    at c = Di (`compressor.{wkv,wgate,ape,norm}`). Queries come from the attention's shared latent `qr`.
+    """
+
+    def __init__(self, cfg, rope_freqs: torch.Tensor, ratio: int = 4):
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.ratio = ratio                     # CSA's m (4 in every released config)
+        self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
+        self.compressor = Compressor(cfg.hidden_size, self.head_dim, self.ratio, True, rope_freqs, cfg.rms_norm_eps)
+        self.register_buffer("rope_freqs", rope_freqs.clone(), persistent=False)
+        self.low_precision = False
+        self.score_fn = index_scores           # swap in kernels.indexer.index_scores for speed
+
+    def _fp4(self, x: torch.Tensor) -> torch.Tensor:
+        # OFF: a normalised Walsh–Hadamard rotation, then MXFP4 fake-quant (block 32) of indexer q and k.
+        from .quant import fp4_act_quant, hadamard_rotate
+        return fp4_act_quant(hadamard_rotate(x), 32)
+
+    def keys(self, x: torch.Tensor, state: CompressorState | None) -> torch.Tensor:
+        """Indexer keys closed by these tokens: [B, n_new, Di]."""
+        k = self.compressor(x, state)
+        return self._fp4(k) if self.low_precision else k
+
+    def queries(self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor):
+        """→ q [B, S, Hi, Di] (rotated at the token positions), w [B, S, Hi] (scaled by Di^−½·Hi^−½)."""
+        B, S, _ = x.shape
+        q = F.linear(qr, self.wq_b.weight).view(B, S, self.n_heads, self.head_dim)
+        cos, sin = cos_sin(self.rope_freqs, positions)
+        q = apply_rope(q, cos[:, None, :], sin[:, None, :])
+        if self.low_precision:
+            q = self._fp4(q)
+        w = F.linear(x, self.weights_proj.weight).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
+        return q, w
+
+    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor):
+        """Top-k visible entries per query → (idx [B, S, k] with −1 for invisible picks, scores [B, S, N])."""
+        scores = self.score_fn(q, keys, w)
+        if self.low_precision:
+            scores = scores.to(torch.bfloat16).float()       # OFF narrows index scores to BF16
+        return topk_visible(scores, visible_entries(positions, self.ratio), self.topk), scores

@@ -1,0 +1,106 @@
+"""Notebooks are committed clean and reproducible from their sources (notebooks/src/*.py).
+
+Clean: no execution counts, no widget state (``metadata.widgets``), and outputs only on
+``# NBVAL_CHECK_OUTPUT`` cells — there, one plain-text stdout stream: nbval's reference numbers.
+"""
+import copy
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from v4lab.viz import nbbuild
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def problems(nb) -> list[str]:
+    out = []
+    if "widgets" in nb.metadata:
+        out.append("notebook metadata holds widget state (metadata.widgets)")
+    for i, c in enumerate(nb.cells):
+        if "widgets" in c.get("metadata", {}) or "execution" in c.get("metadata", {}):
+            out.append(f"cell {i}: metadata carries run state")
+        if c.cell_type != "code":
+            continue
+        if c.get("execution_count") is not None:
+            out.append(f"cell {i}: execution_count = {c.execution_count}")
+        if not c.outputs:
+            continue
+        if not nbbuild.is_checked(c):
+            out.append(f"cell {i}: outputs on a cell without # NBVAL_CHECK_OUTPUT")
+        elif len(c.outputs) != 1 or c.outputs[0].get("output_type") != "stream" or c.outputs[0].get("name") != "stdout":
+            out.append(f"cell {i}: a checked cell may keep one stdout stream only")
+    return out
+
+
+def test_there_are_notebooks():
+    names = {p.name for p in NOTEBOOKS}
+    assert {"00_tour.ipynb", "09_hardware_and_cost.ipynb"} <= names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_clean(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    assert problems(nb) == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_matches_its_source(path):
+    src = ROOT / "notebooks" / "src" / f"{path.stem}.py"
+    if not src.exists():
+        pytest.skip(f"{path.name} has no source in notebooks/src (written by hand)")
+    built = nbbuild.dumps(nbbuild.build(src))
+    cur = nbbuild.dumps(nbbuild.strip_outputs(nbformat.read(path, as_version=4)))
+    assert cur == built, f"{path.name} differs from {src.name}: run python -m v4lab.viz.nbbuild --execute"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_checked_cells_have_reference_output(path):
+    """A marked cell without stored output would make nbval compare nothing."""
+    nb = nbformat.read(path, as_version=4)
+    checked = [c for c in nb.cells if nbbuild.is_checked(c)]
+    assert checked, f"{path.name}: no # NBVAL_CHECK_OUTPUT cell"
+    for c in checked:
+        assert c.outputs and c.outputs[0]["text"].strip(), f"{path.name}: checked cell without output:\n{c.source}"
+
+
+def test_problems_catches_dirty_notebooks():
+    nb = nbformat.read(ROOT / "notebooks" / "00_tour.ipynb", as_version=4)
+    assert problems(nb) == []
+    code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and not nbbuild.is_checked(c)][0]
+    dirty = copy.deepcopy(nb)
+    dirty.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {}}
+    assert any("widget state" in p for p in problems(dirty))
+    dirty = copy.deepcopy(nb)
+    dirty.cells[code].execution_count = 3
+    assert any("execution_count" in p for p in problems(dirty))
+    dirty = copy.deepcopy(nb)
+    dirty.cells[code].outputs = [nbformat.v4.new_output("display_data", data={"text/plain": "x"})]
+    assert any("without # NBVAL_CHECK_OUTPUT" in p for p in problems(dirty))
+    chk = [i for i, c in enumerate(nb.cells) if nbbuild.is_checked(c)][0]
+    dirty = copy.deepcopy(nb)
+    dirty.cells[chk].outputs.append(nbformat.v4.new_output("display_data", data={"text/plain": "x"}))
+    assert any("one stdout stream" in p for p in problems(dirty))
+
+
+def test_parse_cells():
+    text = ("# header comment\n\n# %% [markdown]\n# # Title\n#\n# text\n\n# %%\nx = 1\n\n\n# %%\n"
+            "# NBVAL_CHECK_OUTPUT\nprint(x)\n")
+    assert nbbuild.parse_cells(text) == [("markdown", "# Title\n\ntext"), ("code", "x = 1"),
+                                         ("code", "# NBVAL_CHECK_OUTPUT\nprint(x)")]
+    with pytest.raises(ValueError, match="before the first"):
+        nbbuild.parse_cells("x = 1\n# %%\n")
+    with pytest.raises(ValueError, match="markdown line"):
+        nbbuild.parse_cells("# %% [markdown]\nnot a comment\n")
+
+
+def test_build_is_deterministic(tmp_path):
+    src = ROOT / "notebooks" / "src" / "00_tour.py"
+    a, b = nbbuild.dumps(nbbuild.build(src)), nbbuild.dumps(nbbuild.build(src))
+    assert a == b
+    nb = nbformat.reads(a, as_version=4)
+    assert len({c.id for c in nb.cells}) == len(nb.cells)
+    assert nb.metadata.kernelspec.name == "python3"

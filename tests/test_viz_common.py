@@ -1,0 +1,100 @@
+"""The widget pattern: static fallback, in-place updates, the registry."""
+import plotly.graph_objects as go
+import pytest
+
+from v4lab.viz import common, load_all
+from v4lab.viz.common import Widget, apply_data, figure_from, register, static_mode
+
+
+class _Toy(Widget):
+    name = ""                      # not registered
+    defaults = {"k": 1}
+
+    def validate(self, s):
+        common.check_choice("k", s["k"], (1, 2, 3))
+
+    def data(self):
+        k = self.state["k"]
+        return {"traces": [dict(type="scatter", x=[0, 1], y=[0, k], line=dict(color="red")),
+                           dict(type="bar", x=["a"], y=[10])],
+                "layout": {"title": {"text": f"k={k}"}}}
+
+    def make_controls(self):
+        import ipywidgets as W
+        return {"k": W.IntSlider(value=self.state["k"], min=1, max=3)}
+
+    def sweep_values(self, c):
+        return [1, 2, 3]
+
+    def on_k(self, v):
+        self.set(k=v)
+
+
+def test_static_mode_env(monkeypatch):
+    monkeypatch.setenv("V4LAB_STATIC", "1")
+    assert static_mode()
+    monkeypatch.setenv("V4LAB_STATIC", "0")
+    assert static_mode()        # pytest runs outside a Jupyter kernel: still no widget frontend
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_widget_updates_in_place(static):
+    w = _Toy(static=static)
+    assert isinstance(w.fig, go.FigureWidget) != static
+    fig_id = id(w.fig)
+    w.on_k(3)
+    assert id(w.fig) == fig_id
+    assert list(w.fig.data[0].y) == [0, 3] and w.fig.layout.title.text == "k=3"
+    assert w.control_names == ["k"]
+    if static:
+        assert w.display() is not None      # no IPython: the static figure comes back
+    else:
+        assert "k" in w.controls
+        w.controls["k"].value = 2           # the observer calls on_k
+        assert list(w.fig.data[0].y) == [0, 2]
+
+
+def test_bad_state_names_key():
+    with pytest.raises(ValueError, match="k = 7: must be one of"):
+        _Toy(static=True, k=7)
+    with pytest.raises(ValueError, match="unknown state key 'q'"):
+        _Toy(static=True, q=1)
+    w = _Toy(static=True)
+    with pytest.raises(ValueError, match="k = 9"):
+        w.on_k(9)
+    assert w.state["k"] == 1                 # a rejected value leaves the state alone
+
+
+def test_apply_data_sends_only_changes(monkeypatch):
+    fig = figure_from(_Toy(static=True).data())
+    old = _Toy(static=True).data()
+    new = _Toy(static=True, k=2).data()
+    seen = []
+    for tr in fig.data:
+        orig = tr.update
+        monkeypatch.setattr(tr, "update", lambda d, orig=orig: (seen.append(set(d)), orig(d)))
+    apply_data(fig, new, old)
+    assert seen == [{"y"}]                   # the bar and the unchanged line props are not touched
+    with pytest.raises(ValueError, match="trace count"):
+        apply_data(fig, {"traces": new["traces"][:1]})
+
+
+def test_register_rejects_duplicates_and_unnamed():
+    with pytest.raises(ValueError, match="'name' must be set"):
+        register(_Toy)
+    reg = load_all()
+    some = next(iter(reg.values()))
+
+    class Dup(_Toy):
+        name = some.name
+    with pytest.raises(ValueError, match="already registered"):
+        register(Dup)
+
+
+def test_registry_lists_every_notebook_widget():
+    reg = load_all()
+    assert {"tour.context", "cost.bill", "cost.long_context", "cost.escalation", "cost.roofline"} <= set(reg)
+    for name, cls in reg.items():
+        w = cls(static=True)
+        for c in w.control_names:
+            assert len(list(w.sweep_values(c))) >= 2, (name, c)

@@ -1,0 +1,447 @@
+"""The whole DeepSeek-V4 model: blocks wired with mHC, the MTP module, a decode cache, load and save.
+
+Spec: ../shared/spec/v4-moe-mhc-fp4.md §5.3 (block order, stream init, hc_head), §7 (MTP), §8 (layout).
+
+One block, in the official order (two mHC sites per block):
+
+    X [B,S,n,d] → hc_pre(attn) → attn_norm → attention → hc_post → hc_pre(ffn) → ffn_norm → MoE → hc_post
+
+The model copies the token embedding into the n = hc_mult streams (no 1/n scaling), runs the blocks,
+collapses the streams with ``hc_head`` (a pre-only mHC), applies the final ``norm`` and the ``head``.
+
+MTP (depth 1 in V4): at position i the MTP block combines the main model's final streams at i with the
+embedding of token i+1 and predicts token i+2:
+
+    z = e_proj(enorm(embed(t[i+1]))) (broadcast to the n streams) + h_proj(hnorm(X_L[i]))   [each stream]
+    mtp_logits[i] = head(mtp.norm(mtp.hc_head(Block_L(z))))
+
+``embed`` and ``head`` are shared (they are not stored under ``mtp.*``). For a sequence of S tokens the
+full forward therefore returns S−1 MTP logits; ``mtp_logits[:, i]`` is the distribution of token i+2.
+
+Precision flags: ``model.set_flags(hc_mode=..., low_precision=..., qat=...)`` sets the mHC mode of every
+block ("mhc" | "hc" | "residual", see v4lab.mhc), the attention FP8/FP4 simulation (``Attention.low_precision``,
+plus FP8 activation fake-quant before the MTP ``e_proj``/``h_proj``) and routed-expert FP4 QAT (``MoE.qat``).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from v4lab.attention import Attention
+from v4lab.config import V4Config, get_config
+from v4lab.mhc import hc_head, hc_post, hc_pre
+from v4lab.moe import MoE
+from v4lab.norm import RMSNorm
+
+HC_MODES = ("mhc", "hc", "residual")
+_QUANT_DTYPES = ("F8_E4M3", "I8")          # checkpoint dtypes stored with a `.scale` companion
+
+
+def _bad(name, value, rule):
+    raise ValueError(f"{name} = {value!r}: {rule}")
+
+
+def _init_hc(fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, std: float) -> None:
+    # Spec §5.3 "Initialisation" (UNCERTAIN what DeepSeek used; only alpha = 0.01 is published):
+    # fn ~ N(0, std), base = 0 (pre = 0.5, post = 1, uniform mixing), alpha = scale = 0.01.
+    with torch.no_grad():
+        fn.normal_(0.0, std)
+        base.zero_()
+        scale.fill_(0.01)
+
+
+# ---------------------------------------------------------------------------------------------- block
+class Block(nn.Module):
+    """One V4 decoder layer: attention and MoE, each wrapped by an mHC site.
+
+    Parameters (official names): ``hc_attn_fn [(2+n)n, n·d]``, ``hc_attn_base [(2+n)n]``,
+    ``hc_attn_scale [3]``, the same for ``hc_ffn_*``, ``attn_norm``, ``attn``, ``ffn_norm``, ``ffn``.
+    """
+
+    def __init__(self, cfg: V4Config, layer_id: int):
+        super().__init__()
+        self.cfg, self.layer_id = cfg, layer_id
+        n, d = cfg.hc_mult, cfg.hidden_size
+        mix = (2 + n) * n                                   # pre (n) + post (n) + comb (n·n) logits
+        for site in ("attn", "ffn"):
+            fn = nn.Parameter(torch.empty(mix, n * d, dtype=torch.float32))
+            base = nn.Parameter(torch.empty(mix, dtype=torch.float32))
+            scale = nn.Parameter(torch.empty(3, dtype=torch.float32))
+            _init_hc(fn, base, scale, cfg.initializer_range)
+            setattr(self, f"hc_{site}_fn", fn)
+            setattr(self, f"hc_{site}_base", base)
+            setattr(self, f"hc_{site}_scale", scale)
+        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer_id)
+        self.ffn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.ffn = MoE(cfg, layer_id)
+        self.hc_mode = "mhc"
+
+    def _pre(self, site: str, x: torch.Tensor):
+        c = self.cfg
+        return hc_pre(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
+                      getattr(self, f"hc_{site}_base"), rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps,
+                      iters=c.hc_sinkhorn_iters, mode=self.hc_mode)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None, start_pos: int = 0, cache=None,
+                forced_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, S, n, d] streams → [B, S, n, d]."""
+        if self.hc_attn_fn.is_meta:
+            raise ValueError(f"layer {self.layer_id}: its weights were not loaded (meta device); "
+                             "load it with v4lab.model.load(..., layers=...) or load_layer")
+        u, post, comb = self._pre("attn", x)                          # u: [B, S, d]
+        x = hc_post(self.attn(self.attn_norm(u), start_pos, cache), x, post, comb)
+        u, post, comb = self._pre("ffn", x)
+        x = hc_post(self.ffn(self.ffn_norm(u), input_ids, forced_idx), x, post, comb)
+        return x
+
+
+class MTPBlock(Block):
+    """``mtp.{k}``: a full Block (layer_id = num_hidden_layers: window attention, learned router) plus
+    ``e_proj``, ``h_proj``, ``enorm``, ``hnorm``, its own final ``norm`` and ``hc_head_{fn,base,scale}``."""
+
+    def __init__(self, cfg: V4Config, layer_id: int):
+        super().__init__(cfg, layer_id)
+        n, d = cfg.hc_mult, cfg.hidden_size
+        self.e_proj = nn.Linear(d, d, bias=False)
+        self.h_proj = nn.Linear(d, d, bias=False)
+        self.enorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.hc_head_fn = nn.Parameter(torch.empty(n, n * d, dtype=torch.float32))
+        self.hc_head_base = nn.Parameter(torch.empty(n, dtype=torch.float32))
+        self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
+        _init_hc(self.hc_head_fn, self.hc_head_base, self.hc_head_scale, cfg.initializer_range)
+        with torch.no_grad():
+            for lin in (self.e_proj, self.h_proj):
+                lin.weight.normal_(0.0, cfg.initializer_range)
+        self.low_precision = False
+
+    def combine(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """h: main streams [B, S, n, d] at positions i, e: embeddings [B, S, d] of tokens i+1 → [B, S, n, d]."""
+        e, h = self.enorm(e), self.hnorm(h)                          # hnorm normalises each stream over d
+        if self.low_precision:                                       # FP8 GEMM inputs, as the official linear
+            from v4lab.quant import act_quant_fp8
+            e, h = act_quant_fp8(e, 128), act_quant_fp8(h, 128)
+        return self.e_proj(e).unsqueeze(2) + self.h_proj(h)
+
+
+# ---------------------------------------------------------------------------------------------- cache
+@dataclass
+class ModelCache:
+    """Decode state of a whole model: one attention cache per layer (and per MTP block), the next
+    position, and for MTP the main streams of the last position (they wait for the next token)."""
+    batch_size: int
+    layers: list
+    mtp: list
+    pos: int = 0
+    mtp_pos: int = 0                      # next position the MTP block has not processed yet
+    mtp_pending: torch.Tensor | None = field(default=None, repr=False)   # [B, 1, n, d]
+
+
+# ---------------------------------------------------------------------------------------------- model
+class V4Model(nn.Module):
+    """DeepSeek-V4: ``embed``, ``layers.{i}``, ``norm``, ``head``, ``hc_head_{fn,base,scale}``, ``mtp.{k}``.
+
+    ``V4Model(cfg, device="meta")`` builds the module tree with every shape and no storage (V4-Pro too).
+    """
+
+    def __init__(self, cfg: V4Config | str, device: str | torch.device | None = None,
+                 hc_mode: str = "mhc", low_precision: bool = False, qat: bool = False):
+        super().__init__()
+        cfg = get_config(cfg) if isinstance(cfg, str) else cfg
+        if not isinstance(cfg, V4Config):
+            _bad("cfg", type(cfg).__name__, "must be a V4Config or a preset name")
+        if not cfg.is_v4:
+            _bad("cfg.model_type", cfg.model_type, "V4Model builds deepseek_v4 configs only")
+        if cfg.tie_word_embeddings:
+            _bad("tie_word_embeddings", True, "V4 has a separate head; tied embeddings are not supported")
+        self.cfg = cfg
+        meta = device is not None and torch.device(device).type == "meta"
+        with _MetaBuild() if meta else (torch.device(device) if device is not None else _nullctx()):
+            n, d, V = cfg.hc_mult, cfg.hidden_size, cfg.vocab_size
+            self.embed = nn.Embedding(V, d)
+            self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+            self.norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.head = nn.Linear(d, V, bias=False)
+            self.hc_head_fn = nn.Parameter(torch.empty(n, n * d, dtype=torch.float32))
+            self.hc_head_base = nn.Parameter(torch.empty(n, dtype=torch.float32))
+            self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
+            _init_hc(self.hc_head_fn, self.hc_head_base, self.hc_head_scale, cfg.initializer_range)
+            with torch.no_grad():
+                self.embed.weight.normal_(0.0, cfg.initializer_range)
+                self.head.weight.normal_(0.0, cfg.initializer_range)
+            # All MTP modules use layer_id = num_hidden_layers (the config has one ratio entry for MTP).
+            self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.num_hidden_layers)
+                                     for _ in range(cfg.num_nextn_predict_layers))
+        # Originals of FP8/FP4 checkpoint tensors (raw weight, raw scale), kept by load() so that save()
+        # writes unchanged weights back byte-identically. Not part of state_dict.
+        self.quantized_originals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.source_path: Path | None = None
+        self.set_flags(hc_mode=hc_mode, low_precision=low_precision, qat=qat)
+
+    # ------------------------------------------------------------------ flags
+    def blocks(self):
+        return list(self.layers) + list(self.mtp)
+
+    def set_flags(self, hc_mode: str | None = None, low_precision: bool | None = None,
+                  qat: bool | None = None) -> "V4Model":
+        """Pass mode flags down to every block (None leaves a flag as it is)."""
+        if hc_mode is not None and hc_mode not in HC_MODES:
+            _bad("hc_mode", hc_mode, f"must be one of {HC_MODES}")
+        for b in self.blocks():
+            if hc_mode is not None:
+                b.hc_mode = hc_mode
+            if low_precision is not None:
+                b.attn.low_precision = bool(low_precision)
+                if isinstance(b, MTPBlock):
+                    b.low_precision = bool(low_precision)
+            if qat is not None:
+                b.ffn.qat = bool(qat)
+        if hc_mode is not None:
+            self.hc_mode = hc_mode
+        if low_precision is not None:
+            self.low_precision = bool(low_precision)
+        if qat is not None:
+            self.qat = bool(qat)
+        return self
+
+    # ------------------------------------------------------------------ cache
+    def new_cache(self, batch_size: int = 1) -> ModelCache:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            _bad("batch_size", batch_size, "must be a positive integer")
+        return ModelCache(batch_size, [b.attn.new_cache(batch_size) for b in self.layers],
+                          [b.attn.new_cache(batch_size) for b in self.mtp])
+
+    # ------------------------------------------------------------------ pieces
+    def _check_ids(self, input_ids) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor):
+            _bad("input_ids", type(input_ids).__name__, "must be a LongTensor [batch, seq]")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            _bad("input_ids", tuple(input_ids.shape), "must be [batch, seq] with seq >= 1")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            _bad("input_ids", input_ids.dtype, "must hold integer token ids")
+        V = self.cfg.vocab_size
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= V:
+            _bad("input_ids", f"a token id {lo if lo < 0 else hi}", f"token ids must be in [0, vocab_size = {V})")
+        return input_ids.long()
+
+    def logits_from_streams(self, x: torch.Tensor, fn, base, scale, norm: nn.Module) -> torch.Tensor:
+        """hc_head collapse → norm → shared head. x: [B, S, n, d] → [B, S, vocab]."""
+        c = self.cfg
+        y = hc_head(x, fn, scale, base, rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps, mode=self.hc_mode)
+        return self.head(norm(y))
+
+    def _mtp_forward(self, h: torch.Tensor, next_ids: torch.Tensor, start_pos: int, cache, forced):
+        """h: [B, S', n, d] main streams at positions start_pos.., next_ids: [B, S'] the following tokens."""
+        m = self.mtp[0]
+        z = m.combine(h, self.embed(next_ids))
+        z = m(z, next_ids, start_pos, cache, forced)
+        return self.logits_from_streams(z, m.hc_head_fn, m.hc_head_base, m.hc_head_scale, m.norm)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, start_pos: int | None = None, cache: ModelCache | None = None,
+                return_mtp: bool = False, forced_routes: list | None = None, return_hidden: bool = False):
+        """input_ids [B, S] → logits [B, S, vocab].
+
+        ``start_pos``: absolute position of input_ids[:, 0] (default: ``cache.pos``, or 0).
+        ``cache``: from ``new_cache(B)``; the call appends to it (prefill, then decode).
+        ``forced_routes``: one entry per MoE layer (num_hidden_layers, plus one for MTP optionally), each
+        None (learned routing; hash layers must be None) or an int tensor [B·S, K] of expert ids
+        (Anticipatory Routing); the MTP entry is [B·S_mtp, K].
+        Returns ``logits``, or a tuple ``(logits, mtp_logits?, hidden?)`` in that order when
+        ``return_mtp`` / ``return_hidden`` ask for them. ``mtp_logits [B, S_mtp, vocab]``: S_mtp = S−1 without
+        a cache (entry i predicts token start_pos+i+2); with a cache it is S once earlier calls left the
+        last streams pending (entry j then sits at position start_pos−1+j). ``hidden``: the final streams
+        [B, S, n, d] before ``hc_head``.
+        """
+        cfg = self.cfg
+        ids = self._check_ids(input_ids)
+        B, S = ids.shape
+        if cache is not None:
+            if not isinstance(cache, ModelCache):
+                _bad("cache", type(cache).__name__, "must come from model.new_cache(batch_size)")
+            if cache.batch_size != B:
+                _bad("cache", f"batch size {cache.batch_size}", f"input_ids has batch size {B}")
+            if start_pos is None:
+                start_pos = cache.pos
+            elif start_pos != cache.pos:
+                _bad("start_pos", start_pos, f"the cache holds {cache.pos} positions; decoding must continue "
+                                             f"at start_pos = {cache.pos}")
+        start_pos = 0 if start_pos is None else start_pos
+        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
+            _bad("start_pos", start_pos, "must be a non-negative integer")
+        if start_pos + S > cfg.max_position_embeddings:
+            _bad("context", start_pos + S, f"positions must stay below max_position_embeddings = "
+                                           f"{cfg.max_position_embeddings} (start_pos {start_pos} + {S} tokens)")
+        if return_mtp and not len(self.mtp):
+            _bad("return_mtp", True, "this config has num_nextn_predict_layers = 0")
+        forced = self._check_forced(forced_routes, B * S)
+
+        x = self.embed(ids)                                                   # [B, S, d]
+        x = x.unsqueeze(2).expand(B, S, cfg.hc_mult, cfg.hidden_size).contiguous()   # [B, S, n, d] copies
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ids, start_pos, cache.layers[i] if cache is not None else None, forced[i])
+        logits = self.logits_from_streams(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.norm)
+
+        out = [logits]
+        if return_mtp:
+            out.append(self._mtp(x, ids, start_pos, cache, forced[-1] if len(forced) > cfg.num_hidden_layers
+                                 else None))
+        if cache is not None:
+            cache.pos = start_pos + S
+        if return_hidden:
+            out.append(x)
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def _mtp(self, x, ids, start_pos, cache, forced):
+        B = ids.shape[0]
+        if cache is None:
+            if ids.shape[1] < 2:
+                return x.new_zeros(B, 0, self.cfg.vocab_size)
+            return self._mtp_forward(x[:, :-1], ids[:, 1:], start_pos, None, forced)
+        want = max(start_pos - 1, 0)
+        if cache.mtp_pos != want or (start_pos > 0) != (cache.mtp_pending is not None):
+            _bad("return_mtp", True, "with a cache, MTP must be requested on every call from the first token "
+                                     f"(the MTP cache is at position {cache.mtp_pos}, the main one at {start_pos})")
+        if cache.mtp_pending is not None:                  # streams of position start_pos−1 meet token start_pos
+            h, nxt, p0 = torch.cat([cache.mtp_pending, x[:, :-1]], 1), ids, start_pos - 1
+        else:
+            h, nxt, p0 = x[:, :-1], ids[:, 1:], start_pos
+        cache.mtp_pending = x[:, -1:].detach()
+        if h.shape[1] == 0:
+            return x.new_zeros(B, 0, self.cfg.vocab_size)
+        cache.mtp_pos = p0 + h.shape[1]
+        return self._mtp_forward(h, nxt, p0, cache.mtp[0], forced)
+
+    def _check_forced(self, forced_routes, T: int) -> list:
+        L = self.cfg.num_hidden_layers
+        if forced_routes is None:
+            return [None] * L
+        if not isinstance(forced_routes, (list, tuple)) or len(forced_routes) not in (L, L + len(self.mtp)):
+            n = len(forced_routes) if isinstance(forced_routes, (list, tuple)) else type(forced_routes).__name__
+            _bad("forced_routes", f"<{n} entries>", f"must be a list of num_hidden_layers = {L} entries "
+                                                    f"(+1 for the MTP block), one per MoE layer")
+        K = self.cfg.num_experts_per_tok
+        for i, r in enumerate(forced_routes):
+            if r is None:
+                continue
+            if i < L and self.cfg.is_hash_layer(i):
+                _bad(f"forced_routes[{i}]", "a tensor", "layer is hash-routed (tid2eid); its entry must be None")
+            if not isinstance(r, torch.Tensor) or r.dim() != 2 or r.shape[1] != K or (i < L and r.shape[0] != T):
+                shape = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
+                _bad(f"forced_routes[{i}]", shape, f"must be an integer tensor [tokens = {T}, K = {K}]")
+        return list(forced_routes)
+
+    @torch.no_grad()
+    def route_only(self, input_ids: torch.Tensor, start_pos: int = 0, return_mtp: bool = False) -> list:
+        """Routes of a no-grad forward: one entry per MoE layer (None for hash layers) of expert ids [B·S, K]
+        (with ``return_mtp`` one more for the MTP block, [B·(S−1), K]). Feed them back as ``forced_routes``
+        (Anticipatory Routing: routes from older parameters, weights from the current ones)."""
+        self(input_ids, start_pos=start_pos, return_mtp=return_mtp)
+        blocks = list(self.layers) + (list(self.mtp[:1]) if return_mtp else [])
+        return [None if (b.layer_id < self.cfg.num_hidden_layers and self.cfg.is_hash_layer(b.layer_id))
+                else b.ffn.last_routing["idx"].clone() for b in blocks]
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 seed: int | None = None, eos_token_id: int | None = None, return_mtp: bool = False):
+        """Greedy (temperature 0) or sampled decoding with the cache.
+
+        prompt_ids: [P] or [B, P] → ids [B, P + N] (N ≤ max_new_tokens; stops early when every row has
+        produced ``eos_token_id``). With ``return_mtp`` also returns MTP logits [B, P+N−2, vocab], entry i
+        predicting token i+2 (what a speculative decoder would have drafted)."""
+        ids = prompt_ids if isinstance(prompt_ids, torch.Tensor) else torch.tensor(prompt_ids)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            _bad("max_new_tokens", max_new_tokens, "must be a non-negative integer")
+        if not isinstance(temperature, (int, float)) or not temperature >= 0:
+            _bad("temperature", temperature, "must be a number >= 0 (0 = greedy)")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            _bad("top_k", top_k, "must be a positive integer or None")
+        ids = self._check_ids(ids)
+        if ids.shape[1] + max_new_tokens > self.cfg.max_position_embeddings:
+            _bad("max_new_tokens", max_new_tokens, f"prompt ({ids.shape[1]}) + new tokens exceed "
+                                                   f"max_position_embeddings = {self.cfg.max_position_embeddings}")
+        gen = torch.Generator(device=ids.device)
+        if seed is not None:
+            gen.manual_seed(int(seed))
+        else:
+            gen.seed()
+        cache = self.new_cache(ids.shape[0])
+        out, mtp_logits = ids, []
+        step_in = ids
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for _ in range(max_new_tokens):
+            res = self(step_in, cache=cache, return_mtp=return_mtp)
+            logits = res[0] if return_mtp else res
+            if return_mtp:
+                mtp_logits.append(res[1])
+            nxt = _pick(logits[:, -1].float(), temperature, top_k, gen)       # [B]
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            out = torch.cat([out, nxt[:, None]], 1)
+            step_in = nxt[:, None]
+            if eos_token_id is not None and bool(done.all()):
+                break
+        if return_mtp:
+            V = self.cfg.vocab_size
+            return out, (torch.cat(mtp_logits, 1) if mtp_logits else out.new_zeros(out.shape[0], 0, V).float())
+        return out
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator) -> torch.Tensor:
+    """logits [B, V] → token ids [B]."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    z = logits / temperature
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = z.topk(top_k, dim=-1).values[:, -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    return torch.multinomial(z.softmax(-1), 1, generator=gen)[:, 0]
+
+
+class _nullctx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+class _MetaBuild:
+    """torch.device("meta") plus no-op weight initialisers: on meta, nn.init.* and Tensor.normal_ go through
+    slow reference decompositions (~ms per call), which made a V4-Pro tree take minutes to build. There is
+    no data to initialise, so skipping them changes nothing but the time."""
+    _INITS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "trunc_normal_", "xavier_uniform_",
+              "xavier_normal_", "zeros_", "ones_", "constant_")
+
+    def __enter__(self):
+        self._dev = torch.device("meta")
+        self._dev.__enter__()
+        self._saved = {k: getattr(nn.init, k) for k in self._INITS}
+        for k in self._INITS:
+            setattr(nn.init, k, lambda t, *a, **kw: t)
+        self._tensor_normal = torch.Tensor.normal_
+        orig = self._tensor_normal
+        torch.Tensor.normal_ = lambda t, *a, **kw: t if t.is_meta else orig(t, *a, **kw)
+        return self
+
+    def __exit__(self, *a):
+        for k, f in self._saved.items():
+            setattr(nn.init, k, f)
+        torch.Tensor.normal_ = self._tensor_normal
+        return self._dev.__exit__(*a)
+
+
+Transformer = V4Model

@@ -1,0 +1,24 @@
+"""Figures and widgets for the notebooks: one module per notebook topic, all on the pattern of
+:mod:`v4lab.viz.common` (a pure ``build_x`` figure builder + a ``Widget`` subclass updated in place).
+
+:func:`load_all` imports every topic module so :data:`REGISTRY` lists every widget (the
+``v4lab bench widgets`` benchmark and the tests iterate over it). A new notebook's module is added to
+``TOPICS``.
+"""
+from __future__ import annotations
+
+import importlib
+
+from v4lab.viz.common import REGISTRY, Widget, register, static_mode, sweep
+
+TOPICS = ["tour", "cost"]
+
+
+def load_all() -> dict:
+    """Import every topic module (registering its widgets) and return the registry."""
+    for t in TOPICS:
+        importlib.import_module(f"v4lab.viz.{t}")
+    return REGISTRY
+
+
+__all__ = ["REGISTRY", "Widget", "register", "static_mode", "sweep", "load_all", "TOPICS"]

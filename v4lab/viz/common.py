@@ -1,0 +1,201 @@
+"""The widget pattern every v4lab notebook uses.
+
+A topic module (``v4lab/viz/tour.py``, ``cost.py`` ...) writes three things per figure:
+
+* ``x_data(**state) -> {"traces": [dict, ...], "layout": dict}`` — the numbers, cheap to recompute.
+  Every trace dict carries its ``type``; the number of traces never depends on the state, so a
+  widget can update trace ``i`` in place.
+* ``build_x(**state) -> go.Figure`` — pure; the static fallback and what tests and the README use.
+  Usually just ``figure_from(x_data(**state), base_layout)``.
+* a :class:`Widget` subclass: ipywidgets controls + a ``go.FigureWidget`` that callbacks update in
+  place (``fig.data[i].update(...)`` inside ``fig.batch_update()``). One method per control,
+  ``on_<control>(value)``, which tests and ``v4lab bench widgets`` call directly.
+
+Widgets register themselves with :func:`register` so the benchmark finds every notebook's widgets.
+With no widget frontend (``V4LAB_STATIC=1``, or not running inside a Jupyter kernel) ``display()``
+shows a static figure instead, and the ``fig`` attribute is a plain ``go.Figure``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable
+
+import plotly.graph_objects as go
+
+# One look for every notebook: a light template, compact margins.
+BASE_LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50), height=420,
+                   legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0))
+COLORS = {"v3": "#9e9e9e", "v3.2": "#616161", "v4-flash": "#1f77b4", "v4-pro": "#d62728",
+          "gqa8": "#bcbd22", "H200": "#2ca02c", "B200": "#9467bd"}
+
+# Layout keys a callback may change; the template and sizes are set once by the builder.
+_LIVE_LAYOUT_KEYS = ("title", "xaxis", "yaxis", "annotations", "shapes", "barmode")
+
+REGISTRY: dict[str, type["Widget"]] = {}
+
+
+def register(cls: type["Widget"]) -> type["Widget"]:
+    """Class decorator: make a widget discoverable by ``v4lab bench widgets`` and the tests."""
+    if not cls.name:
+        raise ValueError(f"widget class {cls.__name__}: 'name' must be set to register it")
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"widget name {cls.name!r}: already registered by {REGISTRY[cls.name].__name__}")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def static_mode() -> bool:
+    """True when no widget frontend can exist: ``V4LAB_STATIC=1`` or not inside a Jupyter kernel."""
+    if os.environ.get("V4LAB_STATIC", "").strip() not in ("", "0"):
+        return True
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return True
+    ip = get_ipython()
+    return ip is None or not hasattr(ip, "kernel")
+
+
+def figure_from(data: dict, layout: dict | None = None) -> go.Figure:
+    """A static figure from ``x_data`` output plus a fixed base layout."""
+    lay = dict(BASE_LAYOUT)
+    lay.update(layout or {})
+    lay.update(data.get("layout", {}))
+    return go.Figure(data=[dict(t) for t in data["traces"]], layout=lay)
+
+
+def apply_data(fig: go.Figure, data: dict, last: dict | None = None) -> None:
+    """Update ``fig`` in place from ``x_data`` output (same trace count and order).
+
+    With ``last`` (the data applied before), only the properties that changed are sent: plotly
+    validates every property it is given, and that, not the arithmetic, dominates a callback.
+    """
+    traces = data["traces"]
+    if len(traces) != len(fig.data):
+        raise ValueError(f"figure update: {len(traces)} traces for a figure with {len(fig.data)}; "
+                         "a builder must keep its trace count fixed")
+    old_traces = last["traces"] if last is not None else [{}] * len(traces)
+    old_layout = last.get("layout", {}) if last is not None else {}
+    with fig.batch_update():
+        for tr, new, old in zip(fig.data, traces, old_traces):
+            changed = {k: v for k, v in new.items() if k != "type" and (k not in old or old[k] != v)}
+            if changed:
+                tr.update(changed)
+        lay = {k: v for k, v in data.get("layout", {}).items()
+               if k in _LIVE_LAYOUT_KEYS and (k not in old_layout or old_layout[k] != v)}
+        if lay:
+            fig.layout.update(lay)
+
+
+def check_choice(arg: str, value: Any, choices: Iterable) -> Any:
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"{arg} = {value!r}: must be one of {choices}")
+    return value
+
+
+def check_range(arg: str, value: float, lo: float, hi: float) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{arg} = {value!r}: must be a number in [{lo}, {hi}]") from None
+    if not (lo <= v <= hi):
+        raise ValueError(f"{arg} = {value!r}: must lie in [{lo}, {hi}]")
+    return v
+
+
+class Widget:
+    """Base of every notebook widget.
+
+    Subclasses set ``name`` (registry key), ``defaults`` (the state), implement ``data()`` (the
+    figure's numbers for ``self.state``), ``layout()`` (fixed base layout) and ``make_controls()``
+    (name → ipywidget whose ``value`` feeds ``on_<name>``), and ``sweep_values(control)`` (the values
+    a sweep visits: tests and the benchmark use it). ``on_<name>`` methods usually just call
+    :meth:`set`.
+    """
+
+    name: str = ""
+    defaults: dict[str, Any] = {}
+
+    def __init__(self, static: bool | None = None, **state):
+        unknown = sorted(set(state) - set(self.defaults))
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: unknown state key {unknown[0]!r}; "
+                             f"known keys are {sorted(self.defaults)}")
+        self.state = {**self.defaults, **state}
+        self.validate(self.state)
+        self.static = static_mode() if static is None else bool(static)
+        self._last = self.data()
+        fig = figure_from(self._last, self.layout())
+        self.fig = fig if self.static else go.FigureWidget(fig)
+        self.controls: dict[str, Any] = {}
+        if not self.static:
+            self.controls = self.make_controls()
+            for cname, ctl in self.controls.items():
+                cb: Callable = getattr(self, f"on_{cname}")
+                ctl.observe(lambda ch, cb=cb: cb(ch["new"]), names="value")
+
+    # ---- to implement ------------------------------------------------------------------------
+    def data(self) -> dict:
+        raise NotImplementedError
+
+    def layout(self) -> dict:
+        return {}
+
+    def make_controls(self) -> dict:
+        return {}
+
+    def sweep_values(self, control: str) -> list:
+        raise NotImplementedError
+
+    def validate(self, state: dict) -> None:
+        """Raise ValueError naming the key for a bad state value."""
+
+    # ---- shared ------------------------------------------------------------------------------
+    @property
+    def control_names(self) -> list[str]:
+        return [m[3:] for m in dir(self) if m.startswith("on_") and callable(getattr(self, m))]
+
+    def set(self, **changes) -> None:
+        """Change state and update the figure in place (what every ``on_<name>`` does)."""
+        new = {**self.state, **changes}
+        self.validate(new)
+        self.state = new
+        data = self.data()
+        apply_data(self.fig, data, self._last)
+        self._last = data
+
+    def figure(self) -> go.Figure:
+        """A static copy of the current figure (``build_x`` for the current state)."""
+        return figure_from(self.data(), self.layout())
+
+    def box(self):
+        import ipywidgets as W
+        ctl = list(self.controls.values())
+        return W.VBox([W.HBox(ctl, layout=W.Layout(flex_flow="row wrap")), self.fig])
+
+    def display(self):
+        """Show the live widget, or a static figure without a widget frontend."""
+        from IPython.display import display
+        if self.static:
+            fig = self.figure()
+            try:
+                from IPython import get_ipython
+                if get_ipython() is None:
+                    return fig
+            except ImportError:
+                return fig
+            display(fig)
+            return None
+        display(self.box())
+        return None
+
+    show = display
+
+
+def sweep(widget: Widget, control: str, values: Iterable | None = None):
+    """Call ``on_<control>`` for each value; yields (value, copy of the figure's trace data)."""
+    cb = getattr(widget, f"on_{control}")
+    for v in (widget.sweep_values(control) if values is None else values):
+        cb(v)
+        yield v, [t.to_plotly_json() for t in widget.fig.data]

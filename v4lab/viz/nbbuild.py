@@ -1,0 +1,159 @@
+"""Build the notebooks from plain Python sources, reproducibly and without outputs.
+
+Each notebook ``notebooks/NN_name.ipynb`` is generated from ``notebooks/src/NN_name.py``, written in
+the "percent" cell format::
+
+    # %% [markdown]
+    # # Title
+    # Some *markdown*; each line starts with "# " (or is a bare "#").
+
+    # %%
+    from v4lab.viz import tour
+    tour.ContextWidget().display()
+
+Cell ids are derived from the cell index, so rebuilding an unchanged source gives byte-identical
+JSON; the notebooks carry no execution counts or widget state, and outputs only on checked cells
+(tests/test_notebooks_clean.py checks all of it). Usage::
+
+    python -m v4lab.viz.nbbuild --execute      # rebuild every notebook, run it, keep checked outputs
+    python -m v4lab.viz.nbbuild 00_tour        # rebuild one, without outputs
+    python -m v4lab.viz.nbbuild --check        # exit 1 if a notebook's cells differ from its source
+
+``# NBVAL_CHECK_OUTPUT`` cells keep their plain-text stdout as nbval's reference (``--execute``
+stores it), so ``pytest --nbval-lax notebooks`` really compares those numbers; every other cell is
+committed empty.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parents[2]
+NB_DIR = ROOT / "notebooks"
+SRC_DIR = NB_DIR / "src"
+KERNELSPEC = {"name": "python3", "display_name": "Python 3 (v4lab)", "language": "python"}
+
+
+def parse_cells(text: str) -> list[tuple[str, str]]:
+    """Percent-format source → [(kind, source)], kind ∈ {"markdown", "code"}."""
+    cells: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("# %%"):
+            kind = "markdown" if "[markdown]" in stripped else "code"
+            cells.append((kind, []))
+            continue
+        if not cells:
+            if stripped and not stripped.startswith("#"):
+                raise ValueError(f"notebook source: code before the first '# %%' marker: {line!r}")
+            continue                                        # a file header comment
+        kind, lines = cells[-1]
+        if kind == "markdown":
+            if stripped and not line.startswith("#"):
+                raise ValueError(f"notebook source: markdown line without '# ': {line!r}")
+            line = line[2:] if line.startswith("# ") else line[1:]
+        lines.append(line)
+    out = []
+    for kind, lines in cells:
+        while lines and not lines[-1].strip():
+            lines.pop()
+        while lines and not lines[0].strip():
+            lines.pop(0)
+        if lines:
+            out.append((kind, "\n".join(lines)))
+    return out
+
+
+def build(src: Path) -> nbformat.NotebookNode:
+    cells = parse_cells(Path(src).read_text())
+    nb = nbformat.v4.new_notebook()
+    nb.metadata = {"kernelspec": dict(KERNELSPEC),
+                   "language_info": {"name": "python", "pygments_lexer": "ipython3"}}
+    stem = Path(src).stem
+    for i, (kind, source) in enumerate(cells):
+        cid = hashlib.sha1(f"{stem}:{i}".encode()).hexdigest()[:12]
+        cell = nbformat.v4.new_markdown_cell(source) if kind == "markdown" else nbformat.v4.new_code_cell(source)
+        cell["id"] = cid
+        nb.cells.append(cell)
+    nbformat.validate(nb)
+    return nb
+
+
+CHECK_MARK = "NBVAL_CHECK_OUTPUT"
+
+
+def is_checked(cell) -> bool:
+    return cell.get("cell_type") == "code" and CHECK_MARK in cell.get("source", "")
+
+
+def execute_checked_outputs(nb: nbformat.NotebookNode, cwd: Path = NB_DIR, timeout: int = 600) -> nbformat.NotebookNode:
+    """Run a copy of ``nb`` in a kernel and store, on ``# NBVAL_CHECK_OUTPUT`` cells only, their stdout
+    (one stream output; no execution counts). These are the reference outputs nbval compares against;
+    every other cell stays empty, and nothing else (widget state, figures) is kept."""
+    import copy
+    from nbclient import NotebookClient
+    run = copy.deepcopy(nb)
+    NotebookClient(run, timeout=timeout, kernel_name=KERNELSPEC["name"],
+                   resources={"metadata": {"path": str(cwd)}}).execute()
+    out = copy.deepcopy(nb)
+    for cell, done in zip(out.cells, run.cells):
+        if is_checked(cell):
+            text = "".join(o.get("text", "") for o in done.outputs
+                           if o.get("output_type") == "stream" and o.get("name") == "stdout")
+            cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=text)] if text else []
+            cell.execution_count = None
+    return out
+
+
+def strip_outputs(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    import copy
+    out = copy.deepcopy(nb)
+    for c in out.cells:
+        if c.get("cell_type") == "code":
+            c.outputs = []
+            c.execution_count = None
+    return out
+
+
+def dumps(nb: nbformat.NotebookNode) -> str:
+    return json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def targets(src_dir: Path = SRC_DIR, nb_dir: Path = NB_DIR) -> list[tuple[Path, Path]]:
+    return [(s, nb_dir / f"{s.stem}.ipynb") for s in sorted(Path(src_dir).glob("[0-9][0-9]_*.py"))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m v4lab.viz.nbbuild", description=__doc__.split("\n")[0])
+    ap.add_argument("names", nargs="*", help="only these notebooks (stems such as 00_tour)")
+    ap.add_argument("--check", action="store_true",
+                    help="compare each notebook (outputs ignored) with its source; exit 1 on a difference")
+    ap.add_argument("--execute", action="store_true",
+                    help="run the notebook and store the outputs of # NBVAL_CHECK_OUTPUT cells")
+    args = ap.parse_args(argv)
+    bad = 0
+    for src, out in targets():
+        if args.names and src.stem not in args.names:
+            continue
+        nb = build(src)
+        if args.check:
+            cur = strip_outputs(nbformat.reads(out.read_text(), as_version=4)) if out.exists() else None
+            if cur is None or dumps(cur) != dumps(nb):
+                print(f"{out.relative_to(ROOT)}: differs from {src.relative_to(ROOT)} "
+                      "(run python -m v4lab.viz.nbbuild --execute)")
+                bad = 1
+            continue
+        if args.execute:
+            nb = execute_checked_outputs(nb)
+        out.write_text(dumps(nb))
+        print(f"wrote {out.relative_to(ROOT)}")
+    return bad
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -428,6 +428,17 @@ def test_notebook_helpers():
     assert torch.allclose(routing_entropy(torch.ones(2, 8)), torch.full((2,), math.log(8)))
     assert float(routing_entropy(torch.tensor([[1.0, 0, 0, 0]]))) == pytest.approx(0.0, abs=1e-6)
     assert load_imbalance(torch.tensor([1.0, 1, 1, 5])) == 2.5
+    assert moe_mod.load_entropy(torch.ones(8)) == pytest.approx(math.log(8))
+    cfg = small_cfg()
+    layers = [make(cfg, 0), make(cfg, 3)]
+    x, ids = inputs(cfg)
+    with torch.no_grad():
+        for m in layers:
+            m(x, ids)
+    stats = moe_mod.layer_routing_stats(layers)
+    assert [r["layer"] for r in stats] == [0, 3] and [r["hash"] for r in stats] == [True, False]
+    assert sum(stats[1]["load"]) == 14 * 2 and stats[1]["max_over_mean"] >= 1.0
+    assert 0 < stats[1]["token_entropy"] <= stats[1]["max_entropy"] + 1e-6
 
 
 def test_bias_sensitivity_matches_recompute():

@@ -35,6 +35,14 @@ def test_nibble_order_low_first(impl, monkeypatch):
     assert ok == (impl == "right")
 
 
+def test_byte_table_decode_equals_nibble_decode():
+    every = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(Q.decode_fp4_bytes(every), Q.e2m1_decode(Q.unpack_fp4(every)))
+    raw = torch.tensor([[0x21, 0xC3] * 8], dtype=torch.uint8)
+    d = Q.mxfp4_dequantize(raw.view(torch.int8), torch.tensor([[128]], dtype=torch.uint8))   # scale 2
+    assert d[0, :4].tolist() == [1.0, 2.0, 3.0, -4.0]
+
+
 # (input, rounded): ties go to the even code (mantissa bit 0), saturation at 6, sign kept on zero
 ROUNDING = [(0.25, 0.0), (0.75, 1.0), (1.25, 1.0), (1.75, 2.0), (2.5, 2.0), (3.5, 4.0), (5.0, 4.0),
             (-0.25, -0.0), (-0.75, -1.0), (-2.5, -2.0), (-5.0, -4.0),

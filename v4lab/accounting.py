@@ -19,10 +19,12 @@ Conventions (each one chosen so the published headline figures reproduce; see th
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import os
 import re
-from pathlib import Path
+import sys
 
 from v4lab.config import V4Config, get_config
 
@@ -350,7 +352,6 @@ def moe_expansion(v3_cfg="v3", v4pro_cfg="v4-pro") -> dict:
     total_log = math.log(rb / ra)
     log_share = {k: math.log(ratio[k]) / total_log for k in names}
 
-    import itertools
     shap = {k: 0.0 for k in names}
     orders = list(itertools.permutations(names))
     for order in orders:
@@ -497,7 +498,5 @@ def cli(cmd: str, argv: list[str], parser_cls=argparse.ArgumentParser) -> int:
     try:
         print(text, flush=True)
     except BrokenPipeError:  # `v4lab info ... | head`: the reader left, which is not an error
-        import os
-        import sys
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

@@ -415,48 +415,53 @@ def _to_stored(name: str, t: torch.Tensor, want_dtype: str) -> torch.Tensor:
 
 def prepare_tensors(tensors: dict[str, torch.Tensor], cfg: V4Config) -> dict[str, torch.Tensor]:
     """Turn a mix of stored-format and float master tensors into exactly the stored layout: a float
-    weight of its logical shape for an FP8/FP4 key (and no ``.scale`` given) is quantised here. Raises
-    ValueError on missing/unexpected keys or a wrong dtype/shape."""
+    weight of its logical shape for an FP8/FP4 key (and no ``.scale`` given) is quantised here. Every
+    key, dtype and shape is checked before any quantisation; a problem is a ValueError naming the key."""
     exp = expected_keys(cfg)
     bo, _ = _block(cfg)
-    out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"tensor {name!r}: not a torch.Tensor ({type(t).__name__})")
         if name not in exp:
             raise ValueError(f"tensor {name!r}: unexpected key for this config (see checkpoint.expected_keys)")
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"tensor {name!r}: not a torch.Tensor ({type(t).__name__})")
+    out: dict[str, torch.Tensor] = {}
+    todo: dict[tuple, list[str]] = {}            # (fmt, logical shape) -> weight names to quantise together
+    pending: set[str] = set()                    # .scale keys that quantisation will produce
     for name, (shape, dt) in exp.items():
-        if name in out:
+        t = tensors.get(name)
+        sname = name[: -len(".weight")] + ".scale"
+        if (name.endswith(".weight") and dt in ("F8_E4M3", "I8") and t is not None and t.is_floating_point()
+                and t.dtype != torch.float8_e4m3fn and sname not in tensors):
+            logical = tuple(shape) if dt == "F8_E4M3" else (shape[0], shape[1] * 2)
+            if tuple(t.shape) != logical:
+                raise ValueError(f"tensor {name!r}: shape {list(t.shape)}, expected logical {list(logical)}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"tensor {name!r}: has NaN/inf values; cannot quantise to {dt}")
+            todo.setdefault((dt, logical), []).append(name)
+            pending.add(sname)
             continue
-        if name.endswith(".weight") and dt in ("F8_E4M3", "I8"):
-            sname = name[: -len(".weight")] + ".scale"
-            t = tensors.get(name)
-            if t is None:
-                raise ValueError(f"tensor {name!r}: missing")
-            if t.is_floating_point() and t.dtype != torch.float8_e4m3fn and sname not in tensors:
-                if t.dim() != 2 or (dt == "F8_E4M3" and tuple(t.shape) != shape) or (
-                        dt == "I8" and tuple(t.shape) != (shape[0], shape[1] * 2)):
-                    logical = shape if dt == "F8_E4M3" else (shape[0], shape[1] * 2)
-                    raise ValueError(f"tensor {name!r}: shape {list(t.shape)}, expected logical {list(logical)}")
-                try:
-                    if dt == "I8":
-                        q, s = quant.mxfp4_quantize(t.detach())
-                        q, s = q.view(torch.int8), s.view(torch.float8_e8m0fnu)
-                    else:
-                        q, s = quant.fp8_block_quantize(t.detach(), block=bo)
-                except ValueError as e:
-                    raise ValueError(f"tensor {name!r}: {e}") from None
-                out[name], out[sname] = q, s
-                continue
-        if name not in tensors:
+        if name in pending:
+            continue
+        if t is None:
             raise ValueError(f"tensor {name!r}: missing")
-        out[name] = _to_stored(name, tensors[name].detach(), dt)
-    for name, t in out.items():
-        shape, dt = exp[name]
-        if tuple(t.shape) != tuple(shape) or DTYPE_NAMES.get(t.dtype) != dt:
-            raise ValueError(f"tensor {name!r}: {DTYPE_NAMES.get(t.dtype, t.dtype)} {list(t.shape)}, "
-                             f"expected {dt} {list(shape)}")
-    return out
+        t = _to_stored(name, t.detach(), dt)
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"tensor {name!r}: {dt} {list(t.shape)}, expected {dt} {list(shape)}")
+        out[name] = t
+    # quantise same-shaped weights in one call each (all experts of a model at once): fewer, bigger ops
+    for (dt, logical), names in todo.items():
+        for j in range(0, len(names), 64):
+            chunk = names[j:j + 64]
+            w = torch.stack([tensors[n].detach().float() for n in chunk])      # [c, o, i]
+            if dt == "I8":
+                q, s = quant.mxfp4_quantize(w)
+                q, s = q.view(torch.int8), s.view(torch.float8_e8m0fnu)
+            else:
+                qs = [quant.fp8_block_quantize(x, block=bo) for x in w]
+                q, s = torch.stack([a for a, _ in qs]), torch.stack([b for _, b in qs])
+            for n, qi, si in zip(chunk, q, s):
+                out[n], out[n[: -len(".weight")] + ".scale"] = qi.clone(), si.clone()
+    return {n: out[n] for n in exp}
 
 
 def _plan_shards(names: list[str], sizes: dict[str, int], max_bytes: int) -> list[list[str]]:

@@ -411,6 +411,173 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torc
     return torch.multinomial(z.softmax(-1), 1, generator=gen)[:, 0]
 
 
+# ---------------------------------------------------------------------------------------------- load / save
+def _no_init_build(fn, *args):
+    """Run a module constructor with the weight initialisers turned off (the weights are about to be
+    overwritten by the checkpoint; random init of V4 experts would cost seconds per layer)."""
+    saved = {k: getattr(nn.init, k) for k in _MetaBuild._INITS}
+    tensor_normal = torch.Tensor.normal_
+    try:
+        for k in saved:
+            setattr(nn.init, k, lambda t, *a, **kw: t)
+        torch.Tensor.normal_ = lambda t, *a, **kw: t
+        return fn(*args)
+    finally:
+        for k, f in saved.items():
+            setattr(nn.init, k, f)
+        torch.Tensor.normal_ = tensor_normal
+
+
+def _reader(path_or_reader):
+    from v4lab.checkpoint import CheckpointReader
+    if isinstance(path_or_reader, CheckpointReader):
+        return path_or_reader
+    return CheckpointReader(path_or_reader)
+
+
+def _read_tensors(reader, names: list[str], dtype: torch.dtype, originals: dict | None) -> dict:
+    """Logical tensors for ``names`` (no ``.scale``): F32 entries stay fp32 (hc_*, attn_sink, ape, gate.bias,
+    as the official code keeps them), floats go to ``dtype``, FP8/FP4 weights are dequantised; the raw packed
+    weight and its scale go to ``originals`` when it is given."""
+    out = {}
+    for name in names:
+        if name.endswith(".scale"):
+            continue
+        stored = reader.expected[name][1]
+        t = reader.get_dequantized(name, torch.float32 if stored == "F32" else dtype)
+        if stored in _QUANT_DTYPES and originals is not None:
+            sname = name[: -len(".weight")] + ".scale"
+            originals[name] = (reader.get(name), reader.get(sname))
+        out[name] = t
+    return out
+
+
+def _build_block(cfg: V4Config, i: int) -> Block:
+    L = cfg.num_hidden_layers
+    return _no_init_build(Block, cfg, i) if i < L else _no_init_build(MTPBlock, cfg, L)
+
+
+def load_layer(path, i: int, dtype: torch.dtype = torch.float32, keep_quantized: bool = False) -> Block:
+    """One decoder layer (``i < num_hidden_layers``) or MTP block (``i = num_hidden_layers + k``) of a
+    checkpoint directory (or an open ``CheckpointReader``), as a Block with its weights and nothing else.
+    Only that layer's tensors are read. With ``keep_quantized`` the packed FP8/FP4 originals are kept in
+    ``block.quantized_originals`` (names relative to the layer)."""
+    from v4lab.checkpoint import layer_prefix
+    reader = _reader(path)
+    cfg = reader.config
+    n_all = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_all:
+        _bad("layer", i, f"must be an int in [0, {n_all}) ({cfg.num_hidden_layers} layers, then MTP)")
+    p = layer_prefix(cfg, i)
+    names = reader.layer_keys(i)
+    for name in reader.keys():                            # unexpected keys under this prefix, wrong shapes
+        if name.startswith(p):
+            reader._check_entry(name)
+    for name in names:
+        if name not in reader:
+            _bad("checkpoint", str(reader.path), f"missing key {name!r}")
+        reader._check_entry(name)
+    originals = {} if keep_quantized else None
+    sd = _read_tensors(reader, names, dtype, originals)
+    blk = _build_block(cfg, i)
+    blk.load_state_dict({k[len(p):]: v for k, v in sd.items()}, strict=True, assign=True)
+    blk.quantized_originals = {k[len(p):]: v for k, v in (originals or {}).items()}
+    return blk
+
+
+def load(path, dtype: torch.dtype = torch.float32, keep_quantized: bool = False, layers=None) -> V4Model:
+    """Read a directory in the official release layout into a V4Model.
+
+    FP8 / FP4 weights are dequantised to ``dtype`` (F32 tensors such as ``hc_*`` stay fp32). With
+    ``keep_quantized`` the packed originals (weight + ``.scale``) are also kept, in
+    ``model.quantized_originals``, for kernels that consume packed weights and so that ``save`` writes every
+    unchanged weight back byte-for-byte. Without them ``save`` re-quantises, which gives the same bytes
+    whenever the checkpoint was quantised with the power-of-two amax rule of v4lab.quant (our synthetic
+    checkpoints; UNCERTAIN for a real release).
+    ``layers``: ids to materialise (``num_hidden_layers + k`` = MTP block k); the others stay on the meta
+    device (shapes only; a forward through them raises). embed/norm/head/hc_head are always loaded.
+    Every header entry is checked against the config first: a missing/unexpected key or a wrong
+    shape/dtype raises ValueError naming the key."""
+    reader = _reader(path)
+    cfg = reader.config
+    reader.validate()
+    L, n_all = cfg.num_hidden_layers, cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    if layers is None:
+        want = list(range(n_all))
+    else:
+        want = sorted({int(i) for i in layers}) if not isinstance(layers, int) else [layers]
+        bad = [i for i in want if not 0 <= i < n_all]
+        if bad:
+            _bad("layers", bad[0], f"layer ids must be in [0, {n_all}) ({L} layers, then MTP)")
+    model = V4Model(cfg, device="meta")
+    originals = {} if keep_quantized else None
+    top = [k for k in reader.expected if not k.startswith(("layers.", "mtp.")) and not k.endswith(".scale")]
+    sd = _read_tensors(reader, top, dtype, originals)
+    model.embed = _no_init_build(nn.Embedding, cfg.vocab_size, cfg.hidden_size)
+    model.head = _no_init_build(nn.Linear, cfg.hidden_size, cfg.vocab_size, False)
+    model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    for i in want:
+        blk = load_layer(reader, i, dtype, keep_quantized)
+        if i < L:
+            model.layers[i] = blk
+            pre = f"layers.{i}."
+        else:
+            model.mtp[i - L] = blk
+            pre = f"mtp.{i - L}."
+        if originals is not None:
+            originals.update({pre + k: v for k, v in blk.quantized_originals.items()})
+        blk.quantized_originals = {}
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    assert not unexpected, unexpected
+    model.quantized_originals = originals or {}
+    model.source_path = reader.path
+    model.set_flags(hc_mode=model.hc_mode, low_precision=model.low_precision, qat=model.qat)
+    return model
+
+
+def _unchanged(param: torch.Tensor, raw: torch.Tensor, scale: torch.Tensor, cfg: V4Config) -> bool:
+    from v4lab import quant
+    from v4lab.checkpoint import _block
+    if raw.dtype == torch.int8:
+        deq = quant.mxfp4_dequantize(raw, scale, torch.float32)
+    else:
+        deq = quant.fp8_block_dequantize(raw, scale, torch.float32, block=_block(cfg)[0])
+    return deq.shape == param.shape and torch.equal(deq, param.detach().float().cpu())
+
+
+def save(model: V4Model, path, overwrite: bool = False, max_shard_bytes: int | None = None) -> Path:
+    """Write ``model`` in the official layout (config.json, index, shards; FP8/FP4 where the release has
+    them). A weight equal to the packed original it was loaded from is written back from that original;
+    any other FP8/FP4 weight is quantised here (power-of-two amax scales, v4lab.quant). Tokenizer and
+    generation files of the directory the model was loaded from are copied along."""
+    from v4lab.checkpoint import DEFAULT_MAX_SHARD_BYTES, expected_keys, write_checkpoint
+    if not isinstance(model, V4Model):
+        _bad("model", type(model).__name__, "must be a v4lab V4Model")
+    cfg = model.cfg
+    sd = model.state_dict()
+    meta = [k for k, v in sd.items() if v.is_meta]
+    if meta:
+        _bad("model", f"parameter {meta[0]!r} on the meta device", "load every layer before saving")
+    tensors = {}
+    for name, (shape, dt) in expected_keys(cfg).items():
+        if name.endswith(".scale"):
+            continue
+        t = sd[name].detach().cpu()
+        orig = model.quantized_originals.get(name)
+        if dt in _QUANT_DTYPES and orig is not None and _unchanged(t, orig[0], orig[1], cfg):
+            tensors[name], tensors[name[: -len(".weight")] + ".scale"] = orig
+        else:
+            tensors[name] = t.float() if dt in _QUANT_DTYPES else t
+    out = write_checkpoint(tensors, cfg, path, overwrite=overwrite,
+                           max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+    src = model.source_path
+    if src is not None and Path(src).resolve() != Path(out).resolve():
+        for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            if (Path(src) / f).is_file():
+                shutil.copyfile(Path(src) / f, Path(out) / f)
+    return Path(out)
+
+
 class _nullctx:
     def __enter__(self):
         return None

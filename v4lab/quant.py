@@ -99,18 +99,29 @@ def e2m1_round(v: torch.Tensor) -> torch.Tensor:
 
 
 def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
-    """Values already on the grid (incl. -0) -> codes uint8 0..15. Off-grid values are rounded first."""
+    """Values (rounded onto the grid first; -0 kept) -> codes uint8 0..15."""
     r = e2m1_round(v)
     if bool(torch.isnan(r).any()):
         _bad("v", "contains NaN", "E2M1 has no NaN encoding")
-    mag = r.abs()
-    idx = torch.searchsorted(E2M1_GRID[:8].contiguous(), mag.contiguous())
-    return (idx + 8 * torch.signbit(r).to(idx.dtype)).to(torch.uint8)
+    a = r.abs()
+    # magnitude -> code: 0,.5,1,1.5 -> 0..3 (2a); 2,3 -> 4,5 (a+2); 4,6 -> 6,7 (a/2+4)
+    mag = torch.where(a < 2, 2 * a, torch.where(a < 4, a + 2, a / 2 + 4))
+    return (mag + 8 * torch.signbit(r)).to(torch.uint8)
 
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     """Codes (uint8, 0..15) -> fp32 values."""
     return E2M1_GRID[codes.long() & 0xF]
+
+
+# byte -> (value of the low nibble, value of the high nibble): one gather decodes packed FP4
+_BYTE_LUT = torch.stack([E2M1_GRID[torch.arange(256) & 0xF], E2M1_GRID[torch.arange(256) >> 4]], dim=-1)
+
+
+def decode_fp4_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """Packed bytes ``[..., K/2]`` (uint8 or int8) -> fp32 values ``[..., K]`` (low nibble first)."""
+    b = _as_u8(packed)
+    return _BYTE_LUT[b.long()].flatten(-2)
 
 
 def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
@@ -163,7 +174,7 @@ def mxfp4_quantize(w: torch.Tensor, block: int = FP4_BLOCK, rule: str = "ceil") 
 def mxfp4_dequantize(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32,
                      block: int = FP4_BLOCK) -> torch.Tensor:
     """Inverse of ``mxfp4_quantize``: ``W[n, k] = E2M1[code] * 2^(E[n, k // 32] - 127)``; E8M0 255 -> NaN."""
-    vals = e2m1_decode(unpack_fp4(packed))
+    vals = decode_fp4_bytes(packed)
     k = vals.shape[-1]
     if scales.shape[:-1] != vals.shape[:-1] or scales.shape[-1] * block != k:
         _bad("scales.shape", tuple(scales.shape), f"must be {tuple(vals.shape[:-1]) + (k // block,)} "
@@ -302,7 +313,7 @@ def fp4_to_fp8(packed: torch.Tensor, scales: torch.Tensor, check: bool = True,
     es = (emax - 6).clamp(min=0)                                                     # [bo, bi]
     es_full = es.repeat_interleave(block, 0)[:o].repeat_interleave(per, 1)          # [o, K/32]
     ratio = torch.ldexp(torch.ones(e.shape), (e - es_full).float())                 # sub_scale / S, <= 64
-    vals = e2m1_decode(unpack_fp4(packed))
+    vals = decode_fp4_bytes(packed)
     q = _e4m3_round(_blocks(vals, FP4_BLOCK, "packed") * ratio.unsqueeze(-1)).reshape(vals.shape)
     return q, es.to(torch.uint8).view(torch.float8_e8m0fnu)
 

@@ -91,7 +91,7 @@ def _gains_by_depth(model: Surrogate, x: torch.Tensor) -> dict:
     return gains
 
 
-def run(seed: int = 0, *, n_sublayers: int = 60, d: int = 16, n: int = 4, hidden: int = 32, steps: int = 30,
+def run(seed: int = 0, *, n_sublayers: int = 60, d: int = 16, n: int = 4, hidden: int = 32, steps: int = 20,
         batch: int = 64, lr: float = 3e-3, iters: int = 20, diag: float = 0.0,
         variants: tuple = ("residual", "hc", "mhc")) -> dict:
     """Train the surrogate under each variant from the same seed; return, per variant:
@@ -114,23 +114,34 @@ def run(seed: int = 0, *, n_sublayers: int = 60, d: int = 16, n: int = 4, hidden
 
     result = {"config": dict(seed=seed, n_sublayers=n_sublayers, d=d, n=n, hidden=hidden, steps=steps,
                              batch=batch, lr=lr, iters=iters, diag=diag), "depth": list(range(1, n_sublayers + 1))}
-    for variant in variants:
-        t0 = time.perf_counter()
-        torch.manual_seed(seed)                                   # same weights for the shared parts
-        model = Surrogate(d_in, d_out, d, n, n_sublayers, variant, hidden, iters, diag)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-        gains_init = _gains_by_depth(model, x_eval)
-        losses, gnorms = [], []
-        for step in range(steps):
-            loss = torch.nn.functional.mse_loss(model(xs[step]), ys[step])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorms.append(float(torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()
-                                               if p.grad is not None))))
-            losses.append(float(loss))
-            opt.step()
-        by_depth = [float(torch.sqrt(sum(p.grad.pow(2).sum() for p in mlp.parameters()))) for mlp in model.mlps]
-        result[variant] = {"loss": losses, "grad_norm": gnorms, "grad_norm_by_depth": by_depth,
-                           "gains": {"init": gains_init, "final": _gains_by_depth(model, x_eval)},
-                           "seconds": time.perf_counter() - t0}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # thousands of tiny ops: one thread is faster (restored below)
+    try:
+        for variant in variants:
+            result[variant] = _train(variant, seed, xs, ys, x_eval, d_in, d_out, d, n, n_sublayers, hidden,
+                                     iters, diag, lr)
+    finally:
+        torch.set_num_threads(threads)
     return result
+
+
+def _train(variant, seed, xs, ys, x_eval, d_in, d_out, d, n, n_sublayers, hidden, iters, diag, lr) -> dict:
+    """Train one variant; see `run` for what comes back."""
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)                                   # same weights for the shared parts
+    model = Surrogate(d_in, d_out, d, n, n_sublayers, variant, hidden, iters, diag)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    gains_init = _gains_by_depth(model, x_eval)
+    losses, gnorms = [], []
+    for step in range(xs.shape[0]):
+        loss = torch.nn.functional.mse_loss(model(xs[step]), ys[step])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorms.append(float(torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()
+                                           if p.grad is not None))))
+        losses.append(float(loss.detach()))
+        opt.step()
+    by_depth = [float(torch.sqrt(sum(p.grad.pow(2).sum() for p in mlp.parameters()))) for mlp in model.mlps]
+    return {"loss": losses, "grad_norm": gnorms, "grad_norm_by_depth": by_depth,
+            "gains": {"init": gains_init, "final": _gains_by_depth(model, x_eval)},
+            "seconds": time.perf_counter() - t0}

@@ -61,8 +61,12 @@ def _hc_pre_coeffs_kernel(x_ptr, fn_ptr, scale_ptr, base_ptr, out_ptr, T, K, rms
             cm = cm / (tl.sum(tl.where(same_row, cm[:, None, :], 0.0), axis=2) + hc_eps)
             cm = cm / (tl.sum(tl.where(same_col, cm[:, None, :], 0.0), axis=2) + hc_eps)
 
-    sig = tl.sigmoid(z)
+    sig = tl.sigmoid(tl.where(is_res[None, :], 0.0, z))        # σ only where used (no exp overflow)
     out = tl.where(is_pre[None, :], sig + hc_eps, tl.where(is_post[None, :], 2.0 * sig, cm))
+    # A token with a non-finite logit gets NaN everywhere (σ(±inf) alone would hide it); the host raises.
+    finite = (z == z) & (tl.abs(z) < float("inf"))
+    n_bad = tl.sum(tl.where(finite | (c[None, :] >= R), 0, 1), axis=1)
+    out = tl.where(n_bad[:, None] > 0, float("nan"), out)
     tl.store(out_ptr + t[:, None] * R + c[None, :], out, mask=(t[:, None] < T) & (c[None, :] < R))
 
 
@@ -91,7 +95,7 @@ def hc_pre_coeffs(x_flat: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, b
             x, f, scale.detach().float().contiguous(), base.detach().float().contiguous(), out, T, K,
             float(rms_eps), float(hc_eps), N=n, ITERS=int(iters), HC=(mode == "hc"),
             BLOCK_T=block_t, BLOCK_K=block_k, OUTP=outp)
-        _ref._check_finite(out, "hc_pre_coeffs (kernel): pre/post/comb")
+        _ref._check_finite(out, "hc_pre_coeffs (kernel): logits scale·(fn·v)/RMS(v) + base")
     return out[:, :n], out[:, n:2 * n], out[:, 2 * n:].view(T, n, n)
 
 

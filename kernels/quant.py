@@ -4,7 +4,9 @@ Per 1x``block`` group of the last dim: amax = max|x| floored at 6*2^-126, scale 
 read off the fp32 bits of amax/6 (exponent, +1 unless the mantissa is zero), q = x/scale rounded
 half-to-even onto the E2M1 grid {0, .5, 1, 1.5, 2, 3, 4, 6} (saturating at 6, sign kept, so -0 stays
 -0), output q*scale. A group holding NaN/inf becomes all NaN. Rounding is done in fp32 arithmetic
-(floor + explicit tie rule), never by a float cast, so the interpreter and a GPU agree bit for bit.
+(floor + explicit tie rule), never by a float cast; the only non-power-of-two division uses
+``tl.div_rn`` (a GPU's default fp32 division may be approximate), so the interpreter and a GPU agree bit
+for bit.
 """
 from __future__ import annotations
 
@@ -26,14 +28,16 @@ def _fp4_act_quant_kernel(x_ptr, y_ptr, R, BR: tl.constexpr, BLOCK: tl.constexpr
     finite = ax < float("inf")                                       # False for inf and NaN
     bad = tl.max(tl.where(finite, 0, 1), axis=1) > 0                 # [BR]
     amax = tl.maximum(tl.max(tl.where(finite, ax, 0.0), axis=1), FLOOR)
-    y = amax / 6.0
+    y = tl.div_rn(amax, tl.full(amax.shape, 6.0, tl.float32))        # IEEE division, as torch does (not approx)
     bits = y.to(tl.int32, bitcast=True)
     e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)  # biased exponent of 2^ceil(log2 y)
     scale = (e << 23).to(tl.float32, bitcast=True)
-    v = tl.where(finite, x, 0.0) / scale[:, None]                   # bad rows are set to NaN at the end
+    inv = ((254 - e) << 23).to(tl.float32, bitcast=True)            # 1/scale, exact (e <= 253 for finite amax)
+    v = tl.where(finite, x, 0.0) * inv[:, None]                     # == x / scale; bad rows -> NaN at the end
     a = tl.minimum(tl.abs(v), 6.0)
+    inv_step = tl.where(a < 2.0, 2.0, tl.where(a < 4.0, 1.0, 0.5))
     step = tl.where(a < 2.0, 0.5, tl.where(a < 4.0, 1.0, 2.0))
-    t = a / step
+    t = a * inv_step
     fl = tl.floor(t)
     frac = t - fl
     odd = (fl.to(tl.int32) & 1) == 1

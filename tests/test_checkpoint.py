@@ -371,3 +371,36 @@ def test_unknown_key_and_not_a_directory(synth, tmp_path):
         r.get("layers.0.nope")
     with pytest.raises(ValueError, match="not a directory"):
         C.CheckpointReader(tmp_path / "absent")
+
+
+# ----------------------------------------------------------------------------- an independent decoder
+@pytest.mark.slow
+def test_transformers_loads_our_layout_to_the_same_values(synth):
+    """HF transformers' DeepseekV4 loader (its own renames, FP8/FP4 decoders, nibble order, fused expert
+    layout) reads the synthetic release with no missing/unexpected/mismatched keys and gets our values."""
+    pytest.importorskip("accelerate")
+    tr = pytest.importorskip("transformers")
+    from transformers.utils import logging
+    logging.set_verbosity_error()
+    cfg, path, _ = synth
+    model, info = tr.DeepseekV4ForCausalLM.from_pretrained(str(path), dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    sd = model.state_dict()
+    r = C.CheckpointReader(path)
+    I = cfg.moe_intermediate_size
+    for i in (0, 3):
+        gu, down = sd[f"model.layers.{i}.mlp.experts.gate_up_proj"], sd[f"model.layers.{i}.mlp.experts.down_proj"]
+        for e in range(cfg.n_routed_experts):
+            assert torch.equal(gu[e, :I], r.get_dequantized(f"layers.{i}.ffn.experts.{e}.w1.weight"))
+            assert torch.equal(gu[e, I:], r.get_dequantized(f"layers.{i}.ffn.experts.{e}.w3.weight"))
+            assert torch.equal(down[e], r.get_dequantized(f"layers.{i}.ffn.experts.{e}.w2.weight"))
+    pairs = {"self_attn.q_a_proj.weight": "attn.wq_a.weight", "self_attn.o_a_proj.weight": "attn.wo_a.weight",
+             "self_attn.o_b_proj.weight": "attn.wo_b.weight", "self_attn.q_b_proj.weight": "attn.wq_b.weight",
+             "self_attn.compressor.indexer.q_b_proj.weight": "attn.indexer.wq_b.weight",
+             "mlp.shared_experts.gate_proj.weight": "ffn.shared_experts.w1.weight",
+             "mlp.shared_experts.down_proj.weight": "ffn.shared_experts.w2.weight",
+             "attn_hc.fn": "hc_attn_fn", "self_attn.sinks": "attn.attn_sink",
+             "mlp.gate.e_score_correction_bias": "ffn.gate.bias"}
+    for hf, ours in pairs.items():
+        assert torch.equal(sd[f"model.layers.3.{hf}"], r.get_dequantized(f"layers.3.{ours}")), hf
+    assert torch.equal(sd["model.layers.0.mlp.gate.tid2eid"], r.get("layers.0.ffn.gate.tid2eid"))

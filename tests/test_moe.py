@@ -467,6 +467,8 @@ def test_bad_inputs():
         h(x, ids.clone().fill_(cfg.vocab_size))
     with pytest.raises(ValueError, match="input_ids.*-1"):
         h(x, ids.clone().fill_(-1))
+    with pytest.raises(ValueError, match="input_ids.dtype"):
+        h(x, ids.float())
     with pytest.raises(ValueError, match="input_ids.*hash"):
         h(x)
     with pytest.raises(ValueError, match="x.shape.*hidden_size"):
@@ -515,3 +517,31 @@ def test_qat_with_real_fp4_quantiser():
     assert torch.allclose(y, want, atol=1e-5) and not torch.allclose(y, make(cfg, 3)(x, ids), atol=1e-4)
     y.square().sum().backward()                               # straight-through: master weights get grads
     assert m.experts[int(m.last_routing["idx"][0, 0])].w1.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("layer_id", [0, 3], ids=["hash", "learned"])
+def test_matches_transformers_deepseek_v4_moe(layer_id):
+    """Oracle: HF transformers' DeepseekV4SparseMoeBlock with the same weights (fp32 semantics)."""
+    pytest.importorskip("transformers")
+    from transformers.models.deepseek_v4.configuration_deepseek_v4 import DeepseekV4Config
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4SparseMoeBlock
+
+    cfg = small_cfg()
+    hc = DeepseekV4Config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+                          vocab_size=64, num_hidden_layers=6, num_hash_layers=2, routed_scaling_factor=1.5,
+                          swiglu_limit=LIMIT, compress_ratios=[0, 4, 128, 4, 128, 4], n_shared_experts=1)
+    m = make(cfg, layer_id)
+    h = DeepseekV4SparseMoeBlock(hc, layer_id).float()
+    sd = {"gate.weight": m.gate.weight,
+          "experts.gate_up_proj": torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in m.experts]),
+          "experts.down_proj": torch.stack([e.w2.weight for e in m.experts])}
+    if m.gate.is_hash:
+        sd["gate.tid2eid"] = m.gate.tid2eid
+    else:
+        sd["gate.e_score_correction_bias"] = m.gate.bias
+    for a, b in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+        sd[f"shared_experts.{a}.weight"] = getattr(m.shared_experts, b).weight
+    h.load_state_dict({k: v.detach() for k, v in sd.items()}, strict=True)
+    x, ids = inputs(cfg)
+    with torch.no_grad():
+        assert torch.allclose(m(x, ids), h(x, ids), atol=1e-5)

@@ -319,3 +319,27 @@ def test_fp4_gemm_ref_equals_dequantise_then_matmul():
     assert torch.allclose(Q.fp4_gemm_ref(x, pk, s), x @ Q.fp4_fake_quant(w).t(), atol=1e-5)
     with pytest.raises(ValueError, match="shapes"):
         Q.fp4_gemm_ref(torch.randn(5, 64), pk, s)
+
+
+def test_fp4_gemm_tiled_equals_reference():
+    w = torch.randn(100, 64)                              # N not a multiple of the tile
+    pk, s = Q.mxfp4_quantize(w)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(Q.fp4_gemm_tiled(x, pk, s, tile_n=32), Q.fp4_gemm_ref(x, pk, s))
+
+
+def test_bench_bytes_per_param_match_formula():
+    from v4lab.bench.quant import bytes_records
+    recs = bytes_records()
+    per = {r["layout"]: r for r in recs if r["bench"] == "bytes_per_param"}
+    assert all(r["bytes_per_param"] == r["formula"] for r in per.values())
+    assert [round(r["bytes_per_param"], 5) for r in per.values()] == [2.0, 1.00006, 0.53125]
+    flash = next(r for r in recs if r.get("preset") == "v4-flash")
+    assert 150 < flash["total_GB"] < 170 and flash["FP4_GB"] > 0.85 * flash["total_GB"]
+
+
+# E4M3 element rounding as the FP8 paths use it: nearest-even, subnormal floor 2^-9, clamp at 448
+@pytest.mark.parametrize("x,want", [(1.0625, 1.0), (1.1875, 1.25), (2.0 ** -10, 0.0), (3 * 2.0 ** -11, 2.0 ** -9),
+                                    (-2.0 ** -9, -2.0 ** -9), (1e6, 448.0), (-1e6, -448.0), (240.0, 240.0)])
+def test_e4m3_rounding_table(x, want):
+    assert Q._e4m3_round(torch.tensor([x])).float().item() == want

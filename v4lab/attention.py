@@ -204,8 +204,10 @@ class Attention(nn.Module):
         if not self._low_precision:
             return kv
         from .quant import act_quant_fp8
-        nope = kv[..., :self.head_dim - self.rope_dim]
-        return torch.cat([act_quant_fp8(nope, 64).to(kv.dtype), kv[..., self.head_dim - self.rope_dim:]], -1)
+        n = self.head_dim - self.rope_dim
+        pad = -n % 64          # released models: 448 = 7 blocks; smaller widths get a zero-padded last block
+        nope = torch.nn.functional.pad(kv[..., :n].float(), (0, pad))
+        return torch.cat([act_quant_fp8(nope, 64)[..., :n].to(kv.dtype), kv[..., n:]], -1)
 
     # -------------------------------------------------------------- checks
     def _check(self, x, start_pos, cache, seq_lens):

@@ -464,6 +464,22 @@ def prepare_tensors(tensors: dict[str, torch.Tensor], cfg: V4Config) -> dict[str
     return {n: out[n] for n in exp}
 
 
+# V3-only keys that a V4 release config.json does not carry. HF's DeepseekV4Config maps
+# intermediate_size -> moe_intermediate_size, so writing our placeholder 0 would zero its expert width.
+_V3_ONLY = ("intermediate_size", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim", "first_k_dense_replace")
+
+
+def release_config_dict(cfg: V4Config) -> dict:
+    """``cfg.to_dict()`` as a V4 release ``config.json`` holds it: V3-only placeholder keys left out
+    (they read back as their defaults)."""
+    d = cfg.to_dict()
+    if cfg.is_v4:
+        for k in _V3_ONLY:
+            if not d.get(k):
+                d.pop(k, None)
+    return d
+
+
 def _plan_shards(names: list[str], sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
     main = [n for n in names if not n.startswith("mtp.")]
     mtp = [n for n in names if n.startswith("mtp.")]
@@ -511,7 +527,7 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], cfg: V4Config, path: str 
         index = {"metadata": {"total_size": sum(sizes.values())},
                  "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        cfg.to_json(tmp / "config.json")
+        (tmp / "config.json").write_text(json.dumps(release_config_dict(cfg), indent=2) + "\n")
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "x")

@@ -154,6 +154,8 @@ class Gate(nn.Module):
             if forced_idx is not None:
                 _bad("forced_idx", "a tensor", "hash layers take their experts from tid2eid; "
                                                "forced routing applies to learned-gate layers only")
+            if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+                _bad("input_ids.dtype", input_ids.dtype, "token ids must be an integer tensor")
             ids = input_ids.reshape(-1)
             if ids.numel() != T:
                 _bad("input_ids", tuple(input_ids.shape), f"must hold one id per token ({T} tokens)")

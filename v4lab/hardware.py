@@ -28,7 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from v4lab import accounting
-from v4lab.config import V4Config, get_config
+from v4lab.config import PRESETS, V4Config, get_config
 
 HARDWARE_PATH = Path(__file__).with_name("hardware.json")
 
@@ -77,8 +77,15 @@ def bandwidth(name: str) -> float:
     return float(gpu(name)["hbm_tb_s"]) * 1e12
 
 
+@lru_cache(maxsize=16)
+def _preset(name: str) -> V4Config:
+    return get_config(name)
+
+
 def _cfg(c) -> V4Config:
-    return c if isinstance(c, V4Config) else get_config(c)
+    if isinstance(c, V4Config):
+        return c
+    return _preset(c) if isinstance(c, str) and c in PRESETS else get_config(c)
 
 
 def experts_touched(n_experts: int, top_k: int, batch: int) -> float:
@@ -86,10 +93,11 @@ def experts_touched(n_experts: int, top_k: int, batch: int) -> float:
     return n_experts * (1 - (1 - top_k / n_experts) ** batch)
 
 
-@lru_cache(maxsize=256)
-def _per_sequence(cfg_json: str, context: int) -> tuple:
-    """The batch-independent parts of a decode step (accounting is called once per config/context)."""
-    cfg = V4Config(**json.loads(cfg_json))
+@lru_cache(maxsize=512)
+def _per_sequence(cfg_key: str, context: int) -> tuple:
+    """The batch-independent parts of a decode step (accounting is called once per config/context).
+    ``cfg_key`` is a preset name or a config's JSON."""
+    cfg = get_config(cfg_key) if not cfg_key.startswith("{") else V4Config(**json.loads(cfg_key))
     p = accounting.params(cfg)
     kv = accounting.kv_cache(cfg, context)
     kv_read = 0.0
@@ -108,12 +116,13 @@ def _per_sequence(cfg_json: str, context: int) -> tuple:
 
 def decode_step(cfg, context: int, batch: int = 1) -> dict:
     """Bytes read and FLOPs (by precision class) of one decode step for ``batch`` sequences."""
+    key = cfg if isinstance(cfg, str) and cfg in PRESETS else None
     cfg = _cfg(cfg)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch = {batch!r}: must be a positive integer")
     accounting._check_context(context)
-    comps, kv_read, kv_total, by_class, N = _per_sequence(
-        json.dumps(dataclasses.asdict(cfg), sort_keys=True), context)
+    key = key or json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    comps, kv_read, kv_total, by_class, N = _per_sequence(key, context)
     wb = dict(WEIGHT_BYTES)
     if not cfg.is_v4:
         wb["routed_experts"] = FP8

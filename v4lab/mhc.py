@@ -103,12 +103,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ----------------------------------------------------------------------------------------------- Sinkhorn
-def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """Official-order Sinkhorn on [..., n, n] logits → comb (columns sum to 1; H^res = combᵀ).
-
-    row softmax + eps, one column normalisation, then iters − 1 rounds of (row, column) normalisation,
-    eps in every denominator: iters row and iters column normalisations in all, ending on a column one.
-    """
+def _check_sinkhorn_args(logits, iters, eps):
     if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
         _bad("sinkhorn: logits.shape", tuple(logits.shape), "must end in a square [n, n]")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
@@ -116,11 +111,28 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         _bad("sinkhorn: eps", eps, "must be a finite number >= 0")
     _check_finite(logits, "sinkhorn: logits")
+
+
+def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """Official-order Sinkhorn on [..., n, n] logits → comb (columns sum to 1; H^res = combᵀ).
+
+    row softmax + eps, one column normalisation, then iters − 1 rounds of (row, column) normalisation,
+    eps in every denominator: iters row and iters column normalisations in all, ending on a column one.
+    """
+    _check_sinkhorn_args(logits, iters, eps)
+    return _sinkhorn(logits, iters, eps)
+
+
+def _sinkhorn(logits, iters, eps, trace=None):
     c = torch.softmax(logits, dim=-1) + eps
     c = c / (c.sum(-2, keepdim=True) + eps)
+    if trace is not None:
+        trace.append(c)
     for _ in range(iters - 1):
         c = c / (c.sum(-1, keepdim=True) + eps)
         c = c / (c.sum(-2, keepdim=True) + eps)
+        if trace is not None:
+            trace.append(c)
     return c
 
 
@@ -130,9 +142,10 @@ def sinkhorn_errors(logits: torch.Tensor, iters: int, eps: float) -> dict:
     Iteration t = t row and t column normalisations. Column errors (rows of H^res) fall to ~eps at once;
     row errors (columns of H^res, the backward gain) shrink only as t grows.
     """
-    rows, cols = [], []
-    for t in range(1, iters + 1):
-        c = sinkhorn(logits, t, eps)
+    _check_sinkhorn_args(logits, iters, eps)
+    trace, rows, cols = [], [], []
+    _sinkhorn(logits.detach(), iters, eps, trace)
+    for c in trace:
         rows.append(float((c.sum(-1) - 1).abs().max()))
         cols.append(float((c.sum(-2) - 1).abs().max()))
     return {"iteration": list(range(1, iters + 1)), "row_err": rows, "col_err": cols}
@@ -176,13 +189,14 @@ def _coeffs(v, fn, scale, base, n, rms_eps, hc_eps, iters, mode):
         comb = torch.eye(n, dtype=cd, device=v.device).expand(T, n, n)
         return pre, post, comb
     m = _mixes(v.to(cd), fn, rms_eps)
-    _check_finite(m, "hc_pre: mixing logits m = (fn·v)/RMS(v)")
     scale, base = scale.to(cd), base.to(cd)
-    pre = torch.sigmoid(scale[0] * m[:, :n] + base[:n]) + hc_eps
-    post = 2 * torch.sigmoid(scale[1] * m[:, n:2 * n] + base[n:2 * n])
-    logits = (scale[2] * m[:, 2 * n:] + base[2 * n:]).view(T, n, n)      # row-major: logits[j, k] = m[2n + n·j + k]
+    z = torch.cat([scale[0] * m[:, :n], scale[1] * m[:, n:2 * n], scale[2] * m[:, 2 * n:]], -1) + base
+    _check_finite(z, "hc_pre: logits scale·(fn·v)/RMS(v) + base")
+    pre = torch.sigmoid(z[:, :n]) + hc_eps
+    post = 2 * torch.sigmoid(z[:, n:2 * n])
+    logits = z[:, 2 * n:].view(T, n, n)                                  # row-major: logits[j, k] = z[2n + n·j + k]
     if mode == "mhc":
-        comb = sinkhorn(logits, iters, hc_eps)
+        comb = _sinkhorn(logits, iters, hc_eps)
     else:                                                                 # "hc": unconstrained, identity-centred
         comb = torch.eye(n, dtype=cd, device=v.device) + logits
     return pre, post, comb
@@ -201,7 +215,7 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
     cd = _compute_dtype(x.dtype)
     v = x.reshape(B * S, n * d).to(cd)                                    # stream-major flatten
     pre, post, comb = _coeffs(v, fn, scale, base, n, rms_eps, hc_eps, iters, mode)
-    u = torch.einsum("ti,tid->td", pre, v.view(B * S, n, d))              # on the un-normalised streams
+    u = (pre.unsqueeze(1) @ v.view(B * S, n, d)).squeeze(1)              # Σ_i pre_i X_i, un-normalised X
     return u.to(x.dtype).view(B, S, d), post.view(B, S, n), comb.reshape(B, S, n, n)
 
 
@@ -215,8 +229,8 @@ def hc_post(o: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Te
             _bad(f"hc_post: {name}.shape", tuple(getattr(t, "shape", ())),
                  f"must be {list(shape)} to match x [B, S, n, d] = {list(x.shape)}")
     cd = _compute_dtype(x.dtype)
-    y = post.to(cd).unsqueeze(-1) * o.to(cd).unsqueeze(-2) \
-        + torch.einsum("bsij,bsid->bsjd", comb.to(cd), x.to(cd))
+    # Σ_i comb[i, j] X_i = (combᵀ X)_j: the transpose is the official (column-stochastic) use.
+    y = post.to(cd).unsqueeze(-1) * o.to(cd).unsqueeze(-2) + comb.to(cd).transpose(-1, -2) @ x.to(cd)
     return y.to(x.dtype)
 
 
@@ -234,9 +248,10 @@ def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.
     cd = _compute_dtype(x.dtype)
     v = x.reshape(B * S, n * d).to(cd)
     m = _mixes(v, fn, rms_eps)
-    _check_finite(m, "hc_head: mixing logits m = (fn·v)/RMS(v)")
-    p = torch.sigmoid(scale.to(cd)[0] * m + base.to(cd)) + hc_eps
-    return torch.einsum("ti,tid->td", p, v.view(B * S, n, d)).to(x.dtype).view(B, S, d)
+    z = scale.to(cd)[0] * m + base.to(cd)
+    _check_finite(z, "hc_head: logits scale·(fn·v)/RMS(v) + base")
+    p = torch.sigmoid(z) + hc_eps
+    return (p.unsqueeze(1) @ v.view(B * S, n, d)).squeeze(1).to(x.dtype).view(B, S, d)
 
 
 def init_streams(e: torch.Tensor, n: int) -> torch.Tensor:

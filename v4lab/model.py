@@ -457,7 +457,7 @@ def _build_block(cfg: V4Config, i: int) -> Block:
     return _no_init_build(Block, cfg, i) if i < L else _no_init_build(MTPBlock, cfg, L)
 
 
-def load_layer(path, i: int, dtype: torch.dtype = torch.float32, keep_quantized: bool = False) -> Block:
+def load_layer(path, i: int, dtype: torch.dtype = torch.float32, keep_quantized: bool = True) -> Block:
     """One decoder layer (``i < num_hidden_layers``) or MTP block (``i = num_hidden_layers + k``) of a
     checkpoint directory (or an open ``CheckpointReader``), as a Block with its weights and nothing else.
     Only that layer's tensors are read. With ``keep_quantized`` the packed FP8/FP4 originals are kept in
@@ -485,15 +485,16 @@ def load_layer(path, i: int, dtype: torch.dtype = torch.float32, keep_quantized:
     return blk
 
 
-def load(path, dtype: torch.dtype = torch.float32, keep_quantized: bool = False, layers=None) -> V4Model:
+def load(path, dtype: torch.dtype = torch.float32, keep_quantized: bool = True, layers=None) -> V4Model:
     """Read a directory in the official release layout into a V4Model.
 
     FP8 / FP4 weights are dequantised to ``dtype`` (F32 tensors such as ``hc_*`` stay fp32). With
-    ``keep_quantized`` the packed originals (weight + ``.scale``) are also kept, in
-    ``model.quantized_originals``, for kernels that consume packed weights and so that ``save`` writes every
-    unchanged weight back byte-for-byte. Without them ``save`` re-quantises, which gives the same bytes
-    whenever the checkpoint was quantised with the power-of-two amax rule of v4lab.quant (our synthetic
-    checkpoints; UNCERTAIN for a real release).
+    ``keep_quantized`` (default) the packed originals (weight + ``.scale``) are also kept, in
+    ``model.quantized_originals`` (uint8/fp8 bytes: ~1/8 of the fp32 size for FP4), for kernels that
+    consume packed weights and so that ``save`` writes every unchanged weight back byte-for-byte.
+    ``keep_quantized=False`` drops them and ``save`` re-quantises: FP8 comes back identical, but FP4 does
+    not always (a block whose largest value rounded down to code 3 gets a scale half as large the second
+    time), so only the default round-trips exactly.
     ``layers``: ids to materialise (``num_hidden_layers + k`` = MTP block k); the others stay on the meta
     device (shapes only; a forward through them raises). embed/norm/head/hc_head are always loaded.
     Every header entry is checked against the config first: a missing/unexpected key or a wrong

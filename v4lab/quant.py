@@ -327,6 +327,20 @@ def fp4_gemm_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) ->
     return x.float() @ mxfp4_dequantize(packed, scales, torch.float32).t()
 
 
+def fp4_gemm_tiled(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, tile_n: int = 256) -> torch.Tensor:
+    """CPU stand-in for the fused kernel, same signature and result as ``fp4_gemm_ref``: W is decoded
+    ``tile_n`` output rows at a time right before its matmul, so the fp32 copy of W never exists whole
+    (only a cache-sized tile does), which is the point of fusing dequant into the GEMM."""
+    if x.dim() != 2 or packed.dim() != 2 or x.shape[1] != 2 * packed.shape[1]:
+        _bad("shapes", f"x {tuple(x.shape)}, packed {tuple(packed.shape)}", "need x [M, K] and packed [N, K/2]")
+    xf = x.float()
+    y = torch.empty(x.shape[0], packed.shape[0], dtype=torch.float32, device=x.device)
+    for n0 in range(0, packed.shape[0], tile_n):
+        w = mxfp4_dequantize(packed[n0:n0 + tile_n], scales[n0:n0 + tile_n], torch.float32)
+        torch.matmul(xf, w.t(), out=y[:, n0:n0 + tile_n])
+    return y
+
+
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantisation-noise ratio 10*log10(|ref|^2 / |ref - approx|^2) in dB."""
     r = ref.double()

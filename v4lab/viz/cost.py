@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 from v4lab import hardware, pricing
 from v4lab.viz.common import COLORS, Widget, check_choice, check_range, figure_from, register
 from v4lab.viz.tour import CONTEXT_STOPS, LABELS, context_label
@@ -283,6 +285,12 @@ def _roof_traces() -> list[dict]:
 _ROOFS: list[dict] = []
 
 
+@lru_cache(maxsize=128)
+def _tokens_curves(model: str, context: int, fp4_experts: bool) -> dict:
+    return {g: [hardware.roofline(model, g, context, b, fp4_experts)["tokens_per_s"] for b in BATCH_STOPS]
+            for g in GPUS}
+
+
 def roofline_data(model: str = "v4-pro", context: int = 2 ** 20, batch: int = 64, fp4_experts: bool = False) -> dict:
     """Left: the H200/B200 rooflines and this decode step on each. Right: tokens/s per GPU vs batch.
 
@@ -301,8 +309,7 @@ def roofline_data(model: str = "v4-pro", context: int = 2 ** 20, batch: int = 64
                            marker=dict(size=12, color=COLORS[g], symbol="diamond"),
                            text=[f"{r[g]['achieved_flops'] / 1e12:.0f} TFLOP/s"], textposition="bottom right",
                            xaxis="x", yaxis="y", showlegend=False))
-    curves = {g: [hardware.roofline(model, g, context, b, fp4_experts)["tokens_per_s"] for b in BATCH_STOPS]
-              for g in GPUS}
+    curves = _tokens_curves(model, context, fp4_experts)
     for g in GPUS:
         traces.append(dict(type="scatter", mode="lines", x=BATCH_STOPS, y=curves[g], name=f"{g} tokens/s",
                            legendgroup=g, showlegend=False, line=dict(color=COLORS[g]), xaxis="x2", yaxis="y2"))
@@ -335,6 +342,12 @@ def build_roofline(**kw):
 class RooflineWidget(Widget):
     name = "cost.roofline"
     defaults = {"model": "v4-pro", "context": 2 ** 20, "batch": 64, "fp4_experts": False}
+
+    def __init__(self, static=None, **state):
+        for m in ROOF_MODELS:                # the accounting up front (~0.3 s): callbacks only do arithmetic
+            for n in CONTEXT_STOPS:
+                hardware.decode_step(m, n, 1)
+        super().__init__(static, **state)
 
     def validate(self, s):
         check_choice("model", s["model"], ROOF_MODELS)

@@ -4,6 +4,7 @@ Every number comes from :func:`v4lab.accounting.summary` (configs only, no weigh
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 from v4lab import accounting
@@ -48,6 +49,11 @@ def context_label(n: int) -> str:
 
 def family(context: int = accounting.ONE_M, weights: str = "B") -> list[dict]:
     """One row per model: parameters, KV cache and decode FLOPs at ``context``, and ratios to V3.2."""
+    return [dict(r) for r in _family(context, weights)]
+
+
+@lru_cache(maxsize=64)
+def _family(context: int, weights: str) -> tuple:
     base = accounting.summary("v3.2", context, weights=weights)
     rows = []
     for m in MODELS:
@@ -56,7 +62,7 @@ def family(context: int = accounting.ONE_M, weights: str = "B") -> list[dict]:
                      "kv_cache_bytes": s["kv_cache_bytes"], "decode_flops": s["decode_flops"],
                      "kv_vs_v32": s["kv_cache_bytes"] / base["kv_cache_bytes"],
                      "flops_vs_v32": s["decode_flops"] / base["decode_flops"], "kv_vs_gqa8": s["kv_vs_gqa8"]})
-    return rows
+    return tuple(rows)
 
 
 def family_table(context: int = accounting.ONE_M, weights: str = "B") -> str:
@@ -94,8 +100,9 @@ _CURVE_CACHE: dict[str, dict] = {}
 def curves(weights: str = "B") -> dict:
     """KV cache (GB) and decode GFLOPs over ``CONTEXTS``; computed once per weighting."""
     check_choice("weights", weights, WEIGHTINGS)
-    if weights not in _CURVE_CACHE:
-        _CURVE_CACHE[weights] = _curves(weights)
+    if not _CURVE_CACHE:                      # both weightings at once: the toggle then costs no arithmetic
+        for k in WEIGHTINGS:
+            _CURVE_CACHE[k] = _curves(k)
     return _CURVE_CACHE[weights]
 
 
@@ -151,6 +158,12 @@ class ContextWidget(Widget):
 
     name = "tour.context"
     defaults = {"context": accounting.ONE_M, "weights": "B"}
+
+    def __init__(self, static=None, **state):
+        for w in WEIGHTINGS:                 # all the arithmetic up front (~0.2 s): callbacks only look up
+            for n in CONTEXT_STOPS:
+                _family(n, w)
+        super().__init__(static, **state)
 
     def validate(self, state):
         check_choice("context", state["context"], CONTEXT_STOPS)

@@ -1,0 +1,309 @@
+"""V4 hybrid attention: sparse_attn reference, causality, prefill == decode, edge cases, bad inputs."""
+import pytest
+import torch
+
+from v4lab.attention import Attention, sparse_attn, sparse_attn_probs
+from v4lab.config import get_config
+from v4lab.indexer import visible_entries
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: with 2 OpenMP threads on a shared 2-core box each op can wait ~30 ms on a
+    # busy sibling; one thread is 10x faster here. Restored afterwards.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+KINDS = {"window": 0, "csa": 1, "hca": 2}
+
+
+# ------------------------------------------------------------------------------------ sparse_attn
+def dense_reference(q, kv, sink, idx, scale):
+    B, S, H, D = q.shape
+    out = torch.zeros(B, S, H, D, dtype=torch.float64)
+    for b in range(B):
+        for t in range(S):
+            sel = [int(i) for i in idx[b, t] if i >= 0]
+            for h in range(H):
+                z = torch.stack([q[b, t, h].double() @ kv[b, j].double() * scale for j in sel] +
+                                [sink[h].double()])
+                p = z.softmax(0)[:-1]                 # the sink only enlarges the denominator
+                for pj, j in zip(p, sel):
+                    out[b, t, h] += pj * kv[b, j].double()
+    return out
+
+
+def no_sink(q, kv, sink, idx, scale):
+    return sparse_attn(q, kv, torch.full_like(sink, -torch.inf), idx, scale)
+
+
+@pytest.mark.parametrize("impl,right", [(sparse_attn, True), (no_sink, False)])
+def test_sparse_attn_matches_dense(impl, right):
+    torch.manual_seed(0)
+    q, kv, sink = torch.randn(2, 5, 3, 8), torch.randn(2, 9, 8), torch.randn(3)
+    idx = torch.randint(-1, 9, (2, 5, 6))
+    idx[0, 1] = -1                                    # a row with nothing but the sink
+    got = impl(q, kv, sink, idx, 0.35)
+    assert torch.allclose(got.double(), dense_reference(q, kv, sink, idx, 0.35), atol=1e-5) == right
+    if right:
+        assert torch.equal(got[0, 1], torch.zeros_like(got[0, 1]))   # sink-only → zeros
+
+
+def test_sparse_attn_minus_one_and_nan_do_not_leak():
+    torch.manual_seed(1)
+    q, kv, sink = torch.randn(1, 3, 2, 4), torch.randn(1, 6, 4), torch.zeros(2)
+    idx = torch.tensor([[[0, 1, -1], [2, -1, -1], [-1, -1, -1]]])
+    ref = sparse_attn(q, kv, sink, idx, 0.5)
+    kv2 = kv.clone()
+    kv2[0, 3:] = float("nan")                         # never selected
+    kv2[0, 0] = kv[0, 0]
+    torch.testing.assert_close(sparse_attn(q, kv2, sink, idx, 0.5), ref, rtol=0, atol=0)
+    # a NaN in a selected entry is not silently dropped
+    kv3 = kv.clone()
+    kv3[0, 2] = float("nan")
+    assert sparse_attn(q, kv3, sink, idx, 0.5)[0, 1].isnan().all()
+    # with a −inf sink and no entry a row is still zeros, not NaN
+    assert torch.equal(sparse_attn(q, kv, torch.full((2,), -torch.inf), idx, 0.5)[0, 2], torch.zeros(2, 4))
+    p, s = sparse_attn_probs(q, kv, sink, idx, 0.5)
+    torch.testing.assert_close(p.sum(-1) + s, torch.ones(1, 3, 2))
+    assert torch.equal(s[0, 2], torch.ones(2)) and (p[0, 0, :, 2] == 0).all()
+
+
+def test_sparse_attn_bad_inputs():
+    q, kv, sink = torch.randn(1, 2, 3, 4), torch.randn(1, 5, 4), torch.zeros(3)
+    with pytest.raises(ValueError, match="idx"):
+        sparse_attn(q, kv, sink, torch.zeros(1, 2, 3), 1.0)          # float indices
+    with pytest.raises(ValueError, match="N = 5"):
+        sparse_attn(q, kv, sink, torch.full((1, 2, 3), 5), 1.0)
+    with pytest.raises(ValueError, match="attn_sink"):
+        sparse_attn(q, kv, torch.zeros(2), torch.zeros(1, 2, 3, dtype=torch.long), 1.0)
+
+
+# ------------------------------------------------------------------------------------ the layer
+def make(kind, seed=0, cfg=None):
+    cfg = cfg or get_config("tiny")
+    torch.manual_seed(seed)
+    a = Attention(cfg, KINDS[kind])
+    with torch.no_grad():
+        for name, p in a.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape))
+            else:
+                p.normal_(0, 0.5 if ("ape" in name or "sink" in name) else 0.1)
+    return a.eval()
+
+
+def seq_len(kind):
+    return 300 if kind == "hca" else 43               # HCA crosses 2 windows of 128; others end mid-window
+
+
+def test_parameter_names_and_shapes():
+    cfg = get_config("tiny")
+    D, H, g = cfg.head_dim, cfg.num_attention_heads, cfg.o_groups
+    want_common = {"wq_a.weight": (cfg.q_lora_rank, cfg.hidden_size), "q_norm.weight": (cfg.q_lora_rank,),
+                   "wq_b.weight": (H * D, cfg.q_lora_rank), "wkv.weight": (D, cfg.hidden_size),
+                   "kv_norm.weight": (D,), "wo_a.weight": (g * cfg.o_lora_rank, H * D // g),
+                   "wo_b.weight": (cfg.hidden_size, g * cfg.o_lora_rank), "attn_sink": (H,)}
+    for kind, lid in KINDS.items():
+        sd = {k: tuple(v.shape) for k, v in Attention(cfg, lid).state_dict().items()}
+        want = dict(want_common)
+        if kind != "window":
+            coff = 2 if kind == "csa" else 1
+            m = cfg.compress_ratio(lid)
+            want.update({"compressor.wkv.weight": (coff * D, cfg.hidden_size),
+                         "compressor.wgate.weight": (coff * D, cfg.hidden_size),
+                         "compressor.ape": (m, coff * D), "compressor.norm.weight": (D,)})
+        if kind == "csa":
+            Hi, Di = cfg.index_n_heads, cfg.index_head_dim
+            want.update({"indexer.wq_b.weight": (Hi * Di, cfg.q_lora_rank),
+                         "indexer.weights_proj.weight": (Hi, cfg.hidden_size),
+                         "indexer.compressor.wkv.weight": (2 * Di, cfg.hidden_size),
+                         "indexer.compressor.wgate.weight": (2 * Di, cfg.hidden_size),
+                         "indexer.compressor.ape": (4, 2 * Di), "indexer.compressor.norm.weight": (Di,)})
+        assert sd == want, kind
+        assert Attention(cfg, lid).attn_sink.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_causality_bit_identical(kind):
+    a = make(kind)
+    S = seq_len(kind)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, S, 128, generator=g)
+    with torch.no_grad():
+        base = a(x)
+        for t in ([3, 15, 16, 30] if kind != "hca" else [126, 127, 200, 255]):
+            x2 = x.clone()
+            x2[:, t + 1:] = torch.randn(1, S - t - 1, 128, generator=g) * 3
+            y = a(x2)
+            assert torch.equal(y[:, :t + 1], base[:, :t + 1]), (kind, t)
+            assert not torch.allclose(y[:, t + 1:], base[:, t + 1:])
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("schedule", ["tokens", "prompt+steps", "odd_chunks"])
+def test_prefill_equals_decode(kind, schedule):
+    a = make(kind, seed=1)
+    S = seq_len(kind)
+    x = torch.randn(2, S, 128, generator=torch.Generator().manual_seed(6))
+    if schedule == "tokens":
+        sizes = [1] * S if kind != "hca" else [125] + [1] * 6    # the HCA window closes at t=127 in decode
+    elif schedule == "prompt+steps":
+        sizes = [21] + [1] * 22 if kind != "hca" else [250] + [1] * 10    # ends mid-window, crosses t=255
+    else:
+        sizes = [5, 3, 7, 1, 11, 2, 6, 8] if kind != "hca" else [100, 27, 1, 60, 70, 2]
+    L = sum(sizes)
+    with torch.no_grad():
+        full = a(x[:, :L])
+        cache, outs, s0 = a.new_cache(2), [], 0
+        for n in sizes:
+            outs.append(a(x[:, s0:s0 + n], s0, cache))
+            s0 += n
+    assert cache.length == L
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=2e-6, rtol=1e-5)
+
+
+def test_many_decode_steps_wrap_ring_and_match():
+    a = make("csa", seed=2)
+    x = torch.randn(1, 90, 128, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = a(x)
+        cache = a.new_cache(1)
+        outs = [a(x[:, :6], 0, cache)] + [a(x[:, t:t + 1], t, cache) for t in range(6, 90)]
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=2e-6, rtol=1e-5)
+    assert cache.entries.get().shape[1] == 90 // 4 and cache.index_keys.get().shape[1] == 90 // 4
+    assert cache.window.shape[1] == 16 and cache.comp_state.pending_kv.shape[1] == 90 % 4
+    assert cache.nbytes() > 0
+
+
+@pytest.mark.parametrize("kind", ["csa", "hca"])
+def test_chunked_prefill_never_builds_square_scores(kind):
+    """Prefill calls sparse_attn per query chunk with index lists of window + top-k / visible entries."""
+    a = make(kind, seed=3)
+    S = seq_len(kind)
+    x = torch.randn(1, S, 128)
+    with torch.no_grad():
+        ref = a(x)
+        calls = []
+
+        def spy(q, kv, sink, idx, scale):
+            calls.append((q.shape[1], idx.shape[2]))
+            return sparse_attn(q, kv, sink, idx, scale)
+
+        a.sparse_attn_fn, a.q_chunk = spy, 16
+        got = a(x)
+    cfg = a.cfg
+    k_max = cfg.sliding_window + (cfg.index_topk if kind == "csa" else S // a.ratio)
+    assert all(s <= 16 and k <= k_max for s, k in calls) and sum(s for s, _ in calls) == S
+    assert max(k for _, k in calls) < S
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["window", "csa", "hca"])
+def test_inspect_reports_visibility_window_and_probs(kind):
+    a = make(kind, seed=4)
+    a.inspect = True
+    S = seq_len(kind)
+    with torch.no_grad():
+        a(torch.randn(1, S, 128))
+    ins = a.last_inspect
+    w = a.window
+    t = torch.arange(S)
+    wp = ins["window_positions"][0]
+    assert torch.equal(wp, torch.where(t[:, None] - torch.arange(w - 1, -1, -1) >= 0,
+                                       t[:, None] - torch.arange(w - 1, -1, -1), -1))
+    total = ins["probs_window"].sum(-1) + ins["probs_compressed"].sum(-1) + ins["sink"]
+    torch.testing.assert_close(total, torch.ones_like(total))
+    assert ((ins["sink"] > 0) & (ins["sink"] < 1)).all()
+    if kind == "window":
+        assert ins["probs_compressed"].shape[-1] == 0
+        return
+    m = a.ratio
+    cidx = ins["compressed_idx"][0]
+    n_vis = visible_entries(t, m)
+    assert (cidx[: m - 1] == -1).all()               # t < m−1: no compressed entry at all
+    assert ((cidx < n_vis[:, None]) | (cidx == -1)).all()
+    n_valid = (cidx >= 0).sum(-1)
+    expect = n_vis.clamp(max=a.cfg.index_topk) if kind == "csa" else n_vis
+    assert torch.equal(n_valid, expect)              # HCA: all visible; CSA: min(k, visible)
+    assert ins["pool_weights"] is not None and ins["entries"].shape[1] == S // m
+    if kind == "csa":
+        sc = ins["index_scores"][0]
+        assert (sc[torch.arange(S // m)[None] >= n_vis[:, None]] == float("-inf")).all()
+
+
+def test_nan_input_is_not_silently_dropped():
+    a = make("csa")
+    x = torch.randn(1, 20, 128)
+    x[:, 9] = float("nan")
+    with torch.no_grad():
+        y = a(x)
+    assert torch.isfinite(y[:, :9]).all() and y[:, 9].isnan().all()
+
+
+def test_batch_rows_are_independent():
+    a = make("csa", seed=5)
+    x = torch.randn(3, 30, 128)
+    with torch.no_grad():
+        y = a(x)
+        for b in range(3):
+            torch.testing.assert_close(a(x[b:b + 1]), y[b:b + 1], atol=1e-6, rtol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors():
+    a = make("csa")
+    x = torch.randn(1, 4, 128)
+    cases = [
+        (lambda: a(torch.randn(4, 128)), "x"),
+        (lambda: a(torch.randn(1, 4, 64)), "hidden_size=128"),
+        (lambda: a(torch.ones(1, 4, 128, dtype=torch.long)), "floating point"),
+        (lambda: a(x, start_pos=3), "start_pos = 3"),
+        (lambda: a(x, start_pos=-1), "start_pos"),
+        (lambda: a(x, 0, a.new_cache(2)), "batch"),
+        (lambda: a(x, 0, make("hca").new_cache(1)), "kind"),
+        (lambda: a(x, seq_lens=[4, 3]), "seq_lens"),
+        (lambda: a.new_cache(0), "batch_size"),
+    ]
+    cache = a.new_cache(1)
+    a(x, 0, cache)
+    cases.append((lambda: a(x, 2, cache), "cache length \\(4"))
+    big = make("window", cfg=get_config("tiny").replace(max_position_embeddings=6))
+    cases.append((lambda: big(torch.randn(1, 7, 128)), "max_position_embeddings = 6"))
+    for fn, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            fn()
+    cfg = get_config("tiny")
+    cfg.index_topk = None                            # a config without a key the CSA layer needs
+    with pytest.raises(ValueError, match="index_topk"):
+        Attention(cfg, 1)
+    Attention(cfg, 0)                                # ... which a window layer does not need
+    with pytest.raises(ValueError, match="layer_id"):
+        Attention(get_config("tiny"), 99)
+    with pytest.raises(ValueError, match="mla"):
+        Attention(get_config("v3"), 0)
+
+
+def test_low_precision_simulation():
+    quant = pytest.importorskip("v4lab.quant")
+    for name in ("act_quant_fp8", "fp4_act_quant", "hadamard_rotate"):
+        if not hasattr(quant, name):
+            pytest.skip(f"v4lab.quant.{name} not there yet")
+    a = make("csa", seed=6)
+    x = torch.randn(1, 40, 128)
+    with torch.no_grad():
+        ref = a(x)
+        a.low_precision = True
+        a.inspect = True
+        lp = a(x)
+        cache = a.new_cache(1)
+        dec = torch.cat([a(x[:, :9], 0, cache)] + [a(x[:, t:t + 1], t, cache) for t in range(9, 40)], 1)
+    assert a.indexer.low_precision
+    assert not torch.equal(lp, ref) and (lp - ref).abs().max() < 0.1 * ref.abs().max()
+    torch.testing.assert_close(dec, lp, atol=2e-6, rtol=1e-5)
+    # stored compressed entries: nope dims are FP8-representable after the block scale
+    for stored in (cache.entries.get(), cache.window):
+        e = torch.nn.functional.pad(stored[0, :, : a.head_dim - a.rope_dim], (0, 16))   # 48 → one 64-block
+        assert torch.equal(quant.act_quant_fp8(e, 64), e)
+        assert not torch.equal(quant.act_quant_fp8(stored[0, :, -64:], 64), stored[0, :, -64:])  # rope dims: not FP8

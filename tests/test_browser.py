@@ -1,0 +1,203 @@
+"""The notebooks in a real JupyterLab, driven by Playwright with Debian's Chromium.
+
+For each case: start JupyterLab headless (own port and token, every JUPYTER_* dir in a tmp dir), open
+a copy of the notebook, Run All, check no cell raised, move a slider with the keyboard, and watch the
+plotly figure's data change in the DOM. Screenshots of every widget go to ``test-artifacts/``
+(git-ignored). Skipped, saying why, only when Chromium or Playwright is missing.
+
+Add a notebook by adding a ``Case``: which slider (n-th ``.widget-slider`` on the page) to move,
+which key moves it away from its start, and which figure (n-th ``.js-plotly-plot``) must change.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = os.environ.get("V4LAB_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+LAB_OVERRIDES = {
+    "@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False},
+    "@jupyterlab/docmanager-extension:plugin": {"autosave": False},
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    notebook: str
+    slider: int          # index among the page's .widget-slider elements
+    key: str             # ArrowRight / ArrowLeft: a direction that moves it off its start value
+    figure: int          # index among the page's .js-plotly-plot elements
+    timeout_s: float = 240
+
+
+CASES = [
+    Case("00_tour.ipynb", slider=0, key="ArrowLeft", figure=0),          # context 1M -> 512K
+    Case("09_hardware_and_cost.ipynb", slider=0, key="ArrowRight", figure=0),  # roofline batch 64 -> 128
+    # the lead adds 02_compressed_attention and 07_tiny_v4 here once they exist
+]
+
+
+def _skip_reason() -> str | None:
+    if not Path(CHROMIUM).exists():
+        return f"no Chromium at {CHROMIUM} (apt-get install -y --no-install-recommends chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright (Python) is not installed"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture
+def lab(tmp_path):
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    root = tmp_path / "nb"
+    root.mkdir()
+    settings = tmp_path / "app-settings"
+    settings.mkdir()
+    (settings / "overrides.json").write_text(json.dumps(LAB_OVERRIDES))
+    env = dict(os.environ)
+    for k, sub in (("JUPYTER_CONFIG_DIR", "config"), ("JUPYTER_DATA_DIR", "data"),
+                   ("JUPYTER_RUNTIME_DIR", "runtime"), ("IPYTHONDIR", "ipython")):
+        env[k] = str(tmp_path / sub)
+    env.pop("V4LAB_STATIC", None)
+    port, token = _free_port(), os.urandom(12).hex()
+    jupyter = Path(sys.executable).with_name("jupyter")
+    cmd = [str(jupyter), "lab", "--no-browser", "--allow-root", "--ip", "127.0.0.1", "--port", str(port),
+           f"--ServerApp.token={token}", f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
+           f"--LabServerApp.app_settings_dir={settings}", f"--LabServerApp.workspaces_dir={tmp_path / 'ws'}",
+           f"--LabServerApp.user_settings_dir={tmp_path / 'user-settings'}"]
+    log = open(tmp_path / "lab.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            _get(f"{base}/api/status?token={token}")
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"JupyterLab did not start:\n{(tmp_path / 'lab.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+    try:
+        yield {"base": base, "token": token, "root": root, "log": tmp_path / "lab.log"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def _wait_kernel_ready(lab, deadline):
+    """/api/kernels: idle AND a websocket connected (the status bar says idle too early)."""
+    while time.time() < deadline:
+        ks = _get(f"{lab['base']}/api/kernels?token={lab['token']}")
+        if ks and all(k.get("execution_state") == "idle" and k.get("connections", 0) >= 1 for k in ks):
+            return
+        time.sleep(0.5)
+    pytest.fail("kernel never became idle with a connection")
+
+
+FIG_SIGNATURE = """el => JSON.stringify({
+  title: (el.querySelector('.gtitle') || {}).textContent || '',
+  data: (el.data || []).map(t => [t.x, t.y, t.text])
+})"""
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.notebook)
+def test_notebook_in_jupyterlab(lab, case):
+    from playwright.sync_api import sync_playwright
+
+    src = ROOT / "notebooks" / case.notebook
+    if not src.exists():
+        pytest.skip(f"{case.notebook} does not exist yet")
+    shutil.copy(src, lab["root"] / case.notebook)
+    ARTIFACTS.mkdir(exist_ok=True)
+    stem = Path(case.notebook).stem
+    t0 = time.time()
+    deadline = t0 + case.timeout_s
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            page.goto(f"{lab['base']}/lab/tree/{case.notebook}?reset&token={lab['token']}")
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+            _wait_kernel_ready(lab, deadline)
+            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            # every code cell gets an execution count: no "[*]" (running) and no "[ ]" (not run) left
+            prompts_js = """() => Array.from(document.querySelectorAll('.jp-CodeCell .jp-InputPrompt'))
+                              .map(e => e.textContent.trim())"""
+            while True:
+                prompts = page.evaluate(prompts_js)
+                if prompts and all(x.startswith("[") and x[1:-2].strip().isdigit() for x in prompts):
+                    break
+                if time.time() > deadline:
+                    page.screenshot(path=str(ARTIFACTS / f"{stem}-timeout.png"), full_page=True)
+                    pytest.fail(f"cells did not all run within {case.timeout_s}s: {prompts}")
+                time.sleep(1)
+            run_s = time.time() - t0
+            errors = page.evaluate("""() => Array.from(document.querySelectorAll('.jp-OutputArea-output'))
+                .map(e => e.textContent).filter(t => t.includes('Traceback') || t.includes('Error:'))""")
+            assert errors == [], errors[:1]
+            page.wait_for_selector(".js-plotly-plot .main-svg", timeout=60_000)
+            figs = page.locator(".js-plotly-plot")
+            sliders = page.locator(".widget-slider .noUi-handle")
+            assert figs.count() > case.figure and sliders.count() > case.slider
+            fig = figs.nth(case.figure)
+            fig.scroll_into_view_if_needed()
+            before = fig.evaluate(FIG_SIGNATURE)
+            handle = sliders.nth(case.slider)
+            handle.scroll_into_view_if_needed()
+            handle.focus()
+            handle.press(case.key)
+            after = before
+            while after == before and time.time() < deadline:
+                time.sleep(0.25)
+                after = fig.evaluate(FIG_SIGNATURE)
+            assert after != before, "the figure did not change after moving the slider"
+            b, a = json.loads(before), json.loads(after)
+            assert a["data"] != b["data"], "the plotly traces' data did not change"
+            # screenshots: the whole page, and each widget (controls + figure)
+            page.screenshot(path=str(ARTIFACTS / f"{stem}-page.png"))
+            boxes = page.locator(".jp-OutputArea-output .widget-vbox")
+            for i in range(boxes.count()):
+                boxes.nth(i).scroll_into_view_if_needed()
+                boxes.nth(i).screenshot(path=str(ARTIFACTS / f"{stem}-widget{i}.png"))
+            total = time.time() - t0
+            (ARTIFACTS / f"{stem}-timing.json").write_text(json.dumps(
+                {"run_all_s": round(run_s, 1), "total_s": round(total, 1), "figures": figs.count(),
+                 "widgets": boxes.count()}))
+        finally:
+            browser.close()

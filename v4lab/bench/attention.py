@@ -1,0 +1,484 @@
+"""``v4lab bench attention [--quick] [--json]``: V4's attention cost, measured on CPU beside its baselines.
+
+Decode (real shapes, one layer, random weights, fp32 on CPU):
+  V4-Flash / V4-Pro CSA and HCA layers (``v4lab.attention.Attention``), a V3.2 MLA+DSA layer and a dense
+  MQA layer (``v4lab.baselines``; MQA = V4-Flash's 64 × 512 query path with one K=V head, dense over all
+  tokens). A decode step at context N does not need N tokens of prefill: each cache is filled
+  synthetically with random entries of the right shapes and counts (window ring, N // m compressed
+  entries, N // 4 indexer keys, compressor states for the open window), see ``fill_v4_cache``; ``check_fill``
+  compares that layout with a real prefill on the tiny config. Then ``steps`` decode steps are timed
+  (the minimum is kept). ``cache_bytes`` counts the entries the cache holds after the step, priced in the
+  released storage format (V4: FP8 nope + BF16 rope + UE8M0 scales, FP4 indexer keys; V3.2: FP8 latent +
+  scales, FP8 indexer key; MQA: BF16) — the figure ``v4lab.accounting.kv_cache`` predicts; ``stored_bytes``
+  is what this fp32 simulation holds. Analytic per-layer FLOPs use ``v4lab.accounting``'s formulas.
+  One subprocess per layer walks its contexts upward: ``peak_bytes`` is that process's RSS high-water mark
+  (weights + cache + step), not a per-point figure.
+
+Prefill (v4lab vs Hugging Face ``DeepseekV4Attention``, same weights' shapes, eager attention):
+  a full-width layer costs ~0.25-0.6 GFLOP per token in projections alone, hours per 64K point on a
+  2-core CPU, so prefill runs a NARROW V4-Flash layer: the attention geometry is real (head_dim 512,
+  rope 64, window 128, m = 4 / 128, top-k 512, indexer head dim 128), the widths are cut (hidden 1024,
+  2 query heads, 2 indexer heads, q_lora 256, one output group of rank 256). Each point runs in a fresh
+  subprocess; ``peak_bytes`` = peak RSS during the forward (sampled every 2 ms) minus RSS before it.
+  HF builds dense [S, S + S/m] scores per head (plus mask, softmax copies): where its analytic footprint
+  exceeds ``HF_BUDGET`` the record is marked ``skipped`` with that figure in ``analytic_peak_bytes``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+KIB = 1024
+HF_BUDGET = 6 * 2 ** 30                    # bytes; the machine has 24 GiB shared by several jobs
+DECODE_LAYERS = {                          # name: (preset, layer_id or None)
+    "v4-flash-csa": ("v4-flash", 2), "v4-flash-hca": ("v4-flash", 3),
+    "v4-pro-csa": ("v4-pro", 2), "v4-pro-hca": ("v4-pro", 3),
+    "v3.2-mla-dsa": ("v3.2", None), "mqa-dense": ("v4-flash", None),
+}
+PREFILL_LAYERS = {"v4-flash-csa": 2, "v4-flash-hca": 3}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _randomize(module: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights, fast: a 1M-value random pool tiled over each matrix, scaled by fan_in^-½ (values
+    do not change the timing; drawing 300M fresh numbers on 2 cores would take longer than the benchmark).
+    Norm gains 1, sinks 0, other vectors (ape, position_bias) small random."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randn(1 << 20, generator=g)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() >= 2:
+                flat, fan_in = p.view(-1), p.shape[-1]
+                for i in range(0, flat.numel(), pool.numel()):
+                    n = min(pool.numel(), flat.numel() - i)
+                    flat[i:i + n].copy_(pool[:n])
+                p.mul_(fan_in ** -0.5)
+            elif "norm" in name:
+                p.fill_(1.0)
+            elif "sink" in name:
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def _build(factory):
+    """Construct a module without its default init (kaiming on 10^8 weights is slow), then randomize."""
+    lin = torch.nn.Linear.reset_parameters
+    torch.nn.Linear.reset_parameters = lambda self: None
+    try:
+        m = factory()
+    finally:
+        torch.nn.Linear.reset_parameters = lin
+    _randomize(m)
+    return m.eval()
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _maxrss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB
+
+
+class _PeakRSS:
+    """Peak RSS while the block runs, sampled every 2 ms (torch CPU tensors are invisible to tracemalloc)."""
+
+    def __enter__(self):
+        self.base = self.peak = _rss()
+        self._stop = False
+        self._t = threading.Thread(target=self._poll, daemon=True)
+        self._t.start()
+        return self
+
+    def _poll(self):
+        while not self._stop:
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._t.join()
+        self.peak = max(self.peak, _rss())
+        self.delta = self.peak - self.base
+
+
+# ------------------------------------------------------------------------------------------ V4 cache
+def fill_v4_cache(attn, cache, context: int, generator=None) -> None:
+    """Put `context` synthetic tokens into a v4lab AttentionCache: the same tensors, shapes and counts a
+    real prefill of `context` tokens leaves (checked by `check_fill`), filled with random values."""
+    from v4lab.norm import rms_norm
+    g, B, D, w = generator, cache.batch_size, attn.head_dim, attn.window
+    randn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    cache.window = rms_norm(randn(B, w, D), None, 1e-6)
+    cache.length = context
+    if attn.kind == "window":
+        return
+    r, coff = attn.ratio, 2 if attn.kind == "csa" else 1
+    n_ent, rem = context // r, context % r
+    cache.entries.append(rms_norm(randn(B, n_ent, D), None, 1e-6))
+    states = [(cache.comp_state, D)]
+    if attn.kind == "csa":
+        Di = attn.indexer.head_dim
+        cache.index_keys.append(rms_norm(randn(B, n_ent, Di), None, 1e-6))
+        states.append((cache.index_state, Di))
+    for st, c in states:
+        st.n_entries = n_ent
+        st.pending_kv, st.pending_score = randn(B, rem, coff * c), randn(B, rem, coff * c)
+        if attn.kind == "csa" and n_ent:
+            st.prev_kv, st.prev_score = randn(B, r, coff * c), randn(B, r, coff * c)
+
+
+def _cache_layout(cache) -> dict:
+    def shape(t):
+        return None if t is None else tuple(t.shape)
+    out = {"length": cache.length, "window": shape(cache.window), "entries": shape(cache.entries.get()),
+           "index_keys": shape(cache.index_keys.get())}
+    for key in ("comp_state", "index_state"):
+        st = getattr(cache, key)
+        if st is not None:
+            out[key] = (st.n_entries, shape(st.pending_kv), shape(st.pending_score), shape(st.prev_kv),
+                        shape(st.prev_score))
+    return out
+
+
+def check_fill(lengths=(3, 130, 300)) -> None:
+    """A synthetic fill must leave the cache layout a real prefill leaves (tiny config, every kind)."""
+    from v4lab.attention import Attention
+    from v4lab.config import get_config
+    cfg = get_config("tiny")
+    for layer_id in (0, 1, 2):
+        attn = Attention(cfg, layer_id).eval()
+        for n in lengths:
+            real = attn.new_cache(1)
+            with torch.no_grad():
+                attn(torch.randn(1, n, cfg.hidden_size), 0, real)
+            fake = attn.new_cache(1)
+            fill_v4_cache(attn, fake, n)
+            a, b = _cache_layout(real), _cache_layout(fake)
+            if a != b:
+                raise RuntimeError(f"synthetic cache fill disagrees with prefill ({attn.kind}, n={n}): {a} vs {b}")
+
+
+def _v4_cache_counts(attn, cache) -> dict:
+    return {"window": min(cache.length, attn.window), "entries": cache.entries.n, "index_keys": cache.index_keys.n}
+
+
+# ------------------------------------------------------------------------------------------ analytic
+def layer_kind_of(name: str) -> str:
+    return name.rsplit("-", 1)[-1] if name.startswith("v4") else name
+
+
+def analytic(name: str, context: int) -> dict:
+    """Per-layer decode FLOPs (raw, 2 per MAC) and cache bytes at `context` tokens.
+
+    V4 and V3.2 figures come from v4lab.accounting: its per-layer parameter counts (``_v4_attention``,
+    ``_mla_attention``), the same core/indexer terms as ``decode_flops`` (checked against it in
+    ``check_accounting``), and ``kv_cache`` divided by the number of layers of that kind. MQA is not a
+    released model, so its figures are written out here.
+    """
+    from v4lab import accounting as acc
+    from v4lab.config import get_config
+    preset, layer_id = DECODE_LAYERS[name]
+    cfg = get_config(preset)
+    N = context
+    if name == "mqa-dense":
+        p = acc._v4_attention(cfg, 0)
+        gemm = 2 * sum(p.values())
+        core = cfg.num_attention_heads * N * 4 * cfg.head_dim
+        return {"gemm": gemm, "core": core, "indexer": 0, "flops": gemm + core, "cache_bytes": N * 2 * cfg.head_dim,
+                "source": "bench (MQA is not in v4lab.accounting)"}
+    if cfg.is_v4:
+        r = cfg.compress_ratio(layer_id)
+        gemm = 2 * sum(acc._v4_attention(cfg, r).values())
+        entries = min(cfg.sliding_window, N) + (min(cfg.index_topk, N // 4) if r == 4 else N // 128)
+        core = cfg.num_attention_heads * entries * 4 * cfg.head_dim
+        index = cfg.index_n_heads * (2 * cfg.index_head_dim + 2) * (N // 4) if r == 4 else 0
+        kind = cfg.layer_kind(layer_id)
+    else:
+        gemm = 2 * sum(acc._mla_attention(cfg).values())
+        lat = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        core = cfg.num_attention_heads * min(cfg.index_topk, N) * (2 * lat + 2 * cfg.kv_lora_rank)
+        index = cfg.index_n_heads * (2 * cfg.index_head_dim + 2) * N
+        kind = cfg.layer_kind(0)
+    kv = acc.kv_cache(cfg, N)
+    per_layer = kv["by_kind"][kind] / kv["layers_by_kind"][kind]
+    return {"gemm": gemm, "core": core, "indexer": index, "flops": gemm + core + index, "cache_bytes": per_layer,
+            "source": "v4lab.accounting"}
+
+
+def check_accounting(context: int = 2 ** 20) -> None:
+    """Our per-layer core/indexer terms summed over a model's layers must equal accounting.decode_flops."""
+    from v4lab import accounting as acc
+    from v4lab.config import get_config
+    for preset, names in (("v4-flash", ("v4-flash-csa", "v4-flash-hca")), ("v4-pro", ("v4-pro-csa", "v4-pro-hca")),
+                          ("v3.2", ("v3.2-mla-dsa",))):
+        cfg = get_config(preset)
+        kinds = cfg.layer_kinds
+        core = index = 0
+        for kind in dict.fromkeys(kinds):
+            n = kinds.count(kind)
+            if kind == "window":
+                core += n * cfg.num_attention_heads * min(cfg.sliding_window, context) * 4 * cfg.head_dim
+                continue
+            nm = [x for x in names if x.endswith(kind) or kind == "mla+dsa"][0]
+            a = analytic(nm, context)
+            core, index = core + n * a["core"], index + n * a["indexer"]
+        raw = acc.decode_flops(cfg, context)["groups_raw"]
+        if core != raw["core_attention"] or index != raw["indexer_scores"]:
+            raise RuntimeError(f"{preset}: per-layer FLOPs disagree with accounting.decode_flops: "
+                               f"core {core} vs {raw['core_attention']}, indexer {index} vs {raw['indexer_scores']}")
+
+
+# ------------------------------------------------------------------------------------------ workers
+def _decode_worker(name: str, contexts: list[int], steps: int) -> list[dict]:
+    from v4lab.config import get_config
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    preset, layer_id = DECODE_LAYERS[name]
+    cfg = get_config(preset)
+    g = torch.Generator().manual_seed(0)
+    if name == "v3.2-mla-dsa":
+        from v4lab.baselines import MLADSA
+        layer = _build(lambda: MLADSA(cfg))
+    elif name == "mqa-dense":
+        from v4lab.baselines import DenseMQA
+        layer = _build(lambda: DenseMQA(cfg))
+    else:
+        from v4lab.attention import Attention
+        layer = _build(lambda: Attention(cfg, layer_id))
+    out = []
+    for N in contexts:
+        x = torch.randn(1, 1, cfg.hidden_size, generator=g) * 0.1
+        if hasattr(layer, "decode"):
+            cache = layer.new_cache(1, N, generator=g)
+            step = lambda: layer.decode(x, cache)  # noqa: E731
+        else:
+            cache = layer.new_cache(1)
+            fill_v4_cache(layer, cache, N, g)
+            step = lambda: layer(x, cache.length, cache)  # noqa: E731
+        times = []
+        with torch.no_grad():
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                y = step()
+                times.append(time.perf_counter() - t0)
+        if not torch.isfinite(y).all():
+            raise RuntimeError(f"{name} at {N}: non-finite output")
+        ctx = cache.length                                     # N + steps: the cache the last step left
+        if name == "v3.2-mla-dsa":
+            fmt = layer.cache_format_bytes(cfg, ctx)
+        elif name == "mqa-dense":
+            fmt = layer.cache_format_bytes(cfg, ctx)
+        else:
+            from v4lab import accounting as acc
+            cnt = _v4_cache_counts(layer, cache)
+            eb, ib = acc._v4_entry(cfg, True)[0], acc._v4_index_key(cfg, True)[0]
+            fmt = (cnt["window"] + cnt["entries"]) * eb + cnt["index_keys"] * ib
+        out.append({"layer": name, "impl": "v4lab" if name.startswith("v4") else "baseline", "mode": "decode",
+                    "context": N, "seconds": min(times), "step_seconds": times, "peak_bytes": _maxrss(),
+                    "cache_bytes": fmt, "cache_context": ctx, "stored_bytes": cache.nbytes(), "skipped": False})
+        del cache, step
+    return out
+
+
+def narrow_config():
+    """V4-Flash attention geometry with cut widths (see module docstring)."""
+    from v4lab.config import get_config
+    return get_config("v4-flash").replace(hidden_size=1024, num_attention_heads=2, q_lora_rank=256, o_groups=1,
+                                          o_lora_rank=256, index_n_heads=2)
+
+
+def hf_analytic_peak(cfg, layer_id: int, S: int) -> int:
+    """Bytes HF's eager DeepseekV4Attention needs at S tokens (fp32): per head [S, S + T] scores, the
+    masked copy, the softmax copy (with the sink column), plus the extended mask; CSA adds its indexer's
+    [S, Hi, T] per-head scores and the [S, T] block bias."""
+    r = cfg.compress_ratio(layer_id)
+    T = S // r if r else 0
+    H = cfg.num_attention_heads
+    b = 3 * H * S * (S + T + 1) * 4 + 2 * S * (S + T) * 4
+    if r == 4:
+        b += (cfg.index_n_heads + 2) * S * T * 4
+    return b
+
+
+def _hf_module(cfg, layer_id: int):
+    from transformers.models.deepseek_v4.configuration_deepseek_v4 import DeepseekV4Config
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as M
+    hf = DeepseekV4Config(
+        hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads, head_dim=cfg.head_dim,
+        q_lora_rank=cfg.q_lora_rank, o_groups=cfg.o_groups, o_lora_rank=cfg.o_lora_rank,
+        sliding_window=cfg.sliding_window, compress_ratios=[cfg.compress_ratio(layer_id), 0],
+        num_hidden_layers=1, index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim,
+        index_topk=cfg.index_topk, qk_rope_head_dim=cfg.qk_rope_head_dim, rope_theta=cfg.rope_theta,
+        compress_rope_theta=cfg.compress_rope_theta, rms_norm_eps=cfg.rms_norm_eps,
+        n_routed_experts=4, num_experts_per_tok=2, num_hash_layers=0)
+    hf._attn_implementation = "eager"
+    return hf, _build(lambda: M.DeepseekV4Attention(hf, 0)), M.DeepseekV4RotaryEmbedding(hf)
+
+
+def _prefill_worker(name: str, impl: str, S: int) -> list[dict]:
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    cfg = narrow_config()
+    layer_id = PREFILL_LAYERS[name]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, S, cfg.hidden_size, generator=g)
+    rec = {"layer": name, "impl": impl, "mode": "prefill", "context": S, "shape": "narrow", "skipped": False}
+    if impl == "v4lab":
+        from v4lab.attention import Attention
+        attn = _build(lambda: Attention(cfg, layer_id))
+        cache = attn.new_cache(1)
+        run = lambda: attn(x, 0, cache)  # noqa: E731
+    else:
+        from transformers.masking_utils import create_sliding_window_causal_mask
+        hf, attn, rot = _hf_module(cfg, layer_id)
+        pid = torch.arange(S)[None]
+
+        def run():
+            pe = {k: rot(x, pid, layer_type=k) for k in ("main", "compress")}
+            mask = create_sliding_window_causal_mask(config=hf, inputs_embeds=x, attention_mask=None, cache=None,
+                                                     position_ids=pid)
+            return attn(x, pe, pid, mask)[0]
+        rec["analytic_peak_bytes"] = hf_analytic_peak(cfg, layer_id, S)
+        cache = None
+    with torch.no_grad(), _PeakRSS() as m:
+        t0 = time.perf_counter()
+        y = run()
+        rec["seconds"] = time.perf_counter() - t0
+    if not torch.isfinite(y).all():
+        raise RuntimeError(f"{impl} {name} prefill at {S}: non-finite output")
+    rec["peak_bytes"] = m.delta
+    rec["rss_peak_bytes"] = m.peak
+    if cache is not None:
+        from v4lab import accounting as acc
+        cnt = _v4_cache_counts(attn, cache)
+        rec["cache_bytes"] = (cnt["window"] + cnt["entries"]) * acc._v4_entry(cfg, True)[0] + \
+            cnt["index_keys"] * acc._v4_index_key(cfg, True)[0]
+    else:
+        rec["cache_bytes"] = None        # HF's cache path is not used by a cache-less prefill
+    return [rec]
+
+
+def _spawn(args: list[str], timeout: float) -> list[dict]:
+    cmd = [sys.executable, "-m", "v4lab.bench.attention", "--worker", *args]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if p.returncode != 0:
+        raise RuntimeError(f"worker {' '.join(args)} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------ driver
+def run(quick: bool = False, log=None) -> list[dict]:
+    log = log or (lambda s: None)
+    check_fill()
+    check_accounting()
+    if quick:
+        dec_layers = ["v4-flash-csa", "v4-flash-hca", "v3.2-mla-dsa", "mqa-dense"]
+        dec_ctx, steps = [8192], 2
+        pre = [("v4-flash-csa", 2048)]
+    else:
+        dec_layers = list(DECODE_LAYERS)
+        dec_ctx, steps = [8192, 32768, 131072, 524288, 1048576], 2
+        pre = [(n, S) for n in PREFILL_LAYERS for S in (4096, 8192, 16384, 32768, 65536)]
+    records = []
+    for name in dec_layers:
+        log(f"decode {name} at {dec_ctx}")
+        recs = _spawn(["decode", name, ",".join(map(str, dec_ctx)), str(steps)], timeout=3600)
+        for r in recs:
+            a = analytic(name, r["context"])
+            a_ctx = analytic(name, r["cache_context"])
+            r.update(flops=a["flops"], flops_gemm=a["gemm"], flops_core=a["core"], flops_indexer=a["indexer"],
+                     accounting_cache_bytes=a_ctx["cache_bytes"], analytic_source=a["source"])
+        records += recs
+    cfg = narrow_config()
+    for name, S in pre:
+        log(f"prefill {name} S={S}")
+        records += _spawn(["prefill", name, "v4lab", str(S)], timeout=3600)
+        need = hf_analytic_peak(cfg, PREFILL_LAYERS[name], S)
+        if need > HF_BUDGET:
+            records.append({"layer": name, "impl": "hf-transformers", "mode": "prefill", "context": S,
+                            "shape": "narrow", "skipped": True, "seconds": None, "peak_bytes": None,
+                            "analytic_peak_bytes": need, "cache_bytes": None,
+                            "reason": f"dense [S, S+T] scores need ~{need / 2 ** 30:.1f} GiB > budget "
+                                      f"{HF_BUDGET / 2 ** 30:.0f} GiB"})
+        else:
+            records += _spawn(["prefill", name, "hf-transformers", str(S)], timeout=3600)
+    return records
+
+
+def _fmt_b(n) -> str:
+    if n is None:
+        return "-"
+    for unit, s in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= s:
+            return f"{n / s:.2f} {unit}"
+    return f"{n} B"
+
+
+def report(records: list[dict]) -> str:
+    lines = []
+    dec = [r for r in records if r["mode"] == "decode"]
+    if dec:
+        lines.append("Decode step, one layer, real shapes, fp32 CPU (ratios vs the V3.2 MLA+DSA layer at the same context)")
+        lines.append(f"{'layer':14} {'context':>8} {'ms':>9} {'cache (format)':>15} {'= accounting':>12} "
+                     f"{'t/t_v32':>8} {'flops/v32':>9} {'dev':>6} {'cache/v32':>9}")
+        base = {r["context"]: r for r in dec if r["layer"] == "v3.2-mla-dsa"}
+        for r in dec:
+            b = base.get(r["context"])
+            tr = r["seconds"] / b["seconds"] if b else float("nan")
+            fr = r["flops"] / b["flops"] if b else float("nan")
+            cr = r["cache_bytes"] / b["cache_bytes"] if b else float("nan")
+            eq = "yes" if r["cache_bytes"] == r["accounting_cache_bytes"] else f"NO {_fmt_b(r['accounting_cache_bytes'])}"
+            lines.append(f"{r['layer']:14} {r['context']:>8} {1e3 * r['seconds']:>9.1f} {_fmt_b(r['cache_bytes']):>15} "
+                         f"{eq:>12} {tr:>8.3f} {fr:>9.3f} {tr / fr - 1:>+6.0%} {cr:>9.4f}")
+    pre = [r for r in records if r["mode"] == "prefill"]
+    if pre:
+        lines.append("")
+        lines.append("Prefill, narrow V4-Flash layer (real attention geometry, 2 heads), fresh process per point")
+        lines.append(f"{'layer':14} {'impl':16} {'S':>6} {'seconds':>9} {'peak':>11} {'HF analytic':>12}  vs HF")
+        hf = {(r["layer"], r["context"]): r for r in pre if r["impl"] != "v4lab"}
+        for r in pre:
+            extra = ""
+            h = hf.get((r["layer"], r["context"]))
+            if r["impl"] == "v4lab" and h is not None:
+                if h["skipped"]:
+                    extra = f"HF skipped; memory ≥ {h['analytic_peak_bytes'] / max(1, r['peak_bytes']):.0f}x (analytic)"
+                else:
+                    extra = f"{h['seconds'] / r['seconds']:.1f}x faster, {h['peak_bytes'] / max(1, r['peak_bytes']):.1f}x less memory"
+            sec = "skipped" if r["skipped"] else f"{r['seconds']:.2f}"
+            lines.append(f"{r['layer']:14} {r['impl']:16} {r['context']:>6} {sec:>9} {_fmt_b(r['peak_bytes']):>11} "
+                         f"{_fmt_b(r.get('analytic_peak_bytes')):>12}  {extra}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--worker"]:
+        kind, name = argv[1], argv[2]
+        if kind == "decode":
+            recs = _decode_worker(name, [int(c) for c in argv[3].split(",")], int(argv[4]))
+        else:
+            recs = _prefill_worker(name, argv[3], int(argv[4]))
+        print(json.dumps(recs))
+        return 0
+    p = argparse.ArgumentParser(prog="v4lab bench attention")
+    p.add_argument("--quick", action="store_true", help="a small subset (< 1 min)")
+    p.add_argument("--json", action="store_true", help="print the records as JSON")
+    args = p.parse_args(argv)
+    records = run(args.quick, log=None if args.json else (lambda s: print(f"# {s}", file=sys.stderr, flush=True)))
+    print(json.dumps(records, indent=1) if args.json else report(records))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

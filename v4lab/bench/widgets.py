@@ -1,0 +1,68 @@
+"""``v4lab bench widgets``: the latency of every widget callback, on CPU.
+
+Every widget in :data:`v4lab.viz.REGISTRY` (all notebooks' widgets; see ``v4lab.viz.load_all``) is
+built as a live ``go.FigureWidget`` and each control's callback (``on_<control>``) is called over
+its sweep values, in order, a few passes; one record per (widget, control) with p50/p95/max in ms
+against the issue's target (p95 <= 100 ms). A widget frontend adds rendering time in the browser
+on top of this; this measures the Python side, which is what a callback can make slow.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+TARGET_MS = 100.0
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    i = min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))
+    return xs[i]
+
+
+def run(quick: bool = False) -> list[dict]:
+    from v4lab.viz import load_all
+    passes = 1 if quick else 3
+    records = []
+    for name, cls in sorted(load_all().items()):
+        t0 = time.perf_counter()
+        w = cls(static=False)
+        init_ms = (time.perf_counter() - t0) * 1e3
+        for control in w.control_names:
+            cb = getattr(w, f"on_{control}")
+            values = list(w.sweep_values(control))
+            times = []
+            for p in range(passes):
+                for v in (values if p % 2 == 0 else values[::-1]):
+                    t = time.perf_counter()
+                    cb(v)
+                    times.append((time.perf_counter() - t) * 1e3)
+            cb(w.defaults[control]) if control in w.defaults else None
+            p95 = _pct(times, 0.95)
+            records.append({"bench": "widgets", "widget": name, "control": control, "calls": len(times),
+                            "p50_ms": round(statistics.median(times), 2), "p95_ms": round(p95, 2),
+                            "max_ms": round(max(times), 2), "init_ms": round(init_ms, 1),
+                            "target_p95_ms": TARGET_MS, "ok": p95 <= TARGET_MS})
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="v4lab bench widgets", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one sweep pass per control")
+    ap.add_argument("--json", action="store_true", help="print a JSON list of records")
+    args = ap.parse_args(argv)
+    recs = run(args.quick)
+    if args.json:
+        print(json.dumps(recs, indent=1))
+        return 0
+    print(f"{'widget':<20} {'control':<12} {'calls':>5} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}  p95 <= {TARGET_MS:g} ms")
+    for r in recs:
+        print(f"{r['widget']:<20} {r['control']:<12} {r['calls']:>5} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
+              f"{r['max_ms']:>8.1f}  {'yes' if r['ok'] else 'NO'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

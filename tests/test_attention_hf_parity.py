@@ -112,6 +112,7 @@ def test_prefill_parity(kind):
     with torch.no_grad():
         a = ours(x)
         b = hf_forward(theirs, rotary, hcfg, x, 0, None)
+    print(f"{kind}: max abs diff {(a - b).abs().max().item():.2e}")
     assert (a - b).abs().max().item() <= TOL, (a - b).abs().max().item()
     assert b.abs().max() > 1e-2               # a real signal, not two zero outputs
 
@@ -120,9 +121,9 @@ def test_prefill_parity(kind):
 def test_decode_parity(kind):
     """Prompt prefill into a cache, then token-by-token decode, both sides cached."""
     cfg, hcfg, ours, theirs, rotary = make_pair(LAYERS[kind], seed=2)
-    S, P = (262, 250) if kind == "hca" else (30, 13)   # HCA: entry 1 closes at t=255 in decode
-    x = torch.randn(1, S, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
-    mine, hc = ours.new_cache(1), DynamicCache(config=hcfg)
+    S, P = (300, 250) if kind == "hca" else (45, 13)   # HCA: entry 1 closes at t=255 in decode
+    x = torch.randn(2, S, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    mine, hc = ours.new_cache(2), DynamicCache(config=hcfg)
     # the HF cache holds one layer object per config layer; only ours is used
     outs_a, outs_b = [], []
     with torch.no_grad():
@@ -131,6 +132,7 @@ def test_decode_parity(kind):
             outs_a.append(ours(x[:, s0:s1], s0, mine))
             outs_b.append(hf_forward(theirs, rotary, hcfg, x[:, s0:s1], s0, hc))
     a, b = torch.cat(outs_a, 1), torch.cat(outs_b, 1)
+    print(f"{kind}: max abs diff {(a - b).abs().max().item():.2e}")
     assert (a - b).abs().max().item() <= TOL, (a - b).abs().max().item()
 
 
@@ -143,3 +145,15 @@ def test_rope_frequencies_match_hf():
     torch.testing.assert_close(layer_inv_freq(cfg, 2), rotary.compress_inv_freq, rtol=1e-6, atol=0)
     assert rotary.compress_attention_scaling == 1.0
     assert not torch.equal(rotary.main_inv_freq, rotary.compress_inv_freq)
+
+
+def test_parity_catches_the_paper_visibility_rule(monkeypatch):
+    """Sensitivity check: with the paper text's ⌊t/m⌋ visibility instead of the code's ⌊(t+1)/m⌋,
+    the HCA layer no longer matches HF — so the parity tests above can see such a mistake."""
+    import v4lab.attention as A
+    cfg, hcfg, ours, theirs, rotary = make_pair(LAYERS["hca"])
+    x = torch.randn(1, 260, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(A, "visible_entries", lambda t, m: torch.div(t, m, rounding_mode="floor"))
+    with torch.no_grad():
+        diff = (ours(x) - hf_forward(theirs, rotary, hcfg, x, 0, None)).abs().max().item()
+    assert diff > 100 * TOL

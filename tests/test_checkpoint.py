@@ -404,3 +404,22 @@ def test_transformers_loads_our_layout_to_the_same_values(synth):
     for hf, ours in pairs.items():
         assert torch.equal(sd[f"model.layers.3.{hf}"], r.get_dequantized(f"layers.3.{ours}")), hf
     assert torch.equal(sd["model.layers.0.mlp.gate.tid2eid"], r.get("layers.0.ffn.gate.tid2eid"))
+
+
+@pytest.mark.parametrize("variant", ["fp8_experts", "bf16"])
+def test_other_expert_formats_round_trip(variant, tmp_path):
+    # -Base style FP8 experts, and an unquantised BF16 release (no quantization_config, no .scale)
+    base = get_config("tiny").replace(num_hidden_layers=2, compress_ratios=[4, 128, 0], num_hash_layers=1,
+                                      n_routed_experts=4)
+    cfg = base.replace(expert_dtype="fp8") if variant == "fp8_experts" else base.replace(quantization_config=None)
+    path = C.make_synthetic_checkpoint(cfg, tmp_path / variant, seed=3)
+    r = C.CheckpointReader(path)
+    r.validate(check_scales=True)
+    m = C.synthetic_masters(cfg, seed=3)["layers.1.ffn.experts.2.w2.weight"]
+    got = r.get_dequantized("layers.1.ffn.experts.2.w2.weight")
+    if variant == "fp8_experts":
+        assert r.info("layers.1.ffn.experts.2.w2.weight")["dtype"] == "F8_E4M3"
+        assert ((got - m).norm() / m.norm()) < 0.05
+    else:
+        assert not any(k.endswith(".scale") for k in r.keys())
+        assert torch.equal(got, m.bfloat16().float())

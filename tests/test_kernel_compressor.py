@@ -71,3 +71,23 @@ def test_bad_inputs():
         kern(kv, score, ape, 0, True)
     with pytest.raises(ValueError, match="coff=2"):
         kern(kv[..., :15], score[..., :15], ape[:, :15], 4, True)
+
+
+def test_compressor_module_with_kernel_equals_reference():
+    # Drop-in through Compressor.pool_fn, streaming in uneven pieces (partial windows parked in state).
+    from v4lab.compressor import Compressor, CompressorState
+    from v4lab.rope import inv_freq
+    torch.manual_seed(0)
+    for ratio, overlap in ((4, True), (8, False)):
+        comp = Compressor(32, 16, ratio, overlap, inv_freq(8, 10000.0)).eval()
+        with torch.no_grad():
+            comp.ape.normal_()
+        x = torch.randn(2, 27, 32)
+        outs = []
+        for fn in (ref, kern):
+            comp.pool_fn = fn
+            st = CompressorState()
+            with torch.no_grad():
+                outs.append(torch.cat([comp(x[:, a:b], st) for a, b in ((0, 6), (6, 7), (7, 27))], 1))
+        assert outs[0].shape[1] == 27 // ratio
+        torch.testing.assert_close(outs[1], outs[0], **TOL)

@@ -51,3 +51,25 @@ def test_bad_inputs():
         kern(q, k, w[..., :1])
     with pytest.raises(ValueError, match="'q'"):
         kern(q[0], k, w)
+
+
+def test_indexer_selection_with_kernel_equals_reference():
+    # Drop-in through Indexer.score_fn: same scores, so the same top-k picks (−1 for invisible ones).
+    from v4lab.config import get_config
+    from v4lab.indexer import Indexer
+    from v4lab.rope import layer_inv_freq
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    ix = Indexer(cfg, layer_inv_freq(cfg, 1)).eval()
+    x = torch.randn(1, 40, cfg.hidden_size)
+    qr = torch.randn(1, 40, cfg.q_lora_rank)
+    pos = torch.arange(40)
+    with torch.no_grad():
+        keys = ix.keys(x, None)
+        q, w = ix.queries(x, qr, pos)
+        picks = []
+        for fn in (ref, kern):
+            ix.score_fn = fn
+            picks.append(ix.select(q, w, keys, pos))
+    torch.testing.assert_close(picks[1][1], picks[0][1], **TOL)
+    assert torch.equal(picks[1][0], picks[0][0]) and (picks[0][0] == -1).any()

@@ -1,6 +1,24 @@
 """V4 hybrid attention: sliding window + CSA (indexer top-k) / HCA (all entries), one softmax with a sink.
 
-Spec: ../shared/spec/v4-attention.md §3.
+Spec: ../shared/spec/v4-attention.md §3 (data flow), §3.5 (visibility), §4 (precision), §7 (vs HF).
+
+Per query t the candidate set is the raw window (positions max(0, t−w+1)..t) plus, in CSA layers, the
+indexer's top-k visible compressed entries, or, in HCA layers, every visible compressed entry
+(s < ⌊(t+1)/m⌋). One softmax over the union with a per-head sink logit in the denominator; window and
+compressed entries are not de-duplicated. Like the official code, everything goes through one
+gather-based `sparse_attn` over explicit index lists (−1 = empty slot).
+
+Choices where the sources leave room (documented, tested):
+- Batches advance in lock-step (one start_pos for all rows). Rows of different lengths are not
+  supported; `seq_lens` with unequal lengths raises a ValueError.
+- Indexer top-k ties (e.g. several entries scoring exactly 0 after ReLU) go to the lower entry index,
+  so prefill and decode pick the same set (torch.topk's tie order depends on the tensor shape).
+- Low-precision simulation (`low_precision = True`): FP8 E4M3 block-64 fake-quant of the KV non-rope
+  dims (window and compressed entries; a width that is not a multiple of 64, as in tiny configs, gets
+  a zero-padded last block), Hadamard + MXFP4 on indexer q/k, BF16 index scores.
+- `sparse_attn_fn`, `compressor.pool_fn`, `indexer.score_fn` are the references by default and can be
+  pointed at the Triton kernels (same signatures).
+- The indexer is not trained by the attention loss (top-k selection has no gradient), as in V4.
 """
 from __future__ import annotations
 
@@ -62,26 +80,36 @@ def sparse_attn_probs(q, kv, attn_sink, idx, scale):
 
 # ------------------------------------------------------------------------------------------ cache
 class _Growing:
-    """An append-only [B, n, D] tensor with doubling capacity (decode appends one entry at a time)."""
+    """An append-only [B, n, D] tensor with doubling capacity (decode appends one entry at a time).
 
-    def __init__(self):
-        self.data, self.n = None, 0
+    `head` rows are reserved in front of the entries: the cache keeps its window ring there, so that
+    during decode the window and the compressed entries form one tensor without a per-step copy.
+    """
+
+    def __init__(self, head: int = 0):
+        self.head, self.data, self.n = head, None, 0
+
+    def _ensure(self, like: torch.Tensor, extra: int) -> None:
+        need = self.head + self.n + extra
+        if self.data is None:
+            self.data = like.new_zeros(like.shape[0], max(need, self.head + 16), like.shape[-1])
+        elif need > self.data.shape[1]:
+            grown = self.data.new_zeros(self.data.shape[0], max(2 * self.data.shape[1], need), self.data.shape[2])
+            grown[:, :self.head + self.n] = self.data[:, :self.head + self.n]
+            self.data = grown
 
     def append(self, x: torch.Tensor) -> None:
-        if x.shape[1] == 0 and self.data is not None:
-            return
-        if self.data is None:
-            self.data = x.new_empty(x.shape[0], max(16, x.shape[1]), x.shape[2])
-        if self.n + x.shape[1] > self.data.shape[1]:
-            grown = self.data.new_empty(self.data.shape[0], max(2 * self.data.shape[1], self.n + x.shape[1]),
-                                        self.data.shape[2])
-            grown[:, :self.n] = self.data[:, :self.n]
-            self.data = grown
-        self.data[:, self.n:self.n + x.shape[1]] = x
+        self._ensure(x, x.shape[1])
+        self.data[:, self.head + self.n:self.head + self.n + x.shape[1]] = x
         self.n += x.shape[1]
 
     def get(self) -> torch.Tensor | None:
-        return None if self.data is None else self.data[:, :self.n]
+        """The entries [B, n, D] (a view)."""
+        return None if self.data is None else self.data[:, self.head:self.head + self.n]
+
+    def full(self) -> torch.Tensor:
+        """Head rows then entries [B, head + n, D] (a view)."""
+        return self.data[:, :self.head + self.n]
 
     def nbytes(self) -> int:
         return 0 if self.data is None else self.n * self.data.shape[0] * self.data.shape[2] * self.data.element_size()
@@ -91,16 +119,32 @@ class AttentionCache:
     """Decode state of one attention layer for a batch that advances in lock-step.
 
     window: ring buffer [B, sliding_window, D] (position p lives in slot p % w); compressor / indexer
-    compressor streaming states (open window, CSA previous window); entries: compressed KV [B, Nc, D];
-    index_keys: indexer keys [B, Nc, Di] (CSA). `length` = tokens seen = the next start_pos.
+    compressor streaming states (open window, CSA previous window); entries: compressed KV [B, Nc, D]
+    (stored right after the ring in one buffer); index_keys: indexer keys [B, Nc, Di] (CSA).
+    `length` = tokens seen = the next start_pos.
     """
 
     def __init__(self, batch_size: int, kind: str, window: int):
         self.batch_size, self.kind, self.window_size, self.length = batch_size, kind, window, 0
-        self.window = None
+        self._window = None
         self.comp_state = CompressorState() if kind in ("csa", "hca") else None
         self.index_state = CompressorState() if kind == "csa" else None
-        self.entries, self.index_keys = _Growing(), _Growing()
+        self.entries, self.index_keys = _Growing(head=window), _Growing()
+
+    @property
+    def window(self) -> torch.Tensor | None:
+        if self.kind == "window":
+            return self._window
+        d = self.entries.data
+        return None if d is None else d[:, :self.window_size]
+
+    @window.setter
+    def window(self, ring: torch.Tensor) -> None:
+        if self.kind == "window":
+            self._window = ring
+            return
+        self.entries._ensure(ring, 0)
+        self.entries.data[:, :self.window_size] = ring
 
     def window_entries(self, lo: int, hi: int) -> torch.Tensor | None:
         if hi <= lo:
@@ -111,13 +155,19 @@ class AttentionCache:
     def write_window(self, kv: torch.Tensor, start_pos: int) -> None:
         if self.window is None:
             self.window = kv.new_zeros(kv.shape[0], self.window_size, kv.shape[2])
+        ring = self.window
         keep = min(kv.shape[1], self.window_size)
         pos = torch.arange(start_pos + kv.shape[1] - keep, start_pos + kv.shape[1], device=kv.device)
-        self.window[:, pos % self.window_size] = kv[:, -keep:].to(self.window.dtype)
+        ring[:, pos % self.window_size] = kv[:, -keep:].to(ring.dtype)
+
+    def ring_and_entries(self) -> torch.Tensor:
+        """[B, w + Nc, D]: ring slots then compressed entries, without copying."""
+        return self.window if self.kind == "window" else self.entries.full()
 
     def nbytes(self) -> int:
         """Bytes held (dtype as stored; the low-precision simulation keeps values FP8-rounded, not packed)."""
-        n = 0 if self.window is None else self.window.numel() * self.window.element_size()
+        ring = self.window
+        n = 0 if ring is None else ring.numel() * ring.element_size()
         n += self.entries.nbytes() + self.index_keys.nbytes()
         for st in (self.comp_state, self.index_state):
             n += st.nbytes() if st is not None else 0
@@ -171,7 +221,7 @@ class Attention(nn.Module):
         self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, d, bias=False)
         self.attn_sink = nn.Parameter(torch.zeros(H, dtype=torch.float32))
         freqs = layer_inv_freq(cfg, layer_id)
-        self.register_buffer("rope_freqs", freqs, persistent=False)
+        self.rope_freqs = freqs                    # fp32; a plain attribute so .to(bf16) cannot round it
         if kind != "window":
             self.compressor = Compressor(d, D, self.ratio, kind == "csa", freqs, cfg.rms_norm_eps)
         if kind == "csa":
@@ -256,12 +306,16 @@ class Attention(nn.Module):
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)                  # one K=V head [B, S, D]
         kv = self._fp8_nope(kv)
 
-        # raw entries: the last w−1 cached positions, then the new ones; local[0] sits at position lo
+        # Raw entries. One-token decode: write the token into the ring first (its slot held position t−w,
+        # which t no longer sees) and read ring + compressed entries in place. Longer chunks: the last w−1
+        # cached positions then the new ones, local[0] at position lo (the ring could not hold them all).
+        ring_path = S == 1
         lo = max(0, start_pos - w + 1)
-        prev = cache.window_entries(lo, start_pos)
-        local = kv if prev is None else torch.cat([prev.to(kv.dtype), kv], 1)
+        if not ring_path:
+            prev = cache.window_entries(lo, start_pos)
+            local = kv if prev is None else torch.cat([prev.to(kv.dtype), kv], 1)
         cache.write_window(kv, start_pos)
-        L = local.shape[1]
+        L = w if ring_path else local.shape[1]
 
         comp = None
         insp = {} if self.inspect else None
@@ -277,7 +331,10 @@ class Attention(nn.Module):
             cache.index_keys.append(self.indexer.keys(x, cache.index_state))
             keys = cache.index_keys.get()
             iq, iw = self.indexer.queries(x, qr, pos)
-        kv_all = local if comp is None else torch.cat([local, comp], 1)       # [B, L + Nc, D]
+        if ring_path:
+            kv_all = cache.ring_and_entries()                                   # [B, w + Nc, D]
+        else:
+            kv_all = local if comp is None else torch.cat([local, comp], 1)     # [B, L + Nc, D]
         Nc = 0 if comp is None else comp.shape[1]
 
         offs = torch.arange(w - 1, -1, -1, device=x.device)                    # window slots, oldest first
@@ -287,7 +344,7 @@ class Attention(nn.Module):
         for c0 in range(0, S, chunk):
             t = pos[c0:c0 + chunk]                                              # [s]
             wp = t[:, None] - offs[None]                                        # positions t−w+1..t
-            idx = torch.where(wp >= 0, wp - lo, -1)
+            idx = torch.where(wp >= 0, wp % w if ring_path else wp - lo, -1)
             rec = {}
             if self.kind == "hca":
                 s = torch.arange(Nc, device=x.device)

@@ -140,9 +140,22 @@ def layer_prefix(cfg: V4Config, i: int) -> str:
     return f"layers.{i}." if i < L else f"mtp.{i - L}."
 
 
+_EXPECTED_CACHE: dict[str, dict] = {}
+
+
 def expected_keys(cfg: V4Config) -> dict[str, tuple[tuple[int, ...], str]]:
     """Every tensor of a V4 release for ``cfg``: ``{name: (shape, safetensors dtype)}`` in file order
-    (embed, layers, norm, head, hc_head, mtp). Spec §8.2/§8.3: Flash has 67,612 + 1,575 MTP keys."""
+    (embed, layers, norm, head, hc_head, mtp). Spec §8.2/§8.3: Flash has 67,612 + 1,575 MTP keys.
+    (Cached per config content; a fresh dict is returned each call.)"""
+    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    if key not in _EXPECTED_CACHE:
+        if len(_EXPECTED_CACHE) > 8:
+            _EXPECTED_CACHE.clear()
+        _EXPECTED_CACHE[key] = _expected_keys(cfg)
+    return dict(_EXPECTED_CACHE[key])
+
+
+def _expected_keys(cfg: V4Config) -> dict:
     if not cfg.is_v4:
         raise ValueError(f"config model_type = {cfg.model_type!r}: the checkpoint layout here is DeepSeek-V4's")
     d, n, V = cfg.hidden_size, cfg.hc_mult, cfg.vocab_size
@@ -553,7 +566,6 @@ def synthetic_masters(cfg: V4Config, seed: int = 0) -> dict[str, torch.Tensor]:
             continue
         if dt == "I8":
             shape = (shape[0], shape[1] * 2)
-        leaf = name.rsplit(".", 2)
         if name.endswith("tid2eid"):
             V, K = shape
             out[name] = torch.rand(V, cfg.n_routed_experts, generator=g).argsort(-1)[:, :K].contiguous()
@@ -567,7 +579,6 @@ def synthetic_masters(cfg: V4Config, seed: int = 0) -> dict[str, torch.Tensor]:
             out[name] = 0.01 * torch.randn(shape, generator=g)
         else:
             out[name] = 0.02 * torch.randn(shape, generator=g)
-        del leaf
     return out
 
 

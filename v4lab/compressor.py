@@ -92,7 +92,7 @@ class Compressor(nn.Module):
         self.wgate = nn.Linear(dim, coff * head_dim, bias=False)
         self.ape = nn.Parameter(torch.zeros(ratio, coff * head_dim, dtype=torch.float32))
         self.norm = RMSNorm(head_dim, eps)
-        self.register_buffer("rope_freqs", rope_freqs.clone(), persistent=False)
+        self.rope_freqs = rope_freqs.clone()      # fp32; a plain attribute so .to(bf16) cannot round it
         self.pool_fn = compress_pool          # swap in kernels.compressor.compress_pool for speed
         self.last_weights = None              # [B, n_new, slots, c] when inspect is set
         self.inspect = False

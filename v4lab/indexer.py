@@ -68,7 +68,7 @@ class Indexer(nn.Module):
         self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
         self.compressor = Compressor(cfg.hidden_size, self.head_dim, self.ratio, True, rope_freqs, cfg.rms_norm_eps)
-        self.register_buffer("rope_freqs", rope_freqs.clone(), persistent=False)
+        self.rope_freqs = rope_freqs.clone()      # fp32; a plain attribute so .to(bf16) cannot round it
         self.low_precision = False
         self.score_fn = index_scores           # swap in kernels.indexer.index_scores for speed
 

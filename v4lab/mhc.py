@@ -175,7 +175,7 @@ def hc_pre_coeffs(x_flat: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, b
     if n is None or x_flat.shape[1] % n:
         _bad("hc_pre_coeffs: fn.shape", tuple(getattr(fn, "shape", ())),
              f"must be [(2+n)·n, n·d] with n·d = x_flat.shape[1] = {x_flat.shape[1]}")
-    x = x_flat.view(x_flat.shape[0], 1, n, x_flat.shape[1] // n)
+    x = x_flat.reshape(x_flat.shape[0], 1, n, x_flat.shape[1] // n)
     _check_args(x, fn, scale, base, rms_eps=rms_eps, hc_eps=hc_eps, iters=iters, mode=mode, where="hc_pre_coeffs")
     return _coeffs(x_flat, fn, scale, base, n, rms_eps, hc_eps, iters, mode)
 

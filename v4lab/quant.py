@@ -78,11 +78,13 @@ def _as_u8(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.uint8 else t.view(torch.uint8)
 
 
+_E8M0_LUT = torch.where(torch.arange(256) == E8M0_NAN, float("nan"),
+                        torch.ldexp(torch.ones(256), torch.arange(256).float() - 127))
+
+
 def e8m0_to_float(e: torch.Tensor) -> torch.Tensor:
     """E8M0 bytes (uint8 or float8_e8m0fnu) -> fp32 ``2^(e-127)``; 255 -> NaN (0 -> 2^-127, a denormal)."""
-    b = _as_u8(e).to(torch.int32)
-    s = torch.ldexp(torch.ones(b.shape, dtype=torch.float32), (b - 127).float())
-    return torch.where(b == E8M0_NAN, torch.full_like(s, float("nan")), s)
+    return _E8M0_LUT.to(e.device)[_as_u8(e).long()]
 
 
 # ------------------------------------------------------------------------------------ E2M1 codes
@@ -111,7 +113,7 @@ def e2m1_encode(v: torch.Tensor) -> torch.Tensor:
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     """Codes (uint8, 0..15) -> fp32 values."""
-    return E2M1_GRID[codes.long() & 0xF]
+    return E2M1_GRID.to(codes.device)[codes.long() & 0xF]
 
 
 # byte -> (value of the low nibble, value of the high nibble): one gather decodes packed FP4
@@ -121,7 +123,7 @@ _BYTE_LUT = torch.stack([E2M1_GRID[torch.arange(256) & 0xF], E2M1_GRID[torch.ara
 def decode_fp4_bytes(packed: torch.Tensor) -> torch.Tensor:
     """Packed bytes ``[..., K/2]`` (uint8 or int8) -> fp32 values ``[..., K]`` (low nibble first)."""
     b = _as_u8(packed)
-    return _BYTE_LUT[b.long()].flatten(-2)
+    return _BYTE_LUT.to(b.device)[b.long()].flatten(-2)
 
 
 def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
@@ -312,7 +314,7 @@ def fp4_to_fp8(packed: torch.Tensor, scales: torch.Tensor, check: bool = True,
     emax = torch.nn.functional.pad(e, (0, 0, 0, po), value=0).reshape(-1, block, e.shape[1] // per, per).amax(dim=(1, 3))
     es = (emax - 6).clamp(min=0)                                                     # [bo, bi]
     es_full = es.repeat_interleave(block, 0)[:o].repeat_interleave(per, 1)          # [o, K/32]
-    ratio = torch.ldexp(torch.ones(e.shape), (e - es_full).float())                 # sub_scale / S, <= 64
+    ratio = torch.ldexp(torch.ones(e.shape, device=e.device), (e - es_full).float())                 # sub_scale / S, <= 64
     vals = decode_fp4_bytes(packed)
     q = _e4m3_round(_blocks(vals, FP4_BLOCK, "packed") * ratio.unsqueeze(-1)).reshape(vals.shape)
     return q, es.to(torch.uint8).view(torch.float8_e8m0fnu)

@@ -1,0 +1,303 @@
+"""Notebook 05: FP4 as V4 stores it — E2M1 values, E8M0 scales, nibble packing, error, FP4 → FP8.
+
+Text helpers print the formats from ``v4lab.quant`` (nothing is re-derived here), and two widgets on the
+pattern of :mod:`v4lab.viz.common`:
+
+* :class:`BlockErrorWidget` — SQNR of MXFP4 (E2M1 + one power-of-two scale per block) and of FP8 E4M3 with
+  the same per-block scales, against the block size, on Gaussian or heavy-tailed weights; and one block
+  before/after rounding.
+* :class:`LosslessWidget` — the FP4 → FP8 re-expression (``quant.fp4_to_fp8``) of a 128×128 block whose 512
+  MXFP4 sub-scales span 2^spread: exact up to a spread of 2^14, lossy beyond.
+
+Everything expensive is computed once per process (module-level caches), so callbacks only look up.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from v4lab import quant as Q
+from v4lab.viz.common import Widget, check_choice, figure_from, register
+
+# ------------------------------------------------------------------------------------ formats as text
+def e2m1_table() -> str:
+    """Every E2M1 code: its bits (sign, two exponent bits, one mantissa bit) and value (``quant.e2m1_decode``)."""
+    vals = Q.e2m1_decode(torch.arange(16, dtype=torch.uint8)).tolist()
+    lines = ["code  s e1e0 m   value"]
+    for c, v in enumerate(vals):
+        b = f"{c:04b}"
+        lines.append(f"{c:>4}  {b[0]} {b[1:3]}   {b[3]}  {v:>6g}")
+    return "\n".join(lines)
+
+
+def nibble_demo(values=(0.5, 1.0, 1.5, -2.0)) -> str:
+    """Encode ``values`` to E2M1 codes, pack two per byte (element 2j low nibble), and decode the bytes back."""
+    v = torch.tensor(values, dtype=torch.float32)
+    codes = Q.e2m1_encode(v)
+    packed = Q.pack_fp4(codes)
+    back = Q.decode_fp4_bytes(packed)
+    lines = ["values " + ", ".join(f"{x:g}" for x in values),
+             "codes  " + ", ".join(f"{int(c)} (0x{int(c):X})" for c in codes),
+             "bytes  " + ", ".join(f"0x{int(b):02X}" for b in packed) + "   (element 2j = low nibble)",
+             "decode " + ", ".join(f"{x:g}" for x in back.tolist())]
+    return "\n".join(lines)
+
+
+E8M0_EXAMPLES = (0, 1, 120, 126, 127, 128, 133, 254, 255)
+
+
+def e8m0_table(bytes_=E8M0_EXAMPLES) -> str:
+    """E8M0 bytes → scales (``quant.e8m0_to_float``): 2^(e−127), 255 = NaN."""
+    s = Q.e8m0_to_float(torch.tensor(bytes_, dtype=torch.uint8)).tolist()
+    return "\n".join(f"byte {b:>3} (0x{b:02X}) -> 2^{b - 127:<4} = {x:.6g}" if b != 255 else
+                     f"byte {b:>3} (0x{b:02X}) -> NaN" for b, x in zip(bytes_, s))
+
+
+# ------------------------------------------------------------------------------------ error vs block size
+DISTS = {"gaussian": "Gaussian", "student3": "heavy-tailed (Student-t, ν = 3)",
+         "outliers": "Gaussian + 0.1% outliers ×30"}
+BLOCKS = [8, 16, 32, 64, 128, 256, 1024]
+ROWS, COLS = 32, 4096
+FMT_COLORS = {"fp4": "#d62728", "fp8": "#1f77b4"}
+
+
+@lru_cache(maxsize=len(DISTS))
+def weights(dist: str) -> torch.Tensor:
+    """A seeded [32, 4096] weight matrix of the given distribution (unit-ish scale)."""
+    check_choice("dist", dist, DISTS)
+    g = torch.Generator().manual_seed(0)
+    if dist == "gaussian":
+        return torch.randn(ROWS, COLS, generator=g)
+    if dist == "student3":
+        z = torch.randn(ROWS, COLS, generator=g)
+        chi2 = torch.randn(3, ROWS, COLS, generator=g).pow(2).sum(0)
+        return z / (chi2 / 3).sqrt()
+    w = torch.randn(ROWS, COLS, generator=g)
+    mask = torch.rand(ROWS, COLS, generator=g) < 1e-3
+    return torch.where(mask, 30 * w, w)
+
+
+@lru_cache(maxsize=len(DISTS) * len(BLOCKS))
+def quantised(dist: str, block: int) -> dict:
+    """MXFP4 and FP8 (both with per-block power-of-two scales) fake-quant of ``weights(dist)`` and their SQNR."""
+    check_choice("block", block, BLOCKS)
+    w = weights(dist)
+    fp4 = Q.fp4_fake_quant(w, block)              # E2M1, scale 2^ceil(log2(amax/6)) per 1×block
+    fp8 = Q.act_quant_fp8(w, block)               # E4M3, scale 2^ceil(log2(amax/448)) per 1×block
+    return {"fp4": fp4, "fp8": fp8, "sqnr_fp4": Q.sqnr_db(w, fp4), "sqnr_fp8": Q.sqnr_db(w, fp8),
+            "zero_fp4": float(((fp4 == 0) & (w != 0)).float().mean())}
+
+
+def sqnr_table(dist: str = "gaussian") -> str:
+    lines = [f"{DISTS[dist]}: SQNR in dB (higher is better)", f"{'block':>6} {'MXFP4':>7} {'FP8':>7} {'FP4 zeros':>10}"]
+    for b in BLOCKS:
+        r = quantised(dist, b)
+        lines.append(f"{b:>6} {r['sqnr_fp4']:>7.2f} {r['sqnr_fp8']:>7.2f} {100 * r['zero_fp4']:>9.2f}%")
+    return "\n".join(lines)
+
+
+def _worst_block(dist: str, block: int) -> int:
+    """Index (in row 0) of the block with the largest amax: where the scale hurts most."""
+    w = weights(dist)[0].view(-1, block)
+    return int(w.abs().amax(-1).argmax())
+
+
+def block_error_data(dist: str = "gaussian", block: int = 32) -> dict:
+    """Traces: SQNR lines (FP4, FP8), the points at ``block``, one block before and after FP4 rounding."""
+    check_choice("dist", dist, DISTS)
+    check_choice("block", block, BLOCKS)
+    rows = {b: quantised(dist, b) for b in BLOCKS}
+    traces = [dict(type="scatter", mode="lines+markers", x=BLOCKS, y=[rows[b][f"sqnr_{f}"] for b in BLOCKS],
+                   name=lab, line=dict(color=FMT_COLORS[f]), xaxis="x", yaxis="y")
+              for f, lab in (("fp4", "MXFP4 (E2M1)"), ("fp8", "FP8 (E4M3)"))]
+    cur = rows[block]
+    traces.append(dict(type="scatter", mode="markers", x=[block, block], y=[cur["sqnr_fp4"], cur["sqnr_fp8"]],
+                       marker=dict(size=13, symbol="circle-open", line=dict(width=3),
+                                   color=[FMT_COLORS["fp4"], FMT_COLORS["fp8"]]),
+                       showlegend=False, name="now", xaxis="x", yaxis="y"))
+    k = _worst_block(dist, block)
+    sl = slice(k * block, (k + 1) * block)
+    w = weights(dist)[0, sl]
+    q = cur["fp4"][0, sl]
+    idx = list(range(block))
+    traces.append(dict(type="scatter", mode="markers", x=idx, y=w.tolist(), name="weight",
+                       marker=dict(color="#7f7f7f", size=5), xaxis="x2", yaxis="y2"))
+    traces.append(dict(type="scatter", mode="markers", x=idx, y=q.tolist(), name="after MXFP4",
+                       marker=dict(color=FMT_COLORS["fp4"], size=6, symbol="x"), xaxis="x2", yaxis="y2"))
+    amax = float(w.abs().max())
+    scale = float(Q.pow2_scale(torch.tensor(amax), Q.FP4_MAX, Q.FP4_AMAX_FLOOR))
+    title = (f"{DISTS[dist]}, block {block}: MXFP4 {cur['sqnr_fp4']:.1f} dB, FP8 {cur['sqnr_fp8']:.1f} dB; "
+             f"{100 * cur['zero_fp4']:.1f}% of weights become 0 in FP4")
+    ann = [dict(text=f"row 0, block {k} (largest amax {amax:.3g}): scale 2^{round(torch.log2(torch.tensor(scale)).item())}"
+                     f", steps of {0.5 * scale:.3g} near 0",
+                x=0.78, xref="paper", y=1.0, yref="paper", showarrow=False, yanchor="bottom", font=dict(size=11))]
+    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}, "annotations": ann}}
+
+
+BLOCK_LAYOUT = dict(
+    height=430, margin=dict(l=60, r=20, t=90, b=50),
+    xaxis=dict(domain=[0, 0.45], type="log", title="block size (elements per scale)", tickvals=BLOCKS,
+               ticktext=[str(b) for b in BLOCKS]),
+    yaxis=dict(title="SQNR (dB)"),
+    xaxis2=dict(domain=[0.56, 1], title="element in the block", anchor="y2"),
+    yaxis2=dict(title="value", anchor="x2"),
+)
+
+
+def build_block_error(dist: str = "gaussian", block: int = 32):
+    """SQNR vs block size for MXFP4 and FP8, and one block before/after rounding (static figure)."""
+    return figure_from(block_error_data(dist, block), BLOCK_LAYOUT)
+
+
+@register
+class BlockErrorWidget(Widget):
+    """Controls: the weight distribution and the block size, over :func:`build_block_error`."""
+
+    name = "fp4.block_error"
+    defaults = {"dist": "gaussian", "block": 32}
+
+    def __init__(self, static=None, **state):
+        for d in DISTS:                      # ~40 fake-quants of 131K weights up front (~1 s)
+            for b in BLOCKS:
+                quantised(d, b)
+        super().__init__(static, **state)
+
+    def validate(self, state):
+        check_choice("dist", state["dist"], DISTS)
+        check_choice("block", state["block"], BLOCKS)
+
+    def data(self):
+        return block_error_data(**self.state)
+
+    def layout(self):
+        return BLOCK_LAYOUT
+
+    def make_controls(self):
+        import ipywidgets as W
+        return {"dist": W.Dropdown(options=[(v, k) for k, v in DISTS.items()], value=self.state["dist"],
+                                   description="weights"),
+                "block": W.SelectionSlider(options=BLOCKS, value=self.state["block"], description="block")}
+
+    def sweep_values(self, control):
+        return {"dist": list(DISTS), "block": BLOCKS}[control]
+
+    def on_dist(self, value):
+        self.set(dist=value)
+
+    def on_block(self, value):
+        self.set(block=int(value))
+
+
+# ------------------------------------------------------------------------------------ lossless FP4 -> FP8
+SPREADS = list(range(0, 21))
+LOSSLESS_MAX = 14                                  # the spec's condition: spread <= 2^14
+
+
+@lru_cache(maxsize=len(SPREADS))
+def conversion(spread: int) -> dict:
+    """One 128×128 MXFP4 block (random codes) whose 512 sub-scales span exponents 127 − spread … 127,
+    converted with ``quant.fp4_to_fp8(check=False)`` and decoded back: what changed, by sub-scale offset."""
+    check_choice("spread", spread, SPREADS)
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (128, 128), generator=g, dtype=torch.uint8)
+    offs = torch.round(torch.linspace(0, spread, 512)).to(torch.int32).view(128, 4)   # emax − e per sub-block
+    scales = (127 - offs).to(torch.uint8)
+    packed = Q.pack_fp4(codes)
+    fp4 = Q.mxfp4_dequantize(packed, scales)
+    q8, s8 = Q.fp4_to_fp8(packed, scales, check=False)
+    back = Q.fp8_block_dequantize(q8, s8)
+    nz = fp4 != 0
+    changed = (back != fp4) & nz
+    off_el = offs.repeat_interleave(32, 1)
+    per_off = []
+    for k in range(spread + 1):
+        m = (off_el == k) & nz
+        per_off.append(1.0 - float(changed[m].float().mean()) if bool(m.any()) else 1.0)
+    rel = ((back - fp4).abs() / fp4.abs().clamp(min=1e-30))[nz]
+    try:
+        Q.fp4_to_fp8(packed, scales, check=True)
+        refused = False
+    except ValueError:
+        refused = True
+    return {"changed": int(changed.sum()), "nonzero": int(nz.sum()), "max_rel_err": float(rel.max()),
+            "exact_by_offset": per_off, "measured_spread": int(Q.fp4_to_fp8_spread(scales).max()),
+            "refused_by_check": refused}
+
+
+def lossless_table(spreads=(0, 8, 13, 14, 15, 16, 20)) -> str:
+    lines = [f"{'spread':>8} {'changed':>8} {'of':>6} {'max rel err':>11}  check=True"]
+    for s in spreads:
+        c = conversion(s)
+        lines.append(f"{'2^' + str(s):>8} {c['changed']:>8} {c['nonzero']:>6} {c['max_rel_err']:>11.3g}  "
+                     f"{'refuses' if c['refused_by_check'] else 'converts'}")
+    return "\n".join(lines)
+
+
+def lossless_data(spread: int = 14) -> dict:
+    """Traces: values changed vs spread (line), the point at ``spread``, exact fraction by sub-scale offset."""
+    check_choice("spread", spread, SPREADS)
+    rows = [conversion(s) for s in SPREADS]
+    cur = conversion(spread)
+    offs = list(range(spread + 1))
+    traces = [
+        dict(type="scatter", mode="lines+markers", x=SPREADS, y=[r["changed"] for r in rows],
+             name="values changed", line=dict(color="#d62728"), xaxis="x", yaxis="y"),
+        dict(type="scatter", mode="markers", x=[spread], y=[cur["changed"]], showlegend=False, name="now",
+             marker=dict(size=14, symbol="circle-open", color="#d62728", line=dict(width=3)), xaxis="x", yaxis="y"),
+        dict(type="bar", x=offs, y=cur["exact_by_offset"], name="exact fraction",
+             marker=dict(color=["#2ca02c" if o <= LOSSLESS_MAX else "#d62728" for o in offs]), xaxis="x2", yaxis="y2"),
+    ]
+    verdict = "lossless" if cur["changed"] == 0 else f"lossy: {cur['changed']} of {cur['nonzero']} values changed"
+    title = (f"sub-scale spread 2^{spread} in one 128×128 block → FP8 E4M3 with one E8M0 scale: {verdict}"
+             f"{' (quant.fp4_to_fp8 refuses it unless check=False)' if cur['refused_by_check'] else ''}")
+    shapes = [dict(type="line", xref="x", yref="y domain", x0=LOSSLESS_MAX + 0.5, x1=LOSSLESS_MAX + 0.5, y0=0, y1=1,
+                   line=dict(color="#888", dash="dash", width=1))]
+    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}, "shapes": shapes}}
+
+
+LOSSLESS_LAYOUT = dict(
+    height=400, showlegend=False,
+    xaxis=dict(domain=[0, 0.45], title="log2 of the sub-scale spread in the block", dtick=2),
+    yaxis=dict(title="values changed (of ~15.4K non-zero)"),
+    xaxis2=dict(domain=[0.56, 1], title="sub-block's scale below the block's largest (log2)", anchor="y2"),
+    yaxis2=dict(title="fraction of its values kept exactly", range=[0, 1.05], anchor="x2"),
+)
+
+
+def build_lossless(spread: int = 14):
+    """The lossless FP4 → FP8 condition (static figure)."""
+    return figure_from(lossless_data(spread), LOSSLESS_LAYOUT)
+
+
+@register
+class LosslessWidget(Widget):
+    """A sub-scale spread slider (2^0 … 2^20) over :func:`build_lossless`."""
+
+    name = "fp4.lossless"
+    defaults = {"spread": 14}
+
+    def __init__(self, static=None, **state):
+        for s in SPREADS:
+            conversion(s)
+        super().__init__(static, **state)
+
+    def validate(self, state):
+        check_choice("spread", state["spread"], SPREADS)
+
+    def data(self):
+        return lossless_data(**self.state)
+
+    def layout(self):
+        return LOSSLESS_LAYOUT
+
+    def make_controls(self):
+        import ipywidgets as W
+        return {"spread": W.IntSlider(min=SPREADS[0], max=SPREADS[-1], value=self.state["spread"],
+                                      description="spread 2^")}
+
+    def sweep_values(self, control):
+        return {"spread": SPREADS}[control]
+
+    def on_spread(self, value):
+        self.set(spread=int(value))

@@ -1,0 +1,324 @@
+"""Notebook 03: hyper-connections (HC) vs manifold-constrained hyper-connections (mHC).
+
+Two widgets on the pattern of :mod:`v4lab.viz.common`:
+
+* :class:`SinkhornWidget` — one 4×4 residual-mixing matrix: HC uses the logits as they are (comb = I + R),
+  mHC projects them with ``v4lab.mhc.sinkhorn`` (official order). Sliders: the number of Sinkhorn
+  iterations and a scale on the logits; the panel on the right shows ``v4lab.mhc.sinkhorn_errors``.
+* :class:`GainsWidget` — the composite gain of H_L ⋯ H_1 by depth (``v4lab.mhc.composite_gains``) from
+  ``v4lab.experiments.mhc_stability``: the random surrogate (live, any noise level) or the small training
+  run (at init and after training).
+
+Every number is computed by v4lab; this module only arranges it. All matrices are shown in the official
+``comb`` convention: comb[i, j] is the weight from stream i into stream j (X'_j = Σ_i comb[i, j] X_i),
+so the paper's H^res is combᵀ, the *columns* of comb are H^res's rows (forward gain).
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from v4lab import mhc
+from v4lab.experiments import mhc_stability
+from v4lab.viz.common import Widget, check_choice, figure_from, register
+
+N = 4                                             # V4's hc_mult
+HC_EPS = 1e-6                                     # V4's hc_eps
+MAX_ITERS = 20                                    # V4's hc_sinkhorn_iters
+ITER_STOPS = list(range(1, MAX_ITERS + 1))
+SCALE_STOPS = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0]     # multiplier on the logits: larger = sharper softmax
+NOISE_STOPS = [0.05, 0.1, 0.15, 0.2, 0.3]         # std of R in the surrogate's H = I + R
+SOURCES = {"surrogate": "random surrogate (60 sublayers)", "init": "trained run: at init",
+           "final": "trained run: after training"}
+VARIANTS = ("residual", "hc", "mhc")
+VCOLORS = {"residual": "#7f7f7f", "hc": "#d62728", "mhc": "#1f77b4"}
+VLABELS = {"residual": "residual", "hc": "HC", "mhc": "mHC"}
+ERR_FLOOR = 1e-16                                 # log-axis floor for an error of exactly 0
+DATA_DIR = Path(__file__).resolve().parent / "data"
+TRAINING_CACHE = DATA_DIR / "mhc_training.json"
+
+
+# ------------------------------------------------------------------------------------ the 4×4 matrix
+@lru_cache(maxsize=1)
+def base_logits(seed: int = 0) -> torch.Tensor:
+    """A fixed random 4×4 logit matrix (float64); the widget multiplies it by ``logit_scale``."""
+    return torch.randn(N, N, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@lru_cache(maxsize=len(SCALE_STOPS) + 4)
+def sinkhorn_trace(logit_scale: float) -> dict:
+    """HC's comb, mHC's comb after t = 1..20 iterations and the per-iteration errors for one logit scale."""
+    logits = logit_scale * base_logits()
+    combs = [mhc.sinkhorn(logits, t, HC_EPS) for t in ITER_STOPS]
+    err = mhc.sinkhorn_errors(logits, MAX_ITERS, HC_EPS)
+    return {"hc": torch.eye(N, dtype=torch.float64) + logits,        # mode "hc": comb = I + R
+            "mhc": combs, "row_err": err["row_err"], "col_err": err["col_err"]}
+
+
+def _sums(c: torch.Tensor) -> str:
+    r, k = c.sum(-1), c.sum(-2)
+    return f"rows {float(r.min()):.3f}…{float(r.max()):.3f}, cols {float(k.min()):.3f}…{float(k.max()):.3f}"
+
+
+def _heat(c: torch.Tensor, xaxis: str, yaxis: str, name: str, zmin: float, zmax: float) -> dict:
+    z = c.tolist()
+    return dict(type="heatmap", z=z, x=list(range(N)), y=list(range(N)), zmin=zmin, zmax=zmax,
+                colorscale="RdBu", reversescale=True, showscale=False, name=name,
+                text=[[f"{v:.2f}" for v in row] for row in z], texttemplate="%{text}",
+                hovertemplate="from stream %{y} into stream %{x}: %{z:.4f}<extra>" + name + "</extra>",
+                xaxis=xaxis, yaxis=yaxis)
+
+
+def sinkhorn_data(iters: int = MAX_ITERS, logit_scale: float = 1.0) -> dict:
+    """Traces: HC heatmap, mHC heatmap after ``iters`` iterations, row/col error curves, the current point."""
+    check_choice("iters", iters, ITER_STOPS)
+    check_choice("logit_scale", logit_scale, SCALE_STOPS)
+    tr = sinkhorn_trace(logit_scale)
+    c = tr["mhc"][iters - 1]
+    hc = tr["hc"]
+    lim = max(1.0, float(hc.abs().max()))
+    rows = [max(e, ERR_FLOOR) for e in tr["row_err"]]
+    cols = [max(e, ERR_FLOOR) for e in tr["col_err"]]
+    traces = [
+        _heat(hc, "x", "y", "HC", -lim, lim),
+        _heat(c, "x2", "y2", "mHC", -1.0, 1.0),
+        dict(type="scatter", mode="lines+markers", x=ITER_STOPS, y=rows, name="max |row sum − 1|",
+             line=dict(color="#d62728"), xaxis="x3", yaxis="y3"),
+        dict(type="scatter", mode="lines+markers", x=ITER_STOPS, y=cols, name="max |column sum − 1|",
+             line=dict(color="#1f77b4"), xaxis="x3", yaxis="y3"),
+        dict(type="scatter", mode="markers", x=[iters, iters], y=[rows[iters - 1], cols[iters - 1]],
+             marker=dict(size=13, color=["#d62728", "#1f77b4"], symbol="circle-open", line=dict(width=3)),
+             showlegend=False, name="now", xaxis="x3", yaxis="y3"),
+    ]
+    ann = [dict(text=f"HC: comb = I + R<br>{_sums(hc)}", x=0.14, xref="paper", y=1.0, yref="paper",
+                showarrow=False, yanchor="bottom", font=dict(size=11)),
+           dict(text=f"mHC after {iters} iteration{'s' if iters > 1 else ''}<br>{_sums(c)}", x=0.5,
+                xref="paper", y=1.0, yref="paper", showarrow=False, yanchor="bottom", font=dict(size=11))]
+    title = (f"logits × {logit_scale:g}: after {iters} Sinkhorn iteration{'s' if iters > 1 else ''} the rows of "
+             f"comb are off by {tr['row_err'][iters - 1]:.1e}, the columns by {tr['col_err'][iters - 1]:.1e}")
+    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}, "annotations": ann}}
+
+
+SINKHORN_LAYOUT = dict(
+    height=430, margin=dict(l=60, r=20, t=110, b=50),
+    legend=dict(orientation="h", yanchor="top", y=-0.15, xanchor="right", x=1),
+    xaxis=dict(domain=[0, 0.28], title="into stream j", dtick=1),
+    yaxis=dict(title="from stream i", autorange="reversed", dtick=1, scaleanchor="x"),
+    xaxis2=dict(domain=[0.36, 0.64], title="into stream j", dtick=1, anchor="y2"),
+    yaxis2=dict(autorange="reversed", dtick=1, anchor="x2", scaleanchor="x2"),
+    xaxis3=dict(domain=[0.74, 1], title="Sinkhorn iterations", anchor="y3"),
+    yaxis3=dict(type="log", title="error", anchor="x3", exponentformat="power"),
+)
+
+
+def build_sinkhorn(iters: int = MAX_ITERS, logit_scale: float = 1.0):
+    """HC's matrix, mHC's matrix after ``iters`` Sinkhorn iterations, and the errors (static figure)."""
+    return figure_from(sinkhorn_data(iters, logit_scale), SINKHORN_LAYOUT)
+
+
+@register
+class SinkhornWidget(Widget):
+    """Sliders: Sinkhorn iterations (1..20) and the logit scale, over :func:`build_sinkhorn`."""
+
+    name = "mhc.sinkhorn"
+    defaults = {"iters": MAX_ITERS, "logit_scale": 1.0}
+
+    def __init__(self, static=None, **state):
+        for s in SCALE_STOPS:                    # every projection up front: a callback only looks up
+            sinkhorn_trace(s)
+        super().__init__(static, **state)
+
+    def validate(self, state):
+        check_choice("iters", state["iters"], ITER_STOPS)
+        check_choice("logit_scale", state["logit_scale"], SCALE_STOPS)
+
+    def data(self):
+        return sinkhorn_data(**self.state)
+
+    def layout(self):
+        return SINKHORN_LAYOUT
+
+    def make_controls(self):
+        import ipywidgets as W
+        return {"iters": W.IntSlider(min=1, max=MAX_ITERS, value=self.state["iters"], description="iterations",
+                                     continuous_update=True),
+                "logit_scale": W.SelectionSlider(options=[(f"×{s:g}", s) for s in SCALE_STOPS],
+                                                 value=self.state["logit_scale"], description="logits")}
+
+    def sweep_values(self, control):
+        return {"iters": ITER_STOPS, "logit_scale": SCALE_STOPS}[control]
+
+    def on_iters(self, value):
+        self.set(iters=int(value))
+
+    def on_logit_scale(self, value):
+        self.set(logit_scale=value)
+
+
+# ------------------------------------------------------------------------------------ gains by depth
+@lru_cache(maxsize=len(NOISE_STOPS) + 4)
+def surrogate(noise: float = 0.15) -> dict:
+    """``mhc_stability.random_surrogate`` (60 sublayers, seed 0) at one noise level, with the identity
+    residual's gains added (all exactly 1) so the three variants sit side by side."""
+    out = dict(mhc_stability.random_surrogate(60, 0, noise=noise))
+    res = mhc.composite_gains(torch.eye(N, dtype=torch.float64).expand(60, N, N))
+    res["amax"] = [max(a, b) for a, b in zip(res["fwd_max"], res["bwd_max"])]
+    out["residual"] = res
+    return out
+
+
+def _round(x):
+    if isinstance(x, float):
+        return float(f"{x:.7g}")
+    if isinstance(x, list):
+        return [_round(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _round(v) for k, v in x.items()}
+    return x
+
+
+def training_result(recompute: bool = False, **kwargs) -> dict:
+    """The small training run of ``mhc_stability.run`` with its defaults (seed 0, 60 sublayers, 20 steps).
+
+    It takes one to two minutes on 2 CPU cores, too long for a notebook cell, so its result is stored in
+    ``v4lab/viz/data/mhc_training.json`` (written by ``recompute=True`` or ``python -m v4lab.viz.mhc``).
+    With ``recompute=True`` (or any keyword for ``run``) it runs again and, with the defaults, refreshes the
+    file. The stored ``config`` says exactly what ran.
+    """
+    if not recompute and not kwargs:
+        if TRAINING_CACHE.exists():
+            return json.loads(TRAINING_CACHE.read_text())
+        recompute = True
+    result = _round(mhc_stability.run(**kwargs))
+    if not kwargs:
+        DATA_DIR.mkdir(exist_ok=True)
+        TRAINING_CACHE.write_text(json.dumps(result, indent=None, separators=(",", ":")) + "\n")
+    return result
+
+
+def gains(source: str = "surrogate", noise: float = 0.15, result: dict | None = None) -> dict:
+    """{variant: composite_gains dict} for the chosen source (``surrogate`` uses ``noise``)."""
+    check_choice("source", source, SOURCES)
+    if source == "surrogate":
+        s = surrogate(noise)
+        return {v: s[v] for v in VARIANTS}
+    result = training_result() if result is None else result
+    return {v: result[v]["gains"][source] for v in VARIANTS if v in result}
+
+
+def gains_data(source: str = "surrogate", noise: float = 0.15, result: dict | None = None) -> dict:
+    """Traces: per variant, forward max, backward max and min(forward min, backward min) by depth (9)."""
+    check_choice("noise", noise, NOISE_STOPS)
+    g = gains(source, noise, result)
+    traces = []
+    for v in VARIANTS:
+        gv = g.get(v)
+        depth = gv["depth"] if gv else []
+        for key, dash, label in (("fwd_max", "solid", "forward max"), ("bwd_max", "dash", "backward max"),
+                                 ("min", "dot", "min")):
+            y = ([min(a, b) for a, b in zip(gv["fwd_min"], gv["bwd_min"])] if key == "min" else gv[key]) if gv else []
+            traces.append(dict(type="scatter", mode="lines", x=depth, y=y, name=f"{VLABELS[v]} {label}",
+                               legendgroup=v, line=dict(color=VCOLORS[v], dash=dash)))
+    peak = {v: max(max(g[v]["fwd_max"]), max(g[v]["bwd_max"])) for v in g}
+    low = {v: min(min(g[v]["fwd_min"]), min(g[v]["bwd_min"])) for v in g}
+    what = f"{SOURCES[source]}" + (f", H = I + {noise:g}·N(0,1)" if source == "surrogate" else "")
+    title = (f"{what}: peak composite gain HC {peak['hc']:.3g}, mHC {peak['mhc']:.3g} "
+             f"(mHC min {low['mhc']:.3g})")
+    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}}}
+
+
+GAINS_LAYOUT = dict(height=440, xaxis=dict(title="depth (sublayers composed)"),
+                    yaxis=dict(type="log", title="composite gain of H_l ⋯ H_1", exponentformat="power"),
+                    legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0),
+                    margin=dict(l=70, r=20, t=60, b=120))
+
+
+def build_gains(source: str = "surrogate", noise: float = 0.15, result: dict | None = None):
+    """Composite gains by depth for residual / HC / mHC (static figure)."""
+    return figure_from(gains_data(source, noise, result), GAINS_LAYOUT)
+
+
+@register
+class GainsWidget(Widget):
+    """A source dropdown (surrogate, trained at init, trained at the end) and the surrogate's noise."""
+
+    name = "mhc.gains"
+    defaults = {"source": "surrogate", "noise": 0.15}
+
+    def __init__(self, static=None, result: dict | None = None, **state):
+        self.result = training_result() if result is None else result
+        for s in NOISE_STOPS:
+            surrogate(s)
+        super().__init__(static, **state)
+
+    def validate(self, state):
+        check_choice("source", state["source"], SOURCES)
+        check_choice("noise", state["noise"], NOISE_STOPS)
+
+    def data(self):
+        return gains_data(result=self.result, **self.state)
+
+    def layout(self):
+        return GAINS_LAYOUT
+
+    def make_controls(self):
+        import ipywidgets as W
+        return {"source": W.Dropdown(options=[(v, k) for k, v in SOURCES.items()], value=self.state["source"],
+                                     description="source"),
+                "noise": W.SelectionSlider(options=NOISE_STOPS, value=self.state["noise"],
+                                           description="noise (surrogate)")}
+
+    def sweep_values(self, control):
+        return {"source": list(SOURCES), "noise": NOISE_STOPS}[control]
+
+    def on_source(self, value):
+        self.set(source=value)
+
+    def on_noise(self, value):
+        self.set(noise=value)
+
+
+# ------------------------------------------------------------------------------------ the training run
+def build_training(result: dict | None = None):
+    """Loss and total gradient norm per step for each variant of the training run (static figure)."""
+    r = training_result() if result is None else result
+    traces = []
+    for v in VARIANTS:
+        if v not in r:
+            continue
+        steps = list(range(1, len(r[v]["loss"]) + 1))
+        traces.append(dict(type="scatter", mode="lines", x=steps, y=r[v]["loss"], name=VLABELS[v],
+                           legendgroup=v, line=dict(color=VCOLORS[v])))
+        traces.append(dict(type="scatter", mode="lines", x=steps, y=r[v]["grad_norm"], name=VLABELS[v],
+                           legendgroup=v, showlegend=False, line=dict(color=VCOLORS[v]), xaxis="x2", yaxis="y2"))
+    c = r["config"]
+    layout = dict(height=380, title={"text": f"training run: {c['n_sublayers']} sublayers, d = {c['d']}, "
+                                             f"{c['steps']} AdamW steps, lr {c['lr']:g}, seed {c['seed']}",
+                                     "font": {"size": 13}},
+                  xaxis=dict(domain=[0, 0.45], title="step"), yaxis=dict(title="loss (MSE)"),
+                  xaxis2=dict(domain=[0.55, 1], title="step", anchor="y2"),
+                  yaxis2=dict(type="log", title="gradient norm", anchor="x2"))
+    return figure_from({"traces": traces}, layout)
+
+
+def training_table(result: dict | None = None) -> str:
+    """Plain text: final loss, max gradient norm and peak/min composite gains per variant."""
+    r = training_result() if result is None else result
+    lines = [f"{'variant':<9} {'final loss':>10} {'max |grad|':>10} {'peak gain (init)':>16} "
+             f"{'peak gain (final)':>17} {'min gain (final)':>16}"]
+    for v in VARIANTS:
+        if v not in r:
+            continue
+        gi, gf = r[v]["gains"]["init"], r[v]["gains"]["final"]
+        lines.append(f"{VLABELS[v]:<9} {r[v]['loss'][-1]:>10.4f} {max(r[v]['grad_norm']):>10.3g} "
+                     f"{max(gi['amax']):>16.3f} {max(gf['amax']):>17.3f} "
+                     f"{min(gf['fwd_min'] + gf['bwd_min']):>16.3f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    training_result(recompute=True)
+    print(f"wrote {TRAINING_CACHE}")

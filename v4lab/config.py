@@ -251,6 +251,10 @@ class V4Config:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("name")
+        # Keys of the other family stay out of the file: e.g. transformers reads a V4 config's
+        # ``intermediate_size: 0`` as the expert width.
+        for k in (_V3_ONLY if self.is_v4 else ()):
+            d.pop(k, None)
         d["architectures"] = ["DeepseekV4ForCausalLM" if self.is_v4 else
                               ("DeepseekV32ForCausalLM" if self.arch == "v3.2" else "DeepseekV3ForCausalLM")]
         return d
@@ -316,6 +320,10 @@ class V4Config:
         return cls.from_dict(d, name=p.parent.name if p.name == "config.json" else p.stem)
 
 
+_V3_ONLY = ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim", "n_group", "topk_group",
+            "first_k_dense_replace", "intermediate_size")
+
+
 # ---------------------------------------------------------------------------------------- presets
 def _v4_flash() -> V4Config:
     return V4Config(name="v4-flash")
@@ -355,12 +363,21 @@ def _tiny() -> V4Config:
         rope_scaling=_yarn(16.0, 1024), hc_mult=4, hc_sinkhorn_iters=20)
 
 
+def _lab() -> V4Config:
+    # The trained weights in data/ (v4lab.train): tiny's structure cut to what 20 CPU-minutes can train —
+    # 4 layers (window+hash, CSA, HCA, CSA) + a window MTP block, d = 96, 8 experts of width 64, top-2.
+    return _tiny().replace(
+        name="lab", hidden_size=96, num_hidden_layers=4, compress_ratios=[0, 4, 128, 4, 0], num_hash_layers=1,
+        num_attention_heads=2, head_dim=32, q_lora_rank=48, o_groups=1, o_lora_rank=48, sliding_window=32,
+        index_n_heads=2, index_head_dim=32, index_topk=16, moe_intermediate_size=64)
+
+
 PRESETS = {"v4-flash": _v4_flash, "v4-pro": _v4_pro, "v3": lambda: _v3(False), "v3.2": lambda: _v3(True),
-           "tiny": _tiny}
+           "tiny": _tiny, "lab": _lab}
 
 
 def get_config(name_or_path: str | Path) -> V4Config:
-    """A preset name (``v4-flash``, ``v4-pro``, ``v3``, ``v3.2``, ``tiny``) or a ``config.json`` path."""
+    """A preset name (``v4-flash``, ``v4-pro``, ``v3``, ``v3.2``, ``tiny``, ``lab``) or a ``config.json`` path."""
     key = str(name_or_path)
     if key in PRESETS:
         return PRESETS[key]()

@@ -7,7 +7,10 @@
    * ``triton``: ``v4lab.kernels.fp4_gemm`` — timed only when compiled on CUDA. Under TRITON_INTERPRET=1
      the interpreter is a correctness checker (numpy per program and op), so its time is not reported;
    * ``matmul_predecoded``: W already in fp32 — the floor, paying 8x the memory of FP4.
-   ``ratio_vs_dequant`` = time(dequant_then_matmul) / time(path).
+   ``ratio_vs_dequant`` = time(dequant_then_matmul) / time(path). Measured on this project's 2-core CPU
+   the tiled torch path does not win (x0.5-0.85: per-tile op overhead, and decoding dominates either way);
+   what it buys on CPU is memory (W never exists whole in fp32). The speed case for fusing is the GPU
+   kernel, which reads 4.25 bits per weight instead of 32.
 2. Bytes per parameter of the three layouts (data + scales), measured on real quantised tensors, and the
    V4-Flash / V4-Pro release sizes by format from ``checkpoint.expected_keys``.
 """

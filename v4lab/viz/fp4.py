@@ -58,13 +58,13 @@ def e8m0_table(bytes_=E8M0_EXAMPLES) -> str:
 DISTS = {"gaussian": "Gaussian", "student3": "heavy-tailed (Student-t, ν = 3)",
          "outliers": "Gaussian + 0.1% outliers ×30"}
 BLOCKS = [8, 16, 32, 64, 128, 256, 1024]
-ROWS, COLS = 32, 4096
+ROWS, COLS = 8, 4096
 FMT_COLORS = {"fp4": "#d62728", "fp8": "#1f77b4"}
 
 
 @lru_cache(maxsize=len(DISTS))
 def weights(dist: str) -> torch.Tensor:
-    """A seeded [32, 4096] weight matrix of the given distribution (unit-ish scale)."""
+    """A seeded [8, 4096] weight matrix of the given distribution (unit-ish scale)."""
     check_choice("dist", dist, DISTS)
     g = torch.Generator().manual_seed(0)
     if dist == "gaussian":
@@ -158,7 +158,7 @@ class BlockErrorWidget(Widget):
     defaults = {"dist": "gaussian", "block": 32}
 
     def __init__(self, static=None, **state):
-        for d in DISTS:                      # ~40 fake-quants of 131K weights up front (~1 s)
+        for d in DISTS:                      # 42 fake-quants of 32K weights up front (~1 s)
             for b in BLOCKS:
                 quantised(d, b)
         super().__init__(static, **state)

@@ -1,0 +1,597 @@
+"""Train a tiny V4 with the V4 recipe (spec v4-moe-mhc-fp4.md §1.3, §3, §4, §6.8, §7, §9.4).
+
+One optimiser step t:
+
+    ids = data.batch(t)                                   [B, S+1]: inputs [:, :S], targets [:, 1:], MTP [:, 2:]
+    routes = pending[t] if Anticipatory Routing is on      (chosen with θ_{t−Δt}; weights still from θ_t)
+    logits, mtp = model(ids[:, :S], return_mtp=True, forced_routes=routes)
+    loss = CE(logits, ids[:, 1:]) + 0.3 · CE(mtp, ids[:, 2:]) + Σ_learned-MoE-layers L_bal(α = 1e-4)
+    backward, clip, AdamW (or Muon for the block matrices), warm-up + cosine LR
+    aux-loss-free bias update  b += γ · sign(mean load − load)   once per step, from the loads really used
+
+Anticipatory Routing (spec §4; Δt, the detector, the rollback and the duration are UNKNOWN in the report,
+so they are arguments here). θ_t means the parameters (and router biases) *before* step t's update. While
+AR is on, the routes of the batch of step t+Δt are computed at step t, before the update, with θ_t, and
+cached: the routes used at step t are exactly those of θ_{t−Δt}. Only the top-k choice is frozen; the gate
+weights come from θ_t at the cached ids, so the router keeps its gradient (the spec's reading). When AR
+turns on at step t0 the routes of steps t0..t0+Δt−1 are all computed with θ_{t0} (there is nothing older).
+Modes: "off", "always" (on from step 0), "spike" (an EMA loss detector: loss > ratio·EMA → restore the
+snapshot of ``rollback`` steps earlier, turn AR on for ``ar_duration`` steps, then off again).
+
+Logged per step (JSONL, one object per line): loss and its parts, grad norm (before clipping), per-layer
+expert load, routing churn (fraction of tokens whose expert set, for the same gate inputs, differs between
+the routes used this step and the routes the updated router would choose), max |MoE output| per layer,
+max |stream|, the composite mHC gain (max abs row/column sum of the product of the token-mean H^res of every
+mHC site of the backbone), AR state, seconds.
+
+Determinism: the batch of step t is a pure function of (seed, t); the model is built after
+``torch.manual_seed(seed)``; ``torch.use_deterministic_algorithms(True)``. Same seed, same thread count →
+bit-identical losses and weights.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from v4lab import model as model_mod
+from v4lab.config import V4Config, get_config
+from v4lab.mhc import composite_gains, token_mean_h_res
+from v4lab.model import V4Model
+from v4lab.moe import bias_update, sequence_balance_loss
+
+AR_MODES = ("off", "always", "spike")
+OPTIMIZERS = ("adamw", "muon")
+
+
+def _bad(name, value, rule):
+    raise ValueError(f"{name} = {value!r}: {rule}")
+
+
+# ---------------------------------------------------------------------------------------- schedule
+def lr_at(step: int, steps: int, lr: float, warmup: int, min_lr_ratio: float = 0.1) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from ``lr`` down to ``min_lr_ratio·lr`` at the end."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    span = max(1, steps - warmup)
+    frac = min(1.0, (step - warmup) / span)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+# ---------------------------------------------------------------------------------------- Muon
+def newton_schulz(g: torch.Tensor) -> torch.Tensor:
+    """V4's hybrid Newton–Schulz orthogonalisation (spec §9.4): 8 steps with (3.4445, −4.7750, 2.0315),
+    then 2 steps with (2, −1.5, 0.5), which pull the singular values to 1 precisely."""
+    x = g.float() / (g.norm() + 1e-7)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    for i in range(10):
+        a, b, c = (3.4445, -4.7750, 2.0315) if i < 8 else (2.0, -1.5, 0.5)
+        s = x @ x.T
+        x = a * x + (b * s + c * s @ s) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum 0.95 (Nesterov), orthogonalised update rescaled to RMS 0.18, decoupled weight decay."""
+
+    def __init__(self, params, lr=1e-3, momentum=0.95, weight_decay=0.1, rms=0.18):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, rms=rms))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                buf = st.setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(p.grad)
+                g = p.grad.add(buf, alpha=group["momentum"])
+                # an orthogonal m×n matrix has RMS 1/sqrt(max(m, n)): rescale to the target RMS
+                u = newton_schulz(g) * (group["rms"] * math.sqrt(max(p.shape)))
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(u.to(p.dtype), alpha=-group["lr"])
+
+
+def make_optimizer(model: V4Model, kind: str, lr: float, weight_decay: float, betas=(0.9, 0.95), eps=1e-20):
+    """AdamW for everything (kind "adamw"), or V4's split (kind "muon"): Muon for the 2-D matrices of the
+    blocks, AdamW for the embedding, head, norms, sinks and the mHC parameters. AdamW ε = 1e-20 (report)."""
+    if kind not in OPTIMIZERS:
+        _bad("optimizer", kind, f"must be one of {OPTIMIZERS}")
+    decay, no_decay, muon = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_hc = ".hc_" in f".{name}" or name.startswith("hc_")
+        if kind == "muon" and p.dim() == 2 and name.startswith(("layers.", "mtp.")) and not is_hc:
+            muon.append(p)
+        elif p.dim() >= 2 and not is_hc:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    opts = [torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps)]
+    if muon:
+        opts.append(Muon(muon, lr=lr, weight_decay=weight_decay))
+    return opts
+
+
+# ---------------------------------------------------------------------------------------- probes
+class _Probe:
+    """Forward hooks that keep what the log needs: gate inputs (for churn), max |MoE output| per layer,
+    and (through a wrapped ``hc_pre``) the token-mean H^res of every mHC site."""
+
+    def __init__(self, model: V4Model):
+        self.model = model
+        self.gate_in: dict[int, torch.Tensor] = {}
+        self.moe_max: dict[int, float] = {}
+        self.h_res: list[torch.Tensor] = []
+        self.handles = []
+        for j, b in enumerate(model.blocks()):
+            self.handles.append(b.ffn.gate.register_forward_hook(self._gate_hook(j)))
+            self.handles.append(b.ffn.register_forward_hook(self._moe_hook(j)))
+
+    def _gate_hook(self, j):
+        def hook(mod, args, out):
+            self.gate_in[j] = args[0].detach()
+        return hook
+
+    def _moe_hook(self, j):
+        def hook(mod, args, out):
+            self.moe_max[j] = float(out.detach().abs().max())
+        return hook
+
+    def clear(self):
+        self.gate_in.clear()
+        self.moe_max.clear()
+        self.h_res.clear()
+
+    @contextlib.contextmanager
+    def recording_hc(self):
+        orig = model_mod.hc_pre
+
+        def wrapped(*args, **kwargs):
+            u, post, comb = orig(*args, **kwargs)
+            self.h_res.append(token_mean_h_res(comb))
+            return u, post, comb
+        model_mod.hc_pre = wrapped
+        try:
+            yield
+        finally:
+            model_mod.hc_pre = orig
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def composite_gain(h_res_list: list[torch.Tensor], n_sites: int) -> dict:
+    """Composite gains by depth over the first ``n_sites`` recorded sites (the backbone, 2 per block)."""
+    if len(h_res_list) < n_sites or n_sites == 0:
+        return {}
+    return composite_gains(torch.stack(h_res_list[:n_sites]))
+
+
+def learned_moe_blocks(model: V4Model) -> list[int]:
+    """Indices into model.blocks() of the MoE layers with a learned router (not hash)."""
+    return [j for j, b in enumerate(model.blocks()) if not b.ffn.gate.is_hash]
+
+
+def _sets_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.sort(-1).values != b.sort(-1).values).any(-1)
+
+
+# ---------------------------------------------------------------------------------------- losses
+def lm_losses(model: V4Model, ids: torch.Tensor, forced_routes=None, mtp: bool = True):
+    """(main CE, MTP CE or None) on a batch ids [B, S+1]: logits for ids[:, :S] vs ids[:, 1:], MTP vs ids[:, 2:]."""
+    x = ids[:, :-1]
+    V = model.cfg.vocab_size
+    if mtp and len(model.mtp):
+        logits, mtp_logits = model(x, return_mtp=True, forced_routes=forced_routes)
+        mtp_loss = F.cross_entropy(mtp_logits.float().reshape(-1, V), ids[:, 2:].reshape(-1))
+    else:
+        logits, mtp_loss = model(x, forced_routes=forced_routes), None
+    return F.cross_entropy(logits.float().reshape(-1, V), ids[:, 1:].reshape(-1)), mtp_loss
+
+
+def balance_loss(model: V4Model, batch_size: int, alpha: float) -> torch.Tensor:
+    """Σ over learned-router MoE layers (MTP included) of V3's sequence-wise balance loss, from the last forward."""
+    total = torch.zeros(())
+    for j in learned_moe_blocks(model):
+        m = model.blocks()[j].ffn
+        r = m.last_routing
+        if r is None:
+            continue
+        T, E = r["scores"].shape
+        S = T // batch_size
+        total = total + sequence_balance_loss(r["scores"].view(batch_size, S, E),
+                                              r["idx"].view(batch_size, S, -1), E, alpha)
+    return total
+
+
+@torch.no_grad()
+def evaluate(model: V4Model, windows: torch.Tensor, batch_size: int = 8) -> dict:
+    """Mean held-out cross-entropy (nats/token) over windows [W, S+1]: {"loss", "mtp_loss", "tokens"}."""
+    was = model.training
+    model.eval()
+    tot, tot_mtp, n, n_mtp = 0.0, 0.0, 0, 0
+    for i in range(0, windows.shape[0], batch_size):
+        ids = windows[i:i + batch_size]
+        lm, mt = lm_losses(model, ids, mtp=len(model.mtp) > 0)
+        k = ids[:, 1:].numel()
+        tot, n = tot + float(lm) * k, n + k
+        if mt is not None:
+            k2 = ids[:, 2:].numel()
+            tot_mtp, n_mtp = tot_mtp + float(mt) * k2, n_mtp + k2
+    model.train(was)
+    return {"loss": tot / n, "mtp_loss": tot_mtp / n_mtp if n_mtp else None, "tokens": n}
+
+
+@torch.no_grad()
+def expert_specialisation(model: V4Model, windows: torch.Tensor, token_class: torch.Tensor,
+                          batch_size: int = 8) -> dict:
+    """Mutual information (bits) between the class of the input token and the expert it is sent to,
+    per MoE layer, counting every (token, top-k slot) pair: I(C; E) = Σ p(c,e) log2 p(c,e)/(p(c)p(e)).
+    Returns {"layers": [block index], "hash": [bool], "mi_bits": [...], "mean_learned_mi_bits"}."""
+    blocks = model.blocks()
+    C, E = int(token_class.max()) + 1, model.cfg.n_routed_experts
+    joint = torch.zeros(len(blocks), C, E, dtype=torch.float64)
+    for i in range(0, windows.shape[0], batch_size):
+        ids = windows[i:i + batch_size, :-1]
+        model(ids, return_mtp=len(model.mtp) > 0)
+        for j, b in enumerate(blocks):
+            idx = b.ffn.last_routing["idx"]                       # [T, K]
+            tok = ids if j < model.cfg.num_hidden_layers else ids[:, 1:]   # MTP routes token i+1
+            c = token_class[tok.reshape(-1)][:, None].expand_as(idx)
+            joint[j].index_put_((c.reshape(-1), idx.reshape(-1)), torch.ones(idx.numel(), dtype=torch.float64),
+                                accumulate=True)
+    mi = []
+    for j in range(len(blocks)):
+        p = joint[j] / joint[j].sum()
+        pc, pe = p.sum(1, keepdim=True), p.sum(0, keepdim=True)
+        nz = p > 0
+        mi.append(float((p[nz] * (p[nz] / (pc * pe)[nz]).log2()).sum()))
+    hashed = [b.ffn.gate.is_hash for b in blocks]
+    learned = [m for m, h in zip(mi, hashed) if not h]
+    return {"layers": list(range(len(blocks))), "hash": hashed, "mi_bits": mi,
+            "mean_learned_mi_bits": sum(learned) / max(1, len(learned))}
+
+
+# ---------------------------------------------------------------------------------------- training
+def _snapshot(model, opts, step):
+    return {"step": step, "model": copy.deepcopy(model.state_dict()),
+            "opts": [copy.deepcopy(o.state_dict()) for o in opts]}
+
+
+def _restore(model, opts, snap):
+    model.load_state_dict(snap["model"])
+    for o, s in zip(opts, snap["opts"]):
+        o.load_state_dict(s)
+    return snap["step"]
+
+
+def _qat_start(qat, steps: int) -> int | None:
+    if qat is False or qat is None:
+        return None
+    if qat is True:
+        return 0
+    if isinstance(qat, float) and 0 <= qat <= 1:
+        return int(round(qat * steps))
+    if isinstance(qat, int) and qat >= 0:
+        return qat
+    _bad("qat", qat, "must be False, True, a start step (int) or a fraction of the run in [0, 1]")
+
+
+def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_size: int = 8, seq_len: int = 512,
+          lr: float = 3e-3, min_lr_ratio: float = 0.1, warmup: int = 10, weight_decay: float = 0.1,
+          grad_clip: float = 1.0, optimizer: str = "adamw", seed: int = 0, mtp_weight: float = 0.3,
+          bias_gamma: float = 0.001, balance_alpha: float = 1e-4, swiglu_limit: float | None = None,
+          qat=False, hc_mode: str = "mhc", anticipatory: str = "off", ar_lag: int = 4,
+          spike_ratio: float = 1.5, spike_beta: float = 0.9, spike_min_step: int | None = None,
+          ar_duration: int = 20, rollback: int | None = None, balanced_hash: bool = True,
+          spike_at: int | None = None, spike_lr_mult: float = 1.0, model: V4Model | None = None,
+          log_path=None, out_dir=None, ckpt_every: int = 0, eval_every: int = 0, eval_windows: int = 8,
+          threads: int | None = None, deterministic: bool = True, progress: bool = True,
+          max_seconds: float | None = None, callback=None) -> dict:
+    """Train and return {"model", "log": [per-step records], "evals": [...], "summary": {...}}.
+
+    cfg: a V4Config or preset name (``swiglu_limit`` overrides its clamp). data: a v4lab.data.TokenData
+    (default: the CPython-docs corpus with a BPE of cfg.vocab_size). qat: False | True | start step |
+    fraction of the run after which the routed experts train through the FP4 straight-through estimator.
+    anticipatory: "off" | "always" | "spike" (see the module docstring); ar_lag = Δt in steps; rollback
+    defaults to 2·Δt. spike_at / spike_lr_mult: a one-off learning-rate multiplier at one step (the first
+    time it is reached, not again after a rollback), to induce a spike for the experiments.
+    callback(step, record, model) is called after each step. threads: torch.set_num_threads (on a busy
+    shared machine 1 thread was ~10× faster than 2). max_seconds: stop early (a safety net).
+    """
+    from v4lab.data import load_data
+    if isinstance(cfg, str):
+        cfg = get_config(cfg)
+    if swiglu_limit is not None:
+        cfg = cfg.replace(swiglu_limit=float(swiglu_limit))
+    for name, v, ok in (("steps", steps, steps >= 1), ("batch_size", batch_size, batch_size >= 1),
+                        ("seq_len", seq_len, seq_len >= 2), ("warmup", warmup, warmup >= 1),
+                        ("ar_lag", ar_lag, ar_lag >= 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or not ok:
+            _bad(name, v, "must be a positive integer" + (" >= 2" if name == "seq_len" else ""))
+    if anticipatory not in AR_MODES:
+        _bad("anticipatory", anticipatory, f"must be one of {AR_MODES}")
+    if not lr > 0:
+        _bad("lr", lr, "must be > 0")
+    if seq_len > cfg.max_position_embeddings:
+        _bad("seq_len", seq_len, f"must be <= max_position_embeddings = {cfg.max_position_embeddings}")
+    rollback = 2 * ar_lag if rollback is None else rollback
+    spike_min_step = warmup if spike_min_step is None else spike_min_step
+    qat_from = _qat_start(qat, steps)
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if data is None:
+        data = load_data(cfg.vocab_size)
+    if data.vocab_size != cfg.vocab_size:
+        _bad("data", f"vocab {data.vocab_size}", f"must match cfg.vocab_size = {cfg.vocab_size}")
+
+    torch.manual_seed(seed)
+    if model is None:
+        model = V4Model(cfg)
+        if balanced_hash:                       # frequency-balanced hash tables (Roller et al.), see gate.py
+            from v4lab.gate import balanced_hash_table
+            counts = torch.bincount(data.train, minlength=cfg.vocab_size)
+            for b in model.layers:
+                if b.ffn.gate.is_hash:
+                    b.ffn.gate.tid2eid.copy_(balanced_hash_table(counts, cfg.n_routed_experts,
+                                                                 cfg.num_experts_per_tok))
+    model.set_flags(hc_mode=hc_mode, qat=qat_from == 0)
+    model.train()
+    opts = make_optimizer(model, optimizer, lr, weight_decay)
+    probe = _Probe(model)
+    learned = learned_moe_blocks(model)
+    blocks = model.blocks()
+    n_sites = 2 * cfg.num_hidden_layers
+    use_mtp = len(model.mtp) > 0 and mtp_weight > 0
+    heldout = data.heldout_windows(seq_len, eval_windows) if eval_every else None
+
+    log, evals = [], []
+    log_f = open(log_path, "w") if log_path else None
+    ar_on = anticipatory == "always"
+    ar_until = -1
+    pending: dict[int, list] = {}
+    snaps: list[dict] = []
+    ema = None
+    spike_done = False
+    n_rollbacks = 0
+
+    def routes_for(t):
+        ids = data.batch(t, batch_size, seq_len, seed)
+        return model.route_only(ids[:, :-1], return_mtp=use_mtp)
+
+    def start_ar(t):
+        pending.clear()
+        for j in range(ar_lag):
+            pending[t + j] = routes_for(t + j)
+
+    if ar_on:
+        start_ar(0)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, desc="train", leave=False)
+    t_start = time.perf_counter()
+    step = 0
+    try:
+        with probe.recording_hc():
+            while step < steps:
+                t0 = time.perf_counter()
+                if anticipatory == "spike":
+                    snaps.append(_snapshot(model, opts, step))
+                    snaps = snaps[-(rollback + 1):]
+                if qat_from is not None and step == qat_from:
+                    model.set_flags(qat=True)
+                cur_lr = lr_at(step, steps, lr, warmup, min_lr_ratio)
+                if spike_at is not None and step == spike_at and not spike_done:
+                    cur_lr *= spike_lr_mult
+                    spike_done = True
+                for o in opts:
+                    for g in o.param_groups:
+                        g["lr"] = cur_lr
+                ids = data.batch(step, batch_size, seq_len, seed)
+                routes = pending.pop(step) if ar_on else None
+                probe.clear()
+                lm, mt = lm_losses(model, ids, routes, mtp=use_mtp)
+                moe_max = dict(probe.moe_max)
+                bal = balance_loss(model, batch_size, balance_alpha) if balance_alpha > 0 else torch.zeros(())
+                loss = lm + (mtp_weight * mt if mt is not None else 0.0) + bal
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"step {step}: loss is {float(loss)}")
+                for o in opts:
+                    o.zero_grad(set_to_none=True)
+                loss.backward()
+                params = [p for p in model.parameters() if p.grad is not None]
+                gnorm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
+                used = {j: blocks[j].ffn.last_routing["idx"] for j in learned}
+                loads = [blocks[j].ffn.last_routing["load"] for j in range(len(blocks))]
+                gate_x = dict(probe.gate_in)
+                lag_mismatch = None
+                if ar_on:                    # how far the current router is from the routes it was given
+                    lag_mismatch = [float(_sets_differ(used[j], _current_topk(blocks[j], gate_x[j])).float().mean())
+                                    for j in learned]
+                    # look ahead: the batch of step t+Δt routed now with θ_t (before this step's update)
+                    if step + ar_lag not in pending:
+                        pending[step + ar_lag] = routes_for(step + ar_lag)
+                for o in opts:
+                    o.step()
+                if bias_gamma > 0:
+                    for j in learned:
+                        bias_update(blocks[j].ffn.gate.bias, loads[j], bias_gamma)
+                churn = [float(_sets_differ(used[j], _current_topk(blocks[j], gate_x[j])).float().mean())
+                         for j in learned]
+                gains = composite_gain(probe.h_res, n_sites)
+                rec = {"iter": len(log), "step": step, "lr": cur_lr, "loss": float(loss.detach()), "lm_loss": float(lm.detach()),
+                       "mtp_loss": float(mt.detach()) if mt is not None else None, "balance_loss": float(bal.detach()),
+                       "grad_norm": gnorm, "load": [l.tolist() for l in loads],
+                       "learned_layers": learned, "churn": churn, "ar_lag_mismatch": lag_mismatch,
+                       "moe_max_abs": [moe_max.get(j) for j in range(len(blocks))],
+                       "mhc_gain": max(gains["fwd_max"][-1], gains["bwd_max"][-1]) if gains else None,
+                       "mhc_gain_min": min(gains["fwd_min"][-1], gains["bwd_min"][-1]) if gains else None,
+                       "ar_on": ar_on, "qat": bool(model.qat), "seconds": time.perf_counter() - t0,
+                       "tokens": (step + 1) * batch_size * seq_len}
+                # spike detector (spike mode): compare with the EMA *before* it absorbs this loss
+                lval = float(lm.detach())
+                event = None
+                if anticipatory == "spike":
+                    if (not ar_on and ema is not None and step >= spike_min_step and lval > spike_ratio * ema
+                            and len(snaps) > 1):
+                        back = _restore(model, opts, snaps[0])
+                        rec["event"] = event = f"spike: rollback {step} -> {back}, AR on"
+                        n_rollbacks += 1
+                        snaps = []
+                        ar_on, ar_until = True, back + ar_duration
+                        start_ar(back)
+                    elif ar_on and step + 1 >= ar_until:
+                        ar_on = False
+                        pending.clear()
+                        rec["event"] = event = "AR off"
+                if event is None or not event.startswith("spike"):
+                    ema = lval if ema is None else spike_beta * ema + (1 - spike_beta) * lval
+                if heldout is not None and ((step + 1) % eval_every == 0 or step + 1 == steps) and event is None:
+                    ev = evaluate(model, heldout, batch_size)
+                    rec["heldout_loss"] = ev["loss"]
+                    evals.append({"step": step, **ev})
+                log.append(rec)
+                if log_f:
+                    log_f.write(json.dumps(rec) + "\n")
+                    log_f.flush()
+                if callback is not None:
+                    callback(step, rec, model)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", ar="on" if ar_on else "off")
+                    bar.update(1)
+                if out_dir and ckpt_every and (step + 1) % ckpt_every == 0:
+                    model_mod.save(model, out_dir, overwrite=True)
+                if event is not None and event.startswith("spike"):
+                    step = back
+                    continue
+                step += 1
+                if max_seconds is not None and time.perf_counter() - t_start > max_seconds:
+                    break
+    finally:
+        probe.remove()
+        if log_f:
+            log_f.close()
+        if bar is not None:
+            bar.close()
+    if out_dir:
+        model_mod.save(model, out_dir, overwrite=True)
+    summary = {"steps_done": step, "seconds": time.perf_counter() - t_start, "rollbacks": n_rollbacks,
+               "final_loss": log[-1]["loss"] if log else None,
+               "tokens": step * batch_size * seq_len}
+    return {"model": model, "log": log, "evals": evals, "summary": summary}
+
+
+@torch.no_grad()
+def _current_topk(block, x: torch.Tensor) -> torch.Tensor:
+    """The experts block.ffn.gate would choose now (current weight and bias) for gate inputs x [T, D]."""
+    from v4lab.gate import select_topk
+    g = block.ffn.gate
+    return select_topk(g.scores(x), g.bias, g.topk, g.n_group, g.topk_group)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def _parser():
+    p = argparse.ArgumentParser(prog="v4lab train", description="Train a tiny V4 with the V4 recipe on the "
+                                "CPython documentation corpus; write it in the official layout.")
+    p.add_argument("--config", default="tiny", help="preset name or config.json (default tiny)")
+    p.add_argument("--out", help="output directory (official layout + tokenizer.json + training log)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mtp-weight", type=float, default=0.3)
+    p.add_argument("--bias-gamma", type=float, default=0.001)
+    p.add_argument("--balance-alpha", type=float, default=1e-4)
+    p.add_argument("--swiglu-limit", type=float, default=None, help="override the config's clamp (<= 0: off)")
+    p.add_argument("--qat-from", type=float, default=None,
+                   help="fraction of the run after which routed experts train through FP4 QAT (0 = all)")
+    p.add_argument("--hc-mode", choices=model_mod.HC_MODES, default="mhc")
+    p.add_argument("--anticipatory", choices=AR_MODES, default="off")
+    p.add_argument("--ar-lag", type=int, default=4)
+    p.add_argument("--ar-duration", type=int, default=20)
+    p.add_argument("--spike-ratio", type=float, default=1.5)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--eval-windows", type=int, default=8)
+    p.add_argument("--ckpt-every", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--max-seconds", type=float, default=None)
+    p.add_argument("--log", help="JSONL log path (default OUT/train_log.jsonl)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    from v4lab.data import load_data, train_tokenizer, load_topics, split_topics, heldout_text, bigram_loss, \
+        token_classes
+    args = _parser().parse_args(argv)
+    cfg = get_config(args.config)
+    out = Path(args.out) if args.out else None
+    topics = load_topics()
+    tok = train_tokenizer([topics[n] for n in split_topics(topics)[0]], cfg.vocab_size)
+    data = load_data(cfg.vocab_size, tokenizer=tok)
+    log_path = args.log or (str(out / "train_log.jsonl") if out else None)
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    argv_used = list(sys.argv[1:] if argv is None else argv)
+    res = train(cfg, data=data, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, weight_decay=args.weight_decay,
+                grad_clip=args.grad_clip, optimizer=args.optimizer, seed=args.seed, mtp_weight=args.mtp_weight,
+                bias_gamma=args.bias_gamma, balance_alpha=args.balance_alpha, swiglu_limit=args.swiglu_limit,
+                qat=False if args.qat_from is None else float(args.qat_from), hc_mode=args.hc_mode,
+                anticipatory=args.anticipatory, ar_lag=args.ar_lag, ar_duration=args.ar_duration,
+                spike_ratio=args.spike_ratio, eval_every=args.eval_every, eval_windows=args.eval_windows,
+                ckpt_every=args.ckpt_every, out_dir=str(out) if out else None, log_path=log_path,
+                threads=args.threads, progress=not args.no_progress, max_seconds=args.max_seconds)
+    summary = dict(res["summary"])
+    if out:
+        tok.save(str(out / "tokenizer.json"))
+        (out / "heldout.txt").write_text(heldout_text())
+        # the numbers the README and tests quote: held-out loss of the *saved* (FP8/FP4) weights, the
+        # fp32 weights as trained, the bigram baseline, expert specialisation vs random weights
+        windows = data.heldout_windows(args.seq_len)
+        summary["heldout_loss_trained_fp32"] = evaluate(res["model"], windows, args.batch_size)["loss"]
+        loaded = model_mod.load(out)
+        summary["heldout"] = evaluate(loaded, windows, args.batch_size)
+        summary["bigram"] = bigram_loss(data.train, windows, cfg.vocab_size)
+        classes = token_classes(tok)
+        summary["specialisation_trained"] = expert_specialisation(loaded, windows, classes, args.batch_size)
+        torch.manual_seed(args.seed)
+        rand = V4Model(loaded.cfg)
+        for b, lb in zip(rand.layers, loaded.layers):      # same hash tables: compare routers only
+            if b.ffn.gate.is_hash:
+                b.ffn.gate.tid2eid.copy_(lb.ffn.gate.tid2eid)
+        summary["specialisation_random"] = expert_specialisation(rand, windows, classes, args.batch_size)
+        summary["corpus"] = data.fingerprint
+        summary["command"] = "v4lab train " + " ".join(argv_used)
+        summary["torch"] = torch.__version__
+        (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("corpus",)}, indent=1)[:4000])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,16 +1,15 @@
 """Triton kernels for V4's hot ops, importable as ``v4lab.kernels``.
 
 Each kernel module sits beside the v4lab function it must equal and has the same signature.
-Without CUDA, kernels run under Triton's interpreter: we set TRITON_INTERPRET=1 here, before any
-``@triton.jit`` is defined, unless the user chose otherwise.
+Without CUDA (or with V4LAB_DEVICE=cpu), kernels run under Triton's interpreter: we set
+TRITON_INTERPRET=1 here, before any ``@triton.jit`` is defined, unless the user chose otherwise
+(``v4lab.device.configure_triton``).
 """
 import os
 
-if "TRITON_INTERPRET" not in os.environ:
-    import torch
+from v4lab.device import configure_triton
 
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
+configure_triton()
 
 
 def interpreted() -> bool:

@@ -123,7 +123,11 @@ def lab(tmp_path):
 def _wait_kernel_ready(lab, deadline):
     """/api/kernels: idle AND a websocket connected (the status bar says idle too early)."""
     while time.time() < deadline:
-        ks = _get(f"{lab['base']}/api/kernels?token={lab['token']}")
+        try:
+            ks = _get(f"{lab['base']}/api/kernels?token={lab['token']}")
+        except Exception:          # a 500 while the kernel is still starting: ask again
+            time.sleep(0.5)
+            continue
         if ks and all(k.get("execution_state") == "idle" and k.get("connections", 0) >= 1 for k in ks):
             return
         time.sleep(0.5)

@@ -76,14 +76,6 @@ def test_meta_build_of_real_widths_allocates_nothing_and_counts_match(preset, ra
     assert m.layers[0].ffn.gate.is_hash and not m.mtp[0].ffn.gate.is_hash
 
 
-def test_full_v4_pro_tree_on_meta_has_every_layer(tmp_path):
-    cfg = get_config("v4-pro")
-    m = V4Model(cfg, device="meta")
-    assert len(m.layers) == 61 and [b.attn.kind for b in m.layers[:3]] == ["hca", "hca", "csa"]
-    assert tuple(m.layers[60].ffn.experts[383].w2.weight.shape) == (7168, 3072)
-    assert tuple(m.hc_head_fn.shape) == (4, 4 * 7168)
-
-
 # ------------------------------------------------------------------------------------------ forward
 def test_forward_shapes_and_hidden_streams(model, tiny):
     ids = _ids(tiny, 2, 9)
@@ -126,8 +118,10 @@ def test_mtp_position_i_reads_token_i_plus_1_and_nothing_later(model, tiny):
         nxt = ids.clone()
         nxt[0, i + 1] = (nxt[0, i + 1] + 1) % tiny.vocab_size
         _, m_next = model(nxt, return_mtp=True)
-    assert torch.equal(m_later[:, : i + 1], base[:, : i + 1])      # token i+2 is what it predicts: unseen
-    assert (m_next[:, i] - base[:, i]).abs().max() > 1e-4           # token i+1 is its input
+    # (not bit-equal: the MoE groups tokens by expert, so a changed token reorders the GEMM rows)
+    assert (m_later[:, : i + 1] - base[:, : i + 1]).abs().max() < 1e-6   # token i+2 is its target: unseen
+    assert (m_next[:, i] - base[:, i]).abs().max() > 1e-3                # token i+1 is its input
+    assert (m_next[:, : i] - base[:, : i]).abs().max() < 1e-6
 
 
 def test_mtp_with_cache_must_be_requested_from_the_first_token(model, tiny):

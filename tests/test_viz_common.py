@@ -98,3 +98,20 @@ def test_registry_lists_every_notebook_widget():
         w = cls(static=True)
         for c in w.control_names:
             assert len(list(w.sweep_values(c))) >= 2, (name, c)
+
+
+@pytest.mark.parametrize("cls,expect_data", [(common.LiveFigure, True), (go.FigureWidget, False)])
+def test_live_figure_sends_data_in_its_first_message(cls, expect_data):
+    """plotly's FigureWidget opens its comm before filling _widget_data (empty first render in
+    JupyterLab); LiveFigure opens it afterwards. The plain class is the wrong variant, caught."""
+    seen = []
+
+    class Probe(cls):
+        def open(self):
+            if self.comm is None and not getattr(self, "_v4lab_defer_open", False):
+                seen.append(len(getattr(self, "_widget_data", []) or []))
+            super().open()
+
+    f = Probe(go.Figure(go.Scatter(x=[1, 2], y=[3, 4])))
+    assert f.comm is not None and len(seen) == 1
+    assert (seen[0] == 1) is expect_data

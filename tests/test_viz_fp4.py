@@ -84,3 +84,18 @@ def test_static_builders_match_widgets():
             == V.BlockErrorWidget(static=True, dist="student3", block=64).fig.to_plotly_json()["data"])
     assert (V.build_lossless(16).to_plotly_json()["data"]
             == V.LosslessWidget(static=True, spread=16).fig.to_plotly_json()["data"])
+
+
+def test_qat_cache_is_the_experiment_default():
+    import inspect
+    from v4lab.experiments import qat
+    r = V.qat_result()
+    sig = inspect.signature(qat.run)
+    for k, v in r["config"].items():
+        assert sig.parameters[k].default == v, k
+    h = r["heldout"]
+    assert r["gap_ptq"] == pytest.approx(h["bf16_rounded_after"] - h["bf16"])
+    assert r["gap_qat"] == pytest.approx(h["qat_fp4"] - h["bf16"])
+    fig = V.build_qat(r)
+    assert len(fig.data) == 3 and list(fig.data[2].y) == [h[k] for k in V.HELDOUT_LABELS]
+    assert f"{h['qat_fp4']:.4f}" in V.qat_table(r)

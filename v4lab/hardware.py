@@ -156,3 +156,15 @@ def roofline(cfg, gpu_name: str, context: int, batch: int = 1, fp4_experts: bool
             "achieved_flops": s["flops"] / t, "tokens_per_s": batch / t,
             # the FLOP rate this mix of precisions would reach if compute-bound (its own "roof")
             "mix_peak_flops": s["flops"] / t_compute}
+
+
+def identify_gpu(device_name: str | None) -> str | None:
+    """hardware.json key for a ``torch.cuda.get_device_name()`` string (its ``match`` substrings,
+    case-insensitive), or None for a GPU the table does not know."""
+    if not device_name:
+        return None
+    low = device_name.lower()
+    for key, g in gpus().items():
+        if any(m.lower() in low for m in g.get("match", [])):
+            return key
+    return None

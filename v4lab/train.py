@@ -126,6 +126,31 @@ def make_optimizer(model: V4Model, kind: str, lr: float, weight_decay: float, be
     return opts
 
 
+def micro_config(**changes) -> V4Config:
+    """A V4 small enough for a notebook experiment to train in seconds: 2 layers (window + hash MoE, CSA +
+    learned MoE), a window MTP block, d = 32, 8 experts of width 32, top-2, mHC with 4 streams."""
+    cfg = get_config("tiny").replace(
+        name="micro", hidden_size=32, num_hidden_layers=2, compress_ratios=[0, 4, 0], num_hash_layers=1,
+        num_attention_heads=2, head_dim=32, q_lora_rank=16, o_groups=1, o_lora_rank=16, sliding_window=16,
+        index_n_heads=2, index_head_dim=16, index_topk=4, moe_intermediate_size=32)
+    return cfg.replace(**changes) if changes else cfg
+
+
+@torch.no_grad()
+def swiglu_preact_max(block, x: torch.Tensor) -> float:
+    """max |W1 x| and |W3 x| over the tokens each routed expert really got (before the clamp), for gate
+    inputs x [T, D] and the block's last routing."""
+    idx = block.ffn.last_routing["idx"]
+    best = 0.0
+    for e, ex in enumerate(block.ffn.experts):
+        rows = (idx == e).any(-1)
+        if rows.any():
+            xe = x[rows].float()
+            best = max(best, float((xe @ ex.w1.weight.float().T).abs().max()),
+                       float((xe @ ex.w3.weight.float().T).abs().max()))
+    return best
+
+
 # ---------------------------------------------------------------------------------------- probes
 class _Probe:
     """Forward hooks that keep what the log needs: gate inputs (for churn), max |MoE output| per layer,
@@ -204,10 +229,11 @@ def lm_losses(model: V4Model, ids: torch.Tensor, forced_routes=None, mtp: bool =
     return F.cross_entropy(logits.float().reshape(-1, V), ids[:, 1:].reshape(-1)), mtp_loss
 
 
-def balance_loss(model: V4Model, batch_size: int, alpha: float) -> torch.Tensor:
-    """Σ over learned-router MoE layers (MTP included) of V3's sequence-wise balance loss, from the last forward."""
+def balance_loss(model: V4Model, batch_size: int, alpha: float, layers: list[int] | None = None) -> torch.Tensor:
+    """Σ over learned-router MoE layers (MTP included; ``layers`` = block indices, default all learned ones)
+    of V3's sequence-wise balance loss, from the last forward."""
     total = torch.zeros(())
-    for j in learned_moe_blocks(model):
+    for j in learned_moe_blocks(model) if layers is None else layers:
         m = model.blocks()[j].ffn
         r = m.last_routing
         if r is None:
@@ -302,7 +328,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
           spike_at: int | None = None, spike_lr_mult: float = 1.0, model: V4Model | None = None,
           log_path=None, out_dir=None, ckpt_every: int = 0, eval_every: int = 0, eval_windows: int = 8,
           threads: int | None = None, deterministic: bool = True, progress: bool = True,
-          max_seconds: float | None = None, callback=None) -> dict:
+          max_seconds: float | None = None, callback=None, log_preact: bool = False) -> dict:
     """Train and return {"model", "log": [per-step records], "evals": [...], "summary": {...}}.
 
     cfg: a V4Config or preset name (``swiglu_limit`` overrides its clamp). data: a v4lab.data.TokenData
@@ -313,6 +339,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     time it is reached, not again after a rollback), to induce a spike for the experiments.
     callback(step, record, model) is called after each step. threads: torch.set_num_threads (on a busy
     shared machine 1 thread was ~10× faster than 2). max_seconds: stop early (a safety net).
+    log_preact: also log max |W1 x|, |W3 x| of the routed experts per layer before the clamp (costs ~10 %).
     """
     from v4lab.data import load_data
     if isinstance(cfg, str):
@@ -356,10 +383,11 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     model.train()
     opts = make_optimizer(model, optimizer, lr, weight_decay)
     probe = _Probe(model)
-    learned = learned_moe_blocks(model)
     blocks = model.blocks()
     n_sites = 2 * cfg.num_hidden_layers
     use_mtp = len(model.mtp) > 0 and mtp_weight > 0
+    n_run = len(blocks) if use_mtp else cfg.num_hidden_layers          # MoE layers a training forward runs
+    learned = [j for j in learned_moe_blocks(model) if j < n_run]
     heldout = data.heldout_windows(seq_len, eval_windows) if eval_every else None
 
     log, evals = [], []
@@ -410,7 +438,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                 probe.clear()
                 lm, mt = lm_losses(model, ids, routes, mtp=use_mtp)
                 moe_max = dict(probe.moe_max)
-                bal = balance_loss(model, batch_size, balance_alpha) if balance_alpha > 0 else torch.zeros(())
+                bal = balance_loss(model, batch_size, balance_alpha, learned) if balance_alpha > 0 else torch.zeros(())
                 loss = lm + (mtp_weight * mt if mt is not None else 0.0) + bal
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"step {step}: loss is {float(loss)}")
@@ -420,8 +448,9 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                 params = [p for p in model.parameters() if p.grad is not None]
                 gnorm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
                 used = {j: blocks[j].ffn.last_routing["idx"] for j in learned}
-                loads = [blocks[j].ffn.last_routing["load"] for j in range(len(blocks))]
+                loads = [blocks[j].ffn.last_routing["load"] for j in range(n_run)]
                 gate_x = dict(probe.gate_in)
+                preact = [swiglu_preact_max(blocks[j], gate_x[j]) for j in range(n_run)] if log_preact else None
                 lag_mismatch = None
                 if ar_on:                    # how far the current router is from the routes it was given
                     lag_mismatch = [float(_sets_differ(used[j], _current_topk(blocks[j], gate_x[j])).float().mean())
@@ -441,7 +470,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                        "mtp_loss": float(mt.detach()) if mt is not None else None, "balance_loss": float(bal.detach()),
                        "grad_norm": gnorm, "load": [l.tolist() for l in loads],
                        "learned_layers": learned, "churn": churn, "ar_lag_mismatch": lag_mismatch,
-                       "moe_max_abs": [moe_max.get(j) for j in range(len(blocks))],
+                       "moe_max_abs": [moe_max.get(j) for j in range(n_run)], "swiglu_preact_max": preact,
                        "mhc_gain": max(gains["fwd_max"][-1], gains["bwd_max"][-1]) if gains else None,
                        "mhc_gain_min": min(gains["fwd_min"][-1], gains["bwd_min"][-1]) if gains else None,
                        "ar_on": ar_on, "qat": bool(model.qat), "seconds": time.perf_counter() - t0,

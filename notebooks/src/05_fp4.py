@@ -132,6 +132,25 @@ print("gradient passes straight through:", torch.equal(w.grad, upstream))
 print(f"the rounding moved the weights by {100 * (w_hat - w).norm() / w.norm():.1f}% (relative L2)")
 
 # %% [markdown]
+# ### The experiment: QAT vs rounding after training
+#
+# `v4lab.experiments.qat.run` trains the same micro V4 twice from the same seed on the same batches: once
+# with full-precision experts, once with FP4 QAT experts. Then it asks the deployment question — the
+# shipped experts *are* FP4 — and measures held-out loss for the BF16 model as trained, the BF16 model with
+# its experts rounded to MXFP4 after training (QAT skipped), and the QAT model with FP4 experts. Training
+# takes minutes on 2 cores, so the notebook reads the stored result; `fp4.qat_result(recompute=True)`
+# reruns it (the stored `config` says what ran).
+
+# %%
+# NBVAL_CHECK_OUTPUT
+qat = fp4.qat_result()
+print(qat["config"])
+print(fp4.qat_table(qat))
+
+# %%
+fp4.build_qat(qat)
+
+# %% [markdown]
 # ## What it means for V4
 #
 # The report calls FP4 a hardware bet (observation 3): the routed experts — most of V4's parameters — ship

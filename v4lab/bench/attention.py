@@ -1,6 +1,6 @@
 """``v4lab bench attention [--quick] [--json]``: V4's attention cost, measured on CPU beside its baselines.
 
-Decode (real shapes, one layer, random weights, fp32 on CPU):
+Decode (real shapes, one layer, random weights, fp32 on CPU; full run: 8K, 128K, 1M tokens):
   V4-Flash / V4-Pro CSA and HCA layers (``v4lab.attention.Attention``), a V3.2 MLA+DSA layer and a dense
   MQA layer (``v4lab.baselines``; MQA = V4-Flash's 64 × 512 query path with one K=V head, dense over all
   tokens). A decode step at context N does not need N tokens of prefill: each cache is filled
@@ -16,7 +16,9 @@ Decode (real shapes, one layer, random weights, fp32 on CPU):
   One subprocess per layer walks its contexts upward: ``peak_bytes`` is that process's RSS high-water mark
   (weights + cache + step), not a per-point figure.
 
-Prefill (v4lab vs Hugging Face ``DeepseekV4Attention``, same weights' shapes, eager attention):
+Prefill (v4lab vs Hugging Face ``DeepseekV4Attention``, same shapes, eager attention; full run: 4K and 8K
+measured, 16K-64K HF analytic memory only — the 2-core machine is shared and v4lab's torch reference
+path costs ~6 CPU-s per 1K tokens at this shape):
   a full-width layer costs ~0.25-0.6 GFLOP per token in projections alone, hours per 64K point on a
   2-core CPU, so prefill runs a NARROW V4-Flash layer: the attention geometry is real (head_dim 512,
   rope 64, window 128, m = 4 / 128, top-k 512, indexer head dim 128), the widths are cut (hidden 1024,

@@ -13,7 +13,9 @@ Everything expensive is computed once per process (module-level caches), so call
 """
 from __future__ import annotations
 
+import json
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -259,7 +261,7 @@ def lossless_data(spread: int = 14) -> dict:
 LOSSLESS_LAYOUT = dict(
     height=400, showlegend=False,
     xaxis=dict(domain=[0, 0.45], title="log2 of the sub-scale spread in the block", dtick=2),
-    yaxis=dict(title="values changed (of ~15.4K non-zero)"),
+    yaxis=dict(title="values changed (of 14.3K non-zero)"),
     xaxis2=dict(domain=[0.56, 1], title="sub-block's scale below the block's largest (log2)", anchor="y2"),
     yaxis2=dict(title="fraction of its values kept exactly", range=[0, 1.05], anchor="x2"),
 )
@@ -301,3 +303,54 @@ class LosslessWidget(Widget):
 
     def on_spread(self, value):
         self.set(spread=int(value))
+
+
+# ------------------------------------------------------------------------------------ the QAT experiment
+QAT_CACHE = Path(__file__).resolve().parent / "data" / "qat_run.json"
+HELDOUT_LABELS = {"bf16": "BF16 experts (as trained)", "bf16_rounded_after": "BF16, rounded to FP4 after training",
+                  "qat_fp4": "QAT, FP4 experts (as shipped)", "qat_unrounded": "QAT, experts not rounded"}
+
+
+def qat_result(recompute: bool = False, **kwargs) -> dict:
+    """``v4lab.experiments.qat.run`` with its defaults (a micro V4 trained twice: BF16 vs FP4-QAT experts).
+
+    Minutes on 2 CPU cores, so the result is stored in ``v4lab/viz/data/qat_run.json``; ``recompute=True``
+    (or any keyword for ``run``) runs it again, and with the defaults refreshes the file."""
+    if not recompute and not kwargs and QAT_CACHE.exists():
+        return json.loads(QAT_CACHE.read_text())
+    from v4lab.experiments import qat
+    result = json.loads(json.dumps(qat.run(**kwargs)))             # plain floats and lists
+    if not kwargs:
+        QAT_CACHE.parent.mkdir(exist_ok=True)
+        QAT_CACHE.write_text(json.dumps(result, separators=(",", ":")) + "\n")
+    return result
+
+
+def qat_table(result: dict | None = None) -> str:
+    r = qat_result() if result is None else result
+    h = r["heldout"]
+    lines = [f"held-out loss after {r['config']['steps']} steps (seed {r['config']['seed']}):"]
+    lines += [f"  {HELDOUT_LABELS[k]:<38} {h[k]:.4f}" for k in HELDOUT_LABELS]
+    lines.append(f"cost of FP4 without QAT (rounded after training): {r['gap_ptq']:+.4f}")
+    lines.append(f"cost of FP4 with QAT:                             {r['gap_qat']:+.4f}")
+    s = r["weight_sqnr_db"]
+    lines.append(f"expert weights' SQNR under MXFP4: BF16-trained {s['bf16']:.2f} dB, QAT-trained {s['qat']:.2f} dB")
+    return "\n".join(lines)
+
+
+def build_qat(result: dict | None = None):
+    """Training loss of both runs, and the four held-out losses (static figure)."""
+    r = qat_result() if result is None else result
+    traces = [dict(type="scatter", mode="lines", x=r["step"], y=r[k]["loss"], name=lab, line=dict(color=c))
+              for k, lab, c in (("bf16", "BF16 experts", "#1f77b4"), ("qat", "FP4 QAT experts", "#d62728"))]
+    h = r["heldout"]
+    traces.append(dict(type="bar", x=[HELDOUT_LABELS[k] for k in HELDOUT_LABELS], y=[h[k] for k in HELDOUT_LABELS],
+                       marker=dict(color=["#1f77b4", "#9ecae1", "#d62728", "#fcbba1"]), showlegend=False,
+                       text=[f"{h[k]:.3f}" for k in HELDOUT_LABELS], textposition="outside", xaxis="x2", yaxis="y2"))
+    lo, hi = min(h.values()), max(h.values())
+    layout = dict(height=430, title={"text": f"QAT vs BF16 experts: rounding after training costs {r['gap_ptq']:+.3f} "
+                                             f"nats, QAT {r['gap_qat']:+.3f}", "font": {"size": 13}},
+                  xaxis=dict(domain=[0, 0.45], title="step"), yaxis=dict(title="training loss"),
+                  xaxis2=dict(domain=[0.55, 1], anchor="y2", tickangle=-20),
+                  yaxis2=dict(title="held-out loss", anchor="x2", range=[lo - 0.1 * (hi - lo + 0.01), hi + 0.3 * (hi - lo + 0.01)]))
+    return figure_from({"traces": traces}, layout)

@@ -181,7 +181,7 @@ def _round(x):
 
 
 def training_result(recompute: bool = False, **kwargs) -> dict:
-    """The small training run of ``mhc_stability.run`` with its defaults (seed 0, 60 sublayers, 20 steps).
+    """The small training run of ``mhc_stability.run`` with its defaults (seed 0, 60 sublayers).
 
     It takes one to two minutes on 2 CPU cores, too long for a notebook cell, so its result is stored in
     ``v4lab/viz/data/mhc_training.json`` (written by ``recompute=True`` or ``python -m v4lab.viz.mhc``).

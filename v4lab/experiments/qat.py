@@ -1,0 +1,59 @@
+"""FP4 quantisation-aware training of the routed experts (spec v4-moe-mhc-fp4.md §6.8) vs BF16 experts.
+
+The same micro V4 trained twice from the same seed on the same batches:
+
+* "bf16": routed experts in full precision during training (what pre-training does);
+* "qat":  routed experts pass through MXFP4 fake-quantisation in the forward, the gradient goes straight
+  through to the fp32 master weights (``w + stopgrad(deq(q(w)) − w)``).
+
+Then the question deployment asks: the released experts *are* FP4. Held-out loss of
+(1) the bf16 model as trained, (2) the bf16 model with its experts rounded to FP4 after training
+(post-training quantisation: QAT skipped), (3) the QAT model with FP4 experts (what it was trained for).
+The QAT model is also evaluated with its experts unrounded, to show it did not need them.
+"""
+from __future__ import annotations
+
+import torch
+
+from v4lab.quant import fp4_fake_quant, sqnr_db
+from v4lab.train import evaluate, micro_config, train
+
+
+def _expert_weights(model):
+    return [w for b in model.blocks() for e in b.ffn.experts for w in (e.w1.weight, e.w2.weight, e.w3.weight)]
+
+
+@torch.no_grad()
+def _eval(model, windows, qat: bool) -> float:
+    model.set_flags(qat=qat)
+    return evaluate(model, windows)["loss"]
+
+
+def run(seed: int = 0, *, steps: int = 40, lr: float = 1e-2, batch_size: int = 8, seq_len: int = 64,
+        eval_windows: int = 16, data=None, threads: int | None = None) -> dict:
+    """Returns {"config", "step", "bf16": {"loss": [...]}, "qat": {"loss": [...]}, "heldout": {
+    "bf16": L, "bf16_rounded_after": L, "qat_fp4": L, "qat_unrounded": L}, "gap_ptq", "gap_qat",
+    "weight_sqnr_db": {"bf16": dB, "qat": dB}}; gaps are held-out loss minus the bf16 model's."""
+    from v4lab.data import load_data
+    cfg = micro_config()
+    data = data or load_data(cfg.vocab_size)
+    windows = data.heldout_windows(seq_len, eval_windows)
+    out = {"config": dict(seed=seed, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
+                          eval_windows=eval_windows), "step": list(range(steps))}
+    models = {}
+    for name, qat in (("bf16", False), ("qat", True)):
+        r = train(cfg, data=data, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=2,
+                  seed=seed, qat=qat, progress=False, threads=threads)
+        models[name] = r["model"]
+        out[name] = {"loss": [x["lm_loss"] for x in r["log"]], "seconds": r["summary"]["seconds"]}
+    bf, q = models["bf16"], models["qat"]
+    out["heldout"] = {"bf16": _eval(bf, windows, False), "bf16_rounded_after": _eval(bf, windows, True),
+                      "qat_fp4": _eval(q, windows, True), "qat_unrounded": _eval(q, windows, False)}
+    h = out["heldout"]
+    out["gap_ptq"] = h["bf16_rounded_after"] - h["bf16"]
+    out["gap_qat"] = h["qat_fp4"] - h["bf16"]
+    out["weight_sqnr_db"] = {
+        name: sqnr_db(torch.cat([w.detach().flatten() for w in _expert_weights(m)]),
+                      torch.cat([fp4_fake_quant(w.detach()).flatten() for w in _expert_weights(m)]))
+        for name, m in models.items()}
+    return out

@@ -1,0 +1,44 @@
+"""SwiGLU clamping (spec v4-moe-mhc-fp4.md §3) as a stability device: the same micro V4 trained twice at a
+learning rate well above the comfortable one, with the clamp (swiglu_limit = 10, V4's value) and without it.
+
+What to look at: the largest pre-activation an expert sees (|W1 x|, |W3 x| before the clamp), the largest
+MoE output, loss spikes (a step whose loss exceeds the running minimum by ``spike_margin`` nats) and the
+final loss. Toy scale: whether the clamp *wins* at this size depends on the seed and the learning rate;
+the mechanism (pre-activations beyond the limit are cut, the product stays bounded) is what is shown.
+"""
+from __future__ import annotations
+
+from v4lab.train import micro_config, train
+
+
+def count_spikes(losses: list[float], margin: float) -> int:
+    """Steps whose loss exceeds the lowest loss seen so far by more than ``margin``."""
+    best, n = float("inf"), 0
+    for x in losses:
+        if x > best + margin:
+            n += 1
+        best = min(best, x)
+    return n
+
+
+def run(seed: int = 0, *, steps: int = 40, lr: float = 3e-2, limit: float = 10.0, batch_size: int = 8,
+        seq_len: int = 64, spike_margin: float = 0.5, data=None, threads: int | None = None) -> dict:
+    """Returns {"config", "step", "clamp": {...}, "no_clamp": {...}} with, per variant, lists over steps:
+    loss, lm_loss, grad_norm, preact_max (max over layers of pre-clamp |W1 x|, |W3 x|), moe_max (max |MoE
+    output|), and scalars spikes, final_loss, seconds."""
+    from v4lab.data import load_data
+    cfg = micro_config()
+    data = data or load_data(cfg.vocab_size)
+    out = {"config": dict(seed=seed, steps=steps, lr=lr, limit=limit, batch_size=batch_size, seq_len=seq_len,
+                          spike_margin=spike_margin), "step": list(range(steps))}
+    for name, lim in (("clamp", limit), ("no_clamp", 0.0)):
+        r = train(cfg, data=data, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=2,
+                  seed=seed, swiglu_limit=lim, progress=False, log_preact=True, threads=threads)
+        log = r["log"]
+        out[name] = {"loss": [x["loss"] for x in log], "lm_loss": [x["lm_loss"] for x in log],
+                     "grad_norm": [x["grad_norm"] for x in log],
+                     "preact_max": [max(x["swiglu_preact_max"]) for x in log],
+                     "moe_max": [max(v for v in x["moe_max_abs"] if v is not None) for x in log],
+                     "spikes": count_spikes([x["lm_loss"] for x in log], spike_margin),
+                     "final_loss": log[-1]["lm_loss"], "seconds": r["summary"]["seconds"], "limit": lim}
+    return out

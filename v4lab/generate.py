@@ -1,0 +1,134 @@
+"""``v4lab generate``: decode from a saved model directory (official layout) with the KV cache.
+
+    v4lab generate PATH (--prompt-ids 1,2,3 | --prompt TEXT) [--max-new-tokens N] [--temperature T]
+                        [--top-k K] [--seed S] [--json]
+
+Text prompts: with ``PATH/tokenizer.json`` the text is encoded as is by that tokenizer (``tokenizers``
+library; no BOS is added). Without one, a byte fallback: each UTF-8 byte is a token id (0..255; the
+vocabulary must hold 256 ids) and generated ids >= 256 print as ``<id>``. ``--temperature 0`` (default) is greedy.
+Bad input (missing directory, malformed ids, ids out of range, context too long) prints one line on stderr
+and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        sys.stderr.write(f"v4lab generate: error: {message}\n")
+        raise SystemExit(2)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids: the fallback when a checkpoint ships no tokenizer.json."""
+
+    def __init__(self, vocab_size: int):
+        if vocab_size < 256:
+            raise ValueError(f"--prompt: the checkpoint has no tokenizer.json and vocab_size = {vocab_size} "
+                             "is below 256, too small for the byte fallback (use --prompt-ids)")
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        out, buf = [], bytearray()
+        for i in ids:
+            if i < 256:
+                buf.append(i)
+                continue
+            out.append(buf.decode("utf-8", errors="replace"))
+            buf = bytearray()
+            out.append(f"<{i}>")
+        out.append(buf.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+
+class FileTokenizer:
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+        try:
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the library's own error types
+            raise ValueError(f"tokenizer {str(path)!r}: cannot be read ({e})") from None
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+
+def tokenizer_for(path: Path, vocab_size: int):
+    f = Path(path) / "tokenizer.json"
+    return FileTokenizer(f) if f.is_file() else ByteTokenizer(vocab_size)
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise ValueError(f"--prompt-ids = {text!r}: must be comma-separated integers, e.g. 1,2,3") from None
+    if not ids:
+        raise ValueError(f"--prompt-ids = {text!r}: needs at least one token id")
+    return ids
+
+
+def run(path, prompt_ids=None, prompt=None, max_new_tokens=32, temperature=0.0, top_k=None, seed=None) -> dict:
+    """Load ``path``, decode, return ``{"prompt_ids", "new_ids", "text"?}``."""
+    import torch
+
+    from v4lab.model import load
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"checkpoint {str(p)!r}: not a directory (give a model saved in the official layout)")
+    if (prompt_ids is None) == (prompt is None):
+        raise ValueError("give exactly one of --prompt-ids and --prompt")
+    model = load(p, keep_quantized=False).eval()
+    tok = None
+    if prompt is not None:
+        tok = tokenizer_for(p, model.cfg.vocab_size)
+        prompt_ids = tok.encode(prompt)
+        if not prompt_ids:
+            raise ValueError("--prompt: the text encodes to no tokens")
+    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    out = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    new = out[0, len(prompt_ids):].tolist()
+    res = {"prompt_ids": list(prompt_ids), "new_ids": new}
+    if tok is None and (p / "tokenizer.json").is_file():
+        tok = tokenizer_for(p, model.cfg.vocab_size)
+    if tok is not None:
+        res["text"] = tok.decode(new)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _Parser(prog="v4lab generate", description="Decode from a saved V4 model directory.")
+    ap.add_argument("path")
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
+    g.add_argument("--prompt", help="text (tokenizer.json of the checkpoint, else UTF-8 bytes)")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        ids = parse_ids(args.prompt_ids) if args.prompt_ids is not None else None
+        res = run(args.path, ids, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    except ValueError as e:
+        sys.stderr.write(f"v4lab generate: error: {e}\n")
+        return 2
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(res.get("text", " ".join(map(str, res["new_ids"]))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

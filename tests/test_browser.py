@@ -182,10 +182,24 @@ def test_notebook_in_jupyterlab(lab, case):
             fig = figs.nth(case.figure)
             fig.scroll_into_view_if_needed()
             before = fig.evaluate(FIG_SIGNATURE)
+            slider = page.locator(".widget-slider").nth(case.slider)
+            readout = slider.locator(".widget-readout")
+            r0 = readout.inner_text()
             handle = sliders.nth(case.slider)
             handle.scroll_into_view_if_needed()
             handle.focus()
             handle.press(case.key)
+            t_key = time.time()
+            while readout.inner_text() == r0 and time.time() - t_key < 3:
+                time.sleep(0.2)
+            if readout.inner_text() == r0:          # keyboard ignored: drag the handle instead
+                box = handle.bounding_box()
+                x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+                page.mouse.move(x, y)
+                page.mouse.down()
+                page.mouse.move(x + (-40 if case.key == "ArrowLeft" else 40), y, steps=8)
+                page.mouse.up()
+            assert readout.inner_text() != r0, f"the slider did not move (readout {r0!r})"
             after = before
             while after == before and time.time() < deadline:
                 time.sleep(0.25)

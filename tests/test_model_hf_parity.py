@@ -9,9 +9,6 @@ Config: tiny, with 16 indexer heads instead of 4. With 4 heads, ReLU(q·k) is 0 
 the compressed entries, so exact score ties at 0.0 decide top-k membership and the two libraries break
 them differently (a legitimate flip, not a semantic difference); 16 heads make exact ties vanishingly rare.
 """
-import json
-import os
-
 import pytest
 import torch
 
@@ -50,21 +47,9 @@ def pair(tmp_path_factory):
         elif k.endswith("attn_sink"):
             masters[k] = torch.randn(t.shape, generator=g)
     ours = write_checkpoint(masters, cfg, root / "ck")
-    # HF reads `intermediate_size` as an alias of moe_intermediate_size, and our config.json carries the V3
-    # dense-FFN key (0 for V4); give HF a copy of the config without the V3-only keys, same shards.
-    hf_dir = root / "hf"
-    hf_dir.mkdir()
-    for f in os.listdir(ours):
-        if f != "config.json":
-            os.symlink(ours / f, hf_dir / f)
-    c = json.loads((ours / "config.json").read_text())
-    for k in ("intermediate_size", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim", "first_k_dense_replace",
-              "n_group", "topk_group"):
-        c.pop(k, None)
-    (hf_dir / "config.json").write_text(json.dumps(c))
     transformers.logging.set_verbosity_error()
     from transformers import DeepseekV4ForCausalLM
-    hf = DeepseekV4ForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    hf = DeepseekV4ForCausalLM.from_pretrained(str(ours), dtype=torch.float32).eval()
     m = vm.load(ours).eval()
     ids = torch.randint(0, cfg.vocab_size, (1, N_TOKENS), generator=torch.Generator().manual_seed(0))
     return cfg, hf, m, ids

@@ -91,7 +91,7 @@ def test_balance_loss_formula_and_layers(cfg, data):
             Tn = s.shape[1]
             f = torch.bincount(idx[bi].reshape(-1), minlength=8).float() * 8 / (2 * Tn)
             p = (s[bi] / s[bi].sum(-1, keepdim=True)).mean(0)
-            want += 1e-4 * float((f * p).sum()) / B
+            want += 1e-4 * float((f * p).sum().detach()) / B
     assert float(got) == pytest.approx(want, rel=1e-5)
     n_learned = len(T.learned_moe_blocks(m))
     assert n_learned == 2                                     # layer 1 and the MTP block, not hash layer 0

@@ -29,21 +29,54 @@ from .norm import RMSNorm, rms_norm
 from .rope import apply_rope, cos_sin, inv_freq
 
 
+class _Buffer:
+    """[B, capacity, D] storage written in place; `view()` is the filled prefix [B, n, D]. (Appending with
+    torch.cat would copy the whole cache every step: seconds per step at 1M tokens.)"""
+
+    def __init__(self, data: torch.Tensor, n: int):
+        self.data, self.n = data, n
+
+    def append(self, x: torch.Tensor) -> None:
+        if self.n + x.shape[1] > self.data.shape[1]:
+            grown = self.data.new_empty(self.data.shape[0], 2 * (self.n + x.shape[1]), self.data.shape[2])
+            grown[:, :self.n] = self.data[:, :self.n]
+            self.data = grown
+        self.data[:, self.n:self.n + x.shape[1]] = x
+        self.n += x.shape[1]
+
+    def view(self) -> torch.Tensor:
+        return self.data[:, :self.n]
+
+    def nbytes(self) -> int:
+        return self.n * self.data.shape[0] * self.data.shape[2] * self.data.element_size()
+
+
+def _synthetic(B: int, n: int, D: int, spare: int, generator, normed: bool = False) -> _Buffer:
+    data = torch.empty(B, n + spare, D)
+    data[:, :n] = torch.randn(B, n, D, generator=generator)
+    if normed:
+        data[:, :n] = rms_norm(data[:, :n], None, 1e-6)
+    return _Buffer(data, n)
+
+
 class MLADSACache:
     """latent [B, N, kv_lora], k_pe [B, N, rope], index_keys [B, N, Di]; `length` = N."""
 
-    def __init__(self, latent, k_pe, index_keys):
-        self.latent, self.k_pe, self.index_keys = latent, k_pe, index_keys
-        self.length = latent.shape[1]
+    def __init__(self, latent: _Buffer, k_pe: _Buffer, index_keys: _Buffer):
+        self._latent, self._k_pe, self._index_keys = latent, k_pe, index_keys
+        self.length = latent.n
+
+    latent = property(lambda self: self._latent.view())
+    k_pe = property(lambda self: self._k_pe.view())
+    index_keys = property(lambda self: self._index_keys.view())
 
     def append(self, c, pe, ik):
-        self.latent = torch.cat([self.latent, c], 1)
-        self.k_pe = torch.cat([self.k_pe, pe], 1)
-        self.index_keys = torch.cat([self.index_keys, ik], 1)
+        for buf, x in ((self._latent, c), (self._k_pe, pe), (self._index_keys, ik)):
+            buf.append(x)
         self.length += c.shape[1]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.latent, self.k_pe, self.index_keys))
+        return sum(b.nbytes() for b in (self._latent, self._k_pe, self._index_keys))
 
 
 class MLADSA(nn.Module):
@@ -84,13 +117,13 @@ class MLADSA(nn.Module):
         ik = torch.cat([apply_rope(ik[..., :self.rope], cos, sin), ik[..., self.rope:]], -1)
         return c, pe, ik
 
-    def new_cache(self, batch_size: int, context: int, generator=None) -> MLADSACache:
-        """A cache holding `context` synthetic tokens (random entries of the right shapes and count)."""
+    def new_cache(self, batch_size: int, context: int, generator=None, spare: int = 64) -> MLADSACache:
+        """A cache holding `context` synthetic tokens (random entries of the right shapes and count) and
+        room for `spare` more."""
         g = generator
-        c = rms_norm(torch.randn(batch_size, context, self.kvr, generator=g), None, 1e-6)
-        pe = torch.randn(batch_size, context, self.rope, generator=g)
-        ik = torch.randn(batch_size, context, self.Di, generator=g)
-        return MLADSACache(c, pe, ik)
+        return MLADSACache(_synthetic(batch_size, context, self.kvr, spare, g, normed=True),
+                           _synthetic(batch_size, context, self.rope, spare, g),
+                           _synthetic(batch_size, context, self.Di, spare, g))
 
     @staticmethod
     def cache_format_bytes(cfg, n_tokens: int) -> int:
@@ -132,15 +165,17 @@ class MLADSA(nn.Module):
 class DenseMQACache:
     """kv [B, N, D]: one shared K=V head per token."""
 
-    def __init__(self, kv):
-        self.kv, self.length = kv, kv.shape[1]
+    def __init__(self, kv: _Buffer):
+        self._kv, self.length = kv, kv.n
+
+    kv = property(lambda self: self._kv.view())
 
     def append(self, kv):
-        self.kv = torch.cat([self.kv, kv], 1)
+        self._kv.append(kv)
         self.length += kv.shape[1]
 
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
+        return self._kv.nbytes()
 
 
 class DenseMQA(nn.Module):
@@ -161,8 +196,8 @@ class DenseMQA(nn.Module):
         self.attn_sink = nn.Parameter(torch.zeros(H))
         self.register_buffer("freqs", inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta), persistent=False)
 
-    def new_cache(self, batch_size: int, context: int, generator=None) -> DenseMQACache:
-        return DenseMQACache(rms_norm(torch.randn(batch_size, context, self.D, generator=generator), None, 1e-6))
+    def new_cache(self, batch_size: int, context: int, generator=None, spare: int = 64) -> DenseMQACache:
+        return DenseMQACache(_synthetic(batch_size, context, self.D, spare, generator, normed=True))
 
     @staticmethod
     def cache_format_bytes(cfg, n_tokens: int) -> int:

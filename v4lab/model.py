@@ -18,19 +18,27 @@ embedding of token i+1 and predicts token i+2:
 ``embed`` and ``head`` are shared (they are not stored under ``mtp.*``). For a sequence of S tokens the
 full forward therefore returns S−1 MTP logits; ``mtp_logits[:, i]`` is the distribution of token i+2.
 
+Only ``mtp.0`` runs (V4 has depth 1); a config with more MTP modules builds them for the layout only.
+
 Precision flags: ``model.set_flags(hc_mode=..., low_precision=..., qat=...)`` sets the mHC mode of every
 block ("mhc" | "hc" | "residual", see v4lab.mhc), the attention FP8/FP4 simulation (``Attention.low_precision``,
 plus FP8 activation fake-quant before the MTP ``e_proj``/``h_proj``) and routed-expert FP4 QAT (``MoE.qat``).
+
+API:
+    model = V4Model(cfg)                     # or V4Model(get_config("v4-pro"), device="meta"): shapes only
+    logits = model(ids)                      # [B, S, vocab]; return_mtp / return_hidden / forced_routes
+    cache = model.new_cache(B); model(ids[:, :P], cache=cache); model(next_ids, cache=cache)   # decode
+    routes = model.route_only(ids)           # per-layer expert ids, to feed back as forced_routes
+    out = model.generate(prompt, 16, temperature=0.8, top_k=50, seed=0)
+    model = load(dir); save(model, dir2); blk = load_layer(dir, i)       # official release layout
 """
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from v4lab.attention import Attention
@@ -283,6 +291,10 @@ class V4Model(nn.Module):
                                            f"{cfg.max_position_embeddings} (start_pos {start_pos} + {S} tokens)")
         if return_mtp and not len(self.mtp):
             _bad("return_mtp", True, "this config has num_nextn_predict_layers = 0")
+        if return_mtp and cache is not None:      # checked before any layer cache moves
+            if cache.mtp_pos != max(start_pos - 1, 0) or (start_pos > 0) != (cache.mtp_pending is not None):
+                _bad("return_mtp", True, "with a cache, MTP must be requested on every call from the first token "
+                                         f"(the MTP cache is at position {cache.mtp_pos}, the main one at {start_pos})")
         forced = self._check_forced(forced_routes, B * S)
 
         x = self.embed(ids)                                                   # [B, S, d]
@@ -307,10 +319,6 @@ class V4Model(nn.Module):
             if ids.shape[1] < 2:
                 return x.new_zeros(B, 0, self.cfg.vocab_size)
             return self._mtp_forward(x[:, :-1], ids[:, 1:], start_pos, None, forced)
-        want = max(start_pos - 1, 0)
-        if cache.mtp_pos != want or (start_pos > 0) != (cache.mtp_pending is not None):
-            _bad("return_mtp", True, "with a cache, MTP must be requested on every call from the first token "
-                                     f"(the MTP cache is at position {cache.mtp_pos}, the main one at {start_pos})")
         if cache.mtp_pending is not None:                  # streams of position start_pos−1 meet token start_pos
             h, nxt, p0 = torch.cat([cache.mtp_pending, x[:, :-1]], 1), ids, start_pos - 1
         else:
@@ -457,6 +465,24 @@ def _build_block(cfg: V4Config, i: int) -> Block:
     return _no_init_build(Block, cfg, i) if i < L else _no_init_build(MTPBlock, cfg, L)
 
 
+def _fill_block(reader, i: int, blk: Block, dtype: torch.dtype, originals: dict | None) -> Block:
+    """Read layer ``i`` (checked against the config first) into ``blk``; packed originals → ``originals``
+    under their full names."""
+    from v4lab.checkpoint import layer_prefix
+    p = layer_prefix(reader.config, i)
+    names = reader.layer_keys(i)
+    for name in reader.keys():                            # unexpected keys under this prefix, wrong shapes
+        if name.startswith(p):
+            reader._check_entry(name)
+    for name in names:
+        if name not in reader:
+            _bad("checkpoint", str(reader.path), f"missing key {name!r}")
+        reader._check_entry(name)
+    sd = _read_tensors(reader, names, dtype, originals)
+    blk.load_state_dict({k[len(p):]: v for k, v in sd.items()}, strict=True, assign=True)
+    return blk
+
+
 def load_layer(path, i: int, dtype: torch.dtype = torch.float32, keep_quantized: bool = True) -> Block:
     """One decoder layer (``i < num_hidden_layers``) or MTP block (``i = num_hidden_layers + k``) of a
     checkpoint directory (or an open ``CheckpointReader``), as a Block with its weights and nothing else.
@@ -468,19 +494,9 @@ def load_layer(path, i: int, dtype: torch.dtype = torch.float32, keep_quantized:
     n_all = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
     if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_all:
         _bad("layer", i, f"must be an int in [0, {n_all}) ({cfg.num_hidden_layers} layers, then MTP)")
-    p = layer_prefix(cfg, i)
-    names = reader.layer_keys(i)
-    for name in reader.keys():                            # unexpected keys under this prefix, wrong shapes
-        if name.startswith(p):
-            reader._check_entry(name)
-    for name in names:
-        if name not in reader:
-            _bad("checkpoint", str(reader.path), f"missing key {name!r}")
-        reader._check_entry(name)
     originals = {} if keep_quantized else None
-    sd = _read_tensors(reader, names, dtype, originals)
-    blk = _build_block(cfg, i)
-    blk.load_state_dict({k[len(p):]: v for k, v in sd.items()}, strict=True, assign=True)
+    blk = _fill_block(reader, i, _build_block(cfg, i), dtype, originals)
+    p = layer_prefix(cfg, i)
     blk.quantized_originals = {k[len(p):]: v for k, v in (originals or {}).items()}
     return blk
 
@@ -505,30 +521,29 @@ def load(path, dtype: torch.dtype = torch.float32, keep_quantized: bool = True, 
     L, n_all = cfg.num_hidden_layers, cfg.num_hidden_layers + cfg.num_nextn_predict_layers
     if layers is None:
         want = list(range(n_all))
+        # every weight is about to be replaced: build on CPU without initialising (untouched pages of
+        # torch.empty cost nothing), which also skips meta-device reference kernels
+        model = _no_init_build(V4Model, cfg)
     else:
         want = sorted({int(i) for i in layers}) if not isinstance(layers, int) else [layers]
         bad = [i for i in want if not 0 <= i < n_all]
         if bad:
             _bad("layers", bad[0], f"layer ids must be in [0, {n_all}) ({L} layers, then MTP)")
-    model = V4Model(cfg, device="meta")
+        model = V4Model(cfg, device="meta")
+        model.embed = _no_init_build(nn.Embedding, cfg.vocab_size, cfg.hidden_size)
+        model.head = _no_init_build(nn.Linear, cfg.hidden_size, cfg.vocab_size, False)
+        model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        for i in want:
+            if i < L:
+                model.layers[i] = _build_block(cfg, i)
+            else:
+                model.mtp[i - L] = _build_block(cfg, i)
     originals = {} if keep_quantized else None
     top = [k for k in reader.expected if not k.startswith(("layers.", "mtp.")) and not k.endswith(".scale")]
     sd = _read_tensors(reader, top, dtype, originals)
-    model.embed = _no_init_build(nn.Embedding, cfg.vocab_size, cfg.hidden_size)
-    model.head = _no_init_build(nn.Linear, cfg.hidden_size, cfg.vocab_size, False)
-    model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
     for i in want:
-        blk = load_layer(reader, i, dtype, keep_quantized)
-        if i < L:
-            model.layers[i] = blk
-            pre = f"layers.{i}."
-        else:
-            model.mtp[i - L] = blk
-            pre = f"mtp.{i - L}."
-        if originals is not None:
-            originals.update({pre + k: v for k, v in blk.quantized_originals.items()})
-        blk.quantized_originals = {}
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+        _fill_block(reader, i, model.layers[i] if i < L else model.mtp[i - L], dtype, originals)
+    _, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     assert not unexpected, unexpected
     model.quantized_originals = originals or {}
     model.source_path = reader.path

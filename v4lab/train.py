@@ -49,6 +49,8 @@ from v4lab.model import V4Model
 from v4lab.moe import bias_update, sequence_balance_loss
 
 AR_MODES = ("off", "always", "spike")
+HELDOUT_TEST_WINDOWS = 4          # the held-out subset tests/test_trained_weights.py re-measures
+SPECIALISATION_WINDOWS = 16
 OPTIMIZERS = ("adamw", "muon")
 
 
@@ -415,7 +417,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, desc="train", leave=False)
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     step = 0
     try:
         with probe.recording_hc():
@@ -474,6 +476,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                        "mhc_gain": max(gains["fwd_max"][-1], gains["bwd_max"][-1]) if gains else None,
                        "mhc_gain_min": min(gains["fwd_min"][-1], gains["bwd_min"][-1]) if gains else None,
                        "ar_on": ar_on, "qat": bool(model.qat), "seconds": time.perf_counter() - t0,
+                       "cpu_seconds": time.process_time() - c_start,
                        "tokens": (step + 1) * batch_size * seq_len}
                 # spike detector (spike mode): compare with the EMA *before* it absorbs this loss
                 lval = float(lm.detach())
@@ -522,7 +525,9 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
             bar.close()
     if out_dir:
         model_mod.save(model, out_dir, overwrite=True)
-    summary = {"steps_done": step, "seconds": time.perf_counter() - t_start, "rollbacks": n_rollbacks,
+    summary = {"steps_done": step, "seconds": time.perf_counter() - t_start,
+               "cpu_seconds": time.process_time() - c_start, "threads": torch.get_num_threads(),
+               "rollbacks": n_rollbacks,
                "final_loss": log[-1]["loss"] if log else None,
                "tokens": step * batch_size * seq_len}
     return {"model": model, "log": log, "evals": evals, "summary": summary}
@@ -553,7 +558,7 @@ def _parser():
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mtp-weight", type=float, default=0.3)
-    p.add_argument("--bias-gamma", type=float, default=0.001)
+    p.add_argument("--bias-gamma", type=float, default=0.001, help="bias update speed (V4: 0.001)")
     p.add_argument("--balance-alpha", type=float, default=1e-4)
     p.add_argument("--swiglu-limit", type=float, default=None, help="override the config's clamp (<= 0: off)")
     p.add_argument("--qat-from", type=float, default=None,
@@ -582,7 +587,8 @@ def main(argv=None) -> int:
     topics = load_topics()
     tok = train_tokenizer([topics[n] for n in split_topics(topics)[0]], cfg.vocab_size)
     data = load_data(cfg.vocab_size, tokenizer=tok)
-    log_path = args.log or (str(out / "train_log.jsonl") if out else None)
+    # save() replaces the whole output directory, so the log is written beside it and moved in at the end
+    log_path = args.log or (str(out.with_name(out.name + ".train_log.jsonl")) if out else None)
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     argv_used = list(sys.argv[1:] if argv is None else argv)
@@ -598,15 +604,21 @@ def main(argv=None) -> int:
     summary = dict(res["summary"])
     if out:
         tok.save(str(out / "tokenizer.json"))
+        if not args.log:
+            Path(log_path).replace(out / "train_log.jsonl")
         (out / "heldout.txt").write_text(heldout_text())
-        # the numbers the README and tests quote: held-out loss of the *saved* (FP8/FP4) weights, the
-        # fp32 weights as trained, the bigram baseline, expert specialisation vs random weights
+        # the numbers the README and tests quote: held-out loss of the *saved* (FP8/FP4) weights, of the
+        # weights as trained (fp32 masters; experts through FP4 if QAT was on at the end), the bigram baseline, expert specialisation vs random weights
         windows = data.heldout_windows(args.seq_len)
-        summary["heldout_loss_trained_fp32"] = evaluate(res["model"], windows, args.batch_size)["loss"]
+        summary["heldout_loss_as_trained"] = evaluate(res["model"], windows, args.batch_size)["loss"]
         loaded = model_mod.load(out)
         summary["heldout"] = evaluate(loaded, windows, args.batch_size)
         summary["bigram"] = bigram_loss(data.train, windows, cfg.vocab_size)
         classes = token_classes(tok)
+        sub = windows[:HELDOUT_TEST_WINDOWS]
+        summary["heldout_subset"] = {"windows": int(sub.shape[0]), **evaluate(loaded, sub, args.batch_size)}
+        windows = windows[:SPECIALISATION_WINDOWS]
+        summary["specialisation_windows"] = int(windows.shape[0])
         summary["specialisation_trained"] = expert_specialisation(loaded, windows, classes, args.batch_size)
         torch.manual_seed(args.seed)
         rand = V4Model(loaded.cfg)

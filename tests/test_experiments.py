@@ -1,0 +1,55 @@
+"""The stability experiments behind notebooks 04-06: structure of what they return, and that each knob
+really does what it says (tiny settings; the defaults are sized for a notebook cell)."""
+import pytest
+
+from v4lab.data import load_data
+from v4lab.experiments import anticipatory, qat, swiglu_clamp
+
+SMALL = dict(batch_size=2, seq_len=32, threads=1)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data(512)
+
+
+def test_count_spikes():
+    assert swiglu_clamp.count_spikes([5, 4, 3, 3.2, 4.0, 2.5, 3.1], margin=0.5) == 2
+    assert swiglu_clamp.count_spikes([3, 2, 1], margin=0.1) == 0
+
+
+def test_swiglu_clamp_binds_only_when_the_limit_is_reached(data):
+    r = swiglu_clamp.run(steps=2, lr=1e-2, data=data, **SMALL)
+    for v in ("clamp", "no_clamp"):
+        assert len(r[v]["loss"]) == 2 and len(r[v]["preact_max"]) == 2 and r[v]["spikes"] >= 0
+    # at init every pre-activation is far below 10: the clamp changes nothing, same first loss
+    assert max(r["clamp"]["preact_max"]) < 10
+    assert r["clamp"]["loss"][0] == r["no_clamp"]["loss"][0]
+    # a limit below the pre-activations must change the very first forward
+    r = swiglu_clamp.run(steps=1, lr=1e-2, limit=0.02, data=data, **SMALL)
+    assert r["clamp"]["preact_max"][0] > 0.02
+    assert r["clamp"]["loss"][0] != r["no_clamp"]["loss"][0]
+
+
+def test_qat_experiment_reports_the_gaps(data):
+    r = qat.run(steps=3, eval_windows=2, data=data, **SMALL)
+    h = r["heldout"]
+    assert set(h) == {"bf16", "bf16_rounded_after", "qat_fp4", "qat_unrounded"}
+    assert r["gap_ptq"] == pytest.approx(h["bf16_rounded_after"] - h["bf16"])
+    assert r["gap_qat"] == pytest.approx(h["qat_fp4"] - h["bf16"])
+    assert h["bf16_rounded_after"] != h["bf16"] and h["qat_fp4"] != h["qat_unrounded"]   # rounding is real
+    assert 12 < r["weight_sqnr_db"]["bf16"] < 30         # MXFP4 on Gaussian-like weights: ~19 dB
+    assert r["bf16"]["loss"][0] != r["qat"]["loss"][0]   # QAT changes the forward from step 0
+
+
+def test_anticipatory_experiment_modes(data):
+    r = anticipatory.run(steps=6, spike_at=3, spike_lr_mult=300.0, ar_lag=1, ar_duration=2, spike_ratio=1.1,
+                         data=data, **SMALL)
+    assert not any(r["off"]["ar_on"]) and all(r["always"]["ar_on"])
+    assert r["off"]["loss"][:3] != r["always"]["loss"][:3] or r["off"]["loss"][0] == r["always"]["loss"][0]
+    assert r["off"]["loss"][0] == r["always"]["loss"][0]           # step 0: routes from θ_0 either way
+    assert set(r["overhead"]) == {"off", "always", "spike"} and r["overhead"]["off"] == 0
+    ev = r["spike"]["events"]
+    assert ev and ev[0][1].startswith("spike")                      # the induced spike was detected
+    assert any(r["spike"]["ar_on"]) and not r["spike"]["ar_on"][0]
+    assert all(0 <= c <= 1 for c in r["always"]["churn"])

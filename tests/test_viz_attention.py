@@ -1,0 +1,180 @@
+"""Notebook 02's figures: the inspector swept over text, position, layer and head, checked against the
+model's own inspection record; the cost calculator checked against v4lab.accounting; the notebook loader."""
+import json
+
+import pytest
+import torch
+
+from v4lab import accounting, get_config
+from v4lab.model import V4Model
+from v4lab.viz import attention as A
+from v4lab.viz import trained
+from v4lab.viz.common import sweep
+from v4lab.viz.tour import CONTEXT_STOPS
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    model = V4Model(get_config("tiny")).eval()
+    tok = trained.byte_tokenizer()
+    return model, tok, {"source": "synthetic", "synthetic": True, "path": "", "config": "tiny", "description": "test"}
+
+
+@pytest.fixture
+def notebook_model(monkeypatch, small_model):
+    monkeypatch.setattr(trained, "trained_model", lambda data_dir=None: small_model)
+    return small_model
+
+
+def _ys(tr):
+    return list(tr.y) if tr.y is not None else []
+
+
+def _xs(tr):
+    return list(tr.x) if tr.x is not None else []
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_position_layer_head_sweeps_match_the_inspection(notebook_model, static):
+    model, _, _ = notebook_model
+    w = A.InspectWidget(static=static)
+    run = w.run
+    cfg, S, wnd = model.cfg, run.n_tokens, model.cfg.sliding_window
+    assert S == A.MAX_TOKENS                                         # the default text is long enough
+    seen = set()
+    for layer, _ in sweep(w, "layer"):
+        kind, m = cfg.layer_kind(layer), cfg.compress_ratio(layer)
+        for pos, _ in sweep(w, "position"):
+            f = w.fig.data
+            # the raw window: exactly positions max(0, t-w+1)..t
+            assert _xs(f[0]) == list(range(max(0, pos - wnd + 1), pos + 1))
+            vis = (pos + 1) // m if m else 0
+            entries = sorted(int(round((x - (m - 1) / 2) / m)) for x in _xs(f[1])) if m else []
+            if kind == "window":
+                assert entries == [] and _ys(f[3]) == [] and _xs(f[5]) == []
+            elif kind == "hca":
+                assert entries == list(range(vis))                  # HCA: every visible entry
+                assert _ys(f[3]) == []
+            else:                                                  # CSA: the top-k of the shown index scores
+                sc = torch.tensor(_ys(f[3]))
+                assert len(sc) == vis
+                k = min(cfg.index_topk, vis)
+                want = sorted(sc.sort(descending=True, stable=True).indices[:k].tolist())
+                assert entries == want == sorted(_xs(f[4]))
+            # one softmax over window + compressed + sink
+            total = sum(_ys(f[0])) + sum(_ys(f[1])) + f[2].y[0]
+            assert total == pytest.approx(1.0, abs=1e-5)
+            assert 0 < f[2].y[0] < 1
+            # pooling weights: each attended entry's slots (mean over channels) sum to 1
+            for row in (f[5].z or []):
+                assert sum(v for v in row if v is not None) == pytest.approx(1.0, abs=1e-5)
+            seen.add(w.fig.layout.title.text)
+        w.on_position(S - 1)
+    assert len(seen) > len(w.sweep_values("position"))             # the title follows every slider
+    heads = []
+    w.on_layer(1)
+    for h, _ in sweep(w, "head"):
+        heads.append(_ys(w.fig.data[0]) + _ys(w.fig.data[1]))
+        ref = run.layers[1]["probs_window"][S - 1, h]
+        assert _ys(w.fig.data[0]) == pytest.approx(ref.tolist(), abs=0)
+    assert len({tuple(x) for x in heads}) == cfg.num_attention_heads
+
+
+def test_text_sweep_reruns_once_and_clamps_the_position(notebook_model):
+    w = A.InspectWidget(static=False)
+    lengths = {}
+    for text, _ in sweep(w, "text"):
+        run = A.run_text(text)
+        lengths[text] = run.n_tokens
+        assert w.state["position"] <= run.n_tokens - 1
+        assert w.controls["position"].max == run.n_tokens - 1
+        # hover text of the window bars are the text's tokens
+        assert w.fig.data[0].hovertext[-1].endswith(repr(run.tokens[w.state["position"]]))
+    assert len(set(lengths.values())) > 1
+    n_before = len(A._RUNS)
+    w.on_text(list(trained.SAMPLE_TEXTS.values())[0])             # cached: no new forward
+    assert len(A._RUNS) == n_before
+
+
+def test_run_text_restores_inspect_and_equals_a_direct_forward(notebook_model):
+    model, tok, _ = notebook_model
+    text = "x = [i * i for i in range(10)]"
+    run = A.run_text(text)
+    assert all(not b.attn.inspect for b in model.layers)
+    ids = trained.encode(tok, text)
+    model.layers[1].attn.inspect = True
+    with torch.no_grad():
+        model(ids)
+    model.layers[1].attn.inspect = False
+    ref = model.layers[1].attn.last_inspect
+    assert torch.equal(run.layers[1]["probs_compressed"], ref["probs_compressed"][0])
+    assert torch.equal(run.layers[1]["index_scores"], ref["index_scores"][0])
+
+
+def test_bad_values_name_the_control(notebook_model):
+    w = A.InspectWidget(static=True)
+    with pytest.raises(ValueError, match="position = 9999"):
+        w.on_position(9999)
+    with pytest.raises(ValueError, match="layer = 17"):
+        w.on_layer(17)
+    with pytest.raises(ValueError, match="head"):
+        w.on_head(-2)
+    with pytest.raises(ValueError, match="text"):
+        w.on_text("")
+
+
+def test_build_inspect_is_the_static_fallback(notebook_model):
+    w = A.InspectWidget(static=True, layer=2, head=1, position=200)
+    fig = A.build_inspect(A.DEFAULT_TEXT, 200, 2, 1)
+    assert fig.to_plotly_json()["data"] == w.fig.to_plotly_json()["data"]
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_cost_sweep_matches_accounting(static):
+    w = A.CostWidget(static=static)
+    titles = set()
+    for ctx, _ in sweep(w, "context"):
+        kv = [t for t in w.fig.data if t.xaxis in (None, "x")]
+        for part_tr, part in zip(kv, A.KV_PARTS):
+            for m, y in zip(A.COST_MODELS, part_tr.y):
+                want = (accounting.gqa8("v4-pro", ctx)["total_bytes"] if m == "gqa8" and part == "gqa_kv" else
+                        0 if m == "gqa8" else accounting.kv_cache(m, ctx)["by_part"].get(part, 0))
+                assert y == pytest.approx(want / 1e9)
+        for m in ("v3.2", "v4-flash", "v4-pro"):
+            i = A.COST_MODELS.index(m)
+            got = sum(t.y[i] for t in w.fig.data[len(A.KV_PARTS):])
+            assert got == pytest.approx(accounting.decode_flops(m, ctx)["total"] / 1e9)
+        titles.add(w.fig.layout.title.text)
+    assert len(titles) == len(CONTEXT_STOPS)
+    kv_before = [list(t.y) for t in w.fig.data[:len(A.KV_PARTS)]]
+    fl = {}
+    for wt, _ in sweep(w, "weights"):
+        fl[wt] = [list(t.y) for t in w.fig.data[len(A.KV_PARTS):]]
+        assert [list(t.y) for t in w.fig.data[:len(A.KV_PARTS)]] == kv_before
+    assert fl["A"] != fl["B"]
+    with pytest.raises(ValueError, match="context = 1000"):
+        w.on_context(1000)
+
+
+def test_trained_model_falls_back_to_a_synthetic_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("V4LAB_CACHE", str(tmp_path / "cache"))
+    empty = tmp_path / "data"
+    empty.mkdir()
+    assert trained.find_trained(empty) is None
+    model, tok, info = trained.trained_model(empty)
+    assert info["synthetic"] and "SYNTHETIC" in info["description"]
+    assert model.cfg.num_hidden_layers == get_config("tiny").num_hidden_layers
+    assert trained.trained_model(empty)[0] is model                 # cached
+    ids = trained.encode(tok, "héllo")
+    assert tok.decode(ids[0].tolist()) == "héllo" and int(ids.max()) < model.cfg.vocab_size
+    # a directory with config.json + index is preferred (newest first); a tokenizer is required
+    ckpt = trained.synthetic_checkpoint()
+    fake = empty / "mine"
+    fake.mkdir()
+    for f in ("config.json", "model.safetensors.index.json"):
+        (fake / f).write_text((ckpt / f).read_text())
+    assert trained.find_trained(empty) == fake
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        trained.load_dir(fake)
+    trained._CACHE.clear()

@@ -1,0 +1,410 @@
+"""Notebook 01: V4's MoE — 671B → 1.6T, the sqrt-softplus gate, hash layers and the bias knob.
+
+Three widgets and two static figures on the pattern of :mod:`v4lab.viz.common`:
+
+* :class:`ExpansionWidget` — V3 with your own routed-expert count, expert width and top-k → total and
+  active parameters (``v4lab.accounting.params``), beside V3 and V4-Pro; :func:`build_expansion` splits
+  the real 671B → 1.6T growth into its factors (``accounting.moe_expansion``).
+* :class:`AffinityWidget` — the affinity functions (``v4lab.gate.gate_scores``: sqrt-softplus, sigmoid,
+  softmax) on one token's logits, shifted and spread by the sliders, and the top-k weights after
+  renormalisation (``select_topk`` + ``route_weights``).
+* :class:`BiasWidget` — on the notebook model (:mod:`v4lab.viz.trained`): layer, expert and bias change δ
+  → expert load before/after and which tokens join or leave that expert (``v4lab.moe.bias_sensitivity``).
+  The model runs once per text; the sliders only redo a top-k over the cached affinities.
+* :func:`build_routing` — per-layer expert load on a text, hash layers marked (``layer_routing_stats``).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from functools import lru_cache
+
+import torch
+
+from v4lab import accounting, get_config
+from v4lab.gate import gate_scores, route_weights, select_topk
+from v4lab.moe import bias_sensitivity, expert_load, layer_routing_stats, load_imbalance
+from v4lab.viz import trained
+from v4lab.viz.common import COLORS, Widget, check_choice, figure_from, register
+
+# ------------------------------------------------------------------------------------ 671B -> 1.6T
+EXPERT_STOPS = [64, 128, 160, 256, 384, 512]
+WIDTH_STOPS = [1024, 1536, 2048, 2560, 3072, 4096]
+TOPK_STOPS = [1, 2, 4, 6, 8, 12, 16]
+FACTOR_LABELS = {"experts": "more experts (256 → 384)", "expert_width": "wider experts (2048 → 3072)",
+                 "hidden_size": "wider model", "moe_layers": "more MoE layers (58 → 61)"}
+
+
+def expansion_table() -> str:
+    """Plain text: V3 → V4-Pro, the factors and their shares (what notebook 01's checked cell prints)."""
+    e = accounting.moe_expansion("v3", "v4-pro")
+    lines = [f"total params  {e['total_from'] / 1e9:7.1f}B → {e['total_to'] / 1e9:7.1f}B  "
+             f"(+{e['total_growth'] / 1e9:.1f}B, {100 * e['routed_share_of_growth']:.1f}% of it routed experts)",
+             f"routed experts {e['routed_from'] / 1e9:6.1f}B → {e['routed_to'] / 1e9:7.1f}B",
+             f"{'factor':<14} {'V3':>6} {'V4-Pro':>7} {'ratio':>6} {'log share':>9} {'params (Shapley)':>17}"]
+    for k in e["factor_ratio"]:
+        lines.append(f"{k:<14} {e['factors_from'][k]:>6} {e['factors_to'][k]:>7} {e['factor_ratio'][k]:>6.3f} "
+                     f"{100 * e['log_share'][k]:>8.1f}% {e['shapley_params'][k] / 1e9:>16.1f}B")
+    return "\n".join(lines)
+
+
+def build_expansion():
+    """Static: where the routed-expert growth of V3 → V4-Pro comes from (Shapley split, B params)."""
+    e = accounting.moe_expansion("v3", "v4-pro")
+    ks = [k for k in e["shapley_params"] if e["shapley_params"][k] > 0]
+    traces = [dict(type="bar", x=[FACTOR_LABELS[k] for k in ks], y=[e["shapley_params"][k] / 1e9 for k in ks],
+                   text=[f"{e['shapley_params'][k] / 1e9:.0f}B" for k in ks], textposition="outside",
+                   marker=dict(color=COLORS["v4-pro"]), name="routed-expert growth"),
+              dict(type="bar", x=["everything else"], y=[e["rest_growth"] / 1e9], name="rest",
+                   text=[f"{e['rest_growth'] / 1e9:.1f}B"], textposition="outside", marker=dict(color="#9e9e9e"))]
+    return figure_from({"traces": traces, "layout": {"title": {"text": (
+        f"V3 {e['total_from'] / 1e9:.0f}B → V4-Pro {e['total_to'] / 1e12:.2f}T: where the "
+        f"{e['total_growth'] / 1e9:.0f}B come from"), "font": {"size": 13}}}},
+        dict(yaxis=dict(title="added parameters (B)"), showlegend=False, height=380))
+
+
+@lru_cache(maxsize=512)
+def designed_params(experts: int, width: int, topk: int) -> tuple[float, float]:
+    """(total, active) parameters of V3 with these routed experts (no group limit, as V4)."""
+    cfg = get_config("v3").replace(n_routed_experts=experts, moe_intermediate_size=width,
+                                   num_experts_per_tok=topk, n_group=1, topk_group=1, name="yours")
+    p = accounting.params(cfg)
+    return float(p["total"]), float(p["active"])
+
+
+@lru_cache(maxsize=4)
+def _ref_params(name: str) -> tuple[float, float]:
+    p = accounting.params(name)
+    return float(p["total"]), float(p["active"])
+
+
+def expansion_data(experts: int = 256, width: int = 2048, topk: int = 8) -> dict:
+    """Traces: total params (3 bars: V3, yours, V4-Pro) and active params (3 bars)."""
+    check_choice("experts", experts, EXPERT_STOPS)
+    check_choice("width", width, WIDTH_STOPS)
+    check_choice("topk", topk, TOPK_STOPS)
+    if topk > experts:
+        raise ValueError(f"topk = {topk}: must be <= experts = {experts}")
+    v3, yours, pro = _ref_params("v3"), designed_params(experts, width, topk), _ref_params("v4-pro")
+    xs = ["V3", f"yours: {experts}×{width}, top-{topk}", "V4-Pro"]
+    cols = [COLORS["v3"], "#ff7f0e", COLORS["v4-pro"]]
+    traces = []
+    for i, (label, ax) in enumerate((("total", ("x", "y")), ("active per token", ("x2", "y2")))):
+        ys = [v3[i] / 1e9, yours[i] / 1e9, pro[i] / 1e9]
+        traces.append(dict(type="bar", x=xs, y=ys, text=[f"{y:.1f}B" for y in ys], textposition="outside",
+                           marker=dict(color=cols), name=label, xaxis=ax[0], yaxis=ax[1]))
+    title = (f"Yours: {yours[0] / 1e9:.0f}B total ({yours[0] / v3[0]:.2f}× V3), {yours[1] / 1e9:.1f}B active "
+             f"({yours[1] / v3[1]:.2f}× V3) · active share {100 * yours[1] / yours[0]:.1f}%")
+    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}}}
+
+
+EXPANSION_LAYOUT = dict(height=420, showlegend=False,
+                        xaxis=dict(domain=[0, 0.46]), yaxis=dict(title="total parameters (B)"),
+                        xaxis2=dict(domain=[0.56, 1], anchor="y2"),
+                        yaxis2=dict(title="active parameters per token (B)", anchor="x2"))
+
+
+@register
+class ExpansionWidget(Widget):
+    """Routed experts, expert width and top-k on V3's backbone → total and active parameters."""
+
+    name = "moe.expansion"
+    defaults = {"experts": 256, "width": 2048, "topk": 8}
+
+    def validate(self, state):
+        check_choice("experts", state["experts"], EXPERT_STOPS)
+        check_choice("width", state["width"], WIDTH_STOPS)
+        check_choice("topk", state["topk"], TOPK_STOPS)
+
+    def data(self):
+        return expansion_data(**self.state)
+
+    def layout(self):
+        return EXPANSION_LAYOUT
+
+    def make_controls(self):
+        import ipywidgets as W
+        return {"experts": W.SelectionSlider(options=EXPERT_STOPS, value=self.state["experts"], description="experts"),
+                "width": W.SelectionSlider(options=WIDTH_STOPS, value=self.state["width"], description="width"),
+                "topk": W.SelectionSlider(options=TOPK_STOPS, value=self.state["topk"], description="top-k")}
+
+    def sweep_values(self, control):
+        return {"experts": EXPERT_STOPS, "width": WIDTH_STOPS, "topk": TOPK_STOPS}[control]
+
+    def on_experts(self, value):
+        self.set(experts=value)
+
+    def on_width(self, value):
+        self.set(width=value)
+
+    def on_topk(self, value):
+        self.set(topk=value)
+
+
+# ------------------------------------------------------------------------------------ affinity functions
+FUNCS = {"sqrtsoftplus": ("sqrt(softplus(z))  V4", COLORS["v4-pro"]), "sigmoid": ("sigmoid(z)  V3", COLORS["v3.2"]),
+         "softmax": ("softmax(z)  V2", "#bcbd22")}
+SHIFT_STOPS = [-6.0, -4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0, 6.0]
+SPREAD_STOPS = [0.25, 0.5, 1.0, 2.0, 4.0]
+AFF_E, AFF_K = 16, 4                                 # one token over 16 experts, top-4
+Z_GRID = [i / 10 for i in range(-100, 101)]
+
+
+@lru_cache(maxsize=1)
+def base_logits() -> torch.Tensor:
+    """One token's gate logits over 16 experts (seeded, unit variance)."""
+    return torch.randn(AFF_E, generator=torch.Generator().manual_seed(1))
+
+
+@lru_cache(maxsize=1)
+def _curves() -> dict:
+    z = torch.tensor(Z_GRID)
+    return {f: gate_scores(z, f).tolist() for f in ("sqrtsoftplus", "sigmoid")}
+
+
+def affinity_data(shift: float = 0.0, spread: float = 1.0) -> dict:
+    """Traces: the two elementwise curves s(z) (static), the token's 16 logits on each (moving), and the
+    renormalised top-4 weights under each of the three scoring functions (route scale 1)."""
+    check_choice("shift", shift, SHIFT_STOPS)
+    check_choice("spread", spread, SPREAD_STOPS)
+    z = base_logits() * spread + shift
+    c = _curves()
+    traces = []
+    for f in ("sqrtsoftplus", "sigmoid"):
+        traces.append(dict(type="scatter", mode="lines", x=Z_GRID, y=c[f], name=FUNCS[f][0], legendgroup=f,
+                           line=dict(color=FUNCS[f][1]), xaxis="x", yaxis="y"))
+    for f in ("sqrtsoftplus", "sigmoid"):
+        s = gate_scores(z[None], f)[0]
+        traces.append(dict(type="scatter", mode="markers", x=z.tolist(), y=s.tolist(), name=f"token logits ({f})",
+                           legendgroup=f, showlegend=False, marker=dict(color=FUNCS[f][1], size=7),
+                           xaxis="x", yaxis="y"))
+    tops = {}
+    for f in FUNCS:
+        s = gate_scores(z[None], f)                                        # [1, E]
+        idx = select_topk(s, None, AFF_K)                                  # no bias: the learned choice
+        w = route_weights(s, idx, 1.0, renormalize=True)[0]
+        tops[f] = w.tolist()
+        traces.append(dict(type="bar", x=[f"#{i + 1}" for i in range(AFF_K)], y=w.tolist(), name=FUNCS[f][0],
+                           legendgroup=f, showlegend=f == "softmax", marker=dict(color=FUNCS[f][1]),
+                           text=[f"{v:.2f}" for v in w.tolist()], textposition="outside", xaxis="x2", yaxis="y2"))
+    title = (f"logits × {spread:g} {'+' if shift >= 0 else '−'} {abs(shift):g}: top-1 weight "
+             + ", ".join(f"{f} {tops[f][0]:.2f}" for f in FUNCS) + f" (uniform = {1 / AFF_K:.2f})")
+    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}}}
+
+
+AFFINITY_LAYOUT = dict(height=420, barmode="group",
+                       xaxis=dict(domain=[0, 0.48], title="gate logit z", range=[-10, 10]),
+                       yaxis=dict(title="affinity s(z)", range=[0, 3.3]),
+                       xaxis2=dict(domain=[0.58, 1], title="the token's top-4 experts (by affinity)", anchor="y2"),
+                       yaxis2=dict(title="routing weight after renormalisation", range=[0, 1.05], anchor="x2"))
+
+
+@register
+class AffinityWidget(Widget):
+    """Shift and spread one token's logits → affinities on each curve, renormalised top-k weights."""
+
+    name = "moe.affinity"
+    defaults = {"shift": 0.0, "spread": 1.0}
+
+    def validate(self, state):
+        check_choice("shift", state["shift"], SHIFT_STOPS)
+        check_choice("spread", state["spread"], SPREAD_STOPS)
+
+    def data(self):
+        return affinity_data(**self.state)
+
+    def layout(self):
+        return AFFINITY_LAYOUT
+
+    def make_controls(self):
+        import ipywidgets as W
+        return {"shift": W.SelectionSlider(options=[(f"{v:+g}", v) for v in SHIFT_STOPS], value=self.state["shift"],
+                                           description="shift"),
+                "spread": W.SelectionSlider(options=[(f"×{v:g}", v) for v in SPREAD_STOPS],
+                                            value=self.state["spread"], description="spread")}
+
+    def sweep_values(self, control):
+        return {"shift": SHIFT_STOPS, "spread": SPREAD_STOPS}[control]
+
+    def on_shift(self, value):
+        self.set(shift=value)
+
+    def on_spread(self, value):
+        self.set(spread=value)
+
+
+# ------------------------------------------------------------------------------------ routing on the model
+DEFAULT_TEXT = trained.SAMPLE_TEXTS["for-loop"]
+MAX_TOKENS = 256
+DELTA_STOPS = [-0.2, -0.1, -0.05, -0.02, -0.01, -0.005, 0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
+
+_ROUTES: OrderedDict = OrderedDict()
+
+
+@torch.no_grad()
+def route_text(text: str = DEFAULT_TEXT, model=None, tok=None) -> dict:
+    """Run ``text`` once; per MoE layer keep the affinities [T, E], the bias, the chosen idx and the stats.
+    Cached per text (the last 8). Returns {"tokens", "ids", "layers": [{layer, hash, scores, bias, idx, k}],
+    "stats": layer_routing_stats(...)}."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"text = {text!r}: must be a non-empty string")
+    if model is None:
+        model, tok, _ = trained.trained_model()
+    key = (id(model), text)
+    if key in _ROUTES:
+        _ROUTES.move_to_end(key)
+        return _ROUTES[key]
+    ids = trained.encode(tok, text, MAX_TOKENS)
+    model(ids)
+    moes = [b.ffn for b in model.layers]
+    layers = [{"layer": m.layer_id, "hash": m.gate.is_hash, "scores": m.last_routing["scores"].detach().float(),
+               "bias": None if m.gate.bias is None else m.gate.bias.detach().float().clone(),
+               "idx": m.last_routing["idx"].clone(), "k": m.gate.topk, "n_group": m.gate.n_group,
+               "topk_group": m.gate.topk_group} for m in moes]
+    out = {"ids": ids[0].tolist(), "tokens": trained.token_strings(tok, ids), "layers": layers,
+           "stats": layer_routing_stats(moes)}
+    _ROUTES[key] = out
+    while len(_ROUTES) > 8:
+        _ROUTES.popitem(last=False)
+    return out
+
+
+def learned_layers(routes: dict) -> list[int]:
+    return [r["layer"] for r in routes["layers"] if not r["hash"]]
+
+
+def bias_data(routes: dict, layer: int, expert: int, delta: float) -> dict:
+    """Traces: load before (all experts), load after moving b_expert by delta, all tokens (grey strip),
+    tokens that join the expert, tokens that leave it."""
+    learned = learned_layers(routes)
+    check_choice("layer", layer, learned)
+    r = routes["layers"][layer]
+    E = r["scores"].shape[-1]
+    if isinstance(expert, bool) or not isinstance(expert, int) or not 0 <= expert < E:
+        raise ValueError(f"expert = {expert!r}: must be an integer in [0, {E - 1}]")
+    check_choice("delta", delta, DELTA_STOPS)
+    sens = bias_sensitivity(r["scores"], r["bias"], expert, delta, r["k"], r["n_group"], r["topk_group"])
+    before, after = expert_load(sens["before"], E), expert_load(sens["after"], E)
+    toks = routes["tokens"]
+    T = len(toks)
+    joined = sens["joined"].nonzero().flatten().tolist()
+    left = sens["left"].nonzero().flatten().tolist()
+    cols = ["#ff7f0e" if e == expert else "#1f77b4" for e in range(E)]
+    traces = [
+        dict(type="bar", x=list(range(E)), y=before.tolist(), name="load now", marker=dict(color="#cccccc"),
+             xaxis="x", yaxis="y"),
+        dict(type="bar", x=list(range(E)), y=after.tolist(), name=f"load with b[{expert}] {delta:+g}",
+             marker=dict(color=cols), xaxis="x", yaxis="y"),
+        dict(type="scatter", mode="markers", x=list(range(T)), y=[0] * T, name="tokens",
+             marker=dict(color="#dddddd", size=5), hovertext=toks, xaxis="x2", yaxis="y2"),
+        dict(type="scatter", mode="markers+text", x=joined, y=[1] * len(joined), name=f"join expert {expert}",
+             marker=dict(color="#2ca02c", size=9, symbol="triangle-up"), text=[toks[i] for i in joined],
+             textposition="top center", xaxis="x2", yaxis="y2"),
+        dict(type="scatter", mode="markers+text", x=left, y=[-1] * len(left), name=f"leave expert {expert}",
+             marker=dict(color="#d62728", size=9, symbol="triangle-down"), text=[toks[i] for i in left],
+             textposition="bottom center", xaxis="x2", yaxis="y2"),
+    ]
+    b = 0.0 if r["bias"] is None else float(r["bias"][expert])
+    title = (f"layer {layer}, expert {expert}: bias {b:+.3f} → {b + delta:+.3f} · {len(joined)} tokens join, "
+             f"{len(left)} leave · load {int(before[expert])} → {int(after[expert])} · max/mean "
+             f"{load_imbalance(before):.2f} → {load_imbalance(after):.2f}")
+    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}}}
+
+
+BIAS_LAYOUT = dict(height=520, barmode="overlay",
+                   xaxis=dict(domain=[0, 1], title="expert", anchor="y", dtick=1),
+                   yaxis=dict(domain=[0.45, 1], title="tokens routed (top-k slots)", anchor="x"),
+                   xaxis2=dict(domain=[0, 1], title="token position in the text", anchor="y2"),
+                   yaxis2=dict(domain=[0, 0.3], range=[-2, 2], showticklabels=False, anchor="x2"))
+
+
+def build_bias(text: str = DEFAULT_TEXT, layer: int | None = None, expert: int = 0, delta: float = 0.02):
+    routes = route_text(text)
+    layer = learned_layers(routes)[0] if layer is None else layer
+    return figure_from(bias_data(routes, layer, expert, delta), BIAS_LAYOUT)
+
+
+@register
+class BiasWidget(Widget):
+    """Layer (learned-gate layers), expert and δ → expert load before/after and the tokens that move."""
+
+    name = "moe.bias"
+    defaults = {"layer": -1, "expert": 0, "delta": 0.02}
+
+    def __init__(self, static=None, text: str = DEFAULT_TEXT, **state):
+        self.text = text
+        self.routes = route_text(text)
+        super().__init__(static, **state)
+
+    def validate(self, state):
+        learned = learned_layers(self.routes)
+        if not learned:
+            raise ValueError("layer: this model has no learned-gate MoE layer (all are hash-routed)")
+        if state["layer"] == -1:                                    # default: the first learned layer
+            state["layer"] = learned[0]
+        check_choice("layer", state["layer"], learned)
+        E = self.routes["layers"][state["layer"]]["scores"].shape[-1]
+        if isinstance(state["expert"], bool) or not isinstance(state["expert"], int) or not 0 <= state["expert"] < E:
+            raise ValueError(f"expert = {state['expert']!r}: must be an integer in [0, {E - 1}]")
+        check_choice("delta", state["delta"], DELTA_STOPS)
+
+    def data(self):
+        return bias_data(self.routes, **self.state)
+
+    def layout(self):
+        return BIAS_LAYOUT
+
+    def make_controls(self):
+        import ipywidgets as W
+        E = self.routes["layers"][self.state["layer"]]["scores"].shape[-1]
+        return {"layer": W.Dropdown(options=learned_layers(self.routes), value=self.state["layer"], description="layer"),
+                "expert": W.IntSlider(min=0, max=E - 1, value=self.state["expert"], description="expert"),
+                "delta": W.SelectionSlider(options=[(f"{d:+g}", d) for d in DELTA_STOPS], value=self.state["delta"],
+                                           description="bias δ")}
+
+    def sweep_values(self, control):
+        E = self.routes["layers"][self.state["layer"]]["scores"].shape[-1]
+        return {"layer": learned_layers(self.routes), "expert": list(range(E)), "delta": DELTA_STOPS}[control]
+
+    def on_layer(self, value):
+        self.set(layer=int(value))
+
+    def on_expert(self, value):
+        self.set(expert=int(value))
+
+    def on_delta(self, value):
+        self.set(delta=value)
+
+
+def build_routing(text: str = DEFAULT_TEXT):
+    """Static: expert load per MoE layer on ``text`` (share of top-k slots), hash layers marked."""
+    routes = route_text(text)
+    stats = routes["stats"]
+    z = [[v / sum(s["load"]) for v in s["load"]] for s in stats]
+    ylab = [f"layer {s['layer']} ({'hash' if s['hash'] else 'learned'}) max/mean {s['max_over_mean']:.2f}"
+            for s in stats]
+    tr = dict(type="heatmap", z=z, x=list(range(len(z[0]))), y=ylab, colorscale="Blues", zmin=0,
+              hovertemplate="%{y}<br>expert %{x}: %{z:.3f} of slots<extra></extra>")
+    return figure_from({"traces": [tr], "layout": {"title": {"text": "expert load per layer (share of top-k slots)",
+                                                             "font": {"size": 13}}}},
+                       dict(height=120 + 40 * len(z), xaxis=dict(title="expert", dtick=1),
+                            yaxis=dict(autorange="reversed"), margin=dict(l=300, r=20, t=50, b=50)))
+
+
+def hash_consistency(routes: dict) -> list[dict]:
+    """Per MoE layer: among tokens whose id occurs more than once, the share of repeats routed to exactly the
+    experts of the id's first occurrence (1.0 = routing depends only on the token id, as hash layers do)."""
+    ids = routes["ids"]
+    first: dict[int, int] = {}
+    pairs = []
+    for t, i in enumerate(ids):
+        if i in first:
+            pairs.append((first[i], t))
+        else:
+            first[i] = t
+    out = []
+    for r in routes["layers"]:
+        sets = [tuple(sorted(x)) for x in r["idx"].tolist()]
+        same = sum(sets[a] == sets[b] for a, b in pairs)
+        out.append({"layer": r["layer"], "hash": r["hash"], "repeats": len(pairs),
+                    "same_experts": same / max(1, len(pairs))})
+    return out

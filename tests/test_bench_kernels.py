@@ -77,6 +77,23 @@ def test_table_gpu_columns(records):
     assert "roofline" in t and "HBM" in t and "4.8 TB/s" in t and "NOT performance" not in t
 
 
+def test_gpu_record_path(monkeypatch):
+    """The compiled-GPU branch of a record (roofline fields, repeats, table), driven on CPU: the kernel
+    still runs in the interpreter, only the reported mode and GPU name are faked."""
+    monkeypatch.setattr(bk, "kernel_mode", lambda: "compiled")
+    calls = []
+    orig = bk._time
+    monkeypatch.setattr(bk, "_time", lambda fn, dev, reps: calls.append(reps) or orig(fn, dev, reps))
+    r = bk.bench_case(bk.CASES["fp4_gemm"], torch.device("cpu"), "quick", 2, gpu="NVIDIA H200")
+    assert calls == [2, 2] and r["timing_meaningful"] and r["gpu_key"] == "H200" and "note" not in r
+    assert r["peak_precision"] == "fp32" and r["peak_flops"] == pytest.approx(67e12)
+    t_roof = max(r["flops"] / 67e12, r["bytes"] / 4.8e12)
+    assert r["roofline_frac"] == pytest.approx(t_roof / (r["ms"] / 1e3))
+    assert "roofline" in bk.table([r])
+    u = bk.bench_case(bk.CASES["quant"], torch.device("cpu"), "quick", 1, gpu="Mystery GPU 9000")
+    assert "roofline_frac" not in u and "not in hardware.json" in u["note"]
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown"):
         bk.run(quick=True, kernels=["nope"])

@@ -196,3 +196,24 @@ def test_log_has_the_documented_fields(cfg, data, tmp_path):
     assert len(lines[0]["load"]) == len(r["model"].blocks())
     assert sum(lines[0]["load"][0]) == B * S * 2              # every token, top-2
     assert 0.5 < lines[0]["mhc_gain"] < 2.0
+
+
+def test_newton_schulz_orthogonalises():
+    g = torch.randn(24, 40, generator=torch.Generator().manual_seed(0))
+    sv = torch.linalg.svdvals(T.newton_schulz(g))
+    assert sv.min() > 0.6 and sv.max() < 1.25                 # singular values pulled to ~1
+    sv_t = torch.linalg.svdvals(T.newton_schulz(g.T))        # tall input: same treatment
+    assert torch.allclose(sv_t, sv, atol=1e-4)
+
+
+def test_muon_split_and_step(cfg, data):
+    torch.manual_seed(0)
+    m = V4Model(cfg)
+    opts = T.make_optimizer(m, "muon", 1e-3, 0.1)
+    muon = opts[1].param_groups[0]["params"]
+    names = {id(p): n for n, p in m.named_parameters()}
+    got = {names[id(p)] for p in muon}
+    assert "layers.1.attn.wq_a.weight" in got and "layers.0.ffn.experts.0.w1.weight" in got
+    assert not any(n.startswith(("embed", "head")) or ".hc_" in n or "norm" in n for n in got)
+    r = _run(cfg, data, steps=2, optimizer="muon", lr=1e-3)
+    assert all(torch.isfinite(torch.tensor(x["loss"])) for x in r["log"])

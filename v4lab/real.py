@@ -89,14 +89,36 @@ def open_real(path=None, expect: str | V4Config | None = None) -> CheckpointRead
     the differing keys. ``path`` may already be a CheckpointReader."""
     if isinstance(path, CheckpointReader):
         reader = path
+        reader.validate()
     else:
         p = real_weights_path(path)
         if p is None:
             raise ValueError(f"path = None: no download given and ${ENV} is not set")
-        reader = CheckpointReader(p)
-        reader.validate()                       # config.json against every header: names, shapes, dtypes
+        reader = _cached_reader(p)
     if expect is not None:
         check_config(reader.config, expect)
+    return reader
+
+
+_READERS: dict[tuple, CheckpointReader] = {}
+
+
+def _cached_reader(p: Path) -> CheckpointReader:
+    """Validated readers, kept per directory (and the mtimes of its config and index) so that a notebook
+    drawing 43 layers parses a release's headers once."""
+    from v4lab.checkpoint import INDEX_FILE
+    try:
+        key = (str(p.resolve()), (p / "config.json").stat().st_mtime_ns, (p / INDEX_FILE).stat().st_mtime_ns)
+    except OSError:
+        key = None
+    if key is not None and key in _READERS:
+        return _READERS[key]
+    reader = CheckpointReader(p)
+    reader.validate()                           # config.json against every header: names, shapes, dtypes
+    if key is not None:
+        if len(_READERS) >= 4:
+            _READERS.pop(next(iter(_READERS)))
+        _READERS[key] = reader
     return reader
 
 
@@ -185,8 +207,9 @@ def mhc_static(path, layer: int, site: str = "attn") -> dict:
                 "scale": reader.get("hc_head_scale").float()}
     if site not in ("attn", "ffn"):
         _bad("site", site, "must be 'attn', 'ffn' or 'head'")
-    p = layer_prefix(cfg, layer) if isinstance(layer, int) and not isinstance(layer, bool) else _bad(
-        "layer", layer, "must be an int layer index")
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        _bad("layer", layer, "must be an int layer index")
+    p = layer_prefix(cfg, layer)
     base = reader.get(f"{p}hc_{site}_base").float()
     comb = sinkhorn(base[2 * n:].view(n, n), cfg.hc_sinkhorn_iters, cfg.hc_eps)
     return {"layer": layer, "site": site, "pre": torch.sigmoid(base[:n]) + cfg.hc_eps,
@@ -391,9 +414,10 @@ class StreamingLoader:
               if not n.endswith(".scale")}
         missing, unexpected = blk.load_state_dict(sd, strict=False, assign=True)
         del sd
-        if unexpected or any(".experts." not in m for m in missing):
+        lacking = [m for m in missing if ".experts." not in m]
+        if unexpected or lacking:
             raise ValueError(f"layer {i}: checkpoint keys do not match v4lab's Block "
-                             f"(unexpected {unexpected[:3]}, missing {[m for m in missing if '.experts.' not in m][:3]})")
+                             f"(unexpected {unexpected[:3]}, missing {lacking[:3]})")
         # Plain tensor attributes built in __init__ (RoPE frequencies) were made on meta: rebuild them.
         freqs = layer_inv_freq(cfg, i)
         for m in blk.modules():

@@ -628,6 +628,7 @@ def main(argv=None) -> int:
         summary["specialisation_random"] = expert_specialisation(rand, windows, classes, args.batch_size)
         summary["corpus"] = data.fingerprint
         summary["command"] = "v4lab train " + " ".join(argv_used)
+        summary["args"] = vars(args)
         summary["torch"] = torch.__version__
         (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k not in ("corpus",)}, indent=1)[:4000])

@@ -75,7 +75,8 @@ def _sparse_attn(dev, size):
     flops = 4 * B * S * H * K * D                                       # q·kv and p·kv, 2 FLOPs per MAC
     byts = B * S * (2 * H * D * _es(q) + K * D * _es(kv) + K * 8) + H * 4
     prec = "bf16" if dt == torch.bfloat16 else "fp32"                   # bf16 path uses tensor cores
-    return (q, kv, sink, idx, D ** -0.5), f"q [{B},{S},{H},{D}] {str(dt)[6:]}, kv [{B},{N},{D}], K={K}", flops, byts, prec
+    shapes = f"q [{B},{S},{H},{D}] {str(dt)[6:]}, kv [{B},{N},{D}], K={K}"
+    return (q, kv, sink, idx, D ** -0.5), shapes, flops, byts, prec
 
 
 def _compressor(dev, size):
@@ -234,7 +235,8 @@ def roofline_fields(flops: float, byts: float, seconds: float, gpu_key: str | No
 
 
 @torch.no_grad()
-def bench_case(case: Case, dev: torch.device, size: str, repeat: int) -> dict:
+def bench_case(case: Case, dev: torch.device, size: str, repeat: int, gpu: str | None = None) -> dict:
+    """One record. ``gpu``: ``torch.cuda.get_device_name`` of ``dev`` (None on CPU)."""
     args, shapes, flops, byts, prec = case.make(dev, size)
     kern = _kernel_fn(case.kernel)
     out_k = kern(*args)
@@ -242,16 +244,17 @@ def bench_case(case: Case, dev: torch.device, size: str, repeat: int) -> dict:
     _sync(dev)
     diff, ref_max = _max_abs_diff(out_k, out_r)
     rel = case.rel_tol
-    if dev.type == "cuda" and any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args):
+    if any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args):
         rel = max(rel, GPU_BF16_REL_TOL)
     tol = rel * max(1.0, ref_max)
     interp = kernel_mode() == "interpreter"
     reps = 1 if interp else repeat
     t_k = _time(lambda: kern(*args), dev, reps)
     t_r = _time(lambda: case.reference(*args), dev, reps)
-    name = gpu_name(dev) if dev.type == "cuda" else None
+    name = gpu
     key = hardware.identify_gpu(name) if name else None
-    rec = {"kernel": case.name, "what": case.what, "reference": f"{case.reference.__module__}.{case.reference.__name__}",
+    ref_name = f"{case.reference.__module__}.{case.reference.__name__}"
+    rec = {"kernel": case.name, "what": case.what, "reference": ref_name,
            "device": str(dev), "gpu": name, "gpu_key": key, "mode": kernel_mode(), "shapes": shapes,
            "flops": float(flops), "bytes": float(byts), "ms": t_k * 1e3, "ms_reference": t_r * 1e3,
            "speedup_vs_reference": t_r / t_k, "max_abs_diff": diff, "max_abs_reference": ref_max,
@@ -259,7 +262,7 @@ def bench_case(case: Case, dev: torch.device, size: str, repeat: int) -> dict:
     rec.update(roofline_fields(flops, byts, t_k, key if not interp else None, prec))
     if interp:
         rec["note"] = CPU_NOTE
-    elif key is None and dev.type == "cuda":
+    elif key is None and name:
         rec["note"] = f"GPU {name!r} is not in hardware.json (add it with a 'match' entry): no roofline fractions"
     return rec
 
@@ -276,7 +279,8 @@ def run(quick: bool = False, device: str | torch.device | None = None, kernels: 
         size, repeat = "gpu", (5 if quick else 20)
     else:
         size, repeat = ("quick" if quick else "cpu"), 1
-    return [bench_case(CASES[n], dev, size, repeat) for n in names]
+    name = gpu_name(dev) if dev.type == "cuda" else None
+    return [bench_case(CASES[n], dev, size, repeat, name) for n in names]
 
 
 def _fmt_rate(v: float, unit: str) -> str:
@@ -311,7 +315,8 @@ def table(records: list[dict]) -> str:
         k = r0["gpu_key"]
         g = hardware.gpu(k)
         lines.append(f"roofline: max(FLOPs/peak, bytes/HBM) / measured; {k}: {g['hbm_tb_s']} TB/s, "
-                     f"BF16 {g['tflops']['bf16']} / FP8 {g['tflops']['fp8']} / FP32 {g.get('fp32_tflops')} TFLOP/s dense"
+                     f"BF16 {g['tflops']['bf16']} / FP8 {g['tflops']['fp8']} / FP32 {g.get('fp32_tflops')} "
+                     "TFLOP/s dense"
                      " (peak = the kernel's math precision: fp32 CUDA cores for IEEE-fp32 dots)")
     return "\n".join(lines)
 

@@ -29,7 +29,7 @@ def _eval(model, windows, qat: bool) -> float:
     return evaluate(model, windows)["loss"]
 
 
-def run(seed: int = 0, *, steps: int = 40, lr: float = 1e-2, batch_size: int = 8, seq_len: int = 64,
+def run(seed: int = 0, *, steps: int = 30, lr: float = 1e-2, batch_size: int = 8, seq_len: int = 64,
         eval_windows: int = 16, data=None, threads: int | None = None) -> dict:
     """Returns {"config", "step", "bf16": {"loss": [...]}, "qat": {"loss": [...]}, "heldout": {
     "bf16": L, "bf16_rounded_after": L, "qat_fp4": L, "qat_unrounded": L}, "gap_ptq", "gap_qat",

@@ -21,7 +21,7 @@ def count_spikes(losses: list[float], margin: float) -> int:
     return n
 
 
-def run(seed: int = 0, *, steps: int = 40, lr: float = 3e-2, limit: float = 10.0, batch_size: int = 8,
+def run(seed: int = 0, *, steps: int = 30, lr: float = 5e-2, limit: float = 10.0, batch_size: int = 8,
         seq_len: int = 64, spike_margin: float = 0.5, data=None, threads: int | None = None) -> dict:
     """Returns {"config", "step", "clamp": {...}, "no_clamp": {...}} with, per variant, lists over steps:
     loss, lm_loss, grad_norm, preact_max (max over layers of pre-clamp |W1 x|, |W3 x|), moe_max (max |MoE

@@ -154,7 +154,8 @@ def build_routing(result: real.StreamResult) -> go.Figure:
 def indexer_data(result: real.StreamResult, layer: int) -> dict:
     """Which compressed entries the CSA indexer picked for each query (1 = picked)."""
     if layer not in result.index_selections:
-        raise ValueError(f"layer = {layer!r}: not a CSA layer of this forward; CSA layers: {sorted(result.index_selections)}")
+        raise ValueError(f"layer = {layer!r}: not a CSA layer of this forward; "
+                         f"CSA layers: {sorted(result.index_selections)}")
     sel = result.index_selections[layer]                      # [S, k], -1 = none
     n = max(1, int(sel.max()) + 1)
     grid = [[0] * n for _ in range(sel.shape[0])]

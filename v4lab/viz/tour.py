@@ -181,7 +181,8 @@ class ContextWidget(Widget):
             "context": W.SelectionSlider(options=[(context_label(n), n) for n in CONTEXT_STOPS],
                                          value=self.state["context"], description="context",
                                          continuous_update=False),
-            "weights": W.ToggleButtons(options=[(v, k) for k, v in WEIGHTINGS.items()],
+            "weights": W.ToggleButtons(options=[("FP8-equivalent", "B"), ("raw", "A")],
+                                       tooltips=[WEIGHTINGS["B"], WEIGHTINGS["A"]],
                                        value=self.state["weights"], description="FLOPs"),
         }
 

@@ -94,6 +94,17 @@ def test_gpu_record_path(monkeypatch):
     assert "roofline_frac" not in u and "not in hardware.json" in u["note"]
 
 
+def test_failing_kernel_keeps_the_other_rows(monkeypatch, capsys):
+    def boom(*a):
+        raise RuntimeError("PTX compile failed\nlong log")
+    monkeypatch.setitem(bk.CASES, "quant", replace(bk.CASES["quant"], make=boom))
+    recs = bk.run(quick=True, kernels=["quant", "fp4_gemm"])
+    assert recs[0] == {**recs[0], "kernel": "quant", "ok": False, "error": "RuntimeError: PTX compile failed"}
+    assert recs[1]["ok"]
+    assert "quant        ERROR RuntimeError" in bk.table(recs)
+    assert bk.main(["--quick", "--kernel", "quant"]) == 1
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown"):
         bk.run(quick=True, kernels=["nope"])

@@ -50,7 +50,8 @@ class Case:
 CASES = [
     Case("00_tour.ipynb", slider=0, key="ArrowLeft", figure=0),          # context 1M -> 512K
     Case("09_hardware_and_cost.ipynb", slider=0, key="ArrowRight", figure=0),  # roofline batch 64 -> 128
-    # the lead adds 02_compressed_attention and 07_tiny_v4 here once they exist
+    Case("02_compressed_attention.ipynb", slider=0, key="ArrowLeft", figure=0),  # query position last -> last-1
+    # the lead adds 07_tiny_v4 here once it exists
 ]
 
 

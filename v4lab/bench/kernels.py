@@ -280,7 +280,17 @@ def run(quick: bool = False, device: str | torch.device | None = None, kernels: 
     else:
         size, repeat = ("quick" if quick else "cpu"), 1
     name = gpu_name(dev) if dev.type == "cuda" else None
-    return [bench_case(CASES[n], dev, size, repeat, name) for n in names]
+    out = []
+    for n in names:
+        try:
+            out.append(bench_case(CASES[n], dev, size, repeat, name))
+        except Exception as e:  # one kernel that fails to compile or run must not lose the others' rows
+            out.append({"kernel": n, "device": str(dev), "gpu": name, "mode": kernel_mode(), "ok": False,
+                        "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]})
+        finally:
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    return out
 
 
 def _fmt_rate(v: float, unit: str) -> str:
@@ -297,11 +307,15 @@ def table(records: list[dict]) -> str:
     r0 = records[0]
     lines = [f"device: {r0['device']}" + (f" ({r0['gpu']})" if r0["gpu"] else "") + f"; Triton: {r0['mode']}"]
     gpu = any("roofline_frac" in r for r in records)
+    timed = [r for r in records if "error" not in r]
     head = f"{'kernel':<12} {'ms':>9} {'ref ms':>9} {'FLOP/s':>11} {'bytes/s':>11}"
     head += f" {'roofline':>8} {'HBM':>6} {'BF16pk':>6} {'bound':>7}" if gpu else ""
     head += f" {'max|diff|':>9} ok  shapes"
     lines.append(head)
     for r in records:
+        if "error" in r:
+            lines.append(f"{r['kernel']:<12} ERROR {r['error']}")
+            continue
         s = (f"{r['kernel']:<12} {r['ms']:>9.3f} {r['ms_reference']:>9.3f} {_fmt_rate(r['flops_per_s'], 'FLOP/s'):>11}"
              f" {_fmt_rate(r['bytes_per_s'], 'B/s'):>11}")
         if gpu:
@@ -309,10 +323,10 @@ def table(records: list[dict]) -> str:
                   f" {r.get('frac_bf16_peak', float('nan')):>6.1%} {r.get('bound', '-'):>7}")
         s += f" {r['max_abs_diff']:>9.2e} {'yes' if r['ok'] else 'NO '} {r['shapes']}"
         lines.append(s)
-    if not r0["timing_meaningful"]:
+    if timed and not timed[0]["timing_meaningful"]:
         lines.append("NOTE: " + CPU_NOTE)
     elif gpu:
-        k = r0["gpu_key"]
+        k = next(r["gpu_key"] for r in records if "roofline_frac" in r)
         g = hardware.gpu(k)
         lines.append(f"roofline: max(FLOPs/peak, bytes/HBM) / measured; {k}: {g['hbm_tb_s']} TB/s, "
                      f"BF16 {g['tflops']['bf16']} / FP8 {g['tflops']['fp8']} / FP32 {g.get('fp32_tflops')} "

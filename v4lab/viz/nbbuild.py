@@ -101,12 +101,16 @@ def execute_checked_outputs(nb: nbformat.NotebookNode, cwd: Path = NB_DIR, timeo
     NotebookClient(run, timeout=timeout, kernel_name=KERNELSPEC["name"],
                    resources={"metadata": {"path": str(cwd)}}).execute()
     out = copy.deepcopy(nb)
+    n_code = 0
     for cell, done in zip(out.cells, run.cells):
+        n_code += cell.get("cell_type") == "code"
         if is_checked(cell):
             text = "".join(o.get("text", "") for o in done.outputs
                            if o.get("output_type") == "stream" and o.get("name") == "stdout")
             cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=text)] if text else []
-            cell.execution_count = None
+            # nbval treats a cell with outputs but no execution_count as 'unrun' and fails it, so a checked
+            # cell keeps a count: its 1-based position among the code cells (deterministic)
+            cell.execution_count = n_code if text else None
     return out
 
 

@@ -53,9 +53,13 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx:
     valid = idx >= 0                                               # [B, S, K]
     if bool((idx >= N).any()):
         raise ValueError(f"sparse_attn: idx has entries >= N = {N}")
-    safe = idx.clamp(min=0).long()
-    g = torch.gather(kv.float(), 1, safe.reshape(B, -1, 1).expand(-1, -1, D)).view(B, S, -1, D)  # [B,S,K,D]
-    g = g.masked_fill(~valid[..., None], 0.0)                      # ignored slots cannot leak NaN/inf
+    # −1 slots read a valid entry of the same row (its largest index) instead of a masked copy of the
+    # gather: they get zero probability, and pointing them at an entry the row attends anyway means a
+    # NaN/inf in some unrelated kv row cannot leak through 0·NaN. Rows with no valid slot are zeroed.
+    row_max = idx.amax(-1, keepdim=True).clamp(min=0)
+    safe = torch.where(valid, idx, row_max).long()
+    rows = safe + (torch.arange(B, device=idx.device) * N).view(B, 1, 1)   # into kv flattened to [B·N, D]
+    g = kv.float().reshape(B * N, D).index_select(0, rows.reshape(-1)).view(B, S, -1, D)  # [B, S, K, D]
     z = torch.einsum("bshd,bskd->bshk", q.float(), g) * scale      # [B, S, H, K]
     z = z.masked_fill(~valid[:, :, None, :], float("-inf"))
     sink = attn_sink.float().view(1, 1, H, 1).expand(B, S, H, 1)
@@ -63,6 +67,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx:
     p = torch.cat([z, sink], dim=-1).softmax(dim=-1)[..., :-1]
     p = p.masked_fill(~valid[:, :, None, :], 0.0)                  # (a −inf sink with no entry would be NaN)
     o = torch.einsum("bshk,bskd->bshd", p, g)
+    o = o.masked_fill(~valid.any(-1)[:, :, None, None], 0.0)       # sink-only rows
     return o.to(q.dtype)
 
 

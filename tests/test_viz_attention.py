@@ -178,4 +178,12 @@ def test_trained_model_falls_back_to_a_synthetic_checkpoint(tmp_path, monkeypatc
     assert trained.find_trained(empty) == fake
     with pytest.raises(ValueError, match="tokenizer.json"):
         trained.load_dir(fake)
+    # $V4LAB_WEIGHTS names the checkpoint to use
+    monkeypatch.setenv("V4LAB_WEIGHTS", str(ckpt))
+    m2, _, info2 = trained.trained_model()
+    assert info2["source"] == "trained" and info2["path"] == str(ckpt)
+    assert torch.equal(m2.embed.weight, model.embed.weight)         # the same weights, read through v4lab.load
+    monkeypatch.setenv("V4LAB_WEIGHTS", str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="V4LAB_WEIGHTS"):
+        trained.trained_model()
     trained._CACHE.clear()

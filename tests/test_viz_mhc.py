@@ -76,12 +76,11 @@ def test_source_sweep_uses_the_training_run(tiny_result):
         assert V.SOURCES[src] in w.fig.layout.title.text
 
 
-def test_cached_training_run_is_the_experiment_default():
+def test_cached_training_run_is_a_rerunnable_experiment_result():
     r = V.training_result()
     import inspect
     sig = inspect.signature(mhc_stability.run)
-    for k, v in r["config"].items():
-        assert sig.parameters[k].default == v, k
+    assert set(r["config"]) <= set(sig.parameters)        # training_result(**config) reruns exactly this
     # the stored run shows the claim the notebook makes: HC's gain leaves 1, mHC's does not
     assert max(r["hc"]["gains"]["final"]["amax"]) > 2
     assert max(r["mhc"]["gains"]["final"]["amax"]) < 1.1

@@ -547,6 +547,8 @@ def _parser():
                                 "CPython documentation corpus; write it in the official layout.")
     p.add_argument("--config", default="tiny", help="preset name or config.json (default tiny)")
     p.add_argument("--out", help="output directory (official layout + tokenizer.json + training log)")
+    p.add_argument("--init", help="start from this saved model directory (and its tokenizer) instead of "
+                                  "random weights; the optimiser starts fresh")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
@@ -582,10 +584,17 @@ def main(argv=None) -> int:
     from v4lab.data import load_data, train_tokenizer, load_topics, split_topics, heldout_text, bigram_loss, \
         token_classes
     args = _parser().parse_args(argv)
-    cfg = get_config(args.config)
     out = Path(args.out) if args.out else None
-    topics = load_topics()
-    tok = train_tokenizer([topics[n] for n in split_topics(topics)[0]], cfg.vocab_size)
+    init = None
+    if args.init:                     # continue from a saved model (fresh optimiser), reuse its tokenizer
+        from v4lab.data import load_tokenizer
+        init = model_mod.load(args.init)
+        cfg = init.cfg
+        tok = load_tokenizer(args.init)
+    else:
+        cfg = get_config(args.config)
+        topics = load_topics()
+        tok = train_tokenizer([topics[n] for n in split_topics(topics)[0]], cfg.vocab_size)
     data = load_data(cfg.vocab_size, tokenizer=tok)
     # save() replaces the whole output directory, so the log is written beside it and moved in at the end
     log_path = args.log or (str(out.with_name(out.name + ".train_log.jsonl")) if out else None)
@@ -600,7 +609,7 @@ def main(argv=None) -> int:
                 anticipatory=args.anticipatory, ar_lag=args.ar_lag, ar_duration=args.ar_duration,
                 spike_ratio=args.spike_ratio, eval_every=args.eval_every, eval_windows=args.eval_windows,
                 ckpt_every=args.ckpt_every, out_dir=str(out) if out else None, log_path=log_path,
-                threads=args.threads, progress=not args.no_progress, max_seconds=args.max_seconds)
+                threads=args.threads, progress=not args.no_progress, max_seconds=args.max_seconds, model=init)
     summary = dict(res["summary"])
     if out:
         tok.save(str(out / "tokenizer.json"))

@@ -114,8 +114,8 @@ print(f"mHC: peak gain {s['mhc_peak']:.6f}, smallest gain {s['mhc_min']:.6f}")
 # %% [markdown]
 # The small training run (`mhc_stability.run`: a 60-sublayer stack of tiny MLPs, each wrapped by one
 # hyper-connection site, trained a few AdamW steps on a toy regression under residual / HC / mHC from
-# the same seed; the first line below is its exact configuration). It takes one to two minutes on 2 cores, so the notebook reads its stored result; run
-# `mhc_viz.training_result(recompute=True)` to redo it (the stored `config` says what ran).
+# the same seed). It takes minutes on 2 cores, so the notebook reads its stored result; the first line
+# below is its exact configuration, and `mhc_viz.training_result(**result["config"])` reruns it.
 
 # %%
 # NBVAL_CHECK_OUTPUT

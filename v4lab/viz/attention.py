@@ -187,7 +187,7 @@ def check_range_int(arg: str, value, lo: int, hi: int) -> int:
 
 
 INSPECT_LAYOUT = dict(
-    height=640, barmode="overlay",
+    height=680, barmode="overlay", margin=dict(l=60, r=20, t=100, b=50),
     xaxis=dict(domain=[0, 1], title="token position (sink at the far left)", anchor="y"),
     yaxis=dict(domain=[0.56, 1], title="attention probability", anchor="x"),
     xaxis2=dict(domain=[0, 0.42], title="compressed entry (CSA indexer)", anchor="y2"),
@@ -333,7 +333,8 @@ def cost_data(context: int = accounting.ONE_M, weights: str = "B") -> dict:
 
 
 COST_LAYOUT = dict(
-    height=440, barmode="stack",
+    height=500, barmode="stack", margin=dict(l=60, r=20, t=50, b=50),
+    legend=dict(orientation="h", yanchor="top", y=-0.1, xanchor="left", x=0),
     xaxis=dict(domain=[0, 0.5]), yaxis=dict(title="KV cache per sequence (GB)"),
     xaxis2=dict(domain=[0.6, 1], anchor="y2"), yaxis2=dict(title="decode GFLOPs per token", anchor="x2"),
 )

@@ -14,6 +14,7 @@ Everything expensive is computed once per process (module-level caches), so call
 from __future__ import annotations
 
 import json
+import math
 from functools import lru_cache
 from pathlib import Path
 
@@ -129,12 +130,11 @@ def block_error_data(dist: str = "gaussian", block: int = 32) -> dict:
                        marker=dict(color=FMT_COLORS["fp4"], size=6, symbol="x"), xaxis="x2", yaxis="y2"))
     amax = float(w.abs().max())
     scale = float(Q.pow2_scale(torch.tensor(amax), Q.FP4_MAX, Q.FP4_AMAX_FLOOR))
+    # one layout property per update (each one costs plotly validation time in a callback)
     title = (f"{DISTS[dist]}, block {block}: MXFP4 {cur['sqnr_fp4']:.1f} dB, FP8 {cur['sqnr_fp8']:.1f} dB; "
-             f"{100 * cur['zero_fp4']:.1f}% of weights become 0 in FP4")
-    ann = [dict(text=f"row 0, block {k} (largest amax {amax:.3g}): scale 2^{round(torch.log2(torch.tensor(scale)).item())}"
-                     f", steps of {0.5 * scale:.3g} near 0",
-                x=0.78, xref="paper", y=1.0, yref="paper", showarrow=False, yanchor="bottom", font=dict(size=11))]
-    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}, "annotations": ann}}
+             f"{100 * cur['zero_fp4']:.1f}% of weights become 0 in FP4<br>right: row 0, block {k} (largest amax "
+             f"{amax:.3g}), scale 2^{round(math.log2(scale))}, steps of {0.5 * scale:.3g} near 0")
+    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}}}
 
 
 BLOCK_LAYOUT = dict(

@@ -186,7 +186,7 @@ def training_result(recompute: bool = False, **kwargs) -> dict:
     It takes one to two minutes on 2 CPU cores, too long for a notebook cell, so its result is stored in
     ``v4lab/viz/data/mhc_training.json`` (written by ``recompute=True`` or ``python -m v4lab.viz.mhc``).
     With ``recompute=True`` (or any keyword for ``run``) it runs again and, with the defaults, refreshes the
-    file. The stored ``config`` says exactly what ran.
+    file. The stored ``config`` says exactly what ran; ``training_result(**result["config"])`` reruns it.
     """
     if not recompute and not kwargs:
         if TRAINING_CACHE.exists():

@@ -235,7 +235,7 @@ class AffinityWidget(Widget):
 # ------------------------------------------------------------------------------------ routing on the model
 DEFAULT_TEXT = trained.SAMPLE_TEXTS["for-loop"]
 MAX_TOKENS = 256
-DELTA_STOPS = [-0.2, -0.1, -0.05, -0.02, -0.01, -0.005, 0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2]
+DELTA_STOPS = [-0.5, -0.2, -0.1, -0.05, -0.02, -0.01, 0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
 
 _ROUTES: OrderedDict = OrderedDict()
 
@@ -310,14 +310,14 @@ def bias_data(routes: dict, layer: int, expert: int, delta: float) -> dict:
     return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}}}
 
 
-BIAS_LAYOUT = dict(height=520, barmode="overlay",
+BIAS_LAYOUT = dict(height=540, barmode="overlay", margin=dict(l=60, r=20, t=100, b=50),
                    xaxis=dict(domain=[0, 1], title="expert", anchor="y", dtick=1),
                    yaxis=dict(domain=[0.45, 1], title="tokens routed (top-k slots)", anchor="x"),
                    xaxis2=dict(domain=[0, 1], title="token position in the text", anchor="y2"),
                    yaxis2=dict(domain=[0, 0.3], range=[-2, 2], showticklabels=False, anchor="x2"))
 
 
-def build_bias(text: str = DEFAULT_TEXT, layer: int | None = None, expert: int = 0, delta: float = 0.02):
+def build_bias(text: str = DEFAULT_TEXT, layer: int | None = None, expert: int = 0, delta: float = 0.05):
     routes = route_text(text)
     layer = learned_layers(routes)[0] if layer is None else layer
     return figure_from(bias_data(routes, layer, expert, delta), BIAS_LAYOUT)
@@ -328,7 +328,7 @@ class BiasWidget(Widget):
     """Layer (learned-gate layers), expert and δ → expert load before/after and the tokens that move."""
 
     name = "moe.bias"
-    defaults = {"layer": -1, "expert": 0, "delta": 0.02}
+    defaults = {"layer": -1, "expert": 0, "delta": 0.05}
 
     def __init__(self, static=None, text: str = DEFAULT_TEXT, **state):
         self.text = text

@@ -5,6 +5,7 @@
 * trained weights: the directory under ``data/`` that holds a ``config.json`` (the official release
   layout written by ``v4lab.save``: config, safetensors index and shards, ``tokenizer.json``), read with
   :func:`v4lab.load` and ``tokenizers.Tokenizer.from_file``. With several, the most recently written one.
+* ``$V4LAB_WEIGHTS``, when set, names the checkpoint directory to use instead.
 * otherwise a synthetic checkpoint: random weights of the ``tiny`` config
   (:func:`v4lab.checkpoint.make_synthetic_checkpoint`, seed 0) written once into a cache directory
   (``$V4LAB_CACHE``, else ``~/.cache/v4lab``) and loaded through the same :func:`v4lab.load`, with a
@@ -26,6 +27,7 @@ DATA_DIR = ROOT / "data"
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>")           # ids 0 and 1, as v4lab.data's tokenizer
 SYNTHETIC_CONFIG = "tiny"
 SYNTHETIC_SEED = 0
+WEIGHTS_ENV = "V4LAB_WEIGHTS"                      # a checkpoint directory to use instead of data/
 
 _CACHE: dict = {}
 
@@ -93,19 +95,33 @@ def load_dir(path: Path | str, synthetic: bool = False):
     kinds = ", ".join(f"{i}:{cfg.layer_kind(i)}{'+hash' if cfg.is_hash_layer(i) else ''}"
                       for i in range(cfg.num_hidden_layers))
     if synthetic:
-        desc = (f"SYNTHETIC weights (no trained checkpoint under data/ yet): random '{cfg.name}' config, "
+        desc = (f"SYNTHETIC weights (no trained checkpoint under data/ yet): random '{SYNTHETIC_CONFIG}' config, "
                 f"byte-level tokenizer; patterns show the mechanics, not learned behaviour. Layers {kinds}.")
     else:
-        desc = f"trained weights from data/{path.name} ('{cfg.name}' config, vocab {cfg.vocab_size}). Layers {kinds}."
+        desc = f"trained weights from {_shown(path)} ('{cfg.name}' config, vocab {cfg.vocab_size}). Layers {kinds}."
     info = {"source": "synthetic" if synthetic else "trained", "synthetic": synthetic, "path": str(path),
             "config": cfg.name, "description": desc}
     return model, tok, info
 
 
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def trained_model(data_dir: Path | str | None = None):
     """(model, tokenizer, info): the trained checkpoint under ``data/`` if there is one, else the synthetic
-    stand-in. Cached per process (per directory found), so every widget of a notebook shares one model."""
-    found = find_trained(data_dir)
+    stand-in. ``$V4LAB_WEIGHTS`` (a checkpoint directory) overrides the search. Cached per process (per
+    directory found), so every widget of a notebook shares one model."""
+    env = os.environ.get(WEIGHTS_ENV, "").strip()
+    if env and data_dir is None:
+        if not (Path(env) / "config.json").is_file():
+            raise ValueError(f"${WEIGHTS_ENV} = {env!r}: not a checkpoint directory (no config.json there)")
+        found = Path(env)
+    else:
+        found = find_trained(data_dir)
     key = str(found) if found is not None else "synthetic"
     if key not in _CACHE:
         _CACHE[key] = load_dir(found) if found is not None else load_dir(synthetic_checkpoint(), synthetic=True)

@@ -91,7 +91,8 @@ def collect(texts=TEXTS, model=None, tok=None) -> dict:
         for h in hooks:
             h.remove()
     out = {"layers": [m.layer_id for m in moes], "hash": [m.gate.is_hash for m in moes],
-           "limit": float(moes[0].limit), "tokens": n_tok, "x": {}, "idx": {}, "weights": {}, "gate": {}, "up": {}}
+           "limit": float(moes[0].limit), "tokens": n_tok, "x": {}, "idx": {}, "weights": {}, "gate": {}, "up": {},
+           "shared_peak": {}}
     for m in moes:
         l = m.layer_id
         x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs[l]]).float()          # [T, D]
@@ -104,7 +105,18 @@ def collect(texts=TEXTS, model=None, tok=None) -> dict:
                 u.append(F.linear(x[rows], ex.w3.weight.float()).flatten())
         out["x"][l], out["idx"][l], out["weights"][l] = x, ix, w
         out["gate"][l], out["up"][l] = torch.cat(g), torch.cat(u)
+        sh = m.shared_experts                      # every token goes through it; clamped the same way
+        out["shared_peak"][l] = (0.0 if sh is None else
+                                 max(float(F.linear(x, sh.w1.weight.float()).max()),
+                                     float(F.linear(x, sh.w3.weight.float()).abs().max())))
     return out
+
+
+def peak(acts: dict) -> float:
+    """The largest value the clamp could act on: max over layers of max W1 x and max |W3 x|, routed and
+    shared experts. Below the limit, the clamp changes nothing on these texts."""
+    return max(max(float(acts["gate"][l].max()), float(acts["up"][l].abs().max()), acts["shared_peak"][l])
+               for l in acts["layers"])
 
 
 @torch.no_grad()
@@ -139,14 +151,21 @@ def histogram(values: torch.Tensor, half_width: float, n_bins: int = N_BINS) -> 
 
 
 def layer_summary(acts: dict) -> str:
-    """Plain text: per MoE layer, the largest gate / up pre-activation and their 99.9th percentiles."""
+    """Plain text: per MoE layer, the largest gate / up pre-activation of the routed experts, their 99.9th
+    percentiles, and the shared expert's largest value; then the share clipped at the model's limit."""
     lines = [f"{'layer':<16} {'max W1 x':>9} {'min W1 x':>9} {'max |W3 x|':>10} {'p99.9 |W1 x|':>12} "
-             f"{'p99.9 |W3 x|':>12}"]
+             f"{'p99.9 |W3 x|':>12} {'shared max':>10}"]
     for l, h in zip(acts["layers"], acts["hash"]):
         g, u = acts["gate"][l], acts["up"][l]
         lines.append(f"{l} ({'hash' if h else 'learned'}){'':<{6 if h else 3}} {float(g.max()):>9.2f} "
                      f"{float(g.min()):>9.2f} {float(u.abs().max()):>10.2f} "
-                     f"{float(torch.quantile(g.abs(), 0.999)):>12.2f} {float(torch.quantile(u.abs(), 0.999)):>12.2f}")
+                     f"{float(torch.quantile(g.abs(), 0.999)):>12.2f} {float(torch.quantile(u.abs(), 0.999)):>12.2f} "
+                     f"{acts['shared_peak'][l]:>10.2f}")
+    L = acts["limit"]
+    n = sum(int((acts["gate"][l] > L).sum() + (acts["up"][l].abs() > L).sum()) for l in acts["layers"])
+    tot = sum(2 * acts["gate"][l].numel() for l in acts["layers"])
+    lines.append(f"{acts['tokens']} tokens; at the model's limit L = {L:g}: {n} of {tot:,} routed pre-activations "
+                 f"clipped; largest value anywhere {peak(acts):.2f}")
     return "\n".join(lines)
 
 

@@ -207,6 +207,7 @@ class Maps:
         run = attn_viz.run_text(text)
         self.text, self.tokens = text, run.tokens[:n_tokens]
         self.S = min(n_tokens, run.n_tokens)
+        self.key_x = list(range(self.S))
         self.n_heads = run.n_heads
         self.layer = {k: next((i for i, kk in enumerate(run.kinds) if kk == k), None) for k in KINDS}
         self.z, self.rows, self.sink = {}, {}, {}
@@ -238,8 +239,9 @@ def head_options(mp: Maps) -> list:
 
 
 def attention_map_data(mp: Maps, head="mean", query: int = 0) -> dict:
-    """Traces (fixed count 3·(heads+1) + 3): per kind one map per head option (only the chosen head's is
-    visible, so switching heads sends no matrix), then the chosen query's row of each kind."""
+    """Traces (fixed count 3·(heads+1) + 6): per kind one map per head option (only the chosen head's is
+    visible, so switching heads sends no matrix), the chosen query's row of each kind (line plot), and
+    the query's marker line on each map."""
     check_choice("head", head, head_options(mp))
     check_range_int("query", query, 0, mp.S - 1)
     traces, rows = [], []
@@ -254,18 +256,21 @@ def attention_map_data(mp: Maps, head="mean", query: int = 0) -> dict:
                                xaxis=f"x{ax}", yaxis=f"y{ax}"))
     for i, k in enumerate(KINDS):
         have = mp.layer[k] is not None
-        row = mp.rows[k, head][query, :query + 1].tolist() if have else []
+        # x stays the same for every query (keys after the query padded with None): only y is sent
+        row = [round(v, 4) for v in mp.rows[k, head][query, :query + 1].tolist()] if have else []
         rows.append(row)
-        traces.append(dict(type="scatter", mode="lines", x=list(range(len(row))), y=row,
+        traces.append(dict(type="scatter", mode="lines", x=mp.key_x if have else [],
+                           y=row + [None] * (mp.S - len(row)) if have else [],
                            name=f"{KIND_LABELS[k]} (layer {mp.layer[k]})" if have else f"{k}: no such layer",
                            line=dict(width=1.5), xaxis="x4", yaxis="y4"))
-    shapes = [dict(type="line", xref=f"x{'' if i == 0 else i + 1}", yref=f"y{'' if i == 0 else i + 1}",
-                   x0=-0.5, x1=mp.S - 0.5, y0=query, y1=query, line=dict(color="white", width=1, dash="dot"))
-              for i in range(3)]
+    for i, k in enumerate(KINDS):           # the query's row on each map (traces: a layout shape costs ~10×)
+        ax = "" if i == 0 else str(i + 1)
+        traces.append(dict(type="scatter", mode="lines", x=[-0.5, mp.S - 0.5], y=[query, query], showlegend=False,
+                           hoverinfo="skip", line=dict(color="white", width=1, dash="dot"), xaxis=f"x{ax}", yaxis=f"y{ax}"))
     sinks = ", ".join(f"{k} {mp.sink[k, head][query]:.2f}" for k in KINDS if mp.layer[k] is not None)
     title = (f"query {query} {mp.tokens[query]!r}, head {head}: attention over key tokens "
              f"(sink mass: {sinks})")
-    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}, "shapes": shapes}}
+    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}}}
 
 
 def attention_map_layout(mp: Maps) -> dict:

@@ -53,7 +53,7 @@ CASES = [
     # used: in this browser run its readout moves but the figure does not update (open issue).
     Case("09_hardware_and_cost.ipynb", slider=6, key="ArrowRight", figure=3),
     Case("02_compressed_attention.ipynb", slider=0, key="ArrowLeft", figure=0),  # query position last -> last-1
-    # the lead adds 07_tiny_v4 here once it exists
+    Case("07_tiny_v4.ipynb", slider=0, key="ArrowRight", figure=0),      # routing: token 8 -> 9
 ]
 
 

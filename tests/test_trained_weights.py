@@ -51,7 +51,7 @@ def test_beats_bigram_clearly(shipped):
     summary, model, _, data, windows = shipped
     bigram = bigram_loss(data.train, windows, model.cfg.vocab_size)["loss"]
     assert bigram == pytest.approx(summary["bigram"]["loss"], abs=1e-6)
-    assert summary["heldout"]["loss"] < bigram - 0.2
+    assert summary["heldout"]["loss"] < bigram - 0.3          # reported: 3.211 vs 3.669
 
 
 def test_experts_specialise_beyond_random(shipped):

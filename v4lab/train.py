@@ -584,6 +584,10 @@ def main(argv=None) -> int:
     from v4lab.data import load_data, train_tokenizer, load_topics, split_topics, heldout_text, bigram_loss, \
         token_classes
     args = _parser().parse_args(argv)
+    for key in ("steps", "batch_size", "seq_len", "warmup"):        # fail before the slow set-up
+        v = getattr(args, key)
+        if v < (2 if key == "seq_len" else 1):
+            _bad(f"--{key.replace('_', '-')}", v, "must be a positive integer" + (" >= 2" if key == "seq_len" else ""))
     out = Path(args.out) if args.out else None
     init = None
     if args.init:                     # continue from a saved model (fresh optimiser), reuse its tokenizer

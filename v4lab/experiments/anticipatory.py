@@ -18,8 +18,8 @@ from __future__ import annotations
 from v4lab.train import micro_config, train
 
 
-def run(seed: int = 0, *, steps: int = 30, lr: float = 5e-3, spike_at: int = 15, spike_lr_mult: float = 30.0,
-        ar_lag: int = 2, ar_duration: int = 10, spike_ratio: float = 1.3, batch_size: int = 8, seq_len: int = 64,
+def run(seed: int = 0, *, steps: int = 30, lr: float = 5e-3, spike_at: int = 15, spike_lr_mult: float = 100.0,
+        ar_lag: int = 2, ar_duration: int = 10, spike_ratio: float = 1.1, batch_size: int = 8, seq_len: int = 64,
         variants: tuple = ("off", "always", "spike"), data=None, threads: int | None = None) -> dict:
     """Returns {"config", variant: {"iter", "step", "loss", "churn", "max_moe", "ar_on", "events",
     "seconds_per_step", "post_spike_loss" (mean lm loss over the ar_duration steps after spike_at),

@@ -185,7 +185,8 @@ def affinity_data(shift: float = 0.0, spread: float = 1.0) -> dict:
         tops[f] = w.tolist()
         traces.append(dict(type="bar", x=[f"#{i + 1}" for i in range(AFF_K)], y=w.tolist(), name=FUNCS[f][0],
                            legendgroup=f, showlegend=f == "softmax", marker=dict(color=FUNCS[f][1]),
-                           text=[f"{v:.2f}" for v in w.tolist()], textposition="outside", xaxis="x2", yaxis="y2"))
+                           text=[f"{v:.2f}" for v in w.tolist()], textposition="outside", textfont=dict(size=9),
+                           xaxis="x2", yaxis="y2"))
     title = (f"logits × {spread:g} {'+' if shift >= 0 else '−'} {abs(shift):g}: top-1 weight "
              + ", ".join(f"{f} {tops[f][0]:.2f}" for f in FUNCS) + f" (uniform = {1 / AFF_K:.2f})")
     return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}}}

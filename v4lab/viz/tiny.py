@@ -21,6 +21,7 @@ from functools import lru_cache
 
 import torch
 
+from v4lab.gate import route_weights
 from v4lab.viz import attention as attn_viz
 from v4lab.viz import moe as moe_viz
 from v4lab.viz import trained
@@ -71,12 +72,10 @@ def _layer_label(r: dict) -> str:
 
 @torch.no_grad()
 def routing_weights(r: dict) -> torch.Tensor:
-    """[T, E] the routing weight of each expert for each token of one layer (0 = not chosen), from the
-    affinities at the chosen ids renormalised over the top-k (the gate's weights before route_scale)."""
-    s = r["scores"]
-    w = s.gather(-1, r["idx"])
-    w = w / w.sum(-1, keepdim=True)
-    return torch.zeros_like(s).scatter_(-1, r["idx"], w)
+    """[T, E] the routing weight of each expert for each token of one layer (0 = not chosen):
+    ``v4lab.gate.route_weights`` at the chosen ids, renormalised over the top-k, without route_scale."""
+    w = route_weights(r["scores"], r["idx"], 1.0)
+    return torch.zeros_like(r["scores"]).scatter_(-1, r["idx"], w)
 
 
 def routing_data(routes: dict, position: int) -> dict:

@@ -45,9 +45,8 @@ print(tiny.model_summary(model))
 # on the CPython documentation writes documentation-flavoured text, not sense.
 
 # %%
-for prompt in ("The for statement", "def "):
-    print(repr(tiny.generate_text(prompt, max_new_tokens=40)))
-print(repr(tiny.generate_text("A list is", max_new_tokens=40, temperature=0.8, top_k=20, seed=0)))
+print(repr(tiny.generate_text("The for statement", max_new_tokens=32)))
+print(repr(tiny.generate_text("A list is", max_new_tokens=32, temperature=0.8, top_k=20, seed=0)))
 
 # %% [markdown]
 # ## Live: how your text is routed
@@ -105,7 +104,7 @@ tiny.MTPWidget().display()
 
 # %%
 ids = trained.encode(tok, "The for statement")
-out = model.generate(ids, 12)
+out = model.generate(ids, 8)
 with torch.no_grad():
     full, mtp_logits = model(out, return_mtp=True)
 new = out[0, ids.shape[1]:]

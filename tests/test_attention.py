@@ -7,15 +7,6 @@ from v4lab.config import get_config
 from v4lab.indexer import visible_entries
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: with 2 OpenMP threads on a shared 2-core box each op can wait ~30 ms on a
-    # busy sibling; one thread is 10x faster here. Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 KINDS = {"window": 0, "csa": 1, "hca": 2}
 
 

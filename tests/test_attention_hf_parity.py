@@ -18,14 +18,6 @@ from transformers.cache_utils import DynamicCache  # noqa: E402
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors on a shared 2-core box: one OpenMP thread is ~10x faster than two
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # official name → HF name (spec §3.10)
 NAME_MAP = {
     "wq_a": "q_a_proj", "q_norm": "q_a_norm", "wq_b": "q_b_proj", "wkv": "kv_proj", "kv_norm": "kv_norm",

@@ -6,16 +6,6 @@ from v4lab.compressor import Compressor, CompressorState, compress_pool, pool_we
 from v4lab.rope import apply_rope, cos_sin, inv_freq
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: with 2 OpenMP threads on a shared 2-core box each op can wait ~30 ms on a
-    # busy sibling; one thread is 10x faster here. Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def naive_pool(kv, score, ape, m, overlap):
     """Loop-per-entry-and-channel statement of paper eqs. 9–12 / 20–23 (spec §3.4)."""
     B, n, w = kv.shape

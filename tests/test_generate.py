@@ -11,14 +11,6 @@ from v4lab.generate import ByteTokenizer, main
 from v4lab.model import load
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     cfg = get_config("tiny").replace(num_hidden_layers=2, compress_ratios=[4, 128, 0], num_hash_layers=1)

@@ -7,16 +7,6 @@ from v4lab.indexer import Indexer, index_scores, topk_visible, visible_entries
 from v4lab.rope import layer_inv_freq
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: with 2 OpenMP threads on a shared 2-core box each op can wait ~30 ms on a
-    # busy sibling; one thread is 10x faster here. Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_index_scores_matches_loop():
     torch.manual_seed(0)
     q, k, w = torch.randn(2, 3, 4, 5), torch.randn(2, 6, 5), torch.randn(2, 3, 4)

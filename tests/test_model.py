@@ -11,15 +11,6 @@ from v4lab.config import get_config
 from v4lab.model import Block, MTPBlock, V4Model, load, load_layer, save
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: thread hand-offs cost more than they save, badly so on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return get_config("tiny")

@@ -23,14 +23,6 @@ TOL = 1e-5
 N_TOKENS = 266
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     cfg = get_config("tiny").replace(index_n_heads=16)

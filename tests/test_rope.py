@@ -8,16 +8,6 @@ from v4lab.config import get_config
 from v4lab.rope import apply_rope, cos_sin, inv_freq, layer_inv_freq
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: with 2 OpenMP threads on a shared 2-core box each op can wait ~30 ms on a
-    # busy sibling; one thread is 10x faster here. Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def complex_reference(x, freqs, pos, inverse=False):
     # independent formulation: trailing r channels as r/2 complex numbers, multiplied by e^{±i·pos·θ}
     r = 2 * freqs.numel()

@@ -100,6 +100,12 @@ print("layers:", ", ".join(f"{i}: {k}" for i, k in enumerate(run.kinds)), f"· {
 # the window and the sink); compare a CSA layer (a few chosen entries) with an HCA layer (at most
 # $\lfloor (t+1)/128 \rfloor$ entries, all attended); find heads that park most of their mass on the sink.
 #
+# A caveat about the indexer of the tiny model (`data/README.md`): top-k selection has no gradient, and V4
+# trains its indexer with a separate distillation loss that v4lab's training does not implement, so the
+# indexer weights are still random. Its scores are often $\le 0$ (the ReLU clips every head) and the
+# top-k then falls to ties, which go to the older entries. The *attention* over the picked entries is
+# trained: the orange bars are what the model learned to do with whatever the indexer hands it.
+#
 # ## KV cache and FLOPs up to 1M tokens
 #
 # What each model stores per sequence and spends per decoded token, from `v4lab.accounting` (`kv_cache`,

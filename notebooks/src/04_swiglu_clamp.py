@@ -82,7 +82,7 @@ clamp_viz.PreactWidget(pre=pre).display()
 
 # %% [markdown]
 # The last line of the table above says how often V4's limit bites on ordinary text. On the trained
-# tiny model the largest pre-activations stay well below 10 (a few units), so at $L = 10$ the clamp is
+# tiny model the largest pre-activations stay below 10 (most within ±5), so at $L = 10$ the clamp is
 # inactive and the model behaves exactly as if it were not there (the check at the end proves it). That
 # is the point: the clamp costs nothing on normal activations and acts only on outliers, the kind that
 # feed a spike. Clamping at 1 or 2 instead cuts a large share of the values and changes the output by

@@ -18,6 +18,7 @@ $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
 
 $(STAMP): $(VENV)/bin/python requirements.txt pyproject.toml
+	mkdir -p $(JUPYTER_CONFIG_DIR) $(JUPYTER_DATA_DIR) $(JUPYTER_RUNTIME_DIR) $(IPYTHONDIR)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps -e .

@@ -1,0 +1,49 @@
+"""Render every registered widget's figure (its default state, the static fallback) to a PNG.
+
+    python -m v4lab.viz.screenshots [OUT_DIR]      # default docs/img/widgets
+
+Used for the README. Drives Debian's Chromium through Playwright, fully offline: plotly.js is inlined
+from the plotly package. Needs /usr/bin/chromium (or $V4LAB_CHROMIUM).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+CHROMIUM = os.environ.get("V4LAB_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = Path(argv[0] if argv else "docs/img/widgets")
+    if not Path(CHROMIUM).exists():
+        sys.stderr.write(f"v4lab: error: no Chromium at {CHROMIUM}\n")
+        return 2
+    from playwright.sync_api import sync_playwright
+    from tqdm import tqdm
+
+    from v4lab.viz import load_all
+    registry = load_all()
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 980, "height": 520})
+        for name, cls in tqdm(sorted(registry.items()), desc="widgets"):
+            fig = cls(static=True).figure()
+            fig.update_layout(width=960, height=max(420, fig.layout.height or 420))
+            html = Path(tmp) / f"{name}.html"
+            fig.write_html(html, include_plotlyjs=True, full_html=True)
+            page.goto(html.as_uri())
+            page.wait_for_selector(".js-plotly-plot .main-svg")
+            page.locator(".js-plotly-plot").first.screenshot(path=str(out / f"{name}.png"))
+        browser.close()
+    print(f"wrote {len(registry)} screenshots to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -180,7 +180,7 @@ class ContextWidget(Widget):
         return {
             "context": W.SelectionSlider(options=[(context_label(n), n) for n in CONTEXT_STOPS],
                                          value=self.state["context"], description="context",
-                                         continuous_update=False),
+                                         continuous_update=True),
             "weights": W.ToggleButtons(options=[("FP8-equivalent", "B"), ("raw", "A")],
                                        tooltips=[WEIGHTINGS["B"], WEIGHTINGS["A"]],
                                        value=self.state["weights"], description="FLOPs"),

@@ -118,16 +118,18 @@ def ar_data(result: dict, metric: str = "loss", iteration: int = 0) -> dict:
     traces.append(dict(type="scatter", mode="markers", x=[iteration] * len(vs),
                        y=[_at(result[v][metric], iteration) for v in vs], name="cursor", showlegend=False,
                        marker=dict(size=12, symbol="circle-open", line=dict(width=3), color=[VCOLORS[v] for v in vs])))
-    c = result["config"]
-    shapes = [dict(type="line", xref="x", yref="paper", x0=c["spike_at"], x1=c["spike_at"], y0=0, y1=1,
-                   line=dict(color="#ff7f0e", dash="dash")),
-              dict(type="line", xref="x", yref="paper", x0=iteration, x1=iteration, y0=0, y1=1,
-                   line=dict(color="#444", width=1))]
     vals = ", ".join(f"{VARIANTS[v]} {_at(result[v][metric], iteration):.3g}"
                      + (" (AR on)" if _at(result[v]["ar_on"], iteration) else "") for v in vs)
     title = f"{AR_METRICS[metric]} at iteration {iteration}: {vals}"
-    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 12}}, "shapes": shapes,
+    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 12}},
                                          "yaxis": {"title": AR_METRICS[metric]}}}
+
+
+def ar_layout(result: dict) -> dict:
+    """The fixed layout, with the spiked step marked (the cursor is a trace: callbacks touch no shapes)."""
+    c = result["config"]
+    return dict(AR_LAYOUT, shapes=[dict(type="line", xref="x", yref="paper", x0=c["spike_at"], x1=c["spike_at"],
+                                        y0=0, y1=1, line=dict(color="#ff7f0e", dash="dash"))])
 
 
 AR_LAYOUT = dict(height=430, xaxis=dict(title="iteration (orange dash: the step whose learning rate is multiplied)"),
@@ -138,7 +140,7 @@ AR_LAYOUT = dict(height=430, xaxis=dict(title="iteration (orange dash: the step 
 def build_ar(result: dict | None = None, metric: str = "loss", iteration: int | None = None):
     r = ar_result() if result is None else result
     it = r["config"]["spike_at"] if iteration is None else iteration
-    return figure_from(ar_data(r, metric, min(it, n_iters(r) - 1)), AR_LAYOUT)
+    return figure_from(ar_data(r, metric, min(it, n_iters(r) - 1)), ar_layout(r))
 
 
 @register
@@ -165,7 +167,7 @@ class ARWidget(Widget):
         return ar_data(self.result, **self.state)
 
     def layout(self):
-        return AR_LAYOUT
+        return ar_layout(self.result)
 
     def make_controls(self):
         import ipywidgets as W

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import v4lab.gate as gate_mod
 import v4lab.moe as moe_mod
 from v4lab.config import get_config
-from v4lab.gate import Gate, balanced_hash_table, hash_table, route_weights, select_topk
+from v4lab.gate import Gate, balanced_hash_table, hash_table, select_topk
 from v4lab.moe import (MoE, bias_sensitivity, bias_update, expert_load, load_imbalance, routing_entropy,
                        sequence_balance_loss, topk_sets)
 

@@ -1,5 +1,4 @@
 """Interleaved partial RoPE on the last r dims, plain vs YaRN per layer kind, inverse rotation."""
-import math
 
 import pytest
 import torch

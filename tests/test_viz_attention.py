@@ -1,6 +1,5 @@
 """Notebook 02's figures: the inspector swept over text, position, layer and head, checked against the
 model's own inspection record; the cost calculator checked against v4lab.accounting; the notebook loader."""
-import json
 
 import pytest
 import torch

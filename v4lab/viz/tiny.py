@@ -17,7 +17,6 @@ Everything runs the notebook model (:func:`v4lab.viz.trained.trained_model`: the
 """
 from __future__ import annotations
 
-from functools import lru_cache
 
 import torch
 

@@ -10,7 +10,6 @@ export JUPYTER_CONFIG_DIR := $(CURDIR)/.jupyter/config
 export JUPYTER_DATA_DIR := $(CURDIR)/.jupyter/data
 export JUPYTER_RUNTIME_DIR := $(CURDIR)/.jupyter/runtime
 export IPYTHONDIR := $(CURDIR)/.jupyter/ipython
-export TRITON_INTERPRET ?= 1
 
 .PHONY: setup lab test test-fast bench clean
 
@@ -31,8 +30,9 @@ setup: $(STAMP)
 lab: setup
 	@TOKEN=$$($(BIN)/python -c "import secrets; print(secrets.token_hex(16))"); \
 	echo ""; echo "JupyterLab: http://127.0.0.1:$(PORT)/lab?token=$$TOKEN"; echo ""; \
-	$(BIN)/jupyter lab --no-browser --ip 127.0.0.1 --port $(PORT) --ServerApp.token=$$TOKEN \
-	  --ServerApp.root_dir=$(CURDIR)/notebooks
+	ROOTFLAG=$$( [ "$$(id -u)" = 0 ] && echo --allow-root ); \
+	$(BIN)/jupyter lab --no-browser --ip 127.0.0.1 --port $(PORT) --IdentityProvider.token=$$TOKEN \
+	  --ServerApp.root_dir=$(CURDIR)/notebooks $$ROOTFLAG
 
 test: setup
 	$(BIN)/python -m pytest -q tests

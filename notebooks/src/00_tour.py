@@ -12,8 +12,9 @@
 # Nothing here needs a GPU or weights.
 
 # %%
-import os
-os.environ.setdefault("TRITON_INTERPRET", "1")   # lets Triton kernels run on a CPU (set before any import)
+from v4lab.device import configure_triton, describe
+configure_triton()   # Triton interpreted on a CPU, compiled with CUDA (before any kernel import)
+print(describe())
 
 from v4lab import accounting, get_config
 from v4lab.viz import tour

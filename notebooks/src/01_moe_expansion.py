@@ -15,6 +15,10 @@
 # Everything is computed by `v4lab.accounting`, `v4lab.gate` and `v4lab.moe`; this notebook only calls them.
 
 # %%
+from v4lab.device import configure_triton, describe
+configure_triton()   # Triton interpreted on a CPU, compiled with CUDA
+print(describe())
+
 import torch
 
 from v4lab import accounting, gate, get_config, moe

@@ -14,6 +14,10 @@
 # The inspector below runs the notebook's tiny V4 on a text and shows all of it for any query, layer and head.
 
 # %%
+from v4lab.device import configure_triton, describe
+configure_triton()   # Triton interpreted on a CPU, compiled with CUDA
+print(describe())
+
 import torch
 
 from v4lab import accounting, get_config

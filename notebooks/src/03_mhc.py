@@ -14,6 +14,10 @@
 # Everything runs on a CPU in seconds; the training run was precomputed (how to rerun it is shown below).
 
 # %%
+from v4lab.device import configure_triton, describe
+configure_triton()   # Triton interpreted on a CPU, compiled with CUDA
+print(describe())
+
 import inspect
 
 import torch

@@ -14,6 +14,10 @@
 # Runs on a CPU in seconds; the training experiment was precomputed (how to rerun it is shown below).
 
 # %%
+from v4lab.device import configure_triton, describe
+configure_triton()   # Triton interpreted on a CPU, compiled with CUDA
+print(describe())
+
 import torch
 
 torch.set_num_threads(1)          # thousands of small ops: one thread is faster on a small shared CPU

@@ -12,6 +12,10 @@
 # - what quantisation-aware training (QAT) changes, with the straight-through estimator.
 
 # %%
+from v4lab.device import configure_triton, describe
+configure_triton()   # Triton interpreted on a CPU, compiled with CUDA
+print(describe())
+
 import torch
 
 from v4lab import quant as Q

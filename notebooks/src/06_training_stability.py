@@ -16,6 +16,10 @@
 # everything else runs in seconds.
 
 # %%
+from v4lab.device import configure_triton, describe
+configure_triton()   # Triton interpreted on a CPU, compiled with CUDA
+print(describe())
+
 import torch
 
 torch.set_num_threads(1)          # thousands of small ops: one thread is faster on a small shared CPU

@@ -14,6 +14,10 @@
 # synthetic stand-in that the first cell says it is).
 
 # %%
+from v4lab.device import configure_triton, describe
+configure_triton()   # Triton interpreted on a CPU, compiled with CUDA
+print(describe())
+
 import torch
 
 torch.set_num_threads(1)          # small ops: one thread is faster on a small shared CPU

@@ -11,8 +11,9 @@
 # - benchmark results, and which path produced them.
 
 # %%
-import os
-os.environ.setdefault("TRITON_INTERPRET", "1")   # lets Triton kernels run on a CPU (set before any import)
+from v4lab.device import configure_triton, describe
+configure_triton()   # Triton interpreted on a CPU, compiled with CUDA (before any kernel import)
+print(describe())
 
 import inspect
 

@@ -14,8 +14,9 @@
 # and `v4lab/prices.json` (API prices per million tokens, dated, with sources).
 
 # %%
-import os
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from v4lab.device import configure_triton, describe
+configure_triton()   # Triton interpreted on a CPU, compiled with CUDA (before any kernel import)
+print(describe())
 
 from v4lab import hardware, pricing
 from v4lab.viz import cost

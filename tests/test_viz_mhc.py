@@ -11,7 +11,7 @@ from v4lab.viz.common import sweep
 @pytest.fixture(scope="module")
 def tiny_result():
     """A very small training run (the cached default one is checked separately)."""
-    return V._round(mhc_stability.run(n_sublayers=6, d=8, hidden=8, steps=2, batch=8))
+    return V.training_result(n_sublayers=6, d=8, hidden=8, steps=2, batch=8)   # keywords: runs, not stored
 
 
 @pytest.mark.parametrize("static", [True, False])

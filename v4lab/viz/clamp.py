@@ -19,7 +19,6 @@ Two widgets on the pattern of :mod:`v4lab.viz.common`:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from v4lab.experiments import swiglu_clamp
 from v4lab.moe import moe_grouped
 from v4lab.viz import trained
-from v4lab.viz.common import Widget, check_choice, figure_from, register
+from v4lab.viz.common import Widget, check_choice, figure_from, register, stored_result
 
 V4_LIMIT = 10.0                                  # swiglu_limit of V4-Flash / V4-Pro (and of tiny / lab)
 LIMIT_STOPS = [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0]
@@ -302,29 +301,13 @@ class PreactWidget(Widget):
 
 
 # ------------------------------------------------------------------------------------ the experiment
-def _round(x):
-    if isinstance(x, float):
-        return float(f"{x:.7g}")
-    if isinstance(x, (list, tuple)):
-        return [_round(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _round(v) for k, v in x.items()}
-    return x
-
-
 def experiment_result(recompute: bool = False, **kwargs) -> dict:
     """:func:`v4lab.experiments.swiglu_clamp.run` with its defaults, stored in ``clamp_experiment.json``.
 
     The run (two trainings of the micro V4, plus building the corpus) takes minutes on 2 busy cores, too long
     for a notebook cell. ``recompute=True`` (or any keyword for ``run``) runs it again; with the defaults it
     also refreshes the file."""
-    if not recompute and not kwargs and EXPERIMENT_CACHE.exists():
-        return json.loads(EXPERIMENT_CACHE.read_text())
-    result = _round(swiglu_clamp.run(**kwargs))
-    if not kwargs:
-        DATA_DIR.mkdir(exist_ok=True)
-        EXPERIMENT_CACHE.write_text(json.dumps(result, separators=(",", ":")) + "\n")
-    return result
+    return stored_result(EXPERIMENT_CACHE, swiglu_clamp.run, recompute, **kwargs)
 
 
 def experiment_table(result: dict) -> str:

@@ -222,3 +222,35 @@ def sweep(widget: Widget, control: str, values: Iterable | None = None):
     for v in (widget.sweep_values(control) if values is None else values):
         cb(v)
         yield v, [t.to_plotly_json() for t in widget.fig.data]
+
+
+def _round_floats(x, digits: int):
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}")
+    if isinstance(x, (list, tuple)):
+        return [_round_floats(v, digits) for v in x]
+    if isinstance(x, dict):
+        return {k: _round_floats(v, digits) for k, v in x.items()}
+    return x
+
+
+def stored_result(path, run: Callable[..., dict], recompute: bool = False, digits: int | None = 7,
+                  **kwargs) -> dict:
+    """An experiment too slow for a notebook cell, stored as JSON at ``path``.
+
+    Without ``recompute`` or keywords the stored file is read (and written first if missing). Otherwise
+    ``run(**kwargs)`` runs again; with its defaults (no keywords) the file is refreshed. Floats are kept
+    to ``digits`` significant digits (None: as JSON writes them) so the file stays small and stable."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not recompute and not kwargs and path.exists():
+        return json.loads(path.read_text())
+    result = json.loads(json.dumps(run(**kwargs)))                 # plain floats, lists and dicts
+    if digits is not None:
+        result = _round_floats(result, digits)
+    if not kwargs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, separators=(",", ":")) + "\n")
+    return result

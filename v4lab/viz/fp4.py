@@ -13,7 +13,6 @@ Everything expensive is computed once per process (module-level caches), so call
 """
 from __future__ import annotations
 
-import json
 import math
 from functools import lru_cache
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from v4lab import quant as Q
-from v4lab.viz.common import Widget, check_choice, figure_from, register
+from v4lab.viz.common import Widget, check_choice, figure_from, register, stored_result
 
 # ------------------------------------------------------------------------------------ formats as text
 def e2m1_table() -> str:
@@ -316,14 +315,8 @@ def qat_result(recompute: bool = False, **kwargs) -> dict:
 
     Minutes on 2 CPU cores, so the result is stored in ``v4lab/viz/data/qat_run.json``; ``recompute=True``
     (or any keyword for ``run``) runs it again, and with the defaults refreshes the file."""
-    if not recompute and not kwargs and QAT_CACHE.exists():
-        return json.loads(QAT_CACHE.read_text())
     from v4lab.experiments import qat
-    result = json.loads(json.dumps(qat.run(**kwargs)))             # plain floats and lists
-    if not kwargs:
-        QAT_CACHE.parent.mkdir(exist_ok=True)
-        QAT_CACHE.write_text(json.dumps(result, separators=(",", ":")) + "\n")
-    return result
+    return stored_result(QAT_CACHE, qat.run, recompute, digits=None, **kwargs)
 
 
 def qat_table(result: dict | None = None) -> str:

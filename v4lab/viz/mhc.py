@@ -15,7 +15,6 @@ so the paper's H^res is combᵀ, the *columns* of comb are H^res's rows (forward
 """
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 
 from v4lab import mhc
 from v4lab.experiments import mhc_stability
-from v4lab.viz.common import Widget, check_choice, figure_from, register
+from v4lab.viz.common import Widget, check_choice, figure_from, register, stored_result
 
 N = 4                                             # V4's hc_mult
 HC_EPS = 1e-6                                     # V4's hc_eps
@@ -170,16 +169,6 @@ def surrogate(noise: float = 0.15) -> dict:
     return out
 
 
-def _round(x):
-    if isinstance(x, float):
-        return float(f"{x:.7g}")
-    if isinstance(x, list):
-        return [_round(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _round(v) for k, v in x.items()}
-    return x
-
-
 def training_result(recompute: bool = False, **kwargs) -> dict:
     """The small training run of ``mhc_stability.run`` with its defaults (seed 0, 60 sublayers).
 
@@ -188,15 +177,7 @@ def training_result(recompute: bool = False, **kwargs) -> dict:
     With ``recompute=True`` (or any keyword for ``run``) it runs again and, with the defaults, refreshes the
     file. The stored ``config`` says exactly what ran; ``training_result(**result["config"])`` reruns it.
     """
-    if not recompute and not kwargs:
-        if TRAINING_CACHE.exists():
-            return json.loads(TRAINING_CACHE.read_text())
-        recompute = True
-    result = _round(mhc_stability.run(**kwargs))
-    if not kwargs:
-        DATA_DIR.mkdir(exist_ok=True)
-        TRAINING_CACHE.write_text(json.dumps(result, indent=None, separators=(",", ":")) + "\n")
-    return result
+    return stored_result(TRAINING_CACHE, mhc_stability.run, recompute, **kwargs)
 
 
 def gains(source: str = "surrogate", noise: float = 0.15, result: dict | None = None) -> dict:

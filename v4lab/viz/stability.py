@@ -27,7 +27,7 @@ from v4lab.experiments import anticipatory
 from v4lab.gate import gate_scores, select_topk
 from v4lab.moe import bias_update, expert_load, load_imbalance
 from v4lab.viz import trained
-from v4lab.viz.common import Widget, check_choice, figure_from, register
+from v4lab.viz.common import Widget, check_choice, figure_from, register, stored_result
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 AR_CACHE = DATA_DIR / "anticipatory.json"
@@ -43,26 +43,10 @@ SIM_STEPS, SIM_TOKENS, SIM_EXPERTS, SIM_K = 300, 256, 8, 2
 
 
 # ------------------------------------------------------------------------------------ anticipatory routing
-def _round(x):
-    if isinstance(x, float):
-        return float(f"{x:.7g}")
-    if isinstance(x, (list, tuple)):
-        return [_round(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _round(v) for k, v in x.items()}
-    return x
-
-
 def ar_result(recompute: bool = False, **kwargs) -> dict:
     """:func:`v4lab.experiments.anticipatory.run` with its defaults, stored in ``anticipatory.json``.
     ``recompute=True`` (or any keyword for ``run``) runs it again; with the defaults it refreshes the file."""
-    if not recompute and not kwargs and AR_CACHE.exists():
-        return json.loads(AR_CACHE.read_text())
-    result = _round(anticipatory.run(**kwargs))
-    if not kwargs:
-        DATA_DIR.mkdir(exist_ok=True)
-        AR_CACHE.write_text(json.dumps(result, separators=(",", ":")) + "\n")
-    return result
+    return stored_result(AR_CACHE, anticipatory.run, recompute, **kwargs)
 
 
 def ar_variants(result: dict) -> list[str]:

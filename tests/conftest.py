@@ -2,6 +2,8 @@ import os
 
 # Kernels are interpreted on CPU; this must be set before any @triton.jit is defined.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# ...and models stay on the CPU too, even on a GPU box (tests that need another choice monkeypatch it).
+os.environ.setdefault("V4LAB_DEVICE", "cpu")
 
 import torch  # noqa: E402
 

@@ -50,9 +50,10 @@ class _Buffer:
         return self.n * self.data.shape[0] * self.data.shape[2] * self.data.element_size()
 
 
-def _synthetic(B: int, n: int, D: int, spare: int, generator, normed: bool = False) -> _Buffer:
-    data = torch.empty(B, n + spare, D)
-    data[:, :n] = torch.randn(B, n, D, generator=generator)
+def _synthetic(B: int, n: int, D: int, spare: int, generator, normed: bool = False, device=None) -> _Buffer:
+    # drawn by a CPU generator (the same values on every device), then placed on `device`
+    data = torch.empty(B, n + spare, D, device=device)
+    data[:, :n] = torch.randn(B, n, D, generator=generator).to(data.device)
     if normed:
         data[:, :n] = rms_norm(data[:, :n], None, 1e-6)
     return _Buffer(data, n)
@@ -116,13 +117,14 @@ class MLADSA(nn.Module):
         ik = torch.cat([apply_rope(ik[..., :self.rope], cos, sin), ik[..., self.rope:]], -1)
         return c, pe, ik
 
-    def new_cache(self, batch_size: int, context: int, generator=None, spare: int = 64) -> MLADSACache:
+    def new_cache(self, batch_size: int, context: int, generator=None, spare: int = 64,
+                  device=None) -> MLADSACache:
         """A cache holding `context` synthetic tokens (random entries of the right shapes and count) and
-        room for `spare` more."""
-        g = generator
-        return MLADSACache(_synthetic(batch_size, context, self.kvr, spare, g, normed=True),
-                           _synthetic(batch_size, context, self.rope, spare, g),
-                           _synthetic(batch_size, context, self.Di, spare, g))
+        room for `spare` more, on `device` (default: the layer's)."""
+        g, dev = generator, device or self.wq_a.weight.device
+        return MLADSACache(_synthetic(batch_size, context, self.kvr, spare, g, normed=True, device=dev),
+                           _synthetic(batch_size, context, self.rope, spare, g, device=dev),
+                           _synthetic(batch_size, context, self.Di, spare, g, device=dev))
 
     @staticmethod
     def cache_format_bytes(cfg, n_tokens: int) -> int:
@@ -135,7 +137,7 @@ class MLADSA(nn.Module):
     def decode(self, x: torch.Tensor, cache: MLADSACache) -> torch.Tensor:
         """x [B, 1, d] at position cache.length → [B, 1, d]; appends to the cache."""
         B = x.shape[0]
-        pos = torch.tensor([cache.length])
+        pos = torch.tensor([cache.length], device=x.device)
         cos, sin = cos_sin(self.freqs, pos)
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).view(B, 1, self.H, self.nope + self.rope)
@@ -195,8 +197,10 @@ class DenseMQA(nn.Module):
         self.attn_sink = nn.Parameter(torch.zeros(H))
         self.register_buffer("freqs", inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta), persistent=False)
 
-    def new_cache(self, batch_size: int, context: int, generator=None, spare: int = 64) -> DenseMQACache:
-        return DenseMQACache(_synthetic(batch_size, context, self.D, spare, generator, normed=True))
+    def new_cache(self, batch_size: int, context: int, generator=None, spare: int = 64,
+                  device=None) -> DenseMQACache:
+        return DenseMQACache(_synthetic(batch_size, context, self.D, spare, generator, normed=True,
+                                        device=device or self.wq_a.weight.device))
 
     @staticmethod
     def cache_format_bytes(cfg, n_tokens: int) -> int:
@@ -204,7 +208,7 @@ class DenseMQA(nn.Module):
 
     def decode(self, x: torch.Tensor, cache: DenseMQACache) -> torch.Tensor:
         B = x.shape[0]
-        cos, sin = cos_sin(self.freqs, torch.tensor([cache.length]))
+        cos, sin = cos_sin(self.freqs, torch.tensor([cache.length], device=x.device))
         q = rms_norm(self.wq_b(self.q_norm(self.wq_a(x))).view(B, 1, self.H, self.D), None, self.eps)
         q = apply_rope(q, cos[:, None], sin[:, None])
         cache.append(apply_rope(self.kv_norm(self.wkv(x)), cos, sin))

@@ -2,9 +2,12 @@
 
     v4lab info PRESET_OR_CONFIG_JSON [--context N] [--json]
     v4lab compare A B [--context N] [--json]
-    v4lab bench {attention,moe,quant,kernels,widgets,all} [--quick] [--json]
+    v4lab bench {attention,moe,quant,kernels,widgets,all} [--quick] [--json] [--device D]
     v4lab train ...        (see v4lab.train)
     v4lab generate ...     (see v4lab.generate)
+
+Where things run: ``--device`` (cpu, cuda, cuda:N, auto) on bench/train/generate, else $V4LAB_DEVICE,
+else CUDA when present (``v4lab.device``).
 
 Bad input (unknown preset, unreadable or malformed file, invalid value) prints one line on stderr and
 exits with code 2.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 BENCHES = ("attention", "moe", "quant", "kernels", "widgets")
@@ -42,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "bench":
             p = _Parser(prog="v4lab bench")
             p.add_argument("name", choices=BENCHES + ("all",))
+            p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto, for every bench run")
             args, more = p.parse_known_args(rest)
+            if args.device is not None:          # one setting for every bench (and the subprocesses they start)
+                from v4lab.device import ENV, get_device
+                os.environ[ENV] = str(get_device(args.device))
             names = BENCHES if args.name == "all" else (args.name,)
             rc = 0
             for n in names:

@@ -77,8 +77,11 @@ def parse_ids(text: str) -> list[int]:
     return ids
 
 
-def run(path, prompt_ids=None, prompt=None, max_new_tokens=32, temperature=0.0, top_k=None, seed=None) -> dict:
-    """Load ``path``, decode, return ``{"prompt_ids", "new_ids", "text"?}``."""
+def run(path, prompt_ids=None, prompt=None, max_new_tokens=32, temperature=0.0, top_k=None, seed=None,
+        device=None) -> dict:
+    """Load ``path`` on ``device`` (as ``v4lab.device.get_device``), decode, return
+    ``{"prompt_ids", "new_ids", "text"?, "device"}``. Greedy decoding gives the same ids on every device (up
+    to float ties); sampling draws from the device's own generator, so a seed reproduces per device type."""
     import torch
 
     from v4lab.model import load
@@ -87,7 +90,7 @@ def run(path, prompt_ids=None, prompt=None, max_new_tokens=32, temperature=0.0, 
         raise ValueError(f"checkpoint {str(p)!r}: not a directory (give a model saved in the official layout)")
     if (prompt_ids is None) == (prompt is None):
         raise ValueError("give exactly one of --prompt-ids and --prompt")
-    model = load(p, keep_quantized=False).eval()
+    model = load(p, keep_quantized=False, device=device).eval()
     tok = None
     if prompt is not None:
         tok = tokenizer_for(p, model.cfg.vocab_size)
@@ -97,7 +100,7 @@ def run(path, prompt_ids=None, prompt=None, max_new_tokens=32, temperature=0.0, 
     ids = torch.tensor([prompt_ids], dtype=torch.long)
     out = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
     new = out[0, len(prompt_ids):].tolist()
-    res = {"prompt_ids": list(prompt_ids), "new_ids": new}
+    res = {"prompt_ids": list(prompt_ids), "new_ids": new, "device": str(model.device)}
     if tok is None and (p / "tokenizer.json").is_file():
         tok = tokenizer_for(p, model.cfg.vocab_size)
     if tok is not None:
@@ -115,11 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default: $V4LAB_DEVICE, else auto)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         ids = parse_ids(args.prompt_ids) if args.prompt_ids is not None else None
-        res = run(args.path, ids, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+        res = run(args.path, ids, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                  args.device)
     except ValueError as e:
         sys.stderr.write(f"v4lab generate: error: {e}\n")
         return 2

@@ -239,7 +239,12 @@ class V4Model(nn.Module):
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= V:
             _bad("input_ids", f"a token id {lo if lo < 0 else hi}", f"token ids must be in [0, vocab_size = {V})")
-        return input_ids.long()
+        return input_ids.to(self.device, torch.long)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live (the embedding's device); inputs are moved here, so callers may pass CPU ids."""
+        return self.embed.weight.device
 
     def logits_from_streams(self, x: torch.Tensor, fn, base, scale, norm: nn.Module) -> torch.Tensor:
         """hc_head collapse → norm → shared head. x: [B, S, n, d] → [B, S, vocab]."""
@@ -346,7 +351,7 @@ class V4Model(nn.Module):
             if not isinstance(r, torch.Tensor) or r.dim() != 2 or r.shape[1] != K or (i < L and r.shape[0] != T):
                 shape = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
                 _bad(f"forced_routes[{i}]", shape, f"must be an integer tensor [tokens = {T}, K = {K}]")
-        return list(forced_routes)
+        return [None if r is None else r.to(self.device) for r in forced_routes]
 
     @torch.no_grad()
     def route_only(self, input_ids: torch.Tensor, start_pos: int = 0, return_mtp: bool = False) -> list:
@@ -367,7 +372,7 @@ class V4Model(nn.Module):
         prompt_ids: [P] or [B, P] → ids [B, P + N] (N ≤ max_new_tokens; stops early when every row has
         produced ``eos_token_id``). With ``return_mtp`` also returns MTP logits [B, P+N−2, vocab], entry i
         predicting token i+2 (what a speculative decoder would have drafted)."""
-        ids = prompt_ids if isinstance(prompt_ids, torch.Tensor) else torch.tensor(prompt_ids)
+        ids = prompt_ids if isinstance(prompt_ids, torch.Tensor) else torch.tensor(prompt_ids, device=self.device)
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -483,12 +488,16 @@ def _fill_block(reader, i: int, blk: Block, dtype: torch.dtype, originals: dict 
     return blk
 
 
-def load_layer(path, i: int, dtype: torch.dtype = torch.float32, keep_quantized: bool = True) -> Block:
+def load_layer(path, i: int, dtype: torch.dtype = torch.float32, keep_quantized: bool = True,
+               device: str | torch.device | None = None) -> Block:
     """One decoder layer (``i < num_hidden_layers``) or MTP block (``i = num_hidden_layers + k``) of a
     checkpoint directory (or an open ``CheckpointReader``), as a Block with its weights and nothing else.
     Only that layer's tensors are read. With ``keep_quantized`` the packed FP8/FP4 originals are kept in
-    ``block.quantized_originals`` (names relative to the layer)."""
+    ``block.quantized_originals`` (names relative to the layer, on the CPU). ``device``: as
+    ``v4lab.device.get_device`` (argument, else $V4LAB_DEVICE, else CUDA when present)."""
     from v4lab.checkpoint import layer_prefix
+    from v4lab.device import get_device
+    dev = get_device(device)
     reader = _reader(path)
     cfg = reader.config
     n_all = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
@@ -498,10 +507,11 @@ def load_layer(path, i: int, dtype: torch.dtype = torch.float32, keep_quantized:
     blk = _fill_block(reader, i, _build_block(cfg, i), dtype, originals)
     p = layer_prefix(cfg, i)
     blk.quantized_originals = {k[len(p):]: v for k, v in (originals or {}).items()}
-    return blk
+    return to_device(blk, dev)
 
 
-def load(path, dtype: torch.dtype = torch.float32, keep_quantized: bool = True, layers=None) -> V4Model:
+def load(path, dtype: torch.dtype = torch.float32, keep_quantized: bool = True, layers=None,
+         device: str | torch.device | None = None) -> V4Model:
     """Read a directory in the official release layout into a V4Model.
 
     FP8 / FP4 weights are dequantised to ``dtype`` (F32 tensors such as ``hc_*`` stay fp32). With
@@ -515,7 +525,11 @@ def load(path, dtype: torch.dtype = torch.float32, keep_quantized: bool = True, 
     ``layers``: ids to materialise (``num_hidden_layers + k`` = MTP block k); the others stay on the meta
     device (shapes only; a forward through them raises). embed/norm/head/hc_head are always loaded.
     Every header entry is checked against the config first: a missing/unexpected key or a wrong
-    shape/dtype raises ValueError naming the key."""
+    shape/dtype raises ValueError naming the key. ``device``: as ``v4lab.device.get_device`` (argument, else
+    $V4LAB_DEVICE, else CUDA when present); weights are read on the CPU and moved once, the packed
+    originals stay on the CPU (only ``save`` reads them)."""
+    from v4lab.device import get_device
+    dev = get_device(device)                 # a bad device fails before any tensor is read
     reader = _reader(path)
     cfg = reader.config
     reader.validate()
@@ -549,7 +563,15 @@ def load(path, dtype: torch.dtype = torch.float32, keep_quantized: bool = True, 
     model.quantized_originals = originals or {}
     model.source_path = reader.path
     model.set_flags(hc_mode=model.hc_mode, low_precision=model.low_precision, qat=model.qat)
-    return model
+    return to_device(model, dev)
+
+
+def to_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module.to(device)`` that leaves meta (not loaded) parameters where they are, so a partly loaded
+    model (``load(..., layers=[...])``) can move too."""
+    if device.type == "cpu" and all(t.device.type in ("cpu", "meta") for t in module.state_dict().values()):
+        return module
+    return module._apply(lambda t: t if t.is_meta else t.to(device))
 
 
 def _unchanged(param: torch.Tensor, raw: torch.Tensor, scale: torch.Tensor, cfg: V4Config) -> bool:

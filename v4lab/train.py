@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from v4lab import model as model_mod
 from v4lab.config import V4Config, get_config
+from v4lab.device import get_device
 from v4lab.mhc import composite_gains, token_mean_h_res
 from v4lab.model import V4Model
 from v4lab.moe import bias_update, sequence_balance_loss
@@ -221,6 +222,7 @@ def _sets_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------- losses
 def lm_losses(model: V4Model, ids: torch.Tensor, forced_routes=None, mtp: bool = True):
     """(main CE, MTP CE or None) on a batch ids [B, S+1]: logits for ids[:, :S] vs ids[:, 1:], MTP vs ids[:, 2:]."""
+    ids = ids.to(model.device)
     x = ids[:, :-1]
     V = model.cfg.vocab_size
     if mtp and len(model.mtp):
@@ -234,7 +236,7 @@ def lm_losses(model: V4Model, ids: torch.Tensor, forced_routes=None, mtp: bool =
 def balance_loss(model: V4Model, batch_size: int, alpha: float, layers: list[int] | None = None) -> torch.Tensor:
     """Σ over learned-router MoE layers (MTP included; ``layers`` = block indices, default all learned ones)
     of V3's sequence-wise balance loss, from the last forward."""
-    total = torch.zeros(())
+    total = torch.zeros((), device=model.device)
     for j in learned_moe_blocks(model) if layers is None else layers:
         m = model.blocks()[j].ffn
         r = m.last_routing
@@ -273,16 +275,16 @@ def expert_specialisation(model: V4Model, windows: torch.Tensor, token_class: to
     Returns {"layers": [block index], "hash": [bool], "mi_bits": [...], "mean_learned_mi_bits"}."""
     blocks = model.blocks()
     C, E = int(token_class.max()) + 1, model.cfg.n_routed_experts
-    joint = torch.zeros(len(blocks), C, E, dtype=torch.float64)
+    joint = torch.zeros(len(blocks), C, E, dtype=torch.float64, device="cpu")     # counted on the CPU
     for i in range(0, windows.shape[0], batch_size):
-        ids = windows[i:i + batch_size, :-1]
+        ids = windows[i:i + batch_size, :-1].cpu()
         model(ids, return_mtp=len(model.mtp) > 0)
         for j, b in enumerate(blocks):
-            idx = b.ffn.last_routing["idx"]                       # [T, K]
+            idx = b.ffn.last_routing["idx"].cpu()                 # [T, K]; counted on the CPU with the ids
             tok = ids if j < model.cfg.num_hidden_layers else ids[:, 1:]   # MTP routes token i+1
-            c = token_class[tok.reshape(-1)][:, None].expand_as(idx)
-            joint[j].index_put_((c.reshape(-1), idx.reshape(-1)), torch.ones(idx.numel(), dtype=torch.float64),
-                                accumulate=True)
+            c = token_class.cpu()[tok.reshape(-1)][:, None].expand_as(idx)
+            joint[j].index_put_((c.reshape(-1), idx.reshape(-1)), torch.ones(idx.numel(), dtype=torch.float64,
+                                                                                   device="cpu"), accumulate=True)
     mi = []
     for j in range(len(blocks)):
         p = joint[j] / joint[j].sum()
@@ -330,7 +332,8 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
           spike_at: int | None = None, spike_lr_mult: float = 1.0, model: V4Model | None = None,
           log_path=None, out_dir=None, ckpt_every: int = 0, eval_every: int = 0, eval_windows: int = 8,
           threads: int | None = None, deterministic: bool = True, progress: bool = True,
-          max_seconds: float | None = None, callback=None, log_preact: bool = False) -> dict:
+          max_seconds: float | None = None, callback=None, log_preact: bool = False,
+          device: str | torch.device | None = None) -> dict:
     """Train and return {"model", "log": [per-step records], "evals": [...], "summary": {...}}.
 
     cfg: a V4Config or preset name (``swiglu_limit`` overrides its clamp). data: a v4lab.data.TokenData
@@ -342,6 +345,9 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     callback(step, record, model) is called after each step. threads: torch.set_num_threads (on a busy
     shared machine 1 thread was ~10× faster than 2). max_seconds: stop early (a safety net).
     log_preact: also log max |W1 x|, |W3 x| of the routed experts per layer before the clamp (costs ~10 %).
+    device: as ``v4lab.device.get_device`` (argument, else $V4LAB_DEVICE, else CUDA when present). A new
+    model is initialised on the CPU and then moved, so a seed gives the same initial weights on every device;
+    a given ``model`` is moved there too.
     """
     from v4lab.data import load_data
     if isinstance(cfg, str):
@@ -362,6 +368,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     rollback = 2 * ar_lag if rollback is None else rollback
     spike_min_step = warmup if spike_min_step is None else spike_min_step
     qat_from = _qat_start(qat, steps)
+    dev = get_device(device)
     if threads is not None:
         torch.set_num_threads(int(threads))
     if deterministic:
@@ -381,6 +388,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                 if b.ffn.gate.is_hash:
                     b.ffn.gate.tid2eid.copy_(balanced_hash_table(counts, cfg.n_routed_experts,
                                                                  cfg.num_experts_per_tok))
+    model = model_mod.to_device(model, dev)
     model.set_flags(hc_mode=hc_mode, qat=qat_from == 0)
     model.train()
     opts = make_optimizer(model, optimizer, lr, weight_decay)
@@ -574,6 +582,7 @@ def _parser():
     p.add_argument("--eval-windows", type=int, default=8)
     p.add_argument("--ckpt-every", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default: $V4LAB_DEVICE, else auto)")
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--log", help="JSONL log path (default OUT/train_log.jsonl)")
     p.add_argument("--no-progress", action="store_true")
@@ -588,11 +597,12 @@ def main(argv=None) -> int:
         v = getattr(args, key)
         if v < (2 if key == "seq_len" else 1):
             _bad(f"--{key.replace('_', '-')}", v, "must be a positive integer" + (" >= 2" if key == "seq_len" else ""))
+    dev = get_device(args.device)                 # a bad --device fails before the slow set-up too
     out = Path(args.out) if args.out else None
     init = None
     if args.init:                     # continue from a saved model (fresh optimiser), reuse its tokenizer
         from v4lab.data import load_tokenizer
-        init = model_mod.load(args.init)
+        init = model_mod.load(args.init, device=dev)
         cfg = init.cfg
         tok = load_tokenizer(args.init)
     else:
@@ -613,7 +623,8 @@ def main(argv=None) -> int:
                 anticipatory=args.anticipatory, ar_lag=args.ar_lag, ar_duration=args.ar_duration,
                 spike_ratio=args.spike_ratio, eval_every=args.eval_every, eval_windows=args.eval_windows,
                 ckpt_every=args.ckpt_every, out_dir=str(out) if out else None, log_path=log_path,
-                threads=args.threads, progress=not args.no_progress, max_seconds=args.max_seconds, model=init)
+                threads=args.threads, progress=not args.no_progress, max_seconds=args.max_seconds, model=init,
+                device=dev)
     summary = dict(res["summary"])
     if out:
         tok.save(str(out / "tokenizer.json"))
@@ -624,7 +635,7 @@ def main(argv=None) -> int:
         # weights as trained (fp32 masters; experts through FP4 if QAT was on at the end), the bigram baseline, expert specialisation vs random weights
         windows = data.heldout_windows(args.seq_len)
         summary["heldout_loss_as_trained"] = evaluate(res["model"], windows, args.batch_size)["loss"]
-        loaded = model_mod.load(out)
+        loaded = model_mod.load(out, device=dev)
         summary["heldout"] = evaluate(loaded, windows, args.batch_size)
         summary["bigram"] = bigram_loss(data.train, windows, cfg.vocab_size)
         classes = token_classes(tok)
@@ -634,7 +645,7 @@ def main(argv=None) -> int:
         summary["specialisation_windows"] = int(windows.shape[0])
         summary["specialisation_trained"] = expert_specialisation(loaded, windows, classes, args.batch_size)
         torch.manual_seed(args.seed)
-        rand = V4Model(loaded.cfg)
+        rand = model_mod.to_device(V4Model(loaded.cfg), dev)
         for b, lb in zip(rand.layers, loaded.layers):      # same hash tables: compare routers only
             if b.ffn.gate.is_hash:
                 b.ffn.gate.tid2eid.copy_(lb.ffn.gate.tid2eid)

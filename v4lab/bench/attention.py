@@ -1,4 +1,10 @@
-"""``v4lab bench attention [--quick] [--json]``: V4's attention cost, measured on CPU beside its baselines.
+"""``v4lab bench attention [--quick] [--json] [--device D]``: V4's attention cost beside its baselines.
+
+Device: ``--device`` / $V4LAB_DEVICE / CUDA when present (``v4lab.device.get_device``). On CUDA every
+layer, cache and input lives on the GPU (cache contents are drawn by a CPU generator and copied, so both
+devices see the same values); ``seconds`` is then synchronised wall time and ``peak_bytes``
+``torch.cuda.max_memory_allocated`` (weights + cache + step) instead of process CPU time and RSS, and
+HF's budget is 90 % of the GPU's memory. What follows describes the CPU run.
 
 Decode (real shapes, one layer, random weights, fp32 on CPU; full run: 8K, 128K, 1M tokens):
   V4-Flash / V4-Pro CSA and HCA layers (``v4lab.attention.Attention``), a V3.2 MLA+DSA layer and a dense
@@ -120,12 +126,14 @@ class _PeakRSS:
 
 
 # ------------------------------------------------------------------------------------------ V4 cache
-def fill_v4_cache(attn, cache, context: int, generator=None) -> None:
+def fill_v4_cache(attn, cache, context: int, generator=None, device=None) -> None:
     """Put `context` synthetic tokens into a v4lab AttentionCache: the same tensors, shapes and counts a
-    real prefill of `context` tokens leaves (checked by `check_fill`), filled with random values."""
+    real prefill of `context` tokens leaves (checked by `check_fill`), filled with random values drawn on
+    the CPU and placed on `device` (default: the layer's)."""
     from v4lab.norm import rms_norm
     g, B, D, w = generator, cache.batch_size, attn.head_dim, attn.window
-    randn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    dev = device or attn.wkv.weight.device
+    randn = lambda *s: torch.randn(*s, generator=g).to(dev)  # noqa: E731
     cache.window = rms_norm(randn(B, w, D), None, 1e-6)
     cache.length = context
     if attn.kind == "window":
@@ -247,9 +255,28 @@ def check_accounting(context: int = 2 ** 20) -> None:
 
 
 # ------------------------------------------------------------------------------------------ workers
-def _decode_worker(name: str, contexts: list[int], steps: int) -> list[dict]:
+class _Clock:
+    """CPU: process time (the machine is shared) and RSS high-water mark. CUDA: synchronised wall time and
+    the allocator's peak since the last reset."""
+
+    def __init__(self, dev: torch.device):
+        self.dev, self.cuda = dev, dev.type == "cuda"
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize(self.dev)
+            return time.perf_counter()
+        return time.process_time()
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.dev) if self.cuda else _maxrss()
+
+
+def _decode_worker(name: str, contexts: list[int], steps: int, device: str = "cpu") -> list[dict]:
     from v4lab.config import get_config
     torch.set_num_threads(1)
+    dev = torch.device(device)
+    clock = _Clock(dev)
     preset, layer_id = DECODE_LAYERS[name]
     cfg = get_config(preset)
     g = torch.Generator().manual_seed(0)
@@ -262,23 +289,24 @@ def _decode_worker(name: str, contexts: list[int], steps: int) -> list[dict]:
     else:
         from v4lab.attention import Attention
         layer = _build(lambda: Attention(cfg, layer_id))
+    layer = layer.to(dev)
     out = []
     for N in contexts:
-        x = torch.randn(1, 1, cfg.hidden_size, generator=g) * 0.1
+        x = (torch.randn(1, 1, cfg.hidden_size, generator=g) * 0.1).to(dev)
         n0 = N - steps            # the last step sees N tokens (and 1M stays < max_position_embeddings)
         if hasattr(layer, "decode"):
-            cache = layer.new_cache(1, n0, generator=g)
+            cache = layer.new_cache(1, n0, generator=g, device=dev)
             step = lambda: layer.decode(x, cache)  # noqa: E731
         else:
             cache = layer.new_cache(1)
-            fill_v4_cache(layer, cache, n0, g)
+            fill_v4_cache(layer, cache, n0, g, dev)
             step = lambda: layer(x, cache.length, cache)  # noqa: E731
         times, walls = [], []
         with torch.no_grad():
             for _ in range(steps):
-                t0, w0 = time.process_time(), time.perf_counter()
+                t0, w0 = clock.now(), time.perf_counter()
                 y = step()
-                times.append(time.process_time() - t0)
+                times.append(clock.now() - t0)
                 walls.append(time.perf_counter() - w0)
         if not torch.isfinite(y).all():
             raise RuntimeError(f"{name} at {N}: non-finite output")
@@ -293,8 +321,8 @@ def _decode_worker(name: str, contexts: list[int], steps: int) -> list[dict]:
             eb, ib = acc._v4_entry(cfg, True)[0], acc._v4_index_key(cfg, True)[0]
             fmt = (cnt["window"] + cnt["entries"]) * eb + cnt["index_keys"] * ib
         out.append({"layer": name, "impl": "v4lab" if name.startswith("v4") else "baseline", "mode": "decode",
-                    "context": N, "seconds": min(times), "step_seconds": times, "wall_seconds": min(walls),
-                    "peak_bytes": _maxrss(),
+                    "device": str(dev), "context": N, "seconds": min(times), "step_seconds": times,
+                    "wall_seconds": min(walls), "peak_bytes": clock.peak(),
                     "cache_bytes": fmt, "cache_context": ctx, "stored_bytes": cache.nbytes(), "skipped": False})
         del cache, step
     return out
@@ -335,22 +363,26 @@ def _hf_module(cfg, layer_id: int):
     return hf, _build(lambda: M.DeepseekV4Attention(hf, 0)), M.DeepseekV4RotaryEmbedding(hf)
 
 
-def _prefill_worker(name: str, impl: str, S: int) -> list[dict]:
+def _prefill_worker(name: str, impl: str, S: int, device: str = "cpu") -> list[dict]:
     torch.set_num_threads(1)
+    dev = torch.device(device)
+    clock = _Clock(dev)
     cfg = narrow_config()
     layer_id = PREFILL_LAYERS[name]
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, S, cfg.hidden_size, generator=g)
-    rec = {"layer": name, "impl": impl, "mode": "prefill", "context": S, "shape": "narrow", "skipped": False}
+    x = torch.randn(1, S, cfg.hidden_size, generator=g).to(dev)
+    rec = {"layer": name, "impl": impl, "mode": "prefill", "device": str(dev), "context": S, "shape": "narrow",
+           "skipped": False}
     if impl == "v4lab":
         from v4lab.attention import Attention
-        attn = _build(lambda: Attention(cfg, layer_id))
+        attn = _build(lambda: Attention(cfg, layer_id)).to(dev)
         cache = attn.new_cache(1)
         run = lambda: attn(x, 0, cache)  # noqa: E731
     else:
         from transformers.masking_utils import create_sliding_window_causal_mask
         hf, attn, rot = _hf_module(cfg, layer_id)
-        pid = torch.arange(S)[None]
+        attn, rot = attn.to(dev), rot.to(dev)
+        pid = torch.arange(S, device=dev)[None]
 
         def run():
             pe = {k: rot(x, pid, layer_type=k) for k in ("main", "compress")}
@@ -359,14 +391,18 @@ def _prefill_worker(name: str, impl: str, S: int) -> list[dict]:
             return attn(x, pe, pid, mask)[0]
         rec["analytic_peak_bytes"] = hf_analytic_peak(cfg, layer_id, S)
         cache = None
+    if clock.cuda:
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
     with torch.no_grad(), _PeakRSS() as m:
-        t0, w0 = time.process_time(), time.perf_counter()
+        t0, w0 = clock.now(), time.perf_counter()
         y = run()
-        rec["seconds"] = time.process_time() - t0
+        rec["seconds"] = clock.now() - t0
         rec["wall_seconds"] = time.perf_counter() - w0
     if not torch.isfinite(y).all():
         raise RuntimeError(f"{impl} {name} prefill at {S}: non-finite output")
-    rec["peak_bytes"] = m.delta
+    rec["peak_bytes"] = clock.peak() - base if clock.cuda else m.delta
     rec["rss_peak_bytes"] = m.peak
     if cache is not None:
         from v4lab import accounting as acc
@@ -376,6 +412,13 @@ def _prefill_worker(name: str, impl: str, S: int) -> list[dict]:
     else:
         rec["cache_bytes"] = None        # HF's cache path is not used by a cache-less prefill
     return [rec]
+
+
+def hf_budget(dev: torch.device) -> int:
+    """Bytes HF's prefill may need before it is skipped: $V4LAB_BENCH_HF_GIB on the CPU, 90 % of the GPU."""
+    if dev.type == "cuda":
+        return int(0.9 * torch.cuda.get_device_properties(dev).total_memory)
+    return HF_BUDGET
 
 
 def _spawn(args: list[str], timeout: float) -> list[dict]:
@@ -388,7 +431,11 @@ def _spawn(args: list[str], timeout: float) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ driver
-def run(quick: bool = False, log=None) -> list[dict]:
+def run(quick: bool = False, log=None, device=None) -> list[dict]:
+    """Records (see the module docstring). ``device``: as ``v4lab.device.get_device``."""
+    from v4lab.device import get_device
+    dev = get_device(device)
+    budget = hf_budget(dev)
     log = log or (lambda s: None)
     check_fill()
     check_accounting()
@@ -403,7 +450,7 @@ def run(quick: bool = False, log=None) -> list[dict]:
     records = []
     for name in dec_layers:
         log(f"decode {name} at {dec_ctx}")
-        recs = _spawn(["decode", name, ",".join(map(str, dec_ctx)), str(steps)], timeout=3600)
+        recs = _spawn(["decode", name, ",".join(map(str, dec_ctx)), str(steps), str(dev)], timeout=3600)
         for r in recs:
             a = analytic(name, r["context"])
             a_ctx = analytic(name, r["cache_context"])
@@ -413,21 +460,22 @@ def run(quick: bool = False, log=None) -> list[dict]:
     cfg = narrow_config()
     for name, S in pre:
         log(f"prefill {name} S={S}")
-        records += _spawn(["prefill", name, "v4lab", str(S)], timeout=3600)
+        records += _spawn(["prefill", name, "v4lab", str(S), str(dev)], timeout=3600)
         need = hf_analytic_peak(cfg, PREFILL_LAYERS[name], S)
-        if need > HF_BUDGET:
-            records.append({"layer": name, "impl": "hf-transformers", "mode": "prefill", "context": S,
-                            "shape": "narrow", "skipped": True, "seconds": None, "peak_bytes": None,
+        if need > budget:
+            records.append({"layer": name, "impl": "hf-transformers", "mode": "prefill", "device": str(dev),
+                            "context": S, "shape": "narrow", "skipped": True, "seconds": None, "peak_bytes": None,
                             "analytic_peak_bytes": need, "cache_bytes": None,
                             "reason": f"dense [S, S+T] scores need ~{need / 2 ** 30:.1f} GiB > budget "
-                                      f"{HF_BUDGET / 2 ** 30:.0f} GiB"})
+                                      f"{budget / 2 ** 30:.0f} GiB"})
         else:
-            records += _spawn(["prefill", name, "hf-transformers", str(S)], timeout=3600)
+            records += _spawn(["prefill", name, "hf-transformers", str(S), str(dev)], timeout=3600)
     if not quick:
         for name in PREFILL_LAYERS:
             for S in FULL_PREFILL_ANALYTIC:
                 need = hf_analytic_peak(cfg, PREFILL_LAYERS[name], S)
-                records.append({"layer": name, "impl": "hf-transformers", "mode": "prefill", "context": S,
+                records.append({"layer": name, "impl": "hf-transformers", "mode": "prefill", "device": str(dev),
+                                "context": S,
                                 "shape": "narrow", "skipped": True, "seconds": None, "peak_bytes": None,
                                 "analytic_peak_bytes": need, "cache_bytes": None,
                                 "reason": "analytic only (not run: CPU time on the shared 2-core machine)"})
@@ -447,7 +495,9 @@ def report(records: list[dict]) -> str:
     lines = []
     dec = [r for r in records if r["mode"] == "decode"]
     if dec:
-        lines.append("Decode step, one layer, real shapes, fp32 CPU (ratios vs the V3.2 MLA+DSA layer at the same context)")
+        where = dec[0].get("device", "cpu")
+        lines.append(f"Decode step, one layer, real shapes, fp32 on {where} (ratios vs the V3.2 MLA+DSA layer at "
+                     "the same context)")
         lines.append(f"{'layer':14} {'context':>8} {'ms':>9} {'cache (format)':>15} {'= accounting':>12} "
                      f"{'t/t_v32':>8} {'flops/v32':>9} {'dev':>6} {'cache/v32':>9}")
         base = {r["context"]: r for r in dec if r["layer"] == "v3.2-mla-dsa"}
@@ -483,17 +533,20 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"]:
         kind, name = argv[1], argv[2]
+        dev = argv[5] if len(argv) > 5 else "cpu"
         if kind == "decode":
-            recs = _decode_worker(name, [int(c) for c in argv[3].split(",")], int(argv[4]))
+            recs = _decode_worker(name, [int(c) for c in argv[3].split(",")], int(argv[4]), dev)
         else:
-            recs = _prefill_worker(name, argv[3], int(argv[4]))
+            recs = _prefill_worker(name, argv[3], int(argv[4]), dev)
         print(json.dumps(recs))
         return 0
     p = argparse.ArgumentParser(prog="v4lab bench attention")
     p.add_argument("--quick", action="store_true", help="a small subset (< 1 min)")
     p.add_argument("--json", action="store_true", help="print the records as JSON")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default: $V4LAB_DEVICE, else auto)")
     args = p.parse_args(argv)
-    records = run(args.quick, log=None if args.json else (lambda s: print(f"# {s}", file=sys.stderr, flush=True)))
+    records = run(args.quick, log=None if args.json else (lambda s: print(f"# {s}", file=sys.stderr, flush=True)),
+                  device=args.device)
     print(json.dumps(records, indent=1) if args.json else report(records))
     return 0
 

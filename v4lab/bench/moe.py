@@ -54,11 +54,14 @@ def _time(fn, device: str, repeat: int) -> float:
 
 
 @torch.no_grad()
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, device=None) -> list[dict]:
+    """CPU always (the reference point); CUDA too when the device setting (``device``, else
+    $V4LAB_DEVICE, else auto) picks it — the Triton path only there."""
+    from v4lab.device import get_device
     E = 16
     records = []
     plans = [("cpu", torch.float32, 8 if quick else 32, 128 if quick else 512)]
-    if torch.cuda.is_available():
+    if get_device(device).type == "cuda":
         plans.append(("cuda", torch.bfloat16, 64 if quick else 256, 2048 if quick else 16384))
     for device, dtype, t_naive, t_fast in plans:
         w1s, w2s, w3s = _weights(E, device, dtype)           # one set of weights for every impl
@@ -83,8 +86,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="v4lab bench moe")
     p.add_argument("--quick", action="store_true", help="fewer tokens (under a minute on 2 CPU cores)")
     p.add_argument("--json", action="store_true", help="print a JSON list of records")
+    p.add_argument("--device", default=None, help="cpu | cuda | auto (default: $V4LAB_DEVICE, else auto)")
     args = p.parse_args(argv)
-    recs = run(quick=args.quick)
+    recs = run(quick=args.quick, device=args.device)
     if args.json:
         print(json.dumps(recs, indent=1))
     else:

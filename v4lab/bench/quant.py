@@ -42,14 +42,17 @@ def _time(fn, repeat: int, device: str = "cpu") -> float:
 
 
 @torch.no_grad()
-def gemm_records(quick: bool) -> list[dict]:
+def gemm_records(quick: bool, device=None) -> list[dict]:
+    """CPU always (the reference point); CUDA too when the device setting picks it (Triton only there)."""
+    from v4lab.device import get_device
+    on_gpu = get_device(device).type == "cuda"
     N, K = (1024, 2048) if quick else (2048, 4096)
     g = torch.Generator().manual_seed(0)
     w = torch.randn(N, K, generator=g) * 0.02
     pk, s = Q.mxfp4_quantize(w)
     wf = Q.mxfp4_dequantize(pk, s)
     out = []
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = ["cpu"] + (["cuda"] if on_gpu else [])
     for device in devices:
         pkd, sd, wfd = pk.to(device), s.to(device), wf.to(device)
         for M in ((1, 64) if quick else (1, 16, 256)):
@@ -67,7 +70,7 @@ def gemm_records(quick: bool) -> list[dict]:
                 out.append({"bench": "fp4_gemm", "device": device, "path": k, "M": M, "N": N, "K": K,
                             "ms": round(t * 1e3, 3), "ratio_vs_dequant": round(times["dequant_then_matmul"] / t, 2),
                             "max_abs_err_vs_ref": err})
-    if not torch.cuda.is_available():
+    if not on_gpu:
         out.append({"bench": "fp4_gemm", "device": "cpu", "path": "triton", "M": None, "N": N, "K": K, "ms": None,
                     "ratio_vs_dequant": None, "note": "interpreter only here: checked for correctness in "
                     "tests/test_kernel_fp4_gemm.py, not timed (its speed says nothing about a GPU)"})
@@ -95,16 +98,17 @@ def bytes_records() -> list[dict]:
     return out
 
 
-def run(quick: bool = False) -> list[dict]:
-    return gemm_records(quick) + bytes_records()
+def run(quick: bool = False, device=None) -> list[dict]:
+    return gemm_records(quick, device) + bytes_records()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="v4lab bench quant")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default=None, help="cpu | cuda | auto (default: $V4LAB_DEVICE, else auto)")
     a = p.parse_args(argv)
-    recs = run(a.quick)
+    recs = run(a.quick, a.device)
     if a.json:
         print(json.dumps(recs, indent=1))
         return 0

@@ -20,10 +20,12 @@ from v4lab.train import micro_config, train
 
 def run(seed: int = 0, *, steps: int = 30, lr: float = 5e-3, spike_at: int = 15, spike_lr_mult: float = 100.0,
         ar_lag: int = 2, ar_duration: int = 10, spike_ratio: float = 1.1, batch_size: int = 8, seq_len: int = 64,
-        variants: tuple = ("off", "always", "spike"), data=None, threads: int | None = None) -> dict:
+        variants: tuple = ("off", "always", "spike"), data=None, threads: int | None = None,
+        device=None) -> dict:
     """Returns {"config", variant: {"iter", "step", "loss", "churn", "max_moe", "ar_on", "events",
     "seconds_per_step", "post_spike_loss" (mean lm loss over the ar_duration steps after spike_at),
     "peak_loss" (max lm loss after spike_at)}, "overhead": {variant: seconds_per_step / off's − 1}}."""
+    # device: as v4lab.device.get_device (argument, else $V4LAB_DEVICE, else CUDA when present)
     from v4lab.data import load_data
     cfg = micro_config()
     data = data or load_data(cfg.vocab_size)
@@ -33,7 +35,7 @@ def run(seed: int = 0, *, steps: int = 30, lr: float = 5e-3, spike_at: int = 15,
     for v in variants:
         r = train(cfg, data=data, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=2, seed=seed,
                   anticipatory=v, ar_lag=ar_lag, ar_duration=ar_duration, spike_ratio=spike_ratio,
-                  spike_at=spike_at, spike_lr_mult=spike_lr_mult, progress=False, threads=threads)
+                  spike_at=spike_at, spike_lr_mult=spike_lr_mult, progress=False, threads=threads, device=device)
         log = r["log"]
         after = [x["lm_loss"] for x in log if spike_at < x["step"] <= spike_at + ar_duration]
         out[v] = {"iter": [x["iter"] for x in log], "step": [x["step"] for x in log],

@@ -93,7 +93,7 @@ def _gains_by_depth(model: Surrogate, x: torch.Tensor) -> dict:
 
 def run(seed: int = 0, *, n_sublayers: int = 60, d: int = 16, n: int = 4, hidden: int = 32, steps: int = 12,
         batch: int = 64, lr: float = 1e-2, iters: int = 20, diag: float = 0.0,
-        variants: tuple = ("residual", "hc", "mhc")) -> dict:
+        variants: tuple = ("residual", "hc", "mhc"), device=None) -> dict:
     """Train the surrogate under each variant from the same seed; return, per variant:
 
     loss [steps], grad_norm [steps] (total, before any clipping), grad_norm_by_depth [L] (last step, per
@@ -105,6 +105,8 @@ def run(seed: int = 0, *, n_sublayers: int = 60, d: int = 16, n: int = 4, hidden
     With base_res = 0 (diag = 0) mHC mixes uniformly and copies of one stream stay copies, so at this
     scale mHC tracks the residual closely; diag > 0 starts it near the identity instead.
     """
+    from v4lab.device import get_device
+    dev = get_device(device)        # argument, else $V4LAB_DEVICE, else CUDA when present
     for v in variants:
         if v not in mhc.MODES:
             raise ValueError(f"variants: {v!r} is not one of {mhc.MODES}")
@@ -116,6 +118,7 @@ def run(seed: int = 0, *, n_sublayers: int = 60, d: int = 16, n: int = 4, hidden
     xs = torch.randn(steps, batch, 1, d_in, generator=g)
     ys = torch.tanh(xs @ w1) @ w2
     x_eval = torch.randn(batch, 1, d_in, generator=g)
+    xs, ys, x_eval = xs.to(dev), ys.to(dev), x_eval.to(dev)      # drawn on the CPU: same data on every device
 
     result = {"config": dict(seed=seed, n_sublayers=n_sublayers, d=d, n=n, hidden=hidden, steps=steps,
                              batch=batch, lr=lr, iters=iters, diag=diag), "depth": list(range(1, n_sublayers + 1))}
@@ -134,7 +137,7 @@ def _train(variant, seed, xs, ys, x_eval, d_in, d_out, d, n, n_sublayers, hidden
     """Train one variant; see `run` for what comes back."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)                                   # same weights for the shared parts
-    model = Surrogate(d_in, d_out, d, n, n_sublayers, variant, hidden, iters, diag)
+    model = Surrogate(d_in, d_out, d, n, n_sublayers, variant, hidden, iters, diag).to(xs.device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     gains_init = _gains_by_depth(model, x_eval)
     losses, gnorms = [], []

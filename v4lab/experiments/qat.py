@@ -30,10 +30,12 @@ def _eval(model, windows, qat: bool) -> float:
 
 
 def run(seed: int = 0, *, steps: int = 30, lr: float = 1e-2, batch_size: int = 8, seq_len: int = 64,
-        eval_windows: int = 16, data=None, threads: int | None = None) -> dict:
+        eval_windows: int = 16, data=None, threads: int | None = None,
+        device=None) -> dict:
     """Returns {"config", "step", "bf16": {"loss": [...]}, "qat": {"loss": [...]}, "heldout": {
     "bf16": L, "bf16_rounded_after": L, "qat_fp4": L, "qat_unrounded": L}, "gap_ptq", "gap_qat",
     "weight_sqnr_db": {"bf16": dB, "qat": dB}}; gaps are held-out loss minus the bf16 model's."""
+    # device: as v4lab.device.get_device (argument, else $V4LAB_DEVICE, else CUDA when present)
     from v4lab.data import load_data
     cfg = micro_config()
     data = data or load_data(cfg.vocab_size)
@@ -43,7 +45,7 @@ def run(seed: int = 0, *, steps: int = 30, lr: float = 1e-2, batch_size: int = 8
     models = {}
     for name, qat in (("bf16", False), ("qat", True)):
         r = train(cfg, data=data, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=2,
-                  seed=seed, qat=qat, progress=False, threads=threads)
+                  seed=seed, qat=qat, progress=False, threads=threads, device=device)
         models[name] = r["model"]
         out[name] = {"loss": [x["lm_loss"] for x in r["log"]], "seconds": r["summary"]["seconds"]}
     bf, q = models["bf16"], models["qat"]

@@ -22,10 +22,12 @@ def count_spikes(losses: list[float], margin: float) -> int:
 
 
 def run(seed: int = 0, *, steps: int = 30, lr: float = 5e-2, limit: float = 10.0, batch_size: int = 8,
-        seq_len: int = 64, spike_margin: float = 0.5, data=None, threads: int | None = None) -> dict:
+        seq_len: int = 64, spike_margin: float = 0.5, data=None, threads: int | None = None,
+        device=None) -> dict:
     """Returns {"config", "step", "clamp": {...}, "no_clamp": {...}} with, per variant, lists over steps:
     loss, lm_loss, grad_norm, preact_max (max over layers of pre-clamp |W1 x|, |W3 x|), moe_max (max |MoE
     output|), and scalars spikes, final_loss, seconds."""
+    # device: as v4lab.device.get_device (argument, else $V4LAB_DEVICE, else CUDA when present)
     from v4lab.data import load_data
     cfg = micro_config()
     data = data or load_data(cfg.vocab_size)
@@ -33,7 +35,7 @@ def run(seed: int = 0, *, steps: int = 30, lr: float = 5e-2, limit: float = 10.0
                           spike_margin=spike_margin), "step": list(range(steps))}
     for name, lim in (("clamp", limit), ("no_clamp", 0.0)):
         r = train(cfg, data=data, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=2,
-                  seed=seed, swiglu_limit=lim, progress=False, log_preact=True, threads=threads)
+                  seed=seed, swiglu_limit=lim, progress=False, log_preact=True, threads=threads, device=device)
         log = r["log"]
         out[name] = {"loss": [x["loss"] for x in log], "lm_loss": [x["lm_loss"] for x in log],
                      "grad_norm": [x["grad_norm"] for x in log],

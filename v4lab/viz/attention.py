@@ -91,12 +91,13 @@ def run_text(text: str, model=None, tok=None) -> Run:
 
 def _take(insp: dict, ratio: int, kind: str) -> dict:
     """Batch row 0 of an inspection record, plus the channel-mean pooling weight of every slot."""
-    out = {k: v[0].detach().clone() for k, v in insp.items()
+    # to the CPU: the figures index and combine these with CPU tensors whatever device the model is on
+    out = {k: v[0].detach().cpu().clone() for k, v in insp.items()
            if isinstance(v, torch.Tensor) and k not in ("positions", "entries")}
     out["n_entries"] = int(insp["entries"].shape[1]) if insp.get("entries") is not None else 0
     pw = insp.get("pool_weights")
     # pool_weights: [B, n_entries, slots, c] channel-wise softmax → mean over channels: [n_entries, slots]
-    out["pool_mean"] = pw[0].mean(-1) if pw is not None else torch.zeros(0, 2 * ratio if kind == "csa" else ratio)
+    out["pool_mean"] = pw[0].mean(-1).cpu() if pw is not None else torch.zeros(0, 2 * ratio if kind == "csa" else ratio)
     return out
 
 

@@ -74,7 +74,8 @@ def collect(texts=TEXTS, model=None, tok=None) -> dict:
         model, tok, _ = trained.trained_model()
     moes = [b.ffn for b in model.layers]
     xs = {m.layer_id: [] for m in moes}
-    hooks = [m.register_forward_hook(lambda mod, args, out: xs[mod.layer_id].append(args[0].detach()))
+    # everything captured goes to the CPU (the figures and limit_effects work there, whatever the model's device)
+    hooks = [m.register_forward_hook(lambda mod, args, out: xs[mod.layer_id].append(args[0].detach().cpu()))
              for m in moes]
     idx, wts = {m.layer_id: [] for m in moes}, {m.layer_id: [] for m in moes}
     n_tok = 0
@@ -84,8 +85,8 @@ def collect(texts=TEXTS, model=None, tok=None) -> dict:
             model(ids)
             n_tok += ids.shape[1]
             for m in moes:
-                idx[m.layer_id].append(m.last_routing["idx"])
-                wts[m.layer_id].append(m.last_routing["weights"])
+                idx[m.layer_id].append(m.last_routing["idx"].cpu())
+                wts[m.layer_id].append(m.last_routing["weights"].cpu())
     finally:
         for h in hooks:
             h.remove()
@@ -100,14 +101,14 @@ def collect(texts=TEXTS, model=None, tok=None) -> dict:
         for e, ex in enumerate(m.experts):
             rows = (ix == e).any(-1)
             if rows.any():
-                g.append(F.linear(x[rows], ex.w1.weight.float()).flatten())
-                u.append(F.linear(x[rows], ex.w3.weight.float()).flatten())
+                g.append(F.linear(x[rows], ex.w1.weight.float().cpu()).flatten())
+                u.append(F.linear(x[rows], ex.w3.weight.float().cpu()).flatten())
         out["x"][l], out["idx"][l], out["weights"][l] = x, ix, w
         out["gate"][l], out["up"][l] = torch.cat(g), torch.cat(u)
         sh = m.shared_experts                      # every token goes through it; clamped the same way
         out["shared_peak"][l] = (0.0 if sh is None else
-                                 max(float(F.linear(x, sh.w1.weight.float()).max()),
-                                     float(F.linear(x, sh.w3.weight.float()).abs().max())))
+                                 max(float(F.linear(x, sh.w1.weight.float().cpu()).max()),
+                                     float(F.linear(x, sh.w3.weight.float().cpu()).abs().max())))
     return out
 
 
@@ -125,8 +126,8 @@ def limit_effects(acts: dict, layer: int, model=None, limits=LIMIT_STOPS) -> dic
     if model is None:
         model, _, _ = trained.trained_model()
     m = model.layers[layer].ffn
-    w1s, w2s, w3s = ([e.w1.weight for e in m.experts], [e.w2.weight for e in m.experts],
-                     [e.w3.weight for e in m.experts])
+    w1s, w2s, w3s = ([e.w1.weight.cpu() for e in m.experts], [e.w2.weight.cpu() for e in m.experts],
+                     [e.w3.weight.cpu() for e in m.experts])      # acts (from collect) live on the CPU
     x, ix, w = acts["x"][layer], acts["idx"][layer], acts["weights"][layer]
     y_off = moe_grouped(x, ix, w, w1s, w2s, w3s, 0.0)
     g, u = acts["gate"][layer], acts["up"][layer]

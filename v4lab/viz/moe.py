@@ -257,9 +257,10 @@ def route_text(text: str = DEFAULT_TEXT, model=None, tok=None) -> dict:
     ids = trained.encode(tok, text, MAX_TOKENS)
     model(ids)
     moes = [b.ffn for b in model.layers]
-    layers = [{"layer": m.layer_id, "hash": m.gate.is_hash, "scores": m.last_routing["scores"].detach().float(),
-               "bias": None if m.gate.bias is None else m.gate.bias.detach().float().clone(),
-               "idx": m.last_routing["idx"].clone(), "k": m.gate.topk, "n_group": m.gate.n_group,
+    # captured on the CPU, whatever device the model is on: the figures combine them with CPU tensors
+    layers = [{"layer": m.layer_id, "hash": m.gate.is_hash, "scores": m.last_routing["scores"].detach().float().cpu(),
+               "bias": None if m.gate.bias is None else m.gate.bias.detach().float().cpu().clone(),
+               "idx": m.last_routing["idx"].cpu().clone(), "k": m.gate.topk, "n_group": m.gate.n_group,
                "topk_group": m.gate.topk_group} for m in moes]
     out = {"ids": ids[0].tolist(), "tokens": trained.token_strings(tok, ids), "layers": layers,
            "stats": layer_routing_stats(moes)}

@@ -343,7 +343,7 @@ class MTPRun:
         if model is None:
             model, tok, _ = trained.trained_model()
         ids = trained.encode(tok, text, moe_viz.MAX_TOKENS)
-        logits, mtp = model(ids, return_mtp=True)                 # [1, S, V], [1, S-1, V]
+        logits, mtp = (t.cpu() for t in model(ids, return_mtp=True))    # [1, S, V], [1, S-1, V]
         self.ids = ids[0].tolist()
         self.tokens = trained.token_strings(tok, ids)
         S = len(self.ids)

@@ -184,7 +184,10 @@ def test_status_and_path(monkeypatch, release, tmp_path):
     assert real.real_weights_path() == release
     assert real.real_weights_status().startswith("Real weights:") and "6 layers" in real.real_weights_status()
     monkeypatch.setenv("V4LAB_REAL_WEIGHTS", str(tmp_path / "nowhere"))
-    assert "not usable" in real.real_weights_status()
+    assert real.real_weights_status().startswith("$V4LAB_REAL_WEIGHTS points to") and "not usable" in \
+        real.real_weights_status()
+    msg = real.real_weights_status(tmp_path / "elsewhere")            # the argument, not the variable, is named
+    assert msg.startswith("path = ") and "elsewhere" in msg and "not usable" in msg
 
 
 # ------------------------------------------------------------------------------------------------ views
@@ -266,7 +269,7 @@ def test_figure_builders(release, streamed, monkeypatch):
     assert [list(r) for r in f.data[0].z] == real.mhc_static(release, 2, "ffn")["h_res"].tolist()
     assert len(vr.build_mhc_layers().data[0].y) == 6
     assert len(vr.build_sinks().data[0].z) == 6
-    assert len(vr.build_ape(layer=1).data[0].z) == 4
+    assert len(vr.build_ape(layer=1).data[0].z) == 8                   # CSA: 4 own + 4 previous-window slots
     fp4 = vr.build_fp4(layer=3, experts=(0,))
     assert sum(fp4.data[0].y) == pytest.approx(1.0) and sum(fp4.data[1].y) == 3 * 128 * 128 // 32
     assert len(vr.build_hash_load(text="w1 w2 w3").data) == 2

@@ -70,13 +70,15 @@ def real_weights_status(path: str | os.PathLike | None = None) -> str:
     p = real_weights_path(path)
     how = (f"To enable the real-weights sections, download DeepSeek-V4-Flash (or -Pro) from Hugging Face "
            f"(the whole repository: config.json, model.safetensors.index.json, the shards and tokenizer.json) "
-           f"and set {ENV}=/path/to/it before starting Jupyter (or pass path=... to the v4lab.real functions).")
+           f"and set {ENV}=/path/to/it before starting Jupyter (or pass path=... to the v4lab.real functions "
+           f"and the v4lab.viz.real figures and widgets).")
     if p is None:
         return f"No real V4 download configured (${ENV} is not set). " + how
     try:
         r = open_real(p)
     except ValueError as e:
-        return f"${ENV} points to {str(p)!r}, but it is not usable: {e}. " + how
+        where = f"path = {str(p)!r}" if path is not None else f"${ENV} points to {str(p)!r}"
+        return f"{where}, but it is not usable: {e}. " + how
     cfg = r.config
     tok = "with tokenizer.json" if (p / TOKENIZER_FILE).is_file() else "WITHOUT tokenizer.json (text prompts disabled)"
     return (f"Real weights: {str(p)!r} ({cfg.name}, {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} "

@@ -172,3 +172,19 @@ assert abs(sum(e["shapley_params"].values()) - e["routed_growth"]) < 1e3      # 
 assert abs(sum(e["log_share"].values()) - 1) < 1e-12                          # log shares add up
 pro, v3 = accounting.params("v4-pro"), accounting.params("v3")
 print(f"V4-Pro / V3: total {pro['total'] / v3['total']:.2f}x, active {pro['active'] / v3['active']:.2f}x")
+
+# %% [markdown]
+# ## Optional: the same on real V4 weights
+#
+# On the released weights, the first three layers of V4-Flash and V4-Pro route each token with a fixed
+# table `ffn.gate.tid2eid` (one row of 6 experts per token id, out of 256 or 384). Type any text and see
+# how it loads the experts of each hash layer: only the tables and the download's own tokenizer are read,
+# no forward pass. To enable it, download DeepSeek-V4-Flash (or -Pro) from Hugging Face and set
+# `V4LAB_REAL_WEIGHTS=/path/to/download` before starting Jupyter, or pass `path=...` to the widget.
+
+# %%
+# real-weights section: builds only when a download is configured
+from v4lab.viz import real as vr
+print(vr.real_weights_status())
+if vr.configured():
+    vr.HashLoadWidget().display()

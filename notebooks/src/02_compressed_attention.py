@@ -163,3 +163,21 @@ print(f"1M tokens  V4-Pro KV {pro['kv_cache_bytes']:.3f} FLOPs {pro['decode_flop
       f"V4-Flash KV {flash['kv_cache_bytes']:.3f} FLOPs {flash['decode_flops']:.3f} | V4-Pro KV vs GQA-8 {gq:.3f}")
 assert abs(pro["kv_cache_bytes"] - 0.10) < 0.01 and abs(pro["decode_flops"] - 0.27) < 0.015
 assert abs(flash["kv_cache_bytes"] - 0.07) < 0.01 and abs(flash["decode_flops"] - 0.10) < 0.01
+
+# %% [markdown]
+# ## Optional: the same on real V4 weights
+#
+# On the released weights: the learned attention-sink logit of every layer and head (the share of
+# probability a head may leave unassigned), and the compressor's learned position bias `ape` turned into the
+# pooling weights it gives when all scores are equal: 4-token windows overlapping the previous one in CSA
+# layers (for the main and the indexer's compressor), 128-token windows in HCA layers. To enable it, download
+# DeepSeek-V4-Flash (or -Pro) from Hugging Face and set `V4LAB_REAL_WEIGHTS=/path/to/download` before
+# starting Jupyter, or pass `path=...` to the figure and the widget.
+
+# %%
+# real-weights section: builds only when a download is configured
+from v4lab.viz import real as vr
+print(vr.real_weights_status())
+if vr.configured():
+    vr.build_sinks().show()
+    vr.ApeWidget().display()

@@ -168,3 +168,21 @@ print("product of 60: row sums", [round(v, 4) for v in P.sum(-1).tolist()],
       "column sums", [round(v, 4) for v in P.sum(-2).tolist()])
 assert (comb >= 0).all() and (comb.sum(-2) - 1).abs().max() < 1e-5 and (comb.sum(-1) - 1).abs().max() < 1e-5
 assert (P.sum(-1) - 1).abs().max() < 1e-4 and (P.sum(-2) - 1).abs().max() < 1e-4
+
+# %% [markdown]
+# ## Optional: the same on real V4 weights
+#
+# On the released weights: the static part of every mHC site, the mixing a layer applies before its
+# input-dependent term, computed from the learned bias `hc_attn_base` / `hc_ffn_base` exactly as above
+# ($H^\text{res}$ after 20 Sinkhorn iterations, pre and post). Slide through the layers, then see per layer
+# how much the static mixing keeps the four streams apart. To enable it, download DeepSeek-V4-Flash (or -Pro)
+# from Hugging Face and set `V4LAB_REAL_WEIGHTS=/path/to/download` before starting Jupyter, or pass
+# `path=...` to the widget and the figure.
+
+# %%
+# real-weights section: builds only when a download is configured
+from v4lab.viz import real as vr
+print(vr.real_weights_status())
+if vr.configured():
+    vr.MhcWidget().display()
+    vr.build_mhc_layers().show()

@@ -194,3 +194,19 @@ assert torch.isin(per_block, Q.E2M1_GRID).all()
 print("max distinct values in a block:", max(b.unique().numel() for b in deq.view(-1, 32)))
 print(f"SQNR on Gaussian weights: MXFP4 {Q.sqnr_db(w, deq):.1f} dB, "
       f"FP8 {Q.sqnr_db(w, Q.fp8_block_dequantize(*Q.fp8_block_quantize(w))):.1f} dB")
+
+# %% [markdown]
+# ## Optional: the same on real V4 weights
+#
+# The released checkpoints store every routed expert in the format of this notebook: two E2M1 codes per
+# byte and one E8M0 scale per 32 weights. On real weights you see how often each of the 16 codes is used and
+# which block scales occur, per MoE layer and for the experts you select (one V4-Flash expert is about
+# 13 MB to read). To enable it, download DeepSeek-V4-Flash (or -Pro) from Hugging Face and set
+# `V4LAB_REAL_WEIGHTS=/path/to/download` before starting Jupyter, or pass `path=...` to the widget.
+
+# %%
+# real-weights section: builds only when a download is configured
+from v4lab.viz import real as vr
+print(vr.real_weights_status())
+if vr.configured():
+    vr.Fp4Widget().display()

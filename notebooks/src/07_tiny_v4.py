@@ -118,3 +118,24 @@ assert float(gap.max()) < 1e-4, f"cache and full forward disagree by {float(gap.
 assert mtp_logits.shape[1] == out.shape[1] - 1
 print("cached greedy decoding == argmax of the full forward for all", out.shape[1] - ids.shape[1], "new tokens")
 print("MTP logits", tuple(mtp_logits.shape), "for", out.shape[1], "tokens: entry t predicts token t+2")
+
+# %% [markdown]
+# ## Optional: the same on real V4 weights
+#
+# `v4lab.real.stream_forward` runs a short prompt through the real V4-Flash (or V4-Pro) with one layer's
+# weights in memory at a time, reading only the experts the tokens pick: under 1 GB of V4-Flash weights
+# held at once, but every layer is read from disk, so expect minutes. You see the experts picked in every
+# layer, the lightning indexer's picks in the first CSA layer, and the model's top-5 next tokens. To enable
+# it, download DeepSeek-V4-Flash (or -Pro) from Hugging Face (with its `tokenizer.json`) and set
+# `V4LAB_REAL_WEIGHTS=/path/to/download` before starting Jupyter, or pass `path=...` to `stream_forward`.
+
+# %%
+# real-weights section: builds only when a download is configured
+from v4lab import real
+from v4lab.viz import real as vr
+print(vr.real_weights_status())
+if vr.configured():
+    res = real.stream_forward("The capital of France is")
+    vr.build_routing(res).show()
+    vr.build_indexer(res).show()
+    print(vr.top_tokens_text(res, real.load_tokenizer()))

@@ -5,13 +5,20 @@ built as a live ``go.FigureWidget`` and each control's callback (``on_<control>`
 its sweep values, in order, a few passes; one record per (widget, control) with p50/p95/max in ms
 against the issue's target (p95 <= 100 ms). A widget frontend adds rendering time in the browser
 on top of this; this measures the Python side, which is what a callback can make slow.
+
+Widgets with ``needs_real_weights`` (``v4lab.viz.real``) read a DeepSeek-V4 download: they are timed on
+``$V4LAB_REAL_WEIGHTS`` when it is configured, else on a synthetic ``tiny`` release written to a temporary
+directory (said on stderr; their records carry ``"weights"``: the download's name or "synthetic tiny").
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 TARGET_MS = 100.0
 
@@ -23,12 +30,33 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def run(quick: bool = False) -> list[dict]:
+    with tempfile.TemporaryDirectory(prefix="v4lab-bench-") as tmp:
+        return _run(quick, Path(tmp))
+
+
+def _real_weights(tmp: Path) -> tuple[Path, str]:
+    """The download the real-weights widgets read: $V4LAB_REAL_WEIGHTS, else a synthetic tiny release."""
+    from v4lab import real
+    from v4lab.viz import real as vr
+    if vr.configured():
+        return real.real_weights_path(), real.open_real().config.name
+    print("v4lab bench widgets: no real V4 download configured ($V4LAB_REAL_WEIGHTS); timing the real.* "
+          "widgets on a synthetic tiny release", file=sys.stderr)
+    return vr.write_demo_release(tmp / "synthetic-tiny"), "synthetic tiny"
+
+
+def _run(quick: bool, tmp: Path) -> list[dict]:
     from v4lab.viz import load_all
     passes = 1 if quick else 3
     records = []
+    weights = None
     for name, cls in sorted(load_all().items()):
+        extra, kw = {}, {}
+        if getattr(cls, "needs_real_weights", False):
+            weights = weights or _real_weights(tmp)
+            kw, extra = {"path": weights[0]}, {"weights": weights[1]}
         t0 = time.perf_counter()
-        w = cls(static=False)
+        w = cls(static=False, **kw)
         init_ms = (time.perf_counter() - t0) * 1e3
         for control in w.control_names:
             cb = getattr(w, f"on_{control}")
@@ -44,7 +72,7 @@ def run(quick: bool = False) -> list[dict]:
             records.append({"bench": "widgets", "widget": name, "control": control, "calls": len(times),
                             "p50_ms": round(statistics.median(times), 2), "p95_ms": round(p95, 2),
                             "max_ms": round(max(times), 2), "init_ms": round(init_ms, 1),
-                            "target_p95_ms": TARGET_MS, "ok": p95 <= TARGET_MS})
+                            "target_p95_ms": TARGET_MS, "ok": p95 <= TARGET_MS, **extra})
     return records
 
 

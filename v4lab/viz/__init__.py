@@ -11,7 +11,7 @@ import importlib
 
 from v4lab.viz.common import REGISTRY, Widget, register, static_mode, sweep
 
-TOPICS = ["tour", "moe", "attention", "cost", "mhc", "fp4", "kernels", "clamp", "stability", "tiny"]
+TOPICS = ["tour", "moe", "attention", "cost", "mhc", "fp4", "kernels", "clamp", "stability", "tiny", "real"]
 
 
 def load_all() -> dict:

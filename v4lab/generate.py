@@ -78,10 +78,11 @@ def parse_ids(text: str) -> list[int]:
 
 
 def run(path, prompt_ids=None, prompt=None, max_new_tokens=32, temperature=0.0, top_k=None, seed=None,
-        device=None) -> dict:
+        device=None, kernels: bool = False) -> dict:
     """Load ``path`` on ``device`` (as ``v4lab.device.get_device``), decode, return
     ``{"prompt_ids", "new_ids", "text"?, "device"}``. Greedy decoding gives the same ids on every device (up
-    to float ties); sampling draws from the device's own generator, so a seed reproduces per device type."""
+    to float ties); sampling draws from the device's own generator, so a seed reproduces per device type.
+    ``kernels``: decode through the Triton kernels (``V4Model.use_kernels``)."""
     import torch
 
     from v4lab.model import load
@@ -91,6 +92,8 @@ def run(path, prompt_ids=None, prompt=None, max_new_tokens=32, temperature=0.0, 
     if (prompt_ids is None) == (prompt is None):
         raise ValueError("give exactly one of --prompt-ids and --prompt")
     model = load(p, keep_quantized=False, device=device).eval()
+    if kernels:
+        model.use_kernels()
     tok = None
     if prompt is not None:
         tok = tokenizer_for(p, model.cfg.vocab_size)
@@ -119,12 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default: $V4LAB_DEVICE, else auto)")
+    ap.add_argument("--kernels", action="store_true", help="run the hot ops through the Triton kernels")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         ids = parse_ids(args.prompt_ids) if args.prompt_ids is not None else None
         res = run(args.path, ids, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
-                  args.device)
+                  args.device, args.kernels)
     except ValueError as e:
         sys.stderr.write(f"v4lab generate: error: {e}\n")
         return 2

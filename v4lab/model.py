@@ -31,6 +31,7 @@ API:
     routes = model.route_only(ids)           # per-layer expert ids, to feed back as forced_routes
     out = model.generate(prompt, 16, temperature=0.8, top_k=50, seed=0)
     model = load(dir); save(model, dir2); blk = load_layer(dir, i)       # official release layout
+    model.use_kernels()                      # hot ops through the Triton kernels (forward only)
 """
 from __future__ import annotations
 
@@ -90,10 +91,11 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.ffn = MoE(cfg, layer_id)
         self.hc_mode = "mhc"
+        self.hc_pre_fn = None          # None: the module's hc_pre (looked up per call); else the Triton one
 
     def _pre(self, site: str, x: torch.Tensor):
         c = self.cfg
-        return hc_pre(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
+        return (self.hc_pre_fn or hc_pre)(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
                       getattr(self, f"hc_{site}_base"), rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps,
                       iters=c.hc_sinkhorn_iters, mode=self.hc_mode)
 
@@ -192,6 +194,7 @@ class V4Model(nn.Module):
         # writes unchanged weights back byte-identically. Not part of state_dict.
         self.quantized_originals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.source_path: Path | None = None
+        self.kernels = False
         self.set_flags(hc_mode=hc_mode, low_precision=low_precision, qat=qat)
 
     # ------------------------------------------------------------------ flags
@@ -218,6 +221,36 @@ class V4Model(nn.Module):
             self.low_precision = bool(low_precision)
         if qat is not None:
             self.qat = bool(qat)
+        return self
+
+    def use_kernels(self, on: bool = True) -> "V4Model":
+        """Run the hot ops through the Triton kernels beside their references (``v4lab.kernels``: sparse
+        attention with the sink, compressor pooling, indexer scores, the mHC pre-mix, the grouped expert MLP)
+        — or, with ``on=False``, through the torch references again. Same signatures, same results (each
+        kernel's test compares it with its reference). Kernels are compiled on CUDA and interpreted on the CPU
+        (correct but slow there); they are forward-only, so a forward that needs gradients raises."""
+        from v4lab import attention as A
+        from v4lab import compressor as C
+        from v4lab import indexer as I
+        if on:
+            from v4lab.device import check_kernel_device
+            check_kernel_device(self.device)          # compiled kernels need CUDA tensors, interpreted ones CPU
+            from v4lab.kernels import compressor as kc
+            from v4lab.kernels import indexer as ki
+            from v4lab.kernels import mhc as km
+            from v4lab.kernels import sparse_attn as ks
+        for b in self.blocks():
+            a = b.attn
+            a.sparse_attn_fn = ks.sparse_attn if on else A.sparse_attn
+            comp, ind = getattr(a, "compressor", None), getattr(a, "indexer", None)     # window layers: neither
+            for c in (comp, ind.compressor if ind is not None else None):
+                if c is not None:
+                    c.pool_fn = kc.compress_pool if on else C.compress_pool
+            if ind is not None:
+                a.indexer.score_fn = ki.index_scores if on else I.index_scores
+            b.hc_pre_fn = km.hc_pre if on else None
+            b.ffn.dispatch = "triton" if on else "grouped"
+        self.kernels = bool(on)
         return self
 
     # ------------------------------------------------------------------ cache
@@ -276,6 +309,9 @@ class V4Model(nn.Module):
         [B, S, n, d] before ``hc_head``.
         """
         cfg = self.cfg
+        if self.kernels and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            _bad("use_kernels", True, "the Triton kernels are forward-only: run under torch.no_grad() (or "
+                                      "inference_mode), or call model.use_kernels(False) to train")
         ids = self._check_ids(input_ids)
         B, S = ids.shape
         if cache is not None:

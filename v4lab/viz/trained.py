@@ -77,14 +77,15 @@ def synthetic_checkpoint(path: Path | str | None = None) -> Path:
     return p
 
 
-def load_dir(path: Path | str, synthetic: bool = False):
-    """(model, tokenizer, info) from one checkpoint directory (eval mode, fp32, no gradients needed)."""
+def load_dir(path: Path | str, synthetic: bool = False, device=None):
+    """(model, tokenizer, info) from one checkpoint directory (eval mode, fp32, no gradients needed), on
+    ``device`` (as ``v4lab.device.get_device``: argument, else $V4LAB_DEVICE, else CUDA when present)."""
     import v4lab
     from tokenizers import Tokenizer
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         raise ValueError(f"path = {str(path)!r}: no tokenizer.json there (a notebook needs one to show text)")
-    model = v4lab.load(path).eval()
+    model = v4lab.load(path, device=device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
@@ -122,7 +123,8 @@ def trained_model(data_dir: Path | str | None = None):
         found = Path(env)
     else:
         found = find_trained(data_dir)
-    key = str(found) if found is not None else "synthetic"
+    from v4lab.device import get_device
+    key = (str(found) if found is not None else "synthetic", str(get_device()))   # one model per device
     if key not in _CACHE:
         _CACHE[key] = load_dir(found) if found is not None else load_dir(synthetic_checkpoint(), synthetic=True)
     return _CACHE[key]

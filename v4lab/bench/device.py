@@ -118,11 +118,12 @@ def run(quick: bool = False, device=None, checks=CHECKS) -> list[dict]:
 
     from v4lab.device import ENV, describe, get_device
     dev = get_device(device)
+    desc = describe(device)             # says where the choice came from (argument, $V4LAB_DEVICE, auto)
     out = []
     saved = os.environ.get(ENV)
     os.environ[ENV] = str(dev)          # what the notebooks' model (and anything else) picks up meanwhile
     try:
-        _run_checks(dev, quick, checks, out, describe)
+        _run_checks(dev, quick, checks, out, desc)
     finally:
         if saved is None:
             os.environ.pop(ENV, None)
@@ -131,7 +132,7 @@ def run(quick: bool = False, device=None, checks=CHECKS) -> list[dict]:
     return out
 
 
-def _run_checks(dev, quick, checks, out, describe):
+def _run_checks(dev, quick, checks, out, desc):
     for name in checks:
         if name not in CHECKS:
             raise ValueError(f"check = {name!r}: must be one of {CHECKS}")
@@ -140,7 +141,7 @@ def _run_checks(dev, quick, checks, out, describe):
             rec = globals()[f"check_{name}"](dev, quick)
         except Exception as e:                       # record and go on: one run should report every check
             rec = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
-        out.append({"check": name, "device": str(dev), "describe": describe(dev),
+        out.append({"check": name, "device": str(dev), "describe": desc,
                     "seconds": round(time.perf_counter() - t0, 2), **rec})
 
 

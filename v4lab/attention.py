@@ -18,7 +18,12 @@ Choices where the sources leave room (documented, tested):
   a zero-padded last block), Hadamard + MXFP4 on indexer q/k, BF16 index scores.
 - `sparse_attn_fn`, `compressor.pool_fn`, `indexer.score_fn` are the references by default and can be
   pointed at the Triton kernels (same signatures).
-- The indexer is not trained by the attention loss (top-k selection has no gradient), as in V4.
+- The indexer is not trained by the attention loss (top-k selection has no gradient), as in V4. With
+  `distill = True` (CSA) a forward also records the indexer's warm-up loss (`indexer.distill_kl`): the
+  main attention's probability on every visible compressed entry (dense, over window + all visible
+  entries + sink, summed over heads) is the target of the indexer's softmax. The indexer then reads
+  x and the query latent detached, so that loss trains the indexer only. `last_distill` = (Σ KL, queries),
+  `last_recall` = (oracle top-k entries picked, possible).
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import torch
 from torch import nn
 
 from .compressor import Compressor, CompressorState
-from .indexer import Indexer, visible_entries
+from .indexer import Indexer, distill_kl, topk_recall, visible_entries
 from .norm import RMSNorm, rms_norm
 from .rope import apply_rope, cos_sin, layer_inv_freq
 
@@ -234,6 +239,9 @@ class Attention(nn.Module):
         self._low_precision = False
         self.inspect = False
         self.last_inspect: dict | None = None
+        self.distill = False                      # CSA: also compute the indexer warm-up loss (see above)
+        self.last_distill: tuple | None = None
+        self.last_recall: tuple | None = None
         self.q_chunk = 64                         # queries per sparse_attn call (memory ∝ q_chunk · K · D)
         self.sparse_attn_fn = sparse_attn         # swap in kernels.sparse_attn.sparse_attn for speed
 
@@ -332,10 +340,13 @@ class Attention(nn.Module):
             if insp is not None:
                 insp["pool_weights"] = self.compressor.last_weights
                 insp["entries"] = comp
+        distill = self.distill and self.kind == "csa"
         if self.kind == "csa":
-            cache.index_keys.append(self.indexer.keys(x, cache.index_state))
+            ix, iqr = (x.detach(), qr.detach()) if distill else (x, qr)       # the warm-up trains the indexer only
+            cache.index_keys.append(self.indexer.keys(ix, cache.index_state))
             keys = cache.index_keys.get()
-            iq, iw = self.indexer.queries(x, qr, pos)
+            iq, iw = self.indexer.queries(ix, iqr, pos)
+            kl_sum, kl_n, hits, possible = 0.0, 0, 0, 0
         if ring_path:
             kv_all = cache.ring_and_entries()                                   # [B, w + Nc, D]
         else:
@@ -367,6 +378,19 @@ class Attention(nn.Module):
                     rec["selected"] = cidx
             idx = idx.contiguous()
             qc = q[:, c0:c0 + chunk]
+            if distill:
+                nv = visible_entries(t, self.ratio)
+                s_all = torch.arange(Nc, device=x.device)
+                dense_c = torch.where(s_all[None] < nv[:, None], s_all[None] + L, -1)             # [s, Nc]
+                dense = torch.cat([idx[..., :w], dense_c[None].expand(B, -1, -1)], 2).contiguous()
+                with torch.no_grad():
+                    p, _ = sparse_attn_probs(qc.detach(), kv_all.detach(), self.attn_sink.detach(), dense,
+                                             self.scale)
+                mass = p[..., w:].sum(2)                                                # [B, s, Nc]
+                a, n = distill_kl(mass, scores, nv)
+                kl_sum, kl_n = kl_sum + a, kl_n + n
+                h, m = topk_recall(mass, cidx, nv, self.cfg.index_topk)
+                hits, possible = hits + h, possible + m
             outs.append(self.sparse_attn_fn(qc, kv_all, self.attn_sink, idx, self.scale))
             if insp is not None:
                 p, sink = sparse_attn_probs(qc, kv_all, self.attn_sink, idx, self.scale)
@@ -376,6 +400,8 @@ class Attention(nn.Module):
                 records.append(rec)
         o = torch.cat(outs, 1)                                                  # [B, S, H, D]
         cache.length = start_pos + S
+        if distill:
+            self.last_distill, self.last_recall = (kl_sum, kl_n), (hits, possible)
 
         o = apply_rope(o, cos[:, None], sin[:, None], inverse=True)            # back to relative positions
         og = o.reshape(B, S, self.o_groups, -1)                                # [B, S, g, H·D/g]

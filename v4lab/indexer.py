@@ -54,6 +54,42 @@ def topk_visible(scores: torch.Tensor, n_visible: torch.Tensor, k: int) -> torch
     return torch.where(idx >= n_visible[None, :, None], torch.full_like(idx, -1), idx)
 
 
+def distill_kl(target_mass: torch.Tensor, scores: torch.Tensor, n_visible: torch.Tensor):
+    """The indexer's warm-up loss (V3.2's DSA recipe, which V4 inherits for CSA: spec §9.4 "sparse attention
+    from the 64K stage, after an indexer warm-up"), summed over queries.
+
+    target_mass [B, S, N]: the main attention's probability on each compressed entry, summed over heads
+    (treated as a constant); scores [B, S, N]: index scores; n_visible [S]: entries each query may see.
+    Per query with any visible entry and any mass on them: p = target_mass / Σ target_mass over the visible
+    entries, q = softmax(scores) over the visible entries, KL(p ‖ q) = Σ p (log p − log q).
+    Returns (sum of KL over those queries, number of queries) so that chunks can be added up.
+    """
+    N = scores.shape[-1]
+    vis = torch.arange(N, device=scores.device)[None, None, :] < n_visible.to(scores.device)[None, :, None]
+    mass = target_mass.detach().float().masked_fill(~vis, 0.0)
+    tot = mass.sum(-1, keepdim=True)                                     # [B, S, 1]
+    use = (tot[..., 0] > 0) & vis.any(-1)                               # queries with a target
+    p = mass / tot.clamp_min(torch.finfo(torch.float32).tiny)
+    logq = scores.float().masked_fill(~vis, float("-inf")).log_softmax(-1)
+    logq = logq.masked_fill(~vis, 0.0)                                   # 0·(−inf) would be NaN
+    plogp = torch.where(p > 0, p * p.clamp_min(torch.finfo(torch.float32).tiny).log(), torch.zeros_like(p))
+    kl = (plogp - p * logq).sum(-1)                                       # [B, S]
+    return kl[use].sum(), int(use.sum())
+
+
+def topk_recall(target_mass: torch.Tensor, picks: torch.Tensor, n_visible: torch.Tensor, k: int) -> tuple:
+    """How many of the k entries with the most target mass the indexer picked: (hits, possible), summed
+    over queries. picks [B, S, k'] (−1 = none)."""
+    N = target_mass.shape[-1]
+    vis = torch.arange(N, device=target_mass.device)[None, None, :] < n_visible[None, :, None]
+    kk = min(k, N)
+    best = target_mass.float().masked_fill(~vis, float("-inf")).topk(kk, -1).indices      # [B, S, kk]
+    n_best = torch.minimum(n_visible, torch.tensor(kk, device=n_visible.device))[None, :].expand(best.shape[:2])
+    slot_ok = torch.arange(kk, device=best.device)[None, None] < n_best[..., None]       # real oracle slots
+    hit = (best[..., :, None] == picks[..., None, :]).any(-1) & slot_ok
+    return int(hit.sum()), int(slot_ok.sum())
+
+
 class Indexer(nn.Module):
     """Lightning indexer of one CSA layer.
 

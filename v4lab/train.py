@@ -549,6 +549,119 @@ def _current_topk(block, x: torch.Tensor) -> torch.Tensor:
     return select_topk(g.scores(x), g.bias, g.topk, g.n_group, g.topk_group)
 
 
+# ---------------------------------------------------------------------------------------- indexer warm-up
+def _csa_attns(model: V4Model) -> list:
+    return [b.attn for b in model.layers if b.attn.kind == "csa"]
+
+
+def indexer_params(model: V4Model) -> list:
+    """The parameters of every CSA layer's lightning indexer (``attn.indexer.*``)."""
+    return [p for a in _csa_attns(model) for p in a.indexer.parameters()]
+
+
+def _distill_forward(model: V4Model, ids: torch.Tensor):
+    """One forward with the warm-up loss on: (mean KL over queries and layers, hits, possible)."""
+    attns = _csa_attns(model)
+    for a in attns:
+        a.distill = True
+    try:
+        model(ids)
+    finally:
+        for a in attns:
+            a.distill = False
+    kl = sum(a.last_distill[0] for a in attns)
+    n = sum(a.last_distill[1] for a in attns)
+    hits = sum(a.last_recall[0] for a in attns)
+    possible = sum(a.last_recall[1] for a in attns)
+    return kl / max(1, n), hits, possible
+
+
+def _random_recall(cfg, seq_len: int) -> float:
+    """Expected recall of picking index_topk of the visible entries at random (per query k/n, capped at 1)."""
+    k = cfg.index_topk
+    m = next(cfg.compress_ratio(i) for i in range(cfg.num_hidden_layers) if cfg.layer_kind(i) == "csa")
+    hit = tot = 0.0
+    for t in range(seq_len):
+        n = (t + 1) // m
+        if n:
+            hit += min(k, n) * min(1.0, k / n)
+            tot += min(k, n)
+    return hit / tot if tot else 0.0
+
+
+@torch.no_grad()
+def indexer_quality(model: V4Model, windows: torch.Tensor, batch_size: int = 8) -> dict:
+    """On windows [W, S+1]: mean distillation KL (nats per query) and top-k recall of the entries the main
+    attention weighs most, against the recall of random picks."""
+    was = model.training
+    model.eval()
+    kls, hits, possible = [], 0, 0
+    for i in range(0, windows.shape[0], batch_size):
+        kl, h, n = _distill_forward(model, windows[i:i + batch_size, :-1])
+        kls.append(float(kl))
+        hits, possible = hits + h, possible + n
+    model.train(was)
+    return {"kl": sum(kls) / len(kls), "recall": hits / max(1, possible),
+            "random_recall": _random_recall(model.cfg, windows.shape[1] - 1)}
+
+
+def indexer_warmup(model: V4Model, data=None, *, steps: int = 100, batch_size: int = 8, seq_len: int = 512,
+                   lr: float = 1e-3, warmup: int = 5, seed: int = 0, eval_windows: int = 8, progress: bool = True,
+                   device: str | torch.device | None = None) -> dict:
+    """V4's indexer warm-up (spec §9.4; the recipe is V3.2's DSA warm-up): every parameter but the CSA
+    indexers' is frozen, and the indexers learn to rank compressed entries as the main attention weighs
+    them (``v4lab.indexer.distill_kl``) while the forward itself stays sparse (top-k). The language model
+    is unchanged except through which entries the indexer now picks.
+
+    Returns {"model", "log": [{"step", "kl", "recall", "lr"}], "before", "after"} with ``before`` / ``after``
+    = :func:`indexer_quality` (plus the held-out LM loss) on ``eval_windows`` held-out windows."""
+    from v4lab.data import load_data
+    for name, v in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len), ("warmup", warmup)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            _bad(name, v, "must be a positive integer")
+    if not _csa_attns(model):
+        _bad("model", model.cfg.name, "has no CSA layer, so no indexer to warm up")
+    dev = get_device(device)
+    model = model_mod.to_device(model, dev)
+    data = data if data is not None else load_data(model.cfg.vocab_size)
+    heldout = data.heldout_windows(seq_len, eval_windows)
+    before = {**indexer_quality(model, heldout, batch_size), "heldout_loss": evaluate(model, heldout, batch_size)["loss"]}
+    params = indexer_params(model)
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-20, weight_decay=0.0)
+    log = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, desc="indexer warm-up", leave=False)
+    model.eval()                       # no dropout anyway; eval keeps MoE bias/balance bookkeeping out
+    try:
+        for step in range(steps):
+            cur = lr_at(step, steps, lr, warmup)
+            for g in opt.param_groups:
+                g["lr"] = cur
+            ids = data.batch(step, batch_size, seq_len, seed)[:, :-1]
+            kl, hits, possible = _distill_forward(model, ids)
+            opt.zero_grad(set_to_none=True)
+            kl.backward()
+            opt.step()
+            log.append({"step": step, "kl": float(kl.detach()), "recall": hits / max(1, possible), "lr": cur})
+            if bar is not None:
+                bar.set_postfix(kl=f"{log[-1]['kl']:.3f}", recall=f"{log[-1]['recall']:.2f}")
+                bar.update(1)
+    finally:
+        for p, r in frozen.items():
+            p.requires_grad_(r)
+        if bar is not None:
+            bar.close()
+    after = {**indexer_quality(model, heldout, batch_size), "heldout_loss": evaluate(model, heldout, batch_size)["loss"]}
+    return {"model": model, "log": log, "before": before, "after": after}
+
+
 # ---------------------------------------------------------------------------------------- CLI
 def _parser():
     p = argparse.ArgumentParser(prog="v4lab train", description="Train a tiny V4 with the V4 recipe on the "
@@ -583,10 +696,57 @@ def _parser():
     p.add_argument("--ckpt-every", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default: $V4LAB_DEVICE, else auto)")
+    p.add_argument("--indexer-warmup", type=int, default=None, metavar="STEPS",
+                   help="with --init: only warm up the CSA indexers for STEPS steps (everything else frozen; "
+                        "--lr, --batch-size, --seq-len, --warmup, --seed apply) and write OUT")
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--log", help="JSONL log path (default OUT/train_log.jsonl)")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+KEPT_FILES = ("training_summary.json", "train_log.jsonl", "heldout.txt")   # carried over by a warm-up
+
+
+def _warmup_main(args, dev, argv=None) -> int:
+    """``v4lab train --init DIR --indexer-warmup STEPS --out OUT``: the indexer warm-up of a trained model."""
+    from v4lab.data import load_data, load_tokenizer
+    if not args.init or not args.out:
+        _bad("--indexer-warmup", args.indexer_warmup, "needs --init (a trained model) and --out")
+    if args.indexer_warmup < 1:
+        _bad("--indexer-warmup", args.indexer_warmup, "must be a positive number of steps")
+    init, out = Path(args.init), Path(args.out)
+    model = model_mod.load(init, device=dev)
+    tok = load_tokenizer(init)
+    kept = {f: (init / f).read_bytes() for f in KEPT_FILES if (init / f).is_file()}   # save() replaces OUT
+    if args.threads is not None:
+        torch.set_num_threads(int(args.threads))
+    data = load_data(model.cfg.vocab_size, tokenizer=tok)
+    res = indexer_warmup(model, data, steps=args.indexer_warmup,
+                         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
+                         seed=args.seed, eval_windows=args.eval_windows, progress=not args.no_progress,
+                         device=dev)
+    model_mod.save(res["model"], out, overwrite=True)
+    for f, b in kept.items():
+        (out / f).write_bytes(b)
+    command = "v4lab train " + " ".join(sys.argv[1:] if argv is None else argv)
+    report = {"before": res["before"], "after": res["after"], "log": res["log"], "command": command,
+              "torch": torch.__version__}
+    (out / "indexer_warmup.json").write_text(json.dumps(report, indent=1) + "\n")
+    if "training_summary.json" in kept:   # the shipped numbers describe the shipped (saved, re-read) weights
+        summary = json.loads(kept["training_summary.json"])
+        loaded = model_mod.load(out, device=dev)
+        windows = data.heldout_windows(args.seq_len)
+        summary["before_indexer_warmup"] = {k: summary.get(k) for k in ("heldout", "heldout_subset")}
+        summary["heldout"] = evaluate(loaded, windows, args.batch_size)
+        sub = windows[:HELDOUT_TEST_WINDOWS]
+        summary["heldout_subset"] = {"windows": int(sub.shape[0]), **evaluate(loaded, sub, args.batch_size)}
+        summary["indexer_warmup"] = {"steps": args.indexer_warmup, "command": command,
+                                     "before": res["before"], "after": res["after"],
+                                     "eval_windows": args.eval_windows}
+        (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({"before": res["before"], "after": res["after"]}, indent=1))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -598,6 +758,8 @@ def main(argv=None) -> int:
         if v < (2 if key == "seq_len" else 1):
             _bad(f"--{key.replace('_', '-')}", v, "must be a positive integer" + (" >= 2" if key == "seq_len" else ""))
     dev = get_device(args.device)                 # a bad --device fails before the slow set-up too
+    if args.indexer_warmup is not None:
+        return _warmup_main(args, dev, argv)
     out = Path(args.out) if args.out else None
     init = None
     if args.init:                     # continue from a saved model (fresh optimiser), reuse its tokenizer

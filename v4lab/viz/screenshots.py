@@ -1,12 +1,13 @@
 """Render every registered widget's figure (its default state, the static fallback) to a PNG.
 
-    python -m v4lab.viz.screenshots [OUT_DIR]      # default docs/img/widgets
+    python -m v4lab.viz.screenshots [OUT_DIR] [--only NAME ...]      # default docs/img/widgets, every widget
 
 Used for the README. Drives Debian's Chromium through Playwright, fully offline: plotly.js is inlined
 from the plotly package. Needs /usr/bin/chromium (or $V4LAB_CHROMIUM).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -18,8 +19,11 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    out = Path(argv[0] if argv else "docs/img/widgets")
+    ap = argparse.ArgumentParser(prog="python -m v4lab.viz.screenshots", description=__doc__.split("\n")[0])
+    ap.add_argument("out", nargs="?", default="docs/img/widgets", help="output folder (default docs/img/widgets)")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="only these widgets (registry names)")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out)
     if not Path(CHROMIUM).exists():
         sys.stderr.write(f"v4lab: error: no Chromium at {CHROMIUM}\n")
         return 2
@@ -28,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from v4lab.viz import load_all
     registry = load_all()
+    if args.only:
+        unknown = sorted(set(args.only) - set(registry))
+        if unknown:
+            sys.stderr.write(f"v4lab: error: --only {unknown[0]!r}: not a widget; known: {', '.join(sorted(registry))}\n")
+            return 2
+        registry = {k: v for k, v in registry.items() if k in args.only}
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
@@ -44,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             page.wait_for_selector(".js-plotly-plot .main-svg")
             page.locator(".js-plotly-plot").first.screenshot(path=str(out / f"{name}.png"))
         browser.close()
-    print(f"wrote {sum(not getattr(c, 'needs_real_weights', False) for c in registry.values())} screenshots to {out}")
+    n = sum(not getattr(c, "needs_real_weights", False) for c in registry.values())
+    print(f"wrote {n} screenshots to {out}")
     return 0
 
 

@@ -123,6 +123,16 @@ def test_mtp_loss_alignment_and_weight(cfg, data):
     assert rec0["mtp_loss"] is None and rec0["loss"] == pytest.approx(rec0["lm_loss"] + rec0["balance_loss"])
 
 
+def test_mtp_weight_switches_from_03_to_01(cfg, data):
+    log = _run(cfg, data, steps=4, mtp_weight=0.3, mtp_weight_final=0.1, mtp_switch_at=0.5)["log"]
+    assert [r["mtp_weight"] for r in log] == [0.3, 0.3, 0.1, 0.1]
+    for r in log:
+        assert r["loss"] == pytest.approx(r["lm_loss"] + r["mtp_weight"] * r["mtp_loss"] + r["balance_loss"], rel=1e-6)
+    assert [r["mtp_weight"] for r in _run(cfg, data, steps=2)["log"]] == [0.3, 0.3]     # default: constant
+    with pytest.raises(ValueError, match="mtp_switch_at = 1.5: must be a fraction"):
+        _run(cfg, data, steps=1, mtp_weight_final=0.1, mtp_switch_at=1.5)
+
+
 def test_anticipatory_routes_come_from_lagged_parameters(cfg, data):
     """AR always on, Δt = 2: the routes used at step t are those θ_{t−2} chooses for step t's batch
     (θ_s = parameters and router biases before step s's update); the first Δt steps use θ_0."""

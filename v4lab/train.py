@@ -333,7 +333,8 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
           log_path=None, out_dir=None, ckpt_every: int = 0, eval_every: int = 0, eval_windows: int = 8,
           threads: int | None = None, deterministic: bool = True, progress: bool = True,
           max_seconds: float | None = None, callback=None, log_preact: bool = False,
-          device: str | torch.device | None = None) -> dict:
+          device: str | torch.device | None = None, mtp_weight_final: float | None = None,
+          mtp_switch_at: float = 0.7) -> dict:
     """Train and return {"model", "log": [per-step records], "evals": [...], "summary": {...}}.
 
     cfg: a V4Config or preset name (``swiglu_limit`` overrides its clamp). data: a v4lab.data.TokenData
@@ -345,6 +346,9 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     callback(step, record, model) is called after each step. threads: torch.set_num_threads (on a busy
     shared machine 1 thread was ~10× faster than 2). max_seconds: stop early (a safety net).
     log_preact: also log max |W1 x|, |W3 x| of the routed experts per layer before the clamp (costs ~10 %).
+    mtp_weight_final / mtp_switch_at: V4's "MTP weight 0.3 → 0.1" (spec §9.4; V3 switched after 10T of its
+    14.8T tokens): from step ``int(mtp_switch_at * steps)`` on, the MTP loss is weighted ``mtp_weight_final``
+    instead of ``mtp_weight`` (None: constant). The log records the weight used at every step.
     device: as ``v4lab.device.get_device`` (argument, else $V4LAB_DEVICE, else CUDA when present). A new
     model is initialised on the CPU and then moved, so a seed gives the same initial weights on every device;
     a given ``model`` is moved there too.
@@ -365,6 +369,11 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
         _bad("lr", lr, "must be > 0")
     if seq_len > cfg.max_position_embeddings:
         _bad("seq_len", seq_len, f"must be <= max_position_embeddings = {cfg.max_position_embeddings}")
+    if not 0.0 <= float(mtp_switch_at) <= 1.0:
+        _bad("mtp_switch_at", mtp_switch_at, "must be a fraction of the run in [0, 1]")
+    if mtp_weight_final is not None and not float(mtp_weight_final) >= 0:
+        _bad("mtp_weight_final", mtp_weight_final, "must be >= 0 (or None for a constant weight)")
+    mtp_switch = int(float(mtp_switch_at) * steps) if mtp_weight_final is not None else None
     rollback = 2 * ar_lag if rollback is None else rollback
     spike_min_step = warmup if spike_min_step is None else spike_min_step
     qat_from = _qat_start(qat, steps)
@@ -395,7 +404,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     probe = _Probe(model)
     blocks = model.blocks()
     n_sites = 2 * cfg.num_hidden_layers
-    use_mtp = len(model.mtp) > 0 and mtp_weight > 0
+    use_mtp = len(model.mtp) > 0 and (mtp_weight > 0 or bool(mtp_weight_final))
     n_run = len(blocks) if use_mtp else cfg.num_hidden_layers          # MoE layers a training forward runs
     learned = [j for j in learned_moe_blocks(model) if j < n_run]
     heldout = data.heldout_windows(seq_len, eval_windows) if eval_every else None
@@ -449,7 +458,8 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                 lm, mt = lm_losses(model, ids, routes, mtp=use_mtp)
                 moe_max = dict(probe.moe_max)
                 bal = balance_loss(model, batch_size, balance_alpha, learned) if balance_alpha > 0 else torch.zeros(())
-                loss = lm + (mtp_weight * mt if mt is not None else 0.0) + bal
+                w_mtp = mtp_weight if mtp_switch is None or step < mtp_switch else float(mtp_weight_final)
+                loss = lm + (w_mtp * mt if mt is not None else 0.0) + bal
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"step {step}: loss is {float(loss)}")
                 for o in opts:
@@ -477,7 +487,8 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                          for j in learned]
                 gains = composite_gain(probe.h_res, n_sites)
                 rec = {"iter": len(log), "step": step, "lr": cur_lr, "loss": float(loss.detach()), "lm_loss": float(lm.detach()),
-                       "mtp_loss": float(mt.detach()) if mt is not None else None, "balance_loss": float(bal.detach()),
+                       "mtp_loss": float(mt.detach()) if mt is not None else None, "mtp_weight": w_mtp,
+                       "balance_loss": float(bal.detach()),
                        "grad_norm": gnorm, "load": [l.tolist() for l in loads],
                        "learned_layers": learned, "churn": churn, "ar_lag_mismatch": lag_mismatch,
                        "moe_max_abs": [moe_max.get(j) for j in range(n_run)], "swiglu_preact_max": preact,
@@ -681,6 +692,9 @@ def _parser():
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mtp-weight", type=float, default=0.3)
+    p.add_argument("--mtp-weight-final", type=float, default=None,
+                   help="MTP weight after --mtp-switch-at (V4: 0.3 -> 0.1); default: constant")
+    p.add_argument("--mtp-switch-at", type=float, default=0.7, help="fraction of the run where it switches")
     p.add_argument("--bias-gamma", type=float, default=0.001, help="bias update speed (V4: 0.001)")
     p.add_argument("--balance-alpha", type=float, default=1e-4)
     p.add_argument("--swiglu-limit", type=float, default=None, help="override the config's clamp (<= 0: off)")
@@ -780,6 +794,7 @@ def main(argv=None) -> int:
     res = train(cfg, data=data, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                 min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, weight_decay=args.weight_decay,
                 grad_clip=args.grad_clip, optimizer=args.optimizer, seed=args.seed, mtp_weight=args.mtp_weight,
+                mtp_weight_final=args.mtp_weight_final, mtp_switch_at=args.mtp_switch_at,
                 bias_gamma=args.bias_gamma, balance_alpha=args.balance_alpha, swiglu_limit=args.swiglu_limit,
                 qat=False if args.qat_from is None else float(args.qat_from), hc_mode=args.hc_mode,
                 anticipatory=args.anticipatory, ar_lag=args.ar_lag, ar_duration=args.ar_duration,

@@ -86,3 +86,12 @@ def test_static_builders_match_widgets():
             == V.CompareWidget(static=True, kernel="mhc").fig.to_plotly_json()["data"])
     assert (V.build_roofline("B200", 64).to_plotly_json()["data"]
             == V.RooflineWidget(static=True, gpu="B200", tokens=64).fig.to_plotly_json()["data"])
+
+
+def test_whole_model_through_the_kernels():
+    from v4lab.viz import kernels as kv
+    res = kv.whole_model(max_tokens=12)
+    assert res["tokens"] == 12 and res["mode"] == "interpreter"
+    assert res["max_abs_diff"] < 1e-4 and res["same_next_tokens"]
+    from v4lab.viz import trained
+    assert not trained.trained_model()[0].kernels              # the shared notebook model is restored

@@ -99,6 +99,25 @@ for gpu, m in (("H200", 1), ("H200", 4096), ("B200", 4096)):
     print(f"{gpu} {m:>4} tokens: " + ", ".join(f"{p['kernel']} {p['intensity']:.3g} ({p['bound'][0]})" for p in pts))
 
 # %% [markdown]
+# ## The whole model through the kernels
+#
+# `model.use_kernels()` points every hot op of a model at its kernel at once — sparse attention with the
+# sink, compressor pooling, indexer scores, the mHC pre-mix and the grouped expert MLP (forward only; the
+# references stay the training path). Here the trained tiny model reads a short text both ways. Under the
+# interpreter the kernel pass takes seconds (a Python loop per program); compiled on a GPU it is the fast
+# path. `v4lab generate --kernels` decodes this way, and `v4lab bench device` checks it on any device.
+
+# %%
+res = kernels.whole_model()
+print(f"{res['tokens']} tokens, kernels {res['mode']}: max |logit difference| {res['max_abs_diff']:.1e}, "
+      f"same greedy next tokens: {res['same_next_tokens']}; reference {res['seconds_reference']:.2f} s, "
+      f"kernels {res['seconds_kernels']:.2f} s")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("logits agree within 1e-4:", res["max_abs_diff"] < 1e-4, "| same next tokens:", res["same_next_tokens"])
+
+# %% [markdown]
 # ## Benchmark results
 #
 # `kernels.bench_records()` reads `v4lab.bench.kernels` when that module exists; otherwise the quick

@@ -360,6 +360,28 @@ class RooflineWidget(Widget):
 
 
 # ------------------------------------------------------------------------------------ benchmark results
+@torch.no_grad()
+def whole_model(text: str = "def fib(n):\n    a, b = 0, 1", max_tokens: int = 16) -> dict:
+    """The notebooks' trained model on ``text`` twice: through the torch references, then through the Triton
+    kernels (``model.use_kernels()``: every hot op at once). Returns {"tokens", "max_abs_diff" of the
+    logits, "same_next_tokens" (greedy), "seconds_reference", "seconds_kernels", "mode"}."""
+    from v4lab.viz import trained
+    model, tok, _ = trained.trained_model()
+    ids = trained.encode(tok, text, max_tokens)
+    t0 = time.perf_counter()
+    ref = model(ids)
+    t1 = time.perf_counter()
+    model.use_kernels()
+    try:
+        out = model(ids)
+    finally:
+        model.use_kernels(False)
+    t2 = time.perf_counter()
+    return {"tokens": ids.shape[1], "max_abs_diff": float((out - ref).abs().max()),
+            "same_next_tokens": bool(torch.equal(out.argmax(-1), ref.argmax(-1))),
+            "seconds_reference": t1 - t0, "seconds_kernels": t2 - t1, "mode": kernel_mode()}
+
+
 def bench_records() -> tuple[str, list[dict]]:
     """(source, records): ``v4lab.bench.kernels`` (quick) if that module exists, else the quick FP4-GEMM
     records of ``v4lab.bench.quant`` (a few seconds on CPU). The other per-op benches (attention, moe)

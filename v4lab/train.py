@@ -35,6 +35,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -381,6 +382,8 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     if threads is not None:
         torch.set_num_threads(int(threads))
     if deterministic:
+        if dev.type == "cuda":       # cuBLAS is deterministic only with a fixed workspace (read at its first use)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     if data is None:
         data = load_data(cfg.vocab_size)

@@ -160,6 +160,9 @@ class V4Model(nn.Module):
     """DeepSeek-V4: ``embed``, ``layers.{i}``, ``norm``, ``head``, ``hc_head_{fn,base,scale}``, ``mtp.{k}``.
 
     ``V4Model(cfg, device="meta")`` builds the module tree with every shape and no storage (V4-Pro too).
+    Like any ``nn.Module`` it is built on torch's default device unless ``device`` says otherwise; the
+    entry points that build or load models for you (``load``, ``train``, ``generate``, the notebooks)
+    follow v4lab's device setting (``v4lab.device.get_device``). Inputs are moved to ``model.device``.
     """
 
     def __init__(self, cfg: V4Config | str, device: str | torch.device | None = None,

@@ -49,8 +49,7 @@ class Case:
 
 CASES = [
     Case("00_tour.ipynb", slider=0, key="ArrowLeft", figure=0),          # context 1M -> 512K
-    # 09_hardware_and_cost is not driven here: its kernel round trip was flaky in this harness (the
-    # slider moved, the figure sometimes did not update within 45 s); its callbacks are swept in pytest.
+    Case("09_hardware_and_cost.ipynb", slider=0, key="ArrowRight", figure=0),   # roofline: batch 64 -> 128
     Case("02_compressed_attention.ipynb", slider=0, key="ArrowLeft", figure=0),  # query position last -> last-1
     Case("07_tiny_v4.ipynb", slider=0, key="ArrowRight", figure=0),      # routing: token 8 -> 9
 ]

@@ -7,7 +7,6 @@ import torch
 
 import v4lab
 from v4lab import real
-from v4lab.checkpoint import make_synthetic_checkpoint
 from v4lab.config import get_config
 from v4lab.mhc import hc_pre_coeffs, sinkhorn
 
@@ -16,20 +15,8 @@ PROMPT_IDS = [0, 17, 301, 5, 99, 42, 7, 250, 3, 511, 64, 128]       # 12 tokens:
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    d = tmp_path_factory.mktemp("real") / "V4-tiny"
-    make_synthetic_checkpoint(get_config("tiny"), d, seed=0)
-    _write_tokenizer(d)
-    return d
-
-
-def _write_tokenizer(d, n_words=300):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    vocab = {"<｜begin▁of▁sentence｜>": 0, "<｜end▁of▁sentence｜>": 1, "[UNK]": 2}
-    vocab.update({f"w{i}": i + 3 for i in range(n_words)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(d / "tokenizer.json"))
-    return tok
+    from v4lab.viz.real import write_demo_release       # synthetic tiny release + word-level tokenizer
+    return write_demo_release(tmp_path_factory.mktemp("real") / "V4-tiny", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +135,8 @@ def test_missing_tokenizer(release, tmp_path):
 def test_tokenizer_too_big_for_config(release, tmp_path):
     d = tmp_path / "big-tok"
     shutil.copytree(release, d)
-    _write_tokenizer(d, n_words=600)                                # 603 tokens > vocab_size 512
+    from v4lab.viz.real import demo_tokenizer
+    demo_tokenizer(600).save(str(d / "tokenizer.json"))             # 603 tokens > vocab_size 512
     with pytest.raises(ValueError, match="603 tokens but config vocab_size = 512"):
         real.stream_forward("w1 w2", d, progress=False)
 

@@ -301,6 +301,12 @@ class Attention(nn.Module):
             raise ValueError(f"seq_lens = {list(map(int, seq_lens))}: rows of different lengths are not supported "
                              f"(all must be {x.shape[1]}); run them as separate batches")
 
+    def _all_visible(self, t: torch.Tensor, Nc: int, L: int) -> torch.Tensor:
+        """Rows of the kv tensor (compressed entries start at row L) of every entry query t may see, −1 for
+        the others: [s, Nc]. HCA attends all of them; CSA's warm-up target is the attention over all of them."""
+        s = torch.arange(Nc, device=t.device)
+        return torch.where(s[None] < visible_entries(t, self.ratio)[:, None], s[None] + L, -1)
+
     # -------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: AttentionCache | None = None,
                 seq_lens=None) -> torch.Tensor:
@@ -363,10 +369,7 @@ class Attention(nn.Module):
             idx = torch.where(wp >= 0, wp % w if ring_path else wp - lo, -1)
             rec = {}
             if self.kind == "hca":
-                s = torch.arange(Nc, device=x.device)
-                vis = s[None] < visible_entries(t, self.ratio)[:, None]
-                cidx = torch.where(vis, s[None], -1)
-                idx = torch.cat([idx, torch.where(cidx >= 0, cidx + L, -1)], 1)
+                idx = torch.cat([idx, self._all_visible(t, Nc, L)], 1)
             idx = idx[None].expand(B, -1, -1)
             if self.kind == "csa":
                 cidx, scores = self.indexer.select(iq[:, c0:c0 + chunk], iw[:, c0:c0 + chunk], keys, t)
@@ -378,15 +381,12 @@ class Attention(nn.Module):
                     rec["selected"] = cidx
             idx = idx.contiguous()
             qc = q[:, c0:c0 + chunk]
-            if distill:
-                nv = visible_entries(t, self.ratio)
-                s_all = torch.arange(Nc, device=x.device)
-                dense_c = torch.where(s_all[None] < nv[:, None], s_all[None] + L, -1)             # [s, Nc]
-                dense = torch.cat([idx[..., :w], dense_c[None].expand(B, -1, -1)], 2).contiguous()
+            if distill:                       # target: the dense attention (window + every visible entry)
+                dense = torch.cat([idx[..., :w], self._all_visible(t, Nc, L)[None].expand(B, -1, -1)], 2)
                 with torch.no_grad():
-                    p, _ = sparse_attn_probs(qc.detach(), kv_all.detach(), self.attn_sink.detach(), dense,
-                                             self.scale)
+                    p, _ = sparse_attn_probs(qc, kv_all, self.attn_sink, dense, self.scale)
                 mass = p[..., w:].sum(2)                                                # [B, s, Nc]
+                nv = visible_entries(t, self.ratio)
                 a, n = distill_kl(mass, scores, nv)
                 kl_sum, kl_n = kl_sum + a, kl_n + n
                 h, m = topk_recall(mass, cidx, nv, self.cfg.index_topk)

@@ -68,7 +68,7 @@ def distill_kl(target_mass: torch.Tensor, scores: torch.Tensor, n_visible: torch
     vis = torch.arange(N, device=scores.device)[None, None, :] < n_visible.to(scores.device)[None, :, None]
     mass = target_mass.detach().float().masked_fill(~vis, 0.0)
     tot = mass.sum(-1, keepdim=True)                                     # [B, S, 1]
-    use = (tot[..., 0] > 0) & vis.any(-1)                               # queries with a target
+    use = tot[..., 0] > 0                                               # queries with a target (mass on a visible entry)
     p = mass / tot.clamp_min(torch.finfo(torch.float32).tiny)
     logq = scores.float().masked_fill(~vis, float("-inf")).log_softmax(-1)
     logq = logq.masked_fill(~vis, 0.0)                                   # 0·(−inf) would be NaN

@@ -250,7 +250,7 @@ class V4Model(nn.Module):
                 if c is not None:
                     c.pool_fn = kc.compress_pool if on else C.compress_pool
             if ind is not None:
-                a.indexer.score_fn = ki.index_scores if on else I.index_scores
+                ind.score_fn = ki.index_scores if on else I.index_scores
             b.hc_pre_fn = km.hc_pre if on else None
             b.ffn.dispatch = "triton" if on else "grouped"
         self.kernels = bool(on)

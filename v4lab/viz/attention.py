@@ -18,14 +18,13 @@ belongs to tokens m·s .. m·s+m−1 ("its own window"); a CSA entry also pools 
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 from v4lab import accounting
 from v4lab.viz import trained
-from v4lab.viz.common import COLORS, Widget, check_choice, figure_from, register
+from v4lab.viz.common import COLORS, TextCache, Widget, check_choice, figure_from, register
 from v4lab.viz.tour import CONTEXT_STOPS, LABELS, context_label
 
 MAX_TOKENS = 256                 # tokens of a text the inspector runs (HCA's m = 128 needs > 128 to show)
@@ -52,8 +51,7 @@ class Run:
         return len(self.ids)
 
 
-_RUNS: OrderedDict = OrderedDict()
-_RUNS_MAX = 8
+_RUNS = TextCache(maxsize=8)
 
 
 @torch.no_grad()
@@ -64,10 +62,10 @@ def run_text(text: str, model=None, tok=None) -> Run:
         raise ValueError(f"text = {text!r}: must be a non-empty string")
     if model is None:
         model, tok, _ = trained.trained_model()
-    key = (id(model), text)
-    if key in _RUNS:
-        _RUNS.move_to_end(key)
-        return _RUNS[key]
+    return _RUNS.get(model, text, lambda: _run(text, model, tok))
+
+
+def _run(text: str, model, tok) -> Run:
     ids = trained.encode(tok, text, MAX_TOKENS)
     attns = [b.attn for b in model.layers]
     old = [a.inspect for a in attns]
@@ -80,13 +78,9 @@ def run_text(text: str, model=None, tok=None) -> Run:
         for a, o in zip(attns, old):
             a.inspect = o
     cfg = model.cfg
-    run = Run(text=text, ids=ids[0].tolist(), tokens=trained.token_strings(tok, ids), layers=layers,
-              kinds=[a.kind for a in attns], ratios=[a.ratio for a in attns],
-              n_heads=cfg.num_attention_heads, window=cfg.sliding_window)
-    _RUNS[key] = run
-    while len(_RUNS) > _RUNS_MAX:
-        _RUNS.popitem(last=False)
-    return run
+    return Run(text=text, ids=ids[0].tolist(), tokens=trained.token_strings(tok, ids), layers=layers,
+               kinds=[a.kind for a in attns], ratios=[a.ratio for a in attns],
+               n_heads=cfg.num_attention_heads, window=cfg.sliding_window)
 
 
 def _take(insp: dict, ratio: int, kind: str) -> dict:

@@ -18,6 +18,7 @@ shows a static figure instead, and the ``fig`` attribute is a plain ``go.Figure`
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
 import plotly.graph_objects as go
@@ -55,6 +56,28 @@ class LiveFigure(go.FigureWidget):
         if getattr(self, "_v4lab_defer_open", False):
             return
         super().open()
+
+
+class TextCache:
+    """What a figure computed from one run of the notebook model on one text, kept per (model, text); with
+    ``maxsize`` only the most recently used that many (a typed text must not grow memory without end)."""
+
+    def __init__(self, maxsize: int | None = None):
+        self.maxsize = maxsize
+        self._items: OrderedDict = OrderedDict()
+
+    def get(self, model, text: str, make: Callable[[], Any]):
+        key = (id(model), text)
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = self._items[key] = make()
+        while self.maxsize is not None and len(self._items) > self.maxsize:
+            self._items.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 def register(cls: type["Widget"]) -> type["Widget"]:

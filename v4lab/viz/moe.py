@@ -15,7 +15,6 @@ Three widgets and two static figures on the pattern of :mod:`v4lab.viz.common`:
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from functools import lru_cache
 
 import torch
@@ -24,7 +23,7 @@ from v4lab import accounting, get_config
 from v4lab.gate import gate_scores, route_weights, select_topk
 from v4lab.moe import bias_sensitivity, expert_load, layer_routing_stats, load_imbalance
 from v4lab.viz import trained
-from v4lab.viz.common import COLORS, Widget, check_choice, figure_from, register
+from v4lab.viz.common import COLORS, TextCache, Widget, check_choice, figure_from, register
 
 # ------------------------------------------------------------------------------------ 671B -> 1.6T
 EXPERT_STOPS = [64, 128, 160, 256, 384, 512]
@@ -238,7 +237,7 @@ DEFAULT_TEXT = trained.SAMPLE_TEXTS["for-loop"]
 MAX_TOKENS = 256
 DELTA_STOPS = [-0.5, -0.2, -0.1, -0.05, -0.02, -0.01, 0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
 
-_ROUTES: OrderedDict = OrderedDict()
+_ROUTES = TextCache(maxsize=8)
 
 
 @torch.no_grad()
@@ -250,10 +249,10 @@ def route_text(text: str = DEFAULT_TEXT, model=None, tok=None) -> dict:
         raise ValueError(f"text = {text!r}: must be a non-empty string")
     if model is None:
         model, tok, _ = trained.trained_model()
-    key = (id(model), text)
-    if key in _ROUTES:
-        _ROUTES.move_to_end(key)
-        return _ROUTES[key]
+    return _ROUTES.get(model, text, lambda: _route(text, model, tok))
+
+
+def _route(text: str, model, tok) -> dict:
     ids = trained.encode(tok, text, MAX_TOKENS)
     model(ids)
     moes = [b.ffn for b in model.layers]
@@ -262,12 +261,8 @@ def route_text(text: str = DEFAULT_TEXT, model=None, tok=None) -> dict:
                "bias": None if m.gate.bias is None else m.gate.bias.detach().float().cpu().clone(),
                "idx": m.last_routing["idx"].cpu().clone(), "k": m.gate.topk, "n_group": m.gate.n_group,
                "topk_group": m.gate.topk_group} for m in moes]
-    out = {"ids": ids[0].tolist(), "tokens": trained.token_strings(tok, ids), "layers": layers,
-           "stats": layer_routing_stats(moes)}
-    _ROUTES[key] = out
-    while len(_ROUTES) > 8:
-        _ROUTES.popitem(last=False)
-    return out
+    return {"ids": ids[0].tolist(), "tokens": trained.token_strings(tok, ids), "layers": layers,
+            "stats": layer_routing_stats(moes)}
 
 
 def learned_layers(routes: dict) -> list[int]:

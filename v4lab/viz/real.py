@@ -478,15 +478,19 @@ def write_demo_release(path, seed: int = 0) -> Path:
     experts and FP8 weights, and a word-level tokenizer.json: ``w0`` ... ``w299``, unknown words -> [UNK]).
     Random weights: it exercises the real-weights code paths in seconds (tests, ``v4lab bench widgets``,
     trying the notebook sections), it shows nothing about the trained model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     from v4lab.checkpoint import make_synthetic_checkpoint
     from v4lab.config import get_config
     path = Path(path)
     make_synthetic_checkpoint(get_config("tiny"), path, seed=seed)
+    demo_tokenizer().save(str(path / real.TOKENIZER_FILE))
+    return path
+
+
+def demo_tokenizer(n_words: int = 300):
+    """A word-level ``tokenizers`` tokenizer: BOS, EOS, [UNK], then ``w0`` ... ``w{n_words-1}``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
     vocab = {"<｜begin▁of▁sentence｜>": 0, "<｜end▁of▁sentence｜>": 1, "[UNK]": 2}
-    vocab.update({f"w{i}": i + 3 for i in range(300)})
+    vocab.update({f"w{i}": i + 3 for i in range(n_words)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(path / real.TOKENIZER_FILE))
-    return path
+    return tok

@@ -25,7 +25,7 @@ from v4lab.viz import attention as attn_viz
 from v4lab.viz import moe as moe_viz
 from v4lab.viz import trained
 from v4lab.viz.attention import check_range_int
-from v4lab.viz.common import Widget, check_choice, figure_from, register
+from v4lab.viz.common import TextCache, Widget, check_choice, figure_from, register
 
 DEFAULT_TEXT = trained.SAMPLE_TEXTS["for-loop"]
 MAP_TOKENS = 160             # attention maps: the first 160 tokens (HCA's first entry, tokens 0..127, shows)
@@ -225,15 +225,11 @@ class Maps:
                 self.sink[k, h] = (sink.mean(-1) if h == "mean" else sink[:, h]).tolist()
 
 
-_MAPS: dict = {}
+_MAPS = TextCache()
 
 
 def maps(text: str = DEFAULT_TEXT) -> Maps:
-    model, _, _ = trained.trained_model()
-    key = (id(model), text)
-    if key not in _MAPS:
-        _MAPS[key] = Maps(text)
-    return _MAPS[key]
+    return _MAPS.get(trained.trained_model()[0], text, lambda: Maps(text))
 
 
 def head_options(mp: Maps) -> list:
@@ -361,15 +357,11 @@ class MTPRun:
                 f"MTP top-1 accuracy for token t+2 = {self.mtp_acc:.1%}")
 
 
-_MTP: dict = {}
+_MTP = TextCache()
 
 
 def mtp_run(text: str = DEFAULT_TEXT) -> MTPRun:
-    model, _, _ = trained.trained_model()
-    key = (id(model), text)
-    if key not in _MTP:
-        _MTP[key] = MTPRun(text)
-    return _MTP[key]
+    return _MTP.get(trained.trained_model()[0], text, lambda: MTPRun(text))
 
 
 def mtp_data(run: MTPRun, position: int) -> dict:

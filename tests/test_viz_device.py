@@ -11,7 +11,7 @@ from pretend_device import PRETEND, PretendDevice
 
 from v4lab.model import V4Model
 from v4lab.viz import attention as attn_viz
-from v4lab.viz import trained
+from v4lab.viz import MODEL_WIDGETS, trained
 
 @pytest.fixture
 def pretend(monkeypatch):
@@ -22,10 +22,9 @@ def pretend(monkeypatch):
     return PretendDevice(model).wrap(model)
 
 
-WIDGETS = ["attention.inspect", "tiny.routing", "tiny.attention_maps", "tiny.mtp", "moe.bias", "clamp.preacts"]
 
 
-@pytest.mark.parametrize("name", WIDGETS)
+@pytest.mark.parametrize("name", MODEL_WIDGETS)
 def test_widgets_fed_by_the_model_take_its_tensors_home(pretend, name):
     reg = common_registry()
     with pretend:

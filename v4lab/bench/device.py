@@ -97,11 +97,10 @@ def check_stream(dev: torch.device, quick: bool) -> dict:
 
 
 def check_widgets(dev: torch.device, quick: bool) -> dict:
-    from v4lab.viz import load_all
+    from v4lab.viz import MODEL_WIDGETS, load_all
     reg = load_all()
-    names = ["attention.inspect", "tiny.routing", "tiny.attention_maps", "tiny.mtp", "moe.bias", "clamp.preacts"]
     swept = {}
-    for name in names:
+    for name in MODEL_WIDGETS:
         w = reg[name](static=True)
         n = 0
         for c in w.control_names:

@@ -12,6 +12,8 @@ import importlib
 from v4lab.viz.common import REGISTRY, Widget, register, static_mode, sweep
 
 TOPICS = ["tour", "moe", "attention", "cost", "mhc", "fp4", "kernels", "clamp", "stability", "tiny", "real"]
+# The widgets that run the notebooks' trained model (the others read configs, stored results or a download).
+MODEL_WIDGETS = ("attention.inspect", "tiny.routing", "tiny.attention_maps", "tiny.mtp", "moe.bias", "clamp.preacts")
 
 
 def load_all() -> dict:
@@ -21,4 +23,4 @@ def load_all() -> dict:
     return REGISTRY
 
 
-__all__ = ["REGISTRY", "Widget", "register", "static_mode", "sweep", "load_all", "TOPICS"]
+__all__ = ["REGISTRY", "Widget", "register", "static_mode", "sweep", "load_all", "TOPICS", "MODEL_WIDGETS"]

@@ -3,11 +3,12 @@
 Reference: ``v4lab.quant.fp4_gemm_ref`` (same signature). W is MXFP4: ``packed`` uint8 ``[N, K/2]``
 (element 2j in the low nibble of byte j) and E8M0 ``scales`` uint8 ``[N, K/32]``.
 
-The official kernel turns each FP4 sub-tile into FP8 and feeds FP8 tensor cores (spec §6.5); this one
-keeps the idea that matters for memory traffic (W is read as 4-bit codes + one byte per 32, and is
-expanded only in registers) but multiplies in fp32, so it runs on any GPU and under the interpreter
-(which has no ``tl.dot_scaled``). Instead of interleaving the two nibbles back into K order, x is read
-as its even and odd columns: ``x . W^T = x[:, 0::2] . lo^T + x[:, 1::2] . hi^T``.
+The official kernel turns each FP4 sub-tile into FP8 and feeds FP8 tensor cores
+(docs/design/v4-moe-mhc-fp4.md §6.5); this one keeps the idea that matters for memory traffic (W is
+read as 4-bit codes + one byte per 32, and is expanded only in registers) but multiplies in fp32, so it
+runs on any GPU and under the interpreter (which has no ``tl.dot_scaled``). Instead of interleaving
+the two nibbles back into K order, x is read as its even and odd columns:
+``x . W^T = x[:, 0::2] . lo^T + x[:, 1::2] . hi^T``.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Published figures and the tolerances asserted here:
   KV cache at 1M vs V3.2:       V4-Pro 10 %, V4-Flash 7 %                                           ±1 point
   KV cache at 1M vs BF16 GQA-8: ≈2 % (both models)                                                  ±0.25 point
   decode FLOPs at 1M vs V3.2:   V4-Pro 27 %, V4-Flash 10 % (spec §5.4 weighting scheme B)           ±2 points
-and the spec's worked byte / FLOP counts (v4-attention.md §5.2–5.4) exactly or to its printed rounding.
+and the spec's worked byte / FLOP counts (docs/design/v4-attention.md §5.2–5.4) exactly or to its printed rounding.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_counting_mtp_or_embedding_the_other_way_misses_a_published_figure():
 
 
 def _v4_tensor_shapes(cfg):
-    """Every parameter of a V4 checkpoint, from the tables in v4-moe-mhc-fp4.md §8.2 (no .scale, no tid2eid).
+    """Every parameter of a V4 checkpoint, from the tables in docs/design/v4-moe-mhc-fp4.md §8.2 (no .scale, no tid2eid).
     Written independently of v4lab.accounting: it lists tensors, accounting multiplies config keys."""
     d, H, hd, qr, g, orr = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank, cfg.o_groups, cfg.o_lora_rank
     E, inter, n, V = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hc_mult, cfg.vocab_size

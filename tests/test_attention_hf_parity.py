@@ -1,7 +1,7 @@
 """Parity of v4lab.attention.Attention with Hugging Face transformers' DeepseekV4Attention (fp32).
 
 transformers (pinned 5.24.0) is a test-only oracle. The same random weights are copied through the
-official → HF name map (spec v4-attention.md §3.10). HF needs its own mask for the window (it runs a
+official → HF name map (docs/design/v4-attention.md §3.10). HF needs its own mask for the window (it runs a
 dense [S, S+T] eager attention); we build the sliding-window causal mask it expects.
 Checked: window, CSA and HCA layers; prefill (no cache) and prefill + cached decode.
 """

@@ -1,5 +1,5 @@
 """The official release layout: key set, synthetic round trip, lazy reads, and every bad-file case
-(spec v4-moe-mhc-fp4.md §8)."""
+(docs/design/v4-moe-mhc-fp4.md §8)."""
 import json
 import shutil
 import struct

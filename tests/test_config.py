@@ -7,7 +7,7 @@ import pytest
 
 from v4lab.config import PRESETS, V4Config, get_config
 
-# --- released values, copied from the spec tables (v4-attention.md §1/§6, v4-moe-mhc-fp4.md §1.1/§9.1) ----
+# --- released values, copied from the spec tables (docs/design/v4-attention.md §1/§6, docs/design/v4-moe-mhc-fp4.md §1.1/§9.1) ----
 FLASH = dict(vocab_size=129280, hidden_size=4096, num_hidden_layers=43, num_attention_heads=64,
              num_key_value_heads=1, head_dim=512, qk_rope_head_dim=64, q_lora_rank=1024, o_groups=8,
              o_lora_rank=1024, sliding_window=128, rope_theta=10000, compress_rope_theta=160000,
@@ -69,7 +69,7 @@ def test_tiny_has_every_structural_feature():
 
 
 def _released_flash_json() -> dict:
-    """The released DeepSeek-V4-Flash config.json (spec v4-attention.md §6.1), as a dict."""
+    """The released DeepSeek-V4-Flash config.json (docs/design/v4-attention.md §6.1), as a dict."""
     d = {k: v for k, v in FLASH.items()}
     d.update(architectures=["DeepseekV4ForCausalLM"], model_type="deepseek_v4", transformers_version="4.57.1",
              use_cache=True)

@@ -1,7 +1,7 @@
 """V4 MoE: gate rules, hash routing, clamped SwiGLU experts, dispatch, training rules, helpers.
 
-The main checks compare the module with an independent per-token float64 formula written here (spec
-v4-moe-mhc-fp4.md §1-§3); each rule is also shown to catch a deliberately wrong variant.
+The main checks compare the module with an independent per-token float64 formula written here (docs/design/
+v4-moe-mhc-fp4.md §1–§3); each rule is also shown to catch a deliberately wrong variant.
 """
 import math
 import sys

@@ -1,4 +1,4 @@
-"""FP4 (MXFP4) and FP8 formats, bit by bit (spec v4-moe-mhc-fp4.md §6)."""
+"""FP4 (MXFP4) and FP8 formats, bit by bit (docs/design/v4-moe-mhc-fp4.md §6)."""
 import math
 
 import pytest

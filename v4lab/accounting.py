@@ -1,7 +1,7 @@
 """Parameters, KV cache and decode FLOPs of a DeepSeek model, computed from its config alone.
 
 Nothing here allocates a weight: every number is a product of config keys, written out so it can be
-checked against the spec (../shared/spec/v4-attention.md §3.10, §4, §5; v4-moe-mhc-fp4.md §1, §8).
+checked against the spec (docs/design/v4-attention.md §3.10, §4, §5; docs/design/v4-moe-mhc-fp4.md §1, §8).
 
 Conventions (each one chosen so the published headline figures reproduce; see the tests):
 - ``total`` counts every stored parameter of the backbone, embedding and head included, and EXCLUDES the
@@ -30,7 +30,7 @@ from v4lab.config import V4Config, get_config
 
 COMPONENTS = ("embedding", "attention", "compressor", "indexer", "mhc", "router", "routed_experts",
               "shared_expert", "dense_ffn", "norms", "head", "mtp")
-ONE_M = 2 ** 20  # "1M tokens" in the paper's accounting is 2^20 (spec v4-attention.md §5)
+ONE_M = 2 ** 20  # "1M tokens" in the paper's accounting is 2^20 (docs/design/v4-attention.md §5)
 
 
 def _cfg(c) -> V4Config:

@@ -1,6 +1,6 @@
 """V4 hybrid attention: sliding window + CSA (indexer top-k) / HCA (all entries), one softmax with a sink.
 
-Spec: ../shared/spec/v4-attention.md §3 (data flow), §3.5 (visibility), §4 (precision), §7 (vs HF).
+Spec: docs/design/v4-attention.md §3 (data flow), §3.5 (visibility), §4 (precision), §7 (vs HF).
 
 Per query t the candidate set is the raw window (positions max(0, t−w+1)..t) plus, in CSA layers, the
 indexer's top-k visible compressed entries, or, in HCA layers, every visible compressed entry

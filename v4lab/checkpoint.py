@@ -4,7 +4,7 @@ A release directory holds ``config.json``, ``model.safetensors.index.json``
 (``{"metadata": {"total_size": N}, "weight_map": {name: shard}}``) and shards
 ``model-XXXXX-of-YYYYY.safetensors`` (all ``mtp.*`` tensors in the last one). Names are the official
 "native" ones (``layers.3.attn.wq_a.weight``, ``layers.0.ffn.gate.tid2eid`` ...), no ``model.`` prefix.
-Spec: ../shared/spec/v4-moe-mhc-fp4.md §6.1 and §8.
+Spec: docs/design/v4-moe-mhc-fp4.md §6.1 and §8.
 
 ``expected_keys(cfg)`` is the single source of truth for names, shapes and dtypes; the model names its
 parameters after it. Stored formats:

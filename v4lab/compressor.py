@@ -1,6 +1,6 @@
 """KV compressor: channel-wise gated softmax pooling of m tokens into one entry (HCA m=128, CSA m=4).
 
-Spec: ../shared/spec/v4-attention.md §3.4 (paper eqs. 9–12 for CSA, 20–23 for HCA).
+Spec: docs/design/v4-attention.md §3.4 (paper eqs. 9–12 for CSA, 20–23 for HCA).
 Everything runs in fp32, as the official code does (the projection weights are BF16 in the
 checkpoint; OFF upcasts them).
 

@@ -4,7 +4,7 @@ Keys follow the released Hugging Face ``config.json`` (``hidden_size``, ``compre
 ``num_hash_layers`` ...), so a downloaded ``config.json`` loads as is. V3/V3.2 keys (MLA ranks, dense
 first layers, group-limited routing) live in the same type; ``arch`` tells the families apart.
 
-Spec: ../shared/spec/v4-attention.md §1, §6 and v4-moe-mhc-fp4.md §9.
+Spec: docs/design/v4-attention.md §1, §6 and docs/design/v4-moe-mhc-fp4.md §9.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """V4's router (``ffn.gate``): sqrt-softplus affinities, a bias that only *selects*, and hash layers.
 
-For one token x (spec v4-moe-mhc-fp4.md §1.2, §2):
+For one token x (docs/design/v4-moe-mhc-fp4.md §1.2, §2):
 
     z = W_g x                          fp32 logits (x and W_g cast to fp32, as the official code does)
     s = sqrt(softplus(z))              affinities   ("sigmoid" / "softmax" for older generations)

@@ -1,6 +1,6 @@
 """Lightning indexer (CSA layers): score compressed entries per query, keep the top-k.
 
-Spec: ../shared/spec/v4-attention.md §3.5–§3.6. Paper eqs. 13–17.
+Spec: docs/design/v4-attention.md §3.5–§3.6. Paper eqs. 13–17.
 """
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ def topk_visible(scores: torch.Tensor, n_visible: torch.Tensor, k: int) -> torch
 
 
 def distill_kl(target_mass: torch.Tensor, scores: torch.Tensor, n_visible: torch.Tensor):
-    """The indexer's warm-up loss (V3.2's DSA recipe, which V4 inherits for CSA: spec §9.4 "sparse attention
-    from the 64K stage, after an indexer warm-up"), summed over queries.
+    """The indexer's warm-up loss (V3.2's DSA recipe, which V4 inherits for CSA:
+    docs/design/v4-moe-mhc-fp4.md §9.4, "sparse attention from the 64K stage, after an indexer warm-up"), summed over queries.
 
     target_mass [B, S, N]: the main attention's probability on each compressed entry, summed over heads
     (treated as a constant); scores [B, S, N]: index scores; n_visible [S]: entries each query may see.

@@ -4,7 +4,7 @@ Each sublayer reads a mix of the n streams and writes its output back into all o
 themselves are mixed by an n×n matrix projected (Sinkhorn) towards the doubly-stochastic set, so that the
 residual path can neither amplify nor kill the signal across depth.
 
-Exactly what the official code computes (spec ../shared/spec/v4-moe-mhc-fp4.md §5.3), per token:
+Exactly what the official code computes (docs/design/v4-moe-mhc-fp4.md §5.3), per token:
 
     v    = vec(X)                                  X: [n, d] → v: [n·d], stream-major
     m    = (fn · v) · 1/sqrt(mean(v²) + rms_eps)   matmul first, then the 1/RMS factor; m: [(2+n)·n]

@@ -1,6 +1,6 @@
 """The whole DeepSeek-V4 model: blocks wired with mHC, the MTP module, a decode cache, load and save.
 
-Spec: ../shared/spec/v4-moe-mhc-fp4.md §5.3 (block order, stream init, hc_head), §7 (MTP), §8 (layout).
+Spec: docs/design/v4-moe-mhc-fp4.md §5.3 (block order, stream init, hc_head), §7 (MTP), §8 (layout).
 
 One block, in the official order (two mHC sites per block):
 

@@ -1,6 +1,6 @@
 """FP4 (MXFP4) and FP8 (E4M3, UE8M0 block scales) exactly as DeepSeek-V4 stores and simulates them.
 
-Formats (spec ../shared/spec/v4-moe-mhc-fp4.md §6):
+Formats (docs/design/v4-moe-mhc-fp4.md §6):
 
 * **E2M1** (FP4): nibble ``s e1 e0 m``; codes 0..7 -> {0, .5, 1, 1.5, 2, 3, 4, 6}, codes 8..15 the same
   negated (code 8 = -0). Two codes per byte: element ``2j`` in the LOW nibble, ``2j+1`` in the high one.

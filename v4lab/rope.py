@@ -1,6 +1,6 @@
 """Interleaved partial RoPE on the LAST `qk_rope_head_dim` channels, plain or YaRN-scaled per layer kind.
 
-Spec: ../shared/spec/v4-attention.md §3.3.
+Spec: docs/design/v4-attention.md §3.3.
 - Channels (2i, 2i+1) of the trailing rope slice form one complex pair rotated by angle pos·θ_i.
 - Window-only layers (and the MTP block): θ_i = rope_theta^(−2i/r), no scaling.
 - CSA / HCA layers: base compress_rope_theta with YaRN frequency blending (factor, original length,

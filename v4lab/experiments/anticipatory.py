@@ -1,4 +1,4 @@
-"""Anticipatory Routing (spec v4-moe-mhc-fp4.md §4) around an induced loss spike.
+"""Anticipatory Routing (docs/design/v4-moe-mhc-fp4.md §4) around an induced loss spike.
 
 The same micro V4, same seed and batches, three ways; at step ``spike_at`` one optimiser step runs with the
 learning rate multiplied by ``spike_lr_mult`` (a one-off glitch, not repeated after a rollback):

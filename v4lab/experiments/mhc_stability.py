@@ -1,4 +1,4 @@
-"""Why mHC is stable where plain hyper-connections are not (spec v4-moe-mhc-fp4.md §5.4), at toy scale.
+"""Why mHC is stable where plain hyper-connections are not (docs/design/v4-moe-mhc-fp4.md §5.4), at toy scale.
 
 Two measurements, both seeded and small enough for a notebook cell on 2 CPU cores:
 

@@ -1,4 +1,4 @@
-"""FP4 quantisation-aware training of the routed experts (spec v4-moe-mhc-fp4.md §6.8) vs BF16 experts.
+"""FP4 quantisation-aware training of the routed experts (docs/design/v4-moe-mhc-fp4.md §6.8) vs BF16 experts.
 
 The same micro V4 trained twice from the same seed on the same batches:
 

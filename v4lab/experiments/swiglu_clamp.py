@@ -1,4 +1,4 @@
-"""SwiGLU clamping (spec v4-moe-mhc-fp4.md §3) as a stability device: the same micro V4 trained twice at a
+"""SwiGLU clamping (docs/design/v4-moe-mhc-fp4.md §3) as a stability device: the same micro V4 trained twice at a
 learning rate well above the comfortable one, with the clamp (swiglu_limit = 10, V4's value) and without it.
 
 What to look at: the largest pre-activation an expert sees (|W1 x|, |W3 x| before the clamp), the largest

@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from v4lab.kernels import interpreted
 from v4lab import mhc as _ref
+from v4lab.kernels import interpreted
 
 
 @triton.jit

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from v4lab.quant import FP4_AMAX_FLOOR, fp4_act_quant as fp4_act_quant_ref  # noqa: F401
+from v4lab.quant import FP4_AMAX_FLOOR
 
 
 @triton.jit

@@ -76,7 +76,7 @@ class PretendDevice(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(func, "__self__", None) is _DEVICE:                          # a tagged tensor reports the pretend device
+        if getattr(func, "__self__", None) is _DEVICE:      # a tagged tensor reports the pretend device
             return PRETEND if self.has(args[0]) else func(*args, **kwargs)
         ins = _leaves(list(args) + list(kwargs.values()), [])
         targets = [torch.device(a) for a in list(args[1:] if func is T.to else []) + [kwargs.get("device")]

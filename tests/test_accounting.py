@@ -47,9 +47,11 @@ def test_counting_mtp_or_embedding_the_other_way_misses_a_published_figure():
 
 
 def _v4_tensor_shapes(cfg):
-    """Every parameter of a V4 checkpoint, from the tables in docs/design/v4-moe-mhc-fp4.md §8.2 (no .scale, no tid2eid).
+    """Every parameter of a V4 checkpoint, from the tables in docs/design/v4-moe-mhc-fp4.md §8.2
+    (no .scale, no tid2eid).
     Written independently of v4lab.accounting: it lists tensors, accounting multiplies config keys."""
-    d, H, hd, qr, g, orr = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank, cfg.o_groups, cfg.o_lora_rank
+    d, H, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+    qr, g, orr = cfg.q_lora_rank, cfg.o_groups, cfg.o_lora_rank
     E, inter, n, V = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hc_mult, cfg.vocab_size
     shapes = [("embed", [V, d]), ("head", [V, d]), ("norm", [d]),
               ("hc_head_fn", [n, n * d]), ("hc_head_base", [n]), ("hc_head_scale", [1])]
@@ -65,7 +67,8 @@ def _v4_tensor_shapes(cfg):
             out += [("i.wq_b", [nI * dI, qr]), ("i.weights_proj", [nI, d]), ("i.c.ape", [4, 2 * dI]),
                     ("i.c.wkv", [2 * dI, d]), ("i.c.wgate", [2 * dI, d]), ("i.c.norm", [dI])]
         for site in ("attn", "ffn"):
-            out += [(f"hc_{site}_fn", [(2 + n) * n, n * d]), (f"hc_{site}_base", [(2 + n) * n]), (f"hc_{site}_scale", [3])]
+            out += [(f"hc_{site}_fn", [(2 + n) * n, n * d]), (f"hc_{site}_base", [(2 + n) * n]),
+                    (f"hc_{site}_scale", [3])]
         out += [("ffn_norm", [d]), ("gate.weight", [E, d])] + ([] if hashed else [("gate.bias", [E])])
         out += [("shared.w1", [inter, d]), ("shared.w3", [inter, d]), ("shared.w2", [d, inter])]
         out += [("experts.w1", [E, inter, d]), ("experts.w3", [E, inter, d]), ("experts.w2", [E, d, inter])]
@@ -209,7 +212,9 @@ def test_bad_context(bad):
 
 # ---------------------------------------------------------------------------------------- decode FLOPs
 def test_spec_worked_flop_terms():
-    g = lambda name, k: acc.decode_flops(name, M, weights="A")["groups_raw"][k] / 1e9
+    def g(name, k):
+        return acc.decode_flops(name, M, weights="A")["groups_raw"][k] / 1e9
+
     assert abs(g("v3.2", "core_attention") - 34.8) < 0.05
     assert abs(g("v3.2", "indexer_scores") - 1056) < 1
     assert abs(g("v4-flash", "indexer_scores") - 90.9) < 0.1 and abs(g("v4-pro", "indexer_scores") - 129.9) < 0.1
@@ -243,8 +248,10 @@ def test_weighting_is_applied_per_precision():
     f = acc.decode_flops("v4-flash", M, weights={"gemm": 1.0, "bf16": 3.0, "fp8": 1.0, "fp4": 0.25})
     assert f["weighted"]["core_attention"] == 3 * f["raw"]["core_attention"]
     assert f["weighted"]["indexer_scores"] == 0.25 * f["raw"]["indexer_scores"]
-    assert f["precision"]["indexer_scores"] == "fp4" and acc.decode_flops("v3.2")["precision"]["indexer_scores"] == "fp8"
-    assert f["weighted"]["gemm_routed_experts"] == f["raw"]["gemm_routed_experts"] == 2 * acc.params("v4-flash")["active_by_component"]["routed_experts"]
+    assert f["precision"]["indexer_scores"] == "fp4"
+    assert acc.decode_flops("v3.2")["precision"]["indexer_scores"] == "fp8"
+    routed = acc.params("v4-flash")["active_by_component"]["routed_experts"]
+    assert f["weighted"]["gemm_routed_experts"] == f["raw"]["gemm_routed_experts"] == 2 * routed
     with pytest.raises(ValueError, match="weights"):
         acc.decode_flops("tiny", weights="Z")
     with pytest.raises(ValueError, match="weights"):
@@ -262,7 +269,9 @@ def test_flops_at_short_context():
 
 def test_128k_ratios_from_the_spec():
     # spec §5.4: at 128K, Pro 52 % / Flash 15 % of V3.2's FLOPs; KV ratio stays ≈10.5 % / 7.3 %
-    c = lambda a: acc.compare(a, "v3.2", 128 * 1024)["ratios"]
+    def c(a):
+        return acc.compare(a, "v3.2", 128 * 1024)["ratios"]
+
     assert abs(c("v4-pro")["decode_flops"] - 0.52) < 0.01 and abs(c("v4-flash")["decode_flops"] - 0.15) < 0.01
     assert abs(c("v4-pro")["kv_cache_bytes"] - 0.105) < 0.003
 
@@ -283,7 +292,8 @@ def test_moe_expansion_v3_to_pro():
 # ---------------------------------------------------------------------------------------- summary/compare
 def test_summary_and_compare_shape():
     s = acc.summary("v4-flash", 128 * 1024)
-    for k in ("total_params", "active_params", "kv_cache_bytes", "decode_flops", "context", "params", "kv_cache", "flops"):
+    for k in ("total_params", "active_params", "kv_cache_bytes", "decode_flops", "context", "params", "kv_cache",
+              "flops"):
         assert k in s
     assert s["context"] == 131072 and s["total_params"] == acc.params("v4-flash")["total"]
     c = acc.compare("v4-pro", get_config("v3.2"))
@@ -292,8 +302,8 @@ def test_summary_and_compare_shape():
         assert c["ratios"][k] == c["a"][k] / c["b"][k]
 
 
-@pytest.mark.parametrize("text, n", [("1M", M), ("128K", 131072), ("128k", 131072), ("1048576", M), ("1.5M", 3 * M // 2),
-                                     (" 64 ", 64), (4096, 4096)])
+@pytest.mark.parametrize("text, n", [("1M", M), ("128K", 131072), ("128k", 131072), ("1048576", M),
+                                     ("1.5M", 3 * M // 2), (" 64 ", 64), (4096, 4096)])
 def test_parse_context(text, n):
     assert acc.parse_context(text) == n
 

@@ -6,7 +6,6 @@ from v4lab.attention import Attention, sparse_attn, sparse_attn_probs
 from v4lab.config import get_config
 from v4lab.indexer import visible_entries
 
-
 KINDS = {"window": 0, "csa": 1, "hca": 2}
 
 
@@ -303,7 +302,9 @@ def test_low_precision_simulation():
 def test_kernels_plug_in_and_match_reference():
     """The Triton kernels (interpreted on CPU) drop into the layer through its *_fn hooks."""
     try:
-        from v4lab.kernels import compressor as kc, indexer as ki, sparse_attn as ks
+        from v4lab.kernels import compressor as kc
+        from v4lab.kernels import indexer as ki
+        from v4lab.kernels import sparse_attn as ks
     except ImportError as e:                          # package not installed in editable mode yet
         pytest.skip(f"v4lab.kernels not importable: {e}")
     a = make("csa", seed=7)

@@ -58,7 +58,8 @@ FLASH_ROWS = [  # spec §8.2, Flash column
     ("layers.5.ffn.shared_experts.w2.weight", (4096, 2048), "F8_E4M3"),
     ("layers.7.ffn.experts.255.w1.weight", (2048, 2048), "I8"),
     ("layers.7.ffn.experts.255.w1.scale", (2048, 128), "F8_E8M0"),
-    ("layers.7.ffn.experts.0.w2.weight", (4096, 1024), "I8"), ("layers.7.ffn.experts.0.w2.scale", (4096, 64), "F8_E8M0"),
+    ("layers.7.ffn.experts.0.w2.weight", (4096, 1024), "I8"),
+    ("layers.7.ffn.experts.0.w2.scale", (4096, 64), "F8_E8M0"),
     ("embed.weight", (129280, 4096), "BF16"), ("head.weight", (129280, 4096), "BF16"),
     ("hc_head_fn", (4, 16384), "F32"), ("hc_head_scale", (1,), "F32"),
     ("mtp.0.e_proj.weight", (4096, 4096), "F8_E4M3"), ("mtp.0.h_proj.scale", (32, 32), "F8_E8M0"),
@@ -127,7 +128,7 @@ def test_synthetic_decodes_to_its_masters(synth):
     r.validate(check_scales=True)
     assert r.config.to_dict() == cfg.to_dict()
     fp4_m, fp4_got = [], []
-    for name, (shape, dt) in C.expected_keys(cfg).items():
+    for name, (_shape, dt) in C.expected_keys(cfg).items():
         if name.endswith(".scale"):
             continue
         m, got = masters[name], r.get_dequantized(name, torch.float32)
@@ -278,7 +279,8 @@ def _bad_header(d):
 
 
 def _wrong_dtype(d):
-    _rewrite_shard(d / S1, lambda ts: ts.__setitem__("layers.2.attn_norm.weight", ts["layers.2.attn_norm.weight"].float()))
+    key = "layers.2.attn_norm.weight"
+    _rewrite_shard(d / S1, lambda ts: ts.__setitem__(key, ts[key].float()))
 
 
 def _wrong_shape(d):
@@ -327,11 +329,13 @@ BAD = [
     (_index_only_key, "open", rf"shard '.*{S1}': key 'layers\.0\.ghost' listed in the index is not in it"),
     (_bad_index, "open", r"index '.*model.safetensors.index.json': not valid JSON"),
     (_bad_config, "open", r"config file '.*config.json': not valid JSON"),
-    (_wrong_dtype, "validate", rf"shard '.*{S1}', key 'layers\.2\.attn_norm\.weight': stored F32 \[128\], expected BF16 \[128\]"),
-    (_wrong_shape, "validate", rf"key 'layers\.4\.attn\.attn_sink': stored F32 \[7\], expected F32 \[4\]"),
+    (_wrong_dtype, "validate",
+     rf"shard '.*{S1}', key 'layers\.2\.attn_norm\.weight': stored F32 \[128\], expected BF16 \[128\]"),
+    (_wrong_shape, "validate", r"key 'layers\.4\.attn\.attn_sink': stored F32 \[7\], expected F32 \[4\]"),
     (_missing_key, "validate", r"missing key 'layers\.1\.ffn\.experts\.2\.w3\.scale'"),
     (_unexpected_key, "validate", rf"shard '.*{S2}', key 'mtp\.0\.surprise': unexpected key"),
-    (_nan_scale, "scales", rf"shard '.*{S1}', key 'layers\.3\.ffn\.experts\.4\.w2\.scale': NaN scale \(E8M0 255\) at \[7, 1\]"),
+    (_nan_scale, "scales",
+     rf"shard '.*{S1}', key 'layers\.3\.ffn\.experts\.4\.w2\.scale': NaN scale \(E8M0 255\) at \[7, 1\]"),
 ]
 
 

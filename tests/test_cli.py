@@ -97,10 +97,12 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragment):
 
 @pytest.mark.parametrize("content, fragment", [
     ("{broken", "not valid JSON"),
-    ('{"model_type": "deepseek_v4", "compress_ratios": [0, 0], "num_hidden_layers": 1, "num_hash_layers": 0, "o_groups": 3}', "o_groups"),
+    ('{"model_type": "deepseek_v4", "compress_ratios": [0, 0], "num_hidden_layers": 1, "num_hash_layers": 0, '
+     '"o_groups": 3}', "o_groups"),
     ('{"model_type": "deepseek_v4", "compress_ratios": [0, 0], "num_hidden_layers": "one"}', "num_hidden_layers"),
     ('{"model_type": "deepseek_v4", "compress_ratios": "all"}', "compress_ratios"),
-    ('{"model_type": "deepseek_v4", "compress_ratios": [0, 0], "num_hidden_layers": 1, "num_hash_layers": 0, "rope_scaling": {"factor": "x"}}',
+    ('{"model_type": "deepseek_v4", "compress_ratios": [0, 0], "num_hidden_layers": 1, "num_hash_layers": 0, '
+     '"rope_scaling": {"factor": "x"}}',
      "rope_scaling.factor"),
     ('"just a string"', "JSON object"),
 ])

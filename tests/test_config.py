@@ -7,7 +7,8 @@ import pytest
 
 from v4lab.config import PRESETS, V4Config, get_config
 
-# --- released values, copied from the spec tables (docs/design/v4-attention.md §1/§6, docs/design/v4-moe-mhc-fp4.md §1.1/§9.1) ----
+# --- released values, copied from the tables of docs/design/v4-attention.md §1/§6 and
+# docs/design/v4-moe-mhc-fp4.md §1.1/§9.1 ---------------------------------------------------------------------
 FLASH = dict(vocab_size=129280, hidden_size=4096, num_hidden_layers=43, num_attention_heads=64,
              num_key_value_heads=1, head_dim=512, qk_rope_head_dim=64, q_lora_rank=1024, o_groups=8,
              o_lora_rank=1024, sliding_window=128, rope_theta=10000, compress_rope_theta=160000,
@@ -174,7 +175,8 @@ RULES = [
 ]
 
 
-@pytest.mark.parametrize("preset, change, key, rule", RULES, ids=[f"{k}:{list(c.values())[0]!r}"[:60] for _, c, k, _ in RULES])
+@pytest.mark.parametrize("preset, change, key, rule", RULES,
+                         ids=[f"{k}:{list(c.values())[0]!r}"[:60] for _, c, k, _ in RULES])
 def test_each_rule_raises_naming_key_value_rule(preset, change, key, rule):
     with pytest.raises(ValueError) as e:
         get_config(preset).replace(**change)

@@ -162,7 +162,7 @@ def test_entry_points_consult_the_setting(ckpt, monkeypatch, via):
         "stream_forward": lambda: real.stream_forward([1, 2, 3], ckpt, progress=False, **kw),
     }
     where = "$V4LAB_DEVICE" if via == "env" else "device"
-    for name, call in calls.items():
+    for call in calls.values():
         with pytest.raises(ValueError, match=re.escape(f"{where} = 'cuda': CUDA is not available")):
             call()
 

@@ -37,8 +37,9 @@ def test_text_prompt_uses_bytes_without_a_tokenizer_and_sampling_is_seeded(ckpt,
 
 def test_text_prompt_uses_the_checkpoint_tokenizer(ckpt, tmp_path, capsys):
     pytest.importorskip("tokenizers")
-    from tokenizers import Tokenizer, models, pre_tokenizers
     import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
     d = tmp_path / "with_tok"
     shutil.copytree(ckpt, d)
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 7, "world": 9}, unk_token="[UNK]"))

@@ -37,7 +37,8 @@ def test_visibility_rule(m):
         assert torch.equal(s < n_vis, m * (s + 1) - 1 <= t)
     # the paper text's ⌊t/m⌋ differs exactly at the last token of a window, and is rejected here
     paper = torch.div(t, m, rounding_mode="floor")
-    assert not torch.equal(paper, n_vis) and torch.equal(t[paper != n_vis] % m, torch.full_like(t[paper != n_vis], m - 1))
+    differ = t[paper != n_vis]
+    assert not torch.equal(paper, n_vis) and torch.equal(differ % m, torch.full_like(differ, m - 1))
 
 
 def test_topk_fewer_entries_and_all_masked_rows():

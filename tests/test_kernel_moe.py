@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from v4lab.config import get_config
-from v4lab.kernels.moe import grouped_expert_mlp as kernel, tile_table
-from v4lab.moe import MoE, grouped_expert_mlp as reference, sort_by_expert
+from v4lab.kernels.moe import grouped_expert_mlp as kernel
+from v4lab.kernels.moe import tile_table
+from v4lab.moe import MoE, sort_by_expert
+from v4lab.moe import grouped_expert_mlp as reference
 
 
 def sorted_problem(E=4, I=48, D=40, T=10, K=2, seed=0, empty=(), dtype=torch.float32):

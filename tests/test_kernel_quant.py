@@ -18,7 +18,8 @@ def _hard_input():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(96, 64, generator=g) * torch.logspace(-30, 30, 96)[:, None]   # scales over 200 binades
     # exact ties of the grid at scale 1 (amax 6 keeps the scale at 1), signed zeros, tiny values
-    x[0, :16] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.25, -2.5, -5.0, -0.0, 0.0, -1e-3, 4.9, 5.1])
+    x[0, :16] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0,
+                              -0.25, -2.5, -5.0, -0.0, 0.0, -1e-3, 4.9, 5.1])
     x[0, 16:32] = 0.1
     x[1] = 0.0                                            # all-zero block: the amax floor
     x[2, :32] = 1e-42                                     # denormal inputs

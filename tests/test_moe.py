@@ -15,8 +15,16 @@ import v4lab.gate as gate_mod
 import v4lab.moe as moe_mod
 from v4lab.config import get_config
 from v4lab.gate import Gate, balanced_hash_table, hash_table, select_topk
-from v4lab.moe import (MoE, bias_sensitivity, bias_update, expert_load, load_imbalance, routing_entropy,
-                       sequence_balance_loss, topk_sets)
+from v4lab.moe import (
+    MoE,
+    bias_sensitivity,
+    bias_update,
+    expert_load,
+    load_imbalance,
+    routing_entropy,
+    sequence_balance_loss,
+    topk_sets,
+)
 
 LIMIT = 2.0          # small clamp so random pre-activations cross it on both sides
 
@@ -32,7 +40,7 @@ def make(cfg, layer_id, seed=0, **kw):
     torch.manual_seed(seed)
     m = MoE(cfg, layer_id, **kw)
     with torch.no_grad():
-        for name, p in m.named_parameters():
+        for p in m.parameters():
             p.normal_(0, 0.3)
         if m.gate.bias is not None:
             m.gate.bias.copy_(torch.randn(cfg.n_routed_experts) * 0.5)

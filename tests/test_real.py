@@ -15,7 +15,7 @@ PROMPT_IDS = [0, 17, 301, 5, 99, 42, 7, 250, 3, 511, 64, 128]       # 12 tokens:
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    from v4lab.viz.real import write_demo_release       # synthetic tiny release + word-level tokenizer
+    from v4lab.viz.real import write_demo_release  # synthetic tiny release + word-level tokenizer
     return write_demo_release(tmp_path_factory.mktemp("real") / "V4-tiny", seed=0)
 
 

@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 import v4lab
-from v4lab.model import V4Model
 from v4lab.data import load_tokenizer
+from v4lab.model import V4Model
 
 ROOT = Path(__file__).resolve().parents[1]
 DIR = ROOT / "data" / "tiny-v4"

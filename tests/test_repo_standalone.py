@@ -13,7 +13,8 @@ PAGES = ("v4-attention", "v4-moe-mhc-fp4")
 # A page name, then the § list that follows it up to the end of the clause (";", a newline, ". " or the
 # next page name).
 _NAMES = "|".join(PAGES)
-CITATION = re.compile(rf"(?:docs/design/)?({_NAMES})\.md`?((?:(?!(?:docs/design/)?(?:{_NAMES})\.md)(?:[^;\n.]|\.(?=\S)))*)")
+CITATION = re.compile(rf"(?:docs/design/)?({_NAMES})\.md`?"
+                      rf"((?:(?!(?:docs/design/)?(?:{_NAMES})\.md)(?:[^;\n.]|\.(?=\S)))*)")
 SECTION = re.compile(r"§\s*(\d+(?:\.\d+)*)|[–-]\s*(\d+(?:\.\d+)+)")
 HEADING = re.compile(r"^#{1,6}\s+(\d+(?:\.\d+)*)\.?\s", re.M)
 

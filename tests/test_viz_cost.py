@@ -38,7 +38,8 @@ def test_direct_arithmetic():
     assert pricing.blended_cost(1, 32e6, 1e6) == pytest.approx(59.16)
     assert pricing.blended_cost(0.25, 32e6, 1e6) == pytest.approx(0.75 * 4.76 + 0.25 * 59.16)
     v5f, v5p = pricing.price("v5-flash"), pricing.price("v5-pro")
-    assert v5f.speculative and v5p.speculative and (v5f.input, v5f.output, v5p.input, v5p.output) == (0.07, 0.14, 0.87, 1.74)
+    assert v5f.speculative and v5p.speculative
+    assert (v5f.input, v5f.output, v5p.input, v5p.output) == (0.07, 0.14, 0.87, 1.74)
     assert not pricing.price("v4-pro").speculative
     assert "v5-pro" not in pricing.load_prices(speculative=False)
 
@@ -109,7 +110,7 @@ def test_bill_sweeps():
     keys = [k for k, p in pricing.load_prices().items() if not p.speculative]
     for control in ("input_m", "output_m", "prompt"):
         seen = []
-        for v, _ in sweep(w, control):
+        for _ in sweep(w, control):
             s = w.state
             for k, y in zip(keys, w.fig.data[0].y):
                 inp = 0 if pricing.price(k).input is None else s["input_m"] * 1e6
@@ -172,7 +173,7 @@ def test_roofline_sweeps(static):
         prev = h.x[0]
     w.on_batch(64)
     tps = []
-    for c, _ in sweep(w, "context"):
+    for _ in sweep(w, "context"):
         tps.append(_roof_points(w)[2].y[0])
     assert tps == sorted(tps, reverse=True)       # longer context: more KV read, fewer tokens/s
     w.on_context(4096), w.on_batch(16384)

@@ -10,8 +10,9 @@ import torch
 from pretend_device import PRETEND, PretendDevice
 
 from v4lab.model import V4Model
-from v4lab.viz import attention as attn_viz
 from v4lab.viz import MODEL_WIDGETS, trained
+from v4lab.viz import attention as attn_viz
+
 
 @pytest.fixture
 def pretend(monkeypatch):

@@ -88,6 +88,7 @@ def test_static_builders_match_widgets():
 
 def test_qat_cache_is_a_rerunnable_experiment_result():
     import inspect
+
     from v4lab.experiments import qat
     r = V.qat_result()
     sig = inspect.signature(qat.run)

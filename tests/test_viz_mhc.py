@@ -70,8 +70,12 @@ def test_source_sweep_uses_the_training_run(tiny_result):
     w = V.GainsWidget(static=True, result=tiny_result)
     for src, _ in sweep(w, "source"):
         for i, v in enumerate(V.VARIANTS):
-            want = (mhc_stability.random_surrogate(60, 0, noise=0.15)[v]["fwd_max"] if src == "surrogate" and v != "residual"
-                    else [1.0] * 60 if src == "surrogate" else tiny_result[v]["gains"][src]["fwd_max"])
+            if src != "surrogate":
+                want = tiny_result[v]["gains"][src]["fwd_max"]
+            elif v == "residual":
+                want = [1.0] * 60
+            else:
+                want = mhc_stability.random_surrogate(60, 0, noise=0.15)[v]["fwd_max"]
             assert list(w.fig.data[3 * i].y) == pytest.approx(want)
         assert V.SOURCES[src] in w.fig.layout.title.text
 

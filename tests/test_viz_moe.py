@@ -44,7 +44,7 @@ def test_expansion_sweeps_match_accounting(static):
     assert w.fig.data[0].y[1] == pytest.approx(v3["total"] / 1e9)   # defaults are V3's own MoE
     for control in ("experts", "width", "topk"):
         seen = []
-        for v, _ in sweep(w, control):
+        for _ in sweep(w, control):
             s = w.state
             cfg = get_config("v3").replace(n_routed_experts=s["experts"], moe_intermediate_size=s["width"],
                                            num_experts_per_tok=s["topk"], n_group=1, topk_group=1)
@@ -80,7 +80,7 @@ def test_affinity_sweeps(static):
             # sqrt-softplus keeps the order sharper than a saturated sigmoid at large logits
             if shift == max(M.SHIFT_STOPS):
                 assert w.fig.data[4].y[0] >= w.fig.data[5].y[0]
-    for spread, ws in softmax_by_spread.items():   # softmax ignores a shift of all logits
+    for ws in softmax_by_spread.values():   # softmax ignores a shift of all logits
         for x in ws[1:]:
             assert x == pytest.approx(ws[0], abs=1e-6)
     assert [list(t.y) for t in w.fig.data[:2]] == curves

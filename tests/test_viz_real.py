@@ -166,10 +166,12 @@ def test_hash_load_widget_follows_text(release, static):
 
 # ------------------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize("make,match", [
-    (lambda p: vr.MhcWidget(static=True, path=p, layer=6), r"layer = 6: must be one of the layers \[0, 1, 2, 3, 4, 5\]"),
+    (lambda p: vr.MhcWidget(static=True, path=p, layer=6),
+     r"layer = 6: must be one of the layers \[0, 1, 2, 3, 4, 5\]"),
     (lambda p: vr.MhcWidget(static=True, path=p).on_layer(-1), r"layer = -1: must be one of the layers"),
     (lambda p: vr.MhcWidget(static=True, path=p, site="mlp"), r"site = 'mlp': must be one of"),
-    (lambda p: vr.ApeWidget(static=True, path=p, layer=0), r"layer = 0: must be one of the CSA/HCA layers \[1, 2, 3, 4, 5\]"),
+    (lambda p: vr.ApeWidget(static=True, path=p, layer=0),
+     r"layer = 0: must be one of the CSA/HCA layers \[1, 2, 3, 4, 5\]"),
     (lambda p: vr.Fp4Widget(static=True, path=p, layer="3"), r"layer = '3': must be one of the MoE layers"),
     (lambda p: vr.Fp4Widget(static=True, path=p).on_layer(9), r"layer = 9: must be one of the MoE layers"),
     (lambda p: vr.build_mhc(p, layer=True), r"layer = True: must be one of the layers"),

@@ -1,5 +1,5 @@
 """v4lab: readable reference code, kernels and explainers for the DeepSeek-V4 architecture."""
-from v4lab.config import V4Config, get_config, PRESETS
+from v4lab.config import PRESETS, V4Config, get_config
 
 __version__ = "0.1.0"
 __all__ = ["V4Config", "get_config", "PRESETS", "load", "save"]

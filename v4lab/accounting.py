@@ -372,7 +372,8 @@ def moe_expansion(v3_cfg="v3", v4pro_cfg="v4-pro") -> dict:
 def summary(cfg, context: int = ONE_M, *, weights="B", include_scales: bool = True) -> dict:
     """The headline figures of one model at ``context`` tokens, with every breakdown."""
     cfg = _cfg(cfg)
-    p, kv, fl = params(cfg), kv_cache(cfg, context, include_scales=include_scales), decode_flops(cfg, context, weights=weights)
+    p, kv = params(cfg), kv_cache(cfg, context, include_scales=include_scales)
+    fl = decode_flops(cfg, context, weights=weights)
     g = gqa8(cfg, context)
     return {"name": cfg.name, "model_type": cfg.model_type, "context": kv["context"],
             "total_params": p["total"], "active_params": p["active"],

@@ -88,7 +88,8 @@ class MLADSA(nn.Module):
             raise ValueError(f"config model_type {cfg.model_type!r}: MLADSA needs a deepseek_v32 config")
         d, qr, H = cfg.hidden_size, cfg.q_lora_rank, cfg.num_attention_heads
         self.cfg, self.H = cfg, H
-        self.nope, self.rope, self.vd, self.kvr = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        self.nope, self.rope = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.vd, self.kvr = cfg.v_head_dim, cfg.kv_lora_rank
         self.wq_a = nn.Linear(d, qr, bias=False)
         self.q_norm = RMSNorm(qr, cfg.rms_norm_eps)
         self.wq_b = nn.Linear(qr, H * (self.nope + self.rope), bias=False)

@@ -199,7 +199,8 @@ def read_header(file: str | Path) -> dict:
                 raise ValueError(f"shard {str(f)!r}: truncated ({size} bytes; no 8-byte header length)")
             (n,) = struct.unpack("<Q", head)
             if n > size - 8:
-                raise ValueError(f"shard {str(f)!r}: truncated (header says {n} bytes, file has {size - 8} after the length)")
+                raise ValueError(f"shard {str(f)!r}: truncated (header says {n} bytes, file has {size - 8} "
+                                 f"after the length)")
             raw = fh.read(n)
     except OSError as e:
         raise ValueError(f"shard {str(f)!r}: cannot be read ({e.strerror or e})") from None
@@ -221,7 +222,8 @@ def read_header(file: str | Path) -> dict:
         if dtype not in ITEMSIZE:
             raise ValueError(f"shard {str(f)!r}, key {name!r}: unknown dtype {dtype!r}")
         if b - a != nbytes(shape, dtype):
-            raise ValueError(f"shard {str(f)!r}, key {name!r}: data_offsets [{a}, {b}] do not hold a {dtype} {list(shape)}")
+            raise ValueError(f"shard {str(f)!r}, key {name!r}: data_offsets [{a}, {b}] do not hold a "
+                             f"{dtype} {list(shape)}")
         if b > data_len:
             raise ValueError(f"shard {str(f)!r}, key {name!r}: truncated (tensor data ends at byte {b}, "
                              f"the file holds {data_len} data bytes)")
@@ -462,7 +464,7 @@ def prepare_tensors(tensors: dict[str, torch.Tensor], cfg: V4Config) -> dict[str
             raise ValueError(f"tensor {name!r}: {dt} {list(t.shape)}, expected {dt} {list(shape)}")
         out[name] = t
     # quantise same-shaped weights in one call each (all experts of a model at once): fewer, bigger ops
-    for (dt, logical), names in todo.items():
+    for (dt, _logical), names in todo.items():
         for j in range(0, len(names), 64):
             chunk = names[j:j + 64]
             w = torch.stack([tensors[n].detach().float() for n in chunk])      # [c, o, i]

@@ -21,6 +21,11 @@ LAYER_KINDS = {0: "window", 4: "csa", 128: "hca"}
 SCORING_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
 
 
+def _integral(r: Any) -> bool:
+    """A number with an integer value (4.0 from a JSON file counts), not a bool."""
+    return isinstance(r, (int, float)) and not isinstance(r, bool) and float(r).is_integer()
+
+
 def _yarn(factor: float = 16.0, original: int = 65536) -> dict:
     return {"type": "yarn", "factor": factor, "original_max_position_embeddings": original,
             "beta_fast": 32, "beta_slow": 1}
@@ -210,13 +215,15 @@ class V4Config:
                 if getattr(self, key) <= 0:
                     bad(key, getattr(self, key), "must be a positive integer (the V3.2 DSA indexer)")
             if rd > self.index_head_dim:
-                bad("qk_rope_head_dim", rd, f"must be <= index_head_dim ({self.index_head_dim}); the indexer rotates it too")
+                bad("qk_rope_head_dim", rd,
+                    f"must be <= index_head_dim ({self.index_head_dim}); the indexer rotates it too")
         if not self.is_v4:
             return
         if rd > self.head_dim:
             bad("qk_rope_head_dim", rd, f"must be <= head_dim ({self.head_dim})")
         if rd > self.index_head_dim:
-            bad("qk_rope_head_dim", rd, f"must be <= index_head_dim ({self.index_head_dim}); the indexer rotates it too")
+            bad("qk_rope_head_dim", rd,
+                f"must be <= index_head_dim ({self.index_head_dim}); the indexer rotates it too")
         if self.num_key_value_heads != 1:
             bad("num_key_value_heads", self.num_key_value_heads, "V4 has one shared K=V head (must be 1)")
         if self.num_attention_heads % self.o_groups:
@@ -229,8 +236,7 @@ class V4Config:
             n = len(self.compress_ratios) if isinstance(self.compress_ratios, (list, tuple)) else None
             bad("compress_ratios", self.compress_ratios if n is None else f"<list of {n}>",
                 f"needs num_hidden_layers + 1 = {self.num_hidden_layers + 1} entries (last one: the MTP block)")
-        self.compress_ratios = [int(r) if isinstance(r, (int, float)) and not isinstance(r, bool) and float(r).is_integer() else r
-                                for r in self.compress_ratios]
+        self.compress_ratios = [int(r) if _integral(r) else r for r in self.compress_ratios]
         for i, r in enumerate(self.compress_ratios):
             if r not in LAYER_KINDS:
                 bad(f"compress_ratios[{i}]", r, "must be 0 (window), 4 (CSA) or 128 (HCA)")

@@ -56,7 +56,8 @@ def topk_visible(scores: torch.Tensor, n_visible: torch.Tensor, k: int) -> torch
 
 def distill_kl(target_mass: torch.Tensor, scores: torch.Tensor, n_visible: torch.Tensor):
     """The indexer's warm-up loss (V3.2's DSA recipe, which V4 inherits for CSA:
-    docs/design/v4-moe-mhc-fp4.md §9.4, "sparse attention from the 64K stage, after an indexer warm-up"), summed over queries.
+    docs/design/v4-moe-mhc-fp4.md §9.4, "sparse attention from the 64K stage, after an indexer warm-up"),
+    summed over queries.
 
     target_mass [B, S, N]: the main attention's probability on each compressed entry, summed over heads
     (treated as a constant); scores [B, S, N]: index scores; n_visible [S]: entries each query may see.
@@ -68,7 +69,7 @@ def distill_kl(target_mass: torch.Tensor, scores: torch.Tensor, n_visible: torch
     vis = torch.arange(N, device=scores.device)[None, None, :] < n_visible.to(scores.device)[None, :, None]
     mass = target_mass.detach().float().masked_fill(~vis, 0.0)
     tot = mass.sum(-1, keepdim=True)                                     # [B, S, 1]
-    use = tot[..., 0] > 0                                               # queries with a target (mass on a visible entry)
+    use = tot[..., 0] > 0                                   # queries with a target (mass on a visible entry)
     p = mass / tot.clamp_min(torch.finfo(torch.float32).tiny)
     logq = scores.float().masked_fill(~vis, float("-inf")).log_softmax(-1)
     logq = logq.masked_fill(~vis, 0.0)                                   # 0·(−inf) would be NaN

@@ -266,7 +266,8 @@ def fp8_block_dequantize(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
 # ------------------------------------------------------------------------------------ Hadamard
 def hadamard_rotate(x: torch.Tensor) -> torch.Tensor:
     """Normalised Walsh-Hadamard transform over the last dim (Sylvester order, scale n^-1/2), as the
-    official indexer applies before its FP4 simulation. Orthogonal and its own inverse. Computed in fp32 (fp64 stays fp64)."""
+    official indexer applies before its FP4 simulation. Orthogonal and its own inverse. Computed in fp32
+    (fp64 stays fp64)."""
     n = x.shape[-1]
     if n < 1 or n & (n - 1):
         _bad("x.shape[-1]", n, "Hadamard rotation needs a power of two")
@@ -311,10 +312,11 @@ def fp4_to_fp8(packed: torch.Tensor, scales: torch.Tensor, check: bool = True,
     o = e.shape[0]
     per = block // FP4_BLOCK
     po = -o % block
-    emax = torch.nn.functional.pad(e, (0, 0, 0, po), value=0).reshape(-1, block, e.shape[1] // per, per).amax(dim=(1, 3))
+    emax = torch.nn.functional.pad(e, (0, 0, 0, po), value=0)
+    emax = emax.reshape(-1, block, e.shape[1] // per, per).amax(dim=(1, 3))
     es = (emax - 6).clamp(min=0)                                                     # [bo, bi]
     es_full = es.repeat_interleave(block, 0)[:o].repeat_interleave(per, 1)          # [o, K/32]
-    ratio = torch.ldexp(torch.ones(e.shape, device=e.device), (e - es_full).float())                 # sub_scale / S, <= 64
+    ratio = torch.ldexp(torch.ones(e.shape, device=e.device), (e - es_full).float())   # sub_scale / S, <= 64
     vals = decode_fp4_bytes(packed)
     q = _e4m3_round(_blocks(vals, FP4_BLOCK, "packed") * ratio.unsqueeze(-1)).reshape(vals.shape)
     return q, es.to(torch.uint8).view(torch.float8_e8m0fnu)

@@ -15,7 +15,8 @@ Decode (real shapes, one layer, random weights, fp32 on CPU; full run: 8K, 128K,
   compares that layout with a real prefill on the tiny config. Then ``steps`` decode steps are timed
   (the minimum is kept; the cache is filled with N − steps tokens so the last step leaves N).
   ``seconds`` is single-thread CPU time (``time.process_time``, torch on 1 thread): the machine is shared,
-  and wall time under contention measured 3-7x the CPU time; ``wall_seconds`` is recorded too. ``cache_bytes`` counts the entries the cache holds after the step, priced in the
+  and wall time under contention measured 3-7x the CPU time; ``wall_seconds`` is recorded too.
+  ``cache_bytes`` counts the entries the cache holds after the step, priced in the
   released storage format (V4: FP8 nope + BF16 rope + UE8M0 scales, FP4 indexer keys; V3.2: FP8 latent +
   scales, FP8 indexer key; MQA: BF16) — the figure ``v4lab.accounting.kv_cache`` predicts; ``stored_bytes``
   is what this fp32 simulation holds. Analytic per-layer FLOPs use ``v4lab.accounting``'s formulas.
@@ -43,6 +44,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 
 import torch
 
@@ -126,6 +128,11 @@ class _PeakRSS:
 
 
 # ------------------------------------------------------------------------------------------ V4 cache
+def _v4_decode_step(attn, x: torch.Tensor, cache) -> torch.Tensor:
+    """One V4 decode step at the position the cache has reached (read at call time)."""
+    return attn(x, cache.length, cache)
+
+
 def fill_v4_cache(attn, cache, context: int, generator=None, device=None) -> None:
     """Put `context` synthetic tokens into a v4lab AttentionCache: the same tensors, shapes and counts a
     real prefill of `context` tokens leaves (checked by `check_fill`), filled with random values drawn on
@@ -296,11 +303,11 @@ def _decode_worker(name: str, contexts: list[int], steps: int, device: str = "cp
         n0 = N - steps            # the last step sees N tokens (and 1M stays < max_position_embeddings)
         if hasattr(layer, "decode"):
             cache = layer.new_cache(1, n0, generator=g, device=dev)
-            step = lambda: layer.decode(x, cache)  # noqa: E731
+            step = partial(layer.decode, x, cache)
         else:
             cache = layer.new_cache(1)
             fill_v4_cache(layer, cache, n0, g, dev)
-            step = lambda: layer(x, cache.length, cache)  # noqa: E731
+            step = partial(_v4_decode_step, layer, x, cache)
         times, walls = [], []
         with torch.no_grad():
             for _ in range(steps):
@@ -349,8 +356,8 @@ def hf_analytic_peak(cfg, layer_id: int, S: int) -> int:
 
 
 def _hf_module(cfg, layer_id: int):
-    from transformers.models.deepseek_v4.configuration_deepseek_v4 import DeepseekV4Config
     from transformers.models.deepseek_v4 import modeling_deepseek_v4 as M
+    from transformers.models.deepseek_v4.configuration_deepseek_v4 import DeepseekV4Config
     hf = DeepseekV4Config(
         hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads, head_dim=cfg.head_dim,
         q_lora_rank=cfg.q_lora_rank, o_groups=cfg.o_groups, o_lora_rank=cfg.o_lora_rank,
@@ -506,7 +513,8 @@ def report(records: list[dict]) -> str:
             tr = r["seconds"] / b["seconds"] if b else float("nan")
             fr = r["flops"] / b["flops"] if b else float("nan")
             cr = r["cache_bytes"] / b["cache_bytes"] if b else float("nan")
-            eq = "yes" if r["cache_bytes"] == r["accounting_cache_bytes"] else f"NO {_fmt_b(r['accounting_cache_bytes'])}"
+            acc_b = r["accounting_cache_bytes"]
+            eq = "yes" if r["cache_bytes"] == acc_b else f"NO {_fmt_b(acc_b)}"
             lines.append(f"{r['layer']:14} {r['context']:>8} {1e3 * r['seconds']:>9.1f} {_fmt_b(r['cache_bytes']):>15} "
                          f"{eq:>12} {tr:>8.3f} {fr:>9.3f} {tr / fr - 1:>+6.0%} {cr:>9.4f}")
     pre = [r for r in records if r["mode"] == "prefill"]
@@ -522,7 +530,8 @@ def report(records: list[dict]) -> str:
                 if h["skipped"]:
                     extra = f"HF skipped; memory ≥ {h['analytic_peak_bytes'] / max(1, r['peak_bytes']):.0f}x (analytic)"
                 else:
-                    extra = f"{h['seconds'] / r['seconds']:.1f}x faster, {h['peak_bytes'] / max(1, r['peak_bytes']):.1f}x less memory"
+                    extra = (f"{h['seconds'] / r['seconds']:.1f}x faster, "
+                             f"{h['peak_bytes'] / max(1, r['peak_bytes']):.1f}x less memory")
             sec = "skipped" if r["skipped"] else f"{r['seconds']:.2f}"
             lines.append(f"{r['layer']:14} {r['impl']:16} {r['context']:>6} {sec:>9} {_fmt_b(r['peak_bytes']):>11} "
                          f"{_fmt_b(r.get('analytic_peak_bytes')):>12}  {extra}")

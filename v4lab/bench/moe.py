@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 
 import torch
 
@@ -71,7 +72,7 @@ def run(quick: bool = False, device=None) -> list[dict]:
         naive_tps = None
         for name, fn, T in impls:
             x, idx, w = _tokens(T, E, device)
-            sec = _time(lambda: fn(x, idx, w, w1s, w2s, w3s, 10.0), device, 1 if (quick or name == "naive") else 3)
+            sec = _time(partial(fn, x, idx, w, w1s, w2s, w3s, 10.0), device, 1 if (quick or name == "naive") else 3)
             tps = T / sec
             naive_tps = tps if name == "naive" else naive_tps
             records.append({"bench": "moe", "impl": name, "device": device, "weight_dtype": str(dtype).split(".")[-1],

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 
 import torch
 
@@ -41,6 +42,10 @@ def _time(fn, repeat: int, device: str = "cpu") -> float:
     return best
 
 
+def _dequant_then_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x @ Q.mxfp4_dequantize(packed, scales).t()
+
+
 @torch.no_grad()
 def gemm_records(quick: bool, device=None) -> list[dict]:
     """CPU always (the reference point); CUDA too when the device setting picks it (Triton only there)."""
@@ -58,12 +63,12 @@ def gemm_records(quick: bool, device=None) -> list[dict]:
         for M in ((1, 64) if quick else (1, 16, 256)):
             x = torch.randn(M, K, generator=g).to(device)
             ref = Q.fp4_gemm_ref(x, pkd, sd)
-            paths = {"dequant_then_matmul": lambda: x @ Q.mxfp4_dequantize(pkd, sd).t(),
-                     "fused_torch": lambda: Q.fp4_gemm_tiled(x, pkd, sd),
-                     "matmul_predecoded": lambda: x @ wfd.t()}
+            paths = {"dequant_then_matmul": partial(_dequant_then_matmul, x, pkd, sd),
+                     "fused_torch": partial(Q.fp4_gemm_tiled, x, pkd, sd),
+                     "matmul_predecoded": partial(torch.matmul, x, wfd.t())}
             if device == "cuda":
                 from v4lab.kernels.fp4_gemm import fp4_gemm
-                paths["triton"] = lambda: fp4_gemm(x, pkd, sd)
+                paths["triton"] = partial(fp4_gemm, x, pkd, sd)
             times = {k: _time(f, 3 if quick else 10, device) for k, f in paths.items()}
             for k, t in times.items():
                 err = (paths[k]() - ref).abs().max().item()
@@ -118,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"fp4_gemm  {r['path']:<20} {r['note']}")
             else:
                 print(f"fp4_gemm  {r['device']:<4} M={r['M']:<4} N={r['N']} K={r['K']}  {r['path']:<20} "
-                      f"{r['ms']:9.3f} ms  x{r['ratio_vs_dequant']:<5} vs dequant-then-matmul  err {r['max_abs_err_vs_ref']:.1e}")
+                      f"{r['ms']:9.3f} ms  x{r['ratio_vs_dequant']:<5} vs dequant-then-matmul  "
+                      f"err {r['max_abs_err_vs_ref']:.1e}")
         elif r["bench"] == "bytes_per_param":
             print(f"bytes/param  {r['layout']:<26} {r['bytes_per_param']:.5f}  ({r['vs_bf16']:.3f} x BF16)")
         else:

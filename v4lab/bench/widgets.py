@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(recs, indent=1))
         return 0
-    print(f"{'widget':<20} {'control':<12} {'calls':>5} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}  p95 <= {TARGET_MS:g} ms")
+    print(f"{'widget':<20} {'control':<12} {'calls':>5} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}  "
+          f"p95 <= {TARGET_MS:g} ms")
     for r in recs:
         print(f"{r['widget']:<20} {r['control']:<12} {r['calls']:>5} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
               f"{r['max_ms']:>8.1f}  {'yes' if r['ok'] else 'NO'}")

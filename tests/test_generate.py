@@ -36,7 +36,6 @@ def test_text_prompt_uses_bytes_without_a_tokenizer_and_sampling_is_seeded(ckpt,
 
 
 def test_text_prompt_uses_the_checkpoint_tokenizer(ckpt, tmp_path, capsys):
-    pytest.importorskip("tokenizers")
     import shutil
 
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import v4lab.gate as gate_mod
 import v4lab.moe as moe_mod
+from v4lab import quant
 from v4lab.config import get_config
 from v4lab.gate import Gate, balanced_hash_table, hash_table, select_topk
 from v4lab.moe import (
@@ -510,7 +511,6 @@ def test_bad_inputs():
 
 
 def test_qat_with_real_fp4_quantiser():
-    quant = pytest.importorskip("v4lab.quant")
     cfg = small_cfg(hidden_size=64, moe_intermediate_size=32)
     m = make(cfg, 3)
     x, ids = inputs(cfg, B=1, S=5)

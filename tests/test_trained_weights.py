@@ -8,6 +8,7 @@ import torch
 
 import v4lab
 from v4lab.data import bigram_loss, load_data, load_tokenizer, token_classes
+from v4lab.model import V4Model
 from v4lab.train import HELDOUT_TEST_WINDOWS, evaluate, expert_specialisation
 
 DIR = Path(__file__).resolve().parents[1] / "data" / "tiny-v4"
@@ -50,17 +51,32 @@ def test_heldout_loss_is_the_reported_one(shipped):
 def test_beats_bigram_clearly(shipped):
     summary, model, _, data, windows = shipped
     bigram = bigram_loss(data.train, windows, model.cfg.vocab_size)["loss"]
-    assert bigram == pytest.approx(summary["bigram"]["loss"], abs=1e-6)
-    assert summary["heldout"]["loss"] < bigram - 0.3          # reported: 3.211 vs 3.669
+    assert bigram == pytest.approx(summary["bigram"]["loss"], abs=1e-6)   # the reported baseline, recomputed
+    # both re-measured on the same held-out subset (reported on all of it: 3.211 vs 3.669)
+    sub = windows[:HELDOUT_TEST_WINDOWS]
+    torch.set_num_threads(1)
+    got = evaluate(model, sub)["loss"]
+    assert got < bigram_loss(data.train, sub, model.cfg.vocab_size)["loss"] - 0.3     # measured: 2.90 vs 3.44
+
+
+def random_twin(model: V4Model, seed: int) -> V4Model:
+    """The untrained model the training run compared with: same config and seed, same hash tables (so
+    only the learned routers differ)."""
+    torch.manual_seed(seed)
+    rand = V4Model(model.cfg)
+    for b, lb in zip(rand.layers, model.layers):
+        if b.ffn.gate.is_hash:
+            b.ffn.gate.tid2eid.copy_(lb.ffn.gate.tid2eid)
+    return rand
 
 
 def test_experts_specialise_beyond_random(shipped):
     summary, model, tok, _, windows = shipped
-    got = expert_specialisation(model, windows[:2], token_classes(tok))
-    trained = summary["specialisation_trained"]["mean_learned_mi_bits"]
-    rand = summary["specialisation_random"]["mean_learned_mi_bits"]
-    assert trained > 3 * rand
-    assert got["mean_learned_mi_bits"] > 3 * rand                    # re-measured on a subset
+    classes = token_classes(tok)
+    got = expert_specialisation(model, windows[:2], classes)["mean_learned_mi_bits"]
+    rand = expert_specialisation(random_twin(model, summary["args"]["seed"]), windows[:2], classes)
+    assert got > 3 * rand["mean_learned_mi_bits"]                    # measured: 0.158 vs 0.032 bits
+    assert got == pytest.approx(summary["specialisation_trained"]["mean_learned_mi_bits"], rel=0.2)
 
 
 def test_indexer_was_warmed_up(shipped):
@@ -70,5 +86,6 @@ def test_indexer_was_warmed_up(shipped):
     summary, model, _, _, windows = shipped
     q = indexer_quality(model, windows[:2])
     assert q["recall"] > q["random_recall"] + 0.3
-    w = summary["indexer_warmup"]
-    assert w["after"]["recall"] > w["before"]["recall"] + 0.3 and w["after"]["kl"] < w["before"]["kl"] / 3
+    # the recorded state before the warm-up (that model is not shipped) against the re-measured one
+    before = summary["indexer_warmup"]["before"]
+    assert q["recall"] > before["recall"] + 0.3 and q["kl"] < before["kl"] / 3   # measured: 0.848, 0.024

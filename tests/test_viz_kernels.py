@@ -71,6 +71,10 @@ def test_bench_table_formats_records():
     text = V.bench_table("x", [{"path": "fused_torch", "device": "cpu", "M": 1, "ms": 1.5, "ratio_vs_dequant": 2.0},
                                {"path": "triton", "ms": None, "note": "interpreter only"}])
     assert "path=fused_torch device=cpu M=1" in text and "ms=1.5" in text and "triton: interpreter only" in text
+    # the records of v4lab.bench.kernels: three significant figures, the agreement with the reference shown
+    text = V.bench_table("v4lab.bench.kernels", [{"kernel": "moe", "device": "cpu", "ms": 230.2497800001,
+                                                  "max_abs_diff": 3.0517578125e-05, "tol": 1e-4, "ok": True}])
+    assert "kernel=moe device=cpu" in text and "ms=230 max_abs_diff=3.05e-05 tol=0.0001 ok=True" in text
 
 
 def test_bad_values_name_the_control():

@@ -108,10 +108,6 @@ class V4Config:
     def is_v4(self) -> bool:
         return self.model_type == "deepseek_v4"
 
-    @property
-    def n_layers(self) -> int:
-        return self.num_hidden_layers
-
     def compress_ratio(self, layer_id: int) -> int:
         """Ratio of layer ``layer_id``; ``layer_id == num_hidden_layers`` is the MTP block."""
         if not self.is_v4:
@@ -268,7 +264,7 @@ class V4Config:
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
-    def replace(self, **changes) -> "V4Config":
+    def replace(self, **changes: Any) -> "V4Config":
         d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
         d.update(changes)
         return V4Config(**d)

@@ -35,6 +35,7 @@ API:
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,7 +178,7 @@ class V4Model(nn.Module):
             _bad("tie_word_embeddings", True, "V4 has a separate head; tied embeddings are not supported")
         self.cfg = cfg
         meta = device is not None and torch.device(device).type == "meta"
-        with _MetaBuild() if meta else (torch.device(device) if device is not None else _nullctx()):
+        with _MetaBuild() if meta else (torch.device(device) if device is not None else contextlib.nullcontext()):
             n, d, V = cfg.hc_mult, cfg.hidden_size, cfg.vocab_size
             self.embed = nn.Embedding(V, d)
             self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
@@ -656,14 +657,6 @@ def save(model: V4Model, path, overwrite: bool = False, max_shard_bytes: int | N
     return Path(out)
 
 
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
 class _MetaBuild:
     """torch.device("meta") plus no-op weight initialisers: on meta, nn.init.* and Tensor.normal_ go through
     slow reference decompositions (~ms per call), which made a V4-Pro tree take minutes to build. There is
@@ -688,5 +681,3 @@ class _MetaBuild:
         torch.Tensor.normal_ = self._tensor_normal
         return self._dev.__exit__(*a)
 
-
-Transformer = V4Model

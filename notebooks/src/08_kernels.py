@@ -120,12 +120,13 @@ print("logits agree within 1e-4:", res["max_abs_diff"] < 1e-4, "| same next toke
 # %% [markdown]
 # ## Benchmark results
 #
-# `kernels.bench_records()` reads `v4lab.bench.kernels` when that module exists; otherwise the quick
-# FP4-GEMM benchmark of `v4lab bench quant` (a V4-Flash-shaped expert projection on CPU: dequantise the
-# whole $W$ then multiply, vs dequantise tile by tile, vs an already-decoded $W$). On a CPU the Triton
-# kernels are not timed: their interpreter time is meaningless. On a GPU the same call adds the compiled
-# `triton` path. The attention and MoE benchmarks (`v4lab bench attention --quick`, `v4lab bench moe
-# --quick`) build real-width layers and take minutes, so they are not run here.
+# `kernels.bench_records()` is the quick run of `v4lab bench kernels`: every kernel against its reference
+# on this device, with the bytes/s and FLOP/s it reached and, on a known GPU, the fraction of that GPU's
+# roofline; each row also carries the kernel's max |difference| from the reference in the same run. On a
+# CPU the kernels run in Triton's interpreter at small shapes, so the times say nothing about speed: the
+# run checks that the benchmark path works and that the kernels still agree. The attention and MoE
+# benchmarks (`v4lab bench attention --quick`, `v4lab bench moe --quick`) build real-width layers and take
+# minutes, so they are not run here.
 
 # %%
 source, records = kernels.bench_records()

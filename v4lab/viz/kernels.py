@@ -8,8 +8,8 @@
   difference as heatmaps (all kernels run once, at construction).
 * :class:`RooflineWidget` — first-order arithmetic intensity of each kernel at V4-Flash shapes against a
   GPU's roofline (``v4lab.hardware``), with a tokens-per-call slider.
-* :func:`bench_records` — benchmark results: ``v4lab.bench.kernels`` when it exists, else the quick
-  FP4-GEMM records of ``v4lab.bench.quant`` plus a note for the kernels that are timed only on a GPU.
+* :func:`bench_records` — benchmark results: the quick run of ``v4lab.bench.kernels`` (every kernel
+  against its reference on the current device; on a CPU a correctness check, not a timing).
 """
 from __future__ import annotations
 
@@ -383,17 +383,14 @@ def whole_model(text: str = "def fib(n):\n    a, b = 0, 1", max_tokens: int = 16
 
 
 def bench_records() -> tuple[str, list[dict]]:
-    """(source, records): ``v4lab.bench.kernels`` (quick) if that module exists, else the quick FP4-GEMM
-    records of ``v4lab.bench.quant`` (a few seconds on CPU). The other per-op benches (attention, moe)
-    allocate real-width layers and take minutes: run them with ``v4lab bench attention --quick`` etc."""
-    try:
-        mod = importlib.import_module("v4lab.bench.kernels")
-    except ModuleNotFoundError:
-        mod = None
-    if mod is not None:
-        return "v4lab.bench.kernels", mod.run(quick=True)
-    from v4lab.bench import quant as bq
-    return "v4lab.bench.quant (FP4 GEMM, quick)", bq.gemm_records(quick=True)
+    """(source, records) of the quick ``v4lab.bench.kernels`` run. The other per-op benches (attention,
+    moe) allocate real-width layers and take minutes: run them with ``v4lab bench attention --quick`` etc."""
+    from v4lab.bench import kernels as bench_kernels
+    return "v4lab.bench.kernels", bench_kernels.run(quick=True)
+
+
+def _sig3(v):
+    return f"{v:.3g}" if isinstance(v, float) else v
 
 
 def bench_table(source: str, records: list[dict]) -> str:
@@ -404,6 +401,7 @@ def bench_table(source: str, records: list[dict]) -> str:
             continue
         keys = [k for k in ("path", "kernel", "impl", "device", "M", "N", "K") if k in r]
         desc = " ".join(f"{k}={r[k]}" for k in keys)
-        val = " ".join(f"{k}={r[k]}" for k in ("ms", "ratio_vs_dequant", "speedup", "max_abs_err_vs_ref") if k in r)
+        val = " ".join(f"{k}={_sig3(r[k])}" for k in ("ms", "ratio_vs_dequant", "speedup", "max_abs_err_vs_ref",
+                                                       "max_abs_diff", "tol", "ok") if k in r)
         lines.append(f"{desc:<52} {val}")
     return "\n".join(lines)

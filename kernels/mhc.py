@@ -71,7 +71,8 @@ def _hc_pre_coeffs_kernel(x_ptr, fn_ptr, scale_ptr, base_ptr, out_ptr, T, K, rms
 
 
 def hc_pre_coeffs(x_flat: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
-                  rms_eps: float, hc_eps: float, iters: int, mode: str = "mhc"):
+                  rms_eps: float, hc_eps: float, iters: int,
+                  mode: str = "mhc") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """pre [T, n], post [T, n], comb [T, n, n] (fp32) for x_flat [T, n·d]; see v4lab.mhc.hc_pre_coeffs.
 
     mode "residual" has nothing to compute and returns the reference's constants.
@@ -100,7 +101,8 @@ def hc_pre_coeffs(x_flat: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, b
 
 
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *, rms_eps: float,
-           hc_eps: float, iters: int, mode: str = "mhc", hc_mult: int | None = None):
+           hc_eps: float, iters: int, mode: str = "mhc",
+           hc_mult: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """v4lab.mhc.hc_pre with the coefficients from the kernel (u = Σ pre_i X_i in torch, fp32)."""
     n, d = _ref._check_args(x, fn, scale, base, rms_eps=rms_eps, hc_eps=hc_eps, iters=iters, mode=mode,
                             hc_mult=hc_mult)

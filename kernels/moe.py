@@ -94,7 +94,7 @@ _gate_up_tuned = _gate_up_kernel if interpreted() else triton.autotune(_configs(
 _down_tuned = _down_kernel if interpreted() else triton.autotune(_configs(), key=["D", "I"])(_down_kernel)
 
 
-def tile_table(offsets: torch.Tensor, block_m: int):
+def tile_table(offsets: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(expert, start, end) int32 per tile of ``block_m`` rows; tiles never straddle two experts."""
     counts = (offsets[1:] - offsets[:-1]).long()
     n_tiles = (counts + block_m - 1) // block_m                          # [E]

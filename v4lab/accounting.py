@@ -25,6 +25,7 @@ import math
 import os
 import re
 import sys
+from typing import Any
 
 from v4lab.config import V4Config, get_config
 
@@ -33,7 +34,10 @@ COMPONENTS = ("embedding", "attention", "compressor", "indexer", "mhc", "router"
 ONE_M = 2 ** 20  # "1M tokens" in the paper's accounting is 2^20 (docs/design/v4-attention.md §5)
 
 
-def _cfg(c) -> V4Config:
+ConfigLike = V4Config | str     # a config, or the name of a preset ("v4-flash", "v3.2", ...)
+
+
+def _cfg(c: ConfigLike) -> V4Config:
     return c if isinstance(c, V4Config) else get_config(c)
 
 
@@ -135,7 +139,7 @@ def _mtp(cfg: V4Config) -> tuple[int, int]:
     return n * (sum(tot.values()) + extra), n * (sum(act.values()) + extra)
 
 
-def params(cfg) -> dict:
+def params(cfg: ConfigLike) -> dict:
     """Total and activated parameters by component (see the module docstring for the conventions).
 
     Returns ``{"total": int, "active": int, "total_with_mtp", "active_with_mtp", "active_with_embedding",
@@ -183,7 +187,7 @@ def _v4_index_key(cfg: V4Config, include_scales: bool) -> tuple[int, str]:
     return dI // 2 + scales, f"{dI} FP4 e2m1" + (f" + {scales} UE8M0 scales" if scales else "")
 
 
-def kv_cache(cfg, context: int = ONE_M, *, include_scales: bool = True) -> dict:
+def kv_cache(cfg: ConfigLike, context: int = ONE_M, *, include_scales: bool = True) -> dict:
     """KV-cache bytes for one sequence of ``context`` tokens, by layer kind and by stored part.
 
     V4 (spec §5.2): every layer keeps its last ``sliding_window`` raw entries; a CSA layer adds one
@@ -247,7 +251,7 @@ def kv_cache_gqa(n_layers: int, context: int = ONE_M, *, n_kv_heads: int = 8, he
             "total_bytes": per_layer * n_layers * N}
 
 
-def gqa8(cfg, context: int = ONE_M) -> dict:
+def gqa8(cfg: ConfigLike, context: int = ONE_M) -> dict:
     """The paper's BF16 GQA-8 (head dim 128) baseline with ``cfg``'s layer count."""
     return kv_cache_gqa(_cfg(cfg).num_hidden_layers, context)
 
@@ -277,7 +281,7 @@ def _weighting(weights) -> tuple[str, dict]:
     return "custom", dict(weights)
 
 
-def decode_flops(cfg, context: int = ONE_M, *, weights="B") -> dict:
+def decode_flops(cfg: ConfigLike, context: int = ONE_M, *, weights: str = "B") -> dict:
     """FLOPs to decode one token with ``context`` tokens already cached (2 FLOPs per multiply-add).
 
     Terms: weight GEMMs = 2 x active parameters by component (embedding excluded, head included, MTP
@@ -327,7 +331,7 @@ def decode_flops(cfg, context: int = ONE_M, *, weights="B") -> dict:
 
 
 # ---------------------------------------------------------------------------------------- MoE expansion
-def moe_expansion(v3_cfg="v3", v4pro_cfg="v4-pro") -> dict:
+def moe_expansion(v3_cfg: ConfigLike = "v3", v4pro_cfg: ConfigLike = "v4-pro") -> dict:
     """Split the routed-expert growth between two models into four multiplicative factors: more experts
     per layer, wider experts (moe_intermediate_size), a wider model (hidden_size) and more MoE layers.
 
@@ -369,7 +373,7 @@ def moe_expansion(v3_cfg="v3", v4pro_cfg="v4-pro") -> dict:
 
 
 # ---------------------------------------------------------------------------------------- summary
-def summary(cfg, context: int = ONE_M, *, weights="B", include_scales: bool = True) -> dict:
+def summary(cfg: ConfigLike, context: int = ONE_M, *, weights: str = "B", include_scales: bool = True) -> dict:
     """The headline figures of one model at ``context`` tokens, with every breakdown."""
     cfg = _cfg(cfg)
     p, kv = params(cfg), kv_cache(cfg, context, include_scales=include_scales)
@@ -386,7 +390,7 @@ def summary(cfg, context: int = ONE_M, *, weights="B", include_scales: bool = Tr
 HEADLINE = ("total_params", "active_params", "kv_cache_bytes", "decode_flops")
 
 
-def compare(a, b, context: int = ONE_M, **kw) -> dict:
+def compare(a: ConfigLike, b: ConfigLike, context: int = ONE_M, **kw: Any) -> dict:
     """Both summaries and ``ratios`` a/b of the four headline figures."""
     sa, sb = summary(a, context, **kw), summary(b, context, **kw)
     return {"context": sa["context"], "a": sa, "b": sb, "ratios": {k: sa[k] / sb[k] for k in HEADLINE}}
@@ -396,7 +400,7 @@ def compare(a, b, context: int = ONE_M, **kw) -> dict:
 _SUFFIX = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}
 
 
-def parse_context(text) -> int:
+def parse_context(text: str | int) -> int:
     """``1048576``, ``1M`` (= 2^20), ``128K`` (= 131072), ``1.5M``; must be a positive whole count."""
     if isinstance(text, int) and not isinstance(text, bool):
         return _check_context(text)
@@ -478,7 +482,7 @@ def format_compare(c: dict) -> str:
     return "\n".join(out)
 
 
-def cli(cmd: str, argv: list[str], parser_cls=argparse.ArgumentParser) -> int:
+def cli(cmd: str, argv: list[str], parser_cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> int:
     """``v4lab info`` and ``v4lab compare``; bad input raises ValueError (the caller prints one line)."""
     p = parser_cls(prog=f"v4lab {cmd}")
     if cmd == "info":

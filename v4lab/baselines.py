@@ -23,6 +23,7 @@ import math
 import torch
 from torch import nn
 
+from .config import V4Config
 from .indexer import index_scores
 from .norm import RMSNorm, rms_norm
 from .rope import apply_rope, cos_sin, inv_freq
@@ -70,7 +71,7 @@ class MLADSACache:
     k_pe = property(lambda self: self._k_pe.view())
     index_keys = property(lambda self: self._index_keys.view())
 
-    def append(self, c, pe, ik):
+    def append(self, c: torch.Tensor, pe: torch.Tensor, ik: torch.Tensor) -> None:
         for buf, x in ((self._latent, c), (self._k_pe, pe), (self._index_keys, ik)):
             buf.append(x)
         self.length += c.shape[1]
@@ -82,7 +83,7 @@ class MLADSACache:
 class MLADSA(nn.Module):
     """One DeepSeek-V3.2 attention layer (MLA + DeepSeek Sparse Attention indexer)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: V4Config):
         super().__init__()
         if cfg.arch != "v3.2":
             raise ValueError(f"config model_type {cfg.model_type!r}: MLADSA needs a deepseek_v32 config")
@@ -118,8 +119,8 @@ class MLADSA(nn.Module):
         ik = torch.cat([apply_rope(ik[..., :self.rope], cos, sin), ik[..., self.rope:]], -1)
         return c, pe, ik
 
-    def new_cache(self, batch_size: int, context: int, generator=None, spare: int = 64,
-                  device=None) -> MLADSACache:
+    def new_cache(self, batch_size: int, context: int, generator: torch.Generator | None = None, spare: int = 64,
+                  device: str | torch.device | None = None) -> MLADSACache:
         """A cache holding `context` synthetic tokens (random entries of the right shapes and count) and
         room for `spare` more, on `device` (default: the layer's)."""
         g, dev = generator, device or self.wq_a.weight.device
@@ -128,7 +129,7 @@ class MLADSA(nn.Module):
                            _synthetic(batch_size, context, self.Di, spare, g, device=dev))
 
     @staticmethod
-    def cache_format_bytes(cfg, n_tokens: int) -> int:
+    def cache_format_bytes(cfg: V4Config, n_tokens: int) -> int:
         """Bytes of the served format: latent FP8 + 4 FP32 scales + rope BF16 = 656 B, indexer key FP8 +
         one FP32 scale = 132 B, per token (same layout as v4lab.accounting)."""
         lat = cfg.kv_lora_rank + 4 * math.ceil(cfg.kv_lora_rank / 128) + 2 * cfg.qk_rope_head_dim
@@ -172,7 +173,7 @@ class DenseMQACache:
 
     kv = property(lambda self: self._kv.view())
 
-    def append(self, kv):
+    def append(self, kv: torch.Tensor) -> None:
         self._kv.append(kv)
         self.length += kv.shape[1]
 
@@ -183,7 +184,7 @@ class DenseMQACache:
 class DenseMQA(nn.Module):
     """V4-Flash-shaped MQA (64 heads × 512, one K=V head, sink, grouped wo) over ALL cached tokens."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: V4Config):
         super().__init__()
         d, H, D = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
         self.cfg, self.H, self.D, self.eps = cfg, H, D, cfg.rms_norm_eps
@@ -198,13 +199,13 @@ class DenseMQA(nn.Module):
         self.attn_sink = nn.Parameter(torch.zeros(H))
         self.register_buffer("freqs", inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta), persistent=False)
 
-    def new_cache(self, batch_size: int, context: int, generator=None, spare: int = 64,
-                  device=None) -> DenseMQACache:
+    def new_cache(self, batch_size: int, context: int, generator: torch.Generator | None = None, spare: int = 64,
+                  device: str | torch.device | None = None) -> DenseMQACache:
         return DenseMQACache(_synthetic(batch_size, context, self.D, spare, generator, normed=True,
                                         device=device or self.wq_a.weight.device))
 
     @staticmethod
-    def cache_format_bytes(cfg, n_tokens: int) -> int:
+    def cache_format_bytes(cfg: V4Config, n_tokens: int) -> int:
         return n_tokens * 2 * cfg.head_dim          # BF16 K=V
 
     def decode(self, x: torch.Tensor, cache: DenseMQACache) -> torch.Tensor:

@@ -44,7 +44,7 @@ def _slots(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int,
     return kv, logit
 
 
-def pool_weights(kv, score, ape, ratio: int, overlap: bool) -> torch.Tensor:
+def pool_weights(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int, overlap: bool) -> torch.Tensor:
     """The per-channel softmax weights of every slot: [B, n//ratio, slots, c] (for inspection)."""
     return _slots(kv, score, ape, ratio, overlap)[1].softmax(dim=2)
 

@@ -25,10 +25,15 @@ import hashlib
 import json
 import math
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>")
 HELDOUT_SLICE = (3, 10)          # held-out topics: sorted(names)[3::10]
@@ -68,7 +73,7 @@ def corpus_fingerprint(topics: dict[str, str]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- tokenizer
-def train_tokenizer(texts, vocab_size: int):
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """A byte-level BPE (``tokenizers.Tokenizer``) with exactly ``vocab_size`` entries:
     2 special tokens, the 256 byte symbols, then merges learned from ``texts``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -87,7 +92,7 @@ def train_tokenizer(texts, vocab_size: int):
     return tok
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path) -> Tokenizer:
     """A ``tokenizer.json`` file, or a directory holding one."""
     from tokenizers import Tokenizer
     p = Path(path)
@@ -99,14 +104,14 @@ def load_tokenizer(path: str | Path):
 
 
 @functools.lru_cache(maxsize=4)
-def default_tokenizer(vocab_size: int):
+def default_tokenizer(vocab_size: int) -> Tokenizer:
     """A BPE of ``vocab_size`` trained on the training topics (cached per process; ~1 s)."""
     topics = load_topics()
     train, _ = split_topics(topics)
     return train_tokenizer([topics[n] for n in train], vocab_size)
 
 
-def encode_docs(tok, texts) -> torch.Tensor:
+def encode_docs(tok: Tokenizer, texts: Iterable[str]) -> torch.Tensor:
     """``<|bos|> text <|eos|>`` for each text, concatenated: LongTensor [N]."""
     ids = []
     for enc in tok.encode_batch(list(texts)):
@@ -114,7 +119,7 @@ def encode_docs(tok, texts) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def token_classes(tok) -> torch.Tensor:
+def token_classes(tok: Tokenizer) -> torch.Tensor:
     """Class id (index into TOKEN_CLASSES) of every vocabulary entry, from its decoded text: LongTensor [V]."""
     V = tok.get_vocab_size()
     out = torch.empty(V, dtype=torch.long)
@@ -176,7 +181,7 @@ class TokenData:
         return torch.stack([h[i * seq_len:i * seq_len + seq_len + 1] for i in range(W)])
 
 
-def load_data(vocab_size: int = 512, tokenizer=None, heldout_text: str | None = None) -> TokenData:
+def load_data(vocab_size: int = 512, tokenizer: Tokenizer | None = None, heldout_text: str | None = None) -> TokenData:
     """The corpus tokenised. ``tokenizer``: a ``tokenizers.Tokenizer`` or a path (default: train one to
     ``vocab_size`` on the training topics). ``heldout_text``: use this held-out text instead of the
     held-out topics of this Python's corpus (a shipped model keeps the exact text it was measured on)."""
@@ -209,7 +214,7 @@ def heldout_text() -> str:
 
 # ---------------------------------------------------------------------------------------- baseline
 def bigram_loss(train: torch.Tensor, windows: torch.Tensor, vocab_size: int,
-                alphas=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)) -> dict:
+                alphas: Sequence[float] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)) -> dict:
     """Cross-entropy (nats/token) of an add-alpha bigram model counted on ``train`` and scored on the same
     targets a model sees in ``windows [W, S+1]`` (predict windows[:, i+1] from windows[:, i]). The alpha is
     chosen on those targets, which flatters the baseline: beating it is then a fair claim.
@@ -230,5 +235,5 @@ def bigram_loss(train: torch.Tensor, windows: torch.Tensor, vocab_size: int,
             "uniform_loss": math.log(V)}
 
 
-def save_json(obj, path) -> None:
+def save_json(obj: Any, path: str | Path) -> None:
     Path(path).write_text(json.dumps(obj, indent=2) + "\n")

@@ -144,7 +144,7 @@ class Gate(nn.Module):
         return gate_scores(F.linear(x.float(), self.weight.float()), self.scoring_func)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None,
-                forced_idx: torch.Tensor | None = None):
+                forced_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         T = x.shape[0]
         s = self.scores(x)                                                      # [T, E] fp32
         if self.is_hash:

@@ -15,6 +15,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,7 +66,7 @@ class FileTokenizer:
         return self.tok.decode(ids)
 
 
-def tokenizer_for(path: Path, vocab_size: int):
+def tokenizer_for(path: str | Path, vocab_size: int) -> FileTokenizer | ByteTokenizer:
     f = Path(path) / "tokenizer.json"
     return FileTokenizer(f) if f.is_file() else ByteTokenizer(vocab_size)
 
@@ -77,8 +81,9 @@ def parse_ids(text: str) -> list[int]:
     return ids
 
 
-def run(path, prompt_ids=None, prompt=None, max_new_tokens=32, temperature=0.0, top_k=None, seed=None,
-        device=None, kernels: bool = False) -> dict:
+def run(path: str | Path, prompt_ids: list[int] | None = None, prompt: str | None = None, max_new_tokens: int = 32,
+        temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
+        device: str | torch.device | None = None, kernels: bool = False) -> dict:
     """Load ``path`` on ``device`` (as ``v4lab.device.get_device``), decode, return
     ``{"prompt_ids", "new_ids", "text"?, "device"}``. Greedy decoding gives the same ids on every device (up
     to float ties); sampling draws from the device's own generator, so a seed reproduces per device type.

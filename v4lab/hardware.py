@@ -114,7 +114,7 @@ def _per_sequence(cfg_key: str, context: int) -> tuple:
     return p["by_component"], kv_read, kv["total_bytes"], by_class, kv["context"]
 
 
-def decode_step(cfg, context: int, batch: int = 1) -> dict:
+def decode_step(cfg: V4Config | str, context: int, batch: int = 1) -> dict:
     """Bytes read and FLOPs (by precision class) of one decode step for ``batch`` sequences."""
     key = cfg if isinstance(cfg, str) and cfg in PRESETS else None
     cfg = _cfg(cfg)
@@ -142,7 +142,7 @@ def decode_step(cfg, context: int, batch: int = 1) -> dict:
             "experts_touched_fraction": frac}
 
 
-def roofline(cfg, gpu_name: str, context: int, batch: int = 1, fp4_experts: bool = False) -> dict:
+def roofline(cfg: V4Config | str, gpu_name: str, context: int, batch: int = 1, fp4_experts: bool = False) -> dict:
     """Where one decode step sits on ``gpu_name``'s roofline, and its throughput per GPU."""
     cfg = _cfg(cfg)
     s = decode_step(cfg, context, batch)

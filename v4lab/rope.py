@@ -11,8 +11,12 @@ Spec: docs/design/v4-attention.md §3.3.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from v4lab.config import V4Config
 
 
 def _correction_dim(n_rot: float, dim: int, base: float, original: int) -> float:
@@ -37,7 +41,7 @@ def inv_freq(dim: int, base: float, yarn: dict | None = None) -> torch.Tensor:
     return theta / factor * ramp + theta * (1 - ramp)
 
 
-def layer_inv_freq(cfg, layer_id: int) -> torch.Tensor:
+def layer_inv_freq(cfg: V4Config, layer_id: int) -> torch.Tensor:
     """Frequencies of layer `layer_id`: plain rope_theta for window layers / MTP, YaRN otherwise."""
     r = cfg.qk_rope_head_dim
     if cfg.layer_kind(layer_id) == "window":

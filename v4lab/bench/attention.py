@@ -45,8 +45,13 @@ import sys
 import threading
 import time
 from functools import partial
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from v4lab.attention import Attention, AttentionCache
+    from v4lab.config import V4Config
 
 KIB = 1024
 HF_BUDGET = int(float(os.environ.get("V4LAB_BENCH_HF_GIB", "12")) * 2 ** 30)  # bytes the peer may use
@@ -133,7 +138,8 @@ def _v4_decode_step(attn, x: torch.Tensor, cache) -> torch.Tensor:
     return attn(x, cache.length, cache)
 
 
-def fill_v4_cache(attn, cache, context: int, generator=None, device=None) -> None:
+def fill_v4_cache(attn: Attention, cache: AttentionCache, context: int, generator: torch.Generator | None = None,
+                  device: str | torch.device | None = None) -> None:
     """Put `context` synthetic tokens into a v4lab AttentionCache: the same tensors, shapes and counts a
     real prefill of `context` tokens leaves (checked by `check_fill`), filled with random values drawn on
     the CPU and placed on `device` (default: the layer's)."""
@@ -173,7 +179,7 @@ def _cache_layout(cache) -> dict:
     return out
 
 
-def check_fill(lengths=(3, 130, 300)) -> None:
+def check_fill(lengths: tuple[int, ...] = (3, 130, 300)) -> None:
     """A synthetic fill must leave the cache layout a real prefill leaves (tiny config, every kind)."""
     from v4lab.attention import Attention
     from v4lab.config import get_config
@@ -335,14 +341,14 @@ def _decode_worker(name: str, contexts: list[int], steps: int, device: str = "cp
     return out
 
 
-def narrow_config():
+def narrow_config() -> V4Config:
     """V4-Flash attention geometry with cut widths (see module docstring)."""
     from v4lab.config import get_config
     return get_config("v4-flash").replace(hidden_size=1024, num_attention_heads=2, q_lora_rank=256, o_groups=1,
                                           o_lora_rank=256, index_n_heads=2)
 
 
-def hf_analytic_peak(cfg, layer_id: int, S: int) -> int:
+def hf_analytic_peak(cfg: V4Config, layer_id: int, S: int) -> int:
     """Bytes HF's eager DeepseekV4Attention needs at S tokens (fp32): per head [S, S + T] scores, the
     masked copy, the softmax copy (with the sink column), plus the extended mask; CSA adds its indexer's
     [S, Hi, T] per-head scores and the [S, T] block bias."""
@@ -438,7 +444,8 @@ def _spawn(args: list[str], timeout: float) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ driver
-def run(quick: bool = False, log=None, device=None) -> list[dict]:
+def run(quick: bool = False, log: Callable[[str], None] | None = None,
+        device: str | torch.device | None = None) -> list[dict]:
     """Records (see the module docstring). ``device``: as ``v4lab.device.get_device``."""
     from v4lab.device import get_device
     dev = get_device(device)
@@ -538,7 +545,7 @@ def report(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"]:
         kind, name = argv[1], argv[2]

@@ -111,7 +111,7 @@ def check_widgets(dev: torch.device, quick: bool) -> dict:
     return {"ok": True, "detail": {"callbacks": swept}}
 
 
-def run(quick: bool = False, device=None, checks=CHECKS) -> list[dict]:
+def run(quick: bool = False, device: str | torch.device | None = None, checks: tuple[str, ...] = CHECKS) -> list[dict]:
     """One record per check (see the module docstring)."""
     import os
 
@@ -144,7 +144,7 @@ def _run_checks(dev, quick, checks, out, desc):
                     "seconds": round(time.perf_counter() - t0, 2), **rec})
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="v4lab bench device", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="shorter prompts and runs")
     p.add_argument("--json", action="store_true", help="print the records as JSON")

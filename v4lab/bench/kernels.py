@@ -335,7 +335,7 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="v4lab bench kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes on CPU, fewer repeats on GPU")
     p.add_argument("--json", action="store_true", help="print the records as a JSON list")

@@ -55,7 +55,7 @@ def _time(fn, device: str, repeat: int) -> float:
 
 
 @torch.no_grad()
-def run(quick: bool = False, device=None) -> list[dict]:
+def run(quick: bool = False, device: str | torch.device | None = None) -> list[dict]:
     """CPU always (the reference point); CUDA too when the device setting (``device``, else
     $V4LAB_DEVICE, else auto) picks it — the Triton path only there."""
     from v4lab.device import get_device
@@ -83,7 +83,7 @@ def run(quick: bool = False, device=None) -> list[dict]:
     return records
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="v4lab bench moe")
     p.add_argument("--quick", action="store_true", help="fewer tokens (under a minute on 2 CPU cores)")
     p.add_argument("--json", action="store_true", help="print a JSON list of records")

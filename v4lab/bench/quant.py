@@ -47,7 +47,7 @@ def _dequant_then_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Te
 
 
 @torch.no_grad()
-def gemm_records(quick: bool, device=None) -> list[dict]:
+def gemm_records(quick: bool, device: str | torch.device | None = None) -> list[dict]:
     """CPU always (the reference point); CUDA too when the device setting picks it (Triton only there)."""
     from v4lab.device import get_device
     on_gpu = get_device(device).type == "cuda"
@@ -103,7 +103,7 @@ def bytes_records() -> list[dict]:
     return out
 
 
-def run(quick: bool = False, device=None) -> list[dict]:
+def run(quick: bool = False, device: str | torch.device | None = None) -> list[dict]:
     return gemm_records(quick, device) + bytes_records()
 
 

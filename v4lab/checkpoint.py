@@ -36,8 +36,8 @@ import torch
 
 from v4lab import quant
 from v4lab.config import V4Config
+from v4lab.errors import INDEX_FILE, check_replaceable, clean_stale_temporaries, read_json_file, temp_prefix
 
-INDEX_FILE = "model.safetensors.index.json"
 DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "I64": torch.int64, "I8": torch.int8,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu, "U8": torch.uint8,
           "F16": torch.float16, "I32": torch.int32}
@@ -246,17 +246,13 @@ class CheckpointReader:
             raise ValueError(f"checkpoint {str(self.path)!r}: not a directory")
         self.config = V4Config.from_json(self.path / "config.json")
         idx_file = self.path / INDEX_FILE
-        try:
-            idx = json.loads(idx_file.read_text())
-        except OSError as e:
-            raise ValueError(f"index {str(idx_file)!r}: cannot be read ({e.strerror or e})") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"index {str(idx_file)!r}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        idx = read_json_file(idx_file, "index")
         if not isinstance(idx, dict) or not isinstance(idx.get("weight_map"), dict):
             raise ValueError(f"index {str(idx_file)!r}: needs a 'weight_map' object {{name: shard file}}")
         self.weight_map: dict[str, str] = idx["weight_map"]
         self.metadata = idx.get("metadata", {})
         self._headers: dict[str, dict] = {}
+        self._check_shard_paths(idx_file)
         for shard in sorted(set(self.weight_map.values())):
             f = self.path / shard
             if not f.is_file():
@@ -272,6 +268,21 @@ class CheckpointReader:
                     raise ValueError(f"shard {str(self.path / shard)!r}: key {name!r} is not mapped to it by the index")
         self._expected: dict | None = None
         self._open: dict = {}
+
+    def _check_shard_paths(self, idx_file: Path) -> None:
+        """Every shard named by the index is a file name that resolves (after symlinks) inside the folder."""
+        root = self.path.resolve()
+        seen: dict[str, bool] = {}
+        for name, shard in self.weight_map.items():
+            if not isinstance(shard, str) or not shard:
+                raise ValueError(f"index {str(idx_file)!r}: key {name!r} maps to {shard!r}: must be a shard "
+                                 "file name (a string)")
+            if shard not in seen:
+                target = (self.path / shard).resolve()
+                seen[shard] = Path(shard).is_absolute() or not target.is_relative_to(root) or target == root
+            if seen[shard]:
+                raise ValueError(f"index {str(idx_file)!r}: key {name!r} points to {shard!r}, outside the "
+                                 f"checkpoint folder {str(self.path)!r}; shards must lie inside it")
 
     # ------------------------------------------------------------------ raw access
     def keys(self) -> list[str]:
@@ -340,15 +351,38 @@ class CheckpointReader:
         if sname is None or sname not in self.weight_map:
             if w.dtype in (torch.int8, torch.float8_e4m3fn):
                 raise ValueError(f"checkpoint {str(self.path)!r}, key {name!r}: {w.dtype} weight without a .scale")
-            return w.to(dtype) if w.is_floating_point() else w
+            return self._checked(name, w.to(dtype) if w.is_floating_point() else w)
         s = self._scale(sname)
         if w.dtype == torch.int8:
-            return quant.mxfp4_dequantize(w, s, dtype)
+            return self._checked(name, quant.mxfp4_dequantize(w, s, dtype))
         if w.dtype == torch.float8_e4m3fn:
             bo, _ = _block(self.config)
-            return quant.fp8_block_dequantize(w, s, dtype, block=bo)
+            return self._checked(name, quant.fp8_block_dequantize(w, s, dtype, block=bo))
         raise ValueError(f"checkpoint {str(self.path)!r}, key {name!r}: has a .scale but dtype {w.dtype} "
                          "(expected I8 packed FP4 or F8_E4M3)")
+
+    def _checked(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (the logical tensor of ``name``) if its values are usable: floats finite, a hash table's
+        expert ids in [0, n_routed_experts) and distinct per row. Else ValueError naming file and key."""
+        where = f"shard {str(self.path / self._shard(name))!r}, key {name!r}"
+        if t.is_floating_point():
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                at = (~finite).nonzero()[0].tolist()
+                raise ValueError(f"{where}: non-finite value {float(t[tuple(at)])} at {at} (NaN/inf weights "
+                                 "are refused)")
+        elif name.endswith(".tid2eid"):
+            E = self.config.n_routed_experts
+            out = (t < 0) | (t >= E)
+            if bool(out.any()):
+                at = out.nonzero()[0].tolist()
+                raise ValueError(f"{where}: expert id {int(t[tuple(at)])} at {at}: must be in [0, {E})")
+            srt = t.sort(-1).values
+            dup = (srt[:, 1:] == srt[:, :-1]).any(-1)
+            if bool(dup.any()):
+                row = int(dup.nonzero()[0])
+                raise ValueError(f"{where}: row {row} {t[row].tolist()} routes a token to the same expert twice")
+        return t
 
     # ------------------------------------------------------------------ structured access
     def layer_keys(self, i: int, experts: Iterable[int] | None = None) -> list[str]:
@@ -458,6 +492,8 @@ def prepare_tensors(tensors: dict[str, torch.Tensor], cfg: V4Config) -> dict[str
         if t is None:
             raise ValueError(f"tensor {name!r}: missing")
         t = _to_stored(name, t.detach(), dt)
+        if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
+            raise ValueError(f"tensor {name!r}: has NaN/inf values; refusing to save non-finite weights")
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"tensor {name!r}: {dt} {list(t.shape)}, expected {dt} {list(shape)}")
         out[name] = t
@@ -512,12 +548,20 @@ def _plan_shards(names: list[str], sizes: dict[str, int], max_bytes: int) -> lis
 
 
 def write_checkpoint(tensors: dict[str, torch.Tensor], cfg: V4Config, path: str | Path,
-                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
+                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+                     extra_files: dict[str, bytes] | None = None) -> Path:
     """Write ``tensors`` (stored-format tensors, or float masters for FP8/FP4 weights which are
     quantised here) as a release directory at ``path``. Everything is checked against
     ``expected_keys(cfg)`` first, written into a temporary sibling directory and renamed into place, so
-    ``path`` is never half-written. Output is deterministic (same tensors -> same bytes)."""
+    ``path`` is never half-written. Output is deterministic (same tensors -> same bytes).
+    ``overwrite`` replaces only a folder that is itself a checkpoint (config.json + index) or empty; a
+    file or any other folder at ``path`` is refused untouched (``v4lab.errors.check_replaceable``).
+    ``extra_files`` ({name: bytes}, e.g. the tokenizer) go into the same atomic rename. Temporaries a
+    killed writer left beside ``path`` are removed first."""
     from safetensors.torch import save_file
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"checkpoint path = {type(path).__name__}: must be a str or a path")
+    check_replaceable(path, "checkpoint path")          # only our own checkpoints are ever replaced
     path = Path(path)
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes = {max_shard_bytes}: must be positive")
@@ -530,7 +574,9 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], cfg: V4Config, path: str 
     plan = _plan_shards(names, sizes, max_shard_bytes)
     N = len(plan)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    clean_stale_temporaries(path)                        # left by a writer of ours that was killed
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path, "tmp"), dir=path.parent))
+    old = None
     try:
         weight_map = {}
         for j, group in enumerate(plan, 1):
@@ -541,15 +587,25 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], cfg: V4Config, path: str 
                  "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(release_config_dict(cfg), indent=2) + "\n")
+        for fname, data in (extra_files or {}).items():
+            if Path(fname).name != fname or fname in ("", ".", "..", "config.json", INDEX_FILE):
+                raise ValueError(f"extra_files key {fname!r}: must be a plain file name beside the shards")
+            (tmp / fname).write_bytes(data)
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            check_replaceable(path, "checkpoint path")  # again: it may have changed while we wrote
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(path, "old"), dir=path.parent))
             os.replace(path, old / "x")
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
     except BaseException:
+        # Ctrl-C or a failure between the two renames: put the previous checkpoint back first
+        if old is not None and (old / "x").exists() and not path.exists():
+            os.replace(old / "x", path)
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         raise
     return path
 

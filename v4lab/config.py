@@ -305,16 +305,8 @@ class V4Config:
         p = Path(path)
         if p.is_dir():
             p = p / "config.json"
-        try:
-            text = p.read_text()
-        except OSError as e:
-            raise ValueError(f"config file {str(p)!r}: cannot be read ({e.strerror or e})") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"config file {str(p)!r}: not valid JSON (not UTF-8 text)") from None
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config file {str(p)!r}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        from v4lab.errors import read_json_file
+        d = read_json_file(p, "config file")       # regular file, bounded size, one-line errors
         if not isinstance(d, dict):
             raise ValueError(f"config file {str(p)!r}: top level must be a JSON object")
         return cls.from_dict(d, name=p.parent.name if p.name == "config.json" else p.stem)

@@ -50,8 +50,11 @@ class ByteTokenizer:
 class FileTokenizer:
     def __init__(self, path: Path):
         from tokenizers import Tokenizer
+
+        from v4lab.errors import read_text_file
+        text = read_text_file(path, "tokenizer")            # regular file, bounded size
         try:
-            self.tok = Tokenizer.from_file(str(path))
+            self.tok = Tokenizer.from_str(text)
         except Exception as e:  # the library's own error types
             raise ValueError(f"tokenizer {str(path)!r}: cannot be read ({e})") from None
 
@@ -64,7 +67,7 @@ class FileTokenizer:
 
 def tokenizer_for(path: Path, vocab_size: int):
     f = Path(path) / "tokenizer.json"
-    return FileTokenizer(f) if f.is_file() else ByteTokenizer(vocab_size)
+    return FileTokenizer(f) if f.exists() or f.is_symlink() else ByteTokenizer(vocab_size)
 
 
 def parse_ids(text: str) -> list[int]:
@@ -104,7 +107,7 @@ def run(path, prompt_ids=None, prompt=None, max_new_tokens=32, temperature=0.0, 
     out = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
     new = out[0, len(prompt_ids):].tolist()
     res = {"prompt_ids": list(prompt_ids), "new_ids": new, "device": str(model.device)}
-    if tok is None and (p / "tokenizer.json").is_file():
+    if tok is None and (p / "tokenizer.json").exists():
         tok = tokenizer_for(p, model.cfg.vocab_size)
     if tok is not None:
         res["text"] = tok.decode(new)

@@ -431,3 +431,81 @@ def test_model_input_errors_are_value_errors(model, ckpt):
     with pytest.raises(ValueError, match=r"dtype = 'int8': must be a floating"):
         M.load(ckpt, dtype="int8")
     assert M.load(ckpt, dtype="bfloat16").embed.weight.dtype == torch.bfloat16
+
+
+# ======================================================================== 7. config validation gaps
+CONFIG_GAPS = [
+    (dict(routed_scaling_factor=float("nan")), "routed_scaling_factor", "finite"),
+    (dict(routed_scaling_factor=float("inf")), "routed_scaling_factor", "finite"),
+    (dict(initializer_range=float("nan")), "initializer_range", "finite"),
+    (dict(initializer_range=-0.02), "initializer_range", ">= 0"),
+    (dict(quantization_config="fp8"), "quantization_config", "object"),
+    (dict(quantization_config={"weight_block_size": [0, 0]}), "quantization_config.weight_block_size",
+     "two positive integers"),
+    (dict(quantization_config={"weight_block_size": "128"}), "quantization_config.weight_block_size",
+     "two positive integers"),
+    (dict(sliding_window=10 ** 18), "sliding_window", "<= max_position_embeddings"),
+]
+
+
+@pytest.mark.parametrize("change, key, rule", CONFIG_GAPS, ids=[f"{k}-{i}" for i, (_, k, _) in enumerate(CONFIG_GAPS)])
+def test_config_gaps_are_named_errors(micro, change, key, rule):
+    with pytest.raises(ValueError) as e:
+        micro.replace(**change)
+    msg = str(e.value)
+    assert f"'{key}'" in msg and rule in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("key", ["hidden_size", "moe_intermediate_size"])
+def test_widths_fp4_cannot_store_fail_before_training(micro, tmp_path, key):
+    from v4lab.data import load_data
+    cfg = micro.replace(**{key: 100})
+    steps = []
+    with pytest.raises(ValueError, match=rf"config key '{key}' = 100: must be a multiple of 32 to store FP4"):
+        T.train(cfg, data=load_data(512), steps=1, batch_size=1, seq_len=16, warmup=1, progress=False,
+                out_dir=tmp_path / "run", callback=lambda *a: steps.append(a[0]))
+    assert steps == [] and list(tmp_path.iterdir()) == []
+    C.expected_keys(cfg.replace(quantization_config=None))           # unquantised (BF16): storable
+    C.expected_keys(cfg.replace(expert_dtype="fp8"))                  # FP8 blocks pad: storable
+
+
+def test_deeply_nested_config_json(tmp_path):
+    p = tmp_path / "config.json"
+    p.write_text('{"rope_scaling": ' + "[" * 100000 + "]" * 100000 + "}")
+    with pytest.raises(ValueError, match=r"config file '.*config.json': .*nested too deeply"):
+        M.get_config(p)
+
+
+@pytest.mark.parametrize("context", ["4097", "99999999999999999999999999"])
+def test_info_context_beyond_the_model(capsys, context):
+    rc, out, err = _cli(capsys, "info", "tiny", "--context", context)
+    assert rc == 2 and out == "" and _one_line(err) and "--context" in err and "max_position_embeddings" in err, err
+
+
+# ======================================================================== 8. CLI output is one line
+@pytest.mark.parametrize("argv, named", [
+    (["train", "--bogus"], "--bogus"),
+    (["bench", "moe", "--bogus"], "--bogus"),
+    (["bench", "attention", "--worker"], "--worker"),
+    (["bench", "attention", "--worker", "decode", "x", "1,2", "y"], "--worker"),
+    (["train", "--seed", "99999999999999999999"], "--seed"),
+])
+def test_cli_errors_are_one_line(capsys, argv, named):
+    try:
+        rc = cli_main(argv)
+    except SystemExit as e:
+        rc = e.code
+    _, err = capsys.readouterr()
+    assert rc == 2 and _one_line(err) and named in err, err
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--prompt", "caf\udce9"], "--prompt"),                               # argv bytes that are not UTF-8
+    (["--prompt-ids", "99999999999999999999"], "--prompt-ids"),
+    (["--prompt-ids", "1,2", "--seed", "99999999999999999999"], "--seed"),
+    (["--prompt-ids", ",".join(["1"] * 5000)], "--prompt-ids"),            # longer than the model's context
+    (["--prompt-ids", ",".join(["1"] * 5000), "--max-new-tokens", "0"], "--prompt-ids"),
+])
+def test_generate_errors_are_one_line(ckpt, capsys, args, named):
+    rc, out, err = _cli(capsys, "generate", str(ckpt), *args)
+    assert rc == 2 and out == "" and _one_line(err) and f"error: {named}" in err, err

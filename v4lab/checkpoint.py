@@ -158,6 +158,12 @@ def expected_keys(cfg: V4Config) -> dict[str, tuple[tuple[int, ...], str]]:
 def _expected_keys(cfg: V4Config) -> dict:
     if not cfg.is_v4:
         raise ValueError(f"config model_type = {cfg.model_type!r}: the checkpoint layout here is DeepSeek-V4's")
+    if expert_format(cfg) == "fp4":   # routed experts: w1/w3 read hidden_size, w2 reads moe_intermediate_size
+        for key in ("hidden_size", "moe_intermediate_size"):
+            if getattr(cfg, key) % quant.FP4_BLOCK:
+                raise ValueError(f"config key {key!r} = {getattr(cfg, key)}: must be a multiple of "
+                                 f"{quant.FP4_BLOCK} to store FP4 experts (blocks of {quant.FP4_BLOCK} values "
+                                 "share a scale); use expert_dtype fp8 or bf16, or an unquantised config")
     d, n, V = cfg.hidden_size, cfg.hc_mult, cfg.vocab_size
     keys: dict = {"embed.weight": ((V, d), "BF16")}
     for i in range(cfg.num_hidden_layers):

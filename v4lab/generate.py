@@ -77,6 +77,9 @@ def parse_ids(text: str) -> list[int]:
         raise ValueError(f"--prompt-ids = {text!r}: must be comma-separated integers, e.g. 1,2,3") from None
     if not ids:
         raise ValueError(f"--prompt-ids = {text!r}: needs at least one token id")
+    big = next((i for i in ids if not 0 <= i < 2 ** 63), None)
+    if big is not None:
+        raise ValueError(f"--prompt-ids: token id {big} is out of range (ids are in [0, vocab_size))")
     return ids
 
 
@@ -94,6 +97,15 @@ def run(path, prompt_ids=None, prompt=None, max_new_tokens=32, temperature=0.0, 
         raise ValueError(f"checkpoint {str(p)!r}: not a directory (give a model saved in the official layout)")
     if (prompt_ids is None) == (prompt is None):
         raise ValueError("give exactly one of --prompt-ids and --prompt")
+    if prompt is not None:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:   # bytes from argv that are not UTF-8 arrive as lone surrogates
+            bad = prompt[e.start].encode("utf-8", "surrogateescape")
+            raise ValueError(f"--prompt: not UTF-8 text (byte {bad[0]:#04x} at character {e.start}); "
+                             "pass UTF-8 or --prompt-ids") from None
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+        raise ValueError(f"--seed = {seed!r}: must be an integer in [0, 2**63)")
     model = load(p, keep_quantized=False, device=device).eval()
     if kernels:
         model.use_kernels()
@@ -103,6 +115,10 @@ def run(path, prompt_ids=None, prompt=None, max_new_tokens=32, temperature=0.0, 
         prompt_ids = tok.encode(prompt)
         if not prompt_ids:
             raise ValueError("--prompt: the text encodes to no tokens")
+    n_max = model.cfg.max_position_embeddings
+    if len(prompt_ids) > n_max:
+        raise ValueError(f"{'--prompt' if prompt is not None else '--prompt-ids'}: {len(prompt_ids)} tokens, "
+                         f"more than the model's max_position_embeddings ({n_max})")
     ids = torch.tensor([prompt_ids], dtype=torch.long)
     out = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
     new = out[0, len(prompt_ids):].tolist()

@@ -438,6 +438,12 @@ class V4Model(nn.Module):
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             _bad("top_k", top_k, "must be a positive integer or None")
         ids = self._check_ids(ids)
+        if ids.shape[1] > self.cfg.max_position_embeddings:
+            _bad("prompt_ids", f"{ids.shape[1]} tokens", f"more than max_position_embeddings = "
+                                                         f"{self.cfg.max_position_embeddings}")
+        if seed is not None and (isinstance(seed, bool) or not hasattr(seed, "__index__")
+                                 or not 0 <= int(seed) < 2 ** 63):
+            _bad("seed", seed, "must be an integer in [0, 2**63) or None")
         if ids.shape[1] + max_new_tokens > self.cfg.max_position_embeddings:
             _bad("max_new_tokens", max_new_tokens, f"prompt ({ids.shape[1]}) + new tokens exceed "
                                                    f"max_position_embeddings = {self.cfg.max_position_embeddings}")

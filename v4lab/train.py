@@ -418,6 +418,9 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     rollback = 2 * ar_lag if rollback is None else rollback
     spike_min_step = warmup if spike_min_step is None else spike_min_step
     qat_from = _qat_start(qat, steps)
+    if out_dir:
+        from v4lab.checkpoint import expected_keys
+        expected_keys(cfg)             # a config the release layout cannot store fails now, not after training
     dev = get_device(device)
     if threads is not None:
         torch.set_num_threads(int(threads))

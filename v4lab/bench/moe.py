@@ -14,12 +14,12 @@ matvec). The grouped run therefore uses more tokens than the naive one; tokens/s
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
 
+from v4lab.errors import OneLineParser
 from v4lab.moe import moe_grouped, moe_naive, moe_triton
 
 D, I, K = 4096, 2048, 6
@@ -83,7 +83,7 @@ def run(quick: bool = False, device=None) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="v4lab bench moe")
+    p = OneLineParser(prog="v4lab bench moe")
     p.add_argument("--quick", action="store_true", help="fewer tokens (under a minute on 2 CPU cores)")
     p.add_argument("--json", action="store_true", help="print a JSON list of records")
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: $V4LAB_DEVICE, else auto)")

@@ -16,7 +16,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -25,6 +24,7 @@ import torch
 from v4lab import quant as Q
 from v4lab.checkpoint import expected_keys, nbytes
 from v4lab.config import get_config
+from v4lab.errors import OneLineParser
 
 
 def _time(fn, repeat: int, device: str = "cpu") -> float:
@@ -103,7 +103,7 @@ def run(quick: bool = False, device=None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="v4lab bench quant")
+    p = OneLineParser(prog="v4lab bench quant")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: $V4LAB_DEVICE, else auto)")

@@ -51,9 +51,13 @@ def ws(micro_ckpt, tmp_path):
     return tmp_path
 
 
+BIG = 64 << 20
+
+
 def snapshot(root: Path) -> dict:
-    """Every path under root: ('dir',) | ('file', sha256) | ('link', target) | ('special', type).
-    Never opens anything but regular files (a FIFO would block)."""
+    """Every path under root: ('dir',) | ('file', sha256) | ('link', target) | ('special', type), and for
+    files over 64 MiB (the sparse "huge file" cases) size, mtime and inode instead of a hash. Never opens
+    anything but regular files (a FIFO would block)."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for n in dirnames + filenames:
@@ -63,6 +67,9 @@ def snapshot(root: Path) -> dict:
                 out[rel] = ("link", os.readlink(p))
             elif p.is_dir():
                 out[rel] = ("dir",)
+            elif stat.S_ISREG(p.lstat().st_mode) and p.lstat().st_size > BIG:    # the planted sparse files
+                st = p.lstat()
+                out[rel] = ("big file", st.st_size, st.st_mtime_ns, st.st_ino)
             elif stat.S_ISREG(p.lstat().st_mode):
                 out[rel] = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
             else:
@@ -158,6 +165,13 @@ def _sparse(rel, size):
 def _truncate_shard(ws):
     f = ws / "ck" / S1
     f.write_bytes(f.read_bytes()[:-100])
+
+
+def _header_length(n):
+    def prep(ws):
+        with open(ws / "ck" / S2, "r+b") as f:
+            f.write(n.to_bytes(8, "little"))
+    return prep
 
 
 def _cfg(**change):
@@ -298,6 +312,9 @@ CASES = [
     ("checkpoint", "index-huge", _sparse("ck/" + C.INDEX_FILE, 300 << 20), lambda ws, m: M.load(ws / "ck"), C.INDEX_FILE),
     ("checkpoint", "config-fifo", _fifo("ck/config.json"), lambda ws, m: M.load(ws / "ck"), "config.json"),
     ("checkpoint", "shard-truncated", _truncate_shard, lambda ws, m: M.load(ws / "ck"), S1),
+    ("checkpoint", "shard-fifo", _both(lambda ws: (ws / "ck" / S2).unlink(), _fifo("ck/" + S2)),
+     lambda ws, m: M.load(ws / "ck"), S2),
+    ("checkpoint", "shard-header-length-huge", _header_length(2 << 30), lambda ws, m: M.load(ws / "ck"), S2),
     ("checkpoint", "shard-missing", lambda ws: (ws / "ck" / S2).unlink(), lambda ws, m: M.load(ws / "ck"), S2),
     ("checkpoint", "nan-head", _poke("head.weight", _at(0, float("nan"))), lambda ws, m: M.load(ws / "ck"),
      "'head.weight'"),

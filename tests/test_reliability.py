@@ -509,3 +509,20 @@ def test_cli_errors_are_one_line(capsys, argv, named):
 def test_generate_errors_are_one_line(ckpt, capsys, args, named):
     rc, out, err = _cli(capsys, "generate", str(ckpt), *args)
     assert rc == 2 and out == "" and _one_line(err) and f"error: {named}" in err, err
+
+
+def test_a_shard_header_beyond_the_safetensors_limit_is_not_read(copy_ckpt):
+    import struct
+    f = copy_ckpt / S2
+    with open(f, "r+b") as fh:                       # a header length of 2 GB in a 2 GB sparse file
+        fh.write(struct.pack("<Q", 2 << 30))
+        fh.truncate((2 << 30) + 8)
+    with pytest.raises(ValueError, match=rf"shard '.*{S2}': header length 2147483648 is over the 100000000"):
+        C.CheckpointReader(copy_ckpt)
+
+
+def test_a_shard_that_is_a_fifo_is_named_as_such(copy_ckpt):
+    (copy_ckpt / S2).unlink()
+    os.mkfifo(copy_ckpt / S2)
+    with pytest.raises(ValueError, match=rf"points to '.*{S2}', which is not a regular file"):
+        C.CheckpointReader(copy_ckpt)

@@ -44,6 +44,7 @@ DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "I64": torch.int64, "I8"
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 ITEMSIZE = {"BF16": 2, "F32": 4, "I64": 8, "I8": 1, "F8_E4M3": 1, "F8_E8M0": 1, "U8": 1, "F16": 2, "I32": 4}
 DEFAULT_MAX_SHARD_BYTES = 4 * 2 ** 30
+MAX_HEADER_BYTES = 100_000_000          # safetensors' own limit on the JSON header
 
 
 # ================================================================================ expected keys
@@ -204,6 +205,9 @@ def read_header(file: str | Path) -> dict:
             if len(head) < 8:
                 raise ValueError(f"shard {str(f)!r}: truncated ({size} bytes; no 8-byte header length)")
             (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise ValueError(f"shard {str(f)!r}: header length {n} is over the {MAX_HEADER_BYTES} bytes "
+                                 "safetensors allows (not a safetensors file?)")
             if n > size - 8:
                 raise ValueError(f"shard {str(f)!r}: truncated (header says {n} bytes, file has {size - 8} after the length)")
             raw = fh.read(n)
@@ -261,6 +265,10 @@ class CheckpointReader:
         self._check_shard_paths(idx_file)
         for shard in sorted(set(self.weight_map.values())):
             f = self.path / shard
+            if f.exists() and not f.is_file():
+                key = next(k for k, v in self.weight_map.items() if v == shard)
+                raise ValueError(f"index {str(idx_file)!r}: key {key!r} points to {str(f)!r}, which is not a "
+                                 "regular file")
             if not f.is_file():
                 key = next(k for k, v in self.weight_map.items() if v == shard)
                 raise ValueError(f"index {str(idx_file)!r}: key {key!r} points to missing shard {str(f)!r}")

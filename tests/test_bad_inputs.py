@@ -25,7 +25,7 @@ from v4lab import checkpoint as C
 from v4lab import model as M
 from v4lab import train as T
 from v4lab.cli import main as cli_main
-from v4lab.config import V4Config, get_config
+from v4lab.config import get_config
 
 S1, S2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
 

@@ -11,16 +11,11 @@ and exits with code 2.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        sys.stderr.write(f"v4lab generate: error: {message}\n")
-        raise SystemExit(2)
+from v4lab.errors import OneLineParser
 
 
 class ByteTokenizer:
@@ -131,7 +126,7 @@ def run(path, prompt_ids=None, prompt=None, max_new_tokens=32, temperature=0.0, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = _Parser(prog="v4lab generate", description="Decode from a saved V4 model directory.")
+    ap = OneLineParser(prog="v4lab generate", description="Decode from a saved V4 model directory.")
     ap.add_argument("path")
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")

@@ -45,6 +45,7 @@ from torch import nn
 
 from v4lab.attention import Attention
 from v4lab.config import V4Config, get_config
+from v4lab.errors import bad as _bad
 from v4lab.mhc import hc_head, hc_post, hc_pre
 from v4lab.moe import MoE
 from v4lab.norm import RMSNorm
@@ -53,8 +54,6 @@ HC_MODES = ("mhc", "hc", "residual")
 _QUANT_DTYPES = ("F8_E4M3", "I8")          # checkpoint dtypes stored with a `.scale` companion
 
 
-def _bad(name, value, rule):
-    raise ValueError(f"{name} = {value!r}: {rule}")
 
 
 def _init_hc(fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, std: float) -> None:

@@ -30,7 +30,6 @@ bit-identical losses and weights.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -47,6 +46,7 @@ from v4lab import model as model_mod
 from v4lab.config import V4Config, get_config
 from v4lab.device import get_device
 from v4lab.errors import OneLineParser, check_writable
+from v4lab.errors import bad as _bad
 from v4lab.mhc import composite_gains, token_mean_h_res
 from v4lab.model import V4Model
 from v4lab.moe import bias_update, sequence_balance_loss
@@ -57,8 +57,6 @@ SPECIALISATION_WINDOWS = 16
 OPTIMIZERS = ("adamw", "muon")
 
 
-def _bad(name, value, rule):
-    raise ValueError(f"{name} = {value!r}: {rule}")
 
 
 class Interrupted(KeyboardInterrupt):

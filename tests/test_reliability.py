@@ -526,3 +526,33 @@ def test_a_shard_that_is_a_fifo_is_named_as_such(copy_ckpt):
     os.mkfifo(copy_ckpt / S2)
     with pytest.raises(ValueError, match=rf"points to '.*{S2}', which is not a regular file"):
         C.CheckpointReader(copy_ckpt)
+
+
+def test_replacing_a_checkpoint_keeps_the_users_other_files(ckpt, copy_ckpt):
+    (copy_ckpt / "notes.md").write_text("what I tried")
+    (copy_ckpt / "phase1").mkdir()
+    (copy_ckpt / "phase1" / "config.json").write_text("{}")
+    (copy_ckpt / "tokenizer.json").write_text("{}")                  # a companion of the old checkpoint
+    model = M.load(ckpt)                                              # no tokenizer of its own
+    M.save(model, copy_ckpt, overwrite=True)
+    assert (copy_ckpt / "notes.md").read_text() == "what I tried"
+    assert (copy_ckpt / "phase1" / "config.json").read_text() == "{}"
+    assert not (copy_ckpt / "tokenizer.json").exists()               # the old model's tokenizer went with it
+    C.CheckpointReader(copy_ckpt).validate()
+    assert [p.name for p in copy_ckpt.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_replace_interrupted_at_the_swap_restores_everything(ckpt, copy_ckpt, monkeypatch):
+    (copy_ckpt / "notes.md").write_text("mine")
+    before = {p.name: p.read_bytes() for p in copy_ckpt.iterdir()}
+    real = os.replace
+
+    def ctrl_c_at_swap(src, dst):
+        if Path(dst) == copy_ckpt and Path(src).name.startswith(".ck.tmp-"):
+            raise KeyboardInterrupt
+        return real(src, dst)
+    monkeypatch.setattr(C.os, "replace", ctrl_c_at_swap)
+    with pytest.raises(KeyboardInterrupt):
+        M.save(M.load(ckpt), copy_ckpt, overwrite=True)
+    assert {p.name: p.read_bytes() for p in copy_ckpt.iterdir()} == before
+    assert [p.name for p in copy_ckpt.parent.iterdir() if p.name.startswith(".")] == []

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -561,6 +562,17 @@ def _plan_shards(names: list[str], sizes: dict[str, int], max_bytes: int) -> lis
     return shards
 
 
+# What a checkpoint folder holds that belongs to the checkpoint (replaced with it); anything else in the
+# folder is the user's and is carried over into the new one.
+_COMPANIONS = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "train_log.jsonl",
+               "training_summary.json", "heldout.txt", "indexer_warmup.json")
+
+
+def _release_file(name: str) -> bool:
+    return (name in ("config.json", INDEX_FILE) + _COMPANIONS
+            or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) is not None)
+
+
 def write_checkpoint(tensors: dict[str, torch.Tensor], cfg: V4Config, path: str | Path,
                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
                      extra_files: dict[str, bytes] | None = None) -> Path:
@@ -569,7 +581,9 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], cfg: V4Config, path: str 
     ``expected_keys(cfg)`` first, written into a temporary sibling directory and renamed into place, so
     ``path`` is never half-written. Output is deterministic (same tensors -> same bytes).
     ``overwrite`` replaces only a folder that is itself a checkpoint (config.json + index) or empty; a
-    file or any other folder at ``path`` is refused untouched (``v4lab.errors.check_replaceable``).
+    file or any other folder at ``path`` is refused untouched (``v4lab.errors.check_replaceable``). Of a
+    replaced checkpoint only its own files go (shards, index, config, tokenizer and training files);
+    anything else the user put in the folder is carried over into the new one.
     ``extra_files`` ({name: bytes}, e.g. the tokenizer) go into the same atomic rename. Temporaries a
     killed writer left beside ``path`` are removed first."""
     from safetensors.torch import save_file
@@ -591,6 +605,7 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], cfg: V4Config, path: str 
     clean_stale_temporaries(path)                        # left by a writer of ours that was killed
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path, "tmp"), dir=path.parent))
     old = None
+    carried: list[str] = []           # the user's own entries in a replaced checkpoint folder, moved along
     try:
         weight_map = {}
         for j, group in enumerate(plan, 1):
@@ -607,6 +622,10 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], cfg: V4Config, path: str 
             (tmp / fname).write_bytes(data)
         if path.exists():
             check_replaceable(path, "checkpoint path")  # again: it may have changed while we wrote
+            for q in sorted(path.iterdir()):
+                if not _release_file(q.name) and not (tmp / q.name).exists():
+                    os.replace(q, tmp / q.name)
+                    carried.append(q.name)
             old = Path(tempfile.mkdtemp(prefix=temp_prefix(path, "old"), dir=path.parent))
             os.replace(path, old / "x")
             os.replace(tmp, path)
@@ -617,6 +636,10 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], cfg: V4Config, path: str 
         # Ctrl-C or a failure between the two renames: put the previous checkpoint back first
         if old is not None and (old / "x").exists() and not path.exists():
             os.replace(old / "x", path)
+        if tmp.exists():                                 # not swapped in: the carried entries go back
+            for name in carried:
+                if os.path.lexists(tmp / name) and path.is_dir():
+                    os.replace(tmp / name, path / name)
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

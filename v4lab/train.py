@@ -57,8 +57,6 @@ SPECIALISATION_WINDOWS = 16
 OPTIMIZERS = ("adamw", "muon")
 
 
-
-
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during ``train``: ``step`` reached, ``checkpoint`` = the folder holding the last complete
     checkpoint this run wrote (None if none was written)."""
@@ -790,7 +788,7 @@ def _warmup_main(args, dev, argv=None) -> int:
                          batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
                          seed=args.seed, eval_windows=args.eval_windows, progress=not args.no_progress,
                          device=dev)
-    model_mod.save(res["model"], out, overwrite=True)
+    save_or_rescue(res["model"], out)
     for f, b in kept.items():
         (out / f).write_bytes(b)
     command = "v4lab train " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -818,18 +816,17 @@ def main(argv=None) -> int:
     line saying where the last complete checkpoint is; a checkpoint the disk refuses exits 1 saying where
     the model was saved instead."""
     args = _parser().parse_args(argv)
+    done: dict = {}                   # _main records here where the final checkpoint went
     try:
-        return _main(args, argv)
+        return _main(args, argv, done)
     except Interrupted as e:
         where = (f"the last complete checkpoint is {str(e.checkpoint)!r}" if e.checkpoint else
                  "no checkpoint was written (--ckpt-every N saves one every N steps)")
         sys.stderr.write(f"v4lab train: interrupted at step {e.step}; {where}\n")
         return 130
-    except KeyboardInterrupt:
-        out = args.out
-        from v4lab.errors import is_checkpoint_dir
-        where = (f"{out!r} holds the last complete checkpoint" if out and is_checkpoint_dir(out)
-                 else "no checkpoint was written")
+    except KeyboardInterrupt:         # during set-up, or after the final save (while summarising)
+        where = (f"the final checkpoint is {str(done['out'])!r} (its summary files may be missing)"
+                 if done.get("out") else "no checkpoint was written")
         sys.stderr.write(f"v4lab train: interrupted; {where}\n")
         return 130
     except SaveFailed as e:
@@ -837,7 +834,7 @@ def main(argv=None) -> int:
         return 1
 
 
-def _main(args, argv) -> int:
+def _main(args, argv, done: dict) -> int:
     from v4lab.data import load_data, train_tokenizer, load_topics, split_topics, heldout_text, bigram_loss, \
         token_classes
     for key in ("steps", "batch_size", "seq_len", "warmup"):        # fail before the slow set-up
@@ -878,6 +875,7 @@ def _main(args, argv) -> int:
                 ckpt_every=args.ckpt_every, out_dir=str(out) if out else None, log_path=log_path,
                 threads=args.threads, progress=not args.no_progress, max_seconds=args.max_seconds, model=init,
                 device=dev, extra_files=extra)
+    done["out"] = out
     summary = dict(res["summary"])
     if out:
         if not args.log:

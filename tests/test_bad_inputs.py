@@ -330,6 +330,8 @@ CASES = [
      "'layers.0.ffn.gate.tid2eid'"),
     ("checkpoint", "tid2eid-duplicate", _poke("layers.0.ffn.gate.tid2eid", lambda t: t[:, :1].repeat(1, 2)),
      lambda ws, m: M.load(ws / "ck"), "'layers.0.ffn.gate.tid2eid'"),
+    ("checkpoint", "tokenizer-huge", _sparse("ck/tokenizer.json", 300 << 20),
+     lambda ws, m: _load_tokenizers(ws / "ck"), "tokenizer.json"),
     ("checkpoint", "load-none", None, lambda ws, m: M.load(None), "path"),
     ("checkpoint", "load-int-dtype", None, lambda ws, m: M.load(ws / "ck", dtype="int8"), "dtype"),
     ("checkpoint", "load-layer-out-of-range", None, lambda ws, m: M.load_layer(ws / "ck", 9), "layer"),
@@ -370,6 +372,20 @@ def _save_nan(ws, m):
     with torch.no_grad():
         bad.norm.weight[1] = float("nan")
     M.save(bad, ws / "new")
+
+
+def _load_tokenizers(path):
+    """Every reader of a tokenizer.json: training/generation's, the real-weights one, the notebooks' one."""
+    from v4lab import data, real
+    from v4lab.viz import trained
+    for load in (data.load_tokenizer, real.load_tokenizer, lambda p: trained.load_dir(p)):
+        try:
+            load(path)
+        except ValueError as e:
+            assert "larger than" in str(e), e
+        else:
+            raise AssertionError(f"{load} read a 300 MiB tokenizer.json")
+    raise ValueError(f"tokenizer {str(path / 'tokenizer.json')!r}: every reader refused it (larger than the cap)")
 
 
 def _other(m):

@@ -342,6 +342,8 @@ CASES = [
     ("checkpoint", "save-exists", None, lambda ws, m: M.save(m, ws / "ck"), "already exists"),
     ("checkpoint", "save-extra-file-escapes", None,
      lambda ws, m: M.save(m, ws / "new", extra_files={"../evil": b"x"}), "'../evil'"),
+    ("checkpoint", "save-extra-file-is-a-shard", None,
+     lambda ws, m: M.save(m, ws / "new", extra_files={S1: b"x"}), S1),
     ("checkpoint", "save-non-finite", None, lambda ws, m: _save_nan(ws, m), "'norm.weight'"),
     ("checkpoint", "save-not-a-model", None, lambda ws, m: M.save({"a": 1}, ws / "new"), "model"),
     # ---- model API

@@ -617,7 +617,8 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], cfg: V4Config, path: str 
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(release_config_dict(cfg), indent=2) + "\n")
         for fname, data in (extra_files or {}).items():
-            if Path(fname).name != fname or fname in ("", ".", "..", "config.json", INDEX_FILE):
+            if Path(fname).name != fname or fname in ("", ".", "..") or (_release_file(fname)
+                                                                      and fname not in _COMPANIONS):
                 raise ValueError(f"extra_files key {fname!r}: must be a plain file name beside the shards")
             (tmp / fname).write_bytes(data)
         if path.exists():

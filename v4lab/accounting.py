@@ -494,11 +494,18 @@ def cli(cmd: str, argv: list[str], parser_cls: type[argparse.ArgumentParser] = a
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     args = p.parse_args(argv)
     context = parse_context(args.context)
+    cfgs = [_load(args.config)] if cmd == "info" else [_load(args.a), _load(args.b)]
+    # A context no model of the command can hold has no meaningful cost. (compare may extrapolate the
+    # shorter model to the longer one's context, as the report does for V3.2 at 1M.)
+    longest = max(cfgs, key=lambda c: c.max_position_embeddings)
+    if context > longest.max_position_embeddings:
+        raise ValueError(f"--context = {args.context!r}: {context} tokens is more than {longest.name}'s "
+                         f"max_position_embeddings ({longest.max_position_embeddings})")
     if cmd == "info":
-        res = summary(_load(args.config), context)
+        res = summary(cfgs[0], context)
         text = json.dumps(res) if args.json else format_summary(res)
     else:
-        res = compare(_load(args.a), _load(args.b), context)
+        res = compare(cfgs[0], cfgs[1], context)
         text = json.dumps(res) if args.json else format_compare(res)
     try:
         print(text, flush=True)

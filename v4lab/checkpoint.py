@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -36,14 +37,15 @@ import torch
 
 from v4lab import quant
 from v4lab.config import V4Config
+from v4lab.errors import INDEX_FILE, check_replaceable, clean_stale_temporaries, read_json_file, temp_prefix
 
-INDEX_FILE = "model.safetensors.index.json"
 DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "I64": torch.int64, "I8": torch.int8,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu, "U8": torch.uint8,
           "F16": torch.float16, "I32": torch.int32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 ITEMSIZE = {"BF16": 2, "F32": 4, "I64": 8, "I8": 1, "F8_E4M3": 1, "F8_E8M0": 1, "U8": 1, "F16": 2, "I32": 4}
 DEFAULT_MAX_SHARD_BYTES = 4 * 2 ** 30
+MAX_HEADER_BYTES = 100_000_000          # safetensors' own limit on the JSON header
 
 
 # ================================================================================ expected keys
@@ -158,6 +160,12 @@ def expected_keys(cfg: V4Config) -> dict[str, tuple[tuple[int, ...], str]]:
 def _expected_keys(cfg: V4Config) -> dict:
     if not cfg.is_v4:
         raise ValueError(f"config model_type = {cfg.model_type!r}: the checkpoint layout here is DeepSeek-V4's")
+    if expert_format(cfg) == "fp4":   # routed experts: w1/w3 read hidden_size, w2 reads moe_intermediate_size
+        for key in ("hidden_size", "moe_intermediate_size"):
+            if getattr(cfg, key) % quant.FP4_BLOCK:
+                raise ValueError(f"config key {key!r} = {getattr(cfg, key)}: must be a multiple of "
+                                 f"{quant.FP4_BLOCK} to store FP4 experts (blocks of {quant.FP4_BLOCK} values "
+                                 "share a scale); use expert_dtype fp8 or bf16, or an unquantised config")
     d, n, V = cfg.hidden_size, cfg.hc_mult, cfg.vocab_size
     keys: dict = {"embed.weight": ((V, d), "BF16")}
     for i in range(cfg.num_hidden_layers):
@@ -198,6 +206,9 @@ def read_header(file: str | Path) -> dict:
             if len(head) < 8:
                 raise ValueError(f"shard {str(f)!r}: truncated ({size} bytes; no 8-byte header length)")
             (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise ValueError(f"shard {str(f)!r}: header length {n} is over the {MAX_HEADER_BYTES} bytes "
+                                 "safetensors allows (not a safetensors file?)")
             if n > size - 8:
                 raise ValueError(f"shard {str(f)!r}: truncated (header says {n} bytes, file has {size - 8} "
                                  f"after the length)")
@@ -248,19 +259,19 @@ class CheckpointReader:
             raise ValueError(f"checkpoint {str(self.path)!r}: not a directory")
         self.config = V4Config.from_json(self.path / "config.json")
         idx_file = self.path / INDEX_FILE
-        try:
-            idx = json.loads(idx_file.read_text())
-        except OSError as e:
-            raise ValueError(f"index {str(idx_file)!r}: cannot be read ({e.strerror or e})") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"index {str(idx_file)!r}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        idx = read_json_file(idx_file, "index")
         if not isinstance(idx, dict) or not isinstance(idx.get("weight_map"), dict):
             raise ValueError(f"index {str(idx_file)!r}: needs a 'weight_map' object {{name: shard file}}")
         self.weight_map: dict[str, str] = idx["weight_map"]
         self.metadata = idx.get("metadata", {})
         self._headers: dict[str, dict] = {}
+        self._check_shard_paths(idx_file)
         for shard in sorted(set(self.weight_map.values())):
             f = self.path / shard
+            if f.exists() and not f.is_file():
+                key = next(k for k, v in self.weight_map.items() if v == shard)
+                raise ValueError(f"index {str(idx_file)!r}: key {key!r} points to {str(f)!r}, which is not a "
+                                 "regular file")
             if not f.is_file():
                 key = next(k for k, v in self.weight_map.items() if v == shard)
                 raise ValueError(f"index {str(idx_file)!r}: key {key!r} points to missing shard {str(f)!r}")
@@ -274,6 +285,21 @@ class CheckpointReader:
                     raise ValueError(f"shard {str(self.path / shard)!r}: key {name!r} is not mapped to it by the index")
         self._expected: dict | None = None
         self._open: dict = {}
+
+    def _check_shard_paths(self, idx_file: Path) -> None:
+        """Every shard named by the index is a file name that resolves (after symlinks) inside the folder."""
+        root = self.path.resolve()
+        seen: dict[str, bool] = {}
+        for name, shard in self.weight_map.items():
+            if not isinstance(shard, str) or not shard:
+                raise ValueError(f"index {str(idx_file)!r}: key {name!r} maps to {shard!r}: must be a shard "
+                                 "file name (a string)")
+            if shard not in seen:
+                target = (self.path / shard).resolve()
+                seen[shard] = Path(shard).is_absolute() or not target.is_relative_to(root) or target == root
+            if seen[shard]:
+                raise ValueError(f"index {str(idx_file)!r}: key {name!r} points to {shard!r}, outside the "
+                                 f"checkpoint folder {str(self.path)!r}; shards must lie inside it")
 
     # ------------------------------------------------------------------ raw access
     def keys(self) -> list[str]:
@@ -342,15 +368,38 @@ class CheckpointReader:
         if sname is None or sname not in self.weight_map:
             if w.dtype in (torch.int8, torch.float8_e4m3fn):
                 raise ValueError(f"checkpoint {str(self.path)!r}, key {name!r}: {w.dtype} weight without a .scale")
-            return w.to(dtype) if w.is_floating_point() else w
+            return self._checked(name, w.to(dtype) if w.is_floating_point() else w)
         s = self._scale(sname)
         if w.dtype == torch.int8:
-            return quant.mxfp4_dequantize(w, s, dtype)
+            return self._checked(name, quant.mxfp4_dequantize(w, s, dtype))
         if w.dtype == torch.float8_e4m3fn:
             bo, _ = _block(self.config)
-            return quant.fp8_block_dequantize(w, s, dtype, block=bo)
+            return self._checked(name, quant.fp8_block_dequantize(w, s, dtype, block=bo))
         raise ValueError(f"checkpoint {str(self.path)!r}, key {name!r}: has a .scale but dtype {w.dtype} "
                          "(expected I8 packed FP4 or F8_E4M3)")
+
+    def _checked(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (the logical tensor of ``name``) if its values are usable: floats finite, a hash table's
+        expert ids in [0, n_routed_experts) and distinct per row. Else ValueError naming file and key."""
+        where = f"shard {str(self.path / self._shard(name))!r}, key {name!r}"
+        if t.is_floating_point():
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                at = (~finite).nonzero()[0].tolist()
+                raise ValueError(f"{where}: non-finite value {float(t[tuple(at)])} at {at} (NaN/inf weights "
+                                 "are refused)")
+        elif name.endswith(".tid2eid"):
+            E = self.config.n_routed_experts
+            out = (t < 0) | (t >= E)
+            if bool(out.any()):
+                at = out.nonzero()[0].tolist()
+                raise ValueError(f"{where}: expert id {int(t[tuple(at)])} at {at}: must be in [0, {E})")
+            srt = t.sort(-1).values
+            dup = (srt[:, 1:] == srt[:, :-1]).any(-1)
+            if bool(dup.any()):
+                row = int(dup.nonzero()[0])
+                raise ValueError(f"{where}: row {row} {t[row].tolist()} routes a token to the same expert twice")
+        return t
 
     # ------------------------------------------------------------------ structured access
     def layer_keys(self, i: int, experts: Iterable[int] | None = None) -> list[str]:
@@ -460,6 +509,8 @@ def prepare_tensors(tensors: dict[str, torch.Tensor], cfg: V4Config) -> dict[str
         if t is None:
             raise ValueError(f"tensor {name!r}: missing")
         t = _to_stored(name, t.detach(), dt)
+        if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
+            raise ValueError(f"tensor {name!r}: has NaN/inf values; refusing to save non-finite weights")
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"tensor {name!r}: {dt} {list(t.shape)}, expected {dt} {list(shape)}")
         out[name] = t
@@ -513,13 +564,34 @@ def _plan_shards(names: list[str], sizes: dict[str, int], max_bytes: int) -> lis
     return shards
 
 
+# What a checkpoint folder holds that belongs to the checkpoint (replaced with it); anything else in the
+# folder is the user's and is carried over into the new one.
+_COMPANIONS = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "train_log.jsonl",
+               "training_summary.json", "heldout.txt", "indexer_warmup.json")
+
+
+def _release_file(name: str) -> bool:
+    return (name in ("config.json", INDEX_FILE) + _COMPANIONS
+            or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) is not None)
+
+
 def write_checkpoint(tensors: dict[str, torch.Tensor], cfg: V4Config, path: str | Path,
-                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
+                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+                     extra_files: dict[str, bytes] | None = None) -> Path:
     """Write ``tensors`` (stored-format tensors, or float masters for FP8/FP4 weights which are
     quantised here) as a release directory at ``path``. Everything is checked against
     ``expected_keys(cfg)`` first, written into a temporary sibling directory and renamed into place, so
-    ``path`` is never half-written. Output is deterministic (same tensors -> same bytes)."""
+    ``path`` is never half-written. Output is deterministic (same tensors -> same bytes).
+    ``overwrite`` replaces only a folder that is itself a checkpoint (config.json + index) or empty; a
+    file or any other folder at ``path`` is refused untouched (``v4lab.errors.check_replaceable``). Of a
+    replaced checkpoint only its own files go (shards, index, config, tokenizer and training files);
+    anything else the user put in the folder is carried over into the new one.
+    ``extra_files`` ({name: bytes}, e.g. the tokenizer) go into the same atomic rename. Temporaries a
+    killed writer left beside ``path`` are removed first."""
     from safetensors.torch import save_file
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"checkpoint path = {type(path).__name__}: must be a str or a path")
+    check_replaceable(path, "checkpoint path")          # only our own checkpoints are ever replaced
     path = Path(path)
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes = {max_shard_bytes}: must be positive")
@@ -532,7 +604,10 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], cfg: V4Config, path: str 
     plan = _plan_shards(names, sizes, max_shard_bytes)
     N = len(plan)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    clean_stale_temporaries(path)                        # left by a writer of ours that was killed
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path, "tmp"), dir=path.parent))
+    old = None
+    carried: list[str] = []           # the user's own entries in a replaced checkpoint folder, moved along
     try:
         weight_map = {}
         for j, group in enumerate(plan, 1):
@@ -543,15 +618,34 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], cfg: V4Config, path: str 
                  "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(release_config_dict(cfg), indent=2) + "\n")
+        for fname, data in (extra_files or {}).items():
+            if Path(fname).name != fname or fname in ("", ".", "..") or (_release_file(fname)
+                                                                      and fname not in _COMPANIONS):
+                raise ValueError(f"extra_files key {fname!r}: must be a plain file name beside the shards")
+            (tmp / fname).write_bytes(data)
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            check_replaceable(path, "checkpoint path")  # again: it may have changed while we wrote
+            for q in sorted(path.iterdir()):
+                if not _release_file(q.name) and not (tmp / q.name).exists():
+                    os.replace(q, tmp / q.name)
+                    carried.append(q.name)
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(path, "old"), dir=path.parent))
             os.replace(path, old / "x")
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
     except BaseException:
+        # Ctrl-C or a failure between the two renames: put the previous checkpoint back first
+        if old is not None and (old / "x").exists() and not path.exists():
+            os.replace(old / "x", path)
+        if tmp.exists():                                 # not swapped in: the carried entries go back
+            for name in carried:
+                if os.path.lexists(tmp / name) and path.is_dir():
+                    os.replace(tmp / name, path / name)
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         raise
     return path
 

@@ -151,6 +151,8 @@ class V4Config:
                 bad(f.name, v, "must be an integer")
             if t == "float" and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 bad(f.name, v, "must be a number")
+            if t == "float" and not math.isfinite(v):
+                bad(f.name, v, "must be a finite number")
             if t == "bool" and not isinstance(v, bool):
                 bad(f.name, v, "must be true or false")
             if t == "str" and not isinstance(v, str):
@@ -190,6 +192,10 @@ class V4Config:
             bad("scoring_func", self.scoring_func, f"must be one of {SCORING_FUNCS}")
         if self.routed_scaling_factor <= 0:
             bad("routed_scaling_factor", self.routed_scaling_factor, "must be > 0")
+        if self.initializer_range < 0:
+            bad("initializer_range", self.initializer_range, "must be >= 0")
+        if not 0 <= self.attention_dropout < 1:
+            bad("attention_dropout", self.attention_dropout, "must be in [0, 1)")
         if not isinstance(self.swiglu_limit, (int, float)) or not math.isfinite(self.swiglu_limit):
             bad("swiglu_limit", self.swiglu_limit, "must be a finite number (<= 0 disables the clamp)")
         if self.n_routed_experts % self.n_group:
@@ -215,6 +221,9 @@ class V4Config:
                     f"must be <= index_head_dim ({self.index_head_dim}); the indexer rotates it too")
         if not self.is_v4:
             return
+        if self.sliding_window > self.max_position_embeddings:
+            bad("sliding_window", self.sliding_window,
+                f"must be <= max_position_embeddings ({self.max_position_embeddings})")
         if rd > self.head_dim:
             bad("qk_rope_head_dim", rd, f"must be <= head_dim ({self.head_dim})")
         if rd > self.index_head_dim:
@@ -248,6 +257,25 @@ class V4Config:
                 bad("rope_scaling.factor", f, "must be a number >= 1")
         if self.expert_dtype not in (None, "fp4", "fp8", "bf16"):
             bad("expert_dtype", self.expert_dtype, "must be fp4, fp8, bf16 or absent")
+        self._validate_formats()
+
+    def _validate_formats(self) -> None:
+        """``quantization_config`` is null or an object the FP8/FP4 writers can use. (Whether the widths fit
+        the FP4 blocks is a storage question: ``checkpoint.expected_keys`` answers it.)"""
+        def bad(key, value, rule):
+            raise ValueError(f"config key {key!r} = {value!r}: {rule}")
+        qc = self.quantization_config
+        if qc is None:
+            return
+        if not isinstance(qc, dict):
+            bad("quantization_config", qc, "must be an object (the release's FP8 settings) or null")
+        b = qc.get("weight_block_size", [128, 128])
+        if (not isinstance(b, (list, tuple)) or len(b) != 2
+                or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in b)):
+            bad("quantization_config.weight_block_size", b, "must be two positive integers, e.g. [128, 128]")
+        fmt = qc.get("expert_dtype") or self.expert_dtype or "fp4"
+        if fmt not in ("fp4", "fp8", "bf16"):
+            bad("quantization_config.expert_dtype", fmt, "must be fp4, fp8 or bf16")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:
@@ -307,16 +335,8 @@ class V4Config:
         p = Path(path)
         if p.is_dir():
             p = p / "config.json"
-        try:
-            text = p.read_text()
-        except OSError as e:
-            raise ValueError(f"config file {str(p)!r}: cannot be read ({e.strerror or e})") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"config file {str(p)!r}: not valid JSON (not UTF-8 text)") from None
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config file {str(p)!r}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        from v4lab.errors import read_json_file
+        d = read_json_file(p, "config file")       # regular file, bounded size, one-line errors
         if not isinstance(d, dict):
             raise ValueError(f"config file {str(p)!r}: top level must be a JSON object")
         return cls.from_dict(d, name=p.parent.name if p.name == "config.json" else p.stem)

@@ -98,9 +98,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     p = Path(path)
     if p.is_dir():
         p = p / "tokenizer.json"
-    if not p.is_file():
+    if not p.exists():
         _bad("tokenizer", str(p), "no tokenizer.json there")
-    return Tokenizer.from_file(str(p))
+    from v4lab.errors import read_text_file
+    try:
+        return Tokenizer.from_str(read_text_file(p, "tokenizer"))   # regular file, bounded size
+    except ValueError:
+        raise
+    except Exception as e:  # the library's own error types
+        raise ValueError(f"tokenizer {str(p)!r}: cannot be read ({e})") from None
 
 
 @functools.lru_cache(maxsize=4)

@@ -11,7 +11,6 @@ and exits with code 2.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,11 +19,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        sys.stderr.write(f"v4lab generate: error: {message}\n")
-        raise SystemExit(2)
+from v4lab.errors import OneLineParser
 
 
 class ByteTokenizer:
@@ -54,8 +49,11 @@ class ByteTokenizer:
 class FileTokenizer:
     def __init__(self, path: Path):
         from tokenizers import Tokenizer
+
+        from v4lab.errors import read_text_file
+        text = read_text_file(path, "tokenizer")            # regular file, bounded size
         try:
-            self.tok = Tokenizer.from_file(str(path))
+            self.tok = Tokenizer.from_str(text)
         except Exception as e:  # the library's own error types
             raise ValueError(f"tokenizer {str(path)!r}: cannot be read ({e})") from None
 
@@ -68,7 +66,7 @@ class FileTokenizer:
 
 def tokenizer_for(path: str | Path, vocab_size: int) -> FileTokenizer | ByteTokenizer:
     f = Path(path) / "tokenizer.json"
-    return FileTokenizer(f) if f.is_file() else ByteTokenizer(vocab_size)
+    return FileTokenizer(f) if f.exists() or f.is_symlink() else ByteTokenizer(vocab_size)
 
 
 def parse_ids(text: str) -> list[int]:
@@ -78,6 +76,9 @@ def parse_ids(text: str) -> list[int]:
         raise ValueError(f"--prompt-ids = {text!r}: must be comma-separated integers, e.g. 1,2,3") from None
     if not ids:
         raise ValueError(f"--prompt-ids = {text!r}: needs at least one token id")
+    big = next((i for i in ids if not 0 <= i < 2 ** 63), None)
+    if big is not None:
+        raise ValueError(f"--prompt-ids: token id {big} is out of range (ids are in [0, vocab_size))")
     return ids
 
 
@@ -96,6 +97,15 @@ def run(path: str | Path, prompt_ids: list[int] | None = None, prompt: str | Non
         raise ValueError(f"checkpoint {str(p)!r}: not a directory (give a model saved in the official layout)")
     if (prompt_ids is None) == (prompt is None):
         raise ValueError("give exactly one of --prompt-ids and --prompt")
+    if prompt is not None:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:   # bytes from argv that are not UTF-8 arrive as lone surrogates
+            bad = prompt[e.start].encode("utf-8", "surrogateescape")
+            raise ValueError(f"--prompt: not UTF-8 text (byte {bad[0]:#04x} at character {e.start}); "
+                             "pass UTF-8 or --prompt-ids") from None
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+        raise ValueError(f"--seed = {seed!r}: must be an integer in [0, 2**63)")
     model = load(p, keep_quantized=False, device=device).eval()
     if kernels:
         model.use_kernels()
@@ -105,11 +115,15 @@ def run(path: str | Path, prompt_ids: list[int] | None = None, prompt: str | Non
         prompt_ids = tok.encode(prompt)
         if not prompt_ids:
             raise ValueError("--prompt: the text encodes to no tokens")
+    n_max = model.cfg.max_position_embeddings
+    if len(prompt_ids) > n_max:
+        raise ValueError(f"{'--prompt' if prompt is not None else '--prompt-ids'}: {len(prompt_ids)} tokens, "
+                         f"more than the model's max_position_embeddings ({n_max})")
     ids = torch.tensor([prompt_ids], dtype=torch.long)
     out = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
     new = out[0, len(prompt_ids):].tolist()
     res = {"prompt_ids": list(prompt_ids), "new_ids": new, "device": str(model.device)}
-    if tok is None and (p / "tokenizer.json").is_file():
+    if tok is None and (p / "tokenizer.json").exists():
         tok = tokenizer_for(p, model.cfg.vocab_size)
     if tok is not None:
         res["text"] = tok.decode(new)
@@ -117,7 +131,7 @@ def run(path: str | Path, prompt_ids: list[int] | None = None, prompt: str | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = _Parser(prog="v4lab generate", description="Decode from a saved V4 model directory.")
+    ap = OneLineParser(prog="v4lab generate", description="Decode from a saved V4 model directory.")
     ap.add_argument("path")
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")

@@ -36,7 +36,8 @@ API:
 from __future__ import annotations
 
 import contextlib
-import shutil
+import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from torch import nn
 
 from v4lab.attention import Attention
 from v4lab.config import V4Config, get_config
+from v4lab.errors import bad as _bad
 from v4lab.mhc import hc_head, hc_post, hc_pre
 from v4lab.moe import MoE
 from v4lab.norm import RMSNorm
@@ -53,8 +55,6 @@ HC_MODES = ("mhc", "hc", "residual")
 _QUANT_DTYPES = ("F8_E4M3", "I8")          # checkpoint dtypes stored with a `.scale` companion
 
 
-def _bad(name, value, rule):
-    raise ValueError(f"{name} = {value!r}: {rule}")
 
 
 def _init_hc(fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, std: float) -> None:
@@ -154,6 +154,8 @@ class ModelCache:
     pos: int = 0
     mtp_pos: int = 0                      # next position the MTP block has not processed yet
     mtp_pending: torch.Tensor | None = field(default=None, repr=False)   # [B, 1, n, d]
+    owner: object = field(default=None, repr=False)     # weakref to the model that made it
+    broken: bool = False                  # a call failed after some layer caches had advanced
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -262,14 +264,14 @@ class V4Model(nn.Module):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             _bad("batch_size", batch_size, "must be a positive integer")
         return ModelCache(batch_size, [b.attn.new_cache(batch_size) for b in self.layers],
-                          [b.attn.new_cache(batch_size) for b in self.mtp])
+                          [b.attn.new_cache(batch_size) for b in self.mtp], owner=weakref.ref(self))
 
     # ------------------------------------------------------------------ pieces
     def _check_ids(self, input_ids) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor):
             _bad("input_ids", type(input_ids).__name__, "must be a LongTensor [batch, seq]")
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            _bad("input_ids", tuple(input_ids.shape), "must be [batch, seq] with seq >= 1")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+            _bad("input_ids", tuple(input_ids.shape), "must be [batch, seq] with batch >= 1 and seq >= 1")
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             _bad("input_ids", input_ids.dtype, "must hold integer token ids")
         V = self.cfg.vocab_size
@@ -301,7 +303,8 @@ class V4Model(nn.Module):
                 return_mtp: bool = False, forced_routes: list | None = None, return_hidden: bool = False):
         """input_ids [B, S] → logits [B, S, vocab].
 
-        ``start_pos``: absolute position of input_ids[:, 0] (default: ``cache.pos``, or 0).
+        ``start_pos``: absolute position of input_ids[:, 0]; with a cache it must be ``cache.pos`` (the
+        default), without one it must be 0 (the default): a forward without a cache sees only its input.
         ``cache``: from ``new_cache(B)``; the call appends to it (prefill, then decode).
         ``forced_routes``: one entry per MoE layer (num_hidden_layers, plus one for MTP optionally), each
         None (learned routing; hash layers must be None) or an int tensor [B·S, K] of expert ids
@@ -321,6 +324,12 @@ class V4Model(nn.Module):
         if cache is not None:
             if not isinstance(cache, ModelCache):
                 _bad("cache", type(cache).__name__, "must come from model.new_cache(batch_size)")
+            if cache.owner is None or cache.owner() is not self:
+                _bad("cache", f"<ModelCache at position {cache.pos}>", "made by another model (or a copy); "
+                                                                       "use this model's new_cache(batch_size)")
+            if cache.broken:
+                _bad("cache", f"<ModelCache at position {cache.pos}>", "a previous call failed part-way and left "
+                                                                       "it inconsistent; start a new_cache")
             if cache.batch_size != B:
                 _bad("cache", f"batch size {cache.batch_size}", f"input_ids has batch size {B}")
             if start_pos is None:
@@ -331,6 +340,9 @@ class V4Model(nn.Module):
         start_pos = 0 if start_pos is None else start_pos
         if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
             _bad("start_pos", start_pos, "must be a non-negative integer")
+        if cache is None and start_pos != 0:
+            _bad("start_pos", start_pos, "must be 0 without a cache (a forward without one sees only its "
+                                         "input); pass cache=model.new_cache(B) to continue a sequence")
         if start_pos + S > cfg.max_position_embeddings:
             _bad("context", start_pos + S, f"positions must stay below max_position_embeddings = "
                                            f"{cfg.max_position_embeddings} (start_pos {start_pos} + {S} tokens)")
@@ -341,17 +353,20 @@ class V4Model(nn.Module):
                 _bad("return_mtp", True, "with a cache, MTP must be requested on every call from the first token "
                                          f"(the MTP cache is at position {cache.mtp_pos}, the main one at {start_pos})")
         forced = self._check_forced(forced_routes, B * S)
-
-        x = self.embed(ids)                                                   # [B, S, d]
-        x = x.unsqueeze(2).expand(B, S, cfg.hc_mult, cfg.hidden_size).contiguous()   # [B, S, n, d] copies
-        for i, layer in enumerate(self.layers):
-            x = layer(x, ids, start_pos, cache.layers[i] if cache is not None else None, forced[i])
-        logits = self.logits_from_streams(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.norm)
-
-        out = [logits]
-        if return_mtp:
-            out.append(self._mtp(x, ids, start_pos, cache, forced[-1] if len(forced) > cfg.num_hidden_layers
-                                 else None))
+        try:                              # everything is checked; a failure now is marked on the cache
+            x = self.embed(ids)                                               # [B, S, d]
+            x = x.unsqueeze(2).expand(B, S, cfg.hc_mult, cfg.hidden_size).contiguous()   # [B, S, n, d] copies
+            for i, layer in enumerate(self.layers):
+                x = layer(x, ids, start_pos, cache.layers[i] if cache is not None else None, forced[i])
+            logits = self.logits_from_streams(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.norm)
+            out = [logits]
+            if return_mtp:
+                out.append(self._mtp(x, ids, start_pos, cache, forced[-1] if len(forced) > cfg.num_hidden_layers
+                                     else None))
+        except BaseException:
+            if cache is not None:
+                cache.broken = True
+            raise
         if cache is not None:
             cache.pos = start_pos + S
         if return_hidden:
@@ -391,6 +406,7 @@ class V4Model(nn.Module):
             if not isinstance(r, torch.Tensor) or r.dim() != 2 or r.shape[1] != K or (i < L and r.shape[0] != T):
                 shape = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
                 _bad(f"forced_routes[{i}]", shape, f"must be an integer tensor [tokens = {T}, K = {K}]")
+            _check_route_values(f"forced_routes[{i}]", r, self.cfg.n_routed_experts)
         return [None if r is None else r.to(self.device) for r in forced_routes]
 
     @torch.no_grad()
@@ -422,6 +438,12 @@ class V4Model(nn.Module):
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             _bad("top_k", top_k, "must be a positive integer or None")
         ids = self._check_ids(ids)
+        if ids.shape[1] > self.cfg.max_position_embeddings:
+            _bad("prompt_ids", f"{ids.shape[1]} tokens", f"more than max_position_embeddings = "
+                                                         f"{self.cfg.max_position_embeddings}")
+        if seed is not None and (isinstance(seed, bool) or not hasattr(seed, "__index__")
+                                 or not 0 <= int(seed) < 2 ** 63):
+            _bad("seed", seed, "must be an integer in [0, 2**63) or None")
         if ids.shape[1] + max_new_tokens > self.cfg.max_position_embeddings:
             _bad("max_new_tokens", max_new_tokens, f"prompt ({ids.shape[1]}) + new tokens exceed "
                                                    f"max_position_embeddings = {self.cfg.max_position_embeddings}")
@@ -451,6 +473,22 @@ class V4Model(nn.Module):
             V = self.cfg.vocab_size
             return out, (torch.cat(mtp_logits, 1) if mtp_logits else out.new_zeros(out.shape[0], 0, V).float())
         return out
+
+
+def _check_route_values(name: str, r: torch.Tensor, E: int) -> None:
+    """Expert ids r [T, K]: integers in [0, E), K distinct ones per token (what a router can choose)."""
+    if r.is_floating_point() or r.is_complex() or r.dtype == torch.bool:
+        _bad(name, r.dtype, "must hold integer expert ids")
+    if r.numel() == 0:
+        return
+    lo, hi = int(r.min()), int(r.max())
+    if lo < 0 or hi >= E:
+        _bad(name, f"an expert id {lo if lo < 0 else hi}", f"expert ids must be in [0, {E})")
+    srt = r.sort(-1).values
+    dup = (srt[:, 1:] == srt[:, :-1]).any(-1)
+    if bool(dup.any()):
+        row = int(dup.nonzero()[0])
+        _bad(name, f"row {row} {r[row].tolist()}", "names the same expert twice; top-k experts are distinct")
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator) -> torch.Tensor:
@@ -485,7 +523,23 @@ def _reader(path_or_reader):
     from v4lab.checkpoint import CheckpointReader
     if isinstance(path_or_reader, CheckpointReader):
         return path_or_reader
+    if not isinstance(path_or_reader, (str, os.PathLike)):
+        _bad("path", path_or_reader, "must be a checkpoint folder (str or path) or a CheckpointReader")
     return CheckpointReader(path_or_reader)
+
+
+_DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
+                "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _float_dtype(dtype) -> torch.dtype:
+    """``dtype`` as a floating torch dtype (``torch.bfloat16`` or its name ``"bfloat16"``)."""
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype.removeprefix("torch.")]
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize >= 2:
+        return dtype
+    _bad("dtype", dtype if isinstance(dtype, str) else str(dtype),
+         f"must be a floating torch dtype ({', '.join(sorted(_DTYPE_NAMES))})")
 
 
 def _read_tensors(reader, names: list[str], dtype: torch.dtype, originals: dict | None) -> dict:
@@ -537,6 +591,7 @@ def load_layer(path, i: int, dtype: torch.dtype = torch.float32, keep_quantized:
     ``v4lab.device.get_device`` (argument, else $V4LAB_DEVICE, else CUDA when present)."""
     from v4lab.checkpoint import layer_prefix
     from v4lab.device import get_device
+    dtype = _float_dtype(dtype)
     dev = get_device(device)
     reader = _reader(path)
     cfg = reader.config
@@ -569,6 +624,7 @@ def load(path, dtype: torch.dtype = torch.float32, keep_quantized: bool = True, 
     $V4LAB_DEVICE, else CUDA when present); weights are read on the CPU and moved once, the packed
     originals stay on the CPU (only ``save`` reads them)."""
     from v4lab.device import get_device
+    dtype = _float_dtype(dtype)
     dev = get_device(device)                 # a bad device fails before any tensor is read
     reader = _reader(path)
     cfg = reader.config
@@ -624,11 +680,14 @@ def _unchanged(param: torch.Tensor, raw: torch.Tensor, scale: torch.Tensor, cfg:
     return deq.shape == param.shape and torch.equal(deq, param.detach().float().cpu())
 
 
-def save(model: V4Model, path, overwrite: bool = False, max_shard_bytes: int | None = None) -> Path:
+def save(model: V4Model, path, overwrite: bool = False, max_shard_bytes: int | None = None,
+         extra_files: dict[str, bytes] | None = None) -> Path:
     """Write ``model`` in the official layout (config.json, index, shards; FP8/FP4 where the release has
     them). A weight equal to the packed original it was loaded from is written back from that original;
     any other FP8/FP4 weight is quantised here (power-of-two amax scales, v4lab.quant). Tokenizer and
-    generation files of the directory the model was loaded from are copied along."""
+    generation files of the directory the model was loaded from are copied along, and ``extra_files``
+    ({name: bytes}) written too, all in the same atomic rename. ``overwrite`` replaces only a checkpoint
+    folder; anything else at ``path`` is refused (ValueError), untouched. Non-finite weights are refused."""
     from v4lab.checkpoint import DEFAULT_MAX_SHARD_BYTES, expected_keys, write_checkpoint
     if not isinstance(model, V4Model):
         _bad("model", type(model).__name__, "must be a v4lab V4Model")
@@ -647,13 +706,14 @@ def save(model: V4Model, path, overwrite: bool = False, max_shard_bytes: int | N
             tensors[name], tensors[name[: -len(".weight")] + ".scale"] = orig
         else:
             tensors[name] = t.float() if dt in _QUANT_DTYPES else t
-    out = write_checkpoint(tensors, cfg, path, overwrite=overwrite,
-                           max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+    extras = {}
     src = model.source_path
-    if src is not None and Path(src).resolve() != Path(out).resolve():
-        for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-            if (Path(src) / f).is_file():
-                shutil.copyfile(Path(src) / f, Path(out) / f)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if src is not None and (Path(src) / f).is_file():
+            extras[f] = (Path(src) / f).read_bytes()
+    extras.update(extra_files or {})
+    out = write_checkpoint(tensors, cfg, path, overwrite=overwrite,
+                           max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, extra_files=extras)
     return Path(out)
 
 

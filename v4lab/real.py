@@ -153,8 +153,10 @@ def load_tokenizer(path=None, cfg: V4Config | None = None):
         raise ValueError(f"tokenizer: {str(f)!r} not found. The streaming forward encodes text with the "
                          f"download's own tokenizer: copy {TOKENIZER_FILE} from the release into {str(root)!r}, "
                          "or pass token ids instead of text")
+    from v4lab.errors import read_text_file
+    text = read_text_file(f, "tokenizer")          # a regular file of bounded size
     try:
-        tok = Tokenizer.from_file(str(f))
+        tok = Tokenizer.from_str(text)
     except Exception as e:  # the tokenizers library raises its own exception types
         raise ValueError(f"tokenizer: {str(f)!r} cannot be read ({e})") from None
     if cfg is not None and tok.get_vocab_size() > cfg.vocab_size:

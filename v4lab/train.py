@@ -30,7 +30,6 @@ bit-identical losses and weights.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -46,6 +45,8 @@ import torch.nn.functional as F
 from v4lab import model as model_mod
 from v4lab.config import V4Config, get_config
 from v4lab.device import get_device
+from v4lab.errors import OneLineParser, check_writable
+from v4lab.errors import bad as _bad
 from v4lab.mhc import composite_gains, token_mean_h_res
 from v4lab.model import V4Model
 from v4lab.moe import bias_update, sequence_balance_loss
@@ -56,8 +57,39 @@ SPECIALISATION_WINDOWS = 16
 OPTIMIZERS = ("adamw", "muon")
 
 
-def _bad(name, value, rule):
-    raise ValueError(f"{name} = {value!r}: {rule}")
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during ``train``: ``step`` reached, ``checkpoint`` = the folder holding the last complete
+    checkpoint this run wrote (None if none was written)."""
+
+    def __init__(self, step: int, checkpoint):
+        super().__init__(step, checkpoint)
+        self.step, self.checkpoint = step, checkpoint
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written to its folder; the message says why and where it went instead."""
+
+
+def save_or_rescue(model: V4Model, out_dir, extra_files: dict | None = None) -> Path:
+    """``model_mod.save(model, out_dir, overwrite=True)``; if the disk refuses (read-only, full, a file in
+    the way), the model goes to a fresh ``NAME.rescued-*`` folder beside ``out_dir`` (else in the system
+    temp folder) and ``SaveFailed`` says where. Bad input (ValueError) is raised as is."""
+    import tempfile
+    out_dir = Path(out_dir)
+    try:
+        return model_mod.save(model, out_dir, overwrite=True, extra_files=extra_files)
+    except OSError as e:
+        reason = e.strerror or str(e)
+    for base in (out_dir.parent, Path(tempfile.gettempdir())):
+        try:
+            rescue = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.rescued-", dir=base))
+            model_mod.save(model, rescue, overwrite=True, extra_files=extra_files)
+        except OSError:
+            continue
+        raise SaveFailed(f"--out {str(out_dir)!r}: the checkpoint could not be written there ({reason}); "
+                         f"the trained model was saved to {str(rescue)!r} instead")
+    raise SaveFailed(f"--out {str(out_dir)!r}: the checkpoint could not be written there ({reason}), nor "
+                     "beside it or in the temp folder; the trained model is lost")
 
 
 # ---------------------------------------------------------------------------------------- schedule
@@ -335,7 +367,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
           threads: int | None = None, deterministic: bool = True, progress: bool = True,
           max_seconds: float | None = None, callback=None, log_preact: bool = False,
           device: str | torch.device | None = None, mtp_weight_final: float | None = None,
-          mtp_switch_at: float = 0.7) -> dict:
+          mtp_switch_at: float = 0.7, extra_files: dict[str, bytes] | None = None) -> dict:
     """Train and return {"model", "log": [per-step records], "evals": [...], "summary": {...}}.
 
     cfg: a V4Config or preset name (``swiglu_limit`` overrides its clamp). data: a v4lab.data.TokenData
@@ -353,6 +385,10 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     device: as ``v4lab.device.get_device`` (argument, else $V4LAB_DEVICE, else CUDA when present). A new
     model is initialised on the CPU and then moved, so a seed gives the same initial weights on every device;
     a given ``model`` is moved there too.
+    out_dir: every checkpoint (each ``ckpt_every`` steps, and at the end) replaces it atomically, with
+    ``extra_files`` ({name: bytes}, e.g. the tokenizer) inside, so each one is self-contained. A save the
+    disk refuses goes to a fallback folder (``save_or_rescue``, raises ``SaveFailed``). Ctrl-C raises
+    ``Interrupted`` (a KeyboardInterrupt) naming the last complete checkpoint.
     """
     from v4lab.data import load_data
     if isinstance(cfg, str):
@@ -378,6 +414,9 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     rollback = 2 * ar_lag if rollback is None else rollback
     spike_min_step = warmup if spike_min_step is None else spike_min_step
     qat_from = _qat_start(qat, steps)
+    if out_dir:
+        from v4lab.checkpoint import expected_keys
+        expected_keys(cfg)             # a config the release layout cannot store fails now, not after training
     dev = get_device(device)
     if threads is not None:
         torch.set_num_threads(int(threads))
@@ -439,6 +478,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
         bar = tqdm(total=steps, desc="train", leave=False)
     t_start, c_start = time.perf_counter(), time.process_time()
     step = 0
+    saved = None                        # folder of the last complete checkpoint this run wrote
     try:
         with probe.recording_hc():
             while step < steps:
@@ -532,13 +572,15 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", ar="on" if ar_on else "off")
                     bar.update(1)
                 if out_dir and ckpt_every and (step + 1) % ckpt_every == 0:
-                    model_mod.save(model, out_dir, overwrite=True)
+                    saved = save_or_rescue(model, out_dir, extra_files)
                 if event is not None and event.startswith("spike"):
                     step = back
                     continue
                 step += 1
                 if max_seconds is not None and time.perf_counter() - t_start > max_seconds:
                     break
+    except KeyboardInterrupt:
+        raise Interrupted(step, saved) from None
     finally:
         probe.remove()
         if log_f:
@@ -546,7 +588,10 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
         if bar is not None:
             bar.close()
     if out_dir:
-        model_mod.save(model, out_dir, overwrite=True)
+        try:
+            save_or_rescue(model, out_dir, extra_files)
+        except KeyboardInterrupt:
+            raise Interrupted(step, saved) from None
     summary = {"steps_done": step, "seconds": time.perf_counter() - t_start,
                "cpu_seconds": time.process_time() - c_start, "threads": torch.get_num_threads(),
                "rollbacks": n_rollbacks,
@@ -678,7 +723,7 @@ def indexer_warmup(model: V4Model, data=None, *, steps: int = 100, batch_size: i
 
 # ---------------------------------------------------------------------------------------- CLI
 def _parser():
-    p = argparse.ArgumentParser(prog="v4lab train", description="Train a tiny V4 with the V4 recipe on the "
+    p = OneLineParser(prog="v4lab train", description="Train a tiny V4 with the V4 recipe on the "
                                 "CPython documentation corpus; write it in the official layout.")
     p.add_argument("--config", default="tiny", help="preset name or config.json (default tiny)")
     p.add_argument("--out", help="output directory (official layout + tokenizer.json + training log)")
@@ -732,7 +777,7 @@ def _warmup_main(args, dev, argv=None) -> int:
         _bad("--indexer-warmup", args.indexer_warmup, "needs --init (a trained model) and --out")
     if args.indexer_warmup < 1:
         _bad("--indexer-warmup", args.indexer_warmup, "must be a positive number of steps")
-    init, out = Path(args.init), Path(args.out)
+    init, out = Path(args.init), check_writable(args.out, "--out")
     model = model_mod.load(init, device=dev)
     tok = load_tokenizer(init)
     kept = {f: (init / f).read_bytes() for f in KEPT_FILES if (init / f).is_file()}   # save() replaces OUT
@@ -743,7 +788,7 @@ def _warmup_main(args, dev, argv=None) -> int:
                          batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
                          seed=args.seed, eval_windows=args.eval_windows, progress=not args.no_progress,
                          device=dev)
-    model_mod.save(res["model"], out, overwrite=True)
+    save_or_rescue(res["model"], out)
     for f, b in kept.items():
         (out / f).write_bytes(b)
     command = "v4lab train " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -767,17 +812,41 @@ def _warmup_main(args, dev, argv=None) -> int:
 
 
 def main(argv=None) -> int:
+    """``v4lab train``: bad arguments exit 2 with one line before any slow set-up; Ctrl-C exits 130 with one
+    line saying where the last complete checkpoint is; a checkpoint the disk refuses exits 1 saying where
+    the model was saved instead."""
+    args = _parser().parse_args(argv)
+    done: dict = {}                   # _main records here where the final checkpoint went
+    try:
+        return _main(args, argv, done)
+    except Interrupted as e:
+        where = (f"the last complete checkpoint is {str(e.checkpoint)!r}" if e.checkpoint else
+                 "no checkpoint was written (--ckpt-every N saves one every N steps)")
+        sys.stderr.write(f"v4lab train: interrupted at step {e.step}; {where}\n")
+        return 130
+    except KeyboardInterrupt:         # during set-up, or after the final save (while summarising)
+        where = (f"the final checkpoint is {str(done['out'])!r} (its summary files may be missing)"
+                 if done.get("out") else "no checkpoint was written")
+        sys.stderr.write(f"v4lab train: interrupted; {where}\n")
+        return 130
+    except SaveFailed as e:
+        sys.stderr.write(f"v4lab train: error: {e}\n")
+        return 1
+
+
+def _main(args, argv, done: dict) -> int:
     from v4lab.data import load_data, train_tokenizer, load_topics, split_topics, heldout_text, bigram_loss, \
         token_classes
-    args = _parser().parse_args(argv)
     for key in ("steps", "batch_size", "seq_len", "warmup"):        # fail before the slow set-up
         v = getattr(args, key)
         if v < (2 if key == "seq_len" else 1):
             _bad(f"--{key.replace('_', '-')}", v, "must be a positive integer" + (" >= 2" if key == "seq_len" else ""))
+    if not 0 <= args.seed < 2 ** 63:
+        _bad("--seed", args.seed, "must be in [0, 2**63)")
     dev = get_device(args.device)                 # a bad --device fails before the slow set-up too
     if args.indexer_warmup is not None:
         return _warmup_main(args, dev, argv)
-    out = Path(args.out) if args.out else None
+    out = check_writable(args.out, "--out") if args.out else None    # refuse before hours of training
     init = None
     if args.init:                     # continue from a saved model (fresh optimiser), reuse its tokenizer
         from v4lab.data import load_tokenizer
@@ -791,6 +860,7 @@ def main(argv=None) -> int:
     data = load_data(cfg.vocab_size, tokenizer=tok)
     # save() replaces the whole output directory, so the log is written beside it and moved in at the end
     log_path = args.log or (str(out.with_name(out.name + ".train_log.jsonl")) if out else None)
+    extra = {"tokenizer.json": tok.to_str(pretty=True).encode()}       # in every checkpoint written
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     argv_used = list(sys.argv[1:] if argv is None else argv)
@@ -804,10 +874,10 @@ def main(argv=None) -> int:
                 spike_ratio=args.spike_ratio, eval_every=args.eval_every, eval_windows=args.eval_windows,
                 ckpt_every=args.ckpt_every, out_dir=str(out) if out else None, log_path=log_path,
                 threads=args.threads, progress=not args.no_progress, max_seconds=args.max_seconds, model=init,
-                device=dev)
+                device=dev, extra_files=extra)
+    done["out"] = out
     summary = dict(res["summary"])
     if out:
-        tok.save(str(out / "tokenizer.json"))
         if not args.log:
             Path(log_path).replace(out / "train_log.jsonl")
         (out / "heldout.txt").write_text(heldout_text())

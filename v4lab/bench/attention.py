@@ -36,7 +36,6 @@ path costs ~6 CPU-s per 1K tokens at this shape):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -48,6 +47,8 @@ from functools import partial
 from typing import TYPE_CHECKING, Callable
 
 import torch
+
+from v4lab.errors import OneLineParser
 
 if TYPE_CHECKING:
     from v4lab.attention import Attention, AttentionCache
@@ -545,18 +546,30 @@ def report(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _worker_args(args: list[str]):
+    """``decode NAME CONTEXTS STEPS [DEVICE]`` | ``prefill NAME IMPL S [DEVICE]`` (what ``_worker`` passes)."""
+    usage = "internal: --worker {decode NAME C1,C2 STEPS | prefill NAME IMPL S} [DEVICE]"
+    if len(args) not in (4, 5) or args[0] not in ("decode", "prefill"):
+        raise ValueError(f"--worker = {' '.join(args)!r}: {usage}")
+    try:
+        n = int(args[3])
+        third = [int(c) for c in args[2].split(",")] if args[0] == "decode" else args[2]
+    except ValueError:
+        raise ValueError(f"--worker = {' '.join(args)!r}: {usage} (whole numbers)") from None
+    return args[0], args[1], third, n, args[4] if len(args) == 5 else "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"]:
-        kind, name = argv[1], argv[2]
-        dev = argv[5] if len(argv) > 5 else "cpu"
+        kind, name, a3, n, dev = _worker_args(argv[1:])
         if kind == "decode":
-            recs = _decode_worker(name, [int(c) for c in argv[3].split(",")], int(argv[4]), dev)
+            recs = _decode_worker(name, a3, n, dev)
         else:
-            recs = _prefill_worker(name, argv[3], int(argv[4]), dev)
+            recs = _prefill_worker(name, a3, n, dev)
         print(json.dumps(recs))
         return 0
-    p = argparse.ArgumentParser(prog="v4lab bench attention")
+    p = OneLineParser(prog="v4lab bench attention")
     p.add_argument("--quick", action="store_true", help="a small subset (< 1 min)")
     p.add_argument("--json", action="store_true", help="print the records as JSON")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default: $V4LAB_DEVICE, else auto)")

@@ -18,7 +18,6 @@ GPU come from TF32/reduction order, so the bounds are 1e-3 on logits there and 2
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -27,6 +26,8 @@ import traceback
 from pathlib import Path
 
 import torch
+
+from v4lab.errors import OneLineParser
 
 CHECKS = ("model", "train", "stream", "widgets")
 
@@ -145,7 +146,7 @@ def _run_checks(dev, quick, checks, out, desc):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="v4lab bench device", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="v4lab bench device", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="shorter prompts and runs")
     p.add_argument("--json", action="store_true", help="print the records as JSON")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default: $V4LAB_DEVICE, else auto)")

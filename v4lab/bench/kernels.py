@@ -25,7 +25,6 @@ Counting (analytic, per call; written out per kernel in ``_CASES``):
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import math
@@ -37,6 +36,7 @@ import torch
 
 from v4lab import attention, compressor, hardware, indexer, mhc, moe, quant
 from v4lab.device import check_kernel_device, describe, get_device, gpu_name, kernel_mode
+from v4lab.errors import OneLineParser
 
 CPU_NOTE = ("Triton interpreter on the CPU: timings are NOT performance (numpy per program and op); "
             "this run checks kernel == reference. Run on a CUDA GPU for the roofline table.")
@@ -336,7 +336,7 @@ def table(records: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="v4lab bench kernels", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="v4lab bench kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes on CPU, fewer repeats on GPU")
     p.add_argument("--json", action="store_true", help="print the records as a JSON list")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default: $V4LAB_DEVICE, else auto)")

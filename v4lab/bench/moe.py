@@ -14,13 +14,13 @@ matvec). The grouped run therefore uses more tokens than the naive one; tokens/s
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from functools import partial
 
 import torch
 
+from v4lab.errors import OneLineParser
 from v4lab.moe import moe_grouped, moe_naive, moe_triton
 
 D, I, K = 4096, 2048, 6
@@ -84,7 +84,7 @@ def run(quick: bool = False, device: str | torch.device | None = None) -> list[d
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="v4lab bench moe")
+    p = OneLineParser(prog="v4lab bench moe")
     p.add_argument("--quick", action="store_true", help="fewer tokens (under a minute on 2 CPU cores)")
     p.add_argument("--json", action="store_true", help="print a JSON list of records")
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: $V4LAB_DEVICE, else auto)")

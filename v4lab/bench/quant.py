@@ -16,7 +16,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from functools import partial
@@ -26,6 +25,7 @@ import torch
 from v4lab import quant as Q
 from v4lab.checkpoint import expected_keys, nbytes
 from v4lab.config import get_config
+from v4lab.errors import OneLineParser
 
 
 def _time(fn, repeat: int, device: str = "cpu") -> float:
@@ -108,7 +108,7 @@ def run(quick: bool = False, device: str | torch.device | None = None) -> list[d
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="v4lab bench quant")
+    p = OneLineParser(prog="v4lab bench quant")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: $V4LAB_DEVICE, else auto)")

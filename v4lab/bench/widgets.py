@@ -12,13 +12,14 @@ directory (said on stderr; their records carry ``"weights"``: the download's nam
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from v4lab.errors import OneLineParser
 
 TARGET_MS = 100.0
 
@@ -77,7 +78,7 @@ def _run(quick: bool, tmp: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="v4lab bench widgets", description=__doc__.split("\n")[0])
+    ap = OneLineParser(prog="v4lab bench widgets", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="one sweep pass per control")
     ap.add_argument("--json", action="store_true", help="print a JSON list of records")
     args = ap.parse_args(argv)

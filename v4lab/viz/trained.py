@@ -4,7 +4,7 @@
 
 * trained weights: the directory under ``data/`` that holds a ``config.json`` (the official release
   layout written by ``v4lab.save``: config, safetensors index and shards, ``tokenizer.json``), read with
-  :func:`v4lab.load` and ``tokenizers.Tokenizer.from_file``. With several, the most recently written one.
+  :func:`v4lab.load` and :func:`v4lab.data.load_tokenizer`. With several, the most recently written one.
 * ``$V4LAB_WEIGHTS``, when set, names the checkpoint directory to use instead.
 * otherwise a synthetic checkpoint: random weights of the ``tiny`` config
   (:func:`v4lab.checkpoint.make_synthetic_checkpoint`, seed 0) written once into a cache directory
@@ -81,14 +81,14 @@ def load_dir(path: Path | str, synthetic: bool = False, device=None):
     """(model, tokenizer, info) from one checkpoint directory (eval mode, fp32, no gradients needed), on
     ``device`` (as ``v4lab.device.get_device``: argument, else $V4LAB_DEVICE, else CUDA when present)."""
     import v4lab
-    from tokenizers import Tokenizer
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         raise ValueError(f"path = {str(path)!r}: no tokenizer.json there (a notebook needs one to show text)")
     model = v4lab.load(path, device=device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    from v4lab.data import load_tokenizer
+    tok = load_tokenizer(path)                    # a regular file of bounded size, one-line errors
     if tok.get_vocab_size() > model.cfg.vocab_size:
         raise ValueError(f"tokenizer.json: {tok.get_vocab_size()} entries do not fit vocab_size = "
                          f"{model.cfg.vocab_size} of {path}")

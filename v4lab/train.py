@@ -335,7 +335,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
           threads: int | None = None, deterministic: bool = True, progress: bool = True,
           max_seconds: float | None = None, callback=None, log_preact: bool = False,
           device: str | torch.device | None = None, mtp_weight_final: float | None = None,
-          mtp_switch_at: float = 0.7) -> dict:
+          mtp_switch_at: float = 0.7, ddp=None) -> dict:
     """Train and return {"model", "log": [per-step records], "evals": [...], "summary": {...}}.
 
     cfg: a V4Config or preset name (``swiglu_limit`` overrides its clamp). data: a v4lab.data.TokenData
@@ -353,6 +353,8 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     device: as ``v4lab.device.get_device`` (argument, else $V4LAB_DEVICE, else CUDA when present). A new
     model is initialised on the CPU and then moved, so a seed gives the same initial weights on every device;
     a given ``model`` is moved there too.
+    ddp: a ``v4lab.distributed.DataParallel`` to run as one rank of a data-parallel job (global batch
+    ``batch_size`` split over the ranks; see that module).
     """
     from v4lab.data import load_data
     if isinstance(cfg, str):
@@ -378,6 +380,8 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     rollback = 2 * ar_lag if rollback is None else rollback
     spike_min_step = warmup if spike_min_step is None else spike_min_step
     qat_from = _qat_start(qat, steps)
+    if ddp is not None:
+        ddp.check_batch(batch_size)
     dev = get_device(device)
     if threads is not None:
         torch.set_num_threads(int(threads))
@@ -404,6 +408,8 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     model.set_flags(hc_mode=hc_mode, qat=qat_from == 0)
     model.train()
     opts = make_optimizer(model, optimizer, lr, weight_decay)
+    fwd = model if ddp is None else ddp.wrap(model)           # what the loss forward goes through
+    main_rank = ddp is None or ddp.is_main
     probe = _Probe(model)
     blocks = model.blocks()
     n_sites = 2 * cfg.num_hidden_layers
@@ -413,7 +419,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     heldout = data.heldout_windows(seq_len, eval_windows) if eval_every else None
 
     log, evals = [], []
-    log_f = open(log_path, "w") if log_path else None
+    log_f = open(log_path, "w") if log_path and main_rank else None
     ar_on = anticipatory == "always"
     ar_until = -1
     pending: dict[int, list] = {}
@@ -424,6 +430,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
 
     def routes_for(t):
         ids = data.batch(t, batch_size, seq_len, seed)
+        ids = ids if ddp is None else ddp.shard(ids)
         return model.route_only(ids[:, :-1], return_mtp=use_mtp)
 
     def start_ar(t):
@@ -434,7 +441,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     if ar_on:
         start_ar(0)
     bar = None
-    if progress:
+    if progress and main_rank:
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, desc="train", leave=False)
     t_start, c_start = time.perf_counter(), time.process_time()
@@ -456,11 +463,12 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                     for g in o.param_groups:
                         g["lr"] = cur_lr
                 ids = data.batch(step, batch_size, seq_len, seed)
+                ids = ids if ddp is None else ddp.shard(ids)
                 routes = pending.pop(step) if ar_on else None
                 probe.clear()
-                lm, mt = lm_losses(model, ids, routes, mtp=use_mtp)
+                lm, mt = lm_losses(fwd, ids, routes, mtp=use_mtp)
                 moe_max = dict(probe.moe_max)
-                bal = balance_loss(model, batch_size, balance_alpha, learned) if balance_alpha > 0 else torch.zeros(())
+                bal = balance_loss(model, ids.shape[0], balance_alpha, learned) if balance_alpha > 0 else torch.zeros(())
                 w_mtp = mtp_weight if mtp_switch is None or step < mtp_switch else float(mtp_weight_final)
                 loss = lm + (w_mtp * mt if mt is not None else 0.0) + bal
                 if not torch.isfinite(loss):
@@ -483,6 +491,8 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                         pending[step + ar_lag] = routes_for(step + ar_lag)
                 for o in opts:
                     o.step()
+                if ddp is not None:              # the global load: every rank makes the same bias update
+                    loads = ddp.sum_loads(loads)
                 if bias_gamma > 0:
                     for j in learned:
                         bias_update(blocks[j].ffn.gate.bias, loads[j], bias_gamma)
@@ -500,8 +510,10 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                        "ar_on": ar_on, "qat": bool(model.qat), "seconds": time.perf_counter() - t0,
                        "cpu_seconds": time.process_time() - c_start,
                        "tokens": (step + 1) * batch_size * seq_len}
+                if ddp is not None:
+                    rec = ddp.reduce_record(rec)
                 # spike detector (spike mode): compare with the EMA *before* it absorbs this loss
-                lval = float(lm.detach())
+                lval = rec["lm_loss"]
                 event = None
                 if anticipatory == "spike":
                     if (not ar_on and ema is not None and step >= spike_min_step and lval > spike_ratio * ema
@@ -531,13 +543,14 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", ar="on" if ar_on else "off")
                     bar.update(1)
-                if out_dir and ckpt_every and (step + 1) % ckpt_every == 0:
+                if out_dir and ckpt_every and (step + 1) % ckpt_every == 0 and main_rank:
                     model_mod.save(model, out_dir, overwrite=True)
                 if event is not None and event.startswith("spike"):
                     step = back
                     continue
                 step += 1
-                if max_seconds is not None and time.perf_counter() - t_start > max_seconds:
+                stop = max_seconds is not None and time.perf_counter() - t_start > max_seconds
+                if stop if ddp is None or max_seconds is None else ddp.any(stop):
                     break
     finally:
         probe.remove()
@@ -545,7 +558,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
             log_f.close()
         if bar is not None:
             bar.close()
-    if out_dir:
+    if out_dir and main_rank:
         model_mod.save(model, out_dir, overwrite=True)
     summary = {"steps_done": step, "seconds": time.perf_counter() - t_start,
                "cpu_seconds": time.process_time() - c_start, "threads": torch.get_num_threads(),
@@ -719,6 +732,8 @@ def _parser():
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--log", help="JSONL log path (default OUT/train_log.jsonl)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (DDP; gloo on "
+                   "CPU, NCCL on CUDA); --batch-size is the global batch. Under torchrun the job's world is used")
     return p
 
 
@@ -775,6 +790,12 @@ def main(argv=None) -> int:
         if v < (2 if key == "seq_len" else 1):
             _bad(f"--{key.replace('_', '-')}", v, "must be a positive integer" + (" >= 2" if key == "seq_len" else ""))
     dev = get_device(args.device)                 # a bad --device fails before the slow set-up too
+    ddp = None
+    if args.nproc != 1 or os.environ.get("WORLD_SIZE", "1") != "1":
+        from v4lab.distributed import join_or_launch
+        ddp, dev = join_or_launch(args, dev, main, argv)
+        if ddp is None:                           # this was the launcher: the ranks have finished
+            return 0
     if args.indexer_warmup is not None:
         return _warmup_main(args, dev, argv)
     out = Path(args.out) if args.out else None
@@ -804,7 +825,9 @@ def main(argv=None) -> int:
                 spike_ratio=args.spike_ratio, eval_every=args.eval_every, eval_windows=args.eval_windows,
                 ckpt_every=args.ckpt_every, out_dir=str(out) if out else None, log_path=log_path,
                 threads=args.threads, progress=not args.no_progress, max_seconds=args.max_seconds, model=init,
-                device=dev)
+                device=dev, ddp=ddp)
+    if ddp is not None and not ddp.is_main:       # rank 0 evaluates and writes everything
+        return 0
     summary = dict(res["summary"])
     if out:
         tok.save(str(out / "tokenizer.json"))

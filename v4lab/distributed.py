@@ -166,10 +166,13 @@ class DataParallel:
         return ids[self.rank * n:(self.rank + 1) * n]
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        # unused parameters: experts no local token picked; buffers (router biases) stay rank-local
+        # unused parameters: experts no local token picked. Buffers (router biases) are not synced after
+        # construction: equal biases on every rank follow from the all-reduced loads (tested), not from a copy.
+        import inspect
         ids = [model.device.index] if model.device.type == "cuda" else None
-        return _DDP(model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=True,
-                    process_group=self.group)
+        params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+        sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+        return _DDP(model, device_ids=ids, find_unused_parameters=True, process_group=self.group, **sync)
 
     def sum_loads(self, loads: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per-layer expert loads [E] summed over ranks (one all-reduce)."""

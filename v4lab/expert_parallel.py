@@ -225,8 +225,7 @@ def simulate(xs, idxs, weights, w1s, w2s, w3s, limit: float, ep_size: int, fp8: 
     n_local = check_ep(E, ep_size)
     if not len(xs) == len(idxs) == len(weights) == ep_size:
         _bad("ranks", len(xs), f"xs, idxs and weights need one entry per rank (ep_size = {ep_size})")
-    plans = [dispatch_plan(i, E, ep_size) for i in idxs]
-    recv_counts = [torch.stack([p.counts_by_rank[j] for p in plans]) for j in range(ep_size)]   # [src, E_r]
+    plans, recv_counts = world_plans(idxs, E, ep_size)
     sent = [x[p.token] for x, p in zip(xs, plans)]
     if fp8:                                            # what the wire carries, decoded on arrival
         sent = [fp8_unpack(fp8_pack(s), s.shape[1]).to(s.dtype) for s in sent]
@@ -244,6 +243,22 @@ def simulate(xs, idxs, weights, w1s, w2s, w3s, limit: float, ep_size: int, fp8: 
     return outs, recs
 
 
+def world_plans(idxs, n_experts: int, ep_size: int):
+    """Every rank's plan and what it receives (step 3 of a simulated world): (plans, recv_counts [src, E_r])."""
+    plans = [dispatch_plan(i, n_experts, ep_size) for i in idxs]
+    return plans, [torch.stack([p.counts_by_rank[j] for p in plans]) for j in range(ep_size)]
+
+
+def world_traffic(idxs, n_experts: int, ep_size: int, hidden: int, fp8: bool = False, x_bytes: int = 2,
+                  y_bytes: int = 2) -> list[dict]:
+    """The per-rank :func:`traffic` records of a simulated world from its routing alone (no expert runs):
+    the bookkeeping of a full-size model (V4-Pro's 7168-wide rows) without its weights."""
+    if len(idxs) != ep_size:
+        _bad("ranks", len(idxs), f"idxs needs one entry per rank (ep_size = {ep_size})")
+    plans, recv_counts = world_plans(idxs, n_experts, ep_size)
+    return [traffic(p, rc, i, hidden, fp8, x_bytes, y_bytes) for i, (p, rc) in enumerate(zip(plans, recv_counts))]
+
+
 def rank_load(idx: torch.Tensor, n_experts: int, ep_size: int) -> torch.Tensor:
     """(token, slot) pairs each rank's experts receive from a routing idx [T, K]: [ep] int64."""
     return dispatch_plan(idx, n_experts, ep_size).send_counts
@@ -251,4 +266,4 @@ def rank_load(idx: torch.Tensor, n_experts: int, ep_size: int) -> torch.Tensor:
 
 __all__ = ["DispatchPlan", "dispatch_plan", "receive_layout", "run_local_experts", "combine", "row_bytes",
            "wire_bytes", "fp8_pack", "fp8_unpack", "AllToAll", "exchange_counts", "ep_forward", "traffic",
-           "simulate", "rank_load", "check_ep"]
+           "simulate", "world_plans", "world_traffic", "rank_load", "check_ep"]

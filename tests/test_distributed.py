@@ -309,3 +309,26 @@ def test_accounting_ep_formula():
         accounting.ep_all_to_all("v4-pro", 5)
     with pytest.raises(ValueError, match="dtype = 'fp16'"):
         accounting.ep_message_bytes(1, 128, "fp16")
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_bench_ep_worker_and_tables(one_process_world, tmp_path, fp8, capsys):
+    """The bench's per-rank timing code in a one-process world (its 2- and 4-process runs are the same
+    code under v4lab.distributed.launch), and the analytic table against accounting."""
+    import json as _json
+
+    from v4lab.bench import ep as B
+    out = tmp_path / "rec.json"
+    B._worker(str(out), 8, 1, "cpu", fp8)
+    rec = _json.loads(out.read_text())
+    assert rec["ranks"] == 1 and rec["backend"] == "gloo" and rec["dispatch_dtype"] == ("fp8" if fp8 else "fp32")
+    assert rec["remote_pairs"] == 0 and rec["dispatch_bytes"] == rec["analytic_dispatch_bytes"] == 0
+    assert set(rec["seconds"]) == {"counts", "dispatch", "experts", "combine", "layer"}
+    rows = B.analytic()
+    assert [(r["model"], r["ep_size"]) for r in rows] == [(m, e) for m in B.PRESETS for e in B.EP_SIZES]
+    pro32 = next(r for r in rows if r["model"] == "v4-pro" and r["ep_size"] == 32)
+    assert pro32["fp8_total_all_layers"] == accounting.ep_all_to_all("v4-pro", 32)["remote_all_layers_total"]
+    assert pro32["bf16_total_all_layers"] > pro32["fp8_total_all_layers"]
+    text = B.format_records([rec] + rows)
+    assert "= meas." in text and "v4-pro  32" in text
+    assert B.main(["--analytic-only"]) == 0 and "v4-flash" in capsys.readouterr().out

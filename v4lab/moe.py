@@ -152,7 +152,11 @@ class MoE(nn.Module):
     ``forward(x [B,S,D], input_ids [B,S] | None = None, forced_idx [B*S,K] | None = None) -> [B,S,D]``.
     After a forward, ``self.last_routing = {"idx": [T,K], "weights": [T,K], "scores": [T,E], "load": [E]}``
     (``scores`` keeps its graph so :func:`sequence_balance_loss` can train the gate from it).
-    ``qat = True`` sends routed expert weights through ``v4lab.quant.fp4_fake_quant_ste``."""
+    ``qat = True`` sends routed expert weights through ``v4lab.quant.fp4_fake_quant_ste``.
+    ``ep_size = n`` (inside a torch.distributed group of n ranks): ``experts`` holds only this rank's experts
+    (a ModuleDict keyed by global id; load the matching subset of a full layer's state dict to reproduce
+    it) and the routed part runs through ``v4lab.expert_parallel.ep_forward`` (``dispatch`` is not used;
+    ``ep_fp8`` sends FP8 rows); ``self.last_ep`` then records the traffic."""
 
     def __init__(self, cfg: V4Config, layer_id: int, *, dispatch: str = "grouped", shared_clamp: bool = True,
                  swiglu_limit: float | None = None, ep_size: int = 1, ep_group=None, ep_fp8: bool = False,

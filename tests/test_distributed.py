@@ -332,3 +332,13 @@ def test_bench_ep_worker_and_tables(one_process_world, tmp_path, fp8, capsys):
     text = B.format_records([rec] + rows)
     assert "= meas." in text and "v4-pro  32" in text
     assert B.main(["--analytic-only"]) == 0 and "v4-flash" in capsys.readouterr().out
+
+
+def test_fp8_all_to_all_is_straight_through(one_process_world):
+    """FP8 rows forward, full-precision gradients backward (the quantiser's straight-through estimator)."""
+    x = (torch.randn(4, 128) * 3).requires_grad_(True)
+    y = EP.AllToAll.apply(x, [4], [4], None, True)
+    assert torch.equal(y.detach(), act_quant_fp8(x.detach())) and not torch.equal(y.detach(), x.detach())
+    g = torch.randn(4, 128)
+    y.backward(g)
+    assert torch.equal(x.grad, g)

@@ -102,10 +102,12 @@ def ddp_worker(out_dir, data, kw, adam_eps=None):
         T.make_optimizer = functools.partial(T.make_optimizer, eps=adam_eps)
     grads = {}
     log_path = Path(out_dir) / f"log_rank{rank}.jsonl"             # only rank 0 may create its file
-    res = train(micro_config(), data=data, ddp=DataParallel(), callback=first_grads(grads), log_path=log_path, **kw)
+    res = train(micro_config(), data=data, ddp=DataParallel(), callback=first_grads(grads), log_path=log_path,
+                **kw)
     again = train(micro_config(), data=data, ddp=DataParallel(), **kw)       # same seed, same N: same run
-    same = ([r["loss"] for r in again["log"]] == [r["loss"] for r in res["log"]] and
-            all(torch.equal(a, b) for a, b in zip(res["model"].state_dict().values(), again["model"].state_dict().values())))
+    sa, sb = res["model"].state_dict(), again["model"].state_dict()
+    same = ([r["loss"] for r in again["log"]] == [r["loss"] for r in res["log"]]
+            and all(torch.equal(sa[k], sb[k]) for k in sa))
     biases = {f"bias.{j}": b.ffn.gate.bias.clone() for j, b in enumerate(res["model"].blocks()) if not b.ffn.gate.is_hash}
     sd = {k: v for k, v in res["model"].state_dict().items() if v.is_floating_point()}
     _write(out_dir, rank, {**sd, **biases, **grads}, {"log": [{k: r[k] for k in ("loss", "lm_loss", "mtp_loss",

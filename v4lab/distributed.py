@@ -178,7 +178,7 @@ class DataParallel:
         """Per-layer expert loads [E] summed over ranks (one all-reduce)."""
         if not loads:
             return loads
-        flat = torch.stack([l.float() for l in loads])
+        flat = torch.stack([load.float() for load in loads])
         dist.all_reduce(flat, group=self.group)
         return list(flat.unbind(0))
 

@@ -468,7 +468,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                 probe.clear()
                 lm, mt = lm_losses(fwd, ids, routes, mtp=use_mtp)
                 moe_max = dict(probe.moe_max)
-                bal = balance_loss(model, ids.shape[0], balance_alpha, learned) if balance_alpha > 0 else torch.zeros(())
+                bal = balance_loss(model, len(ids), balance_alpha, learned) if balance_alpha > 0 else torch.zeros(())
                 w_mtp = mtp_weight if mtp_switch is None or step < mtp_switch else float(mtp_weight_final)
                 loss = lm + (w_mtp * mt if mt is not None else 0.0) + bal
                 if not torch.isfinite(loss):

@@ -152,8 +152,10 @@ def format_records(recs: list[dict]) -> str:
     for r in recs:
         if r["bench"] == "ep_analytic":
             out.append(f"{r['model']:>9} {r['ep_size']:>3} {r['experts_per_rank']:>12} "
-                       f"{_kib(r['fp8_dispatch_per_layer']) + ' KiB':>15} {_kib(r['bf16_combine_per_layer']) + ' KiB':>16} "
-                       f"{r['fp8_total_all_layers'] / 2**20:>15.2f} MiB {r['bf16_total_all_layers'] / 2**20:>11.2f} MiB")
+                       f"{_kib(r['fp8_dispatch_per_layer']) + ' KiB':>15} "
+                       f"{_kib(r['bf16_combine_per_layer']) + ' KiB':>16} "
+                       f"{r['fp8_total_all_layers'] / 2**20:>15.2f} MiB "
+                       f"{r['bf16_total_all_layers'] / 2**20:>11.2f} MiB")
     return "\n".join(out)
 
 

@@ -227,8 +227,14 @@ def join_or_launch(args, dev, main, argv):
     if world is None:
         if dev.type == "cuda" and nproc > torch.cuda.device_count():
             _bad("--nproc", nproc, f"needs one GPU per process; {torch.cuda.device_count()} visible")
-        launch(_rerun, nproc, (main, list(sys.argv[1:] if argv is None else argv)), device=dev,
-               timeout_s=float("inf"))
+        try:
+            launch(_rerun, nproc, (main, list(sys.argv[1:] if argv is None else argv)), device=dev,
+                   timeout_s=float("inf"))
+        except RuntimeError as e:           # bad input found inside the ranks: one line, like the rest of the CLI
+            first = str(e).split("\n")[0]
+            if ": ValueError: " in first:
+                raise ValueError(first.split(": ValueError: ", 1)[1]) from None
+            raise
         return None, None
     rank, size, local = world
     if nproc not in (1, size):

@@ -504,7 +504,7 @@ def cli(cmd: str, argv: list[str], parser_cls=argparse.ArgumentParser) -> int:
 
 # ---------------------------------------------------------------------------------------- expert parallelism
 # Bytes per element of a dispatched/combined row. FP8 rows carry one UE8M0 scale byte per 128 values
-# (v4lab.expert_parallel.fp8_pack; DeepSeek-V3 report §3.3: FP8 dispatch, BF16 combine).
+# (v4lab.expert_parallel.fp8_pack; DeepSeek-V3 report §3.3.3: FP8 dispatch, BF16 combine).
 EP_DTYPES = {"fp32": 4, "bf16": 2, "fp8": 1}
 EP_SCALE_BLOCK = 128
 

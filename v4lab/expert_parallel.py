@@ -21,7 +21,7 @@ Everything but the transport is a pure function of tensors (:func:`dispatch_plan
 autograd-aware :class:`AllToAll`; :func:`simulate` runs every rank of a simulated world in one process, the
 all-to-all being a transpose of per-rank lists (the notebook's figure, the tests' reference).
 
-FP8 dispatch (DeepSeek-V3 report §3.3: activations are quantised to FP8 before dispatch, the combine stays
+FP8 dispatch (DeepSeek-V3 report §3.3.3: activations are quantised to FP8 before dispatch, the combine stays
 BF16): each row is sent as E4M3 bytes with one UE8M0 scale byte per 128 values (``v4lab.quant``'s
 activation format), i.e. D + D/128 bytes per row. The backward sends gradients in full precision
 (straight-through).

@@ -229,7 +229,7 @@ print("rows sent to rank 0 / rank 1:", plan.send_counts.tolist())
 # balances experts also balances ranks. Bottom right: bytes per token per MoE layer for V4-Pro at EP 32,
 # counted on 32 simulated ranks with V4-Pro's 7168-wide rows (measured by v4lab) beside the formula in
 # `accounting.ep_all_to_all`. FP8 dispatch with BF16 combine is DeepSeek-V3's recipe (V3 technical report
-# §3.3); each FP8 row carries one scale byte per 128 values here. Hidden size, experts, top-6 and
+# §3.3.3); each FP8 row carries one scale byte per 128 values here. Hidden size, experts, top-6 and
 # 61 layers come from the V4-Pro config.
 
 # %%

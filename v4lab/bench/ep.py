@@ -10,7 +10,7 @@ the bytes each rank put on the wire (max over ranks) and the analytic bytes for 
 On one CPU, "the wire" is loopback TCP between processes: times show gloo's overhead, not a network.
 
 Analytic: all-to-all bytes per decode token for V4-Flash and V4-Pro at EP 8/16/32/64
-(``v4lab.accounting.ep_all_to_all``): FP8 dispatch + BF16 combine (DeepSeek-V3 §3.3's recipe), and BF16
+(``v4lab.accounting.ep_all_to_all``): FP8 dispatch + BF16 combine (DeepSeek-V3 §3.3.3's recipe), and BF16
 dispatch for comparison, per MoE layer and over all MoE layers, for uniform routing over the ranks.
 """
 from __future__ import annotations

@@ -151,6 +151,9 @@ class DataParallel:
             _bad("ddp", "no process group", "start one first (v4lab.distributed.launch or torchrun)")
         self.group = group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        # NCCL reduces GPU tensors only: the log's scalars travel on this rank's GPU there
+        nccl = dist.get_backend(group) == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
@@ -178,12 +181,12 @@ class DataParallel:
         """Per-layer expert loads [E] summed over ranks (one all-reduce)."""
         if not loads:
             return loads
-        flat = torch.stack([load.float() for load in loads])
+        flat = torch.stack([load.float() for load in loads]).to(self.device)
         dist.all_reduce(flat, group=self.group)
-        return list(flat.unbind(0))
+        return list(flat.to(loads[0].device).unbind(0))
 
     def _reduce(self, values: list[float], op) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=op, group=self.group)
         return t.tolist()
 

@@ -70,8 +70,9 @@ def _worker(out_path, tokens, repeat, device, fp8):
         (_, rec), t_l = _timed(lambda: EP.ep_forward(x, idx, w, *ws, 10.0, EXPERTS, None, fp8), dev)
         for k, t in zip(times, (t_c, t_d, t_e, t_b, t_l)):
             times[k].append(t)
-    med = torch.tensor([statistics.median(v[1:]) for v in times.values()], dtype=torch.float64)
-    traffic = torch.tensor([rec["dispatch_bytes"], rec["combine_bytes"], rec["remote_pairs"]], dtype=torch.float64)
+    med = torch.tensor([statistics.median(v[1:]) for v in times.values()], dtype=torch.float64, device=dev)
+    traffic = torch.tensor([rec["dispatch_bytes"], rec["combine_bytes"], rec["remote_pairs"]], dtype=torch.float64,
+                           device=dev)                                  # NCCL reduces GPU tensors only
     dist.all_reduce(med, op=dist.ReduceOp.MAX)
     dist.all_reduce(traffic, op=dist.ReduceOp.MAX)
     if rank == 0:
@@ -81,7 +82,7 @@ def _worker(out_path, tokens, repeat, device, fp8):
             "bench": "ep", "device": str(dev.type), "backend": dist.get_backend(), "ranks": world,
             "dispatch_dtype": "fp8" if fp8 else "fp32", "hidden": HIDDEN, "inter": INTER, "experts": EXPERTS,
             "topk": TOPK, "tokens_per_rank": tokens, "repeats": repeat,
-            "seconds": {k: round(float(v), 6) for k, v in zip(times, med)},
+            "seconds": {k: round(float(v), 6) for k, v in zip(times, med.tolist())},
             "dispatch_bytes": int(traffic[0]), "combine_bytes": int(traffic[1]), "remote_pairs": remote,
             "analytic_dispatch_bytes": ep_message_bytes(remote, HIDDEN, "fp8" if fp8 else "fp32")}))
 

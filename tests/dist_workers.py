@@ -106,11 +106,17 @@ def ddp_worker(out_dir, data, kw, adam_eps=None):
                 **kw)
     again = train(micro_config(), data=data, ddp=DataParallel(), **kw)       # same seed, same N: same run
     sa, sb = res["model"].state_dict(), again["model"].state_dict()
+    # the wrong variant: each rank's bias update from its own loads (no all-reduce) -> biases of its own
+    ddp = DataParallel()
+    ddp.sum_loads = lambda loads: loads
+    local = train(micro_config(), data=data, ddp=ddp, **dict(kw, steps=1))
+    local_biases = {f"local_bias.{j}": b.ffn.gate.bias.clone() for j, b in enumerate(local["model"].blocks())
+                    if not b.ffn.gate.is_hash}
     same = ([r["loss"] for r in again["log"]] == [r["loss"] for r in res["log"]]
             and all(torch.equal(sa[k], sb[k]) for k in sa))
     biases = {f"bias.{j}": b.ffn.gate.bias.clone() for j, b in enumerate(res["model"].blocks()) if not b.ffn.gate.is_hash}
     sd = {k: v for k, v in res["model"].state_dict().items() if v.is_floating_point()}
-    _write(out_dir, rank, {**sd, **biases, **grads}, {"log": [{k: r[k] for k in ("loss", "lm_loss", "mtp_loss",
+    _write(out_dir, rank, {**sd, **biases, **grads, **local_biases}, {"log": [{k: r[k] for k in ("loss", "lm_loss", "mtp_loss",
                                                                         "balance_loss", "grad_norm", "load")}
                                                       for r in res["log"]], "repeat_identical": same})
 

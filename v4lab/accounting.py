@@ -512,3 +512,41 @@ def cli(cmd: str, argv: list[str], parser_cls: type[argparse.ArgumentParser] = a
     except BrokenPipeError:  # `v4lab info ... | head`: the reader left, which is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+# ---------------------------------------------------------------------------------------- expert parallelism
+# Bytes per element of a dispatched/combined row. FP8 rows carry one UE8M0 scale byte per 128 values
+# (v4lab.expert_parallel.fp8_pack; DeepSeek-V3 report §3.3.3: FP8 dispatch, BF16 combine).
+EP_DTYPES = {"fp32": 4, "bf16": 2, "fp8": 1}
+EP_SCALE_BLOCK = 128
+
+
+def ep_message_bytes(rows: int, hidden: int, dtype: str = "bf16") -> int:
+    """Bytes of ``rows`` token rows of width ``hidden`` in ``dtype`` (fp32, bf16, or fp8 + scales)."""
+    if dtype not in EP_DTYPES:
+        raise ValueError(f"dtype = {dtype!r}: must be one of {', '.join(EP_DTYPES)}")
+    scales = hidden // EP_SCALE_BLOCK if dtype == "fp8" else 0
+    return int(rows) * (hidden * EP_DTYPES[dtype] + scales)
+
+
+def ep_all_to_all(cfg, ep_size: int, tokens: int = 1, *, dispatch: str = "fp8", combine: str = "bf16") -> dict:
+    """All-to-all bytes of expert parallelism for ``tokens`` tokens (per rank, e.g. one decode token).
+
+    Each token is sent once per routed expert (tokens x top-k rows; no de-duplication of two experts on
+    one rank), dispatch in ``dispatch`` and combine back in ``combine``. ``upper`` counts every row;
+    ``remote`` only those leaving the rank, (ep-1)/ep of them when routing is uniform over ranks (a
+    balanced router's expectation). Per layer, and over the model's MoE layers (MTP excluded)."""
+    cfg = _cfg(cfg)
+    E, K, d = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size
+    if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1 or E % ep_size:
+        raise ValueError(f"ep_size = {ep_size!r}: must be a positive integer dividing n_routed_experts = {E}")
+    rows = tokens * K
+    layers = sum(not cfg.is_dense_layer(i) for i in range(cfg.num_hidden_layers))
+    upper = {"dispatch": ep_message_bytes(rows, d, dispatch), "combine": ep_message_bytes(rows, d, combine)}
+    frac = (ep_size - 1) / ep_size
+    remote = {k: v * frac for k, v in upper.items()}
+    return {"name": cfg.name, "ep_size": ep_size, "tokens": tokens, "topk": K, "hidden": d,
+            "experts_per_rank": E // ep_size, "moe_layers": layers, "dispatch_dtype": dispatch,
+            "combine_dtype": combine, "upper_per_layer": upper, "remote_per_layer": remote,
+            "remote_per_layer_total": sum(remote.values()),
+            "remote_all_layers_total": layers * sum(remote.values())}

@@ -13,6 +13,9 @@
 * Dispatch: ``moe_naive`` (token by token, the obvious reference) and ``moe_grouped`` (tokens sorted by
   expert, one matmul per expert, scattered back with index_add); ``"triton"`` runs the sorted layout
   through kernels/moe.py (inference only). All give the same result.
+* Expert parallelism: ``ep_size > 1`` (inside a torch.distributed group) keeps only this rank's
+  n_routed_experts / ep_size experts, under their global names ``experts.{e}``, and runs the routed part
+  through the all-to-all dispatch/combine of v4lab/expert_parallel.py; gate and shared expert stay local.
 
 Training rules (spec §1.3) live here as functions: :func:`bias_update` (aux-loss-free, sign rule,
 gamma = 0.001) and :func:`sequence_balance_loss` (V3's, alpha = 0.0001). Notebook helpers at the end.
@@ -149,13 +152,19 @@ class MoE(nn.Module):
     ``forward(x [B,S,D], input_ids [B,S] | None = None, forced_idx [B*S,K] | None = None) -> [B,S,D]``.
     After a forward, ``self.last_routing = {"idx": [T,K], "weights": [T,K], "scores": [T,E], "load": [E]}``
     (``scores`` keeps its graph so :func:`sequence_balance_loss` can train the gate from it).
-    ``qat = True`` sends routed expert weights through ``v4lab.quant.fp4_fake_quant_ste``."""
+    ``qat = True`` sends routed expert weights through ``v4lab.quant.fp4_fake_quant_ste``.
+    ``ep_size = n`` (inside a torch.distributed group of n ranks): ``experts`` holds only this rank's experts
+    (a ModuleDict keyed by global id; load the matching subset of a full layer's state dict to reproduce
+    it) and the routed part runs through ``v4lab.expert_parallel.ep_forward`` (``dispatch`` is not used;
+    ``ep_fp8`` sends FP8 rows); ``self.last_ep`` then records the traffic."""
 
     def __init__(self, cfg: V4Config, layer_id: int, *, dispatch: str = "grouped", shared_clamp: bool = True,
-                 swiglu_limit: float | None = None, **gate_options):
+                 swiglu_limit: float | None = None, ep_size: int = 1, ep_group=None, ep_fp8: bool = False,
+                 **gate_options):
         super().__init__()
         if dispatch not in DISPATCHES:
             _bad("dispatch", dispatch, f"must be one of {DISPATCHES}")
+        self.ep_size, self.ep_group, self.ep_fp8, self.ep_rank = ep_size, ep_group, bool(ep_fp8), 0
         self.dim = cfg.hidden_size
         self.layer_id = layer_id
         self.dispatch = dispatch
@@ -164,15 +173,20 @@ class MoE(nn.Module):
         self.gate = Gate(cfg, layer_id, **gate_options)
         std = cfg.initializer_range
         I = cfg.moe_intermediate_size
-        self.experts = nn.ModuleList(Expert(self.dim, I, self.limit, std) for _ in range(cfg.n_routed_experts))
+        if ep_size == 1 and not ep_fp8:
+            self.experts = nn.ModuleList(Expert(self.dim, I, self.limit, std) for _ in range(cfg.n_routed_experts))
+        else:
+            self.ep_rank, local = _ep_local_experts(cfg.n_routed_experts, ep_size, ep_group)
+            self.experts = nn.ModuleDict({str(e): Expert(self.dim, I, self.limit, std) for e in local})
+        self.last_ep: dict | None = None
         self.shared_experts = (Expert(self.dim, I * cfg.n_shared_experts, self.limit if shared_clamp else 0.0, std)
                                if cfg.n_shared_experts > 0 else None)
         self.last_routing: dict | None = None
 
     def expert_weights(self):
         """Lists (w1s, w2s, w3s) of the routed experts, fake-quantised to FP4 when ``qat`` is on."""
-        ws = [[e.w1.weight for e in self.experts], [e.w2.weight for e in self.experts],
-              [e.w3.weight for e in self.experts]]
+        ex = list(self.experts.values()) if isinstance(self.experts, nn.ModuleDict) else list(self.experts)
+        ws = [[e.w1.weight for e in ex], [e.w2.weight for e in ex], [e.w3.weight for e in ex]]
         if self.qat:
             from v4lab.quant import fp4_fake_quant_ste   # another module; imported when first needed
             ws = [[fp4_fake_quant_ste(w) for w in group] for group in ws]
@@ -192,12 +206,31 @@ class MoE(nn.Module):
             _bad("dispatch", "triton", "the Triton kernel is forward-only; use it under torch.no_grad() "
                                        "or pick 'grouped' for training")
         w1s, w2s, w3s = self.expert_weights()
-        y = _DISPATCH[self.dispatch](flat, idx, weights, w1s, w2s, w3s, self.limit)
+        if isinstance(self.experts, nn.ModuleDict):
+            from v4lab.expert_parallel import ep_forward    # imports this module: loaded on first use
+            y, self.last_ep = ep_forward(flat, idx, weights, w1s, w2s, w3s, self.limit, self.gate.n_experts,
+                                         self.ep_group, self.ep_fp8, ffn=expert_ffn)
+        else:
+            y = _DISPATCH[self.dispatch](flat, idx, weights, w1s, w2s, w3s, self.limit)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         self.last_routing = {"idx": idx.detach(), "weights": weights.detach(), "scores": scores,
-                             "load": expert_load(idx, len(self.experts))}
+                             "load": expert_load(idx, self.gate.n_experts)}
         return y.to(x.dtype).view(B, S, D)
+
+
+def _ep_local_experts(n_experts: int, ep_size: int, group) -> tuple[int, range]:
+    """(this rank, its global expert ids) in an EP group of ``ep_size`` ranks (torch.distributed)."""
+    import torch.distributed as dist
+    if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1 or n_experts % ep_size:
+        _bad("ep_size", ep_size, f"must be a positive integer dividing n_routed_experts = {n_experts}")
+    if not dist.is_initialized() or dist.get_world_size(group) != ep_size:
+        world = dist.get_world_size(group) if dist.is_initialized() else "no process group"
+        _bad("ep_size", ep_size, f"must equal the size of the torch.distributed group ({world}); "
+                                 "start one first (v4lab.distributed), or use ep_size = 1")
+    rank = dist.get_rank(group)
+    n = n_experts // ep_size
+    return rank, range(rank * n, (rank + 1) * n)
 
 
 # --------------------------------------------------------------------------------------- training rules

@@ -367,7 +367,8 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
           threads: int | None = None, deterministic: bool = True, progress: bool = True,
           max_seconds: float | None = None, callback=None, log_preact: bool = False,
           device: str | torch.device | None = None, mtp_weight_final: float | None = None,
-          mtp_switch_at: float = 0.7, extra_files: dict[str, bytes] | None = None) -> dict:
+          mtp_switch_at: float = 0.7, extra_files: dict[str, bytes] | None = None,
+          ddp=None) -> dict:
     """Train and return {"model", "log": [per-step records], "evals": [...], "summary": {...}}.
 
     cfg: a V4Config or preset name (``swiglu_limit`` overrides its clamp). data: a v4lab.data.TokenData
@@ -389,6 +390,8 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     ``extra_files`` ({name: bytes}, e.g. the tokenizer) inside, so each one is self-contained. A save the
     disk refuses goes to a fallback folder (``save_or_rescue``, raises ``SaveFailed``). Ctrl-C raises
     ``Interrupted`` (a KeyboardInterrupt) naming the last complete checkpoint.
+    ddp: a ``v4lab.distributed.DataParallel`` to run as one rank of a data-parallel job (global batch
+    ``batch_size`` split over the ranks; see that module).
     """
     from v4lab.data import load_data
     if isinstance(cfg, str):
@@ -417,6 +420,8 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     if out_dir:
         from v4lab.checkpoint import expected_keys
         expected_keys(cfg)             # a config the release layout cannot store fails now, not after training
+    if ddp is not None:
+        ddp.check_batch(batch_size)
     dev = get_device(device)
     if threads is not None:
         torch.set_num_threads(int(threads))
@@ -443,6 +448,8 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     model.set_flags(hc_mode=hc_mode, qat=qat_from == 0)
     model.train()
     opts = make_optimizer(model, optimizer, lr, weight_decay)
+    fwd = model if ddp is None else ddp.wrap(model)           # what the loss forward goes through
+    main_rank = ddp is None or ddp.is_main
     probe = _Probe(model)
     blocks = model.blocks()
     n_sites = 2 * cfg.num_hidden_layers
@@ -452,7 +459,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     heldout = data.heldout_windows(seq_len, eval_windows) if eval_every else None
 
     log, evals = [], []
-    log_f = open(log_path, "w") if log_path else None
+    log_f = open(log_path, "w") if log_path and main_rank else None
     ar_on = anticipatory == "always"
     ar_until = -1
     pending: dict[int, list] = {}
@@ -463,6 +470,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
 
     def routes_for(t):
         ids = data.batch(t, batch_size, seq_len, seed)
+        ids = ids if ddp is None else ddp.shard(ids)
         return model.route_only(ids[:, :-1], return_mtp=use_mtp)
 
     def start_ar(t):
@@ -473,7 +481,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     if ar_on:
         start_ar(0)
     bar = None
-    if progress:
+    if progress and main_rank:
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, desc="train", leave=False)
     t_start, c_start = time.perf_counter(), time.process_time()
@@ -496,11 +504,12 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                     for g in o.param_groups:
                         g["lr"] = cur_lr
                 ids = data.batch(step, batch_size, seq_len, seed)
+                ids = ids if ddp is None else ddp.shard(ids)
                 routes = pending.pop(step) if ar_on else None
                 probe.clear()
-                lm, mt = lm_losses(model, ids, routes, mtp=use_mtp)
+                lm, mt = lm_losses(fwd, ids, routes, mtp=use_mtp)
                 moe_max = dict(probe.moe_max)
-                bal = balance_loss(model, batch_size, balance_alpha, learned) if balance_alpha > 0 else torch.zeros(())
+                bal = balance_loss(model, len(ids), balance_alpha, learned) if balance_alpha > 0 else torch.zeros(())
                 w_mtp = mtp_weight if mtp_switch is None or step < mtp_switch else float(mtp_weight_final)
                 loss = lm + (w_mtp * mt if mt is not None else 0.0) + bal
                 if not torch.isfinite(loss):
@@ -523,6 +532,8 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                         pending[step + ar_lag] = routes_for(step + ar_lag)
                 for o in opts:
                     o.step()
+                if ddp is not None:              # the global load: every rank makes the same bias update
+                    loads = ddp.sum_loads(loads)
                 if bias_gamma > 0:
                     for j in learned:
                         bias_update(blocks[j].ffn.gate.bias, loads[j], bias_gamma)
@@ -540,8 +551,10 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                        "ar_on": ar_on, "qat": bool(model.qat), "seconds": time.perf_counter() - t0,
                        "cpu_seconds": time.process_time() - c_start,
                        "tokens": (step + 1) * batch_size * seq_len}
+                if ddp is not None:
+                    rec = ddp.reduce_record(rec)
                 # spike detector (spike mode): compare with the EMA *before* it absorbs this loss
-                lval = float(lm.detach())
+                lval = rec["lm_loss"]
                 event = None
                 if anticipatory == "spike":
                     if (not ar_on and ema is not None and step >= spike_min_step and lval > spike_ratio * ema
@@ -571,13 +584,14 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", ar="on" if ar_on else "off")
                     bar.update(1)
-                if out_dir and ckpt_every and (step + 1) % ckpt_every == 0:
+                if out_dir and ckpt_every and (step + 1) % ckpt_every == 0 and main_rank:
                     saved = save_or_rescue(model, out_dir, extra_files)
                 if event is not None and event.startswith("spike"):
                     step = back
                     continue
                 step += 1
-                if max_seconds is not None and time.perf_counter() - t_start > max_seconds:
+                stop = max_seconds is not None and time.perf_counter() - t_start > max_seconds
+                if stop if ddp is None or max_seconds is None else ddp.any(stop):
                     break
     except KeyboardInterrupt:
         raise Interrupted(step, saved) from None
@@ -587,7 +601,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
             log_f.close()
         if bar is not None:
             bar.close()
-    if out_dir:
+    if out_dir and main_rank:
         try:
             save_or_rescue(model, out_dir, extra_files)
         except KeyboardInterrupt:
@@ -764,6 +778,8 @@ def _parser():
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--log", help="JSONL log path (default OUT/train_log.jsonl)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (DDP; gloo on "
+                   "CPU, NCCL on CUDA); --batch-size is the global batch. Under torchrun the job's world is used")
     return p
 
 
@@ -844,6 +860,12 @@ def _main(args, argv, done: dict) -> int:
     if not 0 <= args.seed < 2 ** 63:
         _bad("--seed", args.seed, "must be in [0, 2**63)")
     dev = get_device(args.device)                 # a bad --device fails before the slow set-up too
+    ddp = None
+    if args.nproc != 1 or os.environ.get("WORLD_SIZE", "1") != "1":
+        from v4lab.distributed import join_or_launch
+        ddp, dev = join_or_launch(args, dev, main, argv)
+        if ddp is None:                           # this was the launcher: the ranks have finished
+            return 0
     if args.indexer_warmup is not None:
         return _warmup_main(args, dev, argv)
     out = check_writable(args.out, "--out") if args.out else None    # refuse before hours of training
@@ -874,8 +896,10 @@ def _main(args, argv, done: dict) -> int:
                 spike_ratio=args.spike_ratio, eval_every=args.eval_every, eval_windows=args.eval_windows,
                 ckpt_every=args.ckpt_every, out_dir=str(out) if out else None, log_path=log_path,
                 threads=args.threads, progress=not args.no_progress, max_seconds=args.max_seconds, model=init,
-                device=dev, extra_files=extra)
+                device=dev, extra_files=extra, ddp=ddp)
     done["out"] = out
+    if ddp is not None and not ddp.is_main:       # rank 0 evaluates and writes everything
+        return 0
     summary = dict(res["summary"])
     if out:
         if not args.log:

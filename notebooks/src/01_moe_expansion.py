@@ -188,3 +188,70 @@ from v4lab.viz import real as vr
 print(vr.real_weights_status())
 if vr.configured():
     vr.HashLoadWidget().display()
+
+# %% [markdown]
+# ## Past one device: expert parallelism
+#
+# V4-Pro's 384 routed experts per layer do not fit on one GPU, so serving and training spread them over
+# devices: with expert parallelism (EP) of size $n$, each rank holds $384/n$ experts of every MoE layer
+# and its own share of the tokens. The gate and the shared expert are replicated; the routed part of one
+# layer becomes a round trip through the network (the pattern DeepSeek's DeepEP library implements):
+#
+# 1. route locally: top-$k$ experts and weights for each of this rank's tokens;
+# 2. sort the (token, expert) pairs by expert, which groups them by the rank that owns the expert;
+# 3. tell every rank how many rows to expect (`all_to_all_single` of the counts);
+# 4. **dispatch**: send each token's row once per chosen expert (`all_to_all_single` of the rows);
+# 5. run the local experts, one matmul per expert over the rows it received;
+# 6. **combine**: send the outputs back the same way, and add them up with the routing weights.
+#
+# `v4lab.expert_parallel` writes steps 2–6 as pure functions of tensors. `MoE(cfg, layer, ep_size=n)` runs
+# them across real processes with `torch.distributed` (tested on 2 and 4 CPU processes against the
+# one-process layer); `EP.simulate` runs the same functions for every rank of a simulated world in
+# one process, the all-to-all being a transpose of per-rank lists. The plan of one rank, by hand:
+
+# %%
+from v4lab import expert_parallel as EP
+from v4lab.viz import ep as ep_viz
+
+idx = torch.tensor([[5, 0], [1, 6], [7, 2]])          # 3 tokens, top-2 of 8 experts, 2 ranks (0-3 | 4-7)
+plan = EP.dispatch_plan(idx, n_experts=8, ep_size=2)
+print("pairs in expert order:", plan.order.tolist(), "-> tokens", plan.token.tolist())
+print("rows per expert on each destination rank:", plan.counts_by_rank.tolist())
+print("rows sent to rank 0 / rank 1:", plan.send_counts.tolist())
+
+# %% [markdown]
+# **Live.** A toy layer (32 experts, top-4, 48 tokens per rank, hidden 128) whose router prefers low
+# expert ids, run by `EP.simulate`. Left: where this batch's rows go, from the rank holding the token to
+# the rank holding the expert (grey rows stay home and cost no bandwidth). Top right: rows each rank's
+# experts receive, without the bias and after *n* bias updates (V4's sign rule, γ = 0.001, on the
+# batch's global load — in training every rank applies it after an all-reduce of the loads, so all
+# ranks move their biases the same way). The slowest rank sets the pace of every layer, so the bias that
+# balances experts also balances ranks. Bottom right: bytes per token per MoE layer for V4-Pro at EP 32,
+# counted on 32 simulated ranks with V4-Pro's 7168-wide rows (measured by v4lab) beside the formula in
+# `accounting.ep_all_to_all`. FP8 dispatch with BF16 combine is DeepSeek-V3's recipe (V3 technical report
+# §3.3.3); each FP8 row carries one scale byte per 128 values here. Hidden size, experts, top-6 and
+# 61 layers come from the V4-Pro config.
+
+# %%
+w_ep = ep_viz.EPWidget()
+w_ep.display()
+
+# %% [markdown]
+# ## Check it yourself
+#
+# The simulated world computes what one process computes: compare its per-rank outputs with the
+# single-process grouped MoE on the whole batch, then print the analytic bytes per token (derived from
+# the V4 configs: tokens × top-k × hidden × bytes per element, (n−1)/n of it leaving the rank).
+
+# %%
+# NBVAL_CHECK_OUTPUT
+world = ep_viz.ep_world(ranks=4, bias_steps=100, skew=0.5)
+s_, x_, ws_ = ep_viz.toy_world(4, 0.5)
+ref = moe.moe_grouped(x_, world["bias"]["idx"], world["bias"]["weights"], *ws_, 0.0)
+print("simulated EP == one process:", torch.allclose(torch.cat(world["bias"]["outs"]), ref, atol=1e-5))
+for name in ("v4-flash", "v4-pro"):
+    for n in (8, 32):
+        a = accounting.ep_all_to_all(name, n)
+        print(f"{name} EP {n:2d}: {a['experts_per_rank']:2d} experts/rank, "
+              f"{a['remote_per_layer_total'] / 1024:.1f} KiB per token per layer, "
+              f"{a['remote_all_layers_total'] / 2**20:.2f} MiB per token over {a['moe_layers']} layers")

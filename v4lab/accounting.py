@@ -183,6 +183,16 @@ def _v4_index_key(cfg: V4Config, include_scales: bool) -> tuple[int, str]:
     return dI // 2 + scales, f"{dI} FP4 e2m1" + (f" + {scales} UE8M0 scales" if scales else "")
 
 
+def entry_bytes(cfg, include_scales: bool = True) -> int:
+    """Bytes of one stored V4 KV entry (window or compressed) in the released format (see ``_v4_entry``)."""
+    return _v4_entry(_cfg(cfg), include_scales)[0]
+
+
+def index_key_bytes(cfg, include_scales: bool = True) -> int:
+    """Bytes of one stored V4 indexer key (FP4 + block-32 scales, see ``_v4_index_key``)."""
+    return _v4_index_key(_cfg(cfg), include_scales)[0]
+
+
 def kv_cache(cfg, context: int = ONE_M, *, include_scales: bool = True) -> dict:
     """KV-cache bytes for one sequence of ``context`` tokens, by layer kind and by stored part.
 

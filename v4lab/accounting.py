@@ -497,14 +497,22 @@ def cli(cmd: str, argv: list[str], parser_cls=argparse.ArgumentParser) -> int:
         p.add_argument("b")
     p.add_argument("--context", default=str(ONE_M), help="tokens: an integer or 128K / 1M (powers of 2)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    if cmd == "compare":
+        p.add_argument("--diff", action="store_true", help="also what changed from A to B: config keys, one "
+                                                           "block's parameter shapes, the parameter delta by change")
     args = p.parse_args(argv)
     context = parse_context(args.context)
     if cmd == "info":
         res = summary(_load(args.config), context)
         text = json.dumps(res) if args.json else format_summary(res)
     else:
-        res = compare(_load(args.a), _load(args.b), context)
+        a, b = _load(args.a), _load(args.b)
+        res = compare(a, b, context)
         text = json.dumps(res) if args.json else format_compare(res)
+        if args.diff:
+            from v4lab import diff
+            d = diff.diff(a, b)
+            text = json.dumps({**res, "diff": d}) if args.json else text + "\n\n" + diff.format_diff(d)
     try:
         print(text, flush=True)
     except BrokenPipeError:  # `v4lab info ... | head`: the reader left, which is not an error

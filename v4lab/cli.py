@@ -1,7 +1,7 @@
 """The ``v4lab`` command line.
 
     v4lab info PRESET_OR_CONFIG_JSON [--context N] [--json]
-    v4lab compare A B [--context N] [--json]
+    v4lab compare A B [--context N] [--json] [--diff]
     v4lab bench {attention,moe,quant,kernels,widgets,device,all} [--quick] [--json] [--device D]
     v4lab train ...        (see v4lab.train)
     v4lab generate ...     (see v4lab.generate)

@@ -133,3 +133,14 @@ def decode_trace(model, ids, chunk: int = 1, progress: bool = False) -> list[dic
         bar.close()
     assert len(out) == S and all(len(r["layers"]) == L for r in out)
     return out
+
+
+def cache_baselines(cfg, n_tokens: int) -> dict:
+    """Cache bytes after ``n_tokens`` for ``cfg``'s layer count with other caches: ``v4`` (this config,
+    ``accounting.kv_cache``), ``v3.2_mla`` (V3.2's served MLA format, 656 B latent + 132 B indexer key per
+    token per layer, on the same number of layers) and ``gqa8`` (BF16 GQA-8, head dim 128, same layers)."""
+    L = cfg.num_hidden_layers
+    v32 = accounting.kv_cache("v3.2", n_tokens)
+    return {"v4": accounting.kv_cache(cfg, n_tokens)["total_bytes"],
+            "v3.2_mla": v32["total_bytes"] // v32["layers_by_kind"]["mla+dsa"] * L,
+            "gqa8": accounting.gqa8(cfg, n_tokens)["total_bytes"]}

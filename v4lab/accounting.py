@@ -336,6 +336,80 @@ def decode_flops(cfg, context: int = ONE_M, *, weights="B") -> dict:
             "groups_raw": {"gemm": gemm, "core_attention": core, "indexer_scores": index}}
 
 
+# ---------------------------------------------------------------------------------------- decode bytes
+def weight_bytes_per_token(cfg) -> dict:
+    """Weight bytes one decode token reads, by part, in the released storage format.
+
+    V4: every tensor of the release layout (``checkpoint.expected_keys``: FP8 + UE8M0 scales, FP4 experts +
+    scales, BF16, FP32) that the token's forward reads — everything of the backbone except the routed experts
+    it is not sent to (K of E per MoE layer; each expert has the same bytes), one embedding row and one
+    ``tid2eid`` row per hash layer; MTP excluded. V3 / V3.2 (no release layout here): active parameters
+    (``params``) at FP8 with one FP32 scale per 128×128 block, the head in BF16 and one BF16 embedding row
+    (their released checkpoints' formats)."""
+    cfg = _cfg(cfg)
+    d, K = cfg.hidden_size, cfg.num_experts_per_tok
+    if not cfg.is_v4:
+        p = params(cfg)
+        head = p["active_by_component"]["head"]
+        rest = p["active"] - head
+        return {"embedding_row": 2 * d, "head": 2 * head, "other": math.ceil(rest * (1 + 4 / 128 ** 2))}
+    from v4lab.checkpoint import expected_keys, nbytes
+    out = {"embedding_row": 0, "routed_experts": 0, "head": 0, "other": 0}
+    for name, (shape, dt) in expected_keys(cfg).items():
+        if name.startswith("mtp."):
+            continue
+        n = nbytes(shape, dt)
+        if name == "embed.weight":
+            out["embedding_row"] += n // shape[0]
+        elif name.endswith("tid2eid"):
+            out["other"] += n // shape[0]
+        elif ".ffn.experts." in name:
+            if name.split(".ffn.experts.")[1].split(".")[0] == "0":      # one expert's bytes, K times
+                out["routed_experts"] += K * n
+        elif name.startswith("head."):
+            out["head"] += n
+        else:
+            out["other"] += n
+    return out
+
+
+def kv_bytes_read(cfg, context: int) -> dict:
+    """KV-cache bytes one decode token reads at ``context`` cached tokens, by part (the formats of ``kv_cache``).
+
+    V4, per layer: the window (min(w, N) entries); CSA: its top-k compressed entries and every indexer key
+    (the indexer scores all of them); HCA: every compressed entry. V3.2, per layer: the top-2048 latents and
+    every indexer key; V3: every latent."""
+    cfg = _cfg(cfg)
+    N = _check_context(context)
+    if not cfg.is_v4:
+        per = {q["part"]: q["bytes_per_entry"] for q in kv_cache(cfg, 1)["parts"]}
+        L = cfg.num_hidden_layers
+        lat = min(cfg.index_topk, N) if cfg.arch == "v3.2" else N
+        out = {"latents": L * lat * per["latent_kv"]}
+        if cfg.arch == "v3.2":
+            out["indexer_keys"] = L * N * per["indexer_keys"]
+        return out
+    eb, kb = entry_bytes(cfg), index_key_bytes(cfg)
+    out = {"window": 0, "compressed_entries": 0, "indexer_keys": 0}
+    for i in range(cfg.num_hidden_layers):
+        r = cfg.compress_ratio(i)
+        out["window"] += min(cfg.sliding_window, N) * eb
+        if r == 4:
+            out["compressed_entries"] += min(cfg.index_topk, N // 4) * eb
+            out["indexer_keys"] += (N // 4) * kb
+        elif r == 128:
+            out["compressed_entries"] += (N // 128) * eb
+    return out
+
+
+def decode_bytes(cfg, context: int = ONE_M) -> dict:
+    """Bytes read to decode one token at ``context``: weights (``weight_bytes_per_token``) + KV cache
+    (``kv_bytes_read``); activations are left out (kilobytes)."""
+    w, kv = weight_bytes_per_token(cfg), kv_bytes_read(cfg, context)
+    return {"context": _check_context(context), "weights": w, "kv": kv, "weights_total": sum(w.values()),
+            "kv_total": sum(kv.values()), "total": sum(w.values()) + sum(kv.values())}
+
+
 # ---------------------------------------------------------------------------------------- MoE expansion
 def moe_expansion(v3_cfg="v3", v4pro_cfg="v4-pro") -> dict:
     """Split the routed-expert growth between two models into four multiplicative factors: more experts

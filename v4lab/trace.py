@@ -76,16 +76,17 @@ def _layer_info(model) -> list[dict]:
 def _layer_record(info: dict, t: int, counts: dict, slots: list[int], win: list[int], comp: list[int],
                   spans: list) -> dict:
     m, kind = info["ratio"], info["kind"]
-    held = sum(p >= 0 for p in slots)
+    held = len(slots) - slots.count(-1)
     by = {"window": held * info["entry_bytes"], "entries": counts["entries"] * info["entry_bytes"],
           "index_keys": counts["index_keys"] * info["key_bytes"]}
     n_vis = (t + 1) // m if m else 0
-    return {"layer": info["layer"], "kind": kind, "ratio": m, "cache_bytes": sum(by.values()), "bytes": by,
-            "window_slots": slots, "pending": list(range(t + 1 - counts["pending"], t + 1)),
+    return {"layer": info["layer"], "kind": kind, "ratio": m, "cache_bytes": by["window"] + by["entries"]
+            + by["index_keys"], "bytes": by, "window_slots": slots,
+            "pending": list(range(t + 1 - counts["pending"], t + 1)),
             "entries": spans[:counts["entries"]], "new_entry": bool(m) and counts["pending"] == 0,
             "n_visible": n_vis, "index_keys": counts["index_keys"],
             "visible": {"window": [p for p in win if p >= 0],
-                        "compressed": sorted(e for e in comp if e >= 0), "sink": True}}
+                        "compressed": sorted(e for e in comp if e >= 0) if m else [], "sink": True}}
 
 
 @torch.no_grad()
@@ -121,10 +122,11 @@ def decode_trace(model, ids, chunk: int = 1, progress: bool = False) -> list[dic
                 reads.append((win, comp, real))
             for t in range(s0, s1):
                 layers = []
+                rule_slots = ring_positions(t + 1, infos[0]["window"]) if t < s1 - 1 else None   # one window size
                 for i, (win, comp, real) in enumerate(reads):
                     f = infos[i]
                     counts = real if t == s1 - 1 else step_counts(t, f["ratio"], f["kind"])
-                    slots = cache.layers[i].window_positions() if t == s1 - 1 else ring_positions(t + 1, f["window"])
+                    slots = cache.layers[i].window_positions() if t == s1 - 1 else rule_slots
                     layers.append(_layer_record(f, t, counts, slots, win[t - s0], comp[t - s0], spans[i]))
                 out.append({"pos": t, "token": toks[t], "cache_bytes": sum(r["cache_bytes"] for r in layers),
                             "layers": layers})
@@ -144,3 +146,131 @@ def cache_baselines(cfg, n_tokens: int) -> dict:
     return {"v4": accounting.kv_cache(cfg, n_tokens)["total_bytes"],
             "v3.2_mla": v32["total_bytes"] // v32["layers_by_kind"]["mla+dsa"] * L,
             "gqa8": accounting.gqa8(cfg, n_tokens)["total_bytes"]}
+
+
+# ------------------------------------------------------------------------------------------ one token
+def _bytes_under(cfg, prefix: str, skip: tuple = ()) -> int:
+    """Release-format bytes of every tensor whose name starts with ``prefix`` (minus ``skip`` prefixes)."""
+    from v4lab.checkpoint import expected_keys, nbytes
+    return sum(nbytes(s, dt) for n, (s, dt) in expected_keys(cfg).items()
+               if n.startswith(prefix) and not any(n.startswith(prefix + k) for k in skip))
+
+
+def _shape(t) -> str:
+    return "[" + ", ".join(map(str, t.shape)) + "]"
+
+
+def _attn_row(cfg, i, x_in, out, cache) -> dict:
+    """What layer i's attention read for the token: its weights and the cache entries of ``cache.reads``."""
+    r = cache.reads[-1]
+    win = [p for p in r["window"][0, -1].tolist() if p >= 0]
+    comp = [e for e in r["compressed"][0, -1].tolist() if e >= 0]
+    kind, m = cfg.layer_kind(i), cfg.compress_ratio(i)
+    eb, kb = accounting.entry_bytes(cfg), accounting.index_key_bytes(cfg)
+    keys = cache.index_keys.n if kind == "csa" else 0
+    kv = (len(win) + len(comp)) * eb + keys * kb
+    w = _bytes_under(cfg, f"layers.{i}.attn.") + _bytes_under(cfg, f"layers.{i}.attn_norm.")
+    what = {"window": f"{len(win)} raw window entries",
+            "csa": f"{len(win)} raw + top-{len(comp)} of {cache.entries.n} compressed (m={m}); "
+                   f"indexer scored {keys} FP4 keys",
+            "hca": f"{len(win)} raw + all {len(comp)} compressed (m={m})"}[kind]
+    return {"step": "attention", "layer": i, "kind": kind, "shapes": f"{_shape(x_in)} → {_shape(out)}",
+            "reads": what + " + sink", "weight_bytes": w, "cache_bytes": kv}
+
+
+def _moe_row(cfg, i, ffn, x_in, out, tok) -> tuple[dict, dict]:
+    """Layer i's routing (hash or learned, top-k, shared) and the clamp on the chosen experts' pre-activations."""
+    r = ffn.last_routing
+    experts = r["idx"][-1].tolist()
+    weights = r["weights"][-1].tolist()
+    hashed = cfg.is_hash_layer(i)
+    p = f"layers.{i}.ffn."
+    one = _bytes_under(cfg, p + "experts.0.")
+    w = _bytes_under(cfg, p, skip=("experts.",)) + len(experts) * one + _bytes_under(cfg, f"layers.{i}.ffn_norm.")
+    if hashed:                      # only one row of tid2eid is read
+        from v4lab.checkpoint import expected_keys, nbytes
+        s, dt = expected_keys(cfg)[p + "gate.tid2eid"]
+        w -= nbytes(s, dt) - nbytes(s[1:], dt)
+    how = f"hash: tid2eid[{tok}]" if hashed else "learned: top-k of scores + bias"
+    route = {"step": "moe", "layer": i, "shapes": f"{_shape(x_in)} → {_shape(out)}",
+             "reads": f"{how} → experts {experts} (weights {', '.join(f'{v:.3g}' for v in weights)}) + 1 shared",
+             "weight_bytes": w, "cache_bytes": 0, "experts": experts, "hash": hashed}
+    lim, xf = ffn.limit, x_in.reshape(-1, x_in.shape[-1])[-1:].float()
+    n_hit = n_all = 0
+    for e in experts:                       # the same pre-activations the expert computes, counted
+        g = torch.nn.functional.linear(xf, ffn.experts[e].w1.weight.float())
+        u = torch.nn.functional.linear(xf, ffn.experts[e].w3.weight.float())
+        n_hit += int((g > lim).sum() + (u.abs() > lim).sum()) if lim > 0 else 0
+        n_all += g.numel() + u.numel()
+    clamp = {"step": "clamp", "layer": i, "shapes": f"{len(experts)} × [{cfg.moe_intermediate_size}] gate and up",
+             "reads": (f"SwiGLU clamp at {lim:g}: {n_hit} of {n_all} pre-activations clipped" if lim > 0
+                       else "no clamp (swiglu_limit ≤ 0)"),
+             "weight_bytes": 0, "cache_bytes": 0, "clipped": n_hit}
+    return route, clamp
+
+
+@torch.no_grad()
+def walk_token(model, ids, t: int | None = None) -> dict:
+    """Walk token ``t`` of ``ids`` (default: the last) through ``model`` after a cached prefill of ids[:t].
+
+    Runs the model's own pieces in ``Block.forward``'s order (embedding, then per layer: mHC pre-mix,
+    attention with the layer's cache, mHC post-mix, mHC pre-mix, MoE, mHC post-mix; then hc_head, norm,
+    head) and the MTP block's draft of token t+2 from the head's greedy token t+1. Returns ``{"rows":
+    [{"step", "layer", "shapes", "reads", "weight_bytes", "cache_bytes", ...}], "logits": [V],
+    "next": token t+1, "draft": MTP's token t+2, "mtp_logits": [V]}``; bytes in the released format
+    (``checkpoint.expected_keys``, ``accounting.entry_bytes``)."""
+    from v4lab.mhc import hc_post
+    ids = _check_ids(model, ids)
+    S = ids.shape[1]
+    t = S - 1 if t is None else t
+    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < S:
+        raise ValueError(f"t = {t!r}: must be a token position in [0, {S - 1}]")
+    cfg, dev = model.cfg, model.device
+    ids = ids.to(dev)
+    cache = model.new_cache(1, record=True)
+    if t:
+        model(ids[:, :t], cache=cache, return_mtp=bool(len(model.mtp)))
+    tok = ids[:, t:t + 1]
+    rows = []
+    e = model.embed(tok)                                                        # [1, 1, d]
+    rows.append({"step": "embedding", "layer": None, "shapes": f"token {int(tok)} → {_shape(e)}",
+                 "reads": "one row of embed.weight", "cache_bytes": 0,
+                 "weight_bytes": _bytes_under(cfg, "embed.") // cfg.vocab_size})
+    x = e.unsqueeze(2).expand(1, 1, cfg.hc_mult, cfg.hidden_size).contiguous()  # [1, 1, n, d]
+    for i, blk in enumerate(model.layers):
+        for site in ("attn", "ffn"):
+            u, post, comb = blk._pre(site, x)
+            rows.append({"step": "mhc_pre", "layer": i, "site": site, "cache_bytes": 0,
+                         "shapes": f"{_shape(x)} → {_shape(u)}", "reads": f"hc_{site}_fn/base/scale; Sinkhorn "
+                         f"{cfg.hc_sinkhorn_iters} iterations → pre [{cfg.hc_mult}], post, comb [{cfg.hc_mult}×{cfg.hc_mult}]",
+                         "weight_bytes": _bytes_under(cfg, f"layers.{i}.hc_{site}_")})
+            if site == "attn":
+                h = blk.attn_norm(u)
+                o = blk.attn(h, t, cache.layers[i])
+                rows.append(_attn_row(cfg, i, h, o, cache.layers[i]))
+            else:
+                h = blk.ffn_norm(u)
+                o = blk.ffn(h, tok)
+                rows.extend(_moe_row(cfg, i, blk.ffn, h, o, int(tok)))
+            x = hc_post(o, x, post, comb)
+            rows.append({"step": "mhc_post", "layer": i, "site": site, "weight_bytes": 0, "cache_bytes": 0,
+                         "shapes": f"{_shape(o)} + {_shape(x)} → {_shape(x)}",
+                         "reads": "post · output + combᵀ · streams (no weights)"})
+    logits = model.logits_from_streams(x, model.hc_head_fn, model.hc_head_base, model.hc_head_scale, model.norm)
+    nxt = int(logits[0, -1].argmax())
+    rows.append({"step": "head", "layer": None, "shapes": f"{_shape(x)} → {_shape(logits)}",
+                 "reads": f"hc_head (pre-only mix), norm, head.weight → greedy token {nxt}", "cache_bytes": 0,
+                 "weight_bytes": sum(_bytes_under(cfg, p) for p in ("hc_head_", "norm.", "head."))})
+    out = {"rows": rows, "logits": logits[0, -1], "next": nxt, "draft": None, "mtp_logits": None, "t": t}
+    if len(model.mtp):
+        model._mtp(x, tok, t, cache, None)                     # the MTP block catches up on position t−1
+        ml = model._mtp_forward(x, torch.tensor([[nxt]], device=dev), t, cache.mtp[0], None)
+        out["mtp_logits"], out["draft"] = ml[0, -1], int(ml[0, -1].argmax())
+        mtp = "mtp.0."
+        rows.append({"step": "mtp_draft", "layer": None, "shapes": f"streams {_shape(x)} + embed(token {nxt}) → "
+                     f"{_shape(ml)}", "reads": f"e_proj, h_proj, one window block, shared head → draft token "
+                     f"{out['draft']} for position {t + 2}", "cache_bytes": accounting.entry_bytes(cfg) *
+                     min(cfg.sliding_window, t + 1),
+                     "weight_bytes": _bytes_under(cfg, mtp, skip=("ffn.experts.",)) + cfg.num_experts_per_tok
+                     * _bytes_under(cfg, mtp + "ffn.experts.0.") + _bytes_under(cfg, "head.")})
+    return out

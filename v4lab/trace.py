@@ -274,3 +274,59 @@ def walk_token(model, ids, t: int | None = None) -> dict:
                      "weight_bytes": _bytes_under(cfg, mtp, skip=("ffn.experts.",)) + cfg.num_experts_per_tok
                      * _bytes_under(cfg, mtp + "ffn.experts.0.") + _bytes_under(cfg, "head.")})
     return out
+
+
+# ------------------------------------------------------------------------------------------ text views
+def summarize(record: dict, layers: list[int] | None = None) -> str:
+    """One line per layer of a trace record: ring, open block, entries (visible = ⌊(t+1)/m⌋), what was read."""
+    t = record["pos"]
+    out = [f"token t = {t}: {t + 1} tokens cached, {record['cache_bytes']:,} B in the released format"]
+    for x in record["layers"]:
+        if layers is not None and x["layer"] not in layers:
+            continue
+        m, held = x["ratio"], sum(p >= 0 for p in x["window_slots"])
+        line = f"  layer {x['layer']} {x['kind']:<6} ring {held:>3}/{len(x['window_slots'])}"
+        if m:
+            line += (f" · open block {len(x['pending'])}/{m} · entries ⌊{t + 1}/{m}⌋ = {x['n_visible']}"
+                     f"{' (one just closed)' if x['new_entry'] else ''} · reads {len(x['visible']['compressed'])}")
+            if x["kind"] == "csa":
+                line += f" (top-k) · indexer keys {x['index_keys']}"
+        out.append(line + f" · {x['cache_bytes']:,} B")
+    return "\n".join(out)
+
+
+def format_walk(walk: dict) -> str:
+    """The rows of :func:`walk_token` as a table, with the totals."""
+    head = f"{'step':<10}{'layer':>5}  {'shapes':<38}{'weights B':>11}{'cache B':>9}  reads"
+    out = [head, "-" * len(head)]
+    for r in walk["rows"]:
+        lay = "" if r["layer"] is None else str(r["layer"])
+        out.append(f"{r['step']:<10}{lay:>5}  {r['shapes']:<38}{r['weight_bytes']:>11,}{r['cache_bytes']:>9,}  {r['reads']}")
+    w = sum(r["weight_bytes"] for r in walk["rows"])
+    c = sum(r["cache_bytes"] for r in walk["rows"])
+    out.append(f"total: {w:,} B of weights + {c:,} B of KV cache read for token {walk['t']} "
+               f"(→ next {walk['next']}, MTP draft {walk['draft']})")
+    return "\n".join(out)
+
+
+def decode_bytes_rows(models=("v3.2", "v4-flash", "v4-pro"), contexts=(8192, 131072, 1048576)) -> list[dict]:
+    """``accounting.decode_bytes`` for each model and context, with the ratio to the first model."""
+    rows = []
+    for n in contexts:
+        ref = accounting.decode_bytes(models[0], n)
+        for m in models:
+            d = accounting.decode_bytes(m, n)
+            rows.append({"model": m, "context": n, "weights_GB": d["weights_total"] / 1e9, "kv_GB": d["kv_total"] / 1e9,
+                         "total_GB": d["total"] / 1e9, "kv_vs_first": d["kv_total"] / ref["kv_total"],
+                         "total_vs_first": d["total"] / ref["total"]})
+    return rows
+
+
+def format_decode_bytes(rows: list[dict]) -> str:
+    first = rows[0]["model"]
+    out = [f"{'context':>8} {'model':<9}{'weights GB':>11}{'KV read GB':>12}{'total GB':>10}"
+           f"{'KV vs ' + first:>13}{'total vs ' + first:>15}"]
+    for r in rows:
+        out.append(f"{accounting._ctx(r['context']):>8} {r['model']:<9}{r['weights_GB']:>11.3g}{r['kv_GB']:>12.3g}"
+                   f"{r['total_GB']:>10.3g}{100 * r['kv_vs_first']:>12.3g}%{100 * r['total_vs_first']:>14.3g}%")
+    return "\n".join(out)

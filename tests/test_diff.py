@@ -81,3 +81,23 @@ def test_compare_diff_cli(capsys):
     assert d["n_experts"] == [256, 384]
     assert main(["compare", "v3", "nope", "--diff"]) == 2
     assert "unknown preset" in capsys.readouterr().err
+
+
+def test_block_diagram_figure_shows_every_tensor_with_its_status(v3_pro):
+    from v4lab.viz import diff as diff_viz
+    fig = diff_viz.build_block_diff("v3", "v4-pro")
+    by_status = dict(zip(diff.STATUSES, fig.data[:4]))
+    n = len(v3_pro["block"])
+    for r in v3_pro["block"]:
+        tr = by_status[r["status"]]
+        y = n - 1 - v3_pro["block"].index(r)
+        sides = {int(round(b - 0.02)) for b, yy in zip(tr.base, tr.y) if yy == y}
+        assert sides == {i for i, s in ((0, "a"), (1, "b")) if r[s] is not None}, r["name"]
+        for side, s in (("a", r["a"]), ("b", r["b"])):
+            if s is not None:
+                assert f"{r['name']}  {'×'.join(map(str, s))}" in tr.text
+    assert [t.marker.color for t in fig.data[:4]] == [diff_viz.STATUS_COLORS[s] for s in diff.STATUSES]
+    assert {t.name for t in fig.data[:4]} == {"same shape", "shape changed", "only in v3", "new in v4-pro"}
+    assert "256 → 384" in fig.layout.title.text and fig.layout.title.text.count("$") < 2
+    assert list(fig.data[4].text) == ["mHC (attention site)", "attention norm", "attention", "mHC (FFN site)",
+                                      "FFN norm", "MoE"]

@@ -7,7 +7,7 @@ from v4lab import accounting, get_config
 from v4lab.attention import ring_positions
 from v4lab.compressor import entry_span
 from v4lab.model import V4Model
-from v4lab.trace import decode_trace, step_counts
+from v4lab.trace import decode_bytes_rows, decode_trace, step_counts
 
 # window + CSA (m = 4) + HCA (m' = 128), hash layers, lab widths, six layers; 133 tokens cross one HCA block.
 LAB6 = dict(num_hidden_layers=6, compress_ratios=[0, 4, 128, 4, 128, 4, 0], num_hash_layers=1)
@@ -112,3 +112,87 @@ def test_bad_input_names_the_argument():
         decode_trace(model, torch.ones(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="vocab_size"):
         decode_trace(model, [1, 99999])
+
+
+# ------------------------------------------------------------------------------------------ walk_token
+@pytest.fixture(scope="module")
+def walked():
+    torch.manual_seed(0)
+    model = V4Model(_cfg("lab6")).eval()
+    ids = torch.randint(2, model.cfg.vocab_size, (1, 140), generator=torch.Generator().manual_seed(2))
+    from v4lab.trace import walk_token
+    return model, ids, walk_token(model, ids, 133)
+
+
+def test_walk_token_equals_the_forward_and_the_mtp_draft(walked):
+    model, ids, w = walked
+    t = w["t"]
+    with torch.no_grad():
+        full = model(ids[:, :t + 1])[0, -1]
+        ext = torch.cat([ids[:, :t + 1], torch.tensor([[w["next"]]])], 1)
+        _, mtp = model(ext, return_mtp=True)
+    torch.testing.assert_close(w["logits"], full, rtol=1e-4, atol=1e-4)
+    assert w["next"] == int(full.argmax())
+    torch.testing.assert_close(w["mtp_logits"], mtp[0, t], rtol=1e-4, atol=1e-4)
+    assert w["draft"] == int(mtp[0, t].argmax())
+
+
+def test_walk_token_rows_follow_the_block_and_the_trace(walked):
+    model, ids, w = walked
+    cfg, t = model.cfg, w["t"]
+    steps = [r["step"] for r in w["rows"]]
+    per_layer = ["mhc_pre", "attention", "mhc_post", "mhc_pre", "moe", "clamp", "mhc_post"]
+    assert steps == ["embedding"] + per_layer * cfg.num_hidden_layers + ["head", "mtp_draft"]
+    rec = decode_trace(model, ids[:, :t + 1], chunk=64)[t]
+    eb, kb = accounting.entry_bytes(cfg), accounting.index_key_bytes(cfg)
+    with torch.no_grad():
+        model(ids[:, :t + 1])
+    for r in (r for r in w["rows"] if r["step"] == "attention"):
+        x = rec["layers"][r["layer"]]
+        vis = x["visible"]
+        assert r["cache_bytes"] == (len(vis["window"]) + len(vis["compressed"])) * eb + x["index_keys"] * kb
+    for r in (r for r in w["rows"] if r["step"] == "moe"):
+        ffn = model.layers[r["layer"]].ffn
+        assert r["experts"] == ffn.last_routing["idx"][t].tolist()            # the full forward's choice
+        assert r["hash"] == cfg.is_hash_layer(r["layer"])
+        one = sum(p.numel() for p in ffn.experts[0].parameters())
+        assert r["weight_bytes"] > cfg.num_experts_per_tok * one * 0.5        # at least the FP4 experts
+    emb = w["rows"][0]
+    assert emb["weight_bytes"] == 2 * cfg.hidden_size                         # one BF16 row
+
+
+def test_walk_token_bad_position(walked):
+    model, ids, _ = walked
+    from v4lab.trace import walk_token
+    with pytest.raises(ValueError, match="t = 500"):
+        walk_token(model, ids, 500)
+
+
+# ------------------------------------------------------------------------------------------ decode bytes
+def test_decode_bytes_at_release_widths():
+    """V4-Flash at 1M, from the published shapes: 43 layers (2 window, 21 CSA, 20 HCA), window 128, top-512,
+    entries of 448 FP8 + 64 BF16 + 7 scales = 583 B, FP4 indexer keys of 64 + 4 scales = 68 B."""
+    N = 2 ** 20
+    kv = accounting.kv_bytes_read("v4-flash", N)
+    assert kv["window"] == 43 * 128 * 583
+    assert kv["compressed_entries"] == 21 * 512 * 583 + 20 * (N // 128) * 583
+    assert kv["indexer_keys"] == 21 * (N // 4) * 68
+    w = accounting.weight_bytes_per_token("v4-flash")
+    one_expert = 3 * (2048 * 4096 // 2 + 2048 * 4096 // 32)                  # FP4 packed + one scale per 32
+    assert w["routed_experts"] == 6 * 43 * one_expert
+    assert w["embedding_row"] == 2 * 4096 and w["head"] == 2 * 4096 * 129280
+    v32 = accounting.kv_bytes_read("v3.2", N)
+    assert v32 == {"latents": 61 * 2048 * 656, "indexer_keys": 61 * N * 132}
+    d = accounting.decode_bytes("v4-pro", N)
+    assert d["total"] == d["weights_total"] + d["kv_total"]
+    rows = {(r["model"], r["context"]): r for r in decode_bytes_rows()}
+    assert rows[("v3.2", N)]["kv_vs_first"] == 1.0
+    assert rows[("v4-pro", N)]["kv_vs_first"] == pytest.approx(d["kv_total"] / sum(v32.values()))
+
+
+def test_summarize_names_the_counts(traced):
+    from v4lab.trace import summarize
+    _, _, tr = traced
+    text = summarize(tr[3])
+    assert "entries ⌊4/4⌋ = 1 (one just closed)" in text and "open block 0/4" in text
+    assert "entries ⌊4/128⌋ = 0" in text

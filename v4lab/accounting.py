@@ -183,12 +183,12 @@ def _v4_index_key(cfg: V4Config, include_scales: bool) -> tuple[int, str]:
     return dI // 2 + scales, f"{dI} FP4 e2m1" + (f" + {scales} UE8M0 scales" if scales else "")
 
 
-def entry_bytes(cfg, include_scales: bool = True) -> int:
+def entry_bytes(cfg: V4Config | str, include_scales: bool = True) -> int:
     """Bytes of one stored V4 KV entry (window or compressed) in the released format (see ``_v4_entry``)."""
     return _v4_entry(_cfg(cfg), include_scales)[0]
 
 
-def index_key_bytes(cfg, include_scales: bool = True) -> int:
+def index_key_bytes(cfg: V4Config | str, include_scales: bool = True) -> int:
     """Bytes of one stored V4 indexer key (FP4 + block-32 scales, see ``_v4_index_key``)."""
     return _v4_index_key(_cfg(cfg), include_scales)[0]
 
@@ -337,7 +337,7 @@ def decode_flops(cfg, context: int = ONE_M, *, weights="B") -> dict:
 
 
 # ---------------------------------------------------------------------------------------- decode bytes
-def weight_bytes_per_token(cfg) -> dict:
+def weight_bytes_per_token(cfg: V4Config | str) -> dict:
     """Weight bytes one decode token reads, by part, in the released storage format.
 
     V4: every tensor of the release layout (``checkpoint.expected_keys``: FP8 + UE8M0 scales, FP4 experts +
@@ -373,7 +373,7 @@ def weight_bytes_per_token(cfg) -> dict:
     return out
 
 
-def kv_bytes_read(cfg, context: int) -> dict:
+def kv_bytes_read(cfg: V4Config | str, context: int) -> dict:
     """KV-cache bytes one decode token reads at ``context`` cached tokens, by part (the formats of ``kv_cache``).
 
     V4, per layer: the window (min(w, N) entries); CSA: its top-k compressed entries and every indexer key
@@ -402,7 +402,7 @@ def kv_bytes_read(cfg, context: int) -> dict:
     return out
 
 
-def decode_bytes(cfg, context: int = ONE_M) -> dict:
+def decode_bytes(cfg: V4Config | str, context: int = ONE_M) -> dict:
     """Bytes read to decode one token at ``context``: weights (``weight_bytes_per_token``) + KV cache
     (``kv_bytes_read``); activations are left out (kilobytes)."""
     w, kv = weight_bytes_per_token(cfg), kv_bytes_read(cfg, context)

@@ -39,6 +39,7 @@ GROUPS = {
 _SKIP = ("name", "model_type", "bos_token_id", "eos_token_id", "initializer_range", "hidden_act",
          "attention_bias", "attention_dropout")
 STATUSES = ("unchanged", "changed", "added", "removed")
+ConfigLike = V4Config | str            # a config or a preset name
 # Keys that only mean something when their mechanism exists: when the mechanism is added or removed they
 # are too (V3's config object carries V4's default compress_rope_theta / hc_eps, which V3 does not use).
 DEPENDS = {"compress_rope_theta": "compress_ratios", "hc_eps": "hc_mult", "hc_sinkhorn_iters": "hc_mult",
@@ -77,7 +78,7 @@ def _short(v) -> str:
     return str(v)
 
 
-def config_table(a, b) -> list[dict]:
+def config_table(a: ConfigLike, b: ConfigLike) -> list[dict]:
     """One row per config key: ``{"key", "group", "a", "b", "status"}`` (values as shown, short)."""
     a, b = _cfg(a), _cfg(b)
     group_of = {k: g for g, keys in GROUPS.items() for k in keys}
@@ -142,7 +143,7 @@ def default_layer(cfg: V4Config) -> int:
     return cfg.first_k_dense_replace
 
 
-def block_params(cfg, layer: int | None = None) -> dict:
+def block_params(cfg: ConfigLike, layer: int | None = None) -> dict:
     """``{name: shape}`` of one block built on the meta device; routed experts folded into
     ``ffn.experts.*.<w>`` (shape of one expert) with ``n_experts``; buffers (gate bias) included."""
     from v4lab.model import Block, _MetaBuild
@@ -165,7 +166,7 @@ def _stage(name: str) -> int:
     return next(i for i, p in enumerate(_STAGES) if name.startswith(p))
 
 
-def block_diff(a, b, layer_a: int | None = None, layer_b: int | None = None) -> list[dict]:
+def block_diff(a: ConfigLike, b: ConfigLike, layer_a: int | None = None, layer_b: int | None = None) -> list[dict]:
     """Rows ``{"name", "a", "b", "status"}`` over the union of both blocks' parameter names, in forward
     order (mHC, norm, attention, mHC, norm, MoE; the first block's order within a stage, then the new
     names); shapes are None where a side has no such parameter."""
@@ -181,7 +182,7 @@ def block_diff(a, b, layer_a: int | None = None, layer_b: int | None = None) -> 
 
 
 # ------------------------------------------------------------------------------------------ params
-def attribution(a, b) -> list[dict]:
+def attribution(a: ConfigLike, b: ConfigLike) -> list[dict]:
     """The total-parameter delta b − a split over the changes: ``[{"change", "params"}]``, summing to it.
 
     Routed experts: ``accounting.moe_expansion``'s Shapley split of their growth. Other components: their
@@ -204,7 +205,7 @@ def attribution(a, b) -> list[dict]:
     return rows
 
 
-def diff(a="v3", b="v4-pro") -> dict:
+def diff(a: ConfigLike = "v3", b: ConfigLike = "v4-pro") -> dict:
     """Everything above for two configs (``a`` the older one)."""
     ca, cb = _cfg(a), _cfg(b)
     pa, pb = accounting.params(ca), accounting.params(cb)

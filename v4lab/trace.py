@@ -33,11 +33,15 @@ checked against the real cache at every chunk end, and tests compare the two mod
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+from torch import nn
 
 from v4lab import accounting
 from v4lab.attention import ring_positions
 from v4lab.compressor import entry_span
+from v4lab.config import V4Config
 
 
 def step_counts(t: int, ratio: int, kind: str) -> dict:
@@ -90,7 +94,7 @@ def _layer_record(info: dict, t: int, counts: dict, slots: list[int], win: list[
 
 
 @torch.no_grad()
-def decode_trace(model, ids, chunk: int = 1, progress: bool = False) -> list[dict]:
+def decode_trace(model: nn.Module, ids: torch.Tensor | Sequence[int], chunk: int = 1, progress: bool = False) -> list[dict]:
     """Feed ``ids`` ([S] or [1, S]) through ``model``'s cached decode; one record per token (module doc).
 
     ``progress``: a tqdm bar over the tokens (notebook-aware ``tqdm.auto``)."""
@@ -137,7 +141,7 @@ def decode_trace(model, ids, chunk: int = 1, progress: bool = False) -> list[dic
     return out
 
 
-def cache_baselines(cfg, n_tokens: int) -> dict:
+def cache_baselines(cfg: V4Config, n_tokens: int) -> dict:
     """Cache bytes after ``n_tokens`` for ``cfg``'s layer count with other caches: ``v4`` (this config,
     ``accounting.kv_cache``), ``v3.2_mla`` (V3.2's served MLA format, 656 B latent + 132 B indexer key per
     token per layer, on the same number of layers) and ``gqa8`` (BF16 GQA-8, head dim 128, same layers)."""
@@ -210,7 +214,7 @@ def _moe_row(cfg, i, ffn, x_in, out, tok) -> tuple[dict, dict]:
 
 
 @torch.no_grad()
-def walk_token(model, ids, t: int | None = None) -> dict:
+def walk_token(model: nn.Module, ids: torch.Tensor | Sequence[int], t: int | None = None) -> dict:
     """Walk token ``t`` of ``ids`` (default: the last) through ``model`` after a cached prefill of ids[:t].
 
     Runs the model's own pieces in ``Block.forward``'s order (embedding, then per layer: mHC pre-mix,
@@ -309,7 +313,8 @@ def format_walk(walk: dict) -> str:
     return "\n".join(out)
 
 
-def decode_bytes_rows(models=("v3.2", "v4-flash", "v4-pro"), contexts=(8192, 131072, 1048576)) -> list[dict]:
+def decode_bytes_rows(models: Sequence[str] = ("v3.2", "v4-flash", "v4-pro"),
+                      contexts: Sequence[int] = (8192, 131072, 1048576)) -> list[dict]:
     """``accounting.decode_bytes`` for each model and context, with the ratio to the first model."""
     rows = []
     for n in contexts:

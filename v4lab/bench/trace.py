@@ -14,16 +14,17 @@ import time
 
 import torch
 
+from v4lab.config import V4Config, get_config
+
 TARGET_S = 2.0
 
 
-def lab_sized():
-    from v4lab.config import get_config
+def lab_sized() -> V4Config:
     return get_config("lab").replace(num_hidden_layers=6, compress_ratios=[0, 4, 128, 4, 128, 4, 0],
                                      num_hash_layers=1)
 
 
-def run(quick: bool = False, device=None) -> list[dict]:
+def run(quick: bool = False, device: str | torch.device | None = None) -> list[dict]:
     from v4lab.device import get_device
     from v4lab.model import V4Model
     from v4lab.trace import decode_trace

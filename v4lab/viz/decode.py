@@ -18,6 +18,9 @@ cache and with a BF16 GQA-8 cache (:func:`v4lab.trace.cache_baselines`), on a lo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import plotly.graph_objects as go
 
 from v4lab import trace as T
 from v4lab.viz import trained
@@ -54,7 +57,7 @@ class Run:
 _RUNS = TextCache(maxsize=4)
 
 
-def run_text(text: str, model=None, tok=None, progress: bool = False) -> Run:
+def run_text(text: str, model: Any = None, tok: Any = None, progress: bool = False) -> Run:
     """Trace ``text`` (first ``MAX_TOKENS`` tokens) through the notebook model; cached per text."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"text = {text!r}: must be a non-empty string")
@@ -160,7 +163,7 @@ def decode_data(run: Run, token: int) -> dict:
     traces.append(dict(type="scatter", mode="lines+markers", x=span_x, y=span_y, name="span the newest entry pools",
                        line=dict(color=PART_COLORS["span"], width=2), marker=dict(symbol="line-ns-open", size=8),
                        hoverinfo="skip", xaxis="x", yaxis="y"))
-    traces.append(dict(type="scatter", mode="lines", x=[t, t], y=[-0.6, len(rows) - 0.4], name=f"the query (token t)",
+    traces.append(dict(type="scatter", mode="lines", x=[t, t], y=[-0.6, len(rows) - 0.4], name="the query (token t)",
                        line=dict(color=PART_COLORS["query"], dash="dot", width=1), hoverinfo="skip", xaxis="x", yaxis="y"))
     base = T.cache_baselines(run.cfg, t + 1)
     assert base["v4"] == rec["cache_bytes"]                   # the trace's own count (tests check it per step)
@@ -197,7 +200,7 @@ DECODE_LAYOUT = dict(
 )
 
 
-def build_decode(text: str = DEFAULT_TEXT, token: int = DEFAULT_TOKEN):
+def build_decode(text: str = DEFAULT_TEXT, token: int = DEFAULT_TOKEN) -> go.Figure:
     """Static figure of :func:`decode_data` (token clamped to the text's length)."""
     run = run_text(text)
     return figure_from(decode_data(run, min(token, run.n_tokens - 1)), DECODE_LAYOUT)
@@ -212,7 +215,7 @@ class DecodeWidget(Widget):
     name = "decode.steps"
     defaults = {"text": DEFAULT_TEXT, "token": DEFAULT_TOKEN}
 
-    def __init__(self, static=None, **state):
+    def __init__(self, static: bool | None = None, **state: Any):
         from v4lab.viz.common import static_mode
         live = not (static_mode() if static is None else static)
         run_text(state.get("text", DEFAULT_TEXT), progress=live)
@@ -222,7 +225,7 @@ class DecodeWidget(Widget):
     def run(self) -> Run:
         return run_text(self.state["text"])
 
-    def validate(self, state):
+    def validate(self, state: dict) -> None:
         if not isinstance(state["text"], str) or not state["text"].strip():
             raise ValueError(f"text = {state['text']!r}: must be a non-empty string")
         S = run_text(state["text"]).n_tokens
@@ -233,13 +236,13 @@ class DecodeWidget(Widget):
         if state["token"] > S - 1:
             raise ValueError(f"token = {tok!r}: must be an integer in [0, {S - 1}] (the text has {S} tokens)")
 
-    def data(self):
+    def data(self) -> dict:
         return decode_data(self.run, self.state["token"])
 
-    def layout(self):
+    def layout(self) -> dict:
         return DECODE_LAYOUT
 
-    def make_controls(self):
+    def make_controls(self) -> dict:
         import ipywidgets as W
         S = self.run.n_tokens
         return {"text": W.Dropdown(options=[(k, v) for k, v in trained.SAMPLE_TEXTS.items()], value=self.state["text"]
@@ -247,7 +250,7 @@ class DecodeWidget(Widget):
                 "token": W.IntSlider(min=0, max=S - 1, value=self.state["token"], description="token t",
                                      continuous_update=True)}
 
-    def box(self):
+    def box(self) -> Any:
         """Controls with a ▶ play button driving the token slider (linked in the browser), then the figure."""
         import ipywidgets as W
         play = W.Play(min=0, max=self.controls["token"].max, value=self.state["token"], interval=250,
@@ -258,18 +261,18 @@ class DecodeWidget(Widget):
         return W.VBox([W.HBox([self.controls["text"], play, self.controls["token"]],
                               layout=W.Layout(flex_flow="row wrap")), self.fig])
 
-    def sweep_values(self, control):
+    def sweep_values(self, control: str) -> list:
         S = self.run.n_tokens
         m = [r["ratio"] for r in self.run.records[0]["layers"] if r["kind"] == "csa"] or [4]
         special = {0, 1, m[0] - 1, m[0], 2 * m[0], 127, 128, 129, S - 1}
         return {"text": list(trained.SAMPLE_TEXTS.values()),
                 "token": sorted({t for t in special | set(range(0, S, max(1, S // 40))) if 0 <= t < S})}[control]
 
-    def on_text(self, value):
+    def on_text(self, value: str) -> None:
         S = run_text(value).n_tokens
         self.set(text=value, token=min(self.state["token"], S - 1))
         if "token" in self.controls:
             self.controls["token"].max = S - 1
 
-    def on_token(self, value):
+    def on_token(self, value: int) -> None:
         self.set(token=int(value))

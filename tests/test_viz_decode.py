@@ -135,3 +135,8 @@ def test_bad_values_name_the_control(nb_model):
         w.on_token(-2)
     with pytest.raises(ValueError, match="text = ''"):
         w.on_text("")
+
+
+def test_a_short_text_starts_at_its_last_token(nb_model):
+    w = D.DecodeWidget(static=True, text="short text")
+    assert w.state["token"] == D.run_text("short text").n_tokens - 1 < D.DEFAULT_TOKEN

@@ -218,7 +218,8 @@ class DecodeWidget(Widget):
     def __init__(self, static: bool | None = None, **state: Any):
         from v4lab.viz.common import static_mode
         live = not (static_mode() if static is None else static)
-        run_text(state.get("text", DEFAULT_TEXT), progress=live)
+        run = run_text(state.get("text", DEFAULT_TEXT), progress=live)
+        state.setdefault("token", min(DEFAULT_TOKEN, run.n_tokens - 1))     # a short text: its last token
         super().__init__(static, **state)
 
     @property
@@ -230,10 +231,7 @@ class DecodeWidget(Widget):
             raise ValueError(f"text = {state['text']!r}: must be a non-empty string")
         S = run_text(state["text"]).n_tokens
         tok = state["token"]
-        if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok:
-            raise ValueError(f"token = {tok!r}: must be an integer in [0, {S - 1}]")
-        state["token"] = min(tok, S - 1) if tok == DEFAULT_TOKEN else tok
-        if state["token"] > S - 1:
+        if isinstance(tok, bool) or not isinstance(tok, int) or not 0 <= tok < S:
             raise ValueError(f"token = {tok!r}: must be an integer in [0, {S - 1}] (the text has {S} tokens)")
 
     def data(self) -> dict:

@@ -58,7 +58,8 @@ for t in (1, m - 1, m, 2 * m, 129):
     assert tr[t]["cache_bytes"] == accounting.kv_cache(model.cfg, t + 1)["total_bytes"]
 
 # %% [markdown]
-# Read the lines above with the widget below (tokens are counted from 0):
+# Read the lines above (measured by `v4lab.trace` on the notebook model) with the widget below; tokens are
+# counted from 0:
 # - **t = 1**: two tokens, in the ring and in both open blocks; no compressed entry exists yet, so CSA and
 #   HCA read only the raw window.
 # - **t = m − 1 = 3**: the CSA block closes: entry 0 appears (outlined green) and token 3 already reads it,
@@ -75,7 +76,7 @@ for t in (1, m - 1, m, 2 * m, 129):
 decode_viz.DecodeWidget().display()
 
 # %% [markdown]
-# The model here is tiny (head dim 32), so its entries are much smaller than V3.2's 656-byte latents and
+# The notebook model is tiny (head dim 32 in its config), so its entries are much smaller than V3.2's 656-byte latents and
 # the ratio in the widget is far below the report's 10%. At release widths the same rules give the numbers
 # in the last section.
 #

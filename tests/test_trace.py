@@ -87,7 +87,7 @@ def test_visible_sets_equal_the_prefill_attention(traced):
             assert vis["compressed"] == sorted(e for e in comp[t] if e >= 0), (i, t)
 
 
-@pytest.mark.parametrize("chunk", [7, 64])
+@pytest.mark.parametrize("chunk", [7, 64, 256])
 def test_chunked_trace_equals_token_by_token(traced, chunk):
     model, ids, tr = traced
     assert decode_trace(model, ids, chunk=chunk) == tr

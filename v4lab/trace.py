@@ -27,7 +27,7 @@ projections of at most 2m tokens per layer, a fixed-size state) and the MTP bloc
 
 ``chunk`` = tokens per cached forward call. ``chunk=1`` (default) is the real decode: every per-step
 number is read from the cache after that step. A larger chunk runs the same cache code on several
-tokens per call (a chunked prefill, ~30x faster); the cache then shows its state only at chunk ends, so
+tokens per call (a chunked prefill, 20–50x faster); the cache then shows its state only at chunk ends, so
 the per-step counts inside a chunk come from the ring/compressor rules (:func:`step_counts`), which are
 checked against the real cache at every chunk end, and tests compare the two modes record for record.
 """

@@ -2,7 +2,7 @@
 
 A 1,024-token text (random ids; the timing does not depend on them) through a lab-sized model — the
 ``lab`` preset's widths at six layers (window, CSA m = 4, HCA m' = 128, ...), random init — in the widget's
-chunked mode (``chunk = 64``, the target: ≤ 2 s) and, on fewer tokens, token by token (``chunk = 1``: the
+chunked mode (``chunk = 256``, the target: ≤ 2 s) and, on fewer tokens, token by token (``chunk = 1``: the
 reference decode, a Python loop of one-token forwards, reported per token). Best of N runs (the machine
 is shared). Runs on ``$V4LAB_DEVICE`` / ``--device`` like every bench.
 """
@@ -34,7 +34,7 @@ def run(quick: bool = False, device: str | torch.device | None = None) -> list[d
     model = V4Model(cfg, device=dev).eval()
     ids = torch.randint(2, cfg.vocab_size, (1, 1024), generator=torch.Generator().manual_seed(0))
     recs = []
-    for chunk, n, reps in ((128, 1024, 2 if quick else 3), (1, 64 if quick else 256, 1)):
+    for chunk, n, reps in ((256, 1024, 2 if quick else 3), (1, 64 if quick else 256, 1)):
         best = float("inf")
         for _ in range(reps):
             t0 = time.perf_counter()

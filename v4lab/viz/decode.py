@@ -29,7 +29,7 @@ from v4lab.viz.common import COLORS, TextCache, Widget, figure_from, register
 MAX_TOKENS = 1024
 DEFAULT_TEXT = trained.SAMPLE_TEXTS["for-loop"]
 DEFAULT_TOKEN = 129                  # past HCA's first block (m' = 128)
-CHUNK = 128                          # tokens per cached forward while tracing (decode_trace's chunked mode)
+CHUNK = 256                          # tokens per cached forward while tracing (decode_trace's chunked mode)
 # qualitative palette (plotly D3), one meaning per colour; every one is in the legend
 PART_COLORS = {"ring": "#1f77b4", "open": "#ff7f0e", "stored": "#c7c7c7", "read": "#d62728",
                "span": "#8c564b", "keys": "#9467bd", "new": "#2ca02c", "query": "#000000"}

@@ -121,3 +121,16 @@ def test_live_figure_sends_data_in_its_first_message(cls, expect_data):
     f = Probe(go.Figure(go.Scatter(x=[1, 2], y=[3, 4])))
     assert f.comm is not None and len(seen) == 1
     assert (seen[0] == 1) is expect_data
+
+
+def test_apply_data_replaces_annotation_lists_whole():
+    """plotly's layout.update merges lists element-wise: fewer or no annotations must not leave stale ones."""
+    import plotly.graph_objects as go
+
+    from v4lab.viz.common import apply_data
+    fig = go.Figure(data=[dict(type="bar", x=[1])], layout=dict(annotations=[dict(text="a"), dict(text="b")]))
+    last = {"traces": [{}], "layout": {"annotations": ["old"]}}
+    apply_data(fig, {"traces": [dict(type="bar", x=[1])], "layout": {"annotations": [dict(text="c")]}}, last)
+    assert [a.text for a in fig.layout.annotations] == ["c"]
+    apply_data(fig, {"traces": [dict(type="bar", x=[1])], "layout": {"annotations": []}}, last)
+    assert len(fig.layout.annotations) == 0

@@ -25,7 +25,7 @@ import math
 import os
 import re
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from v4lab.config import V4Config, get_config
 
@@ -187,6 +187,16 @@ def _v4_index_key(cfg: V4Config, include_scales: bool) -> tuple[int, str]:
     return dI // 2 + scales, f"{dI} FP4 e2m1" + (f" + {scales} UE8M0 scales" if scales else "")
 
 
+def entry_bytes(cfg: V4Config | str, include_scales: bool = True) -> int:
+    """Bytes of one stored V4 KV entry (window or compressed) in the released format (see ``_v4_entry``)."""
+    return _v4_entry(_cfg(cfg), include_scales)[0]
+
+
+def index_key_bytes(cfg: V4Config | str, include_scales: bool = True) -> int:
+    """Bytes of one stored V4 indexer key (FP4 + block-32 scales, see ``_v4_index_key``)."""
+    return _v4_index_key(_cfg(cfg), include_scales)[0]
+
+
 def kv_cache(cfg: ConfigLike, context: int = ONE_M, *, include_scales: bool = True) -> dict:
     """KV-cache bytes for one sequence of ``context`` tokens, by layer kind and by stored part.
 
@@ -328,6 +338,36 @@ def decode_flops(cfg: ConfigLike, context: int = ONE_M, *, weights: str = "B") -
     return {"context": N, "scheme": scheme, "weights": w, "precision": prec,
             "raw": raw, "weighted": weighted, "total_raw": sum(raw.values()), "total": sum(weighted.values()),
             "groups_raw": {"gemm": gemm, "core_attention": core, "indexer_scores": index}}
+
+
+# ---------------------------------------------------------------------------------------- decode bytes
+def kv_bytes_read(cfg: V4Config | str, context: int) -> dict:
+    """KV-cache bytes one decode token reads at ``context`` cached tokens, by part (the formats of ``kv_cache``).
+
+    V4, per layer: the window (min(w, N) entries); CSA: its top-k compressed entries and every indexer key
+    (the indexer scores all of them); HCA: every compressed entry. V3.2, per layer: the top-2048 latents and
+    every indexer key; V3: every latent."""
+    cfg = _cfg(cfg)
+    N = _check_context(context)
+    if not cfg.is_v4:
+        per = {q["part"]: q["bytes_per_entry"] for q in kv_cache(cfg, 1)["parts"]}
+        L = cfg.num_hidden_layers
+        lat = min(cfg.index_topk, N) if cfg.arch == "v3.2" else N
+        out = {"latents": L * lat * per["latent_kv"]}
+        if cfg.arch == "v3.2":
+            out["indexer_keys"] = L * N * per["indexer_keys"]
+        return out
+    eb, kb = entry_bytes(cfg), index_key_bytes(cfg)
+    out = {"window": 0, "compressed_entries": 0, "indexer_keys": 0}
+    for i in range(cfg.num_hidden_layers):
+        r = cfg.compress_ratio(i)
+        out["window"] += min(cfg.sliding_window, N) * eb
+        if r == 4:
+            out["compressed_entries"] += min(cfg.index_topk, N // 4) * eb
+            out["indexer_keys"] += (N // 4) * kb
+        elif r == 128:
+            out["compressed_entries"] += (N // 128) * eb
+    return out
 
 
 # ---------------------------------------------------------------------------------------- MoE expansion
@@ -482,8 +522,12 @@ def format_compare(c: dict) -> str:
     return "\n".join(out)
 
 
-def cli(cmd: str, argv: list[str], parser_cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> int:
-    """``v4lab info`` and ``v4lab compare``; bad input raises ValueError (the caller prints one line)."""
+def cli(cmd: str, argv: list[str], parser_cls: type[argparse.ArgumentParser] = argparse.ArgumentParser,
+        differ: Callable[[V4Config, V4Config], tuple[dict, str]] | None = None) -> int:
+    """``v4lab info`` and ``v4lab compare``; bad input raises ValueError (the caller prints one line).
+
+    differ: ``v4lab.diff.diff_report`` for ``compare --diff`` (passed in: diff builds modules, which sit
+    above this module)."""
     p = parser_cls(prog=f"v4lab {cmd}")
     if cmd == "info":
         p.add_argument("config", help="preset (v4-flash, v4-pro, v3, v3.2, tiny) or a config.json path")
@@ -492,6 +536,9 @@ def cli(cmd: str, argv: list[str], parser_cls: type[argparse.ArgumentParser] = a
         p.add_argument("b")
     p.add_argument("--context", default=str(ONE_M), help="tokens: an integer or 128K / 1M (powers of 2)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    if cmd == "compare":
+        p.add_argument("--diff", action="store_true", help="also what changed from A to B: config keys, one "
+                                                           "block's parameter shapes, the parameter delta by change")
     args = p.parse_args(argv)
     context = parse_context(args.context)
     cfgs = [_load(args.config)] if cmd == "info" else [_load(args.a), _load(args.b)]
@@ -505,8 +552,14 @@ def cli(cmd: str, argv: list[str], parser_cls: type[argparse.ArgumentParser] = a
         res = summary(cfgs[0], context)
         text = json.dumps(res) if args.json else format_summary(res)
     else:
-        res = compare(cfgs[0], cfgs[1], context)
+        a, b = cfgs
+        res = compare(a, b, context)
         text = json.dumps(res) if args.json else format_compare(res)
+        if args.diff:
+            if differ is None:
+                raise ValueError("--diff: this entry point was built without v4lab.diff (use the v4lab command)")
+            d, d_text = differ(a, b)
+            text = json.dumps({**res, "diff": d}) if args.json else text + "\n\n" + d_text
     try:
         print(text, flush=True)
     except BrokenPipeError:  # `v4lab info ... | head`: the reader left, which is not an error
@@ -529,7 +582,7 @@ def ep_message_bytes(rows: int, hidden: int, dtype: str = "bf16") -> int:
     return int(rows) * (hidden * EP_DTYPES[dtype] + scales)
 
 
-def ep_all_to_all(cfg, ep_size: int, tokens: int = 1, *, dispatch: str = "fp8", combine: str = "bf16") -> dict:
+def ep_all_to_all(cfg: ConfigLike, ep_size: int, tokens: int = 1, *, dispatch: str = "fp8", combine: str = "bf16") -> dict:
     """All-to-all bytes of expert parallelism for ``tokens`` tokens (per rank, e.g. one decode token).
 
     Each token is sent once per routed expert (tokens x top-k rows; no de-duplication of two experts on

@@ -125,6 +125,12 @@ class _Growing:
         return 0 if self.data is None else self.n * self.data.shape[0] * self.data.shape[2] * self.data.element_size()
 
 
+def ring_positions(length: int, window: int) -> list[int]:
+    """The position each slot of a window ring holds after `length` tokens: slot s holds the latest
+    p < length with p % window == s (what `AttentionCache.write_window` writes); −1 = never written."""
+    return [p if (p := length - 1 - (length - 1 - s) % window) >= 0 else -1 for s in range(window)]
+
+
 class AttentionCache:
     """Decode state of one attention layer for a batch that advances in lock-step.
 
@@ -132,10 +138,14 @@ class AttentionCache:
     compressor streaming states (open window, CSA previous window); entries: compressed KV [B, Nc, D]
     (stored right after the ring in one buffer); index_keys: indexer keys [B, Nc, Di] (CSA).
     `length` = tokens seen = the next start_pos.
+    `reads` (only when built with ``record=True``, e.g. by ``v4lab.trace``): one dict per forward call of
+    what its queries read, ``{"positions": [S], "window": [B, S, w] positions (−1 empty), "compressed":
+    [B, S, K] entry ids (−1 none)}``; the sink is read by every query. The caller empties it.
     """
 
-    def __init__(self, batch_size: int, kind: str, window: int):
+    def __init__(self, batch_size: int, kind: str, window: int, record: bool = False):
         self.batch_size, self.kind, self.window_size, self.length = batch_size, kind, window, 0
+        self.reads: list | None = [] if record else None
         self._window = None
         self.comp_state = CompressorState() if kind in ("csa", "hca") else None
         self.index_state = CompressorState() if kind == "csa" else None
@@ -169,6 +179,10 @@ class AttentionCache:
         keep = min(kv.shape[1], self.window_size)
         pos = torch.arange(start_pos + kv.shape[1] - keep, start_pos + kv.shape[1], device=kv.device)
         ring[:, pos % self.window_size] = kv[:, -keep:].to(ring.dtype)
+
+    def window_positions(self) -> list[int]:
+        """The position each ring slot holds now (see `ring_positions`)."""
+        return ring_positions(self.length, self.window_size)
 
     def ring_and_entries(self) -> torch.Tensor:
         """[B, w + Nc, D]: ring slots then compressed entries, without copying."""
@@ -256,10 +270,11 @@ class Attention(nn.Module):
         if self.kind == "csa":
             self.indexer.low_precision = bool(on)
 
-    def new_cache(self, batch_size: int) -> AttentionCache:
+    def new_cache(self, batch_size: int, record: bool = False) -> AttentionCache:
+        """An empty decode cache; ``record=True`` also keeps what every query read (``AttentionCache.reads``)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size = {batch_size!r}: must be a positive int")
-        return AttentionCache(batch_size, self.kind, self.window)
+        return AttentionCache(batch_size, self.kind, self.window, record)
 
     def _fp8_nope(self, kv: torch.Tensor) -> torch.Tensor:
         # OFF stores window and compressed KV with the non-rope dims rounded to FP8 E4M3 (block 64,
@@ -392,6 +407,9 @@ class Attention(nn.Module):
                 h, m = topk_recall(mass, cidx, nv, self.cfg.index_topk)
                 hits, possible = hits + h, possible + m
             outs.append(self.sparse_attn_fn(qc, kv_all, self.attn_sink, idx, self.scale))
+            if cache.reads is not None:
+                cache.reads.append({"positions": t, "window": wp.where(wp >= 0, -1)[None].expand(B, -1, -1),
+                                    "compressed": torch.where(idx[..., w:] >= 0, idx[..., w:] - L, -1)})
             if insp is not None:
                 p, sink = sparse_attn_probs(qc, kv_all, self.attn_sink, idx, self.scale)
                 rec["window_positions"] = wp.where(wp >= 0, -1)[None].expand(B, -1, -1)

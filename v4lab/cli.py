@@ -1,8 +1,8 @@
 """The ``v4lab`` command line.
 
     v4lab info PRESET_OR_CONFIG_JSON [--context N] [--json]
-    v4lab compare A B [--context N] [--json]
-    v4lab bench {attention,moe,quant,kernels,widgets,device,ep,all} [--quick] [--json] [--device D]
+    v4lab compare A B [--context N] [--json] [--diff]
+    v4lab bench {attention,moe,quant,kernels,widgets,device,ep,trace,all} [--quick] [--json] [--device D]
     v4lab train ...        (see v4lab.train)
     v4lab generate ...     (see v4lab.generate)
 
@@ -19,7 +19,7 @@ import importlib
 import os
 import sys
 
-BENCHES = ("attention", "moe", "quant", "kernels", "widgets", "device", "ep")
+BENCHES = ("attention", "moe", "quant", "kernels", "widgets", "device", "ep", "trace")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     try:
         if cmd in ("info", "compare"):
-            from v4lab import accounting
-            return accounting.cli(cmd, rest, parser_cls=_Parser)
+            from v4lab import accounting, diff
+            return accounting.cli(cmd, rest, parser_cls=_Parser, differ=diff.diff_report)
         if cmd == "bench":
             p = _Parser(prog="v4lab bench")
             p.add_argument("name", choices=BENCHES + ("all",))

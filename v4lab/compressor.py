@@ -62,6 +62,13 @@ def compress_pool(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, rati
     return (logit.softmax(dim=2) * kv).sum(dim=2)
 
 
+def entry_span(i: int, ratio: int, overlap: bool) -> tuple[int, int]:
+    """First and last token position compressed entry ``i`` pools: its own window ratio·i .. ratio·i+ratio−1,
+    and with ``overlap`` (CSA) the window before it too (2·ratio tokens; entry 0 has none before it)."""
+    lo = ratio * i
+    return (max(0, lo - ratio) if overlap else lo), lo + ratio - 1
+
+
 class CompressorState:
     """Streaming state of one compressor (one per layer and per batch).
 

@@ -260,11 +260,13 @@ class V4Model(nn.Module):
         return self
 
     # ------------------------------------------------------------------ cache
-    def new_cache(self, batch_size: int = 1) -> ModelCache:
+    def new_cache(self, batch_size: int = 1, record: bool = False) -> ModelCache:
+        """An empty decode cache; ``record=True``: each layer's cache also keeps what its queries read
+        (``AttentionCache.reads``, used by ``v4lab.trace``)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             _bad("batch_size", batch_size, "must be a positive integer")
-        return ModelCache(batch_size, [b.attn.new_cache(batch_size) for b in self.layers],
-                          [b.attn.new_cache(batch_size) for b in self.mtp], owner=weakref.ref(self))
+        return ModelCache(batch_size, [b.attn.new_cache(batch_size, record) for b in self.layers],
+                          [b.attn.new_cache(batch_size, record) for b in self.mtp], owner=weakref.ref(self))
 
     # ------------------------------------------------------------------ pieces
     def _check_ids(self, input_ids) -> torch.Tensor:

@@ -130,7 +130,12 @@ def apply_data(fig: go.Figure, data: dict, last: dict | None = None) -> None:
         lay = {k: v for k, v in data.get("layout", {}).items()
                if k in _LIVE_LAYOUT_KEYS and (k not in old_layout or old_layout[k] != v)}
         if lay:
-            fig.layout.update(lay)
+            # plotly's update() merges lists of annotations/shapes element by element (a shorter list leaves
+            # stale items behind, an empty one changes nothing): lists are assigned whole.
+            fig.layout.update({k: v for k, v in lay.items() if not isinstance(v, (list, tuple))})
+            for k, v in lay.items():
+                if isinstance(v, (list, tuple)):
+                    fig.layout[k] = v
 
 
 def check_choice(arg: str, value: Any, choices: Iterable) -> Any:

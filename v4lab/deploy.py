@@ -1,0 +1,333 @@
+"""Deploying V4 (the report's observations 1 and 6, "When V4 is the wrong choice", "What we don't know
+yet"): the facts with their sources, the migration countdown and calendar reminder, the routing
+calculator and the wrong-choice checklist. Notebook 11 and ``v4lab cost`` / ``v4lab remind`` use it.
+
+Figures live in ``v4lab/facts.json`` (each with its source); prices in ``v4lab/prices.json`` (each marked
+published / derived). This module only does arithmetic and formatting.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import date, datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+
+from v4lab import pricing
+
+FACTS_PATH = Path(__file__).with_name("facts.json")
+
+
+# --------------------------------------------------------------------------------------- facts
+@lru_cache(maxsize=2)
+def _facts(path: str) -> dict:
+    raw = json.loads(Path(path).read_text())
+    for key, f in raw["facts"].items():
+        for need in ("value", "text", "source"):
+            if need not in f:
+                raise ValueError(f"facts file: fact {key!r} lacks key {need!r}")
+    for section in ("wrong_choice", "unknowns"):
+        for item in raw[section]:
+            if not item.get("source"):
+                raise ValueError(f"facts file: {section} item {item.get('key')!r} lacks a source")
+    return raw
+
+
+def facts(path: str | Path | None = None) -> dict:
+    """The whole facts file: ``facts`` (key → value, unit, text, source), ``wrong_choice``, ``unknowns``,
+    ``thesis``."""
+    return _facts(str(path or FACTS_PATH))
+
+
+def fact(key: str):
+    """One figure's value (``fact("openrouter_chinese_share")`` → 45)."""
+    f = facts()["facts"]
+    if key not in f:
+        raise ValueError(f"fact = {key!r}: not in facts.json; known: {sorted(f)}")
+    return f[key]["value"]
+
+
+def source(key: str) -> str:
+    return facts()["facts"][key]["source"] if key in facts()["facts"] else fact(key)
+
+
+# --------------------------------------------------------------------------------------- migration
+def retirement_moment() -> datetime:
+    """When the legacy model IDs retire (UTC)."""
+    return datetime.strptime(fact("retirement_utc"), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+
+
+def reminder_day() -> date:
+    return date.fromisoformat(fact("reminder_date"))
+
+
+def _as_utc(now) -> datetime:
+    if now is None:
+        return datetime.now(timezone.utc)
+    if isinstance(now, datetime):
+        if now.tzinfo is None:
+            raise ValueError(f"now = {now!r}: must carry a time zone (naive datetimes are ambiguous)")
+        return now.astimezone(timezone.utc)
+    if isinstance(now, date):
+        return datetime(now.year, now.month, now.day, tzinfo=timezone.utc)
+    raise ValueError(f"now = {now!r}: must be a datetime with a time zone, a date or None")
+
+
+def countdown(now=None) -> dict:
+    """Where ``now`` (default: the current UTC time) stands against the retirement and the reminder.
+
+    ``days`` counts whole days to the retirement (negative after it); ``retired`` is True once the
+    retirement moment has passed; ``text`` says it in words, honestly in both directions."""
+    now = _as_utc(now)
+    end = retirement_moment()
+    delta = end - now
+    seconds = delta.total_seconds()
+    retired = seconds <= 0
+    days = int(abs(seconds) // 86400)
+    hours = int((abs(seconds) % 86400) // 3600)
+    when = end.strftime("%Y-%m-%d %H:%M UTC")
+    if retired:
+        text = (f"The legacy IDs retired after {when}: {days} day{'s' * (days != 1)} ago. "
+                "A call that still names one of them needs the one-line change now.")
+    else:
+        text = (f"{days} day{'s' * (days != 1)} {hours} h left until the legacy IDs retire after {when}.")
+    rem = reminder_day()
+    rem_days = (rem - now.date()).days
+    rem_text = (f"reminder day {rem.isoformat()} is {rem_days} days ahead" if rem_days > 0 else
+                "reminder day is today" if rem_days == 0 else
+                f"reminder day {rem.isoformat()} passed {-rem_days} days ago")
+    return {"now": now, "retirement": end, "retired": retired, "days": -days if retired else days,
+            "hours": hours, "text": text, "reminder": rem, "reminder_days": rem_days, "reminder_text": rem_text}
+
+
+def migration_diff(new_model: str = "<V4-Flash model ID>", old_model: str = "deepseek-chat") -> str:
+    """The one-line change for an OpenAI-compatible client, as a unified diff (the only changed line is
+    ``model=``). The report does not print V4's model IDs, so the new one is a placeholder by default:
+    take it from DeepSeek's API docs."""
+    head = ["import os", "from openai import OpenAI", "",
+            'client = OpenAI(api_key=os.environ["DEEPSEEK_API_KEY"], base_url="https://api.deepseek.com")',
+            "resp = client.chat.completions.create("]
+    tail = ['    messages=[{"role": "user", "content": "Hello"}],', "    stream=True,", ")"]
+    return "\n".join([" " + h for h in head] + [f'-    model="{old_model}",', f'+    model="{new_model}",']
+                     + [" " + t for t in tail])
+
+
+# --------------------------------------------------------------------------------------- calendar
+def _ics_text(s: str) -> str:
+    """RFC 5545 TEXT escaping (backslash, semicolon, comma, newline)."""
+    return s.replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,").replace("\n", "\\n")
+
+
+def _fold(line: str) -> str:
+    """RFC 5545 §3.1: lines longer than 75 octets continue on lines that start with one space; never
+    split inside a UTF-8 sequence."""
+    out, cur, limit = [], b"", 75
+    for ch in line:
+        b = ch.encode("utf-8")
+        if len(cur) + len(b) > limit:
+            out.append(cur.decode("utf-8"))
+            cur, limit = b"", 74                       # continuation lines: 1 space + 74 octets
+        cur += b
+    out.append(cur.decode("utf-8"))
+    return "\r\n ".join(out)
+
+
+def reminder_ics(now=None) -> str:
+    """An RFC 5545 calendar with one all-day event on the reminder day (CRLF line ends, folded lines).
+
+    The UID is fixed, so importing a regenerated file updates the same event instead of adding a copy;
+    DTSTAMP is ``now`` (when the file was made)."""
+    stamp = _as_utc(now).strftime("%Y%m%dT%H%M%SZ")
+    day = reminder_day()
+    end = retirement_moment()
+    legacy = ", ".join(fact("legacy_ids"))
+    desc = (f"The legacy DeepSeek model IDs ({legacy}; the V3, V3.2 and R1 integrations) retire after "
+            f"{end.strftime('%Y-%m-%d %H:%M UTC')}. Migrating is a one-line change: the model parameter. "
+            f"Auth, base URL, request shape, streaming, tools and JSON mode stay the same. "
+            "Generated by v4lab (v4lab remind --ics FILE).")
+    lines = ["BEGIN:VCALENDAR", "VERSION:2.0", "PRODID:-//v4lab//deploying V4//EN", "CALSCALE:GREGORIAN",
+             "BEGIN:VEVENT", f"UID:v4-migration-reminder-{day.strftime('%Y%m%d')}@v4lab", f"DTSTAMP:{stamp}",
+             f"DTSTART;VALUE=DATE:{day.strftime('%Y%m%d')}",
+             f"DTEND;VALUE=DATE:{date.fromordinal(day.toordinal() + 1).strftime('%Y%m%d')}",
+             "SUMMARY:" + _ics_text("Migrate off deepseek-chat / deepseek-reasoner (retire after "
+                                    f"{end.strftime('%Y-%m-%d %H:%M UTC')})"),
+             "DESCRIPTION:" + _ics_text(desc), "TRANSP:TRANSPARENT",
+             "BEGIN:VALARM", "ACTION:DISPLAY", "DESCRIPTION:" + _ics_text("Migrate to DeepSeek V4"),
+             "TRIGGER:-PT0M", "END:VALARM", "END:VEVENT", "END:VCALENDAR"]
+    return "".join(_fold(line) + "\r\n" for line in lines)
+
+
+def write_ics(path, force: bool = False, now=None) -> Path:
+    """Write :func:`reminder_ics` to ``path`` atomically. An existing file is refused unless ``force``
+    (then replaced in one step); a half-written file is never left behind."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--ics = {str(path)!r}: is a directory; give a file name")
+    if path.exists() and not force:
+        raise ValueError(f"--ics = {str(path)!r}: the file exists; pass --force to replace it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"--ics = {str(path)!r}: folder {str(parent)!r} does not exist")
+    data = reminder_ics(now).encode("utf-8")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if force:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)             # fails if the file appeared meanwhile: never clobbers
+            except FileExistsError:
+                raise
+            except OSError:                    # a file system without hard links: check, then rename
+                if path.exists():
+                    raise FileExistsError(str(path)) from None
+                os.replace(tmp, path)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except FileExistsError:
+        os.unlink(tmp)
+        raise ValueError(f"--ics = {str(path)!r}: the file exists; pass --force to replace it") from None
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------------------- routing
+STRATEGIES = ("flash", "routed", "pro", "opus-4.7", "gemini-3.1-pro", "gpt-5.5")
+STRATEGY_LABELS = {"flash": "V4-Flash only", "routed": "Flash + Pro escalation", "pro": "V4-Pro only",
+                   "opus-4.7": "Opus 4.7 only", "gemini-3.1-pro": "Gemini 3.1 Pro only", "gpt-5.5": "GPT-5.5 only"}
+
+
+def _check_share(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} = {v!r}: must be a fraction in [0, 1]")
+    return float(v)
+
+
+def _check_count(name: str, v, lo: int = 0) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < lo:
+        raise ValueError(f"{name} = {v!r}: must be a whole number >= {lo}")
+    return int(v)
+
+
+def route(turns: int = 1000, context: int = 32000, output: int = 1000, pro_share: float = 0.2,
+          hard_share: float = 0.2, thinking: bool = False, thinking_tokens: int | None = None) -> dict:
+    """A month of traffic under each strategy. ``turns`` a month, each with a ``context``-token prompt
+    (billed as input; Gemini's rate doubles above 200K) and ``output`` tokens of answer (+
+    ``thinking_tokens`` billed as output when ``thinking``). ``pro_share`` of the turns go to V4-Pro
+    in the routed strategy; ``hard_share`` of them need Pro-class quality.
+
+    The defaults are the report's heavy-fleet month (32M in + 1M out): $4.76 on Flash, $185 on Opus.
+    Returns ``bills`` (strategy → $ or None when a price is unknown), ``known_part`` (the part of a bill
+    v4lab can price: GPT-5.5's output), ``overpay`` (Pro/Flash on turns Flash could serve), the shares of
+    turns overpaid (easy turns on Pro) and at risk (hard turns left on Flash)."""
+    turns, context, output = _check_count("turns", turns), _check_count("context", context), _check_count("output", output)
+    pro_share, hard_share = _check_share("pro_share", pro_share), _check_share("hard_share", hard_share)
+    if not isinstance(thinking, bool):
+        raise ValueError(f"thinking = {thinking!r}: must be True or False")
+    think = fact("thinking_output_tokens") if thinking_tokens is None else _check_count("thinking_tokens", thinking_tokens)
+    inp, out = turns * context, turns * (output + (think if thinking else 0))
+    bills, known = {}, {}
+    for k, model in (("flash", "v4-flash"), ("pro", "v4-pro"), ("opus-4.7", "opus-4.7"),
+                     ("gemini-3.1-pro", "gemini-3.1-pro"), ("gpt-5.5", "gpt-5.5")):
+        p = pricing.price(model)
+        known[k] = pricing.cost(model, 0, out)
+        bills[k] = None if (p.input is None and inp) else pricing.cost(model, inp if p.input is not None else 0, out,
+                                                                       context=context)
+    bills["routed"] = (1 - pro_share) * bills["flash"] + pro_share * bills["pro"]
+    known["routed"] = bills["routed"]
+    easy = 1 - hard_share
+    easy_turns = easy * turns
+    return {"turns": turns, "context": context, "input_tokens": inp, "output_tokens": out,
+            "thinking_tokens": think if thinking else 0, "pro_share": pro_share, "hard_share": hard_share,
+            "bills": {k: bills[k] for k in STRATEGIES}, "known_part": {k: known[k] for k in STRATEGIES},
+            "overpay": pricing.overpay(inp / (inp + out)) if inp + out else pricing.overpay(),
+            "easy_share": easy, "overpaid_share": max(0.0, pro_share - hard_share),
+            "at_risk_share": max(0.0, hard_share - pro_share),
+            "pro_on_easy": bills["pro"] * easy, "flash_on_easy": bills["flash"] * easy,
+            "gemini_surcharged": context > (pricing.price("gemini-3.1-pro").long_context_threshold or 10 ** 18),
+            "easy_turns": easy_turns}
+
+
+def format_route(r: dict) -> str:
+    """The calculator's result as a table with each price's mark (what ``v4lab cost`` prints)."""
+    lines = [f"{r['turns']:,} turns/month x ({r['context']:,} prompt + {r['output_tokens'] // max(r['turns'], 1):,} "
+             f"output tokens{', incl. ' + format(r['thinking_tokens'], ',') + ' thinking' if r['thinking_tokens'] else ''})"
+             f" = {r['input_tokens'] / 1e6:,.3g}M in + {r['output_tokens'] / 1e6:,.3g}M out a month",
+             f"{'strategy':<24} {'US$/month':>12}  prices (input; output)"]
+    marks = {"flash": "v4-flash", "pro": "v4-pro", "opus-4.7": "opus-4.7", "gemini-3.1-pro": "gemini-3.1-pro",
+             "gpt-5.5": "gpt-5.5"}
+    for k in STRATEGIES:
+        b = r["bills"][k]
+        shown = "unknown" if b is None else f"{b:,.2f}"
+        if k == "routed":
+            note = f"{100 * r['pro_share']:.0f}% of turns on V4-Pro"
+        else:
+            p = pricing.price(marks[k])
+            note = f"{p.mark('input')}; {p.mark('output')}"
+            if b is None:
+                note = f"input price unknown (output alone ${r['known_part'][k]:,.2f}); {p.mark('output')}"
+        lines.append(f"{STRATEGY_LABELS[k]:<24} {shown:>12}  {note}")
+    lines.append(f"Pro everywhere pays {r['overpay']:.1f}x on the {100 * r['easy_share']:.0f}% of turns Flash could "
+                 f"serve (the report: {fact('pro_overpay')}x on {fact('easy_traffic_share')}%)")
+    if r["at_risk_share"]:
+        lines.append(f"{100 * r['at_risk_share']:.0f}% of turns are hard but stay on Flash: the Flash-everywhere trap")
+    if r["overpaid_share"]:
+        lines.append(f"{100 * r['overpaid_share']:.0f}% of turns go to Pro without needing it")
+    if r["gemini_surcharged"]:
+        lines.append("prompts above 200K: Gemini's input rate doubled; V4-Pro stays flat")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------- checklist
+def conditions() -> list[dict]:
+    """The seven "wrong choice" conditions (key, condition, why, figure, alternative, source)."""
+    return [dict(c) for c in facts()["wrong_choice"]]
+
+
+def verdict(checked) -> dict:
+    """The checklist's answer for the set of condition keys that apply."""
+    conds = {c["key"]: c for c in conditions()}
+    checked = list(checked)
+    bad = [k for k in checked if k not in conds]
+    if bad:
+        raise ValueError(f"condition = {bad[0]!r}: must be one of {sorted(conds)}")
+    hits = [conds[k] for k in conds if k in checked]
+    if not hits:
+        return {"fits": True, "hits": [], "text": "None of the seven applies: V4 is the right choice for most "
+                "workloads like yours (the report's closing advice)."}
+    lines = [f"V4 is the wrong choice here ({len(hits)} of 7 conditions):"]
+    lines += [f"- {h['condition']} [{h['figure']}] -> {h['alternative']}" for h in hits]
+    return {"fits": False, "hits": hits, "text": "\n".join(lines)}
+
+
+def subfp4_experiment() -> str | None:
+    """The CLI command of v4lab's sub-FP4 robustness experiment, or None while it does not exist."""
+    import importlib.util
+    try:
+        found = importlib.util.find_spec("v4lab.experiments.subfp4") is not None
+    except (ImportError, ValueError):
+        found = False
+    return "v4lab experiment subfp4" if found else None
+
+
+def unknown_cards() -> list[dict]:
+    """"What we don't know yet" as cards; the sub-FP4 card says where v4lab measures it (or that the
+    experiment is planned and not in this version)."""
+    cards = []
+    for u in facts()["unknowns"]:
+        c = dict(u)
+        if c["key"] == "sub_fp4":
+            cmd = subfp4_experiment()
+            c["v4lab"] = (f"v4lab measures it: run `{cmd}`" if cmd else
+                          "v4lab's own sub-FP4 experiment (`v4lab experiment subfp4`) is planned and not in "
+                          "this version yet")
+        cards.append(c)
+    return cards

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from datetime import date, datetime, timezone
 from functools import lru_cache
@@ -171,7 +172,12 @@ def write_ics(path, force: bool = False, now=None) -> Path:
         raise ValueError(f"--ics = {str(path)!r}: folder {str(parent)!r} does not exist")
     data = reminder_ics(now).encode("utf-8")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    # mkstemp makes the file private (0600): give it the mode a plain open() would (or the replaced file's)
+    mode = (path.stat().st_mode & 0o777) if path.exists() else (0o666 & ~umask)
     try:
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -331,3 +337,68 @@ def unknown_cards() -> list[dict]:
                           "this version yet")
         cards.append(c)
     return cards
+
+
+# --------------------------------------------------------------------------------------- command line
+def parse_tokens(arg: str, text) -> int:
+    """``32000``, ``32K`` (= 32,000: decimal, as price pages count), ``1M`` (= 1,000,000)."""
+    import re
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([kKmM]?)\s*", str(text))
+    if not m:
+        raise ValueError(f"{arg} = {text!r}: must be a whole token count like 32000, 32K or 1M")
+    v = float(m.group(1)) * {"": 1, "k": 10 ** 3, "m": 10 ** 6}[m.group(2).lower()]
+    if v != int(v):
+        raise ValueError(f"{arg} = {text!r}: must be a whole number of tokens")
+    return int(v)
+
+
+def _fraction(arg: str, text) -> float:
+    try:
+        v = float(str(text).rstrip("%")) / (100 if str(text).endswith("%") else 1)
+    except ValueError:
+        raise ValueError(f"{arg} = {text!r}: must be a fraction in [0, 1] or a percentage like 20%") from None
+    return _check_share(arg, v)
+
+
+def _print(text: str) -> None:
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:              # `v4lab cost | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def cli(cmd: str, argv: list[str], parser_cls) -> int:
+    """``v4lab cost`` (the routing calculator) and ``v4lab remind --ics FILE``; bad input raises
+    ValueError (the caller prints one line and exits 2)."""
+    p = parser_cls(prog=f"v4lab {cmd}")
+    if cmd == "cost":
+        p.add_argument("--turns", default="1000", help="turns (requests) a month (default 1000)")
+        p.add_argument("--context", default="32K", help="prompt tokens per turn, e.g. 32K, 256K (decimal K; default 32K)")
+        p.add_argument("--output", default="1K", help="answer tokens per turn (default 1K)")
+        p.add_argument("--pro-share", default="0.2", help="share of turns routed to V4-Pro (default 0.2)")
+        p.add_argument("--hard-share", default="0.2", help="share of turns that need Pro-class quality (default 0.2)")
+        p.add_argument("--thinking", action="store_true", help="Thinking on: bill extra output tokens per turn")
+        p.add_argument("--thinking-tokens", default=None,
+                       help=f"thinking tokens per turn (default {fact('thinking_output_tokens')}, a v4lab assumption)")
+        p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+        a = p.parse_args(argv)
+        r = route(parse_tokens("--turns", a.turns), parse_tokens("--context", a.context),
+                  parse_tokens("--output", a.output), _fraction("--pro-share", a.pro_share),
+                  _fraction("--hard-share", a.hard_share), a.thinking,
+                  None if a.thinking_tokens is None else parse_tokens("--thinking-tokens", a.thinking_tokens))
+        if a.json:
+            marks = {k: {"input": pricing.price(m).mark("input"), "output": pricing.price(m).mark("output")}
+                     for k, m in (("flash", "v4-flash"), ("pro", "v4-pro"), ("opus-4.7", "opus-4.7"),
+                                  ("gemini-3.1-pro", "gemini-3.1-pro"), ("gpt-5.5", "gpt-5.5"))}
+            text = json.dumps({**r, "price_marks": marks})
+        else:
+            text = format_route(r)
+        _print(text)
+        return 0
+    p.add_argument("--ics", required=True, metavar="FILE", help="write the reminder (.ics) here")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    a = p.parse_args(argv)
+    path = write_ics(a.ics, force=a.force)
+    c = countdown()
+    _print(f"wrote {path}: an all-day reminder on {c['reminder'].isoformat()} ({c['reminder_text']}). {c['text']}")
+    return 0

@@ -90,7 +90,9 @@ def _marks(key: str, d: dict) -> dict:
     """The basis of each price (published / derived from which claims / ...), checked."""
     out = {}
     for side in ("input", "output"):
-        basis = d.get(f"{side}_basis", "published")
+        if f"{side}_basis" not in d:
+            raise ValueError(f"prices file: model {key!r} lacks key {side + '_basis'!r} (one of {BASES})")
+        basis = d[f"{side}_basis"]
         if basis not in BASES:
             raise ValueError(f"prices file: {key}.{side}_basis = {basis!r}: must be one of {BASES}")
         if (d.get(side) is None) != (basis == "unknown"):

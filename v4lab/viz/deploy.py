@@ -225,7 +225,7 @@ class _ChecklistBase(Widget):
 
 def _toggle(key):
     def on(self, v):
-        self.set(**{key: bool(v)})
+        self.set(**{key: v})          # a Checkbox sends a bool; anything else is refused by validate
     on.__name__ = f"on_{key}"
     return on
 

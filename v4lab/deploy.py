@@ -402,3 +402,47 @@ def cli(cmd: str, argv: list[str], parser_cls) -> int:
     c = countdown()
     _print(f"wrote {path}: an all-day reminder on {c['reminder'].isoformat()} ({c['reminder_text']}). {c['text']}")
     return 0
+
+
+# --------------------------------------------------------------------------------------- printed blocks
+def _src(key: str) -> str:
+    return f"[{facts()['facts'][key]['source']}]"
+
+
+def market_text() -> str:
+    """Observation 1 with its figures and sources (notebook 11 prints it)."""
+    return "\n".join([
+        f"Chinese open-weight models: {fact('openrouter_chinese_share')} % of OpenRouter's weekly volume at V4's "
+        f"launch {_src('openrouter_chinese_share')}",
+        f"Analyst consensus: V4 is {fact('analyst_consensus')}. {facts()['facts']['analyst_consensus']['text']} "
+        f"{_src('analyst_consensus')}"])
+
+
+def migration_text(now=None) -> str:
+    """Observation 6's dates, what changes and what does not, and where ``now`` stands."""
+    c = countdown(now)
+    return "\n".join([
+        f"legacy IDs: {', '.join(fact('legacy_ids'))} (V3 / V3.2 / R1 integrations) {_src('legacy_ids')}",
+        "the change: the model parameter; unchanged: " + ", ".join(fact("unchanged_on_migration")),
+        f"retirement: after {c['retirement'].strftime('%Y-%m-%d %H:%M UTC')} {_src('retirement_utc')}",
+        f"reminder:   {c['reminder'].isoformat()} {_src('reminder_date')}",
+        f"pattern:    {fact('recommended_pattern')} {_src('recommended_pattern')}",
+        f"traps:      Pro everywhere overpays {fact('pro_overpay')}x on the ~{fact('easy_traffic_share')} % of traffic "
+        f"that does not need it; Flash everywhere regresses the knowledge-hard long tail {_src('pro_overpay')}"])
+
+
+def conditions_text() -> str:
+    """The seven "wrong choice" conditions, each with its figure and the alternative."""
+    lines = []
+    for i, c in enumerate(conditions(), 1):
+        lines.append(f"{i}. {c['condition']}\n   figure: {c['figure']}\n   instead: {c['alternative']}")
+    return "\n".join(lines)
+
+
+def v5_text() -> str:
+    """Observation 4's pointer to V5 and the speculative V5 prices, labelled."""
+    f, p = fact("v5_flash_price"), fact("v5_pro_price")
+    return "\n".join([
+        f"V5's likely research direction: {fact('v5_direction')} {_src('v5_direction')}",
+        f"SPECULATION, not prices anyone charges: V5-Flash ~${f[0]:.2f} / ${f[1]:.2f}, "
+        f"V5-Pro ~${p[0]:.2f} / ${p[1]:.2f} per 1M input / output tokens {_src('v5_flash_price')}"])

@@ -15,7 +15,7 @@ LABELS = {"v3": "V3", "v3.2": "V3.2", "v4-flash": "V4-Flash", "v4-pro": "V4-Pro"
 # Context grid of the curves: 1K .. 1M in half-octaves (2^10 .. 2^20).
 CONTEXTS = [int(round(2 ** (e / 2))) for e in range(20, 41)]
 CONTEXT_STOPS = [2 ** e for e in range(10, 21)]          # the slider's stops: 1K, 2K, ..., 1M
-WEIGHTINGS = {"B": "equivalent FP8 FLOPs (report)", "A": "raw FLOPs"}
+WEIGHTINGS = {"B": "FP8-equivalent FLOPs, calibrated to the published ratios (v4lab's fit)", "A": "raw FLOPs"}
 
 # The map of notebooks: number, file, title, the V4 idea, where it lives in the code.
 NOTEBOOKS = [
@@ -35,6 +35,8 @@ NOTEBOOKS = [
     ("08", "08_kernels.ipynb", "Kernels", "each Triton kernel beside its reference", "v4lab.kernels"),
     ("09", "09_hardware_and_cost.ipynb", "Hardware and cost", "a roofline on H200 vs B200; API prices",
      "v4lab.hardware, v4lab.pricing"),
+    ("11", "11_deploying_v4.ipynb", "Deploying V4", "the market, migrating by one line, routing Flash/Pro, "
+     "when V4 is the wrong choice, what is unknown", "v4lab.deploy"),
 ]
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
@@ -67,12 +69,16 @@ def _family(context: int, weights: str) -> tuple:
 
 def family_table(context: int = accounting.ONE_M, weights: str = "B") -> str:
     """Plain-text table of :func:`family` (deterministic: what the notebook's checked cell prints)."""
-    head = f"{'model':<9} {'total':>7} {'active':>7} {'KV cache':>9} {'decode':>10} {'KV/V3.2':>8} {'FLOPs/V3.2':>10}"
-    lines = [f"context {context_label(context)} tokens ({context:,}); FLOPs: {WEIGHTINGS[weights]}", head]
-    for r in family(context, weights):
+    other = "A" if weights != "A" else "B"
+    head = (f"{'model':<9} {'total':>7} {'active':>7} {'KV cache':>9} {'decode':>10} {'KV/V3.2':>8} {'FLOPs/V3.2':>10}"
+            f" {'(' + ('raw' if other == 'A' else 'calibrated') + ')':>12}")
+    lines = [f"context {context_label(context)} tokens ({context:,}); FLOPs: {WEIGHTINGS[weights]}; "
+             f"in brackets: {WEIGHTINGS[other]}", head]
+    for r, o in zip(family(context, weights), family(context, other)):
+        bracket = f"({100 * o['flops_vs_v32']:.1f}%)"
         lines.append(f"{LABELS[r['model']]:<9} {r['total_params'] / 1e9:>6.0f}B {r['active_params'] / 1e9:>6.1f}B "
                      f"{r['kv_cache_bytes'] / 1e9:>7.2f}GB {r['decode_flops'] / 1e9:>7.0f}GFL "
-                     f"{100 * r['kv_vs_v32']:>7.1f}% {100 * r['flops_vs_v32']:>9.1f}%")
+                     f"{100 * r['kv_vs_v32']:>7.1f}% {100 * r['flops_vs_v32']:>9.1f}% {bracket:>12}")
     return "\n".join(lines)
 
 
@@ -181,7 +187,7 @@ class ContextWidget(Widget):
             "context": W.SelectionSlider(options=[(context_label(n), n) for n in CONTEXT_STOPS],
                                          value=self.state["context"], description="context",
                                          continuous_update=True),
-            "weights": W.ToggleButtons(options=[("FP8-equivalent", "B"), ("raw", "A")],
+            "weights": W.ToggleButtons(options=[("FP8-eq. (calibrated)", "B"), ("raw", "A")],
                                        tooltips=[WEIGHTINGS["B"], WEIGHTINGS["A"]],
                                        value=self.state["weights"], description="FLOPs"),
         }

@@ -42,6 +42,12 @@ NOTEBOOKS = [
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 
 
+def _sig3(x: float) -> str:
+    """Three significant figures, thousands separated, never in e-notation: 35704 → '35,700'."""
+    v = float(f"{x:.3g}")
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
 def context_label(n: int) -> str:
     for unit, size in (("M", 2 ** 20), ("K", 2 ** 10)):
         if n >= size and n % size == 0:
@@ -133,19 +139,20 @@ def context_data(context: int = accounting.ONE_M, weights: str = "B") -> dict:
     for ys, ms, ax, unit in ((kv_y, kv_models, ("x", "y"), " GB"), (fl_y, MODELS, ("x2", "y2"), "")):
         traces.append(dict(type="scatter", mode="markers+text", x=[context] * len(ys), y=ys, showlegend=False,
                            marker=dict(color=[COLORS[m] for m in ms], size=9),
-                           text=[f"{y:.3g}{unit}" for y in ys], textposition="middle left",
+                           text=[f"{_sig3(y)}{unit}" for y in ys], textposition="middle left",
                            hovertext=[LABELS[m] for m in ms], name="at context", xaxis=ax[0], yaxis=ax[1]))
     pro, fl = rows["v4-pro"], rows["v4-flash"]
     title = (f"At {context_label(context)} tokens: V4-Pro KV {100 * pro['kv_vs_v32']:.1f}% / FLOPs "
              f"{100 * pro['flops_vs_v32']:.1f}% of V3.2 · V4-Flash KV {100 * fl['kv_vs_v32']:.1f}% / "
-             f"FLOPs {100 * fl['flops_vs_v32']:.1f}%")
+             f"FLOPs {100 * fl['flops_vs_v32']:.1f}%<br><sup>FLOPs: {WEIGHTINGS[weights]}</sup>")
     shapes = [dict(type="line", xref=ax, yref=f"{yr} domain", x0=context, x1=context, y0=0, y1=1,
                    line=dict(color="#888", dash="dash", width=1)) for ax, yr in (("x", "y"), ("x2", "y2"))]
     return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}, "shapes": shapes}}
 
 
 CONTEXT_LAYOUT = dict(
-    height=440,
+    height=480, margin=dict(l=60, r=20, t=70, b=110),
+    legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0),
     xaxis=dict(domain=[0, 0.46], type="log", title="context (tokens)"),
     yaxis=dict(type="log", title="KV cache per sequence (GB)"),
     xaxis2=dict(domain=[0.56, 1], type="log", title="context (tokens)", anchor="y2"),

@@ -29,6 +29,7 @@ FIGURES_11 = {
     "procurement": "OSTP memo, April 2026",
     "text-only": "Gemini 3.1 Pro or Opus 4.7",
     "V5 direction": "principled training stability for MoE at trillion-parameter scale",
+    "V5 backbone": "V5 is more likely than V4 to revisit the backbone shape",
     "V5 prices labelled": "SPECULATION, not prices anyone charges: V5-Flash ~$0.07 / $0.14, V5-Pro ~$0.87 / $1.74",
     "V4-Pro $1.74 published": "input: published",
 }

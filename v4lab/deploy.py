@@ -444,5 +444,6 @@ def v5_text() -> str:
     f, p = fact("v5_flash_price"), fact("v5_pro_price")
     return "\n".join([
         f"V5's likely research direction: {fact('v5_direction')} {_src('v5_direction')}",
+        f"and its architecture: {fact('v5_backbone')} {_src('v5_backbone')}",
         f"SPECULATION, not prices anyone charges: V5-Flash ~${f[0]:.2f} / ${f[1]:.2f}, "
         f"V5-Pro ~${p[0]:.2f} / ${p[1]:.2f} per 1M input / output tokens {_src('v5_flash_price')}"])

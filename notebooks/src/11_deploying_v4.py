@@ -149,6 +149,8 @@ display(HTML(vdeploy.unknown_cards_html()))
 # Observation 4 ends on a forecast: because DeepSeek itself says it does not fully understand why
 # Anticipatory Routing and SwiGLU clamping keep training stable (notebooks 04 and 06), the most likely
 # research thread for V5 is a principled account of training stability for trillion-parameter MoE.
+# Observation 2 adds the architectural side: V4 kept V3's backbone shape deliberately, to limit risk
+# (notebook 01 shows that 99 % of the growth is routed experts), so V5 is the likelier place for a new one.
 # The price guesses for V5 in circulation are printed here only with their label:
 
 # %%

@@ -127,8 +127,9 @@ class RoutingWidget(Widget):
             "output": sel(OUTPUT_STOPS, kilo, s["output"], "output tokens per turn"),
             "pro_share": share(s["pro_share"], "share sent to Pro"),
             "hard_share": share(s["hard_share"], "share of hard turns"),
-            "thinking": W.Checkbox(value=s["thinking"], description="Thinking on (+2K output tokens per turn)",
-                                   style=SLIDER_STYLE),
+            "thinking": W.Checkbox(value=s["thinking"], style=SLIDER_STYLE,
+                                   description=f"Thinking on (+{kilo(deploy.fact('thinking_output_tokens'))} output "
+                                               "tokens per turn, v4lab's assumption)"),
         }
 
     def sweep_values(self, control):

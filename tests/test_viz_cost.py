@@ -248,6 +248,12 @@ def test_roofline_sweeps(static):
     for v, _ in sweep(w, "fp4_experts"):
         b200[v] = _roof_points(w)[2].y[1]
     assert b200[True] > b200[False]               # compute-bound on B200: FP4 cores help
+    for m in cost.ROOF_MODELS:                    # the title's batch is hardware.first_batch_reaching's
+        for ctx in (4096, 2 ** 20):
+            for fp4 in (False, True):
+                near = hardware.first_batch_reaching(cost.NEAR_PUBLISHED, m, ctx, cost.BATCH_STOPS, fp4_experts=fp4)
+                t = cost.roofline_data(m, ctx, 64, fp4)["layout"]["title"]["text"]
+                assert (f"from batch {near:,}" in t) if near else ("never ~3x here" in t)
     w.on_fp4_experts(True), w.on_batch(8192)
     assert "~3x (≥2.7x) from batch 8,192" in w.fig.layout.title.text
     w.on_fp4_experts(False)

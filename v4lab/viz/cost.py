@@ -412,7 +412,8 @@ def roofline_data(model: str = "v4-pro", context: int = 2 ** 20, batch: int = 64
              textposition="top left" if batch > 64 else "top right", xaxis="x3", yaxis="y3"),
     ]
     h, b = r["H200"], r["B200"]
-    near = hardware.first_batch_reaching(NEAR_PUBLISHED, model, context, BATCH_STOPS, fp4_experts=fp4_experts)
+    # = hardware.first_batch_reaching(NEAR_PUBLISHED, ...) over BATCH_STOPS, from the cached curves
+    near = next((bb for bb, q in zip(BATCH_STOPS, ratio) if q >= NEAR_PUBLISHED), None)
     where = (f"~3x (≥{NEAR_PUBLISHED:g}x) from batch {near:,}" if near else
              f"never ~3x here (max {max(ratio):.3g}x{'' if fp4_experts else '; try FP4 x FP4 experts'})")
     title = (f"{LABELS[model]}, {context_label(context)} context, batch {batch:,}: {h['bound']}-bound on H200 · "

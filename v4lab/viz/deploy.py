@@ -17,7 +17,7 @@ SHARE_STOPS = [i / 20 for i in range(21)]
 # one colour per strategy (qualitative); V4 colours as in every other notebook
 STRATEGY_COLORS = {"flash": "#1f77b4", "routed": "#17becf", "pro": "#d62728", "opus-4.7": "#ff7f0e",
                    "gemini-3.1-pro": "#9467bd", "gpt-5.5": "#2ca02c"}
-SLIDER_STYLE = {"description_width": "150px"}
+SLIDER_STYLE = {"description_width": "160px"}
 
 
 def kilo(n: int) -> str:
@@ -123,11 +123,12 @@ class RoutingWidget(Widget):
         s = self.state
         return {
             "turns": sel(TURN_STOPS, lambda x: f"{x:,}", s["turns"], "turns per month"),
-            "context": sel(CONTEXT_STOPS, kilo, s["context"], "prompt tokens per turn"),
-            "output": sel(OUTPUT_STOPS, kilo, s["output"], "output tokens per turn"),
+            "context": sel(CONTEXT_STOPS, kilo, s["context"], "prompt tokens/turn"),
+            "output": sel(OUTPUT_STOPS, kilo, s["output"], "output tokens/turn"),
             "pro_share": share(s["pro_share"], "share sent to Pro"),
             "hard_share": share(s["hard_share"], "share of hard turns"),
-            "thinking": W.Checkbox(value=s["thinking"], style=SLIDER_STYLE,
+            "thinking": W.Checkbox(value=s["thinking"], style={"description_width": "initial"}, indent=False,
+                                   layout=W.Layout(width="auto"),
                                    description=f"Thinking on (+{kilo(deploy.fact('thinking_output_tokens'))} output "
                                                "tokens per turn, v4lab's assumption)"),
         }

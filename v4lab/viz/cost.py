@@ -21,8 +21,9 @@ BATCH_STOPS = [2 ** e for e in range(0, 15)]                             # 1 .. 
 ROOF_MODELS = ("v4-flash", "v4-pro", "v3.2")
 GPUS = ("H200", "B200")
 # ipywidgets cut long descriptions at ~80 px ("nput/month"): give them room
-STYLE = {"description_width": "initial"}
-SLIDER_LAYOUT = {"width": "380px"}
+STYLE = {"description_width": "initial"}           # checkboxes, dropdowns: as wide as their text
+SLIDER_STYLE = {"description_width": "140px"}      # sliders: a fixed column that fits the longest label
+SLIDER_LAYOUT = {"width": "430px"}
 
 
 # --------------------------------------------------------------------------------------- price table
@@ -137,13 +138,13 @@ class BillWidget(Widget):
         return {
             "input_m": W.SelectionSlider(options=[(f"{v:g}M", v) for v in MONTH_INPUT_STOPS],
                                          value=self.state["input_m"], description="input tokens/month",
-                                         style=STYLE, layout=SLIDER_LAYOUT),
+                                         style=SLIDER_STYLE, layout=SLIDER_LAYOUT),
             "output_m": W.SelectionSlider(options=[(f"{v:g}M", v) for v in MONTH_OUTPUT_STOPS],
                                           value=self.state["output_m"], description="output tokens/month",
-                                          style=STYLE, layout=SLIDER_LAYOUT),
+                                          style=SLIDER_STYLE, layout=SLIDER_LAYOUT),
             "prompt": W.SelectionSlider(options=[(context_label(v), v) for v in PROMPT_STOPS],
                                         value=self.state["prompt"], description="prompt length",
-                                        style=STYLE, layout=SLIDER_LAYOUT),
+                                        style=SLIDER_STYLE, layout=SLIDER_LAYOUT),
             "speculative": W.Checkbox(value=self.state["speculative"], description="show V5 (speculation)",
                                       style=STYLE),
         }
@@ -226,7 +227,7 @@ class LongContextWidget(Widget):
         import ipywidgets as W
         return {"prompt": W.SelectionSlider(options=[(context_label(v), v) for v in PROMPT_STOPS],
                                             value=self.state["prompt"], description="prompt length",
-                                            style=STYLE, layout=SLIDER_LAYOUT)}
+                                            style=SLIDER_STYLE, layout=SLIDER_LAYOUT)}
 
     def sweep_values(self, control):
         return {"prompt": PROMPT_STOPS}[control]
@@ -305,14 +306,14 @@ class EscalationWidget(Widget):
     def make_controls(self):
         import ipywidgets as W
         return {"escalated": W.FloatSlider(value=self.state["escalated"], min=0, max=1, step=0.05,
-                                           description="escalated to Pro", readout_format=".0%", style=STYLE,
-                                           layout=SLIDER_LAYOUT),
+                                           description="escalated to Pro", readout_format=".0%",
+                                           style=SLIDER_STYLE, layout=SLIDER_LAYOUT),
                 "input_m": W.SelectionSlider(options=[(f"{v:g}M", v) for v in MONTH_INPUT_STOPS],
                                              value=self.state["input_m"], description="input tokens/month",
-                                             style=STYLE, layout=SLIDER_LAYOUT),
+                                             style=SLIDER_STYLE, layout=SLIDER_LAYOUT),
                 "output_m": W.SelectionSlider(options=[(f"{v:g}M", v) for v in MONTH_OUTPUT_STOPS],
                                               value=self.state["output_m"], description="output tokens/month",
-                                              style=STYLE, layout=SLIDER_LAYOUT)}
+                                              style=SLIDER_STYLE, layout=SLIDER_LAYOUT)}
 
     def sweep_values(self, control):
         return {"escalated": ESCALATION_STOPS, "input_m": MONTH_INPUT_STOPS, "output_m": MONTH_OUTPUT_STOPS}[control]
@@ -469,10 +470,10 @@ class RooflineWidget(Widget):
             "model": W.Dropdown(options=[(LABELS[m], m) for m in ROOF_MODELS], value=self.state["model"],
                                 description="model", style=STYLE),
             "batch": W.SelectionSlider(options=[(f"{b:,}", b) for b in BATCH_STOPS], value=self.state["batch"],
-                                       description="batch", style=STYLE, layout=SLIDER_LAYOUT),
+                                       description="batch", style=SLIDER_STYLE, layout=SLIDER_LAYOUT),
             "context": W.SelectionSlider(options=[(context_label(v), v) for v in CONTEXT_STOPS],
-                                         value=self.state["context"], description="context", style=STYLE,
-                                         layout=SLIDER_LAYOUT),
+                                         value=self.state["context"], description="context",
+                                         style=SLIDER_STYLE, layout=SLIDER_LAYOUT),
             "fp4_experts": W.Checkbox(value=self.state["fp4_experts"], description="FP4 x FP4 expert GEMMs",
                                       style=STYLE),
         }

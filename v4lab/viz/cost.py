@@ -22,8 +22,8 @@ ROOF_MODELS = ("v4-flash", "v4-pro", "v3.2")
 GPUS = ("H200", "B200")
 # ipywidgets cut long descriptions at ~80 px ("nput/month"): give them room
 STYLE = {"description_width": "initial"}           # checkboxes, dropdowns: as wide as their text
-SLIDER_STYLE = {"description_width": "140px"}      # sliders: a fixed column that fits the longest label
-SLIDER_LAYOUT = {"width": "430px"}
+SLIDER_STYLE = {"description_width": "150px"}      # sliders: a fixed column that fits the longest label
+SLIDER_LAYOUT = {"width": "440px"}
 
 
 # --------------------------------------------------------------------------------------- price table
@@ -187,7 +187,7 @@ def long_context_data(prompt: int = 262144) -> dict:
         dict(type="scatter", mode="lines", x=xs, y=vy, name=v.label + " (published, flat)", line=dict(color=colors[1])),
         dict(type="scatter", mode="markers+text", x=[prompt, prompt], y=at, showlegend=False,
              marker=dict(size=10, color=colors), text=[usd(a) for a in at],
-             textposition="middle left" if prompt > 2 ** 17 else "middle right"),
+             textposition="top left" if prompt >= 2 ** 19 else "top right"),
         dict(type="bar", x=["Gemini 3.1 Pro", "V4-Pro"], y=month, marker=dict(color=colors), showlegend=False,
              text=[usd(m) for m in month], textposition="outside", cliponaxis=False, xaxis="x2", yaxis="y2"),
     ]

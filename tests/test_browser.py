@@ -53,6 +53,7 @@ CASES = [
     Case("02_compressed_attention.ipynb", slider=0, key="ArrowLeft", figure=0),  # query position last -> last-1
     Case("07_tiny_v4.ipynb", slider=0, key="ArrowRight", figure=0),      # routing: token 8 -> 9
     Case("10_decode_step_by_step.ipynb", slider=0, key="ArrowRight", figure=0),   # decode: token 129 -> 130
+    Case("11_deploying_v4.ipynb", slider=0, key="ArrowRight", figure=0),  # routing: 1,000 -> 3,000 turns a month
 ]
 
 

@@ -106,7 +106,8 @@ def test_identify_gpu():
     assert hardware.identify_gpu("NVIDIA B200") == "B200"
     assert hardware.identify_gpu("NVIDIA H100 80GB HBM3") == "H100"
     assert hardware.identify_gpu("NVIDIA H100 PCIe") is None          # slower part: not given SXM peaks
-    assert hardware.identify_gpu("NVIDIA A100-SXM4-80GB") is None
+    assert hardware.identify_gpu("NVIDIA A100-SXM4-80GB") == "A100"
+    assert hardware.identify_gpu("NVIDIA A100-PCIE-40GB") is None          # other A100 parts: other figures
     assert hardware.identify_gpu(None) is None
     h200 = hardware.gpu("H200")
     assert h200["hbm_tb_s"] == pytest.approx(4.8) and h200["tflops"]["bf16"] == pytest.approx(989, rel=0.01)

@@ -93,7 +93,8 @@ def test_register_rejects_duplicates_and_unnamed():
 
 def test_registry_lists_every_notebook_widget(tmp_path):
     reg = load_all()
-    assert {"tour.context", "cost.bill", "cost.long_context", "cost.escalation", "cost.roofline"} <= set(reg)
+    assert {"tour.context", "cost.bill", "cost.long_context", "cost.escalation", "cost.roofline",
+            "deploy.routing", "deploy.checklist"} <= set(reg)
     demo = None
     for name, cls in reg.items():
         kw = {}

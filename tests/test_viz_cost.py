@@ -46,9 +46,9 @@ def test_direct_arithmetic():
 
 def test_prices_file_is_dated_and_sourced():
     m = pricing.meta()
-    assert m["as_of"] and m["recorded_on"] and m["source"]
+    assert m["as_of"] and m["recorded_on"] and m["source"] and m["_recorded_on"]
     for p in pricing.load_prices().values():
-        assert p.source
+        assert p.source and p.mark("input") and p.mark("output")
     assert pricing.price("gemini-3.1-pro").input_assumed
 
 
@@ -99,44 +99,93 @@ def test_hardware_model():
         hardware.roofline("v4-pro", "H200", 4096, 16384)["t_compute"])            # Hopper: nothing to gain
     with pytest.raises(ValueError, match="batch = 0"):
         hardware.decode_step("v4-pro", 1024, 0)
-    with pytest.raises(ValueError, match="gpu = 'A100'"):
-        hardware.gpu("A100")
+    with pytest.raises(ValueError, match="gpu = 'Z100'"):
+        hardware.gpu("Z100")
+
+
+def test_a100_and_the_fallback_rates():
+    a = hardware.gpu("A100")
+    assert a["hbm_tb_s"] == pytest.approx(2.039) and a["tflops"]["bf16"] == 312 and "datasheet" in a["source"]
+    # no FP8 or FP4 tensor cores: both run at the BF16 rate
+    assert hardware.peak_flops("A100", "fp8") == hardware.peak_flops("A100", "fp4") == 312e12
+    r = hardware.roofline("v4-pro", "A100", 4096, 1)
+    assert r["tokens_per_s"] / hardware.roofline("v4-pro", "B200", 4096, 1)["tokens_per_s"] == pytest.approx(2.039 / 8.0)
+    # compute-bound, A100 falls further behind than its bandwidth alone says
+    big = {g: hardware.roofline("v4-pro", g, 4096, 16384)["tokens_per_s"] for g in ("A100", "H100", "B200")}
+    assert big["A100"] / big["B200"] < 2.039 / 8.0 / 2                   # BF16 rate for FP8 work
+    assert big["H100"] / big["B200"] == pytest.approx(1979 / 4500, rel=0.01)      # the FP8 compute ratio
+
+
+def test_where_b200_reaches_the_published_3x():
+    B = cost.BATCH_STOPS
+    bw = 8.0 / 4.8
+    # bandwidth-bound at small batch: the ratio is the bandwidth ratio, whatever the tensor cores
+    for fp4 in (False, True):
+        assert hardware.speedup("v4-pro", 4096, 1, fp4_experts=fp4) == pytest.approx(bw)
+    # FP8 expert GEMMs: the compute ratio caps it near 4500 / 1979 = 2.27x, never ~3x
+    assert max(hardware.speedup("v4-pro", 4096, b) for b in B) == pytest.approx(4500 / 1979, rel=0.01)
+    assert hardware.first_batch_reaching(cost.NEAR_PUBLISHED, "v4-pro", 4096, B) is None
+    # FP4 x FP4 expert GEMMs on Blackwell: ~3x appears once the step is compute-bound
+    b = hardware.first_batch_reaching(cost.NEAR_PUBLISHED, "v4-pro", 4096, B, fp4_experts=True)
+    assert b == 8192
+    assert hardware.roofline("v4-pro", "H200", 4096, b, fp4_experts=True)["bound"] == "compute"
+    assert hardware.speedup("v4-pro", 4096, b // 2, fp4_experts=True) < cost.NEAR_PUBLISHED
+    text = cost.b200_ratio_table()
+    assert "first batch at >= 2.7x: 8,192" in text and "never >= 2.7x (max 2.28x)" in text
 
 
 # ----------------------------------------------------------------------------- widgets
+def _bill_bars(w):
+    """label -> height, over the known-price and unknown-price traces."""
+    return {**dict(zip(w.fig.data[0].x, w.fig.data[0].y)), **dict(zip(w.fig.data[1].x, w.fig.data[1].y))}
+
+
 def test_bill_sweeps():
     w = cost.BillWidget(static=True)
-    labels = list(w.fig.data[0].x)
     keys = [k for k, p in pricing.load_prices().items() if not p.speculative]
+    labels = {k: cost.SHORT[k] + ("<br>(input assumed)" if pricing.price(k).input_assumed else "") for k in keys}
     for control in ("input_m", "output_m", "prompt"):
         seen = []
         for _ in sweep(w, control):
             s = w.state
-            for k, y in zip(keys, w.fig.data[0].y):
+            bars = _bill_bars(w)
+            for k in keys:
                 inp = 0 if pricing.price(k).input is None else s["input_m"] * 1e6
-                assert y == pytest.approx(pricing.cost(k, inp, s["output_m"] * 1e6, context=s["prompt"]))
-            seen.append(tuple(w.fig.data[0].y))
+                assert bars[labels[k]] == pytest.approx(pricing.cost(k, inp, s["output_m"] * 1e6, context=s["prompt"]))
+            seen.append(tuple(bars.values()))
+            assert "$" not in w.fig.layout.title.text.replace("US$", "")
         assert len(set(seen)) > 1 or control == "prompt"
-    assert list(w.fig.data[0].x) == labels
+    # GPT-5.5's input price is unknown: its bar is in the hatched "unknown" trace, labelled a lower bound
+    assert list(w.fig.data[1].x) == ["GPT-5.5"] and "unknown" in w.fig.data[1].name
+    assert w.fig.data[1].marker.pattern.shape == "/" and list(w.fig.data[1].text)[0].startswith("≥ ")
+    assert "GPT-5.5" not in w.fig.data[0].x
     # prompt above 200K doubles only Gemini's input
     w.on_input_m(32), w.on_output_m(1), w.on_prompt(2 ** 17)
-    short = dict(zip(keys, w.fig.data[0].y))
+    short = _bill_bars(w)
     w.on_prompt(2 ** 18)
-    long = dict(zip(keys, w.fig.data[0].y))
-    assert long["gemini-3.1-pro"] - short["gemini-3.1-pro"] == pytest.approx(32 * 2.0)
-    assert all(long[k] == short[k] for k in keys if k != "gemini-3.1-pro")
+    long = _bill_bars(w)
+    g = labels["gemini-3.1-pro"]
+    assert long[g] - short[g] == pytest.approx(32 * 2.0)
+    assert all(long[k] == short[k] for k in long if k != g)
     for v, _ in sweep(w, "speculative"):
-        assert w.fig.data[1].visible is v
-    assert "$4.76" in w.fig.layout.title.text and "$185.00" in w.fig.layout.title.text
+        assert w.fig.data[2].visible is v
+    assert "V4-Flash 4.76" in w.fig.layout.title.text and "Opus 4.7 185 " in w.fig.layout.title.text
 
 
 def test_long_context_sweep():
     w = cost.LongContextWidget(static=True)
+    months = []
     for v, _ in sweep(w, "prompt"):
         g, p = w.fig.data[2].y
         assert p == pytest.approx(1.74)
         assert g == pytest.approx(4.0 if v > 200_000 else 2.0)
         assert list(w.fig.data[2].x) == [v, v]
+        gm, pm = w.fig.data[3].y                   # the month's bars follow the slider
+        assert gm == pytest.approx(cost.LONG_REQUESTS * v * g / 1e6) and pm == pytest.approx(cost.LONG_REQUESTS * v * 1.74 / 1e6)
+        months.append(gm)
+        assert ("Gemini doubled" in w.fig.layout.title.text) == (v > 200_000)
+        assert w.fig.layout.title.text.count("$") <= 1
+    assert months == sorted(months) and len(set(months)) == len(cost.PROMPT_STOPS)
 
 
 def test_escalation_sweep():
@@ -144,23 +193,38 @@ def test_escalation_sweep():
     ys = []
     for f, _ in sweep(w, "escalated"):
         assert w.fig.data[3].x[0] == f
-        assert w.fig.data[3].y[0] == pytest.approx(pricing.blended_cost(f, 32e6, 1e6))
+        b = pricing.blended_cost(f, 32e6, 1e6)
+        assert w.fig.data[3].y[0] == pytest.approx(b)
+        flash, pro, saved = (w.fig.data[i].y[0] for i in (4, 5, 6))
+        assert flash == pytest.approx((1 - f) * 4.76) and pro == pytest.approx(f * 59.16)
+        assert flash + pro == pytest.approx(b) and saved == pytest.approx(59.16 - b)
         ys.append(w.fig.data[3].y[0])
+        assert w.fig.layout.title.text.count("$") <= 1
     assert ys == sorted(ys) and ys[0] == pytest.approx(4.76) and ys[-1] == pytest.approx(59.16)
     assert "12.4x" in w.fig.layout.title.text
+    for control in ("input_m", "output_m"):               # the volumes move the lines
+        lines = set()
+        for v, _ in sweep(w, control):
+            assert w.fig.data[1].y[0] == pytest.approx(pricing.cost("v4-pro", w.state["input_m"] * 1e6,
+                                                                    w.state["output_m"] * 1e6))
+            lines.add(w.fig.data[1].y[0])
+        assert len(lines) == len(w.sweep_values(control))
     with pytest.raises(ValueError, match="escalated"):
         w.on_escalated(2)
 
 
+N_AFTER_ROOFS = 2 + 4 + 1 + 4      # 2 step points, 4 tokens/s curves, the batch points, 4 ratio-panel traces
+
+
 def _roof_points(w):
-    n = len(w.fig.data)
-    return w.fig.data[n - 5], w.fig.data[n - 4], w.fig.data[n - 1]
+    n = len(w.fig.data) - N_AFTER_ROOFS
+    return w.fig.data[n], w.fig.data[n + 1], w.fig.data[n + 6]
 
 
 @pytest.mark.parametrize("static", [True, False])
 def test_roofline_sweeps(static):
     w = cost.RooflineWidget(static=static)
-    n_roofs = len(w.fig.data) - 5
+    n_roofs = len(w.fig.data) - N_AFTER_ROOFS
     roofs = [list(t.y) for t in w.fig.data[:n_roofs]]
     prev = None
     for b, _ in sweep(w, "batch"):
@@ -168,6 +232,10 @@ def test_roofline_sweeps(static):
         ref = hardware.roofline(w.state["model"], "H200", w.state["context"], b)
         assert h.x[0] == pytest.approx(ref["intensity"]) and h.y[0] == pytest.approx(ref["achieved_flops"] / 1e12)
         assert list(pts.x) == [b, b] and pts.y[0] == pytest.approx(ref["tokens_per_s"])
+        ratio_here = w.fig.data[-1]
+        assert ratio_here.x[0] == b and ratio_here.y[0] == pytest.approx(
+            hardware.speedup(w.state["model"], w.state["context"], b))
+        assert ("bottom right" if h.x[0] < 200 else "bottom left") == h.textposition   # labels stay inside
         if prev is not None:
             assert h.x[0] > prev                  # bigger batches amortise the weights
         prev = h.x[0]
@@ -181,6 +249,16 @@ def test_roofline_sweeps(static):
     for v, _ in sweep(w, "fp4_experts"):
         b200[v] = _roof_points(w)[2].y[1]
     assert b200[True] > b200[False]               # compute-bound on B200: FP4 cores help
+    for m in cost.ROOF_MODELS:                    # the title's batch is hardware.first_batch_reaching's
+        for ctx in (4096, 2 ** 20):
+            for fp4 in (False, True):
+                near = hardware.first_batch_reaching(cost.NEAR_PUBLISHED, m, ctx, cost.BATCH_STOPS, fp4_experts=fp4)
+                t = cost.roofline_data(m, ctx, 64, fp4)["layout"]["title"]["text"]
+                assert (f"from batch {near:,}" in t) if near else ("never ~3x here" in t)
+    w.on_fp4_experts(True), w.on_batch(8192)
+    assert "~3x (≥2.7x) from batch 8,192" in w.fig.layout.title.text
+    w.on_fp4_experts(False)
+    assert "never ~3x here (max 2.28x; try FP4 x FP4 experts)" in w.fig.layout.title.text
     curves = {}
     for m, _ in sweep(w, "model"):
         curves[m] = list(w.fig.data[n_roofs + 2].y)
@@ -190,6 +268,8 @@ def test_roofline_sweeps(static):
 
 
 def test_tables():
-    assert "H200" in cost.gpu_table() and "none" in cost.gpu_table()
+    assert "H200" in cost.gpu_table() and "none" in cost.gpu_table() and "A100" in cost.gpu_table()
+    assert "A100" in cost.decode_table(4096) and "not a vendor price date" in cost.price_table()
+    assert "derived (from 7.2x vs Opus" in cost.price_table() and "input unknown" in cost.price_table()
     assert cost.claims_table().count("OK ") == len(pricing.report_claims())
     assert "SPECULATION" in cost.price_table() and "assumed" in cost.price_table()

@@ -5,6 +5,8 @@
     v4lab bench {attention,moe,quant,kernels,widgets,device,ep,trace,all} [--quick] [--json] [--device D]
     v4lab train ...        (see v4lab.train)
     v4lab generate ...     (see v4lab.generate)
+    v4lab cost [--turns N] [--context 32K] [--output 1K] [--pro-share F] [--hard-share F] [--thinking] [--json]
+    v4lab remind --ics FILE [--force]     (the V4 migration reminder, an RFC 5545 calendar file)
 
 Where things run: ``--device`` (cpu, cuda, cuda:N, auto) on bench/train/generate, else $V4LAB_DEVICE,
 else CUDA when present (``v4lab.device``).
@@ -56,11 +58,14 @@ def main(argv: list[str] | None = None) -> int:
             for n in names:
                 rc |= _delegate(f"v4lab.bench.{n}", more)
             return rc
+        if cmd in ("cost", "remind"):
+            from v4lab import deploy
+            return deploy.cli(cmd, rest, parser_cls=_Parser)
         if cmd == "train":
             return _delegate("v4lab.train", rest)
         if cmd == "generate":
             return _delegate("v4lab.generate", rest)
-        sys.stderr.write(f"v4lab: error: unknown command {cmd!r} (info, compare, bench, train, generate)\n")
+        sys.stderr.write(f"v4lab: error: unknown command {cmd!r} (info, compare, bench, train, generate, cost, remind)\n")
         return 2
     except ValueError as e:
         sys.stderr.write(f"v4lab: error: {e}\n")

@@ -63,14 +63,15 @@ def gpu(name: str) -> dict:
 
 
 def peak_flops(name: str, precision: str) -> float:
-    """FLOP/s of ``precision`` tensor cores; FP4 falls back to the FP8 rate without FP4 cores."""
+    """FLOP/s of ``precision`` tensor cores. Without FP4 cores FP4 operands run at the FP8 rate, without
+    FP8 cores (A100) FP8 and FP4 operands are converted and run at the BF16 rate."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision = {precision!r}: must be one of {PRECISIONS}")
     t = gpu(name)["tflops"]
-    v = t.get(precision)
-    if v is None and precision == "fp4":
-        v = t["fp8"]
-    return float(v) * 1e12
+    for p in PRECISIONS[PRECISIONS.index(precision)::-1]:     # fp4 → fp8 → bf16
+        if t.get(p) is not None:
+            return float(t[p]) * 1e12
+    raise ValueError(f"gpu {name!r}: hardware.json gives no tensor-core rate at or above {precision!r}")
 
 
 def bandwidth(name: str) -> float:
@@ -167,4 +168,22 @@ def identify_gpu(device_name: str | None) -> str | None:
     for key, g in gpus().items():
         if any(m.lower() in low for m in g.get("match", [])):
             return key
+    return None
+
+
+def speedup(cfg, context: int, batch: int, fast: str = "B200", slow: str = "H200", fp4_experts: bool = False) -> float:
+    """tokens/s of ``fast`` over ``slow`` for one decode step (roofline, per GPU)."""
+    return (roofline(cfg, fast, context, batch, fp4_experts)["tokens_per_s"]
+            / roofline(cfg, slow, context, batch, fp4_experts)["tokens_per_s"])
+
+
+def first_batch_reaching(ratio: float, cfg, context: int, batches, fast: str = "B200", slow: str = "H200",
+                         fp4_experts: bool = False) -> int | None:
+    """The smallest batch in ``batches`` at which ``fast``/``slow`` reaches ``ratio``; None if none does.
+
+    Small batches are bandwidth-bound (the ratio is the bandwidth ratio); the ratio can only grow past
+    it where the step turns compute-bound and the tensor-core rates decide."""
+    for b in sorted(batches):
+        if speedup(cfg, context, b, fast, slow, fp4_experts) >= ratio:
+            return b
     return None

@@ -16,6 +16,11 @@ from functools import lru_cache
 from pathlib import Path
 
 PRICES_PATH = Path(__file__).with_name("prices.json")
+BASES = ("published", "derived", "assumed", "speculation", "unknown")
+# report_claims() ids → how the report prints the figure (what a derived price's mark lists)
+CLAIM_SHORT = {"pro_vs_opus": "7.2x vs Opus", "pro_vs_gpt": "8.6x vs GPT-5.5", "pro_vs_gemini": "3.4x vs Gemini",
+               "flash_vs_opus": "89x vs Opus", "flash_month": "the 4.76 USD Flash month", "opus_month": "the 185 USD Opus month",
+               "gemini_long": "Gemini 2x above 200K", "pro_flat": "Pro flat 1.74 USD", "pro_overpay": "12x overpay"}
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,19 @@ class Price:
     input_assumed: bool = False  # True when the input price is v4lab's assumption, not the report's
     long_context_threshold: int | None = None       # context (tokens) above which input costs more
     long_context_input_multiplier: float = 1.0
+    input_basis: str = "published"                  # one of BASES: where the number comes from
+    output_basis: str = "published"
+    input_from: tuple = ()                          # report_claims() ids a derived price reproduces
+    output_from: tuple = ()
+
+    def mark(self, side: str) -> str:
+        """'published', 'derived (from 7.2x, ...)', 'assumed by v4lab', 'speculation' or 'unknown'."""
+        if side not in ("input", "output"):
+            raise ValueError(f"side = {side!r}: must be 'input' or 'output'")
+        basis = getattr(self, f"{side}_basis")
+        if basis == "derived":
+            return "derived (from " + ", ".join(CLAIM_SHORT[c] for c in getattr(self, f"{side}_from")) + ")"
+        return {"assumed": "assumed by v4lab"}.get(basis, basis)
 
     def input_rate(self, context: int = 0) -> float:
         """$/1M input tokens for a request whose prompt is ``context`` tokens long."""
@@ -58,10 +76,36 @@ def _load(path: Path) -> dict[str, Price]:
                 v = d.get(k)
                 if v is not None and (not isinstance(v, (int, float)) or v < 0):
                     raise ValueError(f"prices file: {key}.{k} = {v!r}: must be a non-negative number or null")
+            marks = _marks(key, d)
             out[key] = Price(key=key, label=d["label"], input=d.get("input"), output=float(d["output"]),
-                             source=d["source"], speculative=spec, input_assumed=bool(d.get("input_assumed")),
+                             source=d["source"], speculative=spec,
+                             input_assumed=marks["input_basis"] == "assumed" or bool(d.get("input_assumed")),
                              long_context_threshold=d.get("long_context_threshold"),
-                             long_context_input_multiplier=float(d.get("long_context_input_multiplier", 1.0)))
+                             long_context_input_multiplier=float(d.get("long_context_input_multiplier", 1.0)),
+                             **marks)
+    return out
+
+
+def _marks(key: str, d: dict) -> dict:
+    """The basis of each price (published / derived from which claims / ...), checked."""
+    out = {}
+    for side in ("input", "output"):
+        if f"{side}_basis" not in d:
+            raise ValueError(f"prices file: model {key!r} lacks key {side + '_basis'!r} (one of {BASES})")
+        basis = d[f"{side}_basis"]
+        if basis not in BASES:
+            raise ValueError(f"prices file: {key}.{side}_basis = {basis!r}: must be one of {BASES}")
+        if (d.get(side) is None) != (basis == "unknown"):
+            raise ValueError(f"prices file: {key}.{side}_basis = {basis!r} with {side} = {d.get(side)!r}: "
+                             "a null price is 'unknown' and only a null price is")
+        src = tuple(d.get(f"{side}_from", ()))
+        if (basis == "derived") != bool(src):
+            raise ValueError(f"prices file: {key}.{side}_from = {list(src)!r}: a derived price lists the "
+                             "claims it reproduces, and only a derived price does")
+        bad = [c for c in src if c not in CLAIM_SHORT]
+        if bad:
+            raise ValueError(f"prices file: {key}.{side}_from has {bad[0]!r}: must be one of {sorted(CLAIM_SHORT)}")
+        out[f"{side}_basis"], out[f"{side}_from"] = basis, src
     return out
 
 
@@ -79,7 +123,7 @@ def load_prices(path: str | Path | None = None, speculative: bool = True) -> dic
 def meta(path: str | Path | None = None) -> dict:
     """The file's date and source."""
     raw = json.loads(Path(path or PRICES_PATH).read_text())
-    return {k: raw[k] for k in ("as_of", "recorded_on", "source", "currency") if k in raw}
+    return {k: raw[k] for k in ("as_of", "recorded_on", "_recorded_on", "source", "currency") if k in raw}
 
 
 def price(model: str, path: str | Path | None = None) -> Price:
@@ -132,26 +176,26 @@ def report_claims() -> list[dict]:
     Each record: ``claim``, ``computed`` (full precision), ``shown`` (rounded the way the report
     prints it), ``published`` and ``ok`` (shown == published).
     """
-    def rec(claim, computed, published, digits, derivation):
+    def rec(cid, claim, computed, published, digits, derivation):
         shown = round(computed, digits) if digits else round(computed)
-        return {"claim": claim, "computed": computed, "shown": shown, "published": published,
+        return {"id": cid, "claim": claim, "computed": computed, "shown": shown, "published": published,
                 "ok": math.isclose(shown, published, abs_tol=1e-9), "derivation": derivation}
 
     flash_month = cost("v4-flash", 32e6, 1e6)
     opus_month = cost("opus-4.7", 32e6, 1e6)
     g = price("gemini-3.1-pro")
     return [
-        rec("V4-Pro output cheaper than Opus 4.7 (x)", output_ratio("opus-4.7", "v4-pro"), 7.2, 1, "25 / 3.48"),
-        rec("V4-Pro output cheaper than GPT-5.5 (x)", output_ratio("gpt-5.5", "v4-pro"), 8.6, 1, "30 / 3.48"),
-        rec("V4-Pro output cheaper than Gemini 3.1 Pro (x)", output_ratio("gemini-3.1-pro", "v4-pro"), 3.4, 1,
+        rec("pro_vs_opus", "V4-Pro output cheaper than Opus 4.7 (x)", output_ratio("opus-4.7", "v4-pro"), 7.2, 1, "25 / 3.48"),
+        rec("pro_vs_gpt", "V4-Pro output cheaper than GPT-5.5 (x)", output_ratio("gpt-5.5", "v4-pro"), 8.6, 1, "30 / 3.48"),
+        rec("pro_vs_gemini", "V4-Pro output cheaper than Gemini 3.1 Pro (x)", output_ratio("gemini-3.1-pro", "v4-pro"), 3.4, 1,
             "12 / 3.48"),
-        rec("V4-Flash output cheaper than Opus 4.7 (x)", output_ratio("opus-4.7", "v4-flash"), 89, 0, "25 / 0.28"),
-        rec("32M in + 1M out a month on V4-Flash ($)", flash_month, 4.76, 2, "32 x 0.14 + 1 x 0.28"),
-        rec("32M in + 1M out a month on Opus 4.7 ($)", opus_month, 185, 0, "32 x 5 + 1 x 25"),
-        rec("Gemini 3.1 Pro input multiplier above 200K (x)",
+        rec("flash_vs_opus", "V4-Flash output cheaper than Opus 4.7 (x)", output_ratio("opus-4.7", "v4-flash"), 89, 0, "25 / 0.28"),
+        rec("flash_month", "32M in + 1M out a month on V4-Flash ($)", flash_month, 4.76, 2, "32 x 0.14 + 1 x 0.28"),
+        rec("opus_month", "32M in + 1M out a month on Opus 4.7 ($)", opus_month, 185, 0, "32 x 5 + 1 x 25"),
+        rec("gemini_long", "Gemini 3.1 Pro input multiplier above 200K (x)",
             g.input_rate(g.long_context_threshold + 1) / g.input_rate(0), 2, 0, "doubled above 200K"),
-        rec("V4-Pro input multiplier above 200K (x)", price("v4-pro").input_rate(10**6) / price("v4-pro").input_rate(0),
+        rec("pro_flat", "V4-Pro input multiplier above 200K (x)", price("v4-pro").input_rate(10**6) / price("v4-pro").input_rate(0),
             1, 0, "flat $1.74/1M at any context"),
-        rec("Pro overpay on traffic Flash could serve (x)", overpay(), 12, 0,
+        rec("pro_overpay", "Pro overpay on traffic Flash could serve (x)", overpay(), 12, 0,
             "(32 x 1.74 + 3.48) / (32 x 0.14 + 0.28) = 12.43; the same for any input/output mix"),
     ]

@@ -141,7 +141,7 @@ class Muon(torch.optim.Optimizer):
 
 def make_optimizer(model: V4Model, kind: str, lr: float, weight_decay: float, betas=(0.9, 0.95), eps=1e-20):
     """AdamW for everything (kind "adamw"), or V4's split (kind "muon"): Muon for the 2-D matrices of the
-    blocks, AdamW for the embedding, head, norms, sinks and the mHC parameters. AdamW ε = 1e-20 (report)."""
+    blocks, AdamW for the embedding, head, norms, sinks and the mHC parameters. AdamW ε = 1e-20 (V4 technical report)."""
     if kind not in OPTIMIZERS:
         _bad("optimizer", kind, f"must be one of {OPTIMIZERS}")
     decay, no_decay, muon = [], [], []

@@ -37,7 +37,7 @@ from v4lab.viz import tour
 print(tour.family_table(accounting.ONE_M))
 
 # %% [markdown]
-# ## The idea, in the report's terms
+# ## The idea, in formulas
 #
 # **KV cache.** Per token of context, a V4 layer with compression ratio $m$ stores
 #
@@ -57,8 +57,11 @@ for p in accounting.kv_cache("v4-pro", accounting.ONE_M)["parts"]:
 # **Decode FLOPs.** One generated token costs $2\times$ the active parameters (the weight GEMMs),
 # plus core attention ($H \times$ attended entries $\times\, 4 \cdot 512$) plus the indexer
 # ($n_I (2 d_I + 2)$ per scored key; V4 scores $N/4$ compressed keys, V3.2 all $N$ tokens). The
-# report counts "equivalent FP8 FLOPs": BF16 attention weighs 2×, the FP4 indexer ½×
-# (`accounting.WEIGHTINGS["B"]`, the weighting that reproduces its 27% / 10%).
+# report's 27% / 10% are in "equivalent FP8 FLOPs" but it does not say how it weighs each precision.
+# v4lab's weighting (`accounting.WEIGHTINGS["B"]`: BF16 attention 2×, the FP4 indexer ½×, GEMMs 1×) is a
+# fit **calibrated to the published ratios**, not the report's own scheme, so the raw count is always
+# printed beside it (the table's last column; `"A"` in the code). Raw, V4-Pro is at 26.1% and V4-Flash at
+# 12.1% of V3.2: the Flash figure is the one the calibration moves.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -72,8 +75,8 @@ for name, terms in (("V3.2", accounting.decode_flops("v3.2")), ("V4-Pro", accoun
 #
 # Left: KV cache per sequence; right: decode FLOPs per token (log scales). The dotted line is a
 # plain BF16 GQA-8 cache (head dim 128) at V4-Pro's depth. Move the slider and watch V3.2's cost grow
-# linearly while V4's stays nearly flat; the toggle switches between the report's "equivalent FP8"
-# FLOPs and raw FLOPs.
+# linearly while V4's stays nearly flat; the toggle switches between FP8-equivalent FLOPs (calibrated
+# to the published ratios) and raw FLOPs.
 
 # %%
 w = tour.ContextWidget()
@@ -82,9 +85,11 @@ w.display()
 # %% [markdown]
 # ## What it means for V4
 #
-# The report's claim: at 1M tokens V4-Pro needs about **27%** of V3.2's single-token FLOPs and
-# **10%** of its KV cache; V4-Flash **10%** and **7%**; and V4's cache is about **2%** of a BF16
-# GQA-8 model's. The table above reproduces all of them from the configs. Two things the widget makes
+# The report's claim (observation 3): at 1M tokens V4-Pro needs about **27%** of V3.2's single-token
+# FLOPs and **10%** of its KV cache. The V4-Flash figures (**10%** and **7%**) and the cache at about **2%**
+# of a BF16 GQA-8 model's are from the V4 technical report (its introduction and Section 2). The table
+# reproduces the KV ratios from the configs alone; the FLOP ratios are reproduced with the calibrated
+# weighting (raw: 26.1% and 12.1%). Two things the widget makes
 # visible: the FLOP savings come from the indexer (V3.2 scores every token in every layer, V4 one
 # key per 4 tokens in half the layers, in FP4), so they grow with context — at 128K V4-Pro is still
 # at about half of V3.2; and the cache ratio is almost constant beyond ~32K, because it is set by
@@ -106,10 +111,14 @@ Markdown(tour.notebook_map())
 # NBVAL_CHECK_OUTPUT
 pro = accounting.compare("v4-pro", "v3.2")["ratios"]
 flash = accounting.compare("v4-flash", "v3.2")["ratios"]
-print(f"V4-Pro   KV {pro['kv_cache_bytes']:.3f}  FLOPs {pro['decode_flops']:.3f}  (report: 0.10, 0.27)")
-print(f"V4-Flash KV {flash['kv_cache_bytes']:.3f}  FLOPs {flash['decode_flops']:.3f}  (report: 0.07, 0.10)")
+raw_pro = accounting.compare("v4-pro", "v3.2", weights="A")["ratios"]["decode_flops"]
+raw_flash = accounting.compare("v4-flash", "v3.2", weights="A")["ratios"]["decode_flops"]
+print(f"V4-Pro   KV {pro['kv_cache_bytes']:.3f}  FLOPs {pro['decode_flops']:.3f} calibrated, {raw_pro:.3f} raw"
+      "  (published: 0.10, 0.27)")
+print(f"V4-Flash KV {flash['kv_cache_bytes']:.3f}  FLOPs {flash['decode_flops']:.3f} calibrated, {raw_flash:.3f} raw"
+      "  (published: 0.07, 0.10)")
 gq = accounting.summary("v4-pro", include_scales=False)["kv_vs_gqa8"]
-print(f"V4-Pro KV vs BF16 GQA-8: {gq:.4f}  (report: about 0.02)")
+print(f"V4-Pro KV vs BF16 GQA-8: {gq:.4f}  (published: about 0.02)")
 assert abs(pro["kv_cache_bytes"] - 0.10) < 0.01 and abs(pro["decode_flops"] - 0.27) < 0.015
 assert abs(flash["kv_cache_bytes"] - 0.07) < 0.01 and abs(flash["decode_flops"] - 0.10) < 0.01
 assert abs(gq - 0.02) < 0.002

@@ -5,7 +5,7 @@
 #
 # **What you will learn**
 # - where V4-Pro's 1.6T parameters come from: the same backbone as V3 with **more** routed experts
-#   (256 → 384) that are **wider** (2048 → 3072), while fewer run per token (top-8 → top-6);
+#   (256 → 384) that are **wider** (2048 → 3072), while fewer run per token (top-8 → top-6: `num_experts_per_tok` in the official V3 and V4 configs);
 # - V4's router: affinities $\sqrt{\mathrm{softplus}(z)}$ instead of V3's sigmoid, renormalised over the
 #   chosen experts, and why that matters;
 # - hash-routed first layers: experts picked by the token id alone;

@@ -136,8 +136,10 @@ for ctx in (2 ** 17, accounting.ONE_M):
 # %% [markdown]
 # ## What it means for V4
 #
-# The report's claim: at 1M tokens V4-Pro needs **10%** of V3.2's KV cache and **27%** of its per-token
-# FLOPs (V4-Flash: 7% and 10%), and about **2%** of a GQA-8 cache. The inspector shows *why* that costs
+# The report's claim (observation 3): at 1M tokens V4-Pro needs **10%** of V3.2's KV cache and **27%** of
+# its per-token FLOPs; the V4 technical report (abstract, §2.3.4) adds V4-Flash's 7% and 10% and about
+# **2%** of a GQA-8 cache. (The FLOP ratios use v4lab's weighting calibrated to those published ratios;
+# the raw counts are beside them in notebook 00.) The inspector shows *why* that costs
 # little quality: every query still sees its last 128 tokens exactly, CSA layers reach anywhere in the
 # context through the indexer's top-k, HCA layers see a coarse summary of everything, and the sink lets a
 # head attend to nothing. The calculator shows *where* the savings come from: the cache shrinks by the

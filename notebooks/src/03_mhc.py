@@ -143,7 +143,7 @@ mhc_viz.build_training(result)
 # %% [markdown]
 # ## What it means for V4
 #
-# The mHC paper measured exactly this metric at 27B parameters: plain HC's composite gain reached about
+# The mHC paper (Xie et al., arXiv 2512.24880, §5.4) measured exactly this metric at 27B parameters: plain HC's composite gain reached about
 # **3000**, mHC's stayed around **1.6**; V4 adopts mHC with $n = 4$ streams and 20 Sinkhorn iterations in
 # every block. The toy runs above show the mechanism, not the magnitude: a product of unconstrained
 # matrices has no reason to stay near 1 and drifts further with every layer (above a thousand after a

@@ -36,15 +36,15 @@ print(info["description"])
 # ## The idea
 #
 # A V4 expert is a SwiGLU MLP. With $g = W_1 x$ (gate) and $u = W_3 x$ (up) and $L$ = `swiglu_limit` = 10
-# in V4-Flash and V4-Pro, the report's "linear component clamped to [−10, 10], upper bound of the gate
-# component capped at 10" reads
+# in V4-Flash and V4-Pro (`swiglu_limit: 10.0` in the official configs), the V4 technical report's
+# (§4.2.3) "linear component clamped to [−10, 10], upper bound of the gate component capped at 10" reads
 #
 # $$E(x) = W_2\Big(\mathrm{SiLU}\big(\min(g, L)\big)\;\odot\;\mathrm{clip}(u, -L, L)\Big).$$
 #
 # The gate needs no lower bound: $\mathrm{SiLU}(g) = g\,\sigma(g) \ge -0.278$ for every $g$. With both
 # clamps every intermediate activation is bounded, $|h| \le \mathrm{SiLU}(L) \cdot L \approx 100$, whatever
 # the input: an outlier token cannot blow up an expert's output, and through the router's weights, the
-# next layer's input. The report ties V4's loss spikes to exactly such outliers in MoE layers.
+# next layer's input. The V4 technical report (§4.2.3) ties V4's loss spikes to exactly such outliers in MoE layers.
 #
 # ## The code
 #
@@ -112,8 +112,9 @@ clamp_viz.ExperimentWidget(result=result).display()
 # %% [markdown]
 # ## What it means for V4
 #
-# The report lists the clamp among the measures that kept Flash and Pro training stable and, with
-# Anticipatory Routing, among the techniques whose effect DeepSeek says it does not fully understand
+# The report (observation 4, after the technical report's §4.2.3) lists the clamp among the measures that
+# kept training stable and, with Anticipatory Routing, among the techniques whose effect DeepSeek says
+# it does not fully understand
 # (see notebook 06). What this notebook shows is the mechanism, at toy scale: on a trained model the
 # limit of 10 sits above the normal activations, so it changes nothing there, while it puts a hard
 # bound on any single expert activation. At this size and for this seed the two training runs stay

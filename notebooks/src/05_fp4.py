@@ -159,7 +159,7 @@ fp4.build_qat(qat)
 # held-out differences between the four are at the level of run-to-run noise — neither rounding after
 # training nor QAT costs or saves anything measurable, because the experts' weights are still nearly
 # Gaussian (the same ~19 dB SQNR as the random weights above) and the model is far from the precision
-# limit. The report's case for QAT is a large model trained for trillions of tokens, where weights
+# limit. The V4 technical report's case for QAT is a large model trained for trillions of tokens, where weights
 # develop outliers and a post-training rounding error of this size compounds across 40+ layers; the
 # experiment here shows the mechanics (same seed, same batches, STE, FP4 evaluation), not that effect.
 # Rerun it with more steps (`fp4.qat_result(steps=...)`) to see whether a gap opens.

@@ -44,8 +44,9 @@ from v4lab.viz import stability
 #
 # The trick that makes it affordable: the batch of step $t$ is fetched early, at step $t-\Delta t$, when
 # the model *is* $\theta_{t-\Delta t}$; one forward pass over it gives its routes, cached until step $t$.
-# That extra forward costs about a third of a training step; with pipelining and overlap the report
-# measures ~20 % wall-clock, and only while AR is on. $\Delta t$, the detector, the rollback length and
+# That extra forward costs about a third of a training step (v4lab's estimate: one forward of a
+# forward + backward); with pipelining and overlap the V4 technical report (§4.2.3) measures ~20 %
+# wall-clock, and only while AR is on. $\Delta t$, the detector, the rollback length and
 # the duration are not disclosed, so they are arguments of `v4lab.train.train` here.
 #
 # **The aux-loss-free bias.** Each learned router adds a per-expert bias $b$ to the affinities *for the
@@ -70,7 +71,7 @@ print(inspect.signature(anticipatory.run))
 # the same batches, and at step `spike_at` multiplies one step's learning rate by `spike_lr_mult` to induce
 # a spike: AR off, AR always on, and AR switched on by the detector (loss > `spike_ratio` × its EMA →
 # roll back 2Δt steps, AR on for `ar_duration` steps). Logged: the loss, the **routing churn** (the share
-# of tokens whose expert set the updated router would change: the feedback the report worries about) and
+# of tokens whose expert set the updated router would change: the feedback loop the V4 technical report, §4.2.3, blames) and
 # the largest MoE output. The stored run (its configuration is the first line):
 
 # %%
@@ -99,8 +100,9 @@ stability.ARWidget(result=ar).display()
 # The cost, measured on this machine: seconds per training step (the same work in every variant except
 # AR's look-ahead forward and, in the detector variant, the snapshots it keeps for a rollback). At this
 # size Python overhead dominates and nothing is overlapped, so the extra forward costs far more than the
-# third of a step it costs a large model; the report's ~20 % is that third, partly hidden behind
-# expert-parallel communication, and paid only while AR is on.
+# third of a step it costs a large model. v4lab's reading (not a published breakdown): the published ~20 %
+# (observation 4) is that third, partly hidden behind expert-parallel communication, and paid only while
+# AR is on.
 
 # %%
 stability.build_overhead(ar)
@@ -138,8 +140,8 @@ stability.build_training_loads()
 # ## What it means for V4
 #
 # Both mechanisms are cheap and local: a sign rule on a bias vector, and a cached top-k from a forward
-# pass Δt steps old, switched on only around spikes (so its ~20 % overhead is paid rarely; the report
-# calls the total negligible). The report is candid that DeepSeek does not fully understand *why*
+# pass Δt steps old, switched on only around spikes (so its ~20 % overhead is paid rarely; the V4
+# technical report, §4.2.3, calls the total negligible). The report is candid that DeepSeek does not fully understand *why*
 # Anticipatory Routing and SwiGLU clamping prevent spikes (observation 4): they were found to work at
 # scale. A toy run cannot settle that either, and the table above says what this one showed. What it
 # does show is the mechanism the explanation rests on: a single large update re-routes most tokens at

@@ -6,12 +6,16 @@
 # **What you will learn**
 # - why decoding a big MoE is bound by memory bandwidth, and where V4's FP8/FP4 choices move it on a
 #   roofline of an H200 (Hopper: no FP4 tensor cores) and a B200 (Blackwell: FP4 at twice the FP8 rate)
-#   — the report's observation 3, "V4 is a hardware bet";
+#   — the report's observation 3, "a hardware bet";
+# - how a roofline's 1.67× (the bandwidth ratio) and the report's ~3× B200-over-H200 (a published
+#   serving figure) fit together, and at which batch the roofline gets near 3×;
+# - why A100 and H100 fleets see worse economics than the headline numbers;
 # - the deployment economics (observations 5–6): the report's price comparisons recomputed from a
 #   price table, long-context surcharges, and the Flash-first, Pro-on-escalation pattern.
 #
-# Inputs are data files you can edit: `v4lab/hardware.json` (GPU peaks, approximate, with sources)
-# and `v4lab/prices.json` (API prices per million tokens, dated, with sources).
+# Inputs are data files you can edit: `v4lab/hardware.json` (GPU peaks from the vendors' datasheets,
+# approximate, with sources) and `v4lab/prices.json` (API prices per million tokens, each marked
+# *published* by the report or *derived* from its ratios and bills).
 
 # %%
 from v4lab.device import configure_triton, describe
@@ -47,30 +51,55 @@ print()
 print(cost.decode_table(4096))
 
 # %% [markdown]
-# Move the batch, the context and the model. The diamonds are the step on each GPU; the lines on the
-# right are tokens/s per GPU (bytes and FLOPs both split over the GPUs a model is spread across, so
-# the per-GPU figure does not depend on how many). "FP4 × FP4 expert GEMMs" imagines the expert
-# matmuls on Blackwell's FP4 tensor cores instead of the FP8 rate they run at today.
+# Move the batch, the context and the model. Left: the diamonds are the step on each GPU. Middle:
+# tokens/s per GPU over the batch (bytes and FLOPs both split over the GPUs a model is spread across, so
+# the per-GPU figure does not depend on how many; H100 and A100 dotted). Right: B200 over H200, against
+# the bandwidth ratio and the report's ~3×. "FP4 × FP4 expert GEMMs" runs the expert matmuls on
+# Blackwell's FP4 tensor cores (FP4 weights *and* activations) instead of at the FP8 rate.
+#
+# **Find the batch where ~3× appears.** Start at batch 1 and move right: the ratio sits at 1.67×, the
+# bandwidth ratio (8 / 4.8 TB/s), for as long as the step is memory-bound. It moves only once H200 runs
+# out of compute. With FP8 expert GEMMs it then stops at 2.28× (B200's FP8 rate over H200's,
+# 4500 / 1979). Tick the FP4 box: at short contexts the ratio climbs to about 2.9× from batch 8192 — the
+# experts on FP4 tensor cores that Hopper does not have. At 1M context the KV reads keep the step
+# memory-bound longer and the ratio stays near 2×.
 
 # %%
 roof = cost.RooflineWidget()
 roof.display()
 
+# %%
+# NBVAL_CHECK_OUTPUT
+print(cost.b200_ratio_table(4096))
+
 # %% [markdown]
-# **What it means for V4.** Decode is memory-bound almost everywhere: with 384 experts and top-6,
-# even a batch of 64 reads most of the expert weights, and at long context the KV read grows with
-# every sequence. So the first pay-off of FP4 experts and a tiny compressed cache is **bytes**: fewer
-# bytes per token on any GPU, and B200's 8 TB/s turns into ~1.67× H200's tokens/s. Only at very
-# large batches (thousands of sequences, short contexts) does the step become compute-bound — and
-# there the precision of the tensor cores decides: B200 runs the FP4 indexer (and, if the expert
-# GEMMs went FP4 × FP4, the experts) at twice its FP8 rate; Hopper has no FP4 cores at all. That is
-# the bet: V4's formats are chosen for the hardware that is arriving, not for the one it was
-# trained on.
+# **What it means for V4.** Decode is memory-bound almost everywhere: with 384 experts and top-6, even
+# a batch of 64 reads most of the expert weights, and at long context the KV read grows with every
+# sequence. So the first pay-off of FP4 experts and a small compressed cache is **bytes**: fewer bytes per
+# token on any GPU. A roofline then gives B200 exactly its bandwidth advantage, 1.67×.
+#
+# The report's **~3×** (observation 3) is a different kind of number: a published end-to-end serving
+# throughput, which the report attributes to Blackwell's FP4 tensor cores matching V4's FP4-QAT experts.
+# It is not a roofline bound, and the two differ for reasons a roofline leaves out. A server runs the
+# large batches where the step is compute-bound, and there only FP4 × FP4 expert GEMMs get the roofline
+# near 3× (2.9× above). B200's 180 GB against H200's 141 GB holds more KV per GPU, so larger batches fit.
+# And real kernels reach a different fraction of each GPU's peak (Hopper has to convert FP4 weights before
+# its FP8 tensor cores can use them). v4lab has not measured either GPU; these are the candidate
+# explanations, not a measured decomposition.
+#
+# The report's conclusion: V4's formats were co-designed with the current GPU generation, which makes it
+# future-proof in a way V3 is not, and makes **deployment economics on older hardware (A100, H100) worse
+# than the headline numbers suggest**. The decode table above shows it. Per GPU, an H100 serves 0.42× a
+# B200's tokens while memory-bound and 0.44× once compute-bound. An A100 (2.0 TB/s, BF16 only: no FP8 or
+# FP4 tensor cores) serves 0.25× while memory-bound and under 0.1× once compute-bound.
 #
 # ## Part 2 — deployment economics
 #
-# Prices per million tokens (the file says where each comes from; the Gemini base input price is not
-# in the report and is labelled as v4lab's assumption; the V5 rows are the report's speculation):
+# Prices per million tokens. The report prints one price, V4-Pro's \$1.74 input. Every other list
+# price is *derived*: the value that reproduces the ratios and monthly bills it does print (the mark
+# names which; `tests/test_deploy.py` checks that each derived price still reproduces them, and that
+# 5 % either way breaks one). Gemini's base input is v4lab's assumption, GPT-5.5's input is unknown,
+# and the V5 rows are the report's speculation:
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -87,9 +116,11 @@ print(cost.claims_table())
 # ### A monthly bill
 #
 # $\text{bill} = \text{input}_M \cdot p_\text{in}(\text{prompt}) + \text{output}_M \cdot p_\text{out}$.
-# The report's example is 32M input + 1M output tokens a month: $4.76 on V4-Flash, $185 on Opus 4.7.
-# GPT-5.5's bar counts output only (the report gives no input price). Push the prompt length past
-# 200K and Gemini's input rate doubles.
+# The report's example is 32M input + 1M output tokens a month: \$4.76 on V4-Flash, \$185 on Opus 4.7.
+# GPT-5.5's input price is unknown, so its bill is unknown: its bar is hatched and faded and labelled
+# "≥": the output part alone, a lower bound, never a total. (Counted as a total it would look cheaper than
+# V4-Pro, the opposite of the 8.6× it illustrates.) Push the prompt length past 200K and Gemini's input
+# rate doubles.
 
 # %%
 bill = cost.BillWidget()
@@ -99,7 +130,8 @@ bill.display()
 # ### Long prompts: a step versus a flat line
 #
 # Gemini 3.1 Pro doubles its input price above 200K tokens of context; V4-Pro charges a flat
-# $1.74/1M at any length — its compressed cache (notebook 00) makes long prompts cheap to serve.
+# \$1.74/1M at any length (both published). Its compressed cache (notebook 00) is what makes long
+# prompts cheap to serve. Right: what 1,000 prompts of the slider's length cost a month on each.
 
 # %%
 long_ctx = cost.LongContextWidget()
@@ -114,7 +146,8 @@ long_ctx.display()
 # **The "12× overpay".** Sending traffic Flash could serve to Pro costs
 # $\frac{32 \cdot 1.74 + 1 \cdot 3.48}{32 \cdot 0.14 + 1 \cdot 0.28} = \frac{59.16}{4.76} = 12.43$ times
 # as much. The ratio is the same for input ($1.74/0.14$) and output ($3.48/0.28$), so it is 12.4× for
-# **any** input/output mix; the report rounds it to 12×.
+# **any** input/output mix; the report rounds it to 12×. Right: the month at the slider's fraction, split
+# into the Flash part, the Pro part and what it saves against all-Pro. The token sliders move the lines.
 
 # %%
 esc = cost.EscalationWidget()
@@ -146,6 +179,9 @@ for f in (0.0, 0.1, 0.25, 0.5):
 bad = [r["claim"] for r in pricing.report_claims() if not r["ok"]]
 print("all report figures reproduced" if not bad else f"not reproduced: {bad}")
 assert not bad
+near3 = hardware.first_batch_reaching(cost.NEAR_PUBLISHED, "v4-pro", 4096, cost.BATCH_STOPS, fp4_experts=True)
+print(f"V4-Pro, 4K context, FP4 x FP4 experts: B200/H200 >= {cost.NEAR_PUBLISHED}x from batch {near3}")
+assert near3 == 8192 and hardware.first_batch_reaching(cost.NEAR_PUBLISHED, "v4-pro", 4096, cost.BATCH_STOPS) is None
 r = hardware.roofline("v4-pro", "B200", 2 ** 20, 64)
 h = hardware.roofline("v4-pro", "H200", 2 ** 20, 64)
 print(f"V4-Pro, 1M, batch 64: {h['bound']}-bound, B200/H200 = {r['tokens_per_s'] / h['tokens_per_s']:.3f} "

@@ -278,7 +278,7 @@ FLOP_GROUPS = {"gemm": ("weight GEMMs", "#9e9e9e"), "core_attention": ("core att
 
 def cost_numbers(context: int, weights: str = "B") -> dict:
     """{model: {"kv": {part: GB}, "flops": {group: GFLOPs}}} at ``context`` (GQA-8 at V4-Pro's depth; it
-    has no FLOP model here). FLOP groups carry the ``weights`` precision weighting (B = the report's)."""
+    has no FLOP model here). FLOP groups carry the ``weights`` precision weighting (B = calibrated to the published ratios, A = raw)."""
     check_choice("context", context, CONTEXT_STOPS)
     check_choice("weights", weights, accounting.WEIGHTINGS)
     return _cost_numbers(context, weights)
@@ -366,7 +366,7 @@ class CostWidget(Widget):
         import ipywidgets as W
         return {"context": W.SelectionSlider(options=[(context_label(n), n) for n in CONTEXT_STOPS],
                                              value=self.state["context"], description="context"),
-                "weights": W.ToggleButtons(options=[("equivalent FP8", "B"), ("raw", "A")],
+                "weights": W.ToggleButtons(options=[("FP8-eq. (calibrated)", "B"), ("raw", "A")],
                                            value=self.state["weights"], description="FLOPs")}
 
     def sweep_values(self, control):

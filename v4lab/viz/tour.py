@@ -15,7 +15,7 @@ LABELS = {"v3": "V3", "v3.2": "V3.2", "v4-flash": "V4-Flash", "v4-pro": "V4-Pro"
 # Context grid of the curves: 1K .. 1M in half-octaves (2^10 .. 2^20).
 CONTEXTS = [int(round(2 ** (e / 2))) for e in range(20, 41)]
 CONTEXT_STOPS = [2 ** e for e in range(10, 21)]          # the slider's stops: 1K, 2K, ..., 1M
-WEIGHTINGS = {"B": "equivalent FP8 FLOPs (report)", "A": "raw FLOPs"}
+WEIGHTINGS = {"B": "FP8-equivalent FLOPs, calibrated to the published ratios (v4lab's fit)", "A": "raw FLOPs"}
 
 # The map of notebooks: number, file, title, the V4 idea, where it lives in the code.
 NOTEBOOKS = [
@@ -35,9 +35,19 @@ NOTEBOOKS = [
     ("08", "08_kernels.ipynb", "Kernels", "each Triton kernel beside its reference", "v4lab.kernels"),
     ("09", "09_hardware_and_cost.ipynb", "Hardware and cost", "a roofline on H200 vs B200; API prices",
      "v4lab.hardware, v4lab.pricing"),
+    ("10", "10_decode_step_by_step.ipynb", "Decode step by step", "what each layer kind's cache holds as "
+     "tokens arrive; one token through the model", "v4lab.trace"),
+    ("11", "11_deploying_v4.ipynb", "Deploying V4", "the market, migrating by one line, routing Flash/Pro, "
+     "when V4 is the wrong choice, what is unknown", "v4lab.deploy"),
 ]
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
+
+
+def _sig3(x: float) -> str:
+    """Three significant figures, thousands separated, never in e-notation: 35704 → '35,700'."""
+    v = float(f"{x:.3g}")
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
 def context_label(n: int) -> str:
@@ -67,12 +77,16 @@ def _family(context: int, weights: str) -> tuple:
 
 def family_table(context: int = accounting.ONE_M, weights: str = "B") -> str:
     """Plain-text table of :func:`family` (deterministic: what the notebook's checked cell prints)."""
-    head = f"{'model':<9} {'total':>7} {'active':>7} {'KV cache':>9} {'decode':>10} {'KV/V3.2':>8} {'FLOPs/V3.2':>10}"
-    lines = [f"context {context_label(context)} tokens ({context:,}); FLOPs: {WEIGHTINGS[weights]}", head]
-    for r in family(context, weights):
+    other = "A" if weights != "A" else "B"
+    head = (f"{'model':<9} {'total':>7} {'active':>7} {'KV cache':>9} {'decode':>10} {'KV/V3.2':>8} {'FLOPs/V3.2':>10}"
+            f" {'(' + ('raw' if other == 'A' else 'calibrated') + ')':>12}")
+    lines = [f"context {context_label(context)} tokens ({context:,}); FLOPs: {WEIGHTINGS[weights]}; "
+             f"in brackets: {WEIGHTINGS[other]}", head]
+    for r, o in zip(family(context, weights), family(context, other)):
+        bracket = f"({100 * o['flops_vs_v32']:.1f}%)"
         lines.append(f"{LABELS[r['model']]:<9} {r['total_params'] / 1e9:>6.0f}B {r['active_params'] / 1e9:>6.1f}B "
                      f"{r['kv_cache_bytes'] / 1e9:>7.2f}GB {r['decode_flops'] / 1e9:>7.0f}GFL "
-                     f"{100 * r['kv_vs_v32']:>7.1f}% {100 * r['flops_vs_v32']:>9.1f}%")
+                     f"{100 * r['kv_vs_v32']:>7.1f}% {100 * r['flops_vs_v32']:>9.1f}% {bracket:>12}")
     return "\n".join(lines)
 
 
@@ -127,19 +141,20 @@ def context_data(context: int = accounting.ONE_M, weights: str = "B") -> dict:
     for ys, ms, ax, unit in ((kv_y, kv_models, ("x", "y"), " GB"), (fl_y, MODELS, ("x2", "y2"), "")):
         traces.append(dict(type="scatter", mode="markers+text", x=[context] * len(ys), y=ys, showlegend=False,
                            marker=dict(color=[COLORS[m] for m in ms], size=9),
-                           text=[f"{y:.3g}{unit}" for y in ys], textposition="middle left",
+                           text=[f"{_sig3(y)}{unit}" for y in ys], textposition="middle left",
                            hovertext=[LABELS[m] for m in ms], name="at context", xaxis=ax[0], yaxis=ax[1]))
     pro, fl = rows["v4-pro"], rows["v4-flash"]
     title = (f"At {context_label(context)} tokens: V4-Pro KV {100 * pro['kv_vs_v32']:.1f}% / FLOPs "
              f"{100 * pro['flops_vs_v32']:.1f}% of V3.2 · V4-Flash KV {100 * fl['kv_vs_v32']:.1f}% / "
-             f"FLOPs {100 * fl['flops_vs_v32']:.1f}%")
+             f"FLOPs {100 * fl['flops_vs_v32']:.1f}%<br><sup>FLOPs: {WEIGHTINGS[weights]}</sup>")
     shapes = [dict(type="line", xref=ax, yref=f"{yr} domain", x0=context, x1=context, y0=0, y1=1,
                    line=dict(color="#888", dash="dash", width=1)) for ax, yr in (("x", "y"), ("x2", "y2"))]
     return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}, "shapes": shapes}}
 
 
 CONTEXT_LAYOUT = dict(
-    height=440,
+    height=480, margin=dict(l=60, r=20, t=70, b=110),
+    legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0),
     xaxis=dict(domain=[0, 0.46], type="log", title="context (tokens)"),
     yaxis=dict(type="log", title="KV cache per sequence (GB)"),
     xaxis2=dict(domain=[0.56, 1], type="log", title="context (tokens)", anchor="y2"),
@@ -181,7 +196,7 @@ class ContextWidget(Widget):
             "context": W.SelectionSlider(options=[(context_label(n), n) for n in CONTEXT_STOPS],
                                          value=self.state["context"], description="context",
                                          continuous_update=True),
-            "weights": W.ToggleButtons(options=[("FP8-equivalent", "B"), ("raw", "A")],
+            "weights": W.ToggleButtons(options=[("FP8-eq. (calibrated)", "B"), ("raw", "A")],
                                        tooltips=[WEIGHTINGS["B"], WEIGHTINGS["A"]],
                                        value=self.state["weights"], description="FLOPs"),
         }

@@ -64,11 +64,14 @@ def _worker(out_path, tokens, repeat, device, fp8):
     times = {k: [] for k in ("counts", "dispatch", "experts", "combine", "layer")}
     for _ in range(repeat + 1):                                         # the first round warms up
         plan = EP.dispatch_plan(idx.cpu(), EXPERTS, world)
-        recv_counts, t_c = _timed(lambda: EP.exchange_counts(plan.counts_by_rank.to(dev)).cpu(), dev)
+        # default arguments bind this round's values into each timed closure
+        recv_counts, t_c = _timed(lambda plan=plan: EP.exchange_counts(plan.counts_by_rank.to(dev)).cpu(), dev)
         send, recv = plan.send_counts.tolist(), recv_counts.sum(1).tolist()
-        rows, t_d = _timed(lambda: EP.AllToAll.apply(x[plan.token.to(dev)], send, recv, None, fp8), dev)
-        y, t_e = _timed(lambda: EP.run_local_experts(rows, recv_counts, *ws, 10.0, ffn=expert_ffn), dev)
-        _, t_b = _timed(lambda: EP.AllToAll.apply(y, recv, send, None, False), dev)
+        rows, t_d = _timed(lambda plan=plan, send=send, recv=recv:
+                           EP.AllToAll.apply(x[plan.token.to(dev)], send, recv, None, fp8), dev)
+        y, t_e = _timed(lambda rows=rows, rc=recv_counts: EP.run_local_experts(rows, rc, *ws, 10.0, ffn=expert_ffn),
+                        dev)
+        _, t_b = _timed(lambda y=y, send=send, recv=recv: EP.AllToAll.apply(y, recv, send, None, False), dev)
         (_, rec), t_l = _timed(lambda: EP.ep_forward(x, idx, w, *ws, 10.0, EXPERTS, None, fp8, ffn=expert_ffn), dev)
         for k, t in zip(times, (t_c, t_d, t_e, t_b, t_l)):
             times[k].append(t)

@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -92,7 +93,8 @@ def _worker(out_path, tokens, repeat, device, fp8):
             "analytic_dispatch_bytes": ep_message_bytes(remote, HIDDEN, "fp8" if fp8 else "fp32")}))
 
 
-def measured(quick: bool = False, device=None, worlds=(2, 4)) -> list[dict]:
+def measured(quick: bool = False, device: str | torch.device | None = None,
+             worlds: Sequence[int] = (2, 4)) -> list[dict]:
     from v4lab.device import get_device
     from v4lab.distributed import launch
     dev = get_device(device)
@@ -127,7 +129,7 @@ def analytic() -> list[dict]:
     return rows
 
 
-def run(quick: bool = False, device=None) -> list[dict]:
+def run(quick: bool = False, device: str | torch.device | None = None) -> list[dict]:
     return measured(quick, device) + analytic()
 
 
@@ -165,7 +167,7 @@ def format_records(recs: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = OneLineParser(prog="v4lab bench ep", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="64 tokens per rank, 3 repeats")
     p.add_argument("--json", action="store_true", help="print a JSON list of records")

@@ -114,11 +114,12 @@ def ddp_worker(out_dir, data, kw, adam_eps=None):
                     if not b.ffn.gate.is_hash}
     same = ([r["loss"] for r in again["log"]] == [r["loss"] for r in res["log"]]
             and all(torch.equal(sa[k], sb[k]) for k in sa))
-    biases = {f"bias.{j}": b.ffn.gate.bias.clone() for j, b in enumerate(res["model"].blocks()) if not b.ffn.gate.is_hash}
+    biases = {f"bias.{j}": b.ffn.gate.bias.clone() for j, b in enumerate(res["model"].blocks())
+              if not b.ffn.gate.is_hash}
     sd = {k: v for k, v in res["model"].state_dict().items() if v.is_floating_point()}
-    _write(out_dir, rank, {**sd, **biases, **grads, **local_biases}, {"log": [{k: r[k] for k in ("loss", "lm_loss", "mtp_loss",
-                                                                        "balance_loss", "grad_norm", "load")}
-                                                      for r in res["log"]], "repeat_identical": same})
+    log_keys = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "load")
+    _write(out_dir, rank, {**sd, **biases, **grads, **local_biases},
+           {"log": [{k: r[k] for k in log_keys} for r in res["log"]], "repeat_identical": same})
 
 
 def first_grads(store):

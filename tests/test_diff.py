@@ -21,7 +21,8 @@ def test_backbone_unchanged_moe_and_attention_changed(v3_pro):
     for key, v in (("hidden_size", "7168"), ("num_hidden_layers", "61"), ("num_attention_heads", "128"),
                    ("vocab_size", "129280"), ("q_lora_rank", "1536")):
         assert t[key]["status"] == "unchanged" and t[key]["a"] == t[key]["b"] == v, key
-    assert (t["n_routed_experts"]["a"], t["n_routed_experts"]["b"], t["n_routed_experts"]["status"]) == ("256", "384", "changed")
+    experts = t["n_routed_experts"]
+    assert (experts["a"], experts["b"], experts["status"]) == ("256", "384", "changed")
     assert (t["moe_intermediate_size"]["a"], t["moe_intermediate_size"]["b"]) == ("2048", "3072")
     for key in ("sliding_window", "compress_ratios", "index_topk", "hc_mult", "swiglu_limit", "expert_dtype",
                 "compress_rope_theta", "hc_eps"):
@@ -64,7 +65,8 @@ def test_other_pairs():
     assert t["hidden_size"]["status"] == "changed" and t["index_topk"]["status"] == "changed"
     assert {r["name"] for r in d["block"] if r["status"] == "removed"} >= {"attn.indexer.wk.weight"}
     same = diff.diff("v4-pro", "v4-pro")
-    assert {r["status"] for r in same["table"]} == {"unchanged"} and {r["status"] for r in same["block"]} == {"unchanged"}
+    assert {r["status"] for r in same["table"]} == {"unchanged"}
+    assert {r["status"] for r in same["block"]} == {"unchanged"}
     assert all(r["params"] == 0 for r in same["attribution"])
 
 
@@ -93,7 +95,7 @@ def test_block_diagram_figure_shows_every_tensor_with_its_status(v3_pro):
         y = n - 1 - v3_pro["block"].index(r)
         sides = {int(round(b - 0.02)) for b, yy in zip(tr.base, tr.y) if yy == y}
         assert sides == {i for i, s in ((0, "a"), (1, "b")) if r[s] is not None}, r["name"]
-        for side, s in (("a", r["a"]), ("b", r["b"])):
+        for s in (r["a"], r["b"]):
             if s is not None:
                 assert f"{r['name']}  {'×'.join(map(str, s))}" in tr.text
     assert [t.marker.color for t in fig.data[:4]] == [diff_viz.STATUS_COLORS[s] for s in diff.STATUSES]

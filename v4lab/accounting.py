@@ -588,7 +588,8 @@ def ep_message_bytes(rows: int, hidden: int, dtype: str = "bf16") -> int:
     return int(rows) * (hidden * EP_DTYPES[dtype] + scales)
 
 
-def ep_all_to_all(cfg: ConfigLike, ep_size: int, tokens: int = 1, *, dispatch: str = "fp8", combine: str = "bf16") -> dict:
+def ep_all_to_all(cfg: ConfigLike, ep_size: int, tokens: int = 1, *, dispatch: str = "fp8",
+                  combine: str = "bf16") -> dict:
     """All-to-all bytes of expert parallelism for ``tokens`` tokens (per rank, e.g. one decode token).
 
     Each token is sent once per routed expert (tokens x top-k rows; no de-duplication of two experts on

@@ -360,7 +360,8 @@ def _v4_pro() -> V4Config:
 
 def _v3(dsa: bool) -> V4Config:
     # Values of the released config.json of deepseek-ai/DeepSeek-V3 (V3.2: DeepSeek-V3.2-Exp, the same plus
-    # index_n_heads / index_head_dim / index_topk). MLA; V3.2 adds the DSA token-level indexer (64 heads x 128, top-2048). Sigmoid routing with groups.
+    # index_n_heads / index_head_dim / index_topk). MLA; V3.2 adds the DSA token-level indexer
+    # (64 heads x 128, top-2048). Sigmoid routing with groups.
     return V4Config(
         model_type="deepseek_v32" if dsa else "deepseek_v3", name="v3.2" if dsa else "v3",
         hidden_size=7168, num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,

@@ -25,9 +25,14 @@ import datetime
 import os
 import socket
 import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    import argparse
 
 ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 COLLECTIVE_TIMEOUT_S = 120.0
@@ -44,7 +49,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def backend_for(device) -> str:
+def backend_for(device: str | torch.device) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
@@ -55,7 +60,7 @@ def env_world() -> tuple[int, int, int] | None:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def init_from_env(device="cpu", timeout_s: float = COLLECTIVE_TIMEOUT_S) -> tuple[int, int]:
+def init_from_env(device: str | torch.device = "cpu", timeout_s: float = COLLECTIVE_TIMEOUT_S) -> tuple[int, int]:
     """Join the process group described by the environment (gloo on CPU, NCCL on CUDA)."""
     if not dist.is_initialized():
         dist.init_process_group(backend_for(device), init_method="env://",
@@ -98,7 +103,8 @@ def _first_failure(err_dir) -> str:
     return f"rank {rank} failed first: {tb.strip().splitlines()[-1]}\n{tb}"
 
 
-def launch(fn, nproc: int, args: tuple = (), *, device="cpu", timeout_s: float = 300.0,
+def launch(fn: Callable[..., object], nproc: int, args: tuple = (), *, device: str | torch.device = "cpu",
+           timeout_s: float = 300.0,
            collective_timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
     """Run ``fn(*args)`` in ``nproc`` spawned processes, each inside the process group (rank = its index).
 
@@ -146,7 +152,7 @@ class DataParallel:
 
     MEAN_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss")
 
-    def __init__(self, group=None):
+    def __init__(self, group: dist.ProcessGroup | None = None):
         if not dist.is_initialized():
             _bad("ddp", "no process group", "start one first (v4lab.distributed.launch or torchrun)")
         self.group = group
@@ -212,7 +218,8 @@ def _rerun(main, argv):
     main(argv)
 
 
-def join_or_launch(args, dev, main, argv):
+def join_or_launch(args: argparse.Namespace, dev: torch.device, main: Callable[[list[str]], object],
+                   argv: Sequence[str] | None) -> tuple[DataParallel, torch.device] | tuple[None, None]:
     """For ``v4lab train``: outside a job with ``--nproc N`` > 1, launch N ranks that re-run ``main(argv)``
     and return (None, None) when they are done; inside a job (launched here or by torchrun), join the group
     and return (DataParallel, this rank's device)."""

@@ -23,13 +23,14 @@ import shutil
 import stat
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
 INDEX_FILE = "model.safetensors.index.json"
 # Generous: V4-Pro's index is ~13 MB, large BPE tokenizer.json files ~20 MB.
 MAX_JSON_BYTES = 256 * 2 ** 20
 
 
-def bad(name, value, rule):
+def bad(name: str, value: object, rule: str) -> NoReturn:
     """Raise ``ValueError("NAME = VALUE: RULE")``."""
     raise ValueError(f"{name} = {value!r}: {rule}")
 
@@ -37,7 +38,7 @@ def bad(name, value, rule):
 class OneLineParser(argparse.ArgumentParser):
     """argparse without the usage dump: ``PROG: error: MESSAGE`` on one line, exit 2."""
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {' '.join(str(message).split())}\n")
         raise SystemExit(2)
 
@@ -48,7 +49,7 @@ def one_line(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------- reading
-def read_json_file(path, what: str, max_bytes: int = MAX_JSON_BYTES):
+def read_json_file(path: str | os.PathLike[str], what: str, max_bytes: int = MAX_JSON_BYTES) -> Any:
     """Parse the JSON in ``path`` (a regular file after symlinks, at most ``max_bytes``). Every problem is
     a ValueError ``"{what} '{path}': ..."``. Opened non-blocking, so a FIFO cannot hang the caller."""
     text = read_text_file(path, what, max_bytes)
@@ -61,7 +62,7 @@ def read_json_file(path, what: str, max_bytes: int = MAX_JSON_BYTES):
         raise ValueError(f"{where}: not valid JSON here (nested too deeply)") from None
 
 
-def read_text_file(path, what: str, max_bytes: int = MAX_JSON_BYTES) -> str:
+def read_text_file(path: str | os.PathLike[str], what: str, max_bytes: int = MAX_JSON_BYTES) -> str:
     """The UTF-8 text of ``path`` under the rules of ``read_json_file``."""
     p = str(path)
     where = f"{what} {p!r}"
@@ -98,13 +99,13 @@ def read_text_file(path, what: str, max_bytes: int = MAX_JSON_BYTES) -> str:
 
 
 # ---------------------------------------------------------------------------------------- writing
-def is_checkpoint_dir(path) -> bool:
+def is_checkpoint_dir(path: str | os.PathLike[str]) -> bool:
     """A folder in the official layout: it holds ``config.json`` and ``model.safetensors.index.json``."""
     p = Path(path)
     return p.is_dir() and not p.is_symlink() and (p / "config.json").is_file() and (p / INDEX_FILE).is_file()
 
 
-def check_replaceable(path, what: str = "--out") -> Path:
+def check_replaceable(path: str | os.PathLike[str], what: str = "--out") -> Path:
     """Refuse (ValueError naming ``what`` and the path) a write target v4lab may not replace: a path
     ending in ``..``/``.``, a symlink, a file, or a folder that is neither empty nor a checkpoint.
     Returns the path. Nothing is touched."""
@@ -124,7 +125,7 @@ def check_replaceable(path, what: str = "--out") -> Path:
     return p
 
 
-def check_writable(path, what: str = "--out") -> Path:
+def check_writable(path: str | os.PathLike[str], what: str = "--out") -> Path:
     """Before long work: ``path`` is replaceable (``check_replaceable``) and its nearest existing parent is
     a folder this process can write into. ValueError otherwise."""
     p = check_replaceable(path, what)
@@ -140,7 +141,7 @@ def check_writable(path, what: str = "--out") -> Path:
     return p
 
 
-def temp_prefix(path, kind: str) -> str:
+def temp_prefix(path: str | os.PathLike[str], kind: str) -> str:
     """Name prefix of a writer's temporary sibling of ``path``: ``.NAME.KIND-PID-``."""
     return f".{Path(path).name}.{kind}-{os.getpid()}-"
 
@@ -155,7 +156,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_temporaries(path) -> list[Path]:
+def clean_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
     """Remove ``.NAME.tmp-PID-*`` and ``.NAME.old-PID-*`` folders beside ``path`` whose PID is no longer
     running (a writer of ours killed mid-write). Returns what was removed."""
     p = Path(path)

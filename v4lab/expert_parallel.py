@@ -28,8 +28,9 @@ activation format), i.e. D + D/128 bytes per row. The backward sends gradients i
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -79,7 +80,7 @@ def dispatch_plan(idx: torch.Tensor, n_experts: int, ep_size: int) -> DispatchPl
     return DispatchPlan(order, order // max(1, idx.shape[1]), counts, ep_size)
 
 
-def receive_layout(recv_counts: torch.Tensor):
+def receive_layout(recv_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows arrive grouped by source rank, then by local expert. Returns (perm [N], offsets [E_r+1]):
     ``rows[perm]`` groups them by local expert (then source), expert e owning offsets[e]:offsets[e+1]."""
     ep, n_local = recv_counts.shape
@@ -93,7 +94,8 @@ def receive_layout(recv_counts: torch.Tensor):
     return perm, offsets
 
 
-def run_local_experts(rows: torch.Tensor, recv_counts: torch.Tensor, w1s, w2s, w3s, limit: float, *,
+def run_local_experts(rows: torch.Tensor, recv_counts: torch.Tensor, w1s: Sequence[torch.Tensor],
+                      w2s: Sequence[torch.Tensor], w3s: Sequence[torch.Tensor], limit: float, *,
                       ffn: Callable) -> torch.Tensor:
     """The local experts on the received rows [N, D] (arrival order) -> [N, D] fp32 in arrival order,
     unweighted (the combine applies the routing weights). ``ffn`` is ``v4lab.moe.expert_ffn`` (passed in,
@@ -124,7 +126,7 @@ def row_bytes(hidden: int, fp8: bool, elem_bytes: int = 4) -> int:
     return hidden + hidden // FP8_BLOCK if fp8 else hidden * elem_bytes
 
 
-def wire_bytes(splits, rank: int, nbytes_per_row: int) -> int:
+def wire_bytes(splits: Sequence[int], rank: int, nbytes_per_row: int) -> int:
     """Bytes a rank puts on the wire for one all-to-all: every row not addressed to itself."""
     return int(sum(int(n) for j, n in enumerate(splits) if j != rank)) * nbytes_per_row
 
@@ -163,18 +165,19 @@ class AllToAll(torch.autograd.Function):
     the backward full-precision gradients (straight-through)."""
 
     @staticmethod
-    def forward(ctx, x, send, recv, group, fp8):
+    def forward(ctx: Any, x: torch.Tensor, send: list[int], recv: list[int], group: dist.ProcessGroup | None,
+                fp8: bool) -> torch.Tensor:
         ctx.send, ctx.recv, ctx.group = send, recv, group
         if fp8:
             return fp8_unpack(_a2a(fp8_pack(x), send, recv, group), x.shape[1]).to(x.dtype)
         return _a2a(x, send, recv, group)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
         return _a2a(grad, ctx.recv, ctx.send, ctx.group), None, None, None, None
 
 
-def exchange_counts(counts_by_rank: torch.Tensor, group=None) -> torch.Tensor:
+def exchange_counts(counts_by_rank: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """[ep, E_r] pairs for each destination's experts -> [ep(src), E_r] pairs each source sends here.
     Counts travel as int64 (gloo and NCCL both take it)."""
     out = torch.empty_like(counts_by_rank)
@@ -182,8 +185,10 @@ def exchange_counts(counts_by_rank: torch.Tensor, group=None) -> torch.Tensor:
     return out
 
 
-def ep_forward(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w1s, w2s, w3s, limit: float,
-               n_experts: int, group=None, fp8: bool = False, *, ffn: Callable):
+def ep_forward(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w1s: Sequence[torch.Tensor],
+               w2s: Sequence[torch.Tensor], w3s: Sequence[torch.Tensor], limit: float, n_experts: int,
+               group: dist.ProcessGroup | None = None, fp8: bool = False, *,
+               ffn: Callable) -> tuple[torch.Tensor, dict]:
     """One rank's routed-expert output y [T, D] fp32 (no shared expert) and its traffic record.
 
     x [T, D] local tokens, idx/weights [T, K] local routing, w1s/w2s/w3s this rank's E_r experts."""
@@ -218,8 +223,9 @@ def traffic(plan: DispatchPlan, recv_counts: torch.Tensor, rank: int, hidden: in
 
 
 # --------------------------------------------------------------------------------------- simulated world
-def simulate(xs, idxs, weights, w1s, w2s, w3s, limit: float, ep_size: int, fp8: bool = False, *,
-             ffn: Callable):
+def simulate(xs: Sequence[torch.Tensor], idxs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+             w1s: Sequence[torch.Tensor], w2s: Sequence[torch.Tensor], w3s: Sequence[torch.Tensor], limit: float,
+             ep_size: int, fp8: bool = False, *, ffn: Callable) -> tuple[list[torch.Tensor], list[dict]]:
     """Every rank of an EP world in one process (ranks as a loop; the all-to-all is a list transpose).
 
     xs/idxs/weights: per-rank lists of x [T_r, D], idx [T_r, K], w [T_r, K]; w1s/w2s/w3s: ALL experts
@@ -246,14 +252,15 @@ def simulate(xs, idxs, weights, w1s, w2s, w3s, limit: float, ep_size: int, fp8: 
     return outs, recs
 
 
-def world_plans(idxs, n_experts: int, ep_size: int):
+def world_plans(idxs: Sequence[torch.Tensor], n_experts: int,
+                ep_size: int) -> tuple[list[DispatchPlan], list[torch.Tensor]]:
     """Every rank's plan and what it receives (step 3 of a simulated world): (plans, recv_counts [src, E_r])."""
     plans = [dispatch_plan(i, n_experts, ep_size) for i in idxs]
     return plans, [torch.stack([p.counts_by_rank[j] for p in plans]) for j in range(ep_size)]
 
 
-def world_traffic(idxs, n_experts: int, ep_size: int, hidden: int, fp8: bool = False, x_bytes: int = 2,
-                  y_bytes: int = 2) -> list[dict]:
+def world_traffic(idxs: Sequence[torch.Tensor], n_experts: int, ep_size: int, hidden: int, fp8: bool = False,
+                  x_bytes: int = 2, y_bytes: int = 2) -> list[dict]:
     """The per-rank :func:`traffic` records of a simulated world from its routing alone (no expert runs):
     the bookkeeping of a full-size model (V4-Pro's 7168-wide rows) without its weights."""
     if len(idxs) != ep_size:

@@ -96,7 +96,8 @@ def _layer_record(info: dict, t: int, counts: dict, slots: list[int], win: list[
 
 
 @torch.no_grad()
-def decode_trace(model: nn.Module, ids: torch.Tensor | Sequence[int], chunk: int = 1, progress: bool = False) -> list[dict]:
+def decode_trace(model: nn.Module, ids: torch.Tensor | Sequence[int], chunk: int = 1,
+                 progress: bool = False) -> list[dict]:
     """Feed ``ids`` ([S] or [1, S]) through ``model``'s cached decode; one record per token (module doc).
 
     ``progress``: a tqdm bar over the tokens (notebook-aware ``tqdm.auto``)."""
@@ -248,7 +249,8 @@ def walk_token(model: nn.Module, ids: torch.Tensor | Sequence[int], t: int | Non
             u, post, comb = blk._pre(site, x)
             rows.append({"step": "mhc_pre", "layer": i, "site": site, "cache_bytes": 0,
                          "shapes": f"{_shape(x)} → {_shape(u)}", "reads": f"hc_{site}_fn/base/scale; Sinkhorn "
-                         f"{cfg.hc_sinkhorn_iters} iterations → pre [{cfg.hc_mult}], post, comb [{cfg.hc_mult}×{cfg.hc_mult}]",
+                         f"{cfg.hc_sinkhorn_iters} iterations → pre [{cfg.hc_mult}], post, "
+                         f"comb [{cfg.hc_mult}×{cfg.hc_mult}]",
                          "weight_bytes": _bytes_under(cfg, f"layers.{i}.hc_{site}_")})
             if site == "attn":
                 h = blk.attn_norm(u)
@@ -307,7 +309,8 @@ def format_walk(walk: dict) -> str:
     out = [head, "-" * len(head)]
     for r in walk["rows"]:
         lay = "" if r["layer"] is None else str(r["layer"])
-        out.append(f"{r['step']:<10}{lay:>5}  {r['shapes']:<38}{r['weight_bytes']:>11,}{r['cache_bytes']:>9,}  {r['reads']}")
+        out.append(f"{r['step']:<10}{lay:>5}  {r['shapes']:<38}{r['weight_bytes']:>11,}{r['cache_bytes']:>9,}  "
+                   f"{r['reads']}")
     w = sum(r["weight_bytes"] for r in walk["rows"])
     c = sum(r["cache_bytes"] for r in walk["rows"])
     out.append(f"total: {w:,} B of weights + {c:,} B of KV cache read for token {walk['t']} "

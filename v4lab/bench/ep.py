@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -64,11 +65,14 @@ def _worker(out_path, tokens, repeat, device, fp8):
     times = {k: [] for k in ("counts", "dispatch", "experts", "combine", "layer")}
     for _ in range(repeat + 1):                                         # the first round warms up
         plan = EP.dispatch_plan(idx.cpu(), EXPERTS, world)
-        recv_counts, t_c = _timed(lambda: EP.exchange_counts(plan.counts_by_rank.to(dev)).cpu(), dev)
+        # default arguments bind this round's values into each timed closure
+        recv_counts, t_c = _timed(lambda plan=plan: EP.exchange_counts(plan.counts_by_rank.to(dev)).cpu(), dev)
         send, recv = plan.send_counts.tolist(), recv_counts.sum(1).tolist()
-        rows, t_d = _timed(lambda: EP.AllToAll.apply(x[plan.token.to(dev)], send, recv, None, fp8), dev)
-        y, t_e = _timed(lambda: EP.run_local_experts(rows, recv_counts, *ws, 10.0, ffn=expert_ffn), dev)
-        _, t_b = _timed(lambda: EP.AllToAll.apply(y, recv, send, None, False), dev)
+        rows, t_d = _timed(lambda plan=plan, send=send, recv=recv:
+                           EP.AllToAll.apply(x[plan.token.to(dev)], send, recv, None, fp8), dev)
+        y, t_e = _timed(lambda rows=rows, rc=recv_counts: EP.run_local_experts(rows, rc, *ws, 10.0, ffn=expert_ffn),
+                        dev)
+        _, t_b = _timed(lambda y=y, send=send, recv=recv: EP.AllToAll.apply(y, recv, send, None, False), dev)
         (_, rec), t_l = _timed(lambda: EP.ep_forward(x, idx, w, *ws, 10.0, EXPERTS, None, fp8, ffn=expert_ffn), dev)
         for k, t in zip(times, (t_c, t_d, t_e, t_b, t_l)):
             times[k].append(t)
@@ -89,7 +93,8 @@ def _worker(out_path, tokens, repeat, device, fp8):
             "analytic_dispatch_bytes": ep_message_bytes(remote, HIDDEN, "fp8" if fp8 else "fp32")}))
 
 
-def measured(quick: bool = False, device=None, worlds=(2, 4)) -> list[dict]:
+def measured(quick: bool = False, device: str | torch.device | None = None,
+             worlds: Sequence[int] = (2, 4)) -> list[dict]:
     from v4lab.device import get_device
     from v4lab.distributed import launch
     dev = get_device(device)
@@ -124,7 +129,7 @@ def analytic() -> list[dict]:
     return rows
 
 
-def run(quick: bool = False, device=None) -> list[dict]:
+def run(quick: bool = False, device: str | torch.device | None = None) -> list[dict]:
     return measured(quick, device) + analytic()
 
 
@@ -162,7 +167,7 @@ def format_records(recs: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = OneLineParser(prog="v4lab bench ep", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="64 tokens per rank, 3 repeats")
     p.add_argument("--json", action="store_true", help="print a JSON list of records")

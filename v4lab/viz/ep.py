@@ -15,6 +15,7 @@ hidden 128) whose affinities prefer low expert ids (``skew``), so the first rank
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import plotly.colors
 import torch
@@ -24,6 +25,9 @@ from v4lab.config import get_config
 from v4lab.gate import gate_scores, route_weights, select_topk
 from v4lab.moe import bias_update, expert_ffn, expert_load, load_imbalance
 from v4lab.viz.common import Widget, check_choice, register
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 SIM_E, SIM_K, SIM_T, SIM_D, SIM_I = 32, 4, 48, 128, 32
 GAMMA = 0.001                      # V4's bias update speed
@@ -35,7 +39,7 @@ WIRE_MODEL, WIRE_EP, WIRE_TOKENS = "v4-pro", 32, 16          # 16 decode tokens 
 
 
 @lru_cache(maxsize=16)
-def toy_world(ranks: int, skew: float):
+def toy_world(ranks: int, skew: float) -> tuple[torch.Tensor, torch.Tensor, tuple[list[torch.Tensor], ...]]:
     """(scores [R*T, E], x [R*T, D], (w1s, w2s, w3s)) of the toy layer; fixed seed."""
     g = torch.Generator().manual_seed(0)
     z = torch.randn(ranks * SIM_T, SIM_E, generator=g) * 0.5 + skew * torch.linspace(1, -1, SIM_E)
@@ -157,7 +161,7 @@ EP_LAYOUT = dict(height=560, barmode="group", margin=dict(l=20, r=20, t=80, b=50
                  yaxis2=dict(domain=[0, 0.36], anchor="x2", title="KiB per token per layer"))
 
 
-def build_ep(ranks: int = 4, bias_steps: int = 100, skew: float = 0.5):
+def build_ep(ranks: int = 4, bias_steps: int = 100, skew: float = 0.5) -> go.Figure:
     from v4lab.viz.common import figure_from
     return figure_from(ep_data(ranks, bias_steps, skew), EP_LAYOUT)
 
@@ -169,32 +173,32 @@ class EPWidget(Widget):
     name = "ep.flow"
     defaults = {"ranks": 4, "bias_steps": 100, "skew": 0.5}
 
-    def validate(self, state):
+    def validate(self, state: dict) -> None:
         check_choice("ranks", state["ranks"], RANK_STOPS)
         check_choice("bias_steps", state["bias_steps"], STEP_STOPS)
         check_choice("skew", state["skew"], SKEW_STOPS)
 
-    def data(self):
+    def data(self) -> dict:
         return ep_data(**self.state)
 
-    def layout(self):
+    def layout(self) -> dict:
         return EP_LAYOUT
 
-    def make_controls(self):
+    def make_controls(self) -> dict:
         import ipywidgets as W
         return {"ranks": W.SelectionSlider(options=RANK_STOPS, value=self.state["ranks"], description="ranks"),
                 "bias_steps": W.SelectionSlider(options=STEP_STOPS, value=self.state["bias_steps"],
                                                 description="bias updates"),
                 "skew": W.SelectionSlider(options=SKEW_STOPS, value=self.state["skew"], description="skew")}
 
-    def sweep_values(self, control):
+    def sweep_values(self, control: str) -> list:
         return {"ranks": RANK_STOPS, "bias_steps": STEP_STOPS, "skew": SKEW_STOPS}[control]
 
-    def on_ranks(self, value):
+    def on_ranks(self, value: int) -> None:
         self.set(ranks=value)
 
-    def on_bias_steps(self, value):
+    def on_bias_steps(self, value: int) -> None:
         self.set(bias_steps=value)
 
-    def on_skew(self, value):
+    def on_skew(self, value: float) -> None:
         self.set(skew=value)

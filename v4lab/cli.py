@@ -5,6 +5,7 @@
     v4lab bench {attention,moe,quant,kernels,widgets,device,all} [--quick] [--json] [--device D]
     v4lab train ...        (see v4lab.train)
     v4lab generate ...     (see v4lab.generate)
+    v4lab experiment {clamp,ar,qat,subfp4,mhc} [--quick] [--json] [--out F] [--device D]
 
 Where things run: ``--device`` (cpu, cuda, cuda:N, auto) on bench/train/generate, else $V4LAB_DEVICE,
 else CUDA when present (``v4lab.device``).
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             return _delegate("v4lab.train", rest)
         if cmd == "generate":
             return _delegate("v4lab.generate", rest)
+        if cmd == "experiment":
+            return _delegate("v4lab.experiments.runner", rest)
         sys.stderr.write(f"v4lab: error: unknown command {cmd!r} (info, compare, bench, train, generate)\n")
         return 2
     except ValueError as e:

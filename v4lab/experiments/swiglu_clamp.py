@@ -44,3 +44,53 @@ def run(seed: int = 0, *, steps: int = 30, lr: float = 5e-2, limit: float = 10.0
                      "spikes": count_spikes([x["lm_loss"] for x in log], spike_margin),
                      "final_loss": log[-1]["lm_loss"], "seconds": r["summary"]["seconds"], "limit": lim}
     return out
+
+
+def _run_until_divergence(cfg, data, limit: float, **kw) -> dict:
+    """Train with swiglu_limit = limit (0: no clamp); a non-finite value ends the run (divergence) and the
+    steps logged so far are kept. Returns the per-step curves plus diverged_at (step or None)."""
+    log = []
+    diverged_at, err = None, None
+    try:
+        train(cfg, data=data, swiglu_limit=limit, progress=False, log_preact=True,
+              callback=lambda step, rec, model: log.append(rec), **kw)
+    except (FloatingPointError, ValueError) as e:     # NaN/inf in the loss or in mHC's logits
+        diverged_at, err = len(log), str(e).splitlines()[0]
+    lm = [x["lm_loss"] for x in log]
+    return {"limit": limit, "loss": lm, "grad_norm": [x["grad_norm"] for x in log],
+            "preact_max": [max(x["swiglu_preact_max"]) for x in log],
+            "moe_max": [max(v for v in x["moe_max_abs"] if v is not None) for x in log],
+            "steps_survived": len(log), "diverged_at": diverged_at, "error": err,
+            "final_loss": lm[-1] if lm and diverged_at is None else None,
+            "min_loss": min(lm) if lm else None}
+
+
+# The regime (Wortsman et al. 2023: raise the learning rate of a small model until it shows the instabilities
+# of large ones): lr 0.3 (the micro model trains stably at ~5e-3), no gradient clipping, no weight decay.
+QUICK = dict(steps=40, lr=0.3, batch_size=4, seq_len=64, grad_clip=0.0, weight_decay=0.0, warmup=2)
+FULL = dict(steps=80, lr=0.3, batch_size=4, seq_len=64, grad_clip=0.0, weight_decay=0.0, warmup=2)
+
+
+def experiment(quick: bool = False, device=None, data=None, limits=(0.0, 10.0, 1.0), spike_margin: float = 0.5,
+               **changes) -> dict:
+    """`v4lab experiment clamp`: the same high-LR run with no clamp (baseline), V4's clamp 10 (treatment)
+    and a too-tight clamp (1). metric = steps_survived (optimiser steps before a non-finite value);
+    effect = (treatment − baseline) / steps, the fraction of the run the clamp adds before divergence."""
+    from v4lab.data import load_data
+    settings = {**(QUICK if quick else FULL), **changes}
+    cfg = micro_config()
+    data = data or load_data(cfg.vocab_size)
+    runs = {}
+    for lim in limits:
+        r = _run_until_divergence(cfg, data, lim, seed=0, threads=1, device=device, **settings)
+        r["spikes"] = count_spikes(r["loss"], spike_margin)
+        r["max_preact"] = max(r["preact_max"], default=None)
+        r["max_moe"] = max(r["moe_max"], default=None)
+        r["label"] = "no clamp" if lim == 0 else f"clamp {lim:g}"
+        runs[r["label"]] = r
+    base, treat = runs["no clamp"], runs["clamp 10"]
+    return {"metric": "steps_survived", "baseline": base, "treatment": treat,
+            "effect": (treat["steps_survived"] - base["steps_survived"]) / settings["steps"],
+            "settings": {**settings, "limits": list(limits), "spike_margin": spike_margin,
+                         "model": "micro_config()"},
+            "details": {"runs": runs}}

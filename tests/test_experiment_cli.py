@@ -1,0 +1,74 @@
+"""`v4lab experiment NAME`: the result object's shape, determinism, bad input, and the effect's sign on
+settings small enough for the suite (subfp4 here; the others in their own tests below)."""
+import json
+
+import pytest
+
+from v4lab import cli
+from v4lab.data import load_data
+from v4lab.experiments import runner, subfp4
+
+TINY_SUBFP4 = dict(formats=("e2m1", "e1m1", "e2m0", "ternary"), blocks=(32,), scopes=("experts",),
+                   qat_steps=0, qat_formats=(), eval_windows=8, seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data(512)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["experiment", "nope"], "invalid choice: 'nope'"),
+    (["experiment", "clamp", "--fast"], "unrecognized arguments: --fast"),
+    (["experiment"], "required: name"),
+    (["experiment", "subfp4", "--device", "tpu"], "device"),
+])
+def test_bad_name_or_flag_is_one_line_and_exit_2(argv, needle, capsys):
+    assert cli.main(argv) == 2 if argv[-2:] == ["--device", "tpu"] else _exits_2(argv)
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+
+
+def _exits_2(argv):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    return e.value.code == 2
+
+
+def test_run_experiment_rejects_unknown_name():
+    with pytest.raises(ValueError, match="NAME = 'x'"):
+        runner.run_experiment("x")
+
+
+def test_subfp4_three_bits_cost_loss_and_ternary_costs_more(data):
+    r = subfp4.experiment(quick=True, data=data, **TINY_SUBFP4)
+    assert r["metric"] == "heldout_loss" and r["effect"] > 0
+    assert r["effect"] == pytest.approx(r["treatment"]["heldout_loss"] - r["baseline"]["heldout_loss"])
+    rows = {x["fmt"]: x for x in r["details"]["ptq"]}
+    assert rows["ternary"]["loss"] > max(rows["e1m1"]["loss"], rows["e2m0"]["loss"]) > rows["e2m1"]["loss"]
+    # the released experts are already MXFP4: rounding them to E2M1 again changes nothing
+    assert rows["e2m1"]["loss"] == pytest.approx(r["details"]["bf16"], abs=1e-6)
+    assert rows["e2m1"]["bytes_per_param"] == 4.25 / 8 and rows["ternary"]["bits"] == 2.25
+
+
+def test_subfp4_short_qat_recovers_ternary_and_the_control_is_separate(data):
+    r = subfp4.run(formats=("ternary",), blocks=(32,), scopes=(), qat_steps=3, qat_formats=("none", "ternary"),
+                   eval_windows=2, seq_len=64, batch_size=2, data=data)
+    q = {x["fmt"]: x for x in r["qat"]}
+    assert q["ternary"]["loss_after"] < q["ternary"]["loss_before"] - 0.1         # QAT at 2 bits pays off
+    assert abs(q["none"]["loss_after"] - q["none"]["loss_before"]) < 0.1         # the fine-tune alone does not
+
+
+def test_cli_json_object_is_complete_and_deterministic(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(subfp4, "QUICK", dict(TINY_SUBFP4, formats=("e2m1", "e2m0")))
+    out = tmp_path / "r.json"
+    assert cli.main(["experiment", "subfp4", "--quick", "--json", "--out", str(out)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    for k in ("name", "metric", "baseline", "treatment", "effect", "settings", "quick", "command"):
+        assert k in res
+    assert res["metric"] in res["baseline"] and res["metric"] in res["treatment"]
+    assert res["command"] == "v4lab experiment subfp4 --quick --json" and res["quick"] is True
+    assert json.loads(out.read_text()) == res
+    assert cli.main(["experiment", "subfp4", "--quick"]) == 0            # summary line; same numbers again
+    line = capsys.readouterr().out
+    assert line.startswith("subfp4 (quick): heldout_loss") and f"{res['effect']:+.4g}" in line

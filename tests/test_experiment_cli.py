@@ -72,3 +72,39 @@ def test_cli_json_object_is_complete_and_deterministic(monkeypatch, capsys, tmp_
     assert cli.main(["experiment", "subfp4", "--quick"]) == 0            # summary line; same numbers again
     line = capsys.readouterr().out
     assert line.startswith("subfp4 (quick): heldout_loss") and f"{res['effect']:+.4g}" in line
+
+
+def test_clamp_keeps_the_high_lr_run_alive_where_no_clamp_diverges(data):
+    from v4lab.experiments import swiglu_clamp
+    r = swiglu_clamp.experiment(quick=True, data=data, limits=(0.0, 10.0), steps=32)
+    base, treat = r["baseline"], r["treatment"]
+    assert base["diverged_at"] is not None and treat["diverged_at"] is None and r["effect"] > 0
+    assert treat["steps_survived"] == 32 and treat["heldout_loss"] < 6.3          # below uniform ln 512 = 6.24+
+    # the clamp bounds what the experts emit; without it the MoE output runs away before the NaN
+    assert max(base["moe_max"]) > 10 * max(treat["moe_max"][:base["steps_survived"]])
+    # same seed and data: identical until the pre-activations first pass 10
+    first = next(i for i, p in enumerate(treat["preact_max"]) if p > 10)
+    assert base["loss"][:first + 1] == treat["loss"][:first + 1]
+
+
+def test_mhc_keeps_the_composite_gain_at_one_where_hc_drifts():
+    from v4lab.experiments import mhc_stability
+    r = mhc_stability.experiment(quick=True, steps=4, n_sublayers=20)
+    assert r["effect"] > 0 and r["baseline"]["peak_gain"] > 1.05
+    assert r["treatment"]["peak_gain"] == pytest.approx(1.0, abs=1e-3)
+    assert len(r["baseline"]["gain_by_depth"]) == 20 and len(r["treatment"]["loss"]) == 4
+
+
+def test_ar_grid_switches_rollback_and_ar_separately(data):
+    from v4lab.experiments import anticipatory
+    r = anticipatory.experiment(quick=True, data=data, steps=8, spike_at=4, spike_lr_mult=300.0, ar_lag=1,
+                                ar_duration=2, batch_size=2, seq_len=32)
+    c = r["details"]["cells"]
+    assert not any(c["neither"]["ar_on"]) and not c["neither"]["events"]
+    assert not any(c["rollback only"]["ar_on"]) and "rollback" in c["rollback only"]["events"][0][1]
+    ev = c["AR only"]["events"][0][1]
+    assert ev.startswith("spike at") and "AR on" in ev and any(c["AR only"]["ar_on"])
+    assert len(c["AR only"]["loss"]) == 8                  # no rollback: no step repeated
+    assert len(c["AR + rollback"]["loss"]) > 8            # rollback re-runs steps
+    assert c["neither"]["loss"][:4] == c["AR only"]["loss"][:4]   # identical until the spike
+    assert r["effect"] == pytest.approx(c["neither"]["post_spike_loss"] - c["AR only"]["post_spike_loss"])

@@ -46,29 +46,37 @@ def run(seed: int = 0, *, steps: int = 30, lr: float = 5e-2, limit: float = 10.0
     return out
 
 
-def _run_until_divergence(cfg, data, limit: float, **kw) -> dict:
+def _run_until_divergence(cfg, data, limit: float, eval_windows: int = 16, **kw) -> dict:
     """Train with swiglu_limit = limit (0: no clamp); a non-finite value ends the run (divergence) and the
-    steps logged so far are kept. Returns the per-step curves plus diverged_at (step or None)."""
+    steps logged so far are kept. Returns the per-step curves, diverged_at (step or None) and, for a run
+    that finished, the held-out loss on ``eval_windows`` windows."""
+    from v4lab.train import evaluate
     log = []
-    diverged_at, err = None, None
+    diverged_at, err, heldout = None, None, None
     try:
-        train(cfg, data=data, swiglu_limit=limit, progress=False, log_preact=True,
-              callback=lambda step, rec, model: log.append(rec), **kw)
+        r = train(cfg, data=data, swiglu_limit=limit, progress=False, log_preact=True,
+                  callback=lambda step, rec, model: log.append(rec), **kw)
+        heldout = evaluate(r["model"], data.heldout_windows(kw["seq_len"], eval_windows))["loss"]
     except (FloatingPointError, ValueError) as e:     # NaN/inf in the loss or in mHC's logits
+        if isinstance(e, ValueError) and "inf or nan" not in str(e):
+            raise                                     # a real input error, not a divergence
         diverged_at, err = len(log), str(e).splitlines()[0]
     lm = [x["lm_loss"] for x in log]
     return {"limit": limit, "loss": lm, "grad_norm": [x["grad_norm"] for x in log],
             "preact_max": [max(x["swiglu_preact_max"]) for x in log],
             "moe_max": [max(v for v in x["moe_max_abs"] if v is not None) for x in log],
             "steps_survived": len(log), "diverged_at": diverged_at, "error": err,
-            "final_loss": lm[-1] if lm and diverged_at is None else None,
+            "final_loss": lm[-1] if lm and diverged_at is None else None, "heldout_loss": heldout,
+            "late_loss": sum(lm[-10:]) / len(lm[-10:]) if lm and diverged_at is None else None,
             "min_loss": min(lm) if lm else None}
 
 
 # The regime (Wortsman et al. 2023: raise the learning rate of a small model until it shows the instabilities
 # of large ones): lr 0.3 (the micro model trains stably at ~5e-3), no gradient clipping, no weight decay.
-QUICK = dict(steps=40, lr=0.3, batch_size=4, seq_len=64, grad_clip=0.0, weight_decay=0.0, warmup=2)
-FULL = dict(steps=80, lr=0.3, batch_size=4, seq_len=64, grad_clip=0.0, weight_decay=0.0, warmup=2)
+QUICK = dict(steps=40, lr=0.3, batch_size=4, seq_len=64, grad_clip=0.0, weight_decay=0.0, warmup=2,
+             min_lr_ratio=1.0)
+FULL = dict(steps=80, lr=0.3, batch_size=4, seq_len=64, grad_clip=0.0, weight_decay=0.0, warmup=2,
+             min_lr_ratio=1.0)
 
 
 def experiment(quick: bool = False, device=None, data=None, limits=(0.0, 10.0, 1.0), spike_margin: float = 0.5,

@@ -155,9 +155,11 @@ def experiment(quick: bool = False, device=None, **changes) -> dict:
     ptq = [x for x in r["ptq"] if x["scope"] == "experts" and x["block"] == 32]
     fp4 = next(x for x in ptq if x["fmt"] == "e2m1")
     best3 = min((x for x in ptq if x["fmt"] in THREE_BIT), key=lambda x: x["loss"])
-    curve = {s: {"bits": [x["bits"] for x in r["ptq"] if x["scope"] == s],
-                 "loss": [x["loss"] for x in r["ptq"] if x["scope"] == s],
-                 "label": [f"{x['fmt']}/{x['block']}" for x in r["ptq"] if x["scope"] == s]} for s in r["config"]["scopes"]}
+    curve = {}
+    for s in r["config"]["scopes"]:
+        rows = [x for x in r["ptq"] if x["scope"] == s]
+        curve[s] = {"bits": [x["bits"] for x in rows], "loss": [x["loss"] for x in rows],
+                    "label": [f"{x['fmt']}/{x['block']}" for x in rows]}
     return {"metric": "heldout_loss",
             "baseline": {"label": "FP4 (E2M1) experts, block 32", "heldout_loss": fp4["loss"],
                          "bits_per_weight": fp4["bits"], "curves": curve},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -80,14 +81,16 @@ def build_subfp4(res: dict) -> go.Figure:
                         name=f"experts after {d['config']['qat_steps']} QAT steps", text=[x["fmt"] for x in q],
                         hovertemplate="%{text} + QAT<br>loss %{y:.3f}<extra></extra>")
     fig.add_hline(y=d["bf16"], line=dict(dash="dot", color="#616161"),
-                  annotation_text=f"as released: {d['bf16']:.3f}", annotation_position="bottom right")
-    for name, bits in RELEASE_BITS.items():
-        fig.add_vline(x=bits, line=dict(dash="dash", color="#bdbdbd"))
-        fig.add_annotation(x=bits, y=1.0, yref="paper", text=f"{name}<br>{bits / 8:.3g} B/param", showarrow=False,
-                           font=dict(size=10), yanchor="top", xanchor="left")
+                  annotation_text=f"as released: {d['bf16']:.3f}", annotation_position="bottom left")
+    for name, bits in RELEASE_BITS.items():   # a log axis takes shapes and annotations in log10 units
+        fig.add_shape(type="line", x0=math.log10(bits), x1=math.log10(bits), y0=0, y1=1, yref="paper",
+                      line=dict(dash="dash", color="#757575"))
+        fig.add_annotation(x=math.log10(bits), y=1.0, yref="paper", text=f"{name}<br>{bits / 8:.3g} B/param",
+                           showarrow=False, font=dict(size=10), yanchor="top", xanchor="right", align="right")
     fig.update_xaxes(type="log", title_text="bits per weight (element + E8M0 scale share; bytes = bits / 8)",
-                     tickvals=[2.25, 3.25, 4.25, 5, 6, 8, 16])
-    fig.update_yaxes(title_text="held-out loss (nats/token)", type="log")
+                     tickvals=[2.25, 3.25, 4.25, 8, 16], ticktext=["2.25", "3.25", "4.25", "8", "16"],
+                     range=[math.log10(2), math.log10(17)])
+    fig.update_yaxes(title_text="held-out loss (nats/token)")
     return _layout(fig, "tiny-v4 below FP4: held-out loss vs bits per weight", height=480)
 
 

@@ -33,8 +33,9 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def run_experiment(name: str, quick: bool = False, device=None) -> dict:
-    """Run experiment ``name`` and return its result object (see the module docstring)."""
+def run_experiment(name: str, quick: bool = False, device=None, command: str | None = None) -> dict:
+    """Run experiment ``name`` and return its result object (see the module docstring); ``command`` is
+    recorded as the command line that made it (default: the equivalent ``v4lab experiment`` call)."""
     if name not in EXPERIMENTS:
         raise ValueError(f"NAME = {name!r}: must be one of {tuple(EXPERIMENTS)}")
     mod = importlib.import_module(f"v4lab.experiments.{EXPERIMENTS[name]}")
@@ -42,7 +43,7 @@ def run_experiment(name: str, quick: bool = False, device=None) -> dict:
     missing = [k for k in REQUIRED if k not in res]
     if missing:                                   # a programming error in the experiment, not bad input
         raise RuntimeError(f"experiment {name} returned no {missing}")
-    cmd = f"v4lab experiment {name}" + (" --quick" if quick else "") + " --json"
+    cmd = command or f"v4lab experiment {name}" + (" --quick" if quick else "") + " --json"
     return {"name": name, **res, "quick": bool(quick), "command": cmd}
 
 
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         get_device(args.device)                   # bad value -> ValueError -> one line, exit 2
     import torch
     torch.set_num_threads(1)                      # deterministic and fastest on a shared machine
-    res = run_experiment(args.name, args.quick, args.device)
+    argv = sys.argv[1:] if argv is None else argv
+    res = run_experiment(args.name, args.quick, args.device, command=" ".join(["v4lab experiment", *argv]))
     text = json.dumps(res, indent=1)
     if args.out:
         _write_atomic(Path(args.out), text + "\n")

@@ -55,12 +55,14 @@ def build_clamp(res: dict) -> go.Figure:
                         showlegend=False, row=1, col=2)
         if r["diverged_at"] is not None:
             fig.add_scatter(x=[steps[-1]], y=[r["moe_max"][-1]], mode="markers+text", marker=dict(symbol="x", size=12,
-                            color=c), text=[f"NaN at step {r['diverged_at']}"], textposition="top left",
+                            color=c), text=[f"NaN at step {r['diverged_at']}"], textposition="bottom left",
                             showlegend=False, row=1, col=2)
     fig.update_yaxes(type="log", row=1, col=2)
     fig.update_xaxes(title_text="optimiser step")
     s = res["settings"]
-    return _layout(fig, f"SwiGLU clamp at lr {s['lr']:g}, no grad clipping (micro V4)")
+    fig = _layout(fig, f"SwiGLU clamp at lr {s['lr']:g}, no grad clipping (micro V4, seed {s['seeds'][0]})")
+    fig.update_layout(margin=dict(t=80, b=110), legend=dict(y=-0.35))
+    return fig
 
 
 def build_subfp4(res: dict) -> go.Figure:
@@ -97,8 +99,11 @@ def build_subfp4(res: dict) -> go.Figure:
 def build_ar(res: dict) -> go.Figure:
     """Training loss by iteration for the 2×2 (AR × rollback) around the same provoked spike."""
     fig = go.Figure()
-    for i, (label, c) in enumerate(res["details"]["cells"].items()):
-        fig.add_scatter(x=list(range(len(c["loss"]))), y=c["loss"], name=label,
+    cells = res["details"]["cells"]
+    for i, (label, c) in enumerate(cells.items()):
+        same = next((other for other in list(cells)[:i] if cells[other]["loss"] == c["loss"]), None)
+        fig.add_scatter(x=list(range(len(c["loss"]))), y=c["loss"],
+                        name=label + (f" (identical to {same})" if same else ""),
                         line=dict(color=PALETTE[i], dash="dot" if "AR" in label else "solid"))
     s = res["settings"]
     fig.add_vline(x=s["spike_at"], line=dict(dash="dash", color="#9e9e9e"),

@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def run_experiment(name: str, quick: bool = False, device=None, command: str | None = None) -> dict:
+def run_experiment(name: str, quick: bool = False, device: str | None = None, command: str | None = None) -> dict:
     """Run experiment ``name`` and return its result object (see the module docstring); ``command`` is
     recorded as the command line that made it (default: the equivalent ``v4lab experiment`` call)."""
     if name not in EXPERIMENTS:

@@ -16,6 +16,7 @@ Bits per weight count the element bits plus 8/block for the shared E8M0 scale (4
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,10 +26,14 @@ from v4lab.quant import SUBFP4_FORMATS, bits_per_weight, mx_fake_quant, mx_fake_
 from v4lab.train import evaluate, lm_losses
 
 SCOPES = ("experts", "attention", "all")
+if TYPE_CHECKING:
+    from v4lab.data import TokenData
+    from v4lab.model import V4Model
+
 THREE_BIT = tuple(f for f, (bits, _) in SUBFP4_FORMATS.items() if bits == 3)
 
 
-def scope_weights(model, scope: str, block: int) -> list[nn.Parameter]:
+def scope_weights(model: V4Model, scope: str, block: int) -> list[nn.Parameter]:
     """The weight matrices a scope quantises: routed experts (w1, w2, w3 of every MoE block, MTP included),
     attention projections (``.attn.`` matrices, compressor and indexer included) or every 2-D weight
     (embedding and head too) whose input dim K is a multiple of ``block``."""
@@ -45,7 +50,7 @@ def scope_weights(model, scope: str, block: int) -> list[nn.Parameter]:
 
 
 @torch.no_grad()
-def ptq_loss(model, windows: torch.Tensor, scope: str, fmt: str, block: int) -> dict:
+def ptq_loss(model: V4Model, windows: torch.Tensor, scope: str, fmt: str, block: int) -> dict:
     """Held-out loss with the scope's weights rounded to (fmt, block); the weights are restored after."""
     ws = scope_weights(model, scope, block)
     saved = [w.detach().clone() for w in ws]
@@ -68,8 +73,8 @@ class _STE(nn.Module):
         return mx_fake_quant_ste(w, self.fmt, self.block)
 
 
-def qat_finetune(model, data, fmt: str | None, block: int, *, steps: int, lr: float, batch_size: int,
-                 seq_len: int, seed: int, mtp_weight: float = 0.3) -> list[float]:
+def qat_finetune(model: V4Model, data: TokenData, fmt: str | None, block: int, *, steps: int, lr: float,
+                 batch_size: int, seq_len: int, seed: int, mtp_weight: float = 0.3) -> list[float]:
     """Fine-tune in place for ``steps`` AdamW steps, routed experts through fmt's STE (fmt None: no
     quantisation, the control). Returns the training lm loss per step."""
     experts = [m for name, m in model.named_modules() if ".ffn.experts." in name and isinstance(m, nn.Linear)]
@@ -103,8 +108,8 @@ def _load(model_dir, device):
 
 def run(seed: int = 0, *, model_dir: str = "data/tiny-v4", formats: tuple = tuple(SUBFP4_FORMATS),
         blocks: tuple = (32, 16, 8), scopes: tuple = SCOPES, qat_steps: int = 8, qat_formats: tuple | None = None,
-        qat_lr: float = 1e-4, batch_size: int = 4, seq_len: int = 128, eval_windows: int = 8, data=None,
-        device=None) -> dict:
+        qat_lr: float = 1e-4, batch_size: int = 4, seq_len: int = 128, eval_windows: int = 8,
+        data: TokenData | None = None, device: str | torch.device | None = None) -> dict:
     """Returns {"config", "bf16": loss, "ptq": [{scope, fmt, block, bits, bytes_per_param, loss, params}],
     "qat": [{fmt, block, bits, loss_before, loss_after, train_loss}], "seconds"}.
     ``qat_formats`` (default: all formats, plus the unquantised control "none") use block 32."""
@@ -147,7 +152,7 @@ QUICK = dict(blocks=(32, 8), qat_steps=6, qat_formats=("none", "e2m0", "ternary"
 FULL = dict(blocks=(32, 16, 8), qat_steps=16, qat_formats=None, eval_windows=16)
 
 
-def experiment(quick: bool = False, device=None, **changes) -> dict:
+def experiment(quick: bool = False, device: str | torch.device | None = None, **changes: Any) -> dict:
     """`v4lab experiment subfp4`: baseline = MXFP4 experts (as released), treatment = the best 3-bit
     format at block 32; effect = treatment loss − baseline loss (the price of dropping to 3 bits)."""
     settings = {**(QUICK if quick else FULL), **changes}

@@ -9,6 +9,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from v4lab.quant import FP8_BLOCK, bits_per_weight
 from v4lab.viz.common import BASE_LAYOUT
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "experiments"
@@ -16,7 +17,8 @@ NAMES = ("clamp", "ar", "qat", "subfp4", "mhc")
 # qualitative palette (plotly's D3), one colour per run in a figure
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 # release formats (bits per weight incl. scales): BF16; FP8 E4M3 with one E8M0 scale per 128×128; MXFP4
-RELEASE_BITS = {"BF16": 16.0, "FP8 E4M3 (128×128 scales)": 8 + 8 / 128 ** 2, "MXFP4 (1×32 scales)": 4.25}
+RELEASE_BITS = {"BF16": 16.0, "FP8 E4M3 (128×128 scales)": 8 + 8 / FP8_BLOCK ** 2,
+                "MXFP4 (1×32 scales)": bits_per_weight("e2m1", 32)}
 
 
 def load(name: str, directory: Path | str | None = None) -> dict:

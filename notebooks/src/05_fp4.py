@@ -265,8 +265,10 @@ exp_viz.build_qat(qat_res)
 # PTQ minus QAT, is −0.010: QAT does not pay here. The weights say why: MXFP4 keeps 19.1 dB of signal
 # on these near-Gaussian experts, and a 2-layer, d = 32 model trained for 40 steps is not sensitive to
 # noise at that level. The same holds on the trained tiny-v4 above (16 fine-tuning steps: 2.9082 without
-# rounding, 2.9122 with FP4 QAT). What was searched: QAT from step 0 vs PTQ on the micro model (this
-# figure), and QAT as a short fine-tune of tiny-v4 at FP4, FP3 and FP2 (the sub-FP4 figure). Where a gap
+# rounding, 2.9122 with FP4 QAT). What was searched: QAT from step 0 vs PTQ on the micro model at
+# learning rates 1e-2 (this figure), 3e-2 and 6e-2 (PTQ costs +0.0001 and −0.001 nats there; the QAT run
+# ends 0.033 worse and 0.010 better: trajectory noise, not rounding), and QAT as a short fine-tune of
+# tiny-v4 at FP4, FP3 and FP2 (the sub-FP4 figure). Where a gap
 # does open is below FP4: PTQ to ternary costs 1.04 nats and 16 QAT steps win back 0.73 of it. At V4's
 # scale the report trains the experts through FP4 for the final phase and calls the result lossless;
 # the toy agrees that FP4 is nearly free, and cannot show the gap that makes QAT necessary there.

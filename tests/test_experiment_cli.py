@@ -108,3 +108,26 @@ def test_ar_grid_switches_rollback_and_ar_separately(data):
     assert len(c["AR + rollback"]["loss"]) > 8            # rollback re-runs steps
     assert c["neither"]["loss"][:4] == c["AR only"]["loss"][:4]   # identical until the spike
     assert r["effect"] == pytest.approx(c["neither"]["post_spike_loss"] - c["AR only"]["post_spike_loss"])
+
+
+def test_routes_with_an_older_snapshot_use_its_parameters_and_restore_the_model(data):
+    import torch
+
+    from v4lab.model import V4Model
+    from v4lab.train import _routes_with, _snapshot, micro_config
+    torch.manual_seed(0)
+    model = V4Model(micro_config())
+    ids = data.batch(0, 2, 16, 0)
+    old = model.route_only(ids[:, :-1])
+    snap = _snapshot(model, [], 0)
+    with torch.no_grad():
+        for b in model.blocks():
+            if not b.ffn.gate.is_hash:
+                b.ffn.gate.weight.copy_(torch.randn_like(b.ffn.gate.weight))     # a very different router
+    now = model.route_only(ids[:, :-1])
+    learned = [i for i, r in enumerate(old) if r is not None]
+    assert any(not torch.equal(old[i], now[i]) for i in learned)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lagged = _routes_with(model, snap, ids, use_mtp=False)
+    assert all(torch.equal(old[i], lagged[i]) for i in learned)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

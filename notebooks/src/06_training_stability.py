@@ -184,21 +184,22 @@ exp_viz.build_ar(ar_res)
 # **What it shows** (stored run, the `--quick` settings: 24 steps, spike at step 12; measured by v4lab).
 # The provoked spike lifts the loss from 5.56 to 7.00. Rollback is what helps: with it (alone or with AR)
 # the mean loss over the 8 steps after the spike is 5.663 against 6.582 without, and the run ends at
-# 5.506 against 6.315. **AR alone does nothing here, bit for bit**: the AR-only run has the same losses
-# as the run with neither, and AR + rollback stays within 2 × 10⁻⁴ nats of rollback only at every step,
-# so the effect is 0. The reason is
-# structural at this size: without a rollback AR can only start from the parameters after the spike
-# (there are no older routes cached), and over Δt = 2 steps at the normal learning rate the router's
-# top-2 choice does not change, so the lagged routes are the routes the current router would pick
-# anyway. What was tried: this run (Δt = 2, AR for 8 steps, a 100× spike at step 12) and a longer one
-# (48 steps, batch 8, the spike at step 24), where the detector did not even fire. AR could only
-# show an effect where routing churns over Δt steps after a spike — large routers, long runs, outlier
-# tokens moving between experts — which is V4's setting, not a 2-layer model's.
+# 5.506 against 6.315. **AR alone does not help here**: without a rollback, AR turns on after the spiked
+# update and routes the next steps with the parameters of Δt = 2 steps earlier (kept as snapshots, so the
+# first lagged routes come from *before* the spike); the mean post-spike loss is 6.584 against 6.582
+# without AR, an effect of −0.002 nats. With a lag of 4 it is −0.017 (6.599). AR + rollback stays within
+# 2 × 10⁻⁴ nats of rollback alone at every step. What this says: in a 2-layer model the router's top-2
+# choice barely moves over a few steps, so lagging it changes few routes, and the damage of the spike is
+# in the backbone, which AR does not touch. What was tried: Δt = 2 and 4 with AR on for 8 steps after a
+# 100× spike at step 12, and a longer run (48 steps, batch 8, spike at step 24) in which the detector did
+# not fire at all. AR could only show its effect where routing churns after a spike and feeds it back —
+# large routers, outlier tokens moving between experts — which is V4's setting, not a 2-layer model's.
 #
-# **The overhead.** While AR is on, a step costs 30 % more here (one extra routing forward over the
-# batch of step t + Δt, run serially on the CPU). The report's ~20 % is lower because it overlaps that
-# forward with the rest of the pipeline and only pays it while AR is on; a 24-step CPU run has nothing
-# to overlap it with, and a forward is a bigger share of a tiny model's step.
+# **The overhead.** While AR is on, a step costs 14 % more in the stored run (30 % in an earlier run of
+# the same settings: wall time on a shared 2-core machine is noisy). It is one extra routing forward over
+# the batch of step t + Δt, run serially on the CPU. The report's ~20 % is what remains after overlapping
+# that forward with the rest of the pipeline, paid only while AR is on; a forward is also a larger share
+# of a tiny model's step than of a large one's.
 #
 # ### Run it yourself
 #

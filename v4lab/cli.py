@@ -7,6 +7,7 @@
     v4lab generate ...     (see v4lab.generate)
     v4lab cost [--turns N] [--context 32K] [--output 1K] [--pro-share F] [--hard-share F] [--thinking] [--json]
     v4lab remind --ics FILE [--force]     (the V4 migration reminder, an RFC 5545 calendar file)
+    v4lab experiment {clamp,ar,qat,subfp4,mhc} [--quick] [--json] [--out F] [--device D]
 
 Where things run: ``--device`` (cpu, cuda, cuda:N, auto) on bench/train/generate, else $V4LAB_DEVICE,
 else CUDA when present (``v4lab.device``).
@@ -65,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
             return _delegate("v4lab.train", rest)
         if cmd == "generate":
             return _delegate("v4lab.generate", rest)
-        sys.stderr.write(f"v4lab: error: unknown command {cmd!r} (info, compare, bench, train, generate, cost, remind)\n")
+        if cmd == "experiment":
+            return _delegate("v4lab.experiments.runner", rest)
+        sys.stderr.write(f"v4lab: error: unknown command {cmd!r} "
+                         "(info, compare, bench, train, generate, cost, remind, experiment)\n")
         return 2
     except ValueError as e:
         sys.stderr.write(f"v4lab: error: {e}\n")

@@ -350,3 +350,111 @@ def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     r = ref.double()
     noise = (r - approx.double()).pow(2).sum()
     return float(10 * torch.log10(r.pow(2).sum() / noise)) if noise > 0 else float("inf")
+
+
+# ------------------------------------------------------------------------------------ below FP4 (sub-FP4)
+# The report leaves open how far below FP4 V4 could go. These element formats share MXFP4's machinery: an
+# E8M0 power-of-two scale per ``block`` values along K, chosen as 2^ceil(log2(amax / qmax)) (never clips),
+# and round-to-nearest with ties to the even code. Codes are ``sign << (bits - 1) | magnitude code``; they
+# are returned one per uint8 (bit-packing 3-bit codes is a storage detail left out here).
+#
+# * E2M1 (FP4, 4 bits): the MXFP4 element, magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6 (for cross-checking).
+# * E1M1 (FP3, 3 bits, exponent bias 1): 0, .5 (subnormal), 1, 1.5 — a uniform grid, qmax 1.5.
+# * E2M0 (FP3, 3 bits, exponent bias 1, no mantissa): 0, 1, 2, 4 — a log grid, qmax 4.
+# * TERNARY (FP2, 2 bits; log2(3) = 1.58 bits of information): 0, 1 — sign + one magnitude bit, -0 unused.
+SUBFP4_FORMATS = {
+    "e2m1": (4, (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)),
+    "e1m1": (3, (0.0, 0.5, 1.0, 1.5)),
+    "e2m0": (3, (0.0, 1.0, 2.0, 4.0)),
+    "ternary": (2, (0.0, 1.0)),
+}
+E8M0_BITS = 8
+
+
+def _format(fmt: str) -> tuple[int, torch.Tensor]:
+    if fmt not in SUBFP4_FORMATS:
+        _bad("fmt", repr(fmt), f"must be one of {tuple(SUBFP4_FORMATS)}")
+    bits, mags = SUBFP4_FORMATS[fmt]
+    return bits, torch.tensor(mags, dtype=torch.float32)
+
+
+def bits_per_weight(fmt: str, block: int = FP4_BLOCK) -> float:
+    """Storage bits per element: element bits + one 8-bit E8M0 scale shared by ``block`` elements."""
+    if block < 1:
+        _bad("block", block, "must be >= 1")
+    return _format(fmt)[0] + E8M0_BITS / block
+
+
+def minifloat_round(v: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Round fp32 values onto the ``fmt`` grid: nearest magnitude, ties to the even magnitude code,
+    saturate at the largest magnitude, keep the sign (-0.1 -> -0). NaN stays NaN."""
+    _, mags = _format(fmt)
+    v = v.float()
+    a = v.abs()
+    return torch.copysign(mags.to(v.device)[_magnitude_code(a, mags.to(v.device))], v).where(~torch.isnan(v), v)
+
+
+def _magnitude_code(a: torch.Tensor, mags: torch.Tensor) -> torch.Tensor:
+    """|v| -> magnitude code (int64): the nearest grid point; exactly halfway -> the even code."""
+    mids = (mags[1:] + mags[:-1]) / 2                       # exact in fp32 for these grids
+    a = torch.nan_to_num(a, nan=0.0)
+    lo = torch.searchsorted(mids, a.contiguous(), right=False)   # mids strictly below a
+    hi = torch.searchsorted(mids, a.contiguous(), right=True)    # mids at or below a
+    return torch.where((hi != lo) & (lo % 2 == 1), hi, lo)      # a tie sits on mids[lo]: lo or lo + 1
+
+
+def minifloat_encode(v: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Values -> codes (uint8, ``sign << (bits-1) | magnitude code``), rounding as ``minifloat_round``."""
+    bits, mags = _format(fmt)
+    v = v.float()
+    if bool(torch.isnan(v).any()):
+        _bad("v", "contains NaN", f"{fmt} has no NaN encoding")
+    code = _magnitude_code(v.abs(), mags.to(v.device))
+    return (code + (torch.signbit(v).long() << (bits - 1))).to(torch.uint8)
+
+
+def minifloat_decode(codes: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Codes (uint8) -> fp32 values; the sign bit of a zero magnitude gives -0."""
+    bits, mags = _format(fmt)
+    c = codes.long()
+    if bool((c >> bits).any()):
+        _bad("codes", f"max {int(c.max())}", f"{fmt} codes have {bits} bits (0..{2 ** bits - 1})")
+    mag = mags.to(codes.device)[c & ((1 << (bits - 1)) - 1)]
+    return torch.where((c >> (bits - 1)) == 1, -mag, mag)
+
+
+def _mx_scale(xb: torch.Tensor, qmax: float) -> torch.Tensor:
+    return pow2_scale(xb.abs().amax(-1, keepdim=True), qmax, qmax * 2.0 ** -126)
+
+
+def mx_quantize(w: torch.Tensor, fmt: str, block: int = FP4_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [..., K]`` -> ``(codes uint8 [..., K], scales uint8 E8M0 [..., K/block])``: MX block quantisation
+    with element format ``fmt``; scale = 2^ceil(log2(amax / qmax)) per ``block`` values along K."""
+    _, mags = _format(fmt)
+    if not bool(torch.isfinite(w).all()):
+        _bad("w", "non-finite", f"MX {fmt} weights must be finite (a NaN/inf block has no scale)")
+    xb = _blocks(w.float(), block, "w")
+    s = _mx_scale(xb, float(mags[-1]))
+    return minifloat_encode(xb / s, fmt).reshape(w.shape), scale_to_e8m0(s.squeeze(-1))
+
+
+def mx_dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int = FP4_BLOCK) -> torch.Tensor:
+    """Inverse of ``mx_quantize``: ``W[n, k] = value(code) * 2^(E[n, k // block] - 127)`` in fp32."""
+    vals = minifloat_decode(codes, fmt)
+    if scales.shape[:-1] != vals.shape[:-1] or scales.shape[-1] * block != vals.shape[-1]:
+        _bad("scales.shape", tuple(scales.shape), f"must be {tuple(vals.shape[:-1]) + (vals.shape[-1] // block,)}"
+             f" (one scale per {block} values)")
+    return (_blocks(vals, block, "codes") * e8m0_to_float(scales).unsqueeze(-1)).reshape(vals.shape)
+
+
+def mx_fake_quant(w: torch.Tensor, fmt: str, block: int = FP4_BLOCK) -> torch.Tensor:
+    """``deq(q(w))`` in w's dtype for element format ``fmt`` (fmt = "e2m1" equals ``fp4_fake_quant``)."""
+    _, mags = _format(fmt)
+    xb = _blocks(w.float(), block, "w")
+    s = _mx_scale(xb, float(mags[-1]))
+    return (minifloat_round(xb / s, fmt) * s).reshape(w.shape).to(w.dtype)
+
+
+def mx_fake_quant_ste(w: torch.Tensor, fmt: str, block: int = FP4_BLOCK) -> torch.Tensor:
+    """Straight-through QAT for any MX format: forward ``mx_fake_quant(w)``, gradient passed to ``w``."""
+    return w + (mx_fake_quant(w.detach(), fmt, block) - w).detach()

@@ -343,6 +343,17 @@ def _restore(model, opts, snap):
     return snap["step"]
 
 
+@torch.no_grad()
+def _routes_with(model, snap, ids: torch.Tensor, use_mtp: bool) -> list:
+    """Routes of the batch ids [B, S+1] under an older snapshot's parameters (the model is restored after)."""
+    now = copy.deepcopy(model.state_dict())
+    model.load_state_dict(snap["model"])
+    try:
+        return model.route_only(ids[:, :-1], return_mtp=use_mtp)
+    finally:
+        model.load_state_dict(now)
+
+
 def _qat_start(qat, steps: int) -> int | None:
     if qat is False or qat is None:
         return None
@@ -361,7 +372,8 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
           bias_gamma: float = 0.001, balance_alpha: float = 1e-4, swiglu_limit: float | None = None,
           qat=False, hc_mode: str = "mhc", anticipatory: str = "off", ar_lag: int = 4,
           spike_ratio: float = 1.5, spike_beta: float = 0.9, spike_min_step: int | None = None,
-          ar_duration: int = 20, rollback: int | None = None, balanced_hash: bool = True,
+          ar_duration: int = 20, rollback: int | None = None, spike_rollback: bool = True,
+          spike_ar: bool = True, balanced_hash: bool = True,
           spike_at: int | None = None, spike_lr_mult: float = 1.0, model: V4Model | None = None,
           log_path=None, out_dir=None, ckpt_every: int = 0, eval_every: int = 0, eval_windows: int = 8,
           threads: int | None = None, deterministic: bool = True, progress: bool = True,
@@ -375,7 +387,10 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     (default: the CPython-docs corpus with a BPE of cfg.vocab_size). qat: False | True | start step |
     fraction of the run after which the routed experts train through the FP4 straight-through estimator.
     anticipatory: "off" | "always" | "spike" (see the module docstring); ar_lag = Δt in steps; rollback
-    defaults to 2·Δt. spike_at / spike_lr_mult: a one-off learning-rate multiplier at one step (the first
+    defaults to 2·Δt. spike_rollback / spike_ar (spike mode only): what a detected spike triggers — the
+    rollback and AR are separate switches (with both off the detector only logs; after a detection it stays
+    quiet for ar_duration steps either way). AR without a rollback routes its first Δt steps with the
+    snapshots of θ_{t−Δt} (taken every step while armed), so the lagged routes reach back before the spike. spike_at / spike_lr_mult: a one-off learning-rate multiplier at one step (the first
     time it is reached, not again after a rollback), to induce a spike for the experiments.
     callback(step, record, model) is called after each step. threads: torch.set_num_threads (on a busy
     shared machine 1 thread was ~10× faster than 2). max_seconds: stop early (a safety net).
@@ -462,6 +477,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     log_f = open(log_path, "w") if log_path and main_rank else None
     ar_on = anticipatory == "always"
     ar_until = -1
+    quiet_until = -1                  # spike mode: no new detection before this step
     pending: dict[int, list] = {}
     snaps: list[dict] = []
     ema = None
@@ -473,10 +489,14 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
         ids = ids if ddp is None else ddp.shard(ids)
         return model.route_only(ids[:, :-1], return_mtp=use_mtp)
 
-    def start_ar(t):
+    def start_ar(t, older=None):
+        # routes of steps t..t+Δt−1 with θ_{t+j−Δt} where a snapshot of it is at hand (AR without a rollback),
+        # else with the current θ (after a rollback, or at step 0: there is nothing older)
         pending.clear()
         for j in range(ar_lag):
-            pending[t + j] = routes_for(t + j)
+            snap = (older or {}).get(t + j - ar_lag)
+            pending[t + j] = (routes_for(t + j) if snap is None else
+                              _routes_with(model, snap, data.batch(t + j, batch_size, seq_len, seed), use_mtp))
 
     if ar_on:
         start_ar(0)
@@ -491,9 +511,10 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
         with probe.recording_hc():
             while step < steps:
                 t0 = time.perf_counter()
-                if anticipatory == "spike":
+                if anticipatory == "spike" and (spike_rollback or spike_ar):
                     snaps.append(_snapshot(model, opts, step))
-                    snaps = snaps[-(rollback + 1):]
+                    # rollback keeps `rollback` steps back; AR without a rollback keeps θ_{t−Δt} for its first routes
+                    snaps = snaps[-((rollback if spike_rollback else ar_lag) + 1):]
                 if qat_from is not None and step == qat_from:
                     model.set_flags(qat=True)
                 cur_lr = lr_at(step, steps, lr, warmup, min_lr_ratio)
@@ -557,14 +578,17 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                 lval = rec["lm_loss"]
                 event = None
                 if anticipatory == "spike":
-                    if (not ar_on and ema is not None and step >= spike_min_step and lval > spike_ratio * ema
-                            and len(snaps) > 1):
-                        back = _restore(model, opts, snaps[0])
-                        rec["event"] = event = f"spike: rollback {step} -> {back}, AR on"
-                        n_rollbacks += 1
-                        snaps = []
-                        ar_on, ar_until = True, back + ar_duration
-                        start_ar(back)
+                    if (step >= quiet_until and ema is not None and step >= spike_min_step
+                            and lval > spike_ratio * ema and (len(snaps) > 1 or not spike_rollback)):
+                        back = _restore(model, opts, snaps[0]) if spike_rollback else step + 1
+                        rec["event"] = event = (f"spike: rollback {step} -> {back}" if spike_rollback
+                                                else f"spike at {step}, no rollback") + (", AR on" if spike_ar else "")
+                        n_rollbacks += int(spike_rollback)
+                        snaps_before, snaps = ([] if spike_rollback else snaps), []
+                        quiet_until = back + ar_duration
+                        if spike_ar:
+                            ar_on, ar_until = True, back + ar_duration
+                            start_ar(back, {sn["step"]: sn for sn in snaps_before})
                     elif ar_on and step + 1 >= ar_until:
                         ar_on = False
                         pending.clear()

@@ -186,3 +186,46 @@ print(vr.real_weights_status())
 if vr.configured():
     vr.MhcWidget().display()
     vr.build_mhc_layers().show()
+
+# %% [markdown]
+# ## The experiment, stored: `v4lab experiment mhc`
+#
+# The same trained surrogate as above, run longer as a command-line experiment whose result is stored in
+# `benchmarks/experiments/mhc.json`: the three variants from one seed on the same batches, the composite
+# gain through depth after training (left, log scale) and the training loss (right). The effect is one
+# number, $\log_{10}$ of HC's peak gain over mHC's: how many decades further from 1 the unconstrained
+# mixing drifts.
+
+# %%
+from v4lab.viz import experiments as exp_viz
+
+mhc_res = exp_viz.load("mhc")
+print(exp_viz.effect_line(mhc_res))
+exp_viz.build_mhc(mhc_res)
+
+# %% [markdown]
+# **What it shows** (stored full run, 60 sublayers, 40 AdamW steps at lr 1e-2, measured by v4lab). HC's
+# composite gain, 1.04 at initialisation, ends at **1.24 × 10⁵** at its peak; mHC's stays at **1.000**
+# (a product of doubly-stochastic matrices cannot leave 1), as does the plain residual's. The gradients
+# tell the same story from the other side: after training, the gradient norm of HC's sublayers spans
+# 6.6 × 10⁻⁶ to 0.021 across depth (a factor of about 3000), mHC's 0.0033 to 0.034 (about 10, like the
+# residual). HC still reaches the lower loss here (0.046 against 0.100 for mHC and the residual): its
+# unconstrained mixing is extra capacity, and 60 sublayers of width 16 in fp32 are far from overflowing.
+# The effect, 5.09 decades, is the distance between a run that is fine today and one whose signal gain
+# is unbounded. V4-Pro has 61 layers of width 7168 (the report) in low precision; the mHC paper measured
+# HC's gain at about 3000 at 27B parameters, where it came with loss spikes; this toy drifts
+# further in fewer layers because its learning rate is high and nothing else limits it.
+#
+# ### Run it yourself
+#
+# `v4lab experiment mhc --quick` (12 steps, about a minute on a busy 2-core machine) reruns it; `--json`
+# prints the result object. The cell below does the same from Python. It is marked `# NBVAL_SKIP` because
+# it is over the notebook test's time budget, so the automated check skips it; in Jupyter it runs normally.
+
+# %%
+# NBVAL_SKIP
+from v4lab.experiments.runner import run_experiment
+
+mine = run_experiment("mhc", quick=True)
+print(exp_viz.effect_line(mine))
+exp_viz.build_mhc(mine)

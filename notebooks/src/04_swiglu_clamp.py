@@ -142,3 +142,61 @@ print("logits with L = 1  vs no clamp: max |difference| =", round(float((tight -
 if peak < 10:
     assert torch.equal(ref, off), "nothing reached the limit, so the clamp must change nothing"
 assert not torch.equal(tight, off)
+
+# %% [markdown]
+# ## Provoking the outliers: a run that diverges without the clamp
+#
+# The comparison above is honest and shows nothing, because a micro model trained at a sane learning
+# rate never grows pre-activations near 10. Wortsman et al. (2023, "Small-scale proxies for large-scale
+# Transformer training instabilities") reproduce the instabilities of large runs in small models by
+# raising the learning rate, and Sun et al. (2024, "Massive activations in large language models") show
+# that the activations at fault are a handful of huge values, orders of magnitude above the rest.
+# `v4lab experiment clamp` does the first: the micro V4 at learning rate 0.3 (60× the stable 5e-3), with
+# no gradient clipping and no weight decay, three times from the same seed on the same batches — no
+# clamp, V4's clamp (gate ≤ 10, linear part in [−10, 10]) and a clamp of 1. The metric is how many
+# optimiser steps a run survives before a NaN appears; the right panel shows the largest MoE output.
+
+# %%
+from v4lab.viz import experiments as exp_viz
+
+clamp_res = exp_viz.load("clamp")
+print(exp_viz.effect_line(clamp_res))
+for seed, runs in clamp_res["details"]["by_seed"].items():
+    for label, r in runs.items():
+        held = f"{r['heldout_loss']:.3f}" if r["heldout_loss"] is not None else "—"
+        print(f"seed {seed} {label:>9}: survived {r['steps_survived']:>2} steps, diverged at {r['diverged_at']}, "
+              f"held-out loss {held}, loss spikes {r['spikes']}, max pre-activation {r['max_preact']:.3g}, "
+              f"max |MoE output| {r['max_moe']:.3g}")
+exp_viz.build_clamp(clamp_res)
+
+# %% [markdown]
+# **What it shows** (stored full run: 50 steps, seeds 0, 1, 2; measured by v4lab). Without the clamp the
+# largest MoE output grows without bound — 10⁵ to 10⁶ — until a NaN reaches the mHC mixing logits, at step
+# 29, 21 and 31. V4's clamp holds the MoE output 50–70× lower (at most 1.4 × 10⁴) but that is not always
+# enough: for seed 0 it turns a run that dies at step 29 into one that finishes (held-out loss 5.159),
+# for seed 1 it dies at the same step 21, and for seed 2 it dies *earlier* (19 instead of 31). The effect,
+# averaged over seeds, is +0.06 of the run: positive, and small. At learning rate 0.3 more than the
+# SwiGLU product blows up (the attention and mHC paths see the same huge updates), and the clamp cuts
+# only one of those routes. The too-tight clamp of 1 survives all three seeds, keeps the MoE output
+# below 75 and has the fewest spikes for seed 0 — and pays for it: held-out loss 5.203 against 5.159 with
+# the clamp at 10 (seed 0), 0.044 nats for making every expert a bounded, nearly linear map. That is the
+# trade-off the limit sets.
+#
+# **How far from V4.** V4 trains at a learning rate chosen to be stable, and its clamp is there for the rare token whose expert activation runs away at trillion-parameter scale (the
+# massive activations of Sun et al. appear in models of billions of parameters, not in a 2-layer d = 32
+# toy). Here the same failure is forced with a learning rate 60× above the stable one; what carries over
+# is the mechanism (the clamp bounds the expert's output whatever its inputs), not the rate of rescue.
+#
+# ### Run it yourself
+#
+# `v4lab experiment clamp --quick` runs one seed (about two minutes on a busy 2-core machine); `--json`
+# prints the result object. The cell below does the same from Python. It is marked `# NBVAL_SKIP` because
+# it is over the notebook test's time budget, so the automated check skips it; in Jupyter it runs normally.
+
+# %%
+# NBVAL_SKIP
+from v4lab.experiments.runner import run_experiment
+
+mine = run_experiment("clamp", quick=True)
+print(exp_viz.effect_line(mine))
+exp_viz.build_clamp(mine)

@@ -51,3 +51,51 @@ def run(seed: int = 0, *, steps: int = 30, lr: float = 5e-3, spike_at: int = 15,
         base = out["off"]["seconds_per_step"]
         out["overhead"] = {v: out[v]["seconds_per_step"] / base - 1 for v in variants if v in out}
     return out
+
+
+# The 2×2 of the issue: (AR, rollback) on a detected spike. "spike" mode with one switch off.
+GRID = {"neither": dict(anticipatory="off"),
+        "rollback only": dict(anticipatory="spike", spike_ar=False),
+        "AR only": dict(anticipatory="spike", spike_rollback=False),
+        "AR + rollback": dict(anticipatory="spike")}
+QUICK = dict(steps=24, lr=5e-3, spike_at=12, spike_lr_mult=100.0, ar_lag=2, ar_duration=8, spike_ratio=1.1,
+             batch_size=4, seq_len=64)
+# The full run is the quick one: with batch 8, 48 steps and the spike at step 24 (cosine lr lower there) the
+# detector never fired and all four cells were identical, so the stored result uses these settings.
+FULL = QUICK
+
+
+def _cell(cfg, data, switches: dict, s: dict, device) -> dict:
+    kw = {k: s[k] for k in ("steps", "lr", "spike_at", "spike_lr_mult", "ar_lag", "ar_duration", "spike_ratio",
+                            "batch_size", "seq_len")}
+    r = train(cfg, data=data, warmup=2, seed=0, progress=False, threads=1, device=device, **kw, **switches)
+    log = r["log"]
+    after = [x["lm_loss"] for x in log if s["spike_at"] < x["step"] <= s["spike_at"] + s["ar_duration"]]
+    on = [x["seconds"] for x in log if x["ar_on"]]
+    off = [x["seconds"] for x in log if not x["ar_on"]]
+    return {"loss": [x["lm_loss"] for x in log], "step": [x["step"] for x in log],
+            "ar_on": [x["ar_on"] for x in log], "events": [(x["iter"], x["event"]) for x in log if "event" in x],
+            "post_spike_loss": sum(after) / max(1, len(after)), "final_loss": log[-1]["lm_loss"],
+            "seconds_per_step": sum(x["seconds"] for x in log) / len(log),
+            "seconds_ar_on": sum(on) / len(on) if on else None, "seconds_ar_off": sum(off) / len(off) if off else None}
+
+
+def experiment(quick: bool = False, device=None, data=None, **changes) -> dict:
+    """`v4lab experiment ar`: the same provoked spike (one step at spike_lr_mult × lr) four ways, AR on/off ×
+    rollback on/off. Baseline = neither, treatment = AR alone; metric = post_spike_loss (mean lm loss over
+    the ar_duration steps after the spike); effect = baseline − treatment (> 0 when AR alone helps).
+    overhead = AR-on step time / AR-off step time − 1, measured inside the AR-only run."""
+    from v4lab.data import load_data
+    s = {**(QUICK if quick else FULL), **changes}
+    cfg = micro_config()
+    data = data or load_data(cfg.vocab_size)
+    cells = {name: _cell(cfg, data, sw, s, device) for name, sw in GRID.items()}
+    ar = cells["AR only"]
+    overhead = ar["seconds_ar_on"] / ar["seconds_ar_off"] - 1 if ar["seconds_ar_on"] and ar["seconds_ar_off"] else None
+    base, treat = cells["neither"], ar
+    return {"metric": "post_spike_loss", "baseline": {"label": "neither", **base},
+            "treatment": {"label": "AR only", **treat},
+            "effect": base["post_spike_loss"] - treat["post_spike_loss"], "settings": s,
+            "details": {"cells": cells, "overhead": overhead,
+                        "rollback_effect": base["post_spike_loss"] - cells["rollback only"]["post_spike_loss"],
+                        "both_effect": base["post_spike_loss"] - cells["AR + rollback"]["post_spike_loss"]}}

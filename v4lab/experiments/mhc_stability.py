@@ -153,3 +153,27 @@ def _train(variant, seed, xs, ys, x_eval, d_in, d_out, d, n, n_sublayers, hidden
     return {"loss": losses, "grad_norm": gnorms, "grad_norm_by_depth": by_depth,
             "gains": {"init": gains_init, "final": _gains_by_depth(model, x_eval)},
             "seconds": time.perf_counter() - t0}
+
+
+QUICK = dict(steps=12, n_sublayers=60, lr=1e-2)
+FULL = dict(steps=40, n_sublayers=60, lr=1e-2)
+
+
+def experiment(quick: bool = False, device=None, **changes) -> dict:
+    """`v4lab experiment mhc`: the trained surrogate three ways from one seed. Baseline = plain HC,
+    treatment = mHC; metric = peak composite Amax gain through depth after training (1 is neutral);
+    effect = log10(HC's peak / mHC's peak), > 0 when mHC keeps the gain closer to 1."""
+    import math
+    settings = {**(QUICK if quick else FULL), **changes}
+    r = run(device=device, **settings)
+
+    def side(v):
+        g = r[v]["gains"]["final"]
+        return {"label": v, "peak_gain": max(g["amax"]), "gain_by_depth": g["amax"],
+                "gain_by_depth_init": r[v]["gains"]["init"]["amax"], "loss": r[v]["loss"],
+                "final_loss": r[v]["loss"][-1], "grad_norm": r[v]["grad_norm"],
+                "grad_norm_by_depth": r[v]["grad_norm_by_depth"]}
+    base, treat = side("hc"), side("mhc")
+    return {"metric": "peak_gain", "baseline": base, "treatment": treat,
+            "effect": math.log10(base["peak_gain"] / treat["peak_gain"]), "settings": r["config"],
+            "details": {"residual": side("residual"), "depth": r["depth"]}}

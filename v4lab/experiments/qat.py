@@ -59,3 +59,23 @@ def run(seed: int = 0, *, steps: int = 30, lr: float = 1e-2, batch_size: int = 8
                       torch.cat([fp4_fake_quant(w.detach()).flatten() for w in _expert_weights(m)]))
         for name, m in models.items()}
     return out
+
+
+QUICK = dict(steps=40, lr=1e-2, batch_size=8, seq_len=64, eval_windows=16)
+FULL = dict(steps=120, lr=1e-2, batch_size=8, seq_len=64, eval_windows=32)
+
+
+def experiment(quick: bool = False, device=None, **changes) -> dict:
+    """`v4lab experiment qat`: the micro V4 trained in BF16 then rounded to FP4 (PTQ, baseline) vs trained
+    with FP4 QAT (treatment), both evaluated with MXFP4 experts; effect = PTQ loss − QAT loss (> 0 when QAT
+    recovers what rounding costs). The BF16 masters' loss is in ``details``."""
+    settings = {**(QUICK if quick else FULL), **changes}
+    r = run(device=device, threads=1, **settings)
+    h = r["heldout"]
+    base = {"label": "BF16 training, FP4 after (PTQ)", "heldout_loss": h["bf16_rounded_after"],
+            "loss": r["bf16"]["loss"], "weight_sqnr_db": r["weight_sqnr_db"]["bf16"]}
+    treat = {"label": "FP4 QAT", "heldout_loss": h["qat_fp4"], "loss": r["qat"]["loss"],
+             "weight_sqnr_db": r["weight_sqnr_db"]["qat"]}
+    return {"metric": "heldout_loss", "baseline": base, "treatment": treat,
+            "effect": h["bf16_rounded_after"] - h["qat_fp4"], "settings": r["config"],
+            "details": {"heldout": h, "gap_ptq": r["gap_ptq"], "gap_qat": r["gap_qat"]}}

@@ -44,3 +44,71 @@ def run(seed: int = 0, *, steps: int = 30, lr: float = 5e-2, limit: float = 10.0
                      "spikes": count_spikes([x["lm_loss"] for x in log], spike_margin),
                      "final_loss": log[-1]["lm_loss"], "seconds": r["summary"]["seconds"], "limit": lim}
     return out
+
+
+def _run_until_divergence(cfg, data, limit: float, eval_windows: int = 16, **kw) -> dict:
+    """Train with swiglu_limit = limit (0: no clamp); a non-finite value ends the run (divergence) and the
+    steps logged so far are kept. Returns the per-step curves, diverged_at (step or None) and, for a run
+    that finished, the held-out loss on ``eval_windows`` windows."""
+    from v4lab.train import evaluate
+    log = []
+    diverged_at, err, heldout = None, None, None
+    try:
+        r = train(cfg, data=data, swiglu_limit=limit, progress=False, log_preact=True,
+                  callback=lambda step, rec, model: log.append(rec), **kw)
+        heldout = evaluate(r["model"], data.heldout_windows(kw["seq_len"], eval_windows))["loss"]
+    except (FloatingPointError, ValueError) as e:     # NaN/inf in the loss or in mHC's logits
+        if isinstance(e, ValueError) and "inf or nan" not in str(e):
+            raise                                     # a real input error, not a divergence
+        diverged_at, err = len(log), str(e).splitlines()[0]
+    lm = [x["lm_loss"] for x in log]
+    return {"limit": limit, "loss": lm, "grad_norm": [x["grad_norm"] for x in log],
+            "preact_max": [max(x["swiglu_preact_max"]) for x in log],
+            "moe_max": [max(v for v in x["moe_max_abs"] if v is not None) for x in log],
+            "steps_survived": len(log), "diverged_at": diverged_at, "error": err,
+            "final_loss": lm[-1] if lm and diverged_at is None else None, "heldout_loss": heldout,
+            "late_loss": sum(lm[-10:]) / len(lm[-10:]) if lm and diverged_at is None else None,
+            "min_loss": min(lm) if lm else None}
+
+
+# The regime (Wortsman et al. 2023: raise the learning rate of a small model until it shows the instabilities
+# of large ones): lr 0.3 (the micro model trains stably at ~5e-3) with the usual warm-up + cosine decay, no
+# gradient clipping, no weight decay. With a constant lr 0.3 every variant diverges sooner or later (the
+# clamped one too, at step 28 for seed 0): the clamp removes one route to divergence, not all of them.
+QUICK = dict(steps=50, lr=0.3, batch_size=4, seq_len=64, grad_clip=0.0, weight_decay=0.0, warmup=2, seeds=(0,))
+FULL = dict(steps=50, lr=0.3, batch_size=4, seq_len=64, grad_clip=0.0, weight_decay=0.0, warmup=2, seeds=(0, 1, 2))
+
+
+def experiment(quick: bool = False, device=None, data=None, limits=(0.0, 10.0, 1.0), spike_margin: float = 0.5,
+               **changes) -> dict:
+    """`v4lab experiment clamp`: the same high-LR run with no clamp (baseline), V4's clamp 10 (treatment)
+    and a too-tight clamp (1), for each seed. metric = steps_survived (optimiser steps before a non-finite
+    value); effect = mean over seeds of (treatment − baseline) / steps, the fraction of the run the clamp
+    adds before divergence. Baseline/treatment curves are those of the first seed."""
+    from v4lab.data import load_data
+    settings = {**(QUICK if quick else FULL), **changes}
+    kw = {k: v for k, v in settings.items() if k != "seeds"}
+    cfg = micro_config()
+    data = data or load_data(cfg.vocab_size)
+    by_seed = {}
+    for seed in settings["seeds"]:
+        runs = {}
+        for lim in limits:
+            r = _run_until_divergence(cfg, data, lim, seed=seed, threads=1, device=device, **kw)
+            r["spikes"] = count_spikes(r["loss"], spike_margin)
+            r["max_preact"] = max(r["preact_max"], default=None)
+            r["max_moe"] = max(r["moe_max"], default=None)
+            r["label"] = "no clamp" if lim == 0 else f"clamp {lim:g}"
+            runs[r["label"]] = r
+        by_seed[seed] = runs
+    gains = [(runs["clamp 10"]["steps_survived"] - runs["no clamp"]["steps_survived"]) / kw["steps"]
+             for runs in by_seed.values()]
+    first = by_seed[settings["seeds"][0]]
+    summary = {str(seed): {label: {k: r[k] for k in ("steps_survived", "diverged_at", "heldout_loss", "late_loss",
+                                                      "spikes", "max_preact", "max_moe")}
+                           for label, r in runs.items()} for seed, runs in by_seed.items()}
+    return {"metric": "steps_survived", "baseline": first["no clamp"], "treatment": first["clamp 10"],
+            "effect": sum(gains) / len(gains),
+            "settings": {**settings, "seeds": list(settings["seeds"]), "limits": list(limits),
+                         "spike_margin": spike_margin, "model": "micro_config()"},
+            "details": {"runs": first, "by_seed": summary}}

@@ -1,0 +1,133 @@
+"""`v4lab experiment NAME`: the result object's shape, determinism, bad input, and the effect's sign on
+settings small enough for the suite (subfp4 here; the others in their own tests below)."""
+import json
+
+import pytest
+
+from v4lab import cli
+from v4lab.data import load_data
+from v4lab.experiments import runner, subfp4
+
+TINY_SUBFP4 = dict(formats=("e2m1", "e1m1", "e2m0", "ternary"), blocks=(32,), scopes=("experts",),
+                   qat_steps=0, qat_formats=(), eval_windows=8, seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data(512)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["experiment", "nope"], "invalid choice: 'nope'"),
+    (["experiment", "clamp", "--fast"], "unrecognized arguments: --fast"),
+    (["experiment"], "required: name"),
+    (["experiment", "subfp4", "--device", "tpu"], "device"),
+])
+def test_bad_name_or_flag_is_one_line_and_exit_2(argv, needle, capsys):
+    assert cli.main(argv) == 2 if argv[-2:] == ["--device", "tpu"] else _exits_2(argv)
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+
+
+def _exits_2(argv):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    return e.value.code == 2
+
+
+def test_run_experiment_rejects_unknown_name():
+    with pytest.raises(ValueError, match="NAME = 'x'"):
+        runner.run_experiment("x")
+
+
+def test_subfp4_three_bits_cost_loss_and_ternary_costs_more(data):
+    r = subfp4.experiment(quick=True, data=data, **TINY_SUBFP4)
+    assert r["metric"] == "heldout_loss" and r["effect"] > 0
+    assert r["effect"] == pytest.approx(r["treatment"]["heldout_loss"] - r["baseline"]["heldout_loss"])
+    rows = {x["fmt"]: x for x in r["details"]["ptq"]}
+    assert rows["ternary"]["loss"] > max(rows["e1m1"]["loss"], rows["e2m0"]["loss"]) > rows["e2m1"]["loss"]
+    # the released experts are already MXFP4: rounding them to E2M1 again changes nothing
+    assert rows["e2m1"]["loss"] == pytest.approx(r["details"]["bf16"], abs=1e-6)
+    assert rows["e2m1"]["bytes_per_param"] == 4.25 / 8 and rows["ternary"]["bits"] == 2.25
+
+
+def test_subfp4_short_qat_recovers_ternary_and_the_control_is_separate(data):
+    r = subfp4.run(formats=("ternary",), blocks=(32,), scopes=(), qat_steps=3, qat_formats=("none", "ternary"),
+                   eval_windows=2, seq_len=64, batch_size=2, data=data)
+    q = {x["fmt"]: x for x in r["qat"]}
+    assert q["ternary"]["loss_after"] < q["ternary"]["loss_before"] - 0.1         # QAT at 2 bits pays off
+    assert abs(q["none"]["loss_after"] - q["none"]["loss_before"]) < 0.1         # the fine-tune alone does not
+
+
+def test_cli_json_object_is_complete_and_deterministic(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(subfp4, "QUICK", dict(TINY_SUBFP4, formats=("e2m1", "e2m0")))
+    out = tmp_path / "r.json"
+    assert cli.main(["experiment", "subfp4", "--quick", "--json", "--out", str(out)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    for k in ("name", "metric", "baseline", "treatment", "effect", "settings", "quick", "command"):
+        assert k in res
+    assert res["metric"] in res["baseline"] and res["metric"] in res["treatment"]
+    assert res["command"] == f"v4lab experiment subfp4 --quick --json --out {out}" and res["quick"] is True
+    assert json.loads(out.read_text()) == res
+    assert cli.main(["experiment", "subfp4", "--quick"]) == 0            # summary line; same numbers again
+    line = capsys.readouterr().out
+    assert line.startswith("subfp4 (quick): heldout_loss") and f"{res['effect']:+.4g}" in line
+
+
+def test_clamp_keeps_the_high_lr_run_alive_where_no_clamp_diverges(data):
+    from v4lab.experiments import swiglu_clamp
+    r = swiglu_clamp.experiment(quick=True, data=data, limits=(0.0, 10.0))
+    base, treat = r["baseline"], r["treatment"]
+    assert base["diverged_at"] is not None and treat["diverged_at"] is None and r["effect"] > 0
+    assert treat["steps_survived"] == 50 and treat["heldout_loss"] < 6.3          # below uniform ln 512 = 6.24+
+    # the clamp bounds what the experts emit; without it the MoE output runs away before the NaN
+    assert max(base["moe_max"]) > 10 * max(treat["moe_max"][:base["steps_survived"]])
+    # same seed and data: identical until the first forward whose pre-activations pass 10, different from it on
+    first = next(i for i, p in enumerate(treat["preact_max"]) if p > 10)
+    assert first >= 2 and base["loss"][:first] == treat["loss"][:first] and base["loss"][first] != treat["loss"][first]
+
+
+def test_mhc_keeps_the_composite_gain_at_one_where_hc_drifts():
+    from v4lab.experiments import mhc_stability
+    r = mhc_stability.experiment(quick=True, steps=4, n_sublayers=20)
+    assert r["effect"] > 0 and r["baseline"]["peak_gain"] > 1.05
+    assert r["treatment"]["peak_gain"] == pytest.approx(1.0, abs=1e-3)
+    assert len(r["baseline"]["gain_by_depth"]) == 20 and len(r["treatment"]["loss"]) == 4
+
+
+def test_ar_grid_switches_rollback_and_ar_separately(data):
+    from v4lab.experiments import anticipatory
+    r = anticipatory.experiment(quick=True, data=data, steps=8, spike_at=4, spike_lr_mult=300.0, ar_lag=1,
+                                ar_duration=2, batch_size=2, seq_len=32)
+    c = r["details"]["cells"]
+    assert not any(c["neither"]["ar_on"]) and not c["neither"]["events"]
+    assert not any(c["rollback only"]["ar_on"]) and "rollback" in c["rollback only"]["events"][0][1]
+    ev = c["AR only"]["events"][0][1]
+    assert ev.startswith("spike at") and "AR on" in ev and any(c["AR only"]["ar_on"])
+    assert len(c["AR only"]["loss"]) == 8                  # no rollback: no step repeated
+    assert len(c["AR + rollback"]["loss"]) > 8            # rollback re-runs steps
+    assert c["neither"]["loss"][:4] == c["AR only"]["loss"][:4]   # identical until the spike
+    assert r["effect"] == pytest.approx(c["neither"]["post_spike_loss"] - c["AR only"]["post_spike_loss"])
+
+
+def test_routes_with_an_older_snapshot_use_its_parameters_and_restore_the_model(data):
+    import torch
+
+    from v4lab.model import V4Model
+    from v4lab.train import _routes_with, _snapshot, micro_config
+    torch.manual_seed(0)
+    model = V4Model(micro_config())
+    ids = data.batch(0, 2, 16, 0)
+    old = model.route_only(ids[:, :-1])
+    snap = _snapshot(model, [], 0)
+    with torch.no_grad():
+        for b in model.blocks():
+            if not b.ffn.gate.is_hash:
+                b.ffn.gate.weight.copy_(torch.randn_like(b.ffn.gate.weight))     # a very different router
+    now = model.route_only(ids[:, :-1])
+    learned = [i for i, r in enumerate(old) if r is not None]
+    assert any(not torch.equal(old[i], now[i]) for i in learned)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lagged = _routes_with(model, snap, ids, use_mtp=False)
+    assert all(torch.equal(old[i], lagged[i]) for i in learned)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -1,0 +1,43 @@
+"""Figures of the stored experiment results: each builds from its JSON, shows every run, says where a run
+diverged, and a missing result is a clear error."""
+import json
+
+import pytest
+
+from v4lab.viz import experiments as ev
+
+
+@pytest.mark.parametrize("name", ev.NAMES)
+def test_every_stored_result_builds_a_figure(name):
+    res = ev.load(name)
+    fig = getattr(ev, f"build_{name}")(res)
+    assert fig.data and fig.layout.title.text and "$" not in fig.layout.title.text
+    line = ev.effect_line(res)
+    assert line.startswith(f"{name}: {res['metric']}") and f"{res['effect']:+.3g}" in line
+
+
+def test_clamp_figure_marks_the_divergence():
+    res = ev.load("clamp")
+    fig = ev.build_clamp(res)
+    runs = res["details"]["runs"]
+    assert sum(1 for t in fig.data if t.showlegend is not False) == len(runs)
+    diverged = [r for r in runs.values() if r["diverged_at"] is not None]
+    texts = [t.text[0] for t in fig.data if t.mode == "markers+text"]
+    assert len(texts) == len(diverged) and all(t.startswith("NaN at step") for t in texts)
+
+
+def test_subfp4_figure_has_one_point_per_ptq_row_and_the_release_formats():
+    res = ev.load("subfp4")
+    fig = ev.build_subfp4(res)
+    ptq = [t for t in fig.data if t.name.startswith("PTQ")]
+    assert sum(len(t.x) for t in ptq) == len(res["details"]["ptq"])
+    assert len(fig.layout.shapes) == len(ev.RELEASE_BITS) + 1        # release lines + the as-released loss
+
+
+def test_missing_or_unknown_result_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no stored result; run `v4lab experiment clamp"):
+        ev.load("clamp", tmp_path)
+    with pytest.raises(ValueError, match="name = 'x'"):
+        ev.load("x")
+    (tmp_path / "mhc.json").write_text(json.dumps({"a": 1}))
+    assert ev.load("mhc", tmp_path) == {"a": 1}

@@ -1,0 +1,143 @@
+"""Figures of the stored `v4lab experiment NAME` results (benchmarks/experiments/NAME.json): one
+``build_NAME(result)`` per experiment, plus ``load`` and ``effect_line``. Static figures, no widgets."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from v4lab.quant import FP8_BLOCK, bits_per_weight
+from v4lab.viz.common import BASE_LAYOUT
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "experiments"
+NAMES = ("clamp", "ar", "qat", "subfp4", "mhc")
+# qualitative palette (plotly's D3), one colour per run in a figure
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+# release formats (bits per weight incl. scales): BF16; FP8 E4M3 with one E8M0 scale per 128×128; MXFP4
+RELEASE_BITS = {"BF16": 16.0, "FP8 E4M3 (128×128 scales)": 8 + 8 / FP8_BLOCK ** 2,
+                "MXFP4 (1×32 scales)": bits_per_weight("e2m1", 32)}
+
+
+def load(name: str, directory: Path | str | None = None) -> dict:
+    """The stored result of experiment ``name`` (a ValueError names the file when it is missing)."""
+    if name not in NAMES:
+        raise ValueError(f"name = {name!r}: must be one of {NAMES}")
+    path = Path(directory or RESULTS) / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: no stored result; run `v4lab experiment {name} --out {path}`")
+    return json.loads(path.read_text())
+
+
+def effect_line(res: dict) -> str:
+    """One line: baseline vs treatment on the metric, the effect, whether it was a quick run, the command."""
+    m = res["metric"]
+    b, t = res["baseline"], res["treatment"]
+    return (f"{res['name']}: {m} — {b['label']}: {b[m]:.4g}; {t['label']}: {t[m]:.4g}; effect {res['effect']:+.3g}"
+            f"{' (quick run)' if res.get('quick') else ''}  [{res.get('command', '')}]")
+
+
+def _layout(fig: go.Figure, title: str, height: int = 420) -> go.Figure:
+    fig.update_layout(**{**BASE_LAYOUT, "height": height}, title=dict(text=title, font=dict(size=14)))
+    return fig
+
+
+def build_clamp(res: dict) -> go.Figure:
+    """Loss and max |MoE output| per step for no clamp, clamp 10 and the too-tight clamp (× where it diverged)."""
+    runs = res["details"]["runs"]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("training loss (nats/token)",
+                                                         "max |MoE output| (log scale)"))
+    for i, (label, r) in enumerate(runs.items()):
+        c = PALETTE[i % len(PALETTE)]
+        steps = list(range(len(r["loss"])))
+        fig.add_scatter(x=steps, y=r["loss"], name=label, line=dict(color=c), legendgroup=label, row=1, col=1)
+        fig.add_scatter(x=steps, y=r["moe_max"], name=label, line=dict(color=c), legendgroup=label,
+                        showlegend=False, row=1, col=2)
+        if r["diverged_at"] is not None:
+            fig.add_scatter(x=[steps[-1]], y=[r["moe_max"][-1]], mode="markers+text", marker=dict(symbol="x", size=12,
+                            color=c), text=[f"NaN at step {r['diverged_at']}"], textposition="bottom left",
+                            showlegend=False, row=1, col=2)
+    fig.update_yaxes(type="log", row=1, col=2)
+    fig.update_xaxes(title_text="optimiser step")
+    s = res["settings"]
+    fig = _layout(fig, f"SwiGLU clamp at lr {s['lr']:g}, no grad clipping (micro V4, seed {s['seeds'][0]})")
+    fig.update_layout(margin=dict(t=80, b=110), legend=dict(y=-0.35))
+    return fig
+
+
+def build_subfp4(res: dict) -> go.Figure:
+    """Held-out loss against bits per weight (log x), one trace per scope, release formats as vertical lines."""
+    d = res["details"]
+    fig = go.Figure()
+    markers = {"experts": "circle", "attention": "square", "all": "diamond"}
+    for i, scope in enumerate(d["config"]["scopes"]):
+        rows = [x for x in d["ptq"] if x["scope"] == scope]
+        fig.add_scatter(x=[x["bits"] for x in rows], y=[x["loss"] for x in rows], mode="markers",
+                        marker=dict(symbol=markers.get(scope, "circle"), size=9, color=PALETTE[i]),
+                        name=f"PTQ: {scope}", text=[f"{x['fmt']} / block {x['block']}" for x in rows],
+                        hovertemplate="%{text}<br>%{x:.3g} bits<br>loss %{y:.3f}<extra></extra>")
+    q = [x for x in d["qat"] if x["fmt"] != "none"]
+    if q:
+        fig.add_scatter(x=[x["bits"] for x in q], y=[x["loss_after"] for x in q], mode="markers",
+                        marker=dict(symbol="star", size=13, color=PALETTE[4]),
+                        name=f"experts after {d['config']['qat_steps']} QAT steps", text=[x["fmt"] for x in q],
+                        hovertemplate="%{text} + QAT<br>loss %{y:.3f}<extra></extra>")
+    fig.add_hline(y=d["bf16"], line=dict(dash="dot", color="#616161"),
+                  annotation_text=f"as released: {d['bf16']:.3f}", annotation_position="bottom left")
+    for name, bits in RELEASE_BITS.items():   # a log axis takes shapes and annotations in log10 units
+        fig.add_shape(type="line", x0=math.log10(bits), x1=math.log10(bits), y0=0, y1=1, yref="paper",
+                      line=dict(dash="dash", color="#757575"))
+        fig.add_annotation(x=math.log10(bits), y=1.0, yref="paper", text=f"{name}<br>{bits / 8:.3g} B/param",
+                           showarrow=False, font=dict(size=10), yanchor="top", xanchor="right", align="right")
+    fig.update_xaxes(type="log", title_text="bits per weight (element + E8M0 scale share; bytes = bits / 8)",
+                     tickvals=[2.25, 3.25, 4.25, 8, 16], ticktext=["2.25", "3.25", "4.25", "8", "16"],
+                     range=[math.log10(2), math.log10(17)])
+    fig.update_yaxes(title_text="held-out loss (nats/token)")
+    return _layout(fig, "tiny-v4 below FP4: held-out loss vs bits per weight", height=480)
+
+
+def build_ar(res: dict) -> go.Figure:
+    """Training loss by iteration for the 2×2 (AR × rollback) around the same provoked spike."""
+    fig = go.Figure()
+    cells = res["details"]["cells"]
+    for i, (label, c) in enumerate(cells.items()):
+        same = next((other for other in list(cells)[:i] if cells[other]["loss"] == c["loss"]), None)
+        fig.add_scatter(x=list(range(len(c["loss"]))), y=c["loss"],
+                        name=label + (f" (identical to {same})" if same else ""),
+                        line=dict(color=PALETTE[i], dash="dot" if "AR" in label else "solid"))
+    s = res["settings"]
+    fig.add_vline(x=s["spike_at"], line=dict(dash="dash", color="#9e9e9e"),
+                  annotation_text=f"lr × {s['spike_lr_mult']:g} at step {s['spike_at']}")
+    fig.update_xaxes(title_text="iteration (a rollback re-runs steps)")
+    fig.update_yaxes(title_text="training loss (nats/token)")
+    return _layout(fig, "Anticipatory Routing × rollback after one provoked spike")
+
+
+def build_qat(res: dict) -> go.Figure:
+    """Held-out loss: BF16 masters, PTQ (BF16 rounded to FP4 after training), FP4 QAT."""
+    h = res["details"]["heldout"]
+    labels = ["BF16 masters", "PTQ: rounded to FP4", "QAT: FP4 experts"]
+    vals = [h["bf16"], h["bf16_rounded_after"], h["qat_fp4"]]
+    fig = go.Figure(go.Bar(x=labels, y=vals, marker_color=list(PALETTE[:3]), text=[f"{v:.4f}" for v in vals],
+                           textposition="outside", showlegend=False))
+    lo = min(vals)
+    fig.update_yaxes(title_text="held-out loss (nats/token)", range=[lo - 0.05, max(vals) + 0.05])
+    return _layout(fig, "FP4 experts: rounding after training vs training through the rounding")
+
+
+def build_mhc(res: dict) -> go.Figure:
+    """Composite Amax gain by depth after training (log y) and the training loss, residual / HC / mHC."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("composite gain by depth (log scale)", "training loss (MSE)"))
+    sides = {"residual": res["details"]["residual"], "HC": res["baseline"], "mHC": res["treatment"]}
+    depth = res["details"]["depth"]
+    for i, (label, s) in enumerate(sides.items()):
+        fig.add_scatter(x=depth, y=s["gain_by_depth"], name=label, line=dict(color=PALETTE[i]), legendgroup=label,
+                        row=1, col=1)
+        fig.add_scatter(x=list(range(len(s["loss"]))), y=s["loss"], name=label, line=dict(color=PALETTE[i]),
+                        legendgroup=label, showlegend=False, row=1, col=2)
+    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_xaxes(title_text="sublayer", row=1, col=1)
+    fig.update_xaxes(title_text="optimiser step", row=1, col=2)
+    return _layout(fig, f"Residual vs HC vs mHC, {len(depth)} sublayers trained {len(res['baseline']['loss'])} steps")

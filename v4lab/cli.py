@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             return _delegate("v4lab.train", rest)
         if cmd == "generate":
             return _delegate("v4lab.generate", rest)
-        sys.stderr.write(f"v4lab: error: unknown command {cmd!r} (info, compare, bench, train, generate, cost, remind)\n")
+        sys.stderr.write(f"v4lab: error: unknown command {cmd!r} "
+                         "(info, compare, bench, train, generate, cost, remind)\n")
         return 2
     except ValueError as e:
         sys.stderr.write(f"v4lab: error: {e}\n")

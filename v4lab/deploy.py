@@ -237,11 +237,13 @@ def route(turns: int = 1000, context: int = 32000, output: int = 1000, pro_share
     Returns ``bills`` (strategy → $ or None when a price is unknown), ``known_part`` (the part of a bill
     v4lab can price: GPT-5.5's output), ``overpay`` (Pro/Flash on turns Flash could serve), the shares of
     turns overpaid (easy turns on Pro) and at risk (hard turns left on Flash)."""
-    turns, context, output = _check_count("turns", turns), _check_count("context", context), _check_count("output", output)
+    turns, context = _check_count("turns", turns), _check_count("context", context)
+    output = _check_count("output", output)
     pro_share, hard_share = _check_share("pro_share", pro_share), _check_share("hard_share", hard_share)
     if not isinstance(thinking, bool):
         raise ValueError(f"thinking = {thinking!r}: must be True or False")
-    think = fact("thinking_output_tokens") if thinking_tokens is None else _check_count("thinking_tokens", thinking_tokens)
+    think = (fact("thinking_output_tokens") if thinking_tokens is None
+             else _check_count("thinking_tokens", thinking_tokens))
     inp, out = turns * context, turns * (output + (think if thinking else 0))
     bills, known = {}, {}
     for k, model in (("flash", "v4-flash"), ("pro", "v4-pro"), ("opus-4.7", "opus-4.7"),
@@ -268,7 +270,8 @@ def route(turns: int = 1000, context: int = 32000, output: int = 1000, pro_share
 def format_route(r: dict) -> str:
     """The calculator's result as a table with each price's mark (what ``v4lab cost`` prints)."""
     lines = [f"{r['turns']:,} turns/month x ({r['context']:,} prompt + {r['output_tokens'] // max(r['turns'], 1):,} "
-             f"output tokens{', incl. ' + format(r['thinking_tokens'], ',') + ' thinking' if r['thinking_tokens'] else ''})"
+             f"output tokens"
+             f"{', incl. ' + format(r['thinking_tokens'], ',') + ' thinking' if r['thinking_tokens'] else ''})"
              f" = {r['input_tokens'] / 1e6:,.3g}M in + {r['output_tokens'] / 1e6:,.3g}M out a month",
              f"{'strategy':<24} {'US$/month':>12}  prices (input; output)"]
     marks = {"flash": "v4-flash", "pro": "v4-pro", "opus-4.7": "opus-4.7", "gemini-3.1-pro": "gemini-3.1-pro",
@@ -376,7 +379,8 @@ def cli(cmd: str, argv: list[str], parser_cls: type[argparse.ArgumentParser]) ->
     p = parser_cls(prog=f"v4lab {cmd}")
     if cmd == "cost":
         p.add_argument("--turns", default="1000", help="turns (requests) a month (default 1000)")
-        p.add_argument("--context", default="32K", help="prompt tokens per turn, e.g. 32K, 256K (decimal K; default 32K)")
+        p.add_argument("--context", default="32K",
+                       help="prompt tokens per turn, e.g. 32K, 256K (decimal K; default 32K)")
         p.add_argument("--output", default="1K", help="answer tokens per turn (default 1K)")
         p.add_argument("--pro-share", default="0.2", help="share of turns routed to V4-Pro (default 0.2)")
         p.add_argument("--hard-share", default="0.2", help="share of turns that need Pro-class quality (default 0.2)")

@@ -179,8 +179,8 @@ def speedup(cfg: V4Config | str, context: int, batch: int, fast: str = "B200", s
             / roofline(cfg, slow, context, batch, fp4_experts)["tokens_per_s"])
 
 
-def first_batch_reaching(ratio: float, cfg: V4Config | str, context: int, batches: Iterable[int], fast: str = "B200", slow: str = "H200",
-                         fp4_experts: bool = False) -> int | None:
+def first_batch_reaching(ratio: float, cfg: V4Config | str, context: int, batches: Iterable[int],
+                         fast: str = "B200", slow: str = "H200", fp4_experts: bool = False) -> int | None:
     """The smallest batch in ``batches`` at which ``fast``/``slow`` reaches ``ratio``; None if none does.
 
     Small batches are bandwidth-bound (the ratio is the bandwidth ratio); the ratio can only grow past

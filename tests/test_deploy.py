@@ -242,7 +242,8 @@ def test_route_edges():
     a, b = deploy.route(context=200_000), deploy.route(context=200_001)
     assert a["bills"]["gemini-3.1-pro"] == pytest.approx(1000 * 200_000 * 2e-6 + 12 * 1e-3 * 1000)
     assert b["bills"]["gemini-3.1-pro"] == pytest.approx(1000 * 200_001 * 4e-6 + 12 * 1e-3 * 1000)
-    assert b["bills"]["pro"] / a["bills"]["pro"] == pytest.approx((200_001 * 1.74 + 1000 * 3.48) / (200_000 * 1.74 + 1000 * 3.48))
+    assert b["bills"]["pro"] / a["bills"]["pro"] == pytest.approx((200_001 * 1.74 + 1000 * 3.48)
+                                                                  / (200_000 * 1.74 + 1000 * 3.48))
     assert not a["gemini_surcharged"] and b["gemini_surcharged"]
     # thinking bills extra output tokens on every model
     t = deploy.route(thinking=True, thinking_tokens=2000)

@@ -109,7 +109,8 @@ def test_a100_and_the_fallback_rates():
     # no FP8 or FP4 tensor cores: both run at the BF16 rate
     assert hardware.peak_flops("A100", "fp8") == hardware.peak_flops("A100", "fp4") == 312e12
     r = hardware.roofline("v4-pro", "A100", 4096, 1)
-    assert r["tokens_per_s"] / hardware.roofline("v4-pro", "B200", 4096, 1)["tokens_per_s"] == pytest.approx(2.039 / 8.0)
+    b200 = hardware.roofline("v4-pro", "B200", 4096, 1)
+    assert r["tokens_per_s"] / b200["tokens_per_s"] == pytest.approx(2.039 / 8.0)
     # compute-bound, A100 falls further behind than its bandwidth alone says
     big = {g: hardware.roofline("v4-pro", g, 4096, 16384)["tokens_per_s"] for g in ("A100", "H100", "B200")}
     assert big["A100"] / big["B200"] < 2.039 / 8.0 / 2                   # BF16 rate for FP8 work
@@ -181,7 +182,8 @@ def test_long_context_sweep():
         assert g == pytest.approx(4.0 if v > 200_000 else 2.0)
         assert list(w.fig.data[2].x) == [v, v]
         gm, pm = w.fig.data[3].y                   # the month's bars follow the slider
-        assert gm == pytest.approx(cost.LONG_REQUESTS * v * g / 1e6) and pm == pytest.approx(cost.LONG_REQUESTS * v * 1.74 / 1e6)
+        assert gm == pytest.approx(cost.LONG_REQUESTS * v * g / 1e6)
+        assert pm == pytest.approx(cost.LONG_REQUESTS * v * 1.74 / 1e6)
         months.append(gm)
         assert ("Gemini doubled" in w.fig.layout.title.text) == (v > 200_000)
         assert w.fig.layout.title.text.count("$") <= 1
@@ -204,7 +206,7 @@ def test_escalation_sweep():
     assert "12.4x" in w.fig.layout.title.text
     for control in ("input_m", "output_m"):               # the volumes move the lines
         lines = set()
-        for v, _ in sweep(w, control):
+        for _value, _ in sweep(w, control):
             assert w.fig.data[1].y[0] == pytest.approx(pricing.cost("v4-pro", w.state["input_m"] * 1e6,
                                                                     w.state["output_m"] * 1e6))
             lines.add(w.fig.data[1].y[0])

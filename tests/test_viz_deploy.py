@@ -42,7 +42,7 @@ def test_routing_default_reproduces_the_report(static):
 def test_routing_sweeps(control):
     w = vd.RoutingWidget(static=True)
     seen = set()
-    for v, _ in sweep(w, control):
+    for _value, _ in sweep(w, control):
         s = w.state
         r = deploy.route(s["turns"], s["context"], s["output"], s["pro_share"], s["hard_share"], s["thinking"])
         known, unknown = _bars(w)
@@ -81,7 +81,7 @@ def test_checklist_sweeps(static):
     assert sorted(w.control_names) == sorted(KEYS)
     assert w.fig.layout.title.text.startswith("Verdict: none of the seven applies")
     for key in KEYS:
-        for v, _ in sweep(w, key):
+        for _value, _ in sweep(w, key):
             table = w.fig.data[0]
             marks = list(table.cells.values[0])
             on = [w.state[k] for k in KEYS]

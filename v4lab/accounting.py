@@ -502,7 +502,8 @@ def format_summary(s: dict) -> str:
         out.append(f"  {q['part']:<14}{q['kind']:<8}{q['layers']:>7}{q['entries_per_layer']:>10,}"
                    f"{q['bytes_per_entry']:>9}{_h(q['bytes'], 'B'):>12}  {q['precision']}")
     out += ["", f"decode FLOPs per token (scheme {fl['scheme']}, {SCHEME_LABELS.get(fl['scheme'], fl['scheme'])}: "
-                f"weights {fl['weights']}): {_h(s['decode_flops'], 'FLOP')} weighted, {_h(fl['total_raw'], 'FLOP')} raw",
+                f"weights {fl['weights']}): {_h(s['decode_flops'], 'FLOP')} weighted, "
+                f"{_h(fl['total_raw'], 'FLOP')} raw",
             f"  {'term':<24}{'precision':<10}{'raw':>14}{'weighted':>14}"]
     for k, v in fl["raw"].items():
         if v:

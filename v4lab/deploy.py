@@ -7,13 +7,16 @@ published / derived). This module only does arithmetic and formatting.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterable
 from datetime import date, datetime, timezone
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from v4lab import pricing
 
@@ -41,7 +44,7 @@ def facts(path: str | Path | None = None) -> dict:
     return _facts(str(path or FACTS_PATH))
 
 
-def fact(key: str):
+def fact(key: str) -> Any:
     """One figure's value (``fact("openrouter_chinese_share")`` → 45)."""
     f = facts()["facts"]
     if key not in f:
@@ -75,7 +78,7 @@ def _as_utc(now) -> datetime:
     raise ValueError(f"now = {now!r}: must be a datetime with a time zone, a date or None")
 
 
-def countdown(now=None) -> dict:
+def countdown(now: datetime | date | None = None) -> dict:
     """Where ``now`` (default: the current UTC time) stands against the retirement and the reminder.
 
     ``days`` counts whole days to the retirement (negative after it); ``retired`` is True once the
@@ -134,7 +137,7 @@ def _fold(line: str) -> str:
     return "\r\n ".join(out)
 
 
-def reminder_ics(now=None) -> str:
+def reminder_ics(now: datetime | date | None = None) -> str:
     """An RFC 5545 calendar with one all-day event on the reminder day (CRLF line ends, folded lines).
 
     The UID is fixed, so importing a regenerated file updates the same event instead of adding a copy;
@@ -159,7 +162,7 @@ def reminder_ics(now=None) -> str:
     return "".join(_fold(line) + "\r\n" for line in lines)
 
 
-def write_ics(path, force: bool = False, now=None) -> Path:
+def write_ics(path: str | os.PathLike[str], force: bool = False, now: datetime | date | None = None) -> Path:
     """Write :func:`reminder_ics` to ``path`` atomically. An existing file is refused unless ``force``
     (then replaced in one step); a half-written file is never left behind."""
     path = Path(path)
@@ -234,11 +237,13 @@ def route(turns: int = 1000, context: int = 32000, output: int = 1000, pro_share
     Returns ``bills`` (strategy → $ or None when a price is unknown), ``known_part`` (the part of a bill
     v4lab can price: GPT-5.5's output), ``overpay`` (Pro/Flash on turns Flash could serve), the shares of
     turns overpaid (easy turns on Pro) and at risk (hard turns left on Flash)."""
-    turns, context, output = _check_count("turns", turns), _check_count("context", context), _check_count("output", output)
+    turns, context = _check_count("turns", turns), _check_count("context", context)
+    output = _check_count("output", output)
     pro_share, hard_share = _check_share("pro_share", pro_share), _check_share("hard_share", hard_share)
     if not isinstance(thinking, bool):
         raise ValueError(f"thinking = {thinking!r}: must be True or False")
-    think = fact("thinking_output_tokens") if thinking_tokens is None else _check_count("thinking_tokens", thinking_tokens)
+    think = (fact("thinking_output_tokens") if thinking_tokens is None
+             else _check_count("thinking_tokens", thinking_tokens))
     inp, out = turns * context, turns * (output + (think if thinking else 0))
     bills, known = {}, {}
     for k, model in (("flash", "v4-flash"), ("pro", "v4-pro"), ("opus-4.7", "opus-4.7"),
@@ -265,7 +270,8 @@ def route(turns: int = 1000, context: int = 32000, output: int = 1000, pro_share
 def format_route(r: dict) -> str:
     """The calculator's result as a table with each price's mark (what ``v4lab cost`` prints)."""
     lines = [f"{r['turns']:,} turns/month x ({r['context']:,} prompt + {r['output_tokens'] // max(r['turns'], 1):,} "
-             f"output tokens{', incl. ' + format(r['thinking_tokens'], ',') + ' thinking' if r['thinking_tokens'] else ''})"
+             f"output tokens"
+             f"{', incl. ' + format(r['thinking_tokens'], ',') + ' thinking' if r['thinking_tokens'] else ''})"
              f" = {r['input_tokens'] / 1e6:,.3g}M in + {r['output_tokens'] / 1e6:,.3g}M out a month",
              f"{'strategy':<24} {'US$/month':>12}  prices (input; output)"]
     marks = {"flash": "v4-flash", "pro": "v4-pro", "opus-4.7": "opus-4.7", "gemini-3.1-pro": "gemini-3.1-pro",
@@ -298,7 +304,7 @@ def conditions() -> list[dict]:
     return [dict(c) for c in facts()["wrong_choice"]]
 
 
-def verdict(checked) -> dict:
+def verdict(checked: Iterable[str]) -> dict:
     """The checklist's answer for the set of condition keys that apply."""
     conds = {c["key"]: c for c in conditions()}
     checked = list(checked)
@@ -340,7 +346,7 @@ def unknown_cards() -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------- command line
-def parse_tokens(arg: str, text) -> int:
+def parse_tokens(arg: str, text: str | int | float) -> int:
     """``32000``, ``32K`` (= 32,000: decimal, as price pages count), ``1M`` (= 1,000,000)."""
     import re
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([kKmM]?)\s*", str(text))
@@ -367,13 +373,14 @@ def _print(text: str) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def cli(cmd: str, argv: list[str], parser_cls) -> int:
+def cli(cmd: str, argv: list[str], parser_cls: type[argparse.ArgumentParser]) -> int:
     """``v4lab cost`` (the routing calculator) and ``v4lab remind --ics FILE``; bad input raises
     ValueError (the caller prints one line and exits 2)."""
     p = parser_cls(prog=f"v4lab {cmd}")
     if cmd == "cost":
         p.add_argument("--turns", default="1000", help="turns (requests) a month (default 1000)")
-        p.add_argument("--context", default="32K", help="prompt tokens per turn, e.g. 32K, 256K (decimal K; default 32K)")
+        p.add_argument("--context", default="32K",
+                       help="prompt tokens per turn, e.g. 32K, 256K (decimal K; default 32K)")
         p.add_argument("--output", default="1K", help="answer tokens per turn (default 1K)")
         p.add_argument("--pro-share", default="0.2", help="share of turns routed to V4-Pro (default 0.2)")
         p.add_argument("--hard-share", default="0.2", help="share of turns that need Pro-class quality (default 0.2)")
@@ -418,7 +425,7 @@ def market_text() -> str:
         f"{_src('analyst_consensus')}"])
 
 
-def migration_text(now=None) -> str:
+def migration_text(now: datetime | date | None = None) -> str:
     """Observation 6's dates, what changes and what does not, and where ``now`` stands."""
     c = countdown(now)
     return "\n".join([

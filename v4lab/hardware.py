@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
@@ -171,14 +172,15 @@ def identify_gpu(device_name: str | None) -> str | None:
     return None
 
 
-def speedup(cfg, context: int, batch: int, fast: str = "B200", slow: str = "H200", fp4_experts: bool = False) -> float:
+def speedup(cfg: V4Config | str, context: int, batch: int, fast: str = "B200", slow: str = "H200",
+            fp4_experts: bool = False) -> float:
     """tokens/s of ``fast`` over ``slow`` for one decode step (roofline, per GPU)."""
     return (roofline(cfg, fast, context, batch, fp4_experts)["tokens_per_s"]
             / roofline(cfg, slow, context, batch, fp4_experts)["tokens_per_s"])
 
 
-def first_batch_reaching(ratio: float, cfg, context: int, batches, fast: str = "B200", slow: str = "H200",
-                         fp4_experts: bool = False) -> int | None:
+def first_batch_reaching(ratio: float, cfg: V4Config | str, context: int, batches: Iterable[int],
+                         fast: str = "B200", slow: str = "H200", fp4_experts: bool = False) -> int | None:
     """The smallest batch in ``batches`` at which ``fast``/``slow`` reaches ``ratio``; None if none does.
 
     Small batches are bandwidth-bound (the ratio is the bandwidth ratio); the ratio can only grow past

@@ -19,8 +19,9 @@ PRICES_PATH = Path(__file__).with_name("prices.json")
 BASES = ("published", "derived", "assumed", "speculation", "unknown")
 # report_claims() ids → how the report prints the figure (what a derived price's mark lists)
 CLAIM_SHORT = {"pro_vs_opus": "7.2x vs Opus", "pro_vs_gpt": "8.6x vs GPT-5.5", "pro_vs_gemini": "3.4x vs Gemini",
-               "flash_vs_opus": "89x vs Opus", "flash_month": "the 4.76 USD Flash month", "opus_month": "the 185 USD Opus month",
-               "gemini_long": "Gemini 2x above 200K", "pro_flat": "Pro flat 1.74 USD", "pro_overpay": "12x overpay"}
+               "flash_vs_opus": "89x vs Opus", "flash_month": "the 4.76 USD Flash month",
+               "opus_month": "the 185 USD Opus month", "gemini_long": "Gemini 2x above 200K",
+               "pro_flat": "Pro flat 1.74 USD", "pro_overpay": "12x overpay"}
 
 
 @dataclass(frozen=True)
@@ -185,17 +186,20 @@ def report_claims() -> list[dict]:
     opus_month = cost("opus-4.7", 32e6, 1e6)
     g = price("gemini-3.1-pro")
     return [
-        rec("pro_vs_opus", "V4-Pro output cheaper than Opus 4.7 (x)", output_ratio("opus-4.7", "v4-pro"), 7.2, 1, "25 / 3.48"),
-        rec("pro_vs_gpt", "V4-Pro output cheaper than GPT-5.5 (x)", output_ratio("gpt-5.5", "v4-pro"), 8.6, 1, "30 / 3.48"),
-        rec("pro_vs_gemini", "V4-Pro output cheaper than Gemini 3.1 Pro (x)", output_ratio("gemini-3.1-pro", "v4-pro"), 3.4, 1,
-            "12 / 3.48"),
-        rec("flash_vs_opus", "V4-Flash output cheaper than Opus 4.7 (x)", output_ratio("opus-4.7", "v4-flash"), 89, 0, "25 / 0.28"),
+        rec("pro_vs_opus", "V4-Pro output cheaper than Opus 4.7 (x)", output_ratio("opus-4.7", "v4-pro"), 7.2, 1,
+            "25 / 3.48"),
+        rec("pro_vs_gpt", "V4-Pro output cheaper than GPT-5.5 (x)", output_ratio("gpt-5.5", "v4-pro"), 8.6, 1,
+            "30 / 3.48"),
+        rec("pro_vs_gemini", "V4-Pro output cheaper than Gemini 3.1 Pro (x)", output_ratio("gemini-3.1-pro", "v4-pro"),
+            3.4, 1, "12 / 3.48"),
+        rec("flash_vs_opus", "V4-Flash output cheaper than Opus 4.7 (x)", output_ratio("opus-4.7", "v4-flash"), 89, 0,
+            "25 / 0.28"),
         rec("flash_month", "32M in + 1M out a month on V4-Flash ($)", flash_month, 4.76, 2, "32 x 0.14 + 1 x 0.28"),
         rec("opus_month", "32M in + 1M out a month on Opus 4.7 ($)", opus_month, 185, 0, "32 x 5 + 1 x 25"),
         rec("gemini_long", "Gemini 3.1 Pro input multiplier above 200K (x)",
             g.input_rate(g.long_context_threshold + 1) / g.input_rate(0), 2, 0, "doubled above 200K"),
-        rec("pro_flat", "V4-Pro input multiplier above 200K (x)", price("v4-pro").input_rate(10**6) / price("v4-pro").input_rate(0),
-            1, 0, "flat $1.74/1M at any context"),
+        rec("pro_flat", "V4-Pro input multiplier above 200K (x)",
+            price("v4-pro").input_rate(10**6) / price("v4-pro").input_rate(0), 1, 0, "flat $1.74/1M at any context"),
         rec("pro_overpay", "Pro overpay on traffic Flash could serve (x)", overpay(), 12, 0,
             "(32 x 1.74 + 3.48) / (32 x 0.14 + 0.28) = 12.43; the same for any input/output mix"),
     ]

@@ -500,7 +500,10 @@ def gpu_table() -> str:
     lines = [f"{'GPU':<6} {'HBM TB/s':>8} {'BF16':>6} {'FP8':>6} {'FP4':>6}  TFLOP/s dense (approximate)"]
     for name, g in hardware.gpus().items():
         t = g["tflops"]
-        cell = lambda p: "  none" if t.get(p) is None else f"{t[p]:>6g}"
+
+        def cell(p: str, t: dict = t) -> str:            # t bound now: the loop rebinds it
+            return "  none" if t.get(p) is None else f"{t[p]:>6g}"
+
         lines.append(f"{name:<6} {g['hbm_tb_s']:>8g} {cell('bf16')} {cell('fp8')} {cell('fp4')}")
     return "\n".join(lines)
 

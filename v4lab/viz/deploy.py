@@ -6,8 +6,17 @@ reads two ``$`` in one string as LaTeX and hides it, so every text here carries 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 from v4lab import deploy, pricing
 from v4lab.viz.common import Widget, check_choice, check_range, figure_from, register
+
+if TYPE_CHECKING:
+    from datetime import date, datetime
+
+    import ipywidgets
+    import plotly.graph_objects as go
 
 TURN_STOPS = [100, 300, 1000, 3000, 10000, 30000, 100000, 300000, 1000000]
 # prompt tokens per turn, decimal K like API price pages (32K = 32,000: the report's 32M-token month)
@@ -87,7 +96,7 @@ ROUTING_LAYOUT = dict(height=420, margin=dict(l=160, r=170, t=80, b=90),
                       legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0), barmode="overlay")
 
 
-def build_routing(**kw):
+def build_routing(**kw: Any) -> go.Figure:
     return figure_from(routing_data(**kw), ROUTING_LAYOUT)
 
 
@@ -99,7 +108,7 @@ class RoutingWidget(Widget):
     defaults = {"turns": 1000, "context": 32000, "output": 1000, "pro_share": 0.2, "hard_share": 0.2,
                 "thinking": False}
 
-    def validate(self, s):
+    def validate(self, s: dict) -> None:
         check_choice("turns", s["turns"], TURN_STOPS)
         check_choice("context", s["context"], CONTEXT_STOPS)
         check_choice("output", s["output"], OUTPUT_STOPS)
@@ -107,19 +116,24 @@ class RoutingWidget(Widget):
         check_range("hard_share", s["hard_share"], 0.0, 1.0)
         check_choice("thinking", s["thinking"], (True, False))
 
-    def data(self):
+    def data(self) -> dict:
         return routing_data(**self.state)
 
-    def layout(self):
+    def layout(self) -> dict:
         return ROUTING_LAYOUT
 
-    def make_controls(self):
+    def make_controls(self) -> dict[str, ipywidgets.Widget]:
         import ipywidgets as W
         lay = W.Layout(width="420px")
-        sel = lambda stops, fmt, v, d: W.SelectionSlider(options=[(fmt(x), x) for x in stops], value=v,
-                                                         description=d, style=SLIDER_STYLE, layout=lay)
-        share = lambda v, d: W.FloatSlider(value=v, min=0, max=1, step=0.05, readout_format=".0%",
-                                           description=d, style=SLIDER_STYLE, layout=lay)
+
+        def sel(stops: list[int], fmt: Callable[[int], str], v: int, d: str) -> W.SelectionSlider:
+            return W.SelectionSlider(options=[(fmt(x), x) for x in stops], value=v,
+                                     description=d, style=SLIDER_STYLE, layout=lay)
+
+        def share(v: float, d: str) -> W.FloatSlider:
+            return W.FloatSlider(value=v, min=0, max=1, step=0.05, readout_format=".0%",
+                                 description=d, style=SLIDER_STYLE, layout=lay)
+
         s = self.state
         return {
             "turns": sel(TURN_STOPS, lambda x: f"{x:,}", s["turns"], "turns per month"),
@@ -133,26 +147,26 @@ class RoutingWidget(Widget):
                                                "tokens per turn, v4lab's assumption)"),
         }
 
-    def sweep_values(self, control):
+    def sweep_values(self, control: str) -> list:
         return {"turns": TURN_STOPS, "context": CONTEXT_STOPS, "output": OUTPUT_STOPS, "pro_share": SHARE_STOPS,
                 "hard_share": SHARE_STOPS, "thinking": [True, False]}[control]
 
-    def on_turns(self, v):
+    def on_turns(self, v: int) -> None:
         self.set(turns=int(v))
 
-    def on_context(self, v):
+    def on_context(self, v: int) -> None:
         self.set(context=int(v))
 
-    def on_output(self, v):
+    def on_output(self, v: int) -> None:
         self.set(output=int(v))
 
-    def on_pro_share(self, v):
+    def on_pro_share(self, v: float) -> None:
         self.set(pro_share=round(float(v), 4))
 
-    def on_hard_share(self, v):
+    def on_hard_share(self, v: float) -> None:
         self.set(hard_share=round(float(v), 4))
 
-    def on_thinking(self, v):
+    def on_thinking(self, v: bool) -> None:
         self.set(thinking=bool(v))
 
 
@@ -186,7 +200,7 @@ def checklist_data(checked: tuple = ()) -> dict:
 CHECK_LAYOUT = dict(height=430, margin=dict(l=10, r=10, t=70, b=10))
 
 
-def build_checklist(**kw):
+def build_checklist(**kw: Any) -> go.Figure:
     return figure_from(checklist_data(**kw), CHECK_LAYOUT)
 
 
@@ -259,7 +273,7 @@ def unknown_cards_html() -> str:
     return "".join(out)
 
 
-def ics_download_html(now=None) -> str:
+def ics_download_html(now: datetime | date | None = None) -> str:
     """A download link holding the reminder (.ics) as a data URI (no file is written)."""
     import base64
     b64 = base64.b64encode(deploy.reminder_ics(now).encode("utf-8")).decode("ascii")

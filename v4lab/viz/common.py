@@ -175,11 +175,31 @@ class Widget:
         fig = figure_from(self._last, self.layout())
         self.fig = fig if self.static else LiveFigure(fig)
         self.controls: dict[str, Any] = {}
+        self.status = None                  # an HTML line under the controls: a callback's error, if any
         if not self.static:
+            import ipywidgets as W
+            self.status = W.HTML(value="")
             self.controls = self.make_controls()
             for cname, ctl in self.controls.items():
-                cb: Callable = getattr(self, f"on_{cname}")
-                ctl.observe(lambda ch, cb=cb: cb(ch["new"]), names="value")
+                ctl.observe(lambda ch, cname=cname: self._on_change(cname, ch["new"]), names="value")
+
+    def _on_change(self, control: str, value) -> None:
+        """Observer of every control. ipywidgets would send a callback's exception only to the kernel log
+        (invisible in the notebook) and leave the figure behind the control; here it is shown under the
+        controls, and the next update resends the whole figure."""
+        try:
+            getattr(self, f"on_{control}")(value)
+        except Exception as e:                                  # noqa: BLE001 - shown to the reader
+            import html
+            try:
+                self.set()                  # redraw the last good state in full (the diff baseline is gone)
+            except Exception:               # noqa: BLE001 - the message below already says what failed
+                pass
+            self.status.value = (f"<span style='color:#b00'>{html.escape(control)} = {html.escape(repr(value))}: "
+                                 f"{html.escape(type(e).__name__)}: {html.escape(str(e))}</span>")
+            return
+        if self.status.value:
+            self.status.value = ""
 
     # ---- to implement ------------------------------------------------------------------------
     def data(self) -> dict:
@@ -206,9 +226,16 @@ class Widget:
         """Change state and update the figure in place (what every ``on_<name>`` does)."""
         new = {**self.state, **changes}
         self.validate(new)
-        self.state = new
-        data = self.data()
-        apply_data(self.fig, data, self._last)
+        old, self.state = self.state, new
+        try:
+            data = self.data()
+            # The diff is against what the figure was last sent. Until this update has gone through
+            # that is unknown (an exception part-way leaves some traces updated): then resend everything.
+            last, self._last = self._last, None
+            apply_data(self.fig, data, last)
+        except Exception:
+            self.state = old
+            raise
         self._last = data
 
     def figure(self) -> go.Figure:
@@ -218,7 +245,7 @@ class Widget:
     def box(self):
         import ipywidgets as W
         ctl = list(self.controls.values())
-        return W.VBox([W.HBox(ctl, layout=W.Layout(flex_flow="row wrap")), self.fig])
+        return W.VBox([W.HBox(ctl, layout=W.Layout(flex_flow="row wrap")), self.status, self.fig])
 
     def display(self):
         """Show the live widget, or a static figure without a widget frontend."""

@@ -17,6 +17,7 @@ shows a static figure instead, and the ``fig`` attribute is a plain ``go.Figure`
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from typing import Any, Callable, Iterable
@@ -131,6 +132,41 @@ def apply_data(fig: go.Figure, data: dict, last: dict | None = None) -> None:
                if k in _LIVE_LAYOUT_KEYS and (k not in old_layout or old_layout[k] != v)}
         if lay:
             fig.layout.update(lay)
+
+
+def fmt3(x: float) -> str:
+    """Three significant figures, trailing zeros kept: 42 -> '42.0', 0.0504 -> '0.0504', 35700 -> '35700'."""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    if abs(float(f"{x:.3g}")) >= 1000:
+        return f"{x:.0f}"
+    return f"{x:#.3g}".rstrip(".")
+
+
+def si(x: float, unit: str = "") -> str:
+    """Three significant figures with a k/M/G/T/P prefix: si(35700e9, 'FLOP') -> '35.7 TFLOP'."""
+    for p, f in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= f * 0.9995:
+            return f"{fmt3(x / f)} {p}{unit}".rstrip()
+    return f"{fmt3(x)} {unit}".rstrip()
+
+
+def label_positions(ys, lo: float, hi: float, plot_px: float, side: str = "left", log: bool = True,
+                    min_px: float = 14) -> list[str]:
+    """``textposition`` per point so labels of points closer than ``min_px`` on the y axis do not overlap:
+    of two neighbours the upper label moves up, the lower down (``lo``/``hi``: the axis span)."""
+    def px(y):
+        if log:
+            return plot_px * (math.log10(max(y, 1e-300)) - math.log10(lo)) / max(math.log10(hi / lo), 1e-12)
+        return plot_px * (y - lo) / max(hi - lo, 1e-300)
+    pos = ["middle " + side] * len(ys)
+    order = sorted(range(len(ys)), key=lambda i: -ys[i])
+    for a, b in zip(order, order[1:]):
+        if px(ys[a]) - px(ys[b]) < min_px:
+            if pos[a].startswith("middle"):
+                pos[a] = "top " + side
+            pos[b] = "bottom " + side
+    return pos
 
 
 def check_choice(arg: str, value: Any, choices: Iterable) -> Any:

@@ -1,6 +1,10 @@
 """Render every registered widget's figure (its default state, the static fallback) to a PNG.
 
     python -m v4lab.viz.screenshots [OUT_DIR] [--only NAME ...]      # default docs/img/widgets, every widget
+    python -m v4lab.viz.screenshots test-artifacts/states --states   # the states issue 22 looked at
+
+With ``--states`` each widget in :data:`STATES` is also rendered in the named states (``NAME@STATE.png``):
+the states a browser walk-through found hard to read, kept so a reader of the PNGs can judge them again.
 
 Used for the README. Drives Debian's Chromium through Playwright, fully offline: plotly.js is inlined
 from the plotly package. Needs /usr/bin/chromium (or $V4LAB_CHROMIUM).
@@ -18,10 +22,39 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 
 
+# widget -> [(label, {control: value})]: the states issue 22 names (applied in order through on_<control>)
+STATES = {
+    "tour.context": [("1M", {"context": 2 ** 20}), ("1K", {"context": 2 ** 10})],
+    "moe.bias": [("bias-big", {"bias": 2.0}), ("bias-neg", {"bias": -2.0})],
+    "moe.affinity": [("shift6", {"shift": 6.0})],
+    "attention.inspect": [("window", {"layer": 0}), ("query4", {"position": 4})],
+    "attention.cost": [("1M", {})],
+    "mhc.sinkhorn": [("iters3", {"iters": 3})],
+    "mhc.gains": [("trained", {"source": "trained"})],
+    "clamp.preacts": [("L10", {"limit": 10.0})],
+    "fp4.lossless": [("spread19", {"spread": 19}), ("spread5", {"spread": 5})],
+    "fp4.block_error": [("student-1024", {"dist": "student3", "block": 1024})],
+    "stability.ar": [("default", {})],
+    "stability.bias": [("default", {})],
+    "tiny.routing": [("default", {})],
+    "tiny.attention_maps": [("hca-127", {"layer": 2, "query": 127}), ("head0", {"head": 0})],
+    "kernels.compare": [("default", {})],
+    "kernels.roofline": [("default", {})],
+}
+
+
+def _apply_state(w, changes: dict) -> None:
+    for c, v in changes.items():
+        if c not in w.control_names:
+            raise ValueError(f"state {changes}: {c!r} is not a control of {w.name} ({w.control_names})")
+        getattr(w, f"on_{c}")(v)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m v4lab.viz.screenshots", description=__doc__.split("\n")[0])
     ap.add_argument("out", nargs="?", default="docs/img/widgets", help="output folder (default docs/img/widgets)")
     ap.add_argument("--only", nargs="+", metavar="NAME", help="only these widgets (registry names)")
+    ap.add_argument("--states", action="store_true", help="also render the states in STATES (NAME@STATE.png)")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     if not Path(CHROMIUM).exists():
@@ -46,13 +79,17 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(cls, "needs_real_weights", False):
                 tqdm.write(f"{name}: skipped (reads a real V4 download; no screenshot of synthetic weights)")
                 continue
-            fig = cls(static=True).figure()
-            fig.update_layout(width=960, height=max(420, fig.layout.height or 420))
-            html = Path(tmp) / f"{name}.html"
-            fig.write_html(html, include_plotlyjs=True, full_html=True)
-            page.goto(html.as_uri())
-            page.wait_for_selector(".js-plotly-plot .main-svg")
-            page.locator(".js-plotly-plot").first.screenshot(path=str(out / f"{name}.png"))
+            w = cls(static=True)
+            shots = [(name, {})] + [(f"{name}@{label}", ch) for label, ch in (STATES.get(name, []) if args.states else [])]
+            for stem, changes in shots:
+                _apply_state(w, changes)
+                fig = w.figure()
+                fig.update_layout(width=960, height=max(420, fig.layout.height or 420))
+                html = Path(tmp) / f"{stem}.html"
+                fig.write_html(html, include_plotlyjs=True, full_html=True)
+                page.goto(html.as_uri())
+                page.wait_for_selector(".js-plotly-plot .main-svg")
+                page.locator(".js-plotly-plot").first.screenshot(path=str(out / f"{stem}.png"))
         browser.close()
     n = sum(not getattr(c, "needs_real_weights", False) for c in registry.values())
     print(f"wrote {n} screenshots to {out}")

@@ -270,6 +270,9 @@ def learned_layers(routes: dict) -> list[int]:
     return [r["layer"] for r in routes["layers"] if not r["hash"]]
 
 
+MAX_LABELLED = 30
+
+
 def _shown(tok: str) -> str:
     """A token as a label: whitespace made visible, long ones cut."""
     t = tok.replace("\n", "↵").replace(" ", "·")
@@ -293,9 +296,13 @@ def bias_data(routes: dict, layer: int, expert: int, delta: float) -> dict:
     joined = sens["joined"].nonzero().flatten().tolist()
     left = sens["left"].nonzero().flatten().tolist()
     others = [e for e in range(E) if e != expert]
-    # movers' labels on three rows, so neighbouring tokens' labels do not sit on one another
+    # movers' labels on three rows, so neighbouring tokens' labels do not sit on one another; beyond
+    # MAX_LABELLED movers no labels (they could not be read), the hover still names each token
     def rows(n, sign):
         return [sign * (0.6 + 0.55 * (k % 3)) for k in range(n)]
+
+    def labels(pos):
+        return [_shown(toks[i]) for i in pos] if len(pos) <= MAX_LABELLED else [""] * len(pos)
     traces = [
         dict(type="bar", x=others, y=[int(after[e]) for e in others], name=f"load with b[{expert}] {delta:+g}",
              marker=dict(color="#1f77b4"), xaxis="x", yaxis="y"),
@@ -308,11 +315,11 @@ def bias_data(routes: dict, layer: int, expert: int, delta: float) -> dict:
         dict(type="scatter", mode="markers", x=list(range(T)), y=[0] * T, name="tokens",
              marker=dict(color="#dddddd", size=5), hovertext=toks, xaxis="x2", yaxis="y2"),
         dict(type="scatter", mode="markers+text", x=joined, y=rows(len(joined), 1), name=f"join expert {expert}",
-             marker=dict(color="#2ca02c", size=9, symbol="triangle-up"), text=[_shown(toks[i]) for i in joined],
+             marker=dict(color="#2ca02c", size=9, symbol="triangle-up"), text=labels(joined),
              textposition="top center", textfont=dict(size=10), hovertext=[toks[i] for i in joined],
              xaxis="x2", yaxis="y2"),
         dict(type="scatter", mode="markers+text", x=left, y=rows(len(left), -1), name=f"leave expert {expert}",
-             marker=dict(color="#d62728", size=9, symbol="triangle-down"), text=[_shown(toks[i]) for i in left],
+             marker=dict(color="#d62728", size=9, symbol="triangle-down"), text=labels(left),
              textposition="bottom center", textfont=dict(size=10), hovertext=[toks[i] for i in left],
              xaxis="x2", yaxis="y2"),
     ]
@@ -320,7 +327,11 @@ def bias_data(routes: dict, layer: int, expert: int, delta: float) -> dict:
     title = (f"layer {layer}, expert {expert}: bias {b:+.3f} → {b + delta:+.3f} · {len(joined)} tokens join, "
              f"{len(left)} leave · load {int(before[expert])} → {int(after[expert])} · max/mean "
              f"{load_imbalance(before):.2f} → {load_imbalance(after):.2f}")
-    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}}}
+    crowded = [f"{len(p)} tokens {w}" for p, w in ((joined, "join"), (left, "leave")) if len(p) > MAX_LABELLED]
+    notes = [dict(text=" and ".join(crowded) + ": too many to label; hover a triangle for its token",
+                  xref="x2 domain", yref="y2 domain", x=1, y=1.12, xanchor="right", showarrow=False,
+                  font=dict(size=11, color="#555"))] if crowded else []
+    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}, "annotations": notes}}
 
 
 BIAS_LAYOUT = dict(height=540, barmode="overlay", margin=dict(l=60, r=20, t=100, b=50),

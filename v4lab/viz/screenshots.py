@@ -25,21 +25,20 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
 # widget -> [(label, {control: value})]: the states issue 22 names (applied in order through on_<control>)
 STATES = {
     "tour.context": [("1M", {"context": 2 ** 20}), ("1K", {"context": 2 ** 10})],
-    "moe.bias": [("bias-big", {"bias": 2.0}), ("bias-neg", {"bias": -2.0})],
-    "moe.affinity": [("shift6", {"shift": 6.0})],
-    "attention.inspect": [("window", {"layer": 0}), ("query4", {"position": 4})],
-    "attention.cost": [("1M", {})],
+    "moe.bias": [("delta+0.5", {"delta": 0.5}), ("delta-0.5", {"delta": -0.5})],
+    "moe.affinity": [("shift+6", {"shift": 6.0})],
+    "attention.inspect": [("window-layer", {"layer": 0}), ("hca-layer", {"layer": 3}),
+                          ("query4", {"layer": 1, "position": 4})],
+    "attention.cost": [("1K", {"context": 1024})],
     "mhc.sinkhorn": [("iters3", {"iters": 3})],
-    "mhc.gains": [("trained", {"source": "trained"})],
-    "clamp.preacts": [("L10", {"limit": 10.0})],
+    "mhc.gains": [("final", {"source": "final"})],
+    "clamp.preacts": [("layer1", {"layer": 1})],
     "fp4.lossless": [("spread19", {"spread": 19}), ("spread5", {"spread": 5})],
-    "fp4.block_error": [("student-1024", {"dist": "student3", "block": 1024})],
-    "stability.ar": [("default", {})],
-    "stability.bias": [("default", {})],
-    "tiny.routing": [("default", {})],
-    "tiny.attention_maps": [("hca-127", {"layer": 2, "query": 127}), ("head0", {"head": 0})],
-    "kernels.compare": [("default", {})],
-    "kernels.roofline": [("default", {})],
+    "fp4.block_error": [("student3-1024", {"dist": "student3", "block": 1024})],
+    "stability.ar": [("churn", {"metric": "churn"})],
+    "tiny.attention_maps": [("query127", {"query": 127}), ("head0", {"head": 0})],
+    "kernels.compare": [("moe", {"kernel": "moe"})],
+    "kernels.roofline": [("B200", {"gpu": "B200"})],
 }
 
 

@@ -31,7 +31,8 @@ COLORS = {"v3": "#9e9e9e", "v3.2": "#616161", "v4-flash": "#1f77b4", "v4-pro": "
           "gqa8": "#bcbd22", "H200": "#2ca02c", "B200": "#9467bd"}
 
 # Layout keys a callback may change; the template and sizes are set once by the builder.
-_LIVE_LAYOUT_KEYS = ("title", "xaxis", "yaxis", "annotations", "shapes", "barmode")
+_LIVE_LAYOUT_KEYS = ("title", "xaxis", "yaxis", "xaxis2", "yaxis2", "xaxis3", "yaxis3", "annotations", "shapes",
+                     "barmode")
 
 REGISTRY: dict[str, type["Widget"]] = {}
 
@@ -107,7 +108,8 @@ def figure_from(data: dict, layout: dict | None = None) -> go.Figure:
     """A static figure from ``x_data`` output plus a fixed base layout."""
     lay = dict(BASE_LAYOUT)
     lay.update(layout or {})
-    lay.update(data.get("layout", {}))
+    for k, v in data.get("layout", {}).items():     # merged one level deep, as a live update merges
+        lay[k] = {**lay[k], **v} if isinstance(v, dict) and isinstance(lay.get(k), dict) and k != "title" else v
     return go.Figure(data=[dict(t) for t in data["traces"]], layout=lay)
 
 

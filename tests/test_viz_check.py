@@ -143,3 +143,11 @@ def test_every_widget_state_passes_the_figure_check(name, demo_release):
     live = cls(static=False, **kw)
     problems.update({p: "controls" for p in check.label_widths(live.controls)})
     assert not problems, "\n".join(f"[{s}] {p}" for p, s in problems.items())
+
+
+def test_every_static_notebook_figure_passes_the_figure_check():
+    from v4lab.viz.screenshots import STATIC_FIGURES, static_figures
+    figs = static_figures()
+    assert set(figs) == set(STATIC_FIGURES)
+    problems = {n: check.check_figure(f) for n, f in figs.items()}
+    assert not any(problems.values()), {n: p for n, p in problems.items() if p}

@@ -345,7 +345,7 @@ def build_qat(result: dict | None = None):
                        text=[f"{d:+.3f}" for d in diff], textposition="outside", xaxis="x2", yaxis="y2",
                        hovertext=[f"held-out loss {h[k]:.4f}" for k in HELDOUT_LABELS]))
     span = max(0.02, 1.3 * max(abs(d) for d in diff))
-    layout = dict(height=450, margin=dict(l=60, r=20, t=80, b=110),
+    layout = dict(height=470, margin=dict(l=60, r=20, t=100, b=110),
                   title={"text": f"QAT vs BF16 experts: rounding after training costs {r['gap_ptq']:+.3f} nats, "
                                  f"QAT {r['gap_qat']:+.3f}<br>held-out losses {min(h.values()):.3f}…"
                                  f"{max(h.values()):.3f} nats (right: each minus BF16 as trained)",

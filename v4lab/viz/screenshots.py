@@ -42,6 +42,20 @@ STATES = {
 }
 
 
+# notebook figures that are not widgets (module, builder with no arguments): NAME.png with --states
+STATIC_FIGURES = {"moe.routing_load": ("moe", "build_routing"), "mhc.training": ("mhc", "build_training"),
+                  "fp4.qat": ("fp4", "build_qat"), "stability.overhead": ("stability", "build_overhead"),
+                  "stability.training_loads": ("stability", "build_training_loads"),
+                  "moe.expansion_static": ("moe", "build_expansion")}
+
+
+def static_figures(only=None) -> dict:
+    """name -> figure for :data:`STATIC_FIGURES` (``only``: a subset of names)."""
+    import importlib
+    return {n: getattr(importlib.import_module(f"v4lab.viz.{m}"), f)() for n, (m, f) in STATIC_FIGURES.items()
+            if only is None or n in only}
+
+
 def _apply_state(w, changes: dict) -> None:
     for c, v in changes.items():
         if c not in w.control_names:
@@ -65,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from v4lab.viz import load_all
     registry = load_all()
     if args.only:
-        unknown = sorted(set(args.only) - set(registry))
+        unknown = sorted(set(args.only) - set(registry) - set(STATIC_FIGURES))
         if unknown:
             sys.stderr.write(f"v4lab: error: --only {unknown[0]!r}: not a widget; known: {', '.join(sorted(registry))}\n")
             return 2
@@ -84,6 +98,14 @@ def main(argv: list[str] | None = None) -> int:
                 _apply_state(w, changes)
                 fig = w.figure()
                 fig.update_layout(width=960, height=max(420, fig.layout.height or 420))
+                html = Path(tmp) / f"{stem}.html"
+                fig.write_html(html, include_plotlyjs=True, full_html=True)
+                page.goto(html.as_uri())
+                page.wait_for_selector(".js-plotly-plot .main-svg")
+                page.locator(".js-plotly-plot").first.screenshot(path=str(out / f"{stem}.png"))
+        if args.states:
+            for stem, fig in static_figures(args.only).items():
+                fig.update_layout(width=960)
                 html = Path(tmp) / f"{stem}.html"
                 fig.write_html(html, include_plotlyjs=True, full_html=True)
                 page.goto(html.as_uri())

@@ -171,6 +171,17 @@ def label_positions(ys, lo: float, hi: float, plot_px: float, side: str = "left"
     return pos
 
 
+def categorical_colorscale(n: int) -> list:
+    """A stepwise colour scale for ``n`` categories 0..n-1 (use zmin = -0.5, zmax = n - 0.5): each id one
+    colour of a qualitative palette, so neighbouring ids do not look alike."""
+    from plotly.colors import qualitative as Q
+    palette = Q.D3 if n <= 10 else Q.Dark24 if n <= 24 else (Q.Alphabet * (n // 26 + 1))
+    scale = []
+    for i in range(n):
+        scale += [[i / n, palette[i]], [(i + 1) / n, palette[i]]]
+    return scale
+
+
 def check_choice(arg: str, value: Any, choices: Iterable) -> Any:
     choices = list(choices)
     if value not in choices:

@@ -219,8 +219,10 @@ _AX = dict(title="column (first 48)")
 COMPARE_LAYOUT = dict(
     height=420, margin=dict(l=70, r=20, t=120, b=50),
     xaxis=dict(domain=[0, 0.27], **_AX), yaxis=dict(autorange="reversed", title="row (first 16)"),
-    xaxis2=dict(domain=[0.32, 0.59], anchor="y2", **_AX), yaxis2=dict(autorange="reversed", anchor="x2"),
-    xaxis3=dict(domain=[0.66, 0.93], anchor="y3", **_AX), yaxis3=dict(autorange="reversed", anchor="x3"),
+    xaxis2=dict(domain=[0.32, 0.59], anchor="y2", **_AX),
+    yaxis2=dict(autorange="reversed", anchor="x2", showticklabels=False),     # the same rows as the first
+    xaxis3=dict(domain=[0.66, 0.93], anchor="y3", **_AX),
+    yaxis3=dict(autorange="reversed", anchor="x3", showticklabels=False),
 )
 
 

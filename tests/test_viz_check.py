@@ -30,6 +30,9 @@ def test_heatmap_without_a_colour_bar_fails():
     assert check.colour_keys(_fig([go.Heatmap(z=[[0, 1], [1, 0]])])) == []           # default: a bar
     printed = _fig([go.Heatmap(z=[[0, 1], [1, 0]], showscale=False, texttemplate="%{z:.2f}")])
     assert check.colour_keys(printed) == []
+    texts = _fig([go.Heatmap(z=[[0, 1]], showscale=False, text=[["0", "1"]], texttemplate="%{text}")])
+    assert check.colour_keys(texts) == []
+    assert check.colour_keys(_fig([go.Heatmap(z=[[0, 1]], showscale=False, texttemplate="%{text}")]))
     shared = _fig([go.Heatmap(z=[[0, 1]], zmin=0, zmax=1, showscale=False, colorscale="Blues"),
                    go.Heatmap(z=[[1, 0]], zmin=0, zmax=1, colorscale="Blues", xaxis="x2")])
     assert check.colour_keys(shared) == []                                            # one bar for both

@@ -113,6 +113,12 @@ def _colour_traces(d: dict):
                 yield i, t, m, m["color"]
 
 
+def _prints_values(t: dict) -> bool:
+    """The trace writes its numbers on the cells (``texttemplate`` with %{z} or a filled %{text})."""
+    tt = str(t.get("texttemplate") or "")
+    return "%{z" in tt or ("%{text" in tt and bool(t.get("text")))
+
+
 def colour_keys(fig) -> list[str]:
     """A heatmap or a scatter/bar coloured by numbers needs a colour bar, a legend entry, or its numbers
     printed on it (``texttemplate``) — or the same colour scale as a trace that shows its bar."""
@@ -129,7 +135,7 @@ def colour_keys(fig) -> list[str]:
                holder.get("zmax", holder.get("cmax")), holder.get("coloraxis"))
         if ok:
             shown.append(key)
-        elif not (t.get("texttemplate") and "%{z" in str(t.get("texttemplate"))):
+        elif not _prints_values(t):
             missing.append((i, t, key))
     return [f"trace {i} ({t.get('type', 'scatter')} {t.get('name', '')!r}): coloured by numbers with no colour "
             "bar, legend or printed values" for i, t, key in missing if key not in shown]

@@ -45,6 +45,10 @@ class Case:
     key: str             # ArrowRight / ArrowLeft: a direction that moves it off its start value
     figure: int          # index among the page's .js-plotly-plot elements
     timeout_s: float = 240
+    # fast moves: keys pressed without waiting, then the figure's title must name the slider's readout
+    # (``follows`` formatted with it) — the notebook 05 freeze of issue 22
+    rapid: tuple = ()
+    follows: str = ""
 
 
 CASES = [
@@ -52,6 +56,9 @@ CASES = [
     Case("09_hardware_and_cost.ipynb", slider=0, key="ArrowRight", figure=0),   # roofline: batch 64 -> 128
     Case("02_compressed_attention.ipynb", slider=0, key="ArrowLeft", figure=0),  # query position last -> last-1
     Case("07_tiny_v4.ipynb", slider=0, key="ArrowRight", figure=0),      # routing: token 8 -> 9
+    Case("05_fp4.ipynb", slider=1, key="ArrowRight", figure=1,             # lossless: spread 14 -> 15
+         rapid=("ArrowRight",) * 4 + ("ArrowLeft",) * 13 + ("ArrowRight",) * 2, follows="spread 2^{} "),
+    Case("03_mhc.ipynb", slider=0, key="ArrowLeft", figure=0),            # sinkhorn: 20 -> 19 iterations
 ]
 
 
@@ -184,7 +191,14 @@ def test_notebook_in_jupyterlab(lab, case):
             errors = page.evaluate("""() => Array.from(document.querySelectorAll('.jp-OutputArea-output'))
                 .map(e => e.textContent).filter(t => t.includes('Traceback') || t.includes('Error:'))""")
             assert errors == [], errors[:1]
-            page.wait_for_selector(".js-plotly-plot .main-svg", timeout=60_000)
+            try:
+                # attached, not visible: JupyterLab does not paint output scrolled out of view
+                page.wait_for_selector(".js-plotly-plot .main-svg", state="attached", timeout=150_000)
+            except Exception:
+                out = page.locator(".jp-OutputArea-output").filter(has_text="rror")
+                (out.first if out.count() else page.locator(".jp-OutputArea-output").nth(1)).scroll_into_view_if_needed()
+                page.screenshot(path=str(ARTIFACTS / f"{stem}-no-figure.png"))
+                raise
             figs = page.locator(".js-plotly-plot")
             sliders = page.locator(".widget-slider .noUi-handle")
             assert figs.count() > case.figure and sliders.count() > case.slider
@@ -216,6 +230,19 @@ def test_notebook_in_jupyterlab(lab, case):
             assert after != before, "the figure did not change after moving the slider"
             b, a = json.loads(before), json.loads(after)
             assert a["data"] != b["data"], "the plotly traces' data did not change"
+            if case.rapid:
+                handle.focus()
+                for k in case.rapid:                 # as fast as the keyboard goes: no waiting in between
+                    handle.press(k)
+                want = case.follows.format(readout.inner_text().strip())
+                t_fast, title = time.time(), ""
+                while time.time() - t_fast < 60:
+                    title = fig.evaluate(FIG_SIGNATURE)
+                    if want in json.loads(title)["title"]:
+                        break
+                    time.sleep(0.25)
+                fig.screenshot(path=str(ARTIFACTS / f"{stem}-rapid.png"))
+                assert want in json.loads(title)["title"], f"after fast moves the figure does not show {want!r}"
             # screenshots: the whole page, and each widget (controls + figure)
             page.screenshot(path=str(ARTIFACTS / f"{stem}-page.png"))
             boxes = page.locator(".jp-OutputArea-output .widget-vbox")

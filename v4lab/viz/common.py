@@ -163,11 +163,16 @@ def label_positions(ys, lo: float, hi: float, plot_px: float, side: str = "left"
         return plot_px * (y - lo) / max(hi - lo, 1e-300)
     pos = ["middle " + side] * len(ys)
     order = sorted(range(len(ys)), key=lambda i: -ys[i])
-    for a, b in zip(order, order[1:]):
+    clusters = [[order[0]]] if order else []
+    for a, b in zip(order, order[1:]):         # runs of labels closer than min_px to their neighbour
         if px(ys[a]) - px(ys[b]) < min_px:
-            if pos[a].startswith("middle"):
-                pos[a] = "top " + side
-            pos[b] = "bottom " + side
+            clusters[-1].append(b)
+        else:
+            clusters.append([b])
+    for c in clusters:                         # 2: up, down; 3: up, middle, down; more: cycle
+        rows = ["top", "bottom"] if len(c) == 2 else ["top", "middle", "bottom"]
+        for k, i in enumerate(c if len(c) > 1 else []):
+            pos[i] = f"{rows[k % len(rows)]} {side}"
     return pos
 
 

@@ -160,7 +160,7 @@ def inspect_data(run: Run, position: int, layer: int, head: int) -> dict:
         ylab = [f"entry {s}" for s in rows]
     else:
         cols, z, ylab = [], [], []
-    traces.append(dict(type="heatmap", x=cols, y=ylab, z=z, colorscale="Viridis", zmin=0, zmax=1,
+    traces.append(dict(type="heatmap", x=cols, y=ylab, z=z, colorscale="Viridis", zmin=0,
                        colorbar=dict(title="weight", len=0.38, y=0, yanchor="bottom", thickness=12),
                        name="pooling weight", hovertemplate="%{y}, token %{x}: weight %{z:.3f}<extra></extra>",
                        xaxis="x3", yaxis="y3"))

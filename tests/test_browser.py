@@ -163,6 +163,9 @@ def test_notebook_in_jupyterlab(lab, case):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        console = []                      # the browser's errors, kept next to the screenshots
+        page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None)
+        page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
         try:
             page.goto(f"{lab['base']}/lab/tree/{case.notebook}?reset&token={lab['token']}")
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
@@ -254,4 +257,5 @@ def test_notebook_in_jupyterlab(lab, case):
                 {"run_all_s": round(run_s, 1), "total_s": round(total, 1), "figures": figs.count(),
                  "widgets": boxes.count()}))
         finally:
+            (ARTIFACTS / f"{stem}-console.txt").write_text("\n".join(console))
             browser.close()

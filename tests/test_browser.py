@@ -45,6 +45,10 @@ class Case:
     key: str             # ArrowRight / ArrowLeft: a direction that moves it off its start value
     figure: int          # index among the page's .js-plotly-plot elements
     timeout_s: float = 240
+    # fast moves: keys pressed without waiting, then the figure's title must name the slider's readout
+    # (``follows`` formatted with it) — the notebook 05 freeze of issue 22
+    rapid: tuple = ()
+    follows: str = ""
 
 
 CASES = [
@@ -54,6 +58,12 @@ CASES = [
     Case("07_tiny_v4.ipynb", slider=0, key="ArrowRight", figure=0),      # routing: token 8 -> 9
     Case("10_decode_step_by_step.ipynb", slider=0, key="ArrowRight", figure=0),   # decode: token 129 -> 130
     Case("11_deploying_v4.ipynb", slider=0, key="ArrowRight", figure=0),  # routing: 1,000 -> 3,000 turns a month
+    # lossless: spread 14 -> 15, then fast moves. Fails in JupyterLab 4 + Chromium (readout moves, the figure
+    # and its title stay at 2^14, no console error) on main's code and on r22's: the cause is not found yet.
+    pytest.param(Case("05_fp4.ipynb", slider=1, key="ArrowRight", figure=1,
+                      rapid=("ArrowRight",) * 4 + ("ArrowLeft",) * 13 + ("ArrowRight",) * 2, follows="spread 2^{} "),
+                 marks=pytest.mark.xfail(reason="issue 22: notebook 05's Lossless figure does not follow its slider "
+                                                "in the browser (reproduced, cause open)", strict=False)),
 ]
 
 
@@ -143,7 +153,7 @@ FIG_SIGNATURE = """el => JSON.stringify({
 })"""
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.notebook)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.notebook if isinstance(c, Case) else None)
 def test_notebook_in_jupyterlab(lab, case):
     from playwright.sync_api import sync_playwright
 
@@ -158,6 +168,9 @@ def test_notebook_in_jupyterlab(lab, case):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        console = []                      # the browser's errors, kept next to the screenshots
+        page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None)
+        page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
         try:
             page.goto(f"{lab['base']}/lab/tree/{case.notebook}?reset&token={lab['token']}")
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
@@ -186,7 +199,15 @@ def test_notebook_in_jupyterlab(lab, case):
             errors = page.evaluate("""() => Array.from(document.querySelectorAll('.jp-OutputArea-output'))
                 .map(e => e.textContent).filter(t => t.includes('Traceback') || t.includes('Error:'))""")
             assert errors == [], errors[:1]
-            page.wait_for_selector(".js-plotly-plot .main-svg", timeout=60_000)
+            try:
+                # attached, not visible: JupyterLab does not paint output scrolled out of view
+                page.wait_for_selector(".js-plotly-plot .main-svg", state="attached", timeout=150_000)
+            except Exception:
+                out = page.locator(".jp-OutputArea-output").filter(has_text="rror")
+                target = out.first if out.count() else page.locator(".jp-OutputArea-output").nth(1)
+                target.scroll_into_view_if_needed()
+                page.screenshot(path=str(ARTIFACTS / f"{stem}-no-figure.png"))
+                raise
             figs = page.locator(".js-plotly-plot")
             sliders = page.locator(".widget-slider .noUi-handle")
             assert figs.count() > case.figure and sliders.count() > case.slider
@@ -218,6 +239,19 @@ def test_notebook_in_jupyterlab(lab, case):
             assert after != before, "the figure did not change after moving the slider"
             b, a = json.loads(before), json.loads(after)
             assert a["data"] != b["data"], "the plotly traces' data did not change"
+            if case.rapid:
+                handle.focus()
+                for k in case.rapid:                 # as fast as the keyboard goes: no waiting in between
+                    handle.press(k)
+                want = case.follows.format(readout.inner_text().strip())
+                t_fast, title = time.time(), ""
+                while time.time() - t_fast < 60:
+                    title = fig.evaluate(FIG_SIGNATURE)
+                    if want in json.loads(title)["title"]:
+                        break
+                    time.sleep(0.25)
+                fig.screenshot(path=str(ARTIFACTS / f"{stem}-rapid.png"))
+                assert want in json.loads(title)["title"], f"after fast moves the figure does not show {want!r}"
             # screenshots: the whole page, and each widget (controls + figure)
             page.screenshot(path=str(ARTIFACTS / f"{stem}-page.png"))
             boxes = page.locator(".jp-OutputArea-output .widget-vbox")
@@ -229,4 +263,5 @@ def test_notebook_in_jupyterlab(lab, case):
                 {"run_all_s": round(run_s, 1), "total_s": round(total, 1), "figures": figs.count(),
                  "widgets": boxes.count()}))
         finally:
+            (ARTIFACTS / f"{stem}-console.txt").write_text("\n".join(console))
             browser.close()

@@ -135,3 +135,15 @@ def test_apply_data_replaces_annotation_lists_whole():
     assert [a.text for a in fig.layout.annotations] == ["c"]
     apply_data(fig, {"traces": [dict(type="bar", x=[1])], "layout": {"annotations": []}}, last)
     assert len(fig.layout.annotations) == 0
+
+
+def test_number_formats_and_label_positions():
+    from v4lab.viz.common import fmt3, label_positions, si
+    assert [fmt3(x) for x in (42, 50.4, 0.0504, 999.96, 5606.3)] == ["42.0", "50.4", "0.0504", "1000", "5606"]
+    assert si(35.7e12, "FLOP") == "35.7 TFLOP" and si(3.68e9, "B") == "3.68 GB" and si(80.337, "ms") == "80.3 ms"
+    # V3 / V3.2 / V4-Pro FLOPs at 1K lie within a few px on a log axis: three rows, not one pile
+    assert label_positions([111, 108, 106, 29.5], 20, 40000, 330) == \
+        ["top left", "middle left", "bottom left", "middle left"]
+    assert label_positions([262, 50.4, 42, 5.27, 3.68], 0.005, 300, 330, side="right") == \
+        ["middle right", "top right", "bottom right", "top right", "bottom right"]
+    assert label_positions([1, 100], 0.1, 1000, 300) == ["middle left", "middle left"]    # far apart: unmoved

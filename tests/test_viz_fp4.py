@@ -97,5 +97,5 @@ def test_qat_cache_is_a_rerunnable_experiment_result():
     assert r["gap_ptq"] == pytest.approx(h["bf16_rounded_after"] - h["bf16"])
     assert r["gap_qat"] == pytest.approx(h["qat_fp4"] - h["bf16"])
     fig = V.build_qat(r)
-    assert len(fig.data) == 3 and list(fig.data[2].y) == [h[k] for k in V.HELDOUT_LABELS]
+    assert len(fig.data) == 3 and list(fig.data[2].y) == [h[k] - h["bf16"] for k in V.HELDOUT_LABELS]
     assert f"{h['qat_fp4']:.4f}" in V.qat_table(r)

@@ -97,23 +97,27 @@ def test_bias_sweeps_move_tokens_the_right_way(notebook_model, static):
     for layer, _ in sweep(w, "layer"):
         # "load now" is the model's own routing of the text
         want = expert_load(routes["layers"][layer]["idx"], model.cfg.n_routed_experts)
-        assert list(w.fig.data[0].y) == want.tolist()
+        assert list(w.fig.data[2].y) == want.tolist()
         moved = 0
         for expert in (0, model.cfg.n_routed_experts - 1):
             w.on_expert(expert)
             loads = []
             for d, _ in sweep(w, "delta"):
                 f = w.fig.data
-                after = list(f[1].y)
+                after = [0] * model.cfg.n_routed_experts               # the other experts' bars + the chosen one's
+                for tr in f[:2]:
+                    for x, y in zip(tr.x, tr.y):
+                        after[x] = y
+                assert list(f[1].x) == [expert] and expert not in f[0].x
                 assert sum(after) == T * model.cfg.num_experts_per_tok
-                joined, left = _n(f[3]), _n(f[4])
+                joined, left = _n(f[4]), _n(f[5])
                 if d == 0:
-                    assert joined == left == 0 and after == list(f[0].y)
+                    assert joined == left == 0 and after == list(f[2].y)
                 elif d > 0:
                     assert left == 0
                 else:
                     assert joined == 0
-                assert after[expert] - f[0].y[expert] == joined - left
+                assert after[expert] - f[2].y[expert] == joined - left
                 loads.append(after[expert])
             assert loads == sorted(loads)                                # monotone in delta
             moved += loads[0] < loads[-1]

@@ -95,11 +95,14 @@ print("bias +1 on expert 1: top-2 =", idx[0].tolist(), " weights (from the unbia
 
 # %% [markdown]
 # **Live: the affinity curves.** Left: $\sqrt{\mathrm{softplus}(z)}$ and $\mathrm{sigmoid}(z)$, with one
-# token's 16 logits on each. Right: the top-4 weights after renormalisation under each scoring function.
-# Shift the logits up: the sigmoid saturates at 1, its top-4 become equal and routing weights stop
-# carrying information; $\sqrt{\mathrm{softplus}}$ grows like $\sqrt z$ and keeps the order. Shift them
-# down: sigmoid ≈ $e^{z}$ (renormalised, a softmax), $\sqrt{\mathrm{softplus}} ≈ e^{z/2}$ (a softer one).
-# Softmax scoring is unchanged by any shift.
+# token's 16 logits on each. Right: the top-4 weights after renormalisation under each scoring function;
+# the title gives top-1 weight / top-4 weight (1.00 = all four equal). It starts at shift +4, spread ×2:
+# the sigmoid has saturated at 1, its four affinities are equal and so are its weights (ratio 1.01), while
+# $\sqrt{\mathrm{softplus}}$ still grows like $\sqrt z$, its affinities stay apart on the left and its
+# weights keep an order (ratio 1.28). Renormalisation divides by the sum, so as all logits grow both flatten
+# — $\sqrt{\mathrm{softplus}}$ only slowly (1.20 at +6), the sigmoid at once. Shift them down: sigmoid ≈
+# $e^{z}$ (renormalised, a softmax), $\sqrt{\mathrm{softplus}} ≈ e^{z/2}$ (a softer one). Softmax scoring is
+# unchanged by any shift. (Ratios computed by `moe_viz.affinity_data` on this seeded token.)
 
 # %%
 moe_viz.AffinityWidget().display()

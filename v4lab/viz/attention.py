@@ -24,7 +24,7 @@ import torch
 
 from v4lab import accounting
 from v4lab.viz import trained
-from v4lab.viz.common import COLORS, TextCache, Widget, check_choice, figure_from, register
+from v4lab.viz.common import COLORS, TextCache, Widget, check_choice, figure_from, register, si
 from v4lab.viz.tour import CONTEXT_STOPS, LABELS, context_label
 
 MAX_TOKENS = 256                 # tokens of a text the inspector runs (HCA's m = 128 needs > 128 to show)
@@ -140,7 +140,7 @@ def inspect_data(run: Run, position: int, layer: int, head: int) -> dict:
     else:
         sc, sel = [], []
     traces += [
-        dict(type="bar", x=list(range(len(sc))), y=sc, name="indexer score (visible entries)",
+        dict(type="bar", x=list(range(len(sc))), y=sc, name="indexer score (visible entries)", width=0.8,
              marker=dict(color="#bbbbbb"), xaxis="x2", yaxis="y2"),
         dict(type="scatter", mode="markers", x=sel, y=[sc[s] for s in sel], name="top-k selected",
              marker=dict(color=KIND_COLORS["selected"], size=8, symbol="diamond"), xaxis="x2", yaxis="y2"),
@@ -160,7 +160,8 @@ def inspect_data(run: Run, position: int, layer: int, head: int) -> dict:
         ylab = [f"entry {s}" for s in rows]
     else:
         cols, z, ylab = [], [], []
-    traces.append(dict(type="heatmap", x=cols, y=ylab, z=z, colorscale="Viridis", zmin=0, showscale=False,
+    traces.append(dict(type="heatmap", x=cols, y=ylab, z=z, colorscale="Viridis", zmin=0,
+                       colorbar=dict(title="weight", len=0.38, y=0, yanchor="bottom", thickness=12),
                        name="pooling weight", hovertemplate="%{y}, token %{x}: weight %{z:.3f}<extra></extra>",
                        xaxis="x3", yaxis="y3"))
     n_sel = len(comp)
@@ -171,8 +172,26 @@ def inspect_data(run: Run, position: int, layer: int, head: int) -> dict:
              f"mass: window {sum(q for _, q in win):.2f}, compressed {sum(q for _, q in comp):.2f}, sink {sink:.2f}")
     shapes = [dict(type="rect", xref="x", yref="y domain", x0=lo - 0.5, x1=t + 0.5, y0=0, y1=1,
                    fillcolor=KIND_COLORS["window"], opacity=0.07, line=dict(width=0))]
+    notes = []
+    if kind != "csa":
+        notes.append(_note("x2", f"layer {layer} is {'HCA' if kind == 'hca' else 'window-only'}: no indexer "
+                           + ("(HCA attends every visible entry)" if kind == "hca" else "(no compressed entries)")))
+    elif not sc:
+        notes.append(_note("x2", f"query {t}: no compressed entry is complete yet (the first covers tokens 0..{m - 1})"))
+    if not rows:
+        notes.append(_note("x3", "window-only layer: nothing is pooled" if kind == "window" else
+                           f"query {t}: no compressed entry is complete yet, nothing pooled"))
+    n_entries = max(1, S // m) if kind == "csa" else 1
     return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 12}}, "shapes": shapes,
-                                         "xaxis": {"range": [SINK_X - 3, S + 1]}}}
+                                         "annotations": notes, "xaxis": {"range": [SINK_X - 3, S + 1]},
+                                         "xaxis2": {"range": [-0.5, n_entries - 0.5]}}}
+
+
+def _note(xa: str, text: str) -> dict:
+    """A sentence in the middle of an empty panel saying why it is empty."""
+    ya = xa.replace("x", "y")
+    return dict(text=text, xref=f"{xa} domain", yref=f"{ya} domain", x=0.5, y=0.5, showarrow=False,
+                font=dict(size=11, color="#666"))
 
 
 def check_range_int(arg: str, value, lo: int, hi: int) -> int:
@@ -187,7 +206,7 @@ INSPECT_LAYOUT = dict(
     yaxis=dict(domain=[0.56, 1], title="attention probability", anchor="x"),
     xaxis2=dict(domain=[0, 0.42], title="compressed entry (CSA indexer)", anchor="y2"),
     yaxis2=dict(domain=[0, 0.38], title="index score", anchor="x2"),
-    xaxis3=dict(domain=[0.52, 1], title="token pooled (pooling weight, mean over channels)", anchor="y3"),
+    xaxis3=dict(domain=[0.52, 0.94], title="token pooled (pooling weight, mean over channels)", anchor="y3"),
     yaxis3=dict(domain=[0, 0.38], anchor="x3", autorange="reversed"),
 )
 
@@ -324,13 +343,22 @@ def cost_data(context: int = accounting.ONE_M, weights: str = "B") -> dict:
     title = (f"{context_label(context)} tokens · KV vs V3.2: Flash {100 * kv['v4-flash'] / kv['v3.2']:.1f}%, "
              f"Pro {100 * kv['v4-pro'] / kv['v3.2']:.1f}% · vs GQA-8: Pro {100 * kv['v4-pro'] / kv['gqa8']:.1f}% · "
              f"FLOPs vs V3.2: Flash {100 * fl['v4-flash'] / fl['v3.2']:.1f}%, Pro {100 * fl['v4-pro'] / fl['v3.2']:.1f}%")
-    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 12}}}}
+    # GQA-8 would stretch a linear KV axis until V4's bars are slivers: the axis stops above V3.2 and the
+    # GQA-8 bar runs off the top, its total written at the top
+    cap = 1.2 * max(v for m, v in kv.items() if m != "gqa8")
+    notes = [dict(x=x, y=min(kv[m], cap), xref="x", yref="y", yanchor="bottom", showarrow=False,
+                  text=si(kv[m] * 1e9, "B") + (" ↑ off scale" if kv[m] > cap else ""), font=dict(size=11))
+             for x, m in zip(xs, COST_MODELS)]
+    notes += [dict(x=x, y=fl[m], xref="x2", yref="y2", yanchor="bottom", showarrow=False,
+                   text=si(fl[m] * 1e9, "FLOP"), font=dict(size=11)) for x, m in zip(fx, fl)]
+    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 12}}, "annotations": notes,
+                                         "yaxis": {"range": [0, cap * 1.08]}}}
 
 
 COST_LAYOUT = dict(
     height=500, barmode="stack", margin=dict(l=60, r=20, t=50, b=50),
     legend=dict(orientation="h", yanchor="top", y=-0.1, xanchor="left", x=0),
-    xaxis=dict(domain=[0, 0.5]), yaxis=dict(title="KV cache per sequence (GB)"),
+    xaxis=dict(domain=[0, 0.5]), yaxis=dict(title="KV cache per sequence (GB; GQA-8 off scale)"),
     xaxis2=dict(domain=[0.6, 1], anchor="y2"), yaxis2=dict(title="decode GFLOPs per token", anchor="x2"),
 )
 

@@ -232,7 +232,9 @@ def preact_data(pre: Preacts, layer: int, limit: float) -> dict:
              f"{100 * eff['gate_clipped'][i]:.3g}% of gate and {100 * eff['up_clipped'][i]:.3g}% of up values clipped; "
              f"routed output changes by {100 * eff['output_change'][i]:.3g}%")
     ann = [dict(text=f"L = {limit:g} lies beyond every value: nothing is clipped" if limit >= half else "",
-                x=0.33, xref="paper", y=0.98, yref="paper", showarrow=False, font=dict(size=11, color=CLIP_COLOR))]
+                # above the two histograms, under the title: inside the plot it covered the histogram's peak
+                x=0.33, xref="paper", y=1.0, yref="paper", yanchor="bottom", showarrow=False,
+                font=dict(size=11, color=CLIP_COLOR))]
     return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}, "shapes": shapes,
                                          "annotations": ann}}
 
@@ -247,7 +249,7 @@ def preact_layout(pre: Preacts) -> dict:
 
 
 PREACT_LAYOUT = dict(
-    height=440, bargap=0, margin=dict(l=60, r=20, t=70, b=110),
+    height=450, bargap=0, margin=dict(l=60, r=20, t=80, b=110),
     legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="right", x=1),
     xaxis=dict(domain=[0, 0.3], title="W1·x (gate)"), yaxis=dict(type="log", title="count (log)"),
     xaxis2=dict(domain=[0.36, 0.66], title="W3·x (up)", anchor="y2"), yaxis2=dict(type="log", anchor="x2"),

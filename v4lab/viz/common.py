@@ -17,6 +17,7 @@ shows a static figure instead, and the ``fig`` attribute is a plain ``go.Figure`
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from typing import Any, Callable, Iterable
@@ -30,7 +31,8 @@ COLORS = {"v3": "#9e9e9e", "v3.2": "#616161", "v4-flash": "#1f77b4", "v4-pro": "
           "gqa8": "#bcbd22", "H200": "#2ca02c", "B200": "#9467bd"}
 
 # Layout keys a callback may change; the template and sizes are set once by the builder.
-_LIVE_LAYOUT_KEYS = ("title", "xaxis", "yaxis", "annotations", "shapes", "barmode")
+_LIVE_LAYOUT_KEYS = ("title", "xaxis", "yaxis", "xaxis2", "yaxis2", "xaxis3", "yaxis3", "annotations", "shapes",
+                     "barmode")
 
 REGISTRY: dict[str, type["Widget"]] = {}
 
@@ -106,7 +108,8 @@ def figure_from(data: dict, layout: dict | None = None) -> go.Figure:
     """A static figure from ``x_data`` output plus a fixed base layout."""
     lay = dict(BASE_LAYOUT)
     lay.update(layout or {})
-    lay.update(data.get("layout", {}))
+    for k, v in data.get("layout", {}).items():     # merged one level deep, as a live update merges
+        lay[k] = {**lay[k], **v} if isinstance(v, dict) and isinstance(lay.get(k), dict) and k != "title" else v
     return go.Figure(data=[dict(t) for t in data["traces"]], layout=lay)
 
 
@@ -136,6 +139,57 @@ def apply_data(fig: go.Figure, data: dict, last: dict | None = None) -> None:
             for k, v in lay.items():
                 if isinstance(v, (list, tuple)):
                     fig.layout[k] = v
+
+
+def fmt3(x: float) -> str:
+    """Three significant figures, trailing zeros kept: 42 -> '42.0', 0.0504 -> '0.0504', 35700 -> '35700'."""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    if abs(float(f"{x:.3g}")) >= 1000:
+        return f"{x:.0f}"
+    return f"{x:#.3g}".rstrip(".")
+
+
+def si(x: float, unit: str = "") -> str:
+    """Three significant figures with a k/M/G/T/P prefix: si(35700e9, 'FLOP') -> '35.7 TFLOP'."""
+    for p, f in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= f * 0.9995:
+            return f"{fmt3(x / f)} {p}{unit}".rstrip()
+    return f"{fmt3(x)} {unit}".rstrip()
+
+
+def label_positions(ys, lo: float, hi: float, plot_px: float, side: str = "left", log: bool = True,
+                    min_px: float = 14) -> list[str]:
+    """``textposition`` per point so labels of points closer than ``min_px`` on the y axis do not overlap:
+    of two neighbours the upper label moves up, the lower down (``lo``/``hi``: the axis span)."""
+    def px(y):
+        if log:
+            return plot_px * (math.log10(max(y, 1e-300)) - math.log10(lo)) / max(math.log10(hi / lo), 1e-12)
+        return plot_px * (y - lo) / max(hi - lo, 1e-300)
+    pos = ["middle " + side] * len(ys)
+    order = sorted(range(len(ys)), key=lambda i: -ys[i])
+    clusters = [[order[0]]] if order else []
+    for a, b in zip(order, order[1:]):         # runs of labels closer than min_px to their neighbour
+        if px(ys[a]) - px(ys[b]) < min_px:
+            clusters[-1].append(b)
+        else:
+            clusters.append([b])
+    for c in clusters:                         # 2: up, down; 3: up, middle, down; more: cycle
+        rows = ["top", "bottom"] if len(c) == 2 else ["top", "middle", "bottom"]
+        for k, i in enumerate(c if len(c) > 1 else []):
+            pos[i] = f"{rows[k % len(rows)]} {side}"
+    return pos
+
+
+def categorical_colorscale(n: int) -> list:
+    """A stepwise colour scale for ``n`` categories 0..n-1 (use zmin = -0.5, zmax = n - 0.5): each id one
+    colour of a qualitative palette, so neighbouring ids do not look alike."""
+    from plotly.colors import qualitative as Q
+    palette = Q.D3 if n <= 10 else Q.Dark24 if n <= 24 else (Q.Alphabet * (n // 26 + 1))
+    scale = []
+    for i in range(n):
+        scale += [[i / n, palette[i]], [(i + 1) / n, palette[i]]]
+    return scale
 
 
 def check_choice(arg: str, value: Any, choices: Iterable) -> Any:
@@ -180,11 +234,31 @@ class Widget:
         fig = figure_from(self._last, self.layout())
         self.fig = fig if self.static else LiveFigure(fig)
         self.controls: dict[str, Any] = {}
+        self.status = None                  # an HTML line under the controls: a callback's error, if any
         if not self.static:
+            import ipywidgets as W
+            self.status = W.HTML(value="")
             self.controls = self.make_controls()
             for cname, ctl in self.controls.items():
-                cb: Callable = getattr(self, f"on_{cname}")
-                ctl.observe(lambda ch, cb=cb: cb(ch["new"]), names="value")
+                ctl.observe(lambda ch, cname=cname: self._on_change(cname, ch["new"]), names="value")
+
+    def _on_change(self, control: str, value) -> None:
+        """Observer of every control. ipywidgets would send a callback's exception only to the kernel log
+        (invisible in the notebook) and leave the figure behind the control; here it is shown under the
+        controls, and the next update resends the whole figure."""
+        try:
+            getattr(self, f"on_{control}")(value)
+        except Exception as e:                                  # noqa: BLE001 - shown to the reader
+            import html
+            try:
+                self.set()                  # redraw the last good state in full (the diff baseline is gone)
+            except Exception:               # noqa: BLE001 - the message below already says what failed
+                pass
+            self.status.value = (f"<span style='color:#b00'>{html.escape(control)} = {html.escape(repr(value))}: "
+                                 f"{html.escape(type(e).__name__)}: {html.escape(str(e))}</span>")
+            return
+        if self.status.value:
+            self.status.value = ""
 
     # ---- to implement ------------------------------------------------------------------------
     def data(self) -> dict:
@@ -211,9 +285,16 @@ class Widget:
         """Change state and update the figure in place (what every ``on_<name>`` does)."""
         new = {**self.state, **changes}
         self.validate(new)
-        self.state = new
-        data = self.data()
-        apply_data(self.fig, data, self._last)
+        old, self.state = self.state, new
+        try:
+            data = self.data()
+            # The diff is against what the figure was last sent. Until this update has gone through
+            # that is unknown (an exception part-way leaves some traces updated): then resend everything.
+            last, self._last = self._last, None
+            apply_data(self.fig, data, last)
+        except Exception:
+            self.state = old
+            raise
         self._last = data
 
     def figure(self) -> go.Figure:
@@ -223,7 +304,7 @@ class Widget:
     def box(self):
         import ipywidgets as W
         ctl = list(self.controls.values())
-        return W.VBox([W.HBox(ctl, layout=W.Layout(flex_flow="row wrap")), self.fig])
+        return W.VBox([W.HBox(ctl, layout=W.Layout(flex_flow="row wrap")), self.status, self.fig])
 
     def display(self):
         """Show the live widget, or a static figure without a widget frontend."""

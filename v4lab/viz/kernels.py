@@ -23,7 +23,7 @@ import torch
 
 from v4lab import attention, compressor, hardware, indexer, mhc, moe, quant
 from v4lab.device import kernel_mode
-from v4lab.viz.common import Widget, check_choice, figure_from, register
+from v4lab.viz.common import Widget, check_choice, figure_from, fmt3, register
 
 
 @dataclass(frozen=True)
@@ -187,22 +187,42 @@ def compare_data(kernel: str = "sparse_attn") -> dict:
     logd = torch.log10(d.clamp(min=1e-12)).tolist()
     traces = [dict(type="heatmap", z=ref.tolist(), zmin=-lim, zmax=lim, colorscale="RdBu", reversescale=True,
                    showscale=False, name="reference", xaxis="x", yaxis="y"),
+              # reference and kernel share one scale: one bar, beside the kernel's panel
               dict(type="heatmap", z=out.tolist(), zmin=-lim, zmax=lim, colorscale="RdBu", reversescale=True,
-                   showscale=False, name="kernel", xaxis="x2", yaxis="y2"),
+                   name="kernel", colorbar=dict(title="value", x=0.6, xanchor="left", len=0.8, thickness=10),
+                   xaxis="x2", yaxis="y2"),
               dict(type="heatmap", z=logd, zmin=-12, zmax=0, colorscale="Viridis", name="log10 |diff|",
-                   colorbar=dict(title="log10|Δ|", len=0.8), xaxis="x3", yaxis="y3")]
-    title = (f"{kernel}: {r['what']} — {r['shapes']}; max |Δ| = {r['max_abs_diff']:.1e} "
+                   colorbar=dict(title="log10|Δ|", x=0.935, xanchor="left", len=0.8, thickness=10),
+                   xaxis="x3", yaxis="y3")]
+    title = (f"{kernel}: {r['what']}<br>{r['shapes']}; max |Δ| = {r['max_abs_diff']:.1e} "
              f"(tolerance {r['tol']:.0e}, {r['mode']})")
-    ann = [dict(text=t, x=x, xref="paper", y=1.0, yref="paper", showarrow=False, yanchor="bottom", font=dict(size=11))
-           for t, x in ((r["reference"], 0.14), (r["function"], 0.5), ("|kernel − reference| (0 shown as 1e-12)", 0.86))]
+    ann = [dict(text=_wrap(t, 34), x=0.5, xref=f"{xa} domain", y=1.0, yref=f"{ya} domain", showarrow=False,
+                yanchor="bottom", font=dict(size=11))
+           for t, xa, ya in ((r["reference"], "x", "y"), (r["function"], "x2", "y2"),
+                             ("|kernel − reference| (0 shown as 1e-12)", "x3", "y3"))]
     return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 12}}, "annotations": ann}}
 
 
+def _wrap(text: str, width: int) -> str:
+    """Break ``text`` into lines of at most ``width`` characters (at spaces, dots or underscores)."""
+    import re
+    parts, lines, cur = re.split(r"(?<=[ ._])", text), [], ""
+    for p in parts:
+        if cur and len(cur) + len(p) > width:
+            lines.append(cur.rstrip())
+            cur = ""
+        cur += p
+    return "<br>".join(lines + [cur.rstrip()])
+
+
+_AX = dict(title="column (first 48)")
 COMPARE_LAYOUT = dict(
-    height=380, margin=dict(l=40, r=20, t=90, b=40),
-    xaxis=dict(domain=[0, 0.28]), yaxis=dict(autorange="reversed"),
-    xaxis2=dict(domain=[0.36, 0.64], anchor="y2"), yaxis2=dict(autorange="reversed", anchor="x2"),
-    xaxis3=dict(domain=[0.72, 0.96], anchor="y3"), yaxis3=dict(autorange="reversed", anchor="x3"),
+    height=420, margin=dict(l=70, r=20, t=120, b=50),
+    xaxis=dict(domain=[0, 0.27], **_AX), yaxis=dict(autorange="reversed", title="row (first 16)"),
+    xaxis2=dict(domain=[0.32, 0.59], anchor="y2", **_AX),
+    yaxis2=dict(autorange="reversed", anchor="x2", showticklabels=False),     # the same rows as the first
+    xaxis3=dict(domain=[0.66, 0.93], anchor="y3", **_AX),
+    yaxis3=dict(autorange="reversed", anchor="x3", showticklabels=False),
 )
 
 
@@ -305,10 +325,12 @@ def roofline_data(gpu: str = "H200", tokens: int = 1) -> dict:
                            name=f"{gpu} {prec.upper()} roof", line=dict(color="#555", dash=dash, width=1.5)))
     pts = roofline_points(gpu, tokens)
     colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
-    for p, c in zip(pts, colors):
-        traces.append(dict(type="scatter", mode="markers+text", x=[p["intensity"]], y=[p["attainable_tflops"]],
-                           text=[p["kernel"]], textposition="top center", name=p["kernel"],
-                           marker=dict(size=11, color=c),
+    symbols = ["circle", "square", "diamond", "triangle-up", "cross", "triangle-down", "star"]
+    for p, c, sym in zip(pts, colors, symbols):
+        # named by the legend (colour and symbol), not by text: at 1 token the points crowd together
+        traces.append(dict(type="scatter", mode="markers", x=[p["intensity"]], y=[p["attainable_tflops"]],
+                           name=p["kernel"], marker=dict(size=11, color=c, symbol=sym,
+                                                         line=dict(width=1, color="white")),
                            hovertext=[f"{p['kernel']}: {p['intensity']:.3g} FLOP/B, {p['bound']}-bound, "
                                       f"{p['time_us']:.3g} µs"]))
     mem = [p["kernel"] for p in pts if p["bound"] == "memory"]
@@ -389,19 +411,35 @@ def bench_records() -> tuple[str, list[dict]]:
     return "v4lab.bench.kernels", bench_kernels.run(quick=True)
 
 
-def _sig3(v):
-    return f"{v:.3g}" if isinstance(v, float) else v
-
 
 def bench_table(source: str, records: list[dict]) -> str:
+    """One line per record, numbers to three significant figures with units. Records timed in Triton's
+    interpreter (``timing_meaningful`` False) show only whether kernel and reference agree."""
     lines = [f"source: {source}; Triton mode: {kernel_mode()}"]
     for r in records:
+        name = r.get("path", r.get("kernel", "?"))
+        if r.get("error"):
+            lines.append(f"{name}: failed: {r['error']}")
+            continue
         if r.get("ms") is None and "note" in r:
-            lines.append(f"{r.get('path', r.get('kernel', '?'))}: {r['note']}")
+            lines.append(f"{name}: {r['note']}")
             continue
         keys = [k for k in ("path", "kernel", "impl", "device", "M", "N", "K") if k in r]
         desc = " ".join(f"{k}={r[k]}" for k in keys)
-        val = " ".join(f"{k}={_sig3(r[k])}" for k in ("ms", "ratio_vs_dequant", "speedup", "max_abs_err_vs_ref",
-                                                       "max_abs_diff", "tol", "ok") if k in r)
-        lines.append(f"{desc:<52} {val}")
+        if r.get("timing_meaningful") is False:
+            ok = "agrees with" if r.get("ok", True) else "DIFFERS from"
+            lines.append(f"{desc:<40} {ok} its reference (max |Δ| {r.get('max_abs_diff', float('nan')):.1e}); "
+                         "not timed: interpreter")
+            continue
+        vals = []
+        if r.get("ms") is not None:
+            vals.append(f"{fmt3(r['ms'])} ms")
+        for k, label in (("ratio_vs_dequant", "vs dequantise-all"), ("speedup", "speed-up"),
+                         ("speedup_vs_reference", "vs reference")):
+            if r.get(k) is not None:
+                vals.append(f"{fmt3(r[k])}× {label}")
+        for k in ("max_abs_err_vs_ref", "max_abs_diff"):
+            if r.get(k) is not None:
+                vals.append(f"max |Δ| {r[k]:.1e}")
+        lines.append(f"{desc:<40} " + ", ".join(vals))
     return "\n".join(lines)

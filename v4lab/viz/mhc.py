@@ -22,7 +22,7 @@ import torch
 
 from v4lab import mhc
 from v4lab.experiments import mhc_stability
-from v4lab.viz.common import Widget, check_choice, figure_from, register, stored_result
+from v4lab.viz.common import Widget, check_choice, figure_from, fmt3, register, stored_result
 
 N = 4                                             # V4's hc_mult
 HC_EPS = 1e-6                                     # V4's hc_eps
@@ -59,13 +59,14 @@ def sinkhorn_trace(logit_scale: float) -> dict:
 
 def _sums(c: torch.Tensor) -> str:
     r, k = c.sum(-1), c.sum(-2)
-    return f"rows {float(r.min()):.3f}…{float(r.max()):.3f}, cols {float(k.min()):.3f}…{float(k.max()):.3f}"
+    return f"row sums {float(r.min()):.3f}…{float(r.max()):.3f}<br>column sums {float(k.min()):.3f}…{float(k.max()):.3f}"
 
 
-def _heat(c: torch.Tensor, xaxis: str, yaxis: str, name: str, zmin: float, zmax: float) -> dict:
+def _heat(c: torch.Tensor, xaxis: str, yaxis: str, name: str, zmin: float, zmax: float, bar_x: float) -> dict:
     z = c.tolist()
     return dict(type="heatmap", z=z, x=list(range(N)), y=list(range(N)), zmin=zmin, zmax=zmax,
-                colorscale="RdBu", reversescale=True, showscale=False, name=name,
+                colorscale="RdBu", reversescale=True, name=name,
+                colorbar=dict(x=bar_x, len=0.75, thickness=10, y=0.5, tickfont=dict(size=10)),
                 text=[[f"{v:.2f}" for v in row] for row in z], texttemplate="%{text}",
                 hovertemplate="from stream %{y} into stream %{x}: %{z:.4f}<extra>" + name + "</extra>",
                 xaxis=xaxis, yaxis=yaxis)
@@ -82,8 +83,8 @@ def sinkhorn_data(iters: int = MAX_ITERS, logit_scale: float = 1.0) -> dict:
     rows = [max(e, ERR_FLOOR) for e in tr["row_err"]]
     cols = [max(e, ERR_FLOOR) for e in tr["col_err"]]
     traces = [
-        _heat(hc, "x", "y", "HC", -lim, lim),
-        _heat(c, "x2", "y2", "mHC", -1.0, 1.0),
+        _heat(hc, "x", "y", "HC", -lim, lim, 0.255),
+        _heat(c, "x2", "y2", "mHC", -1.0, 1.0, 0.615),
         dict(type="scatter", mode="lines+markers", x=ITER_STOPS, y=rows, name="max |row sum − 1|",
              line=dict(color="#d62728"), xaxis="x3", yaxis="y3"),
         dict(type="scatter", mode="lines+markers", x=ITER_STOPS, y=cols, name="max |column sum − 1|",
@@ -92,21 +93,22 @@ def sinkhorn_data(iters: int = MAX_ITERS, logit_scale: float = 1.0) -> dict:
              marker=dict(size=13, color=["#d62728", "#1f77b4"], symbol="circle-open", line=dict(width=3)),
              showlegend=False, name="now", xaxis="x3", yaxis="y3"),
     ]
-    ann = [dict(text=f"HC: comb = I + R<br>{_sums(hc)}", x=0.14, xref="paper", y=1.0, yref="paper",
+    # one subtitle per matrix, centred over it, one fact per line (side by side they ran into each other)
+    ann = [dict(text=f"HC: comb = I + R<br>{_sums(hc)}", x=0.5, xref="x domain", y=1.0, yref="y domain",
                 showarrow=False, yanchor="bottom", font=dict(size=11)),
            dict(text=f"mHC after {iters} iteration{'s' if iters > 1 else ''}<br>{_sums(c)}", x=0.5,
-                xref="paper", y=1.0, yref="paper", showarrow=False, yanchor="bottom", font=dict(size=11))]
+                xref="x2 domain", y=1.0, yref="y2 domain", showarrow=False, yanchor="bottom", font=dict(size=11))]
     title = (f"logits × {logit_scale:g}: after {iters} Sinkhorn iteration{'s' if iters > 1 else ''} the rows of "
              f"comb are off by {tr['row_err'][iters - 1]:.1e}, the columns by {tr['col_err'][iters - 1]:.1e}")
     return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}, "annotations": ann}}
 
 
 SINKHORN_LAYOUT = dict(
-    height=430, margin=dict(l=60, r=20, t=110, b=50),
+    height=460, margin=dict(l=60, r=20, t=130, b=50),
     legend=dict(orientation="h", yanchor="top", y=-0.15, xanchor="right", x=1),
-    xaxis=dict(domain=[0, 0.28], title="into stream j", dtick=1),
+    xaxis=dict(domain=[0, 0.23], title="into stream j", dtick=1),
     yaxis=dict(title="from stream i", autorange="reversed", dtick=1, scaleanchor="x"),
-    xaxis2=dict(domain=[0.36, 0.64], title="into stream j", dtick=1, anchor="y2"),
+    xaxis2=dict(domain=[0.36, 0.59], title="into stream j", dtick=1, anchor="y2"),
     yaxis2=dict(autorange="reversed", dtick=1, anchor="x2", scaleanchor="x2"),
     xaxis3=dict(domain=[0.74, 1], title="Sinkhorn iterations", anchor="y3"),
     yaxis3=dict(type="log", title="error", anchor="x3", exponentformat="power"),
@@ -201,13 +203,15 @@ def gains_data(source: str = "surrogate", noise: float = 0.15, result: dict | No
         for key, dash, label in (("fwd_max", "solid", "forward max"), ("bwd_max", "dash", "backward max"),
                                  ("min", "dot", "min")):
             y = ([min(a, b) for a, b in zip(gv["fwd_min"], gv["bwd_min"])] if key == "min" else gv[key]) if gv else []
+            # the residual's gains are exactly 1: a wide pale band, visible under mHC's lines near 1
+            line = dict(color=VCOLORS[v], dash=dash, width=7) if v == "residual" else dict(color=VCOLORS[v], dash=dash)
             traces.append(dict(type="scatter", mode="lines", x=depth, y=y, name=f"{VLABELS[v]} {label}",
-                               legendgroup=v, line=dict(color=VCOLORS[v], dash=dash)))
+                               legendgroup=v, line=line, opacity=0.4 if v == "residual" else 1.0))
     peak = {v: max(max(g[v]["fwd_max"]), max(g[v]["bwd_max"])) for v in g}
     low = {v: min(min(g[v]["fwd_min"]), min(g[v]["bwd_min"])) for v in g}
     what = f"{SOURCES[source]}" + (f", H = I + {noise:g}·N(0,1)" if source == "surrogate" else "")
-    title = (f"{what}: peak composite gain HC {peak['hc']:.3g}, mHC {peak['mhc']:.3g} "
-             f"(mHC min {low['mhc']:.3g})")
+    title = (f"{what}: peak composite gain HC {fmt3(peak['hc'])}, mHC {fmt3(peak['mhc'])} "
+             f"(mHC min {fmt3(low['mhc'])})")
     return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}}}
 
 
@@ -248,15 +252,18 @@ class GainsWidget(Widget):
     def make_controls(self):
         import ipywidgets as W
         return {"source": W.Dropdown(options=[(v, k) for k, v in SOURCES.items()], value=self.state["source"],
-                                     description="source"),
-                "noise": W.SelectionSlider(options=NOISE_STOPS, value=self.state["noise"],
-                                           description="noise (surrogate)")}
+                                     description="source", layout=W.Layout(width="340px")),
+                "noise": W.SelectionSlider(options=NOISE_STOPS, value=self.state["noise"], description="noise σ",
+                                           disabled=self.state["source"] != "surrogate",
+                                           tooltip="std of R in the surrogate's H = I + R (surrogate only)")}
 
     def sweep_values(self, control):
         return {"source": list(SOURCES), "noise": NOISE_STOPS}[control]
 
     def on_source(self, value):
         self.set(source=value)
+        if "noise" in self.controls:             # the noise only shapes the surrogate: greyed out otherwise
+            self.controls["noise"].disabled = value != "surrogate"
 
     def on_noise(self, value):
         self.set(noise=value)

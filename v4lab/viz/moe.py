@@ -23,7 +23,7 @@ from v4lab import accounting, get_config
 from v4lab.gate import gate_scores, route_weights, select_topk
 from v4lab.moe import bias_sensitivity, expert_load, layer_routing_stats, load_imbalance
 from v4lab.viz import trained
-from v4lab.viz.common import COLORS, TextCache, Widget, check_choice, figure_from, register
+from v4lab.viz.common import COLORS, TextCache, Widget, check_choice, figure_from, fmt3, register
 
 # ------------------------------------------------------------------------------------ 671B -> 1.6T
 EXPERT_STOPS = [64, 128, 160, 256, 384, 512]
@@ -145,7 +145,7 @@ FUNCS = {"sqrtsoftplus": ("sqrt(softplus(z))  V4", COLORS["v4-pro"]), "sigmoid":
 SHIFT_STOPS = [-6.0, -4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0, 6.0]
 SPREAD_STOPS = [0.25, 0.5, 1.0, 2.0, 4.0]
 AFF_E, AFF_K = 16, 4                                 # one token over 16 experts, top-4
-Z_GRID = [i / 10 for i in range(-100, 101)]
+Z_GRID = [i / 10 for i in range(-160, 161)]      # covers shift ± 6 with spread × 4
 
 
 @lru_cache(maxsize=1)
@@ -186,14 +186,15 @@ def affinity_data(shift: float = 0.0, spread: float = 1.0) -> dict:
                            legendgroup=f, showlegend=f == "softmax", marker=dict(color=FUNCS[f][1]),
                            text=[f"{v:.2f}" for v in w.tolist()], textposition="outside", textfont=dict(size=9),
                            xaxis="x2", yaxis="y2"))
-    title = (f"logits × {spread:g} {'+' if shift >= 0 else '−'} {abs(shift):g}: top-1 weight "
-             + ", ".join(f"{f} {tops[f][0]:.2f}" for f in FUNCS) + f" (uniform = {1 / AFF_K:.2f})")
+    short = {"sqrtsoftplus": "√softplus", "sigmoid": "sigmoid", "softmax": "softmax"}
+    title = (f"logits × {spread:g} {'+' if shift >= 0 else '−'} {abs(shift):g}: top-1 / top-4 weight "
+             + ", ".join(f"{short[f]} {fmt3(tops[f][0] / tops[f][-1])}" for f in FUNCS) + " (1.00 = uniform)")
     return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}}}
 
 
 AFFINITY_LAYOUT = dict(height=420, barmode="group",
-                       xaxis=dict(domain=[0, 0.48], title="gate logit z", range=[-10, 10]),
-                       yaxis=dict(title="affinity s(z)", range=[0, 3.3]),
+                       xaxis=dict(domain=[0, 0.48], title="gate logit z", range=[-16.5, 16.5]),
+                       yaxis=dict(title="affinity s(z)", range=[0, 4.2]),
                        xaxis2=dict(domain=[0.58, 1], title="the token's top-4 experts (by affinity)", anchor="y2"),
                        yaxis2=dict(title="routing weight after renormalisation", range=[0, 1.05], anchor="x2"))
 
@@ -203,7 +204,7 @@ class AffinityWidget(Widget):
     """Shift and spread one token's logits → affinities on each curve, renormalised top-k weights."""
 
     name = "moe.affinity"
-    defaults = {"shift": 0.0, "spread": 1.0}
+    defaults = {"shift": 4.0, "spread": 2.0}        # where sigmoid is saturated and √softplus is not
 
     def validate(self, state):
         check_choice("shift", state["shift"], SHIFT_STOPS)
@@ -269,6 +270,15 @@ def learned_layers(routes: dict) -> list[int]:
     return [r["layer"] for r in routes["layers"] if not r["hash"]]
 
 
+MAX_LABELLED = 30
+
+
+def _shown(tok: str) -> str:
+    """A token as a label: whitespace made visible, long ones cut."""
+    t = tok.replace("\n", "↵").replace(" ", "·")
+    return t if len(t) <= 8 else t[:7] + "…"
+
+
 def bias_data(routes: dict, layer: int, expert: int, delta: float) -> dict:
     """Traces: load before (all experts), load after moving b_expert by delta, all tokens (grey strip),
     tokens that join the expert, tokens that leave it."""
@@ -285,33 +295,50 @@ def bias_data(routes: dict, layer: int, expert: int, delta: float) -> dict:
     T = len(toks)
     joined = sens["joined"].nonzero().flatten().tolist()
     left = sens["left"].nonzero().flatten().tolist()
-    cols = ["#ff7f0e" if e == expert else "#1f77b4" for e in range(E)]
+    others = [e for e in range(E) if e != expert]
+    # movers' labels on three rows, so neighbouring tokens' labels do not sit on one another; beyond
+    # MAX_LABELLED movers no labels (they could not be read), the hover still names each token
+    def rows(n, sign):
+        return [sign * (0.6 + 0.55 * (k % 3)) for k in range(n)]
+
+    def labels(pos):
+        return [_shown(toks[i]) for i in pos] if len(pos) <= MAX_LABELLED else [""] * len(pos)
     traces = [
-        dict(type="bar", x=list(range(E)), y=before.tolist(), name="load now", marker=dict(color="#cccccc"),
+        dict(type="bar", x=others, y=[int(after[e]) for e in others], name=f"load with b[{expert}] {delta:+g}",
+             marker=dict(color="#1f77b4"), xaxis="x", yaxis="y"),
+        dict(type="bar", x=[expert], y=[int(after[expert])], name=f"expert {expert}, with b[{expert}] {delta:+g}",
+             marker=dict(color="#ff7f0e"), xaxis="x", yaxis="y"),
+        # drawn over the bars, so it stays visible whether the load grew or shrank
+        dict(type="scatter", mode="markers", x=list(range(E)), y=before.tolist(), name="load now",
+             marker=dict(color="#444444", symbol="line-ew-open", size=14, line=dict(width=2.5, color="#444444")),
              xaxis="x", yaxis="y"),
-        dict(type="bar", x=list(range(E)), y=after.tolist(), name=f"load with b[{expert}] {delta:+g}",
-             marker=dict(color=cols), xaxis="x", yaxis="y"),
         dict(type="scatter", mode="markers", x=list(range(T)), y=[0] * T, name="tokens",
              marker=dict(color="#dddddd", size=5), hovertext=toks, xaxis="x2", yaxis="y2"),
-        dict(type="scatter", mode="markers+text", x=joined, y=[1] * len(joined), name=f"join expert {expert}",
-             marker=dict(color="#2ca02c", size=9, symbol="triangle-up"), text=[toks[i] for i in joined],
-             textposition="top center", xaxis="x2", yaxis="y2"),
-        dict(type="scatter", mode="markers+text", x=left, y=[-1] * len(left), name=f"leave expert {expert}",
-             marker=dict(color="#d62728", size=9, symbol="triangle-down"), text=[toks[i] for i in left],
-             textposition="bottom center", xaxis="x2", yaxis="y2"),
+        dict(type="scatter", mode="markers+text", x=joined, y=rows(len(joined), 1), name=f"join expert {expert}",
+             marker=dict(color="#2ca02c", size=9, symbol="triangle-up"), text=labels(joined),
+             textposition="top center", textfont=dict(size=10), hovertext=[toks[i] for i in joined],
+             xaxis="x2", yaxis="y2"),
+        dict(type="scatter", mode="markers+text", x=left, y=rows(len(left), -1), name=f"leave expert {expert}",
+             marker=dict(color="#d62728", size=9, symbol="triangle-down"), text=labels(left),
+             textposition="bottom center", textfont=dict(size=10), hovertext=[toks[i] for i in left],
+             xaxis="x2", yaxis="y2"),
     ]
     b = 0.0 if r["bias"] is None else float(r["bias"][expert])
     title = (f"layer {layer}, expert {expert}: bias {b:+.3f} → {b + delta:+.3f} · {len(joined)} tokens join, "
              f"{len(left)} leave · load {int(before[expert])} → {int(after[expert])} · max/mean "
              f"{load_imbalance(before):.2f} → {load_imbalance(after):.2f}")
-    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}}}
+    crowded = [f"{len(p)} tokens {w}" for p, w in ((joined, "join"), (left, "leave")) if len(p) > MAX_LABELLED]
+    notes = [dict(text=" and ".join(crowded) + ": too many to label; hover a triangle for its token",
+                  xref="x2 domain", yref="y2 domain", x=1, y=1.12, xanchor="right", showarrow=False,
+                  font=dict(size=11, color="#555"))] if crowded else []
+    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}, "annotations": notes}}
 
 
 BIAS_LAYOUT = dict(height=540, barmode="overlay", margin=dict(l=60, r=20, t=100, b=50),
                    xaxis=dict(domain=[0, 1], title="expert", anchor="y", dtick=1),
                    yaxis=dict(domain=[0.45, 1], title="tokens routed (top-k slots)", anchor="x"),
                    xaxis2=dict(domain=[0, 1], title="token position in the text", anchor="y2"),
-                   yaxis2=dict(domain=[0, 0.3], range=[-2, 2], showticklabels=False, anchor="x2"))
+                   yaxis2=dict(domain=[0, 0.3], range=[-2.6, 2.6], showticklabels=False, anchor="x2"))
 
 
 def build_bias(text: str = DEFAULT_TEXT, layer: int | None = None, expert: int = 0, delta: float = 0.05):

@@ -196,7 +196,7 @@ def ape_data(path=None, layer: int | None = None, indexer: bool = False) -> dict
     return {"traces": [dict(type="heatmap", z=w.tolist(), y=slots, colorscale="Viridis", name="pooling weight",
                             colorbar=dict(title="weight"))],
             "layout": dict(title=f"{cfg.name} layer {layer} ({cfg.layer_kind(layer)}){' indexer' if indexer else ''}: "
-                                 f"pooling at equal scores, softmax of ape: {what}",
+                                 f"pooling at equal scores, softmax of ape<br>{what}",
                            xaxis=dict(title="channel"),
                            yaxis=dict(title="slot (token in the window)", type="category", autorange="reversed"))}
 

@@ -27,7 +27,7 @@ from v4lab.experiments import anticipatory
 from v4lab.gate import gate_scores, select_topk
 from v4lab.moe import bias_update, expert_load, load_imbalance
 from v4lab.viz import trained
-from v4lab.viz.common import Widget, check_choice, figure_from, register, stored_result
+from v4lab.viz.common import Widget, check_choice, figure_from, fmt3, register, stored_result
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 AR_CACHE = DATA_DIR / "anticipatory.json"
@@ -87,9 +87,11 @@ def ar_data(result: dict, metric: str = "loss", iteration: int = 0) -> dict:
     traces = []
     for v in VARIANTS:
         r = result.get(v)
+        # the runs share every step before the spike: "AR off" is a wide pale band under the other two
+        line = (dict(color=VCOLORS[v], width=7) if v == "off" else
+                dict(color=VCOLORS[v], width=2 if v != "always" else 3, dash="dot" if v == "always" else "solid"))
         traces.append(dict(type="scatter", mode="lines", x=r["iter"] if r else [], y=r[metric] if r else [],
-                           name=VARIANTS[v], line=dict(color=VCOLORS[v], width=2 if v != "always" else 3,
-                                                       dash="dot" if v == "always" else "solid")))
+                           name=VARIANTS[v], line=line, opacity=0.45 if v == "off" else 1.0))
     sp = result.get("spike")
     ev_x = [i for i, _ in sp["events"]] if sp else []
     traces.append(dict(type="scatter", mode="markers+text", x=ev_x, y=[_at(sp[metric], i) for i in ev_x],
@@ -99,11 +101,15 @@ def ar_data(result: dict, metric: str = "loss", iteration: int = 0) -> dict:
     on_x = [i for i, a in zip(sp["iter"], sp["ar_on"]) if a] if sp else []
     traces.append(dict(type="scatter", mode="markers", x=on_x, y=[_at(sp[metric], i) for i in on_x],
                        name="AR on (detector variant)", marker=dict(color=VCOLORS["spike"], size=7, symbol="square-open")))
+    # a run that stopped before the cursor has no point there (None: plotly draws nothing)
+    ran = {v: iteration < len(result[v][metric]) for v in vs}
     traces.append(dict(type="scatter", mode="markers", x=[iteration] * len(vs),
-                       y=[_at(result[v][metric], iteration) for v in vs], name="cursor", showlegend=False,
-                       marker=dict(size=12, symbol="circle-open", line=dict(width=3), color=[VCOLORS[v] for v in vs])))
-    vals = ", ".join(f"{VARIANTS[v]} {_at(result[v][metric], iteration):.3g}"
-                     + (" (AR on)" if _at(result[v]["ar_on"], iteration) else "") for v in vs)
+                       y=[result[v][metric][iteration] if ran[v] else None for v in vs], name="cursor",
+                       showlegend=False, marker=dict(size=12, symbol="circle-open", line=dict(width=3),
+                                                     color=[VCOLORS[v] for v in vs])))
+    vals = ", ".join(f"{VARIANTS[v]} {fmt3(result[v][metric][iteration])}"
+                     + (" (AR on)" if result[v]["ar_on"][iteration] else "") if ran[v] else
+                     f"{VARIANTS[v]} stopped at {len(result[v][metric]) - 1}" for v in vs)
     title = f"{AR_METRICS[metric]} at iteration {iteration}: {vals}"
     return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 12}},
                                          "yaxis": {"title": AR_METRICS[metric]}}}
@@ -322,13 +328,28 @@ def build_training_loads(loads: dict | None = None):
     if loads is not None:
         for L in loads["layers"]:
             label = "MTP block" if L.get("mtp") else f"layer {L['layer']} ({'learned' if L['learned'] else 'hash'})"
-            traces.append(dict(type="scatter", mode="lines", x=loads["step"], y=L["imbalance"], name=label,
-                               line=dict(dash="solid" if L["learned"] else "dot", width=1.5)))
-    title = ("load max/mean per MoE layer during the training of the notebook model" if loads else
-             "no training log found next to the model (synthetic weights)")
-    return figure_from({"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}}},
+            traces.append(dict(type="scatter", mode="lines", x=loads["step"], y=_rolling(L["imbalance"], SMOOTH),
+                               name=label, line=dict(dash="solid" if L["learned"] else "dot", width=2)))
+    title = (f"load max/mean per MoE layer while the notebook model trained ({SMOOTH}-step moving average)"
+             if loads else "no training log found next to the model (synthetic weights)")
+    notes = [] if loads else [dict(text="no train_log.jsonl next to the model: nothing to plot", xref="x domain",
+                                   yref="y domain", x=0.5, y=0.5, showarrow=False)]
+    return figure_from({"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}},
+                                                     "annotations": notes}},
                        dict(height=380, xaxis=dict(title="training step"),
-                            yaxis=dict(title="load max / mean (1 = balanced)", rangemode="tozero")))
+                            yaxis=dict(title="load max / mean (1 = balanced)")))
+
+
+SMOOTH = 10
+
+
+def _rolling(xs: list, k: int) -> list:
+    """Mean of the last ``k`` values at each step (fewer at the start)."""
+    out, acc = [], 0.0
+    for i, x in enumerate(xs):
+        acc += x - (xs[i - k] if i >= k else 0.0)
+        out.append(acc / min(i + 1, k))
+    return out
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ Everything runs the notebook model (:func:`v4lab.viz.trained.trained_model`: the
 """
 from __future__ import annotations
 
+import math
+
 
 import torch
 
@@ -25,7 +27,7 @@ from v4lab.viz import attention as attn_viz
 from v4lab.viz import moe as moe_viz
 from v4lab.viz import trained
 from v4lab.viz.attention import check_range_int
-from v4lab.viz.common import TextCache, Widget, check_choice, figure_from, register
+from v4lab.viz.common import TextCache, Widget, categorical_colorscale, check_choice, figure_from, register
 
 DEFAULT_TEXT = trained.SAMPLE_TEXTS["for-loop"]
 MAP_TOKENS = 160             # attention maps: the first 160 tokens (HCA's first entry, tokens 0..127, shows)
@@ -88,8 +90,10 @@ def routing_data(routes: dict, position: int) -> dict:
     first = [r["idx"][:, 0].tolist() for r in layers]
     w = _weights(id(routes), routes)
     traces = [
-        dict(type="heatmap", z=first, x=list(range(T)), y=ylab, zmin=0, zmax=E - 1, colorscale="Turbo",
-             colorbar=dict(title="expert", x=0.64, len=0.9), customdata=[toks] * len(layers),
+        # expert ids are categories: one qualitative colour each, not a rainbow where 6 and 7 look alike
+        dict(type="heatmap", z=first, x=list(range(T)), y=ylab, zmin=-0.5, zmax=E - 0.5,
+             colorscale=categorical_colorscale(E), meta={"categorical": True},
+             colorbar=dict(title="expert", x=0.64, len=0.9, tickvals=list(range(E))), customdata=[toks] * len(layers),
              hovertemplate="%{y}, token %{x} %{customdata}: expert %{z}<extra></extra>", xaxis="x", yaxis="y"),
         dict(type="scatter", mode="markers", x=[position] * len(layers), y=ylab, name="token",
              marker=dict(symbol="square-open", size=14, color="black", line=dict(width=2)), showlegend=False,
@@ -100,7 +104,18 @@ def routing_data(routes: dict, position: int) -> dict:
     ]
     chosen = "; ".join(f"L{r['layer']}→{sorted(r['idx'][position].tolist())}" for r in layers)
     title = f"token {position} {toks[position]!r}: experts {chosen}"
-    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}}}
+    # a readable window of the text around the cursor, every token written under its column (pan for more)
+    lo = max(0, min(position - ROUTE_WINDOW // 2, T - ROUTE_WINDOW))
+    xaxis = {"range": [lo - 0.5, min(T, lo + ROUTE_WINDOW) - 0.5]}
+    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}, "xaxis": xaxis}}
+
+
+ROUTE_WINDOW = 48          # tokens shown at once in the routing map (its x axis pans)
+
+
+def _tick(tok: str) -> str:
+    t = tok.replace("\n", "↵").replace(" ", "·")
+    return t if len(t) <= 6 else t[:5] + "…"
 
 
 _W: dict = {}
@@ -115,8 +130,12 @@ def _weights(key, routes) -> list:
 
 
 def routing_layout(routes: dict) -> dict:
-    return dict(height=170 + 45 * len(routes["layers"]), margin=dict(l=130, r=20, t=60, b=50),
-                xaxis=dict(domain=[0, 0.6], title="token position"), yaxis=dict(autorange="reversed"),
+    toks = routes["tokens"]
+    return dict(height=230 + 45 * len(routes["layers"]), margin=dict(l=130, r=20, t=60, b=110),
+                xaxis=dict(domain=[0, 0.6], title="token (a window of the text: drag to pan)",
+                           tickvals=list(range(len(toks))), ticktext=[_tick(t) for t in toks], tickangle=-90,
+                           tickfont=dict(size=10)),
+                yaxis=dict(autorange="reversed"),
                 xaxis2=dict(domain=[0.72, 1], title="expert (weight for this token)", anchor="y2", dtick=1),
                 yaxis2=dict(autorange="reversed", anchor="x2", showticklabels=False))
 
@@ -221,7 +240,9 @@ class Maps:
             for h in list(range(self.n_heads)) + ["mean"]:
                 mh = M.mean(0) if h == "mean" else M[h]
                 self.rows[k, h] = mh
-                self.z[k, h] = [[round(v, 4) for v in row] for row in mh.tolist()]
+                # log10 p: the faint mass spread over compressed blocks (HCA's 128 tokens) stays visible;
+                # keys the query cannot see (p = 0) stay blank
+                self.z[k, h] = [[round(math.log10(v), 3) if v > 0 else None for v in row] for row in mh.tolist()]
                 self.sink[k, h] = (sink.mean(-1) if h == "mean" else sink[:, h]).tolist()
 
 
@@ -247,10 +268,11 @@ def attention_map_data(mp: Maps, head="mean", query: int = 0) -> dict:
         ax = "" if i == 0 else str(i + 1)
         have = mp.layer[k] is not None
         for h in head_options(mp):
-            traces.append(dict(type="heatmap", z=mp.z[k, h] if have else [], colorscale="Viridis", zmin=0,
-                               zmax=0.5, showscale=i == 2 and h == "mean", colorbar=dict(title="p", len=0.55, y=0.75),
-                               visible=h == head, name=f"{k} head {h}",
-                               hovertemplate="query %{y} → key %{x}: %{z:.3f}<extra>" + k + "</extra>",
+            # every head's map of the last panel carries the same bar: switching heads keeps it and the sizes
+            traces.append(dict(type="heatmap", z=mp.z[k, h] if have else [], colorscale="Viridis", zmin=-4,
+                               zmax=0, showscale=i == 2, colorbar=MAP_COLORBAR, visible=h == head,
+                               name=f"{k} head {h}",
+                               hovertemplate="query %{y} → key %{x}: log10 p = %{z:.2f}<extra>" + k + "</extra>",
                                xaxis=f"x{ax}", yaxis=f"y{ax}"))
     for i, k in enumerate(KINDS):
         have = mp.layer[k] is not None
@@ -266,13 +288,20 @@ def attention_map_data(mp: Maps, head="mean", query: int = 0) -> dict:
         traces.append(dict(type="scatter", mode="lines", x=[-0.5, mp.S - 0.5], y=[query, query], showlegend=False,
                            hoverinfo="skip", line=dict(color="white", width=1, dash="dot"), xaxis=f"x{ax}", yaxis=f"y{ax}"))
     sinks = ", ".join(f"{k} {mp.sink[k, head][query]:.2f}" for k in KINDS if mp.layer[k] is not None)
+    n_hca = (query + 1) // 128
+    hca = (f"HCA: {n_hca} compressed entr{'y' if n_hca == 1 else 'ies'} complete" if n_hca else
+           f"HCA: no compressed entry until query 127 ({127 - query} to go)")
     title = (f"query {query} {mp.tokens[query]!r}, head {head}: attention over key tokens "
-             f"(sink mass: {sinks})")
+             f"(sink mass: {sinks})<br>{hca}")
     return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}}}
 
 
+MAP_COLORBAR = dict(title="p", len=0.5, y=0.75, tickvals=[-4, -3, -2, -1, 0],
+                    ticktext=["0.0001", "0.001", "0.01", "0.1", "1"])
+
+
 def attention_map_layout(mp: Maps) -> dict:
-    lay = dict(height=720, margin=dict(l=60, r=20, t=70, b=50),
+    lay = dict(height=740, margin=dict(l=60, r=20, t=90, b=50),
                legend=dict(orientation="h", yanchor="top", y=0.36, xanchor="left", x=0))
     for i, k in enumerate(KINDS):
         ax = "" if i == 0 else str(i + 1)

@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from v4lab import accounting
-from v4lab.viz.common import COLORS, Widget, check_choice, figure_from, register
+from v4lab.viz.common import COLORS, Widget, check_choice, figure_from, label_positions, register, si
 
 MODELS = ("v3", "v3.2", "v4-flash", "v4-pro")
 LABELS = {"v3": "V3", "v3.2": "V3.2", "v4-flash": "V4-Flash", "v4-pro": "V4-Pro", "gqa8": "GQA-8 BF16 (V4-Pro depth)"}
@@ -43,11 +43,6 @@ NOTEBOOKS = [
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 
-
-def _sig3(x: float) -> str:
-    """Three significant figures, thousands separated, never in e-notation: 35704 → '35,700'."""
-    v = float(f"{x:.3g}")
-    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
 
 
 def context_label(n: int) -> str:
@@ -120,6 +115,11 @@ def curves(weights: str = "B") -> dict:
     return _CURVE_CACHE[weights]
 
 
+def _span(curves: dict) -> tuple[float, float]:
+    vals = [v for ys in curves.values() for v in ys]
+    return min(vals), max(vals)
+
+
 def context_data(context: int = accounting.ONE_M, weights: str = "B") -> dict:
     """Traces: KV lines (5 incl. GQA-8), FLOPs lines (4), the points at ``context`` (KV, FLOPs)."""
     check_choice("context", context, CONTEXT_STOPS)
@@ -138,10 +138,13 @@ def context_data(context: int = accounting.ONE_M, weights: str = "B") -> dict:
     # the points at ``context``: one trace per panel (fewer traces = a faster in-place update)
     kv_y = [gq if m == "gqa8" else rows[m]["kv_cache_bytes"] / 1e9 for m in kv_models]
     fl_y = [rows[m]["decode_flops"] / 1e9 for m in MODELS]
-    for ys, ms, ax, unit in ((kv_y, kv_models, ("x", "y"), " GB"), (fl_y, MODELS, ("x2", "y2"), "")):
+    spans = {"y": _span(c["kv"]), "y2": _span(c["flops"])}
+    for ys, ms, ax, unit in ((kv_y, kv_models, ("x", "y"), "B"), (fl_y, MODELS, ("x2", "y2"), "FLOP")):
         traces.append(dict(type="scatter", mode="markers+text", x=[context] * len(ys), y=ys, showlegend=False,
                            marker=dict(color=[COLORS[m] for m in ms], size=9),
-                           text=[f"{_sig3(y)}{unit}" for y in ys], textposition="middle left",
+                           text=[si(y * 1e9, unit) for y in ys],
+                           textposition=label_positions(ys, *spans[ax[1]], plot_px=CONTEXT_LAYOUT["height"] - 110,
+                                                        side="left" if context >= 2 ** 15 else "right"),
                            hovertext=[LABELS[m] for m in ms], name="at context", xaxis=ax[0], yaxis=ax[1]))
     pro, fl = rows["v4-pro"], rows["v4-flash"]
     title = (f"At {context_label(context)} tokens: V4-Pro KV {100 * pro['kv_vs_v32']:.1f}% / FLOPs "

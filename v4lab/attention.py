@@ -36,6 +36,29 @@ from .norm import RMSNorm, rms_norm
 from .rope import apply_rope, cos_sin, layer_inv_freq
 
 
+def _check_attn_args(name, q, kv, attn_sink, idx):
+    if q.dim() != 4 or kv.dim() != 3 or idx.dim() != 3:
+        raise ValueError(f"{name}: q {tuple(q.shape)} must be [B,S,H,D], kv {tuple(kv.shape)} [B,N,D], "
+                         f"idx {tuple(idx.shape)} [B,S,K]")
+    B, S, H, D = q.shape
+    if kv.shape[0] != B or kv.shape[2] != D or idx.shape[:2] != (B, S) or tuple(attn_sink.shape) != (H,):
+        raise ValueError(f"{name}: shapes disagree: q {tuple(q.shape)}, kv {tuple(kv.shape)}, "
+                         f"idx {tuple(idx.shape)}, attn_sink {tuple(attn_sink.shape)}")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name}: idx dtype {idx.dtype} must be int64 (or int32)")
+    if bool((idx >= kv.shape[1]).any()):
+        raise ValueError(f"{name}: idx has entries >= N = {kv.shape[1]}")
+
+
+def _sink_softmax(z: torch.Tensor, attn_sink: torch.Tensor) -> torch.Tensor:
+    """z [B, S, H, K] (−inf = not attended) → p [B, S, H, K]: softmax over [z, sink] without the sink's column
+    (its value is zero). Rows with nothing but −inf get p = 0 (a −inf sink would otherwise give NaN)."""
+    B, S, H, _ = z.shape
+    sink = attn_sink.float().view(1, 1, H, 1).expand(B, S, H, 1)
+    p = torch.cat([z, sink], dim=-1).softmax(dim=-1)[..., :-1]
+    return p.masked_fill(z == float("-inf"), 0.0)
+
+
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx: torch.Tensor,
                 scale: float) -> torch.Tensor:
     """Gather-based attention over explicit index lists, with a per-head sink in the denominator.
@@ -45,19 +68,10 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx:
     o = Σ_j p_j kv_j with p_j = exp(z_j) / (Σ_k exp(z_k) + exp(sink_h)), z = scale · q·kv.
     A row with no valid index returns zeros (all mass on the sink, whose value is zero).
     """
-    if q.dim() != 4 or kv.dim() != 3 or idx.dim() != 3:
-        raise ValueError(f"sparse_attn: q {tuple(q.shape)} must be [B,S,H,D], kv {tuple(kv.shape)} [B,N,D], "
-                         f"idx {tuple(idx.shape)} [B,S,K]")
+    _check_attn_args("sparse_attn", q, kv, attn_sink, idx)
     B, S, H, D = q.shape
-    if kv.shape[0] != B or kv.shape[2] != D or idx.shape[:2] != (B, S) or tuple(attn_sink.shape) != (H,):
-        raise ValueError(f"sparse_attn: shapes disagree: q {tuple(q.shape)}, kv {tuple(kv.shape)}, "
-                         f"idx {tuple(idx.shape)}, attn_sink {tuple(attn_sink.shape)}")
-    if idx.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"sparse_attn: idx dtype {idx.dtype} must be int64 (or int32)")
     N = kv.shape[1]
     valid = idx >= 0                                               # [B, S, K]
-    if bool((idx >= N).any()):
-        raise ValueError(f"sparse_attn: idx has entries >= N = {N}")
     # −1 slots read a valid entry of the same row (its largest index) instead of a masked copy of the
     # gather: they get zero probability, and pointing them at an entry the row attends anyway means a
     # NaN/inf in some unrelated kv row cannot leak through 0·NaN. Rows with no valid slot are zeroed.
@@ -67,13 +81,61 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx:
     g = kv.float().reshape(B * N, D).index_select(0, rows.reshape(-1)).view(B, S, -1, D)  # [B, S, K, D]
     z = torch.einsum("bshd,bskd->bshk", q.float(), g) * scale      # [B, S, H, K]
     z = z.masked_fill(~valid[:, :, None, :], float("-inf"))
-    sink = attn_sink.float().view(1, 1, H, 1).expand(B, S, H, 1)
-    # softmax over [z, sink] with the sink's value being zero: drop its column after normalising.
-    p = torch.cat([z, sink], dim=-1).softmax(dim=-1)[..., :-1]
-    p = p.masked_fill(~valid[:, :, None, :], 0.0)                  # (a −inf sink with no entry would be NaN)
-    o = torch.einsum("bshk,bskd->bshd", p, g)
+    o = torch.einsum("bshk,bskd->bshd", _sink_softmax(z, attn_sink), g)
     o = o.masked_fill(~valid.any(-1)[:, :, None, None], 0.0)       # sink-only rows
     return o.to(q.dtype)
+
+
+def dense_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx: torch.Tensor,
+               scale: float) -> torch.Tensor:
+    """The dense-block twin of `sparse_attn` (same signature, same result): every query scores every row of
+    kv in two GEMMs, and rows that are not in its index list are masked out.
+
+    An index listed n times counts n times, as in the gather (its logit gets + log n). Cost ∝ S·H·N·D in
+    large matrix products (no copy of the picked rows), so it wins when kv holds few rows besides the
+    picks: the caller passes only the rows a block of queries can see (see `choose_attn_path`). A kv with
+    a non-finite value goes through `sparse_attn`: a NaN in a row some query did not pick must not reach
+    it through 0·NaN in p @ kv.
+    """
+    _check_attn_args("dense_attn", q, kv, attn_sink, idx)
+    if not bool(torch.isfinite(kv).all()):
+        return sparse_attn(q, kv, attn_sink, idx, scale)
+    B, S, H, D = q.shape
+    N = kv.shape[1]
+    valid = idx >= 0
+    count = torch.zeros(B, S, N, device=q.device).scatter_add_(2, idx.clamp(min=0).long(), valid.float())
+    kvf = kv.float()
+    z = torch.bmm(q.float().reshape(B, S * H, D), kvf.transpose(1, 2)).view(B, S, H, N) * scale
+    z = z + count.log()[:, :, None, :]                                # log 0 = −inf: not attended
+    p = _sink_softmax(z, attn_sink)
+    o = torch.bmm(p.view(B, S * H, N), kvf).view(B, S, H, D)
+    return o.to(q.dtype)
+
+
+# Cost model of one query block, calibrated on a 2-core AMD EPYC with torch's fp32 CPU GEMMs (1 thread):
+# a large GEMM runs at ~70 GFLOP/s, a gather of kv rows (index_select) copies ~1.5 GB/s, i.e. one gathered
+# float costs as much as ~190 GEMM FLOPs, and the gather path's batched products have only H rows per query
+# (7.5 GFLOP/s at H = 2, 63 at H = 64, modelled as full speed from 16 rows on).
+GATHER_COPY_FLOPS = 190.0
+SMALL_GEMM_ROWS = 16
+
+
+def attn_path_costs(heads: int, queries: int, n_cols: int, k: int, head_dim: int) -> dict:
+    """Modelled cost (in GEMM-FLOP equivalents) of one query block on each path.
+    dense: 4·s·H·N'·D (scores + values against the N' rows the block can see);
+    gather: s·K·D·(copy + 4·max(H, 16)) (copy the K picked rows per query, then small H-row products)."""
+    dense = 4.0 * queries * heads * n_cols * head_dim
+    gather = queries * k * head_dim * (GATHER_COPY_FLOPS + 4.0 * max(heads, SMALL_GEMM_ROWS))
+    return {"dense": dense, "gather": gather}
+
+
+def choose_attn_path(heads: int, queries: int, n_cols: int, k: int, head_dim: int) -> str:
+    """"dense" or "gather", whichever `attn_path_costs` says is cheaper (ties go to dense)."""
+    c = attn_path_costs(heads, queries, n_cols, k, head_dim)
+    return "dense" if c["dense"] <= c["gather"] else "gather"
+
+
+ATTN_PATHS = ("auto", "dense", "gather")
 
 
 def sparse_attn_probs(q, kv, attn_sink, idx, scale):
@@ -243,7 +305,10 @@ class Attention(nn.Module):
         self.last_distill: tuple | None = None
         self.last_recall: tuple | None = None
         self.q_chunk = 64                         # queries per sparse_attn call (memory ∝ q_chunk · K · D)
+        self.prefill_chunk = 2048                 # longer inputs run as consecutive chunks through the cache
+        self.attn_path = "auto"                   # "auto" (cost model) | "dense" | "gather": see the docstring
         self.sparse_attn_fn = sparse_attn         # swap in kernels.sparse_attn.sparse_attn for speed
+        self.dense_attn_fn = dense_attn
 
     # -------------------------------------------------------------- switches
     @property
@@ -308,10 +373,53 @@ class Attention(nn.Module):
         return torch.where(s[None] < visible_entries(t, self.ratio)[:, None], s[None] + L, -1)
 
     # -------------------------------------------------------------- forward
+    def _attend(self, q, kv_all, idx, span, lo, L, ring_path, path):
+        """One block of queries at positions span = (t0, t1): o [B, s, H, D] by the gather path over kv_all or
+        by the dense-block path over the rows the block can see (its window rows, then the compressed entries
+        visible to its last query; the whole ring + entries in one-token decode). Same result either way."""
+        n_all = kv_all.shape[1]
+        if ring_path:
+            rows = [(0, n_all)]
+        else:
+            rows = [(max(0, span[0] - self.window + 1) - lo, span[1] - lo)]
+            if n_all > L and self.kind != "window":
+                rows.append((L, L + min(n_all - L, span[1] // self.ratio)))
+        n_cols = sum(b - a for a, b in rows)
+        if path == "auto":
+            path = choose_attn_path(self.n_heads, q.shape[1], n_cols, idx.shape[2], self.head_dim)
+        if path == "gather":
+            return self.sparse_attn_fn(q, kv_all, self.attn_sink, idx, self.scale)
+        remap = torch.full((n_all,), -1, dtype=torch.long, device=idx.device)   # kv_all row → block row
+        off = 0
+        for a, b in rows:
+            remap[a:b] = torch.arange(off, off + b - a, device=idx.device)
+            off += b - a
+        blk = kv_all if ring_path else torch.cat([kv_all[:, a:b] for a, b in rows], 1)
+        bidx = torch.where(idx >= 0, remap[idx.clamp(min=0)], -1)
+        return self.dense_attn_fn(q, blk, self.attn_sink, bidx, self.scale)
+
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: AttentionCache | None = None,
-                seq_lens=None) -> torch.Tensor:
-        """x [B, S, d] at positions start_pos..start_pos+S−1 → [B, S, d]. `cache` is advanced in place."""
+                seq_lens=None, attn_path: str | None = None) -> torch.Tensor:
+        """x [B, S, d] at positions start_pos..start_pos+S−1 → [B, S, d]. `cache` is advanced in place.
+
+        attn_path: "auto" | "dense" | "gather" for this call (default: the module's `attn_path`).
+        Inputs longer than `prefill_chunk` run as consecutive chunks through the cache (same result as one
+        call, as prefill == decode; memory then stays linear: q and the output are [chunk, H·D], not [S, H·D]).
+        """
         self._check(x, start_pos, cache, seq_lens)
+        path = self.attn_path if attn_path is None else attn_path
+        if path not in ATTN_PATHS:
+            raise ValueError(f"attn_path = {path!r}: must be one of {ATTN_PATHS}")
+        P = self.prefill_chunk
+        if isinstance(P, bool) or not isinstance(P, int) or P < 1:
+            raise ValueError(f"prefill_chunk = {P!r}: must be a positive int")
+        if x.shape[1] > P and not (self.inspect or self.distill):   # those record per-call tensors: one call
+            cache = cache if cache is not None else self.new_cache(x.shape[0])
+            return torch.cat([self._forward(x[:, a:a + P], start_pos + a, cache, path)
+                              for a in range(0, x.shape[1], P)], 1)
+        return self._forward(x, start_pos, cache, path)
+
+    def _forward(self, x, start_pos, cache, path) -> torch.Tensor:
         B, S, _ = x.shape
         H, D, w = self.n_heads, self.head_dim, self.window
         if cache is None:
@@ -391,7 +499,8 @@ class Attention(nn.Module):
                 kl_sum, kl_n = kl_sum + a, kl_n + n
                 h, m = topk_recall(mass, cidx, nv, self.cfg.index_topk)
                 hits, possible = hits + h, possible + m
-            outs.append(self.sparse_attn_fn(qc, kv_all, self.attn_sink, idx, self.scale))
+            outs.append(self._attend(qc, kv_all, idx, (start_pos + c0, start_pos + c0 + qc.shape[1]), lo, L,
+                                     ring_path, path))
             if insp is not None:
                 p, sink = sparse_attn_probs(qc, kv_all, self.attn_sink, idx, self.scale)
                 rec["window_positions"] = wp.where(wp >= 0, -1)[None].expand(B, -1, -1)

@@ -53,10 +53,12 @@ def _check_attn_args(name, q, kv, attn_sink, idx):
 def _sink_softmax(z: torch.Tensor, attn_sink: torch.Tensor) -> torch.Tensor:
     """z [B, S, H, K] (−inf = not attended) → p [B, S, H, K]: softmax over [z, sink] without the sink's column
     (its value is zero). Rows with nothing but −inf get p = 0 (a −inf sink would otherwise give NaN)."""
-    B, S, H, _ = z.shape
-    sink = attn_sink.float().view(1, 1, H, 1).expand(B, S, H, 1)
-    p = torch.cat([z, sink], dim=-1).softmax(dim=-1)[..., :-1]
-    return p.masked_fill(z == float("-inf"), 0.0)
+    sink = attn_sink.float().view(1, 1, -1, 1)
+    m = torch.maximum(z.detach().amax(-1, keepdim=True), sink.detach())     # a shift, not a function of z
+    m = m.masked_fill(m == float("-inf"), 0.0)                      # nothing attended and a −inf sink
+    e = (z - m).exp()
+    # (no [z, sink] concatenation: one copy fewer of the [B, S, H, K] scores)
+    return e / (e.sum(-1, keepdim=True) + (sink - m).exp()).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx: torch.Tensor,
@@ -136,6 +138,7 @@ def choose_attn_path(heads: int, queries: int, n_cols: int, k: int, head_dim: in
 
 
 ATTN_PATHS = ("auto", "dense", "gather")
+ATTN_BLOCK_FLOATS = 1 << 23     # an attention sub-block's big temporary ([s, K, D] gathered rows or [s, H, N'] scores)
 
 
 def sparse_attn_probs(q, kv, attn_sink, idx, scale):
@@ -304,7 +307,8 @@ class Attention(nn.Module):
         self.distill = False                      # CSA: also compute the indexer warm-up loss (see above)
         self.last_distill: tuple | None = None
         self.last_recall: tuple | None = None
-        self.q_chunk = 64                         # queries per sparse_attn call (memory ∝ q_chunk · K · D)
+        self.q_chunk = 256                        # queries per projection block (attention sub-blocks are
+                                                  # cut to ATTN_BLOCK_FLOATS of temporaries)
         self.prefill_chunk = 2048                 # longer inputs run as consecutive chunks through the cache
         self.attn_path = "auto"                   # "auto" (cost model) | "dense" | "gather": see the docstring
         self.sparse_attn_fn = sparse_attn         # swap in kernels.sparse_attn.sparse_attn for speed
@@ -373,22 +377,39 @@ class Attention(nn.Module):
         return torch.where(s[None] < visible_entries(t, self.ratio)[:, None], s[None] + L, -1)
 
     # -------------------------------------------------------------- forward
-    def _attend(self, q, kv_all, idx, span, lo, L, ring_path, path):
-        """One block of queries at positions span = (t0, t1): o [B, s, H, D] by the gather path over kv_all or
-        by the dense-block path over the rows the block can see (its window rows, then the compressed entries
-        visible to its last query; the whole ring + entries in one-token decode). Same result either way."""
-        n_all = kv_all.shape[1]
+    # Queries and the output projection run per block of queries, inside the attention loop: their
+    # [s, H·D] temporaries then stay small (a full-width [S, H·D] is 8.6 GB at 64K tokens) and in cache.
+    def _queries(self, qr, cos, sin):
+        """qr [B, s, q_lora] → q [B, s, H, D]: up-projection, weightless per-head RMSNorm, RoPE."""
+        B, s, _ = qr.shape
+        q = rms_norm(self.wq_b(qr).view(B, s, self.n_heads, self.head_dim), None, self.eps)
+        return apply_rope(q, cos[:, None], sin[:, None])
+
+    def _output(self, o, cos, sin):
+        """o [B, s, H, D] → [B, s, d]: inverse RoPE (back to relative positions), grouped wo_a, wo_b."""
+        B, s = o.shape[:2]
+        o = apply_rope(o, cos[:, None], sin[:, None], inverse=True)
+        og = o.reshape(B, s, self.o_groups, -1)                                # [B, s, g, H·D/g]
+        wa = self.wo_a.weight.view(self.o_groups, -1, og.shape[-1])             # [g, o_lora_rank, H·D/g]
+        return self.wo_b(torch.einsum("bsgi,goi->bsgo", og, wa).flatten(2))
+
+    def _rows(self, span, n_all, lo, L, ring_path):
+        """Row ranges of kv_all that queries at positions span = (t0, t1) can see: their window rows, then the
+        compressed entries visible to the last of them (the whole ring + entries in one-token decode)."""
         if ring_path:
-            rows = [(0, n_all)]
-        else:
-            rows = [(max(0, span[0] - self.window + 1) - lo, span[1] - lo)]
-            if n_all > L and self.kind != "window":
-                rows.append((L, L + min(n_all - L, span[1] // self.ratio)))
-        n_cols = sum(b - a for a, b in rows)
-        if path == "auto":
-            path = choose_attn_path(self.n_heads, q.shape[1], n_cols, idx.shape[2], self.head_dim)
+            return [(0, n_all)]
+        rows = [(max(0, span[0] - self.window + 1) - lo, span[1] - lo)]
+        if n_all > L and self.kind != "window":
+            rows.append((L, L + min(n_all - L, span[1] // self.ratio)))
+        return rows
+
+    def _attend(self, q, kv_all, idx, span, lo, L, ring_path, path):
+        """One block of queries at positions span: o [B, s, H, D] by the gather path over kv_all ("gather") or
+        by the dense-block path over only the rows the block can see ("dense"). Same result either way."""
         if path == "gather":
             return self.sparse_attn_fn(q, kv_all, self.attn_sink, idx, self.scale)
+        n_all = kv_all.shape[1]
+        rows = self._rows(span, n_all, lo, L, ring_path)
         remap = torch.full((n_all,), -1, dtype=torch.long, device=idx.device)   # kv_all row → block row
         off = 0
         for a, b in rows:
@@ -428,8 +449,6 @@ class Attention(nn.Module):
         cos, sin = cos_sin(self.rope_freqs, pos)                              # [S, r/2]
 
         qr = self.q_norm(self.wq_a(x))                                        # shared with the indexer
-        q = rms_norm(self.wq_b(qr).view(B, S, H, D), None, self.eps)          # weightless per-head norm
-        q = apply_rope(q, cos[:, None], sin[:, None])
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)                  # one K=V head [B, S, D]
         kv = self._fp8_nope(kv)
 
@@ -470,52 +489,58 @@ class Attention(nn.Module):
         offs = torch.arange(w - 1, -1, -1, device=x.device)                    # window slots, oldest first
         outs, records = [], []
         k_cols = w + (min(self.cfg.index_topk, Nc) if self.kind == "csa" else Nc)
-        chunk = max(1, min(self.q_chunk, (1 << 24) // max(1, k_cols * D)))
-        for c0 in range(0, S, chunk):
-            t = pos[c0:c0 + chunk]                                              # [s]
-            wp = t[:, None] - offs[None]                                        # positions t−w+1..t
-            idx = torch.where(wp >= 0, wp % w if ring_path else wp - lo, -1)
-            rec = {}
-            if self.kind == "hca":
-                idx = torch.cat([idx, self._all_visible(t, Nc, L)], 1)
-            idx = idx[None].expand(B, -1, -1)
-            if self.kind == "csa":
-                cidx, scores = self.indexer.select(iq[:, c0:c0 + chunk], iw[:, c0:c0 + chunk], keys, t)
-                idx = torch.cat([idx, torch.where(cidx >= 0, cidx + L, -1)], 2)
+        blk = self.q_chunk
+        for b0 in range(0, S, blk):          # projection blocks: q and the output projection, [blk, H·D]
+            b1 = min(S, b0 + blk)
+            qb = self._queries(qr[:, b0:b1], cos[b0:b1], sin[b0:b1])
+            rows = self._rows((start_pos + b0, start_pos + b1), kv_all.shape[1], lo, L, ring_path)
+            n_cols = sum(r1 - r0 for r0, r1 in rows)
+            bpath = choose_attn_path(H, b1 - b0, n_cols, k_cols, D) if path == "auto" else path
+            per_query = k_cols * D if bpath == "gather" else H * n_cols              # floats of its temporaries
+            sub = max(1, min(b1 - b0, ATTN_BLOCK_FLOATS // max(1, per_query)))
+            ob = []
+            for c0 in range(b0, b1, sub):    # attention blocks (their [sub, H, K] / [sub, K, D] stay small)
+                c1 = min(b1, c0 + sub)
+                t = pos[c0:c1]                                                  # [s]
+                wp = t[:, None] - offs[None]                                    # positions t−w+1..t
+                idx = torch.where(wp >= 0, wp % w if ring_path else wp - lo, -1)
+                rec = {}
+                if self.kind == "hca":
+                    idx = torch.cat([idx, self._all_visible(t, Nc, L)], 1)
+                idx = idx[None].expand(B, -1, -1)
+                if self.kind == "csa":
+                    cidx, scores = self.indexer.select(iq[:, c0:c1], iw[:, c0:c1], keys, t)
+                    idx = torch.cat([idx, torch.where(cidx >= 0, cidx + L, -1)], 2)
+                    if insp is not None:
+                        rec["index_scores"] = scores.masked_fill(torch.arange(Nc, device=x.device)[None, None] >=
+                                                                 visible_entries(t, self.ratio)[None, :, None],
+                                                                 float("-inf"))
+                        rec["selected"] = cidx
+                idx = idx.contiguous()
+                qc = qb[:, c0 - b0:c1 - b0]
+                if distill:                   # target: the dense attention (window + every visible entry)
+                    dense = torch.cat([idx[..., :w], self._all_visible(t, Nc, L)[None].expand(B, -1, -1)], 2)
+                    with torch.no_grad():
+                        p, _ = sparse_attn_probs(qc, kv_all, self.attn_sink, dense, self.scale)
+                    mass = p[..., w:].sum(2)                                            # [B, s, Nc]
+                    nv = visible_entries(t, self.ratio)
+                    a, n = distill_kl(mass, scores, nv)
+                    kl_sum, kl_n = kl_sum + a, kl_n + n
+                    h, m = topk_recall(mass, cidx, nv, self.cfg.index_topk)
+                    hits, possible = hits + h, possible + m
+                ob.append(self._attend(qc, kv_all, idx, (start_pos + c0, start_pos + c1), lo, L, ring_path, bpath))
                 if insp is not None:
-                    rec["index_scores"] = scores.masked_fill(
-                        torch.arange(Nc, device=x.device)[None, None] >= visible_entries(t, self.ratio)[None, :, None],
-                        float("-inf"))
-                    rec["selected"] = cidx
-            idx = idx.contiguous()
-            qc = q[:, c0:c0 + chunk]
-            if distill:                       # target: the dense attention (window + every visible entry)
-                dense = torch.cat([idx[..., :w], self._all_visible(t, Nc, L)[None].expand(B, -1, -1)], 2)
-                with torch.no_grad():
-                    p, _ = sparse_attn_probs(qc, kv_all, self.attn_sink, dense, self.scale)
-                mass = p[..., w:].sum(2)                                                # [B, s, Nc]
-                nv = visible_entries(t, self.ratio)
-                a, n = distill_kl(mass, scores, nv)
-                kl_sum, kl_n = kl_sum + a, kl_n + n
-                h, m = topk_recall(mass, cidx, nv, self.cfg.index_topk)
-                hits, possible = hits + h, possible + m
-            outs.append(self._attend(qc, kv_all, idx, (start_pos + c0, start_pos + c0 + qc.shape[1]), lo, L,
-                                     ring_path, path))
-            if insp is not None:
-                p, sink = sparse_attn_probs(qc, kv_all, self.attn_sink, idx, self.scale)
-                rec["window_positions"] = wp.where(wp >= 0, -1)[None].expand(B, -1, -1)
-                rec["compressed_idx"] = torch.where(idx[..., w:] >= 0, idx[..., w:] - L, -1)
-                rec["probs_window"], rec["probs_compressed"], rec["sink"] = p[..., :w], p[..., w:], sink
-                records.append(rec)
-        o = torch.cat(outs, 1)                                                  # [B, S, H, D]
+                    p, sink = sparse_attn_probs(qc, kv_all, self.attn_sink, idx, self.scale)
+                    rec["window_positions"] = wp.where(wp >= 0, -1)[None].expand(B, -1, -1)
+                    rec["compressed_idx"] = torch.where(idx[..., w:] >= 0, idx[..., w:] - L, -1)
+                    rec["probs_window"], rec["probs_compressed"], rec["sink"] = p[..., :w], p[..., w:], sink
+                    records.append(rec)
+            outs.append(self._output(torch.cat(ob, 1), cos[b0:b1], sin[b0:b1]))
+        y = torch.cat(outs, 1)                                                  # [B, S, d]
         cache.length = start_pos + S
         if distill:
             self.last_distill, self.last_recall = (kl_sum, kl_n), (hits, possible)
 
-        o = apply_rope(o, cos[:, None], sin[:, None], inverse=True)            # back to relative positions
-        og = o.reshape(B, S, self.o_groups, -1)                                # [B, S, g, H·D/g]
-        wa = self.wo_a.weight.view(self.o_groups, -1, og.shape[-1])             # [g, o_lora_rank, H·D/g]
-        y = self.wo_b(torch.einsum("bsgi,goi->bsgo", og, wa).flatten(2))
         if insp is not None:
             for key in records[0]:
                 insp[key] = torch.cat([r[key] for r in records], 1)

@@ -393,6 +393,19 @@ class Attention(nn.Module):
         wa = self.wo_a.weight.view(self.o_groups, -1, og.shape[-1])             # [g, o_lora_rank, H·D/g]
         return self.wo_b(torch.einsum("bsgi,goi->bsgo", og, wa).flatten(2))
 
+    def _select(self, iq, iw, keys, t, keep_scores: bool):
+        """The indexer's picks for a block of queries, scored in sub-blocks whose [s, Hi, Nc] logits stay under
+        ATTN_BLOCK_FLOATS / 2 → cidx [B, s, k], and the scores [B, s, Nc] when `keep_scores` (else None)."""
+        per_query = self.indexer.n_heads * max(1, keys.shape[1])
+        sub = max(1, min(len(t), (ATTN_BLOCK_FLOATS // 2) // per_query))
+        picks, scores = [], []
+        for a in range(0, len(t), sub):
+            c, sc = self.indexer.select(iq[:, a:a + sub], iw[:, a:a + sub], keys, t[a:a + sub])
+            picks.append(c)
+            if keep_scores:
+                scores.append(sc)
+        return torch.cat(picks, 1), (torch.cat(scores, 1) if keep_scores else None)
+
     def _rows(self, span, n_all, lo, L, ring_path):
         """Row ranges of kv_all that queries at positions span = (t0, t1) can see: their window rows, then the
         compressed entries visible to the last of them (the whole ring + entries in one-token decode)."""
@@ -498,6 +511,9 @@ class Attention(nn.Module):
             bpath = choose_attn_path(H, b1 - b0, n_cols, k_cols, D) if path == "auto" else path
             per_query = k_cols * D if bpath == "gather" else H * n_cols              # floats of its temporaries
             sub = max(1, min(b1 - b0, ATTN_BLOCK_FLOATS // max(1, per_query)))
+            if self.kind == "csa":
+                keep = distill or insp is not None
+                cidx_b, scores_b = self._select(iq[:, b0:b1], iw[:, b0:b1], keys, pos[b0:b1], keep)
             ob = []
             for c0 in range(b0, b1, sub):    # attention blocks (their [sub, H, K] / [sub, K, D] stay small)
                 c1 = min(b1, c0 + sub)
@@ -509,7 +525,8 @@ class Attention(nn.Module):
                     idx = torch.cat([idx, self._all_visible(t, Nc, L)], 1)
                 idx = idx[None].expand(B, -1, -1)
                 if self.kind == "csa":
-                    cidx, scores = self.indexer.select(iq[:, c0:c1], iw[:, c0:c1], keys, t)
+                    cidx = cidx_b[:, c0 - b0:c1 - b0]
+                    scores = scores_b[:, c0 - b0:c1 - b0] if scores_b is not None else None
                     idx = torch.cat([idx, torch.where(cidx >= 0, cidx + L, -1)], 2)
                     if insp is not None:
                         rec["index_scores"] = scores.masked_fill(torch.arange(Nc, device=x.device)[None, None] >=

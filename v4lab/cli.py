@@ -2,7 +2,7 @@
 
     v4lab info PRESET_OR_CONFIG_JSON [--context N] [--json]
     v4lab compare A B [--context N] [--json]
-    v4lab bench {attention,moe,quant,kernels,widgets,device,all} [--quick] [--json] [--device D]
+    v4lab bench {attention,moe,quant,kernels,widgets,device,train,all} [--quick] [--json] [--device D]
     v4lab train ...        (see v4lab.train)
     v4lab generate ...     (see v4lab.generate)
 
@@ -19,7 +19,7 @@ import importlib
 import os
 import sys
 
-BENCHES = ("attention", "moe", "quant", "kernels", "widgets", "device")
+BENCHES = ("attention", "moe", "quant", "kernels", "widgets", "device", "train")
 
 
 class _Parser(argparse.ArgumentParser):

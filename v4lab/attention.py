@@ -138,6 +138,7 @@ def choose_attn_path(heads: int, queries: int, n_cols: int, k: int, head_dim: in
 
 
 ATTN_PATHS = ("auto", "dense", "gather")
+ATTN_BLOCK_QUERIES = 64         # queries per attention block (a dense block also sees its own rows: keep it short)
 ATTN_BLOCK_FLOATS = 1 << 23     # an attention sub-block's big temporary ([s, K, D] gathered rows or [s, H, N'] scores)
 
 
@@ -506,11 +507,13 @@ class Attention(nn.Module):
         for b0 in range(0, S, blk):          # projection blocks: q and the output projection, [blk, H·D]
             b1 = min(S, b0 + blk)
             qb = self._queries(qr[:, b0:b1], cos[b0:b1], sin[b0:b1])
-            rows = self._rows((start_pos + b0, start_pos + b1), kv_all.shape[1], lo, L, ring_path)
+            # the path of this block, costed on its last (widest) attention block of up to ATTN_BLOCK_QUERIES
+            sub = min(b1 - b0, ATTN_BLOCK_QUERIES)
+            rows = self._rows((start_pos + b1 - sub, start_pos + b1), kv_all.shape[1], lo, L, ring_path)
             n_cols = sum(r1 - r0 for r0, r1 in rows)
-            bpath = choose_attn_path(H, b1 - b0, n_cols, k_cols, D) if path == "auto" else path
+            bpath = choose_attn_path(H, sub, n_cols, k_cols, D) if path == "auto" else path
             per_query = k_cols * D if bpath == "gather" else H * n_cols              # floats of its temporaries
-            sub = max(1, min(b1 - b0, ATTN_BLOCK_FLOATS // max(1, per_query)))
+            sub = max(1, min(sub, ATTN_BLOCK_FLOATS // max(1, per_query)))
             if self.kind == "csa":
                 keep = distill or insp is not None
                 cidx_b, scores_b = self._select(iq[:, b0:b1], iw[:, b0:b1], keys, pos[b0:b1], keep)

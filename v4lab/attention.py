@@ -5,8 +5,29 @@ Spec: ../shared/spec/v4-attention.md §3 (data flow), §3.5 (visibility), §4 (p
 Per query t the candidate set is the raw window (positions max(0, t−w+1)..t) plus, in CSA layers, the
 indexer's top-k visible compressed entries, or, in HCA layers, every visible compressed entry
 (s < ⌊(t+1)/m⌋). One softmax over the union with a per-head sink logit in the denominator; window and
-compressed entries are not de-duplicated. Like the official code, everything goes through one
-gather-based `sparse_attn` over explicit index lists (−1 = empty slot).
+compressed entries are not de-duplicated. Like the official code, the layer builds explicit index lists
+(−1 = empty slot) and hands them to one of two references with the same signature and result:
+
+- `sparse_attn` (gather path): copy each query's K listed rows, then H-row products per query.
+- `dense_attn` (dense-block path): a block of queries scores every row it can see (its window rows and
+  the compressed entries visible to its last query) in two large GEMMs; rows not in a query's list get
+  −inf (a row listed n times gets + log n, so both paths agree exactly).
+
+Which one runs is `attn_path` ("auto" | "dense" | "gather"), an argument of `forward` or the module's
+attribute (default "auto"). "auto" picks per block of queries with `choose_attn_path`, a cost model on
+heads H, queries s, rows seen N' = s + w − 1 + visible entries, and listed rows K = w + top-k (CSA) or
+w + visible entries (HCA), in GEMM-FLOP equivalents (calibrated on this project's 2-core CPU):
+    dense  = 4 · s · H · N' · D
+    gather = s · K · D · (190 + 4 · max(H, 16))     (190: one gathered float ≈ 190 GEMM FLOPs; products of
+                                                     fewer than 16 rows run at ≤ H/16 of GEMM speed)
+Crossover (attention blocks of 64 queries, head dim 512, window 128, top-512):
+- the released V4-Flash shape (64 heads): CSA dense up to ~3.5K tokens of context, gather beyond (measured
+  on one block: gather/dense time 1.17 at 1K, 0.91 at 4K, 0.18 at 16K context; the model says 1.5,
+  0.92, 0.26); HCA dense at every length (its N' grows by 1 per 128 tokens). One-token decode: CSA dense
+  below 4K, HCA always dense.
+- two heads (the narrowed bench layer): dense up to ~90K tokens for CSA, always for HCA.
+Long inputs run as consecutive chunks of `prefill_chunk` tokens through the cache, and queries are
+projected and attended in blocks (`q_chunk`), so peak memory is linear in the context.
 
 Choices where the sources leave room (documented, tested):
 - Batches advance in lock-step (one start_pos for all rows). Rows of different lengths are not

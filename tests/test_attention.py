@@ -293,6 +293,9 @@ def test_attn_path_and_prefill_chunk_are_checked():
     a.attn_path, a.prefill_chunk = "auto", 0
     with pytest.raises(ValueError, match="prefill_chunk = 0"):
         a(x)
+    a.prefill_chunk, a.q_chunk = 2048, 2.5
+    with pytest.raises(ValueError, match="q_chunk = 2.5"):
+        a(x)
 
 
 @pytest.mark.parametrize("kind", ["window", "csa", "hca"])

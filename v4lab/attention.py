@@ -466,9 +466,11 @@ class Attention(nn.Module):
         path = self.attn_path if attn_path is None else attn_path
         if path not in ATTN_PATHS:
             raise ValueError(f"attn_path = {path!r}: must be one of {ATTN_PATHS}")
+        for key in ("prefill_chunk", "q_chunk"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{key} = {v!r}: must be a positive int")
         P = self.prefill_chunk
-        if isinstance(P, bool) or not isinstance(P, int) or P < 1:
-            raise ValueError(f"prefill_chunk = {P!r}: must be a positive int")
         if x.shape[1] > P and not (self.inspect or self.distill):   # those record per-call tensors: one call
             cache = cache if cache is not None else self.new_cache(x.shape[0])
             return torch.cat([self._forward(x[:, a:a + P], start_pos + a, cache, path)

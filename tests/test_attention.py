@@ -3,7 +3,15 @@ import pytest
 import torch
 
 from v4lab import quant
-from v4lab.attention import Attention, sparse_attn, sparse_attn_probs
+from v4lab.attention import (
+    GATHER_COPY_FLOPS,
+    Attention,
+    attn_path_costs,
+    choose_attn_path,
+    dense_attn,
+    sparse_attn,
+    sparse_attn_probs,
+)
 from v4lab.config import get_config
 from v4lab.indexer import visible_entries
 from v4lab.kernels import compressor as kc
@@ -172,27 +180,132 @@ def test_many_decode_steps_wrap_ring_and_match():
     assert cache.nbytes() > 0
 
 
+@pytest.mark.parametrize("path", ["gather", "dense"])
 @pytest.mark.parametrize("kind", ["csa", "hca"])
-def test_chunked_prefill_never_builds_square_scores(kind):
-    """Prefill calls sparse_attn per query chunk with index lists of window + top-k / visible entries."""
+def test_chunked_prefill_never_builds_square_scores(kind, path):
+    """Prefill runs per query block: the gather path over index lists of window + top-k / visible entries,
+    the dense-block path over only the rows the block can see (its window rows + visible entries)."""
     a = make(kind, seed=3)
     S = seq_len(kind)
     x = torch.randn(1, S, 128)
     with torch.no_grad():
-        ref = a(x)
+        ref = a(x, attn_path="gather")
         calls = []
 
-        def spy(q, kv, sink, idx, scale):
-            calls.append((q.shape[1], idx.shape[2]))
-            return sparse_attn(q, kv, sink, idx, scale)
+        def spy(fn):
+            def f(q, kv, sink, idx, scale):
+                calls.append((fn.__name__, q.shape[1], kv.shape[1], idx.shape[2]))
+                return fn(q, kv, sink, idx, scale)
+            return f
 
-        a.sparse_attn_fn, a.q_chunk = spy, 16
-        got = a(x)
-    cfg = a.cfg
-    k_max = cfg.sliding_window + (cfg.index_topk if kind == "csa" else S // a.ratio)
-    assert all(s <= 16 and k <= k_max for s, k in calls) and sum(s for s, _ in calls) == S
-    assert max(k for _, k in calls) < S
+        a.sparse_attn_fn, a.dense_attn_fn, a.q_chunk = spy(sparse_attn), spy(dense_attn), 16
+        got = a(x, attn_path=path)
+    cfg, w = a.cfg, a.cfg.sliding_window
+    assert {c[0] for c in calls} == {"sparse_attn" if path == "gather" else "dense_attn"}
+    assert all(s <= 16 for _, s, _, _ in calls) and sum(s for _, s, _, _ in calls) == S
+    if path == "gather":
+        k_max = w + (cfg.index_topk if kind == "csa" else S // a.ratio)
+        assert all(k <= k_max for *_, k in calls) and max(k for *_, k in calls) < S
+    else:
+        assert all(n <= s + w - 1 + S // a.ratio for _, s, n, _ in calls) and max(n for _, _, n, _ in calls) < S
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ dense-block path
+def _attn_case(seed, B=2, S=7, H=3, N=11, K=6, D=8):
+    g = torch.Generator().manual_seed(seed)
+    q, kv, sink = torch.randn(B, S, H, D, generator=g), torch.randn(B, N, D, generator=g), torch.randn(H, generator=g)
+    idx = torch.randint(-1, N, (B, S, K), generator=g)
+    idx[0, 1] = -1                                    # a row with nothing but the sink
+    idx[-1, 2, :3] = 4                                # an index listed three times counts three times
+    return q, kv, sink, idx
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dense_attn_equals_sparse_attn_forward_and_gradients(seed):
+    q, kv, sink, idx = _attn_case(seed)
+    outs, grads = [], []
+    for fn in (sparse_attn, dense_attn):
+        leaves = [t.clone().requires_grad_(True) for t in (q, kv, sink)]
+        o = fn(*leaves, idx, 0.4)
+        (o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum().backward()
+        outs.append(o.detach())
+        grads.append([t.grad for t in leaves])
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-5)
+    assert torch.equal(outs[1][0, 1], torch.zeros_like(outs[1][0, 1]))
+    for gd, gs in zip(grads[1], grads[0]):
+        torch.testing.assert_close(gd, gs, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(outs[1].double(), dense_reference(q, kv, sink, idx, 0.4), atol=1e-5, rtol=1e-5)
+
+
+def test_dense_attn_nan_rows_and_bad_inputs():
+    q, kv, sink, idx = _attn_case(3, B=1)
+    idx[0, :, :] = torch.tensor([0, 1, 2, -1, -1, -1])
+    idx[0, 4, 0] = 7
+    kv2 = kv.clone()
+    kv2[0, 7] = float("nan")                          # picked only by query 4
+    o = dense_attn(q, kv2, sink, idx, 0.4)
+    assert o[0, 4].isnan().all() and torch.isfinite(o[0, torch.arange(7) != 4]).all()
+    torch.testing.assert_close(o[0, :4], sparse_attn(q, kv, sink, idx, 0.4)[0, :4], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="dense_attn.*N = 11"):
+        dense_attn(q, kv, sink, torch.full_like(idx, 11), 0.4)
+    with pytest.raises(ValueError, match="dense_attn.*attn_sink"):
+        dense_attn(q, kv, torch.zeros(2), idx, 0.4)
+
+
+def test_cost_model_crossover():
+    """Dense wins while the block sees few rows besides its picks; with 64 heads the gather wins from
+    ~1.7·K rows; with 2 heads (the narrow bench layer) dense wins up to ~32·K rows."""
+    K, D = 640, 512
+    assert choose_attn_path(64, 64, 800, K, D) == "dense"
+    assert choose_attn_path(64, 64, 2 * K, K, D) == "gather"
+    assert choose_attn_path(2, 64, 16 * K, K, D) == "dense"
+    assert choose_attn_path(2, 64, 40 * K, K, D) == "gather"
+    c = attn_path_costs(8, 16, 100, 50, 64)
+    assert c["dense"] == 4 * 16 * 8 * 100 * 64 and c["gather"] == 16 * 50 * 64 * (GATHER_COPY_FLOPS + 4 * 16)
+
+
+def _grads(a, x, **kw):
+    a.zero_grad()
+    xx = x.clone().requires_grad_(True)
+    y = a(xx, **kw)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    return y.detach(), xx.grad, {n: p.grad.clone() for n, p in a.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_layer_paths_and_prefill_chunks_agree_with_gradients(kind):
+    """The dense-block path, the gather path and a prefill cut into chunks through the cache give the same
+    output and the same gradients (input and every parameter): training runs through all of them."""
+    a = make(kind, seed=8).train()
+    S = seq_len(kind)
+    x = torch.randn(1, S, 128, generator=torch.Generator().manual_seed(9))
+    ref = _grads(a, x, attn_path="gather")
+    runs = [_grads(a, x, attn_path="dense"), _grads(a, x, attn_path="auto")]
+    a.prefill_chunk = 37 if kind != "hca" else 101
+    runs.append(_grads(a, x, attn_path="dense"))
+    for y, gx, gp in runs:
+        torch.testing.assert_close(y, ref[0], atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(gx, ref[1], atol=2e-6, rtol=1e-4)
+        assert gp.keys() == ref[2].keys() and len(gp) > 5
+        for n in gp:                              # fp32 sums over S tokens: compare relative to the largest
+            assert (gp[n] - ref[2][n]).abs().max() <= 1e-5 * ref[2][n].abs().max(), n
+
+
+def test_attn_path_and_prefill_chunk_are_checked():
+    a = make("csa")
+    x = torch.randn(1, 5, 128)
+    with pytest.raises(ValueError, match="attn_path = 'fast'"):
+        a(x, attn_path="fast")
+    a.attn_path = "sparse"
+    with pytest.raises(ValueError, match="attn_path = 'sparse'"):
+        a(x)
+    a.attn_path, a.prefill_chunk = "auto", 0
+    with pytest.raises(ValueError, match="prefill_chunk = 0"):
+        a(x)
+    a.prefill_chunk, a.q_chunk = 2048, 2.5
+    with pytest.raises(ValueError, match="q_chunk = 2.5"):
+        a(x)
 
 
 @pytest.mark.parametrize("kind", ["window", "csa", "hca"])

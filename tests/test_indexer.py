@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from v4lab.config import get_config
-from v4lab.indexer import Indexer, index_scores, topk_visible, visible_entries
+from v4lab.indexer import Indexer, index_scores, topk_visible, topk_visible_sorted, visible_entries
 from v4lab.rope import layer_inv_freq
 
 
@@ -94,3 +94,20 @@ def test_indexer_module_shapes_scaling_and_mask():
     n_vis = visible_entries(pos, 4)
     assert ((idx < n_vis[None, :, None]) | (idx == -1)).all()
     assert (idx[0, :3] == -1).all() and (idx[0, 3] >= 0).sum() == 1
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "few_visible", "nan"])
+def test_topk_visible_equals_the_sorted_reference(case):
+    """The top-k fast path picks exactly the stable sort's entries in the same order, ties included."""
+    g = torch.Generator().manual_seed(3)
+    B, S, N, k = 2, 40, 64, 8
+    scores = torch.randn(B, S, N, generator=g)
+    if case == "ties":                      # ReLU-style zeros and repeated values around the k-th score
+        scores = scores.relu().round(decimals=1)
+    if case == "nan":
+        scores[0, 5, 3] = float("nan")
+        scores[1, :, 10] = float("nan")
+    n_vis = torch.arange(S) * 2 if case != "few_visible" else torch.arange(S) // 4
+    for kk in (k, 1, N - 1, N, N + 3):
+        got, ref = topk_visible(scores, n_vis, kk), topk_visible_sorted(scores, n_vis, kk)
+        assert torch.equal(got, ref), (case, kk)

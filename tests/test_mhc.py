@@ -323,3 +323,21 @@ def test_bad_inputs_raise_value_errors():
         mhc.hc_head(_x(1, 2, n, d), fn, scale[:1], base[:n], rms_eps=EPS, hc_eps=EPS)
     with pytest.raises(ValueError, match="n = 0"):
         mhc.init_streams(torch.zeros(1, 2, d), 0)
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (7, 4, 4), (2, 5, 3, 3)])
+def test_sinkhorn_token_last_layout_equals_the_reference_with_gradients(shape):
+    """`sinkhorn` runs on a [n, n, T] layout for speed; `sinkhorn_rowmajor` is the plain reference."""
+    from v4lab.mhc import sinkhorn, sinkhorn_rowmajor
+    logits = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 2
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for fn in (sinkhorn, sinkhorn_rowmajor):
+        x = logits.clone().requires_grad_(True)
+        c = fn(x, 20, 1e-6)
+        (c * w).sum().backward()
+        outs.append((c.detach(), x.grad))
+    assert outs[0][0].shape == shape
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(outs[0][0], torch.softmax(logits, -1))       # it did normalise columns

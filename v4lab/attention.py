@@ -5,8 +5,29 @@ Spec: docs/design/v4-attention.md §3 (data flow), §3.5 (visibility), §4 (prec
 Per query t the candidate set is the raw window (positions max(0, t−w+1)..t) plus, in CSA layers, the
 indexer's top-k visible compressed entries, or, in HCA layers, every visible compressed entry
 (s < ⌊(t+1)/m⌋). One softmax over the union with a per-head sink logit in the denominator; window and
-compressed entries are not de-duplicated. Like the official code, everything goes through one
-gather-based `sparse_attn` over explicit index lists (−1 = empty slot).
+compressed entries are not de-duplicated. Like the official code, the layer builds explicit index lists
+(−1 = empty slot) and hands them to one of two references with the same signature and result:
+
+- `sparse_attn` (gather path): copy each query's K listed rows, then H-row products per query.
+- `dense_attn` (dense-block path): a block of queries scores every row it can see (its window rows and
+  the compressed entries visible to its last query) in two large GEMMs; rows not in a query's list get
+  −inf (a row listed n times gets + log n, so both paths agree exactly).
+
+Which one runs is `attn_path` ("auto" | "dense" | "gather"), an argument of `forward` or the module's
+attribute (default "auto"). "auto" picks per block of queries with `choose_attn_path`, a cost model on
+heads H, queries s, rows seen N' = s + w − 1 + visible entries, and listed rows K = w + top-k (CSA) or
+w + visible entries (HCA), in GEMM-FLOP equivalents (calibrated on this project's 2-core CPU):
+    dense  = 4 · s · H · N' · D
+    gather = s · K · D · (190 + 4 · max(H, 16))     (190: one gathered float ≈ 190 GEMM FLOPs; products of
+                                                     fewer than 16 rows run at ≤ H/16 of GEMM speed)
+Crossover (attention blocks of 64 queries, head dim 512, window 128, top-512):
+- the released V4-Flash shape (64 heads): CSA dense up to ~3.5K tokens of context, gather beyond (measured
+  on one block: gather/dense time 1.17 at 1K, 0.91 at 4K, 0.18 at 16K context; the model says 1.5,
+  0.92, 0.26); HCA dense at every length (its N' grows by 1 per 128 tokens). One-token decode: CSA dense
+  below 4K, HCA always dense.
+- two heads (the narrowed bench layer): dense up to ~90K tokens for CSA, always for HCA.
+Long inputs run as consecutive chunks of `prefill_chunk` tokens through the cache, and queries are
+projected and attended in blocks (`q_chunk`), so peak memory is linear in the context.
 
 Choices where the sources leave room (documented, tested):
 - Batches advance in lock-step (one start_pos for all rows). Rows of different lengths are not
@@ -36,6 +57,31 @@ from .norm import RMSNorm, rms_norm
 from .rope import apply_rope, cos_sin, layer_inv_freq
 
 
+def _check_attn_args(name, q, kv, attn_sink, idx):
+    if q.dim() != 4 or kv.dim() != 3 or idx.dim() != 3:
+        raise ValueError(f"{name}: q {tuple(q.shape)} must be [B,S,H,D], kv {tuple(kv.shape)} [B,N,D], "
+                         f"idx {tuple(idx.shape)} [B,S,K]")
+    B, S, H, D = q.shape
+    if kv.shape[0] != B or kv.shape[2] != D or idx.shape[:2] != (B, S) or tuple(attn_sink.shape) != (H,):
+        raise ValueError(f"{name}: shapes disagree: q {tuple(q.shape)}, kv {tuple(kv.shape)}, "
+                         f"idx {tuple(idx.shape)}, attn_sink {tuple(attn_sink.shape)}")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name}: idx dtype {idx.dtype} must be int64 (or int32)")
+    if bool((idx >= kv.shape[1]).any()):
+        raise ValueError(f"{name}: idx has entries >= N = {kv.shape[1]}")
+
+
+def _sink_softmax(z: torch.Tensor, attn_sink: torch.Tensor) -> torch.Tensor:
+    """z [B, S, H, K] (−inf = not attended) → p [B, S, H, K]: softmax over [z, sink] without the sink's column
+    (its value is zero). Rows with nothing but −inf get p = 0 (a −inf sink would otherwise give NaN)."""
+    sink = attn_sink.float().view(1, 1, -1, 1)
+    m = torch.maximum(z.detach().amax(-1, keepdim=True), sink.detach())     # a shift, not a function of z
+    m = m.masked_fill(m == float("-inf"), 0.0)                      # nothing attended and a −inf sink
+    e = (z - m).exp()
+    # (no [z, sink] concatenation: one copy fewer of the [B, S, H, K] scores)
+    return e / (e.sum(-1, keepdim=True) + (sink - m).exp()).clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx: torch.Tensor,
                 scale: float) -> torch.Tensor:
     """Gather-based attention over explicit index lists, with a per-head sink in the denominator.
@@ -45,19 +91,10 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx:
     o = Σ_j p_j kv_j with p_j = exp(z_j) / (Σ_k exp(z_k) + exp(sink_h)), z = scale · q·kv.
     A row with no valid index returns zeros (all mass on the sink, whose value is zero).
     """
-    if q.dim() != 4 or kv.dim() != 3 or idx.dim() != 3:
-        raise ValueError(f"sparse_attn: q {tuple(q.shape)} must be [B,S,H,D], kv {tuple(kv.shape)} [B,N,D], "
-                         f"idx {tuple(idx.shape)} [B,S,K]")
+    _check_attn_args("sparse_attn", q, kv, attn_sink, idx)
     B, S, H, D = q.shape
-    if kv.shape[0] != B or kv.shape[2] != D or idx.shape[:2] != (B, S) or tuple(attn_sink.shape) != (H,):
-        raise ValueError(f"sparse_attn: shapes disagree: q {tuple(q.shape)}, kv {tuple(kv.shape)}, "
-                         f"idx {tuple(idx.shape)}, attn_sink {tuple(attn_sink.shape)}")
-    if idx.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"sparse_attn: idx dtype {idx.dtype} must be int64 (or int32)")
     N = kv.shape[1]
     valid = idx >= 0                                               # [B, S, K]
-    if bool((idx >= N).any()):
-        raise ValueError(f"sparse_attn: idx has entries >= N = {N}")
     # −1 slots read a valid entry of the same row (its largest index) instead of a masked copy of the
     # gather: they get zero probability, and pointing them at an entry the row attends anyway means a
     # NaN/inf in some unrelated kv row cannot leak through 0·NaN. Rows with no valid slot are zeroed.
@@ -67,13 +104,63 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx:
     g = kv.float().reshape(B * N, D).index_select(0, rows.reshape(-1)).view(B, S, -1, D)  # [B, S, K, D]
     z = torch.einsum("bshd,bskd->bshk", q.float(), g) * scale      # [B, S, H, K]
     z = z.masked_fill(~valid[:, :, None, :], float("-inf"))
-    sink = attn_sink.float().view(1, 1, H, 1).expand(B, S, H, 1)
-    # softmax over [z, sink] with the sink's value being zero: drop its column after normalising.
-    p = torch.cat([z, sink], dim=-1).softmax(dim=-1)[..., :-1]
-    p = p.masked_fill(~valid[:, :, None, :], 0.0)                  # (a −inf sink with no entry would be NaN)
-    o = torch.einsum("bshk,bskd->bshd", p, g)
+    o = torch.einsum("bshk,bskd->bshd", _sink_softmax(z, attn_sink), g)
     o = o.masked_fill(~valid.any(-1)[:, :, None, None], 0.0)       # sink-only rows
     return o.to(q.dtype)
+
+
+def dense_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx: torch.Tensor,
+               scale: float) -> torch.Tensor:
+    """The dense-block twin of `sparse_attn` (same signature, same result): every query scores every row of
+    kv in two GEMMs, and rows that are not in its index list are masked out.
+
+    An index listed n times counts n times, as in the gather (its logit gets + log n). Cost ∝ S·H·N·D in
+    large matrix products (no copy of the picked rows), so it wins when kv holds few rows besides the
+    picks: the caller passes only the rows a block of queries can see (see `choose_attn_path`). A kv with
+    a non-finite value goes through `sparse_attn`: a NaN in a row some query did not pick must not reach
+    it through 0·NaN in p @ kv.
+    """
+    _check_attn_args("dense_attn", q, kv, attn_sink, idx)
+    if not bool(torch.isfinite(kv).all()):
+        return sparse_attn(q, kv, attn_sink, idx, scale)
+    B, S, H, D = q.shape
+    N = kv.shape[1]
+    valid = idx >= 0
+    count = torch.zeros(B, S, N, device=q.device).scatter_add_(2, idx.clamp(min=0).long(), valid.float())
+    kvf = kv.float()
+    z = torch.bmm(q.float().reshape(B, S * H, D), kvf.transpose(1, 2)).view(B, S, H, N) * scale
+    z = z + count.log()[:, :, None, :]                                # log 0 = −inf: not attended
+    p = _sink_softmax(z, attn_sink)
+    o = torch.bmm(p.view(B, S * H, N), kvf).view(B, S, H, D)
+    return o.to(q.dtype)
+
+
+# Cost model of one query block, calibrated on a 2-core AMD EPYC with torch's fp32 CPU GEMMs (1 thread):
+# a large GEMM runs at ~70 GFLOP/s, a gather of kv rows (index_select) copies ~1.5 GB/s, i.e. one gathered
+# float costs as much as ~190 GEMM FLOPs, and the gather path's batched products have only H rows per query
+# (7.5 GFLOP/s at H = 2, 63 at H = 64, modelled as full speed from 16 rows on).
+GATHER_COPY_FLOPS = 190.0
+SMALL_GEMM_ROWS = 16
+
+
+def attn_path_costs(heads: int, queries: int, n_cols: int, k: int, head_dim: int) -> dict:
+    """Modelled cost (in GEMM-FLOP equivalents) of one query block on each path.
+    dense: 4·s·H·N'·D (scores + values against the N' rows the block can see);
+    gather: s·K·D·(copy + 4·max(H, 16)) (copy the K picked rows per query, then small H-row products)."""
+    dense = 4.0 * queries * heads * n_cols * head_dim
+    gather = queries * k * head_dim * (GATHER_COPY_FLOPS + 4.0 * max(heads, SMALL_GEMM_ROWS))
+    return {"dense": dense, "gather": gather}
+
+
+def choose_attn_path(heads: int, queries: int, n_cols: int, k: int, head_dim: int) -> str:
+    """"dense" or "gather", whichever `attn_path_costs` says is cheaper (ties go to dense)."""
+    c = attn_path_costs(heads, queries, n_cols, k, head_dim)
+    return "dense" if c["dense"] <= c["gather"] else "gather"
+
+
+ATTN_PATHS = ("auto", "dense", "gather")
+ATTN_BLOCK_QUERIES = 64         # queries per attention block (a dense block also sees its own rows: keep it short)
+ATTN_BLOCK_FLOATS = 1 << 23     # an attention sub-block's big temporary ([s, K, D] gathered rows or [s, H, N'] scores)
 
 
 def sparse_attn_probs(q, kv, attn_sink, idx, scale):
@@ -256,8 +343,12 @@ class Attention(nn.Module):
         self.distill = False                      # CSA: also compute the indexer warm-up loss (see above)
         self.last_distill: tuple | None = None
         self.last_recall: tuple | None = None
-        self.q_chunk = 64                         # queries per sparse_attn call (memory ∝ q_chunk · K · D)
+        self.q_chunk = 256                        # queries per projection block (attention sub-blocks are
+                                                  # cut to ATTN_BLOCK_FLOATS of temporaries)
+        self.prefill_chunk = 2048                 # longer inputs run as consecutive chunks through the cache
+        self.attn_path = "auto"                   # "auto" (cost model) | "dense" | "gather": see the docstring
         self.sparse_attn_fn = sparse_attn         # swap in kernels.sparse_attn.sparse_attn for speed
+        self.dense_attn_fn = dense_attn
 
     # -------------------------------------------------------------- switches
     @property
@@ -323,10 +414,85 @@ class Attention(nn.Module):
         return torch.where(s[None] < visible_entries(t, self.ratio)[:, None], s[None] + L, -1)
 
     # -------------------------------------------------------------- forward
+    # Queries and the output projection run per block of queries, inside the attention loop: their
+    # [s, H·D] temporaries then stay small (a full-width [S, H·D] is 8.6 GB at 64K tokens) and in cache.
+    def _queries(self, qr, cos, sin):
+        """qr [B, s, q_lora] → q [B, s, H, D]: up-projection, weightless per-head RMSNorm, RoPE."""
+        B, s, _ = qr.shape
+        q = rms_norm(self.wq_b(qr).view(B, s, self.n_heads, self.head_dim), None, self.eps)
+        return apply_rope(q, cos[:, None], sin[:, None])
+
+    def _output(self, o, cos, sin):
+        """o [B, s, H, D] → [B, s, d]: inverse RoPE (back to relative positions), grouped wo_a, wo_b."""
+        B, s = o.shape[:2]
+        o = apply_rope(o, cos[:, None], sin[:, None], inverse=True)
+        og = o.reshape(B, s, self.o_groups, -1)                                # [B, s, g, H·D/g]
+        wa = self.wo_a.weight.view(self.o_groups, -1, og.shape[-1])             # [g, o_lora_rank, H·D/g]
+        return self.wo_b(torch.einsum("bsgi,goi->bsgo", og, wa).flatten(2))
+
+    def _select(self, iq, iw, keys, t, keep_scores: bool):
+        """The indexer's picks for a block of queries, scored in sub-blocks whose [s, Hi, Nc] logits stay under
+        ATTN_BLOCK_FLOATS / 2 → cidx [B, s, k], and the scores [B, s, Nc] when `keep_scores` (else None)."""
+        per_query = self.indexer.n_heads * max(1, keys.shape[1])
+        sub = max(1, min(len(t), (ATTN_BLOCK_FLOATS // 2) // per_query))
+        picks, scores = [], []
+        for a in range(0, len(t), sub):
+            c, sc = self.indexer.select(iq[:, a:a + sub], iw[:, a:a + sub], keys, t[a:a + sub])
+            picks.append(c)
+            if keep_scores:
+                scores.append(sc)
+        return torch.cat(picks, 1), (torch.cat(scores, 1) if keep_scores else None)
+
+    def _rows(self, span, n_all, lo, L, ring_path):
+        """Row ranges of kv_all that queries at positions span = (t0, t1) can see: their window rows, then the
+        compressed entries visible to the last of them (the whole ring + entries in one-token decode)."""
+        if ring_path:
+            return [(0, n_all)]
+        rows = [(max(0, span[0] - self.window + 1) - lo, span[1] - lo)]
+        if n_all > L and self.kind != "window":
+            rows.append((L, L + min(n_all - L, span[1] // self.ratio)))
+        return rows
+
+    def _attend(self, q, kv_all, idx, span, lo, L, ring_path, path):
+        """One block of queries at positions span: o [B, s, H, D] by the gather path over kv_all ("gather") or
+        by the dense-block path over only the rows the block can see ("dense"). Same result either way."""
+        if path == "gather":
+            return self.sparse_attn_fn(q, kv_all, self.attn_sink, idx, self.scale)
+        n_all = kv_all.shape[1]
+        rows = self._rows(span, n_all, lo, L, ring_path)
+        remap = torch.full((n_all,), -1, dtype=torch.long, device=idx.device)   # kv_all row → block row
+        off = 0
+        for a, b in rows:
+            remap[a:b] = torch.arange(off, off + b - a, device=idx.device)
+            off += b - a
+        blk = kv_all if ring_path else torch.cat([kv_all[:, a:b] for a, b in rows], 1)
+        bidx = torch.where(idx >= 0, remap[idx.clamp(min=0)], -1)
+        return self.dense_attn_fn(q, blk, self.attn_sink, bidx, self.scale)
+
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: AttentionCache | None = None,
-                seq_lens=None) -> torch.Tensor:
-        """x [B, S, d] at positions start_pos..start_pos+S−1 → [B, S, d]. `cache` is advanced in place."""
+                seq_lens=None, attn_path: str | None = None) -> torch.Tensor:
+        """x [B, S, d] at positions start_pos..start_pos+S−1 → [B, S, d]. `cache` is advanced in place.
+
+        attn_path: "auto" | "dense" | "gather" for this call (default: the module's `attn_path`).
+        Inputs longer than `prefill_chunk` run as consecutive chunks through the cache (same result as one
+        call, as prefill == decode; memory then stays linear: q and the output are [chunk, H·D], not [S, H·D]).
+        """
         self._check(x, start_pos, cache, seq_lens)
+        path = self.attn_path if attn_path is None else attn_path
+        if path not in ATTN_PATHS:
+            raise ValueError(f"attn_path = {path!r}: must be one of {ATTN_PATHS}")
+        for key in ("prefill_chunk", "q_chunk"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{key} = {v!r}: must be a positive int")
+        P = self.prefill_chunk
+        if x.shape[1] > P and not (self.inspect or self.distill):   # those record per-call tensors: one call
+            cache = cache if cache is not None else self.new_cache(x.shape[0])
+            return torch.cat([self._forward(x[:, a:a + P], start_pos + a, cache, path)
+                              for a in range(0, x.shape[1], P)], 1)
+        return self._forward(x, start_pos, cache, path)
+
+    def _forward(self, x, start_pos, cache, path) -> torch.Tensor:
         B, S, _ = x.shape
         H, D, w = self.n_heads, self.head_dim, self.window
         if cache is None:
@@ -335,8 +501,6 @@ class Attention(nn.Module):
         cos, sin = cos_sin(self.rope_freqs, pos)                              # [S, r/2]
 
         qr = self.q_norm(self.wq_a(x))                                        # shared with the indexer
-        q = rms_norm(self.wq_b(qr).view(B, S, H, D), None, self.eps)          # weightless per-head norm
-        q = apply_rope(q, cos[:, None], sin[:, None])
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)                  # one K=V head [B, S, D]
         kv = self._fp8_nope(kv)
 
@@ -377,54 +541,67 @@ class Attention(nn.Module):
         offs = torch.arange(w - 1, -1, -1, device=x.device)                    # window slots, oldest first
         outs, records = [], []
         k_cols = w + (min(self.cfg.index_topk, Nc) if self.kind == "csa" else Nc)
-        chunk = max(1, min(self.q_chunk, (1 << 24) // max(1, k_cols * D)))
-        for c0 in range(0, S, chunk):
-            t = pos[c0:c0 + chunk]                                              # [s]
-            wp = t[:, None] - offs[None]                                        # positions t−w+1..t
-            idx = torch.where(wp >= 0, wp % w if ring_path else wp - lo, -1)
-            rec = {}
-            if self.kind == "hca":
-                idx = torch.cat([idx, self._all_visible(t, Nc, L)], 1)
-            idx = idx[None].expand(B, -1, -1)
+        blk = self.q_chunk
+        for b0 in range(0, S, blk):          # projection blocks: q and the output projection, [blk, H·D]
+            b1 = min(S, b0 + blk)
+            qb = self._queries(qr[:, b0:b1], cos[b0:b1], sin[b0:b1])
+            # the path of this block, costed on its last (widest) attention block of up to ATTN_BLOCK_QUERIES
+            sub = min(b1 - b0, ATTN_BLOCK_QUERIES)
+            rows = self._rows((start_pos + b1 - sub, start_pos + b1), kv_all.shape[1], lo, L, ring_path)
+            n_cols = sum(r1 - r0 for r0, r1 in rows)
+            bpath = choose_attn_path(H, sub, n_cols, k_cols, D) if path == "auto" else path
+            per_query = k_cols * D if bpath == "gather" else H * n_cols              # floats of its temporaries
+            sub = max(1, min(sub, ATTN_BLOCK_FLOATS // max(1, per_query)))
             if self.kind == "csa":
-                cidx, scores = self.indexer.select(iq[:, c0:c0 + chunk], iw[:, c0:c0 + chunk], keys, t)
-                idx = torch.cat([idx, torch.where(cidx >= 0, cidx + L, -1)], 2)
+                keep = distill or insp is not None
+                cidx_b, scores_b = self._select(iq[:, b0:b1], iw[:, b0:b1], keys, pos[b0:b1], keep)
+            ob = []
+            for c0 in range(b0, b1, sub):    # attention blocks (their [sub, H, K] / [sub, K, D] stay small)
+                c1 = min(b1, c0 + sub)
+                t = pos[c0:c1]                                                  # [s]
+                wp = t[:, None] - offs[None]                                    # positions t−w+1..t
+                idx = torch.where(wp >= 0, wp % w if ring_path else wp - lo, -1)
+                rec = {}
+                if self.kind == "hca":
+                    idx = torch.cat([idx, self._all_visible(t, Nc, L)], 1)
+                idx = idx[None].expand(B, -1, -1)
+                if self.kind == "csa":
+                    cidx = cidx_b[:, c0 - b0:c1 - b0]
+                    scores = scores_b[:, c0 - b0:c1 - b0] if scores_b is not None else None
+                    idx = torch.cat([idx, torch.where(cidx >= 0, cidx + L, -1)], 2)
+                    if insp is not None:
+                        rec["index_scores"] = scores.masked_fill(torch.arange(Nc, device=x.device)[None, None] >=
+                                                                 visible_entries(t, self.ratio)[None, :, None],
+                                                                 float("-inf"))
+                        rec["selected"] = cidx
+                idx = idx.contiguous()
+                qc = qb[:, c0 - b0:c1 - b0]
+                if distill:                   # target: the dense attention (window + every visible entry)
+                    dense = torch.cat([idx[..., :w], self._all_visible(t, Nc, L)[None].expand(B, -1, -1)], 2)
+                    with torch.no_grad():
+                        p, _ = sparse_attn_probs(qc, kv_all, self.attn_sink, dense, self.scale)
+                    mass = p[..., w:].sum(2)                                            # [B, s, Nc]
+                    nv = visible_entries(t, self.ratio)
+                    a, n = distill_kl(mass, scores, nv)
+                    kl_sum, kl_n = kl_sum + a, kl_n + n
+                    h, m = topk_recall(mass, cidx, nv, self.cfg.index_topk)
+                    hits, possible = hits + h, possible + m
+                ob.append(self._attend(qc, kv_all, idx, (start_pos + c0, start_pos + c1), lo, L, ring_path, bpath))
                 if insp is not None:
-                    rec["index_scores"] = scores.masked_fill(
-                        torch.arange(Nc, device=x.device)[None, None] >= visible_entries(t, self.ratio)[None, :, None],
-                        float("-inf"))
-                    rec["selected"] = cidx
-            idx = idx.contiguous()
-            qc = q[:, c0:c0 + chunk]
-            if distill:                       # target: the dense attention (window + every visible entry)
-                dense = torch.cat([idx[..., :w], self._all_visible(t, Nc, L)[None].expand(B, -1, -1)], 2)
-                with torch.no_grad():
-                    p, _ = sparse_attn_probs(qc, kv_all, self.attn_sink, dense, self.scale)
-                mass = p[..., w:].sum(2)                                                # [B, s, Nc]
-                nv = visible_entries(t, self.ratio)
-                a, n = distill_kl(mass, scores, nv)
-                kl_sum, kl_n = kl_sum + a, kl_n + n
-                h, m = topk_recall(mass, cidx, nv, self.cfg.index_topk)
-                hits, possible = hits + h, possible + m
-            outs.append(self.sparse_attn_fn(qc, kv_all, self.attn_sink, idx, self.scale))
-            if cache.reads is not None:
-                cache.reads.append({"positions": t, "window": wp.where(wp >= 0, -1)[None].expand(B, -1, -1),
-                                    "compressed": torch.where(idx[..., w:] >= 0, idx[..., w:] - L, -1)})
-            if insp is not None:
-                p, sink = sparse_attn_probs(qc, kv_all, self.attn_sink, idx, self.scale)
-                rec["window_positions"] = wp.where(wp >= 0, -1)[None].expand(B, -1, -1)
-                rec["compressed_idx"] = torch.where(idx[..., w:] >= 0, idx[..., w:] - L, -1)
-                rec["probs_window"], rec["probs_compressed"], rec["sink"] = p[..., :w], p[..., w:], sink
-                records.append(rec)
-        o = torch.cat(outs, 1)                                                  # [B, S, H, D]
+                    p, sink = sparse_attn_probs(qc, kv_all, self.attn_sink, idx, self.scale)
+                    rec["window_positions"] = wp.where(wp >= 0, -1)[None].expand(B, -1, -1)
+                    rec["compressed_idx"] = torch.where(idx[..., w:] >= 0, idx[..., w:] - L, -1)
+                    rec["probs_window"], rec["probs_compressed"], rec["sink"] = p[..., :w], p[..., w:], sink
+                    records.append(rec)
+                if cache.reads is not None:   # decode_trace: what these queries read (record=True caches)
+                    cache.reads.append({"positions": t, "window": wp.where(wp >= 0, -1)[None].expand(B, -1, -1),
+                                        "compressed": torch.where(idx[..., w:] >= 0, idx[..., w:] - L, -1)})
+            outs.append(self._output(torch.cat(ob, 1), cos[b0:b1], sin[b0:b1]))
+        y = torch.cat(outs, 1)                                                  # [B, S, d]
         cache.length = start_pos + S
         if distill:
             self.last_distill, self.last_recall = (kl_sum, kl_n), (hits, possible)
 
-        o = apply_rope(o, cos[:, None], sin[:, None], inverse=True)            # back to relative positions
-        og = o.reshape(B, S, self.o_groups, -1)                                # [B, S, g, H·D/g]
-        wa = self.wo_a.weight.view(self.o_groups, -1, og.shape[-1])             # [g, o_lora_rank, H·D/g]
-        y = self.wo_b(torch.einsum("bsgi,goi->bsgo", og, wa).flatten(2))
         if insp is not None:
             for key in records[0]:
                 insp[key] = torch.cat([r[key] for r in records], 1)

@@ -2,7 +2,7 @@
 
     v4lab info PRESET_OR_CONFIG_JSON [--context N] [--json]
     v4lab compare A B [--context N] [--json] [--diff]
-    v4lab bench {attention,moe,quant,kernels,widgets,device,ep,trace,all} [--quick] [--json] [--device D]
+    v4lab bench {attention,moe,quant,kernels,widgets,device,ep,trace,train,all} [--quick] [--json] [--device D]
     v4lab train ...        (see v4lab.train)
     v4lab generate ...     (see v4lab.generate)
     v4lab cost [--turns N] [--context 32K] [--output 1K] [--pro-share F] [--hard-share F] [--thinking] [--json]
@@ -22,7 +22,7 @@ import importlib
 import os
 import sys
 
-BENCHES = ("attention", "moe", "quant", "kernels", "widgets", "device", "ep", "trace")
+BENCHES = ("attention", "moe", "quant", "kernels", "widgets", "device", "ep", "trace", "train")
 
 
 class _Parser(argparse.ArgumentParser):

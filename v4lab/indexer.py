@@ -35,22 +35,53 @@ def visible_entries(positions: torch.Tensor, ratio: int) -> torch.Tensor:
     return torch.div(positions + 1, ratio, rounding_mode="floor")
 
 
-def topk_visible(scores: torch.Tensor, n_visible: torch.Tensor, k: int) -> torch.Tensor:
-    """scores [B, S, N], n_visible [S] → idx [B, S, min(k, N)] of the best visible entries, −1 for picks that
-    are invisible (a query with fewer than k visible entries, or none at all)."""
+def _mask_invisible(scores: torch.Tensor, n_visible: torch.Tensor) -> torch.Tensor:
     N = scores.shape[-1]
-    k = min(k, N)
-    if k == 0:
-        return scores.new_zeros(*scores.shape[:2], 0, dtype=torch.long)
     invisible = torch.arange(N, device=scores.device)[None, :] >= n_visible[:, None]    # [S, N]
     masked = scores.masked_fill(invisible[None], float("-inf"))
     # NaN scores (NaN inputs) must not win top-k silently over real entries: rank them lowest,
     # the NaN then still reaches the output through the attention of the same token's NaN q/kv.
-    masked = torch.nan_to_num(masked, nan=float("-inf"))
+    return torch.nan_to_num(masked, nan=float("-inf"))
+
+
+def topk_visible_sorted(scores: torch.Tensor, n_visible: torch.Tensor, k: int) -> torch.Tensor:
+    """The reference of `topk_visible` (same signature and result): one stable descending sort of every row."""
+    N = scores.shape[-1]
+    k = min(k, N)
+    if k == 0:
+        return scores.new_zeros(*scores.shape[:2], 0, dtype=torch.long)
+    masked = _mask_invisible(scores, n_visible)
     # Exact ties are common (ReLU can zero every head → score 0.0 for several entries). torch.topk breaks
     # them differently for different shapes, which would make decode differ from prefill; a stable
     # descending sort breaks them the same way everywhere: the lower (older) entry index wins.
     idx = masked.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.where(idx >= n_visible[None, :, None], torch.full_like(idx, -1), idx)
+
+
+def topk_visible(scores: torch.Tensor, n_visible: torch.Tensor, k: int) -> torch.Tensor:
+    """scores [B, S, N], n_visible [S] → idx [B, S, min(k, N)] of the best visible entries, −1 for picks that
+    are invisible (a query with fewer than k visible entries, or none at all). Best first; equal scores go
+    to the lower entry index (so prefill and decode pick the same set whatever the shapes).
+
+    Same result as `topk_visible_sorted` without sorting whole rows (16K entries per query at 64K tokens):
+    torch.topk finds the k best, which are then put in stable order; rows where the k-th score is tied
+    with a score outside the k (membership would depend on topk's tie order, e.g. rows with < k visible
+    entries, all −inf past them) go through the reference.
+    """
+    N = scores.shape[-1]
+    k = min(k, N)
+    if k == 0 or k == N:
+        return topk_visible_sorted(scores, n_visible, k)
+    masked = _mask_invisible(scores, n_visible)
+    vals, cand = masked.topk(k, dim=-1)                                    # [B, S, k]
+    tied = (masked >= vals[..., -1:]).sum(-1) > k                          # [B, S]
+    cand = cand.sort(dim=-1).values                                        # by entry index, then
+    order = masked.gather(-1, cand).sort(dim=-1, descending=True, stable=True).indices   # best first, stable
+    idx = cand.gather(-1, order)
+    if bool(tied.any()):
+        sel = tied.nonzero(as_tuple=True)
+        ref = masked[sel].sort(dim=-1, descending=True, stable=True).indices[..., :k]    # [n_tied, k]
+        idx = idx.index_put(sel, ref)
     return torch.where(idx >= n_visible[None, :, None], torch.full_like(idx, -1), idx)
 
 

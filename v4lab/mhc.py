@@ -123,17 +123,33 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return _sinkhorn(logits, iters, eps)
 
 
-def _sinkhorn(logits, iters, eps, trace=None):
+def sinkhorn_rowmajor(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """The reference of `sinkhorn` (same signature and result) on the natural [..., n, n] layout."""
+    _check_sinkhorn_args(logits, iters, eps)
     c = torch.softmax(logits, dim=-1) + eps
     c = c / (c.sum(-2, keepdim=True) + eps)
-    if trace is not None:
-        trace.append(c)
     for _ in range(iters - 1):
         c = c / (c.sum(-1, keepdim=True) + eps)
         c = c / (c.sum(-2, keepdim=True) + eps)
-        if trace is not None:
-            trace.append(c)
     return c
+
+
+def _sinkhorn(logits, iters, eps, trace=None):
+    # The same steps as `sinkhorn_rowmajor`, on a [n, n, T] layout: the tokens are the contiguous axis, so
+    # each of the 2·iters normalisations is one vectorised pass (with [T, n, n] every op broadcasts over
+    # rows of 4 floats: ~8x slower on a CPU, ~25 % of a tiny model's training step at hc_mult 4).
+    lead = logits.shape[:-2]
+    n = logits.shape[-1]
+    c = torch.softmax(logits, dim=-1).reshape(-1, n, n).permute(1, 2, 0).contiguous() + eps    # [n, n, T]
+    c = c / (c.sum(0, keepdim=True) + eps)
+    if trace is not None:
+        trace.append(c.permute(2, 0, 1).reshape(*lead, *c.shape[:2]))
+    for _ in range(iters - 1):
+        c = c / (c.sum(1, keepdim=True) + eps)
+        c = c / (c.sum(0, keepdim=True) + eps)
+        if trace is not None:
+            trace.append(c.permute(2, 0, 1).reshape(*lead, *c.shape[:2]))
+    return c.permute(2, 0, 1).reshape(*lead, *c.shape[:2])
 
 
 def sinkhorn_errors(logits: torch.Tensor, iters: int, eps: float) -> dict:

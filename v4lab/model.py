@@ -248,6 +248,7 @@ class V4Model(nn.Module):
         for b in self.blocks():
             a = b.attn
             a.sparse_attn_fn = ks.sparse_attn if on else A.sparse_attn
+            a.attn_path = "gather" if on else "auto"      # the kernel is the gather path's twin
             comp, ind = getattr(a, "compressor", None), getattr(a, "indexer", None)     # window layers: neither
             for c in (comp, ind.compressor if ind is not None else None):
                 if c is not None:

@@ -502,8 +502,8 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
         start_ar(0)
     bar = None
     if progress and main_rank:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc="train", leave=False)
+        from v4lab.progress import bar as _bar
+        bar = _bar(steps, "train", leave=False)           # drawn only when stderr is a terminal
     t_start, c_start = time.perf_counter(), time.process_time()
     step = 0
     saved = None                        # folder of the last complete checkpoint this run wrote
@@ -733,8 +733,8 @@ def indexer_warmup(model: V4Model, data=None, *, steps: int = 100, batch_size: i
     log = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc="indexer warm-up", leave=False)
+        from v4lab.progress import bar as _bar
+        bar = _bar(steps, "indexer warm-up", leave=False)
     model.eval()                       # no dropout anyway; eval keeps MoE bias/balance bookkeeping out
     try:
         for step in range(steps):

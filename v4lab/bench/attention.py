@@ -62,9 +62,15 @@ DECODE_LAYERS = {                          # name: (preset, layer_id or None)
     "v3.2-mla-dsa": ("v3.2", None), "mqa-dense": ("v4-flash", None),
 }
 PREFILL_LAYERS = {"v4-flash-csa": 2, "v4-flash-hca": 3}
+PREFILL_SHAPES = ("narrow", "real")
 FULL_DECODE = (8192, 131072, 1048576)
-FULL_PREFILL = (4096, 8192, 16384, 32768)   # v4lab is run up to here; HF where it fits in HF_BUDGET
+# (shape, context): v4lab runs every point, HF where its analytic footprint fits in the budget
+FULL_PREFILL = [("narrow", S) for S in (1024, 2048, 4096, 8192, 16384, 32768)] + \
+               [("real", S) for S in (1024, 2048, 4096, 65536)]
+QUICK_PREFILL = [("narrow", S) for S in (1024, 2048, 4096)] + [("real", 1024)]
 FULL_PREFILL_ANALYTIC = (65536,)
+PREFILL_REPEATS = 3            # side-by-side repeats (v4lab and HF interleaved) below this many tokens
+REPEAT_BELOW = 8192
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -377,15 +383,24 @@ def _hf_module(cfg, layer_id: int):
     return hf, _build(lambda: M.DeepseekV4Attention(hf, 0)), M.DeepseekV4RotaryEmbedding(hf)
 
 
-def _prefill_worker(name: str, impl: str, S: int, device: str = "cpu") -> list[dict]:
+def prefill_config(shape: str):
+    """"narrow" (the cut widths above) or "real" (the released V4-Flash attention: d 4096, 64 heads × 512,
+    q_lora 1024, 8 output groups of rank 1024, 64 indexer heads × 128)."""
+    from v4lab.config import get_config
+    if shape not in PREFILL_SHAPES:
+        raise ValueError(f"shape = {shape!r}: must be one of {PREFILL_SHAPES}")
+    return narrow_config() if shape == "narrow" else get_config("v4-flash")
+
+
+def _prefill_worker(name: str, impl: str, S: int, device: str = "cpu", shape: str = "narrow") -> list[dict]:
     torch.set_num_threads(1)
     dev = torch.device(device)
     clock = _Clock(dev)
-    cfg = narrow_config()
+    cfg = prefill_config(shape)
     layer_id = PREFILL_LAYERS[name]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, S, cfg.hidden_size, generator=g).to(dev)
-    rec = {"layer": name, "impl": impl, "mode": "prefill", "device": str(dev), "context": S, "shape": "narrow",
+    rec = {"layer": name, "impl": impl, "mode": "prefill", "device": str(dev), "context": S, "shape": shape,
            "skipped": False}
     if impl == "v4lab":
         from v4lab.attention import Attention
@@ -445,8 +460,67 @@ def _spawn(args: list[str], timeout: float) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ driver
+def _decode_records(name, contexts, steps, dev) -> list[dict]:
+    recs = _spawn(["decode", name, ",".join(map(str, contexts)), str(steps), str(dev)], timeout=3600)
+    for r in recs:
+        a = analytic(name, r["context"])
+        a_ctx = analytic(name, r["cache_context"])
+        r.update(flops=a["flops"], flops_gemm=a["gemm"], flops_core=a["core"], flops_indexer=a["indexer"],
+                 accounting_cache_bytes=a_ctx["cache_bytes"], analytic_source=a["source"])
+    return recs
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def prefill_side_by_side(points, dev, budget, log, progress=False) -> list[dict]:
+    """Prefill records for every (shape, context) point and both layer kinds: v4lab and HF run in fresh
+    processes, interleaved (v4lab, HF, HF, v4lab, ...) `PREFILL_REPEATS` times below `REPEAT_BELOW` tokens
+    (once above), and each record keeps the median ``seconds`` and ``peak_bytes`` with every run in
+    ``runs_seconds``; ``speed_vs_hf`` = HF median / v4lab median of the same point."""
+    from v4lab.progress import bar
+    plan = []
+    for shape, S in points:
+        cfg = prefill_config(shape)
+        for name in PREFILL_LAYERS:
+            need = hf_analytic_peak(cfg, PREFILL_LAYERS[name], S)
+            plan.append((shape, S, name, need, PREFILL_REPEATS if S < REPEAT_BELOW else 1))
+    total = sum(reps * (1 + (need <= budget)) for *_, need, reps in plan)
+    records = []
+    with bar(total, "prefill", progress) as pb:
+        for shape, S, name, need, reps in plan:
+            impls = ["v4lab"] + (["hf-transformers"] if need <= budget else [])
+            runs = {i: [] for i in impls}
+            for r in range(reps):
+                for impl in (impls if r % 2 == 0 else impls[::-1]):
+                    log(f"prefill {shape} {name} S={S} {impl} (run {r + 1}/{reps})")
+                    pb.set_postfix_str(f"{shape} {name} {S} {impl}")
+                    runs[impl] += _spawn(["prefill", name, impl, str(S), str(dev), shape], timeout=7200)
+                    pb.update(1)
+            for impl in impls:
+                rec = dict(runs[impl][-1])
+                rec["runs_seconds"] = [x["seconds"] for x in runs[impl]]
+                rec["seconds"] = _median(rec["runs_seconds"])
+                rec["wall_seconds"] = _median([x["wall_seconds"] for x in runs[impl]])
+                rec["peak_bytes"] = _median([x["peak_bytes"] for x in runs[impl]])
+                records.append(rec)
+            if len(impls) == 1:
+                records.append({"layer": name, "impl": "hf-transformers", "mode": "prefill", "device": str(dev),
+                                "context": S, "shape": shape, "skipped": True, "seconds": None, "peak_bytes": None,
+                                "analytic_peak_bytes": need, "cache_bytes": None,
+                                "reason": f"dense [S, S+T] scores need ~{need / 2 ** 30:.1f} GiB > budget "
+                                          f"{budget / 2 ** 30:.0f} GiB"})
+            else:
+                records[-2]["speed_vs_hf"] = records[-1]["seconds"] / records[-2]["seconds"]
+                records[-2]["memory_vs_hf"] = records[-1]["peak_bytes"] / max(1, records[-2]["peak_bytes"])
+    return records
+
+
 def run(quick: bool = False, log: Callable[[str], None] | None = None,
-        device: str | torch.device | None = None) -> list[dict]:
+        device: str | torch.device | None = None, progress: bool = False) -> list[dict]:
     """Records (see the module docstring). ``device``: as ``v4lab.device.get_device``."""
     from v4lab.device import get_device
     dev = get_device(device)
@@ -457,35 +531,22 @@ def run(quick: bool = False, log: Callable[[str], None] | None = None,
     if quick:
         dec_layers = ["v4-flash-csa", "v4-flash-hca", "v3.2-mla-dsa", "mqa-dense"]
         dec_ctx, steps = [8192], 1
-        pre = [("v4-flash-csa", 1024)]
+        pre = QUICK_PREFILL
     else:
         dec_layers = list(DECODE_LAYERS)
         dec_ctx, steps = list(FULL_DECODE), 2
-        pre = [(n, S) for n in PREFILL_LAYERS for S in FULL_PREFILL]
+        pre = FULL_PREFILL
     records = []
-    for name in dec_layers:
-        log(f"decode {name} at {dec_ctx}")
-        recs = _spawn(["decode", name, ",".join(map(str, dec_ctx)), str(steps), str(dev)], timeout=3600)
-        for r in recs:
-            a = analytic(name, r["context"])
-            a_ctx = analytic(name, r["cache_context"])
-            r.update(flops=a["flops"], flops_gemm=a["gemm"], flops_core=a["core"], flops_indexer=a["indexer"],
-                     accounting_cache_bytes=a_ctx["cache_bytes"], analytic_source=a["source"])
-        records += recs
-    cfg = narrow_config()
-    for name, S in pre:
-        log(f"prefill {name} S={S}")
-        records += _spawn(["prefill", name, "v4lab", str(S), str(dev)], timeout=3600)
-        need = hf_analytic_peak(cfg, PREFILL_LAYERS[name], S)
-        if need > budget:
-            records.append({"layer": name, "impl": "hf-transformers", "mode": "prefill", "device": str(dev),
-                            "context": S, "shape": "narrow", "skipped": True, "seconds": None, "peak_bytes": None,
-                            "analytic_peak_bytes": need, "cache_bytes": None,
-                            "reason": f"dense [S, S+T] scores need ~{need / 2 ** 30:.1f} GiB > budget "
-                                      f"{budget / 2 ** 30:.0f} GiB"})
-        else:
-            records += _spawn(["prefill", name, "hf-transformers", str(S), str(dev)], timeout=3600)
+    from v4lab.progress import bar
+    with bar(len(dec_layers), "decode", progress) as pb:
+        for name in dec_layers:
+            log(f"decode {name} at {dec_ctx}")
+            pb.set_postfix_str(name)
+            records += _decode_records(name, dec_ctx, steps, dev)
+            pb.update(1)
+    records += prefill_side_by_side(pre, dev, budget, log, progress)
     if not quick:
+        cfg = narrow_config()
         for name in PREFILL_LAYERS:
             for S in FULL_PREFILL_ANALYTIC:
                 need = hf_analytic_peak(cfg, PREFILL_LAYERS[name], S)
@@ -528,54 +589,62 @@ def report(records: list[dict]) -> str:
     pre = [r for r in records if r["mode"] == "prefill"]
     if pre:
         lines.append("")
-        lines.append("Prefill, narrow V4-Flash layer (real attention geometry, 2 heads), fresh process per point")
-        lines.append(f"{'layer':14} {'impl':16} {'S':>6} {'seconds':>9} {'peak':>11} {'HF analytic':>12}  vs HF")
-        hf = {(r["layer"], r["context"]): r for r in pre if r["impl"] != "v4lab"}
+        lines.append("Prefill, one V4-Flash layer (narrow: 2 heads, hidden 1024; real: the released widths), fresh "
+                     "process per run, medians of interleaved runs")
+        lines.append(f"{'layer':14} {'shape':6} {'impl':16} {'S':>6} {'seconds':>9} {'s/1K':>7} {'peak':>11} "
+                     f"{'HF analytic':>12}  vs HF")
+        hf = {(r["layer"], r.get("shape", "narrow"), r["context"]): r for r in pre if r["impl"] != "v4lab"}
         for r in pre:
             extra = ""
-            h = hf.get((r["layer"], r["context"]))
+            h = hf.get((r["layer"], r.get("shape", "narrow"), r["context"]))
             if r["impl"] == "v4lab" and h is not None:
                 if h["skipped"]:
                     extra = f"HF skipped; memory ≥ {h['analytic_peak_bytes'] / max(1, r['peak_bytes']):.0f}x (analytic)"
                 else:
-                    extra = (f"{h['seconds'] / r['seconds']:.1f}x faster, "
+                    extra = (f"{h['seconds'] / r['seconds']:.2f}x speed, "
                              f"{h['peak_bytes'] / max(1, r['peak_bytes']):.1f}x less memory")
             sec = "skipped" if r["skipped"] else f"{r['seconds']:.2f}"
-            lines.append(f"{r['layer']:14} {r['impl']:16} {r['context']:>6} {sec:>9} {_fmt_b(r['peak_bytes']):>11} "
-                         f"{_fmt_b(r.get('analytic_peak_bytes')):>12}  {extra}")
+            per = "" if r["skipped"] else f"{1024 * r['seconds'] / r['context']:.3f}"
+            lines.append(f"{r['layer']:14} {r.get('shape', 'narrow'):6} {r['impl']:16} {r['context']:>6} {sec:>9} "
+                         f"{per:>7} {_fmt_b(r['peak_bytes']):>11} {_fmt_b(r.get('analytic_peak_bytes')):>12}  {extra}")
     return "\n".join(lines)
 
 
-def _worker_args(args: list[str]):
-    """``decode NAME CONTEXTS STEPS [DEVICE]`` | ``prefill NAME IMPL S [DEVICE]`` (what ``_worker`` passes)."""
-    usage = "internal: --worker {decode NAME C1,C2 STEPS | prefill NAME IMPL S} [DEVICE]"
-    if len(args) not in (4, 5) or args[0] not in ("decode", "prefill"):
+def _worker_args(args: list[str]) -> tuple[str, str, list[int] | str, int, str, str]:
+    """``decode NAME CONTEXTS STEPS [DEVICE]`` | ``prefill NAME IMPL S [DEVICE [SHAPE]]`` (what ``_spawn``
+    passes); SHAPE is ``narrow`` (default) or ``real``."""
+    usage = "internal: --worker {decode NAME C1,C2 STEPS [DEVICE] | prefill NAME IMPL S [DEVICE [SHAPE]]}"
+    if not (4 <= len(args) <= (6 if args[:1] == ["prefill"] else 5)) or args[0] not in ("decode", "prefill"):
         raise ValueError(f"--worker = {' '.join(args)!r}: {usage}")
     try:
         n = int(args[3])
         third = [int(c) for c in args[2].split(",")] if args[0] == "decode" else args[2]
     except ValueError:
         raise ValueError(f"--worker = {' '.join(args)!r}: {usage} (whole numbers)") from None
-    return args[0], args[1], third, n, args[4] if len(args) == 5 else "cpu"
+    return args[0], args[1], third, n, args[4] if len(args) >= 5 else "cpu", args[5] if len(args) == 6 else "narrow"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"]:
-        kind, name, a3, n, dev = _worker_args(argv[1:])
+        kind, name, a3, n, dev, shape = _worker_args(argv[1:])
         if kind == "decode":
             recs = _decode_worker(name, a3, n, dev)
         else:
-            recs = _prefill_worker(name, a3, n, dev)
+            recs = _prefill_worker(name, a3, n, dev, shape)
         print(json.dumps(recs))
         return 0
     p = OneLineParser(prog="v4lab bench attention")
     p.add_argument("--quick", action="store_true", help="a small subset (< 1 min)")
     p.add_argument("--json", action="store_true", help="print the records as JSON")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default: $V4LAB_DEVICE, else auto)")
+    from v4lab.progress import add_argument, enabled
+    add_argument(p)
     args = p.parse_args(argv)
-    records = run(args.quick, log=None if args.json else (lambda s: print(f"# {s}", file=sys.stderr, flush=True)),
-                  device=args.device)
+    progress = enabled(not args.no_progress)
+    quiet = args.json or progress                      # the bar says what runs; without it, one line per run
+    records = run(args.quick, log=None if quiet else (lambda s: print(f"# {s}", file=sys.stderr, flush=True)),
+                  device=args.device, progress=progress)
     print(json.dumps(records, indent=1) if args.json else report(records))
     return 0
 

@@ -112,7 +112,8 @@ def check_widgets(dev: torch.device, quick: bool) -> dict:
     return {"ok": True, "detail": {"callbacks": swept}}
 
 
-def run(quick: bool = False, device: str | torch.device | None = None, checks: tuple[str, ...] = CHECKS) -> list[dict]:
+def run(quick: bool = False, device: str | torch.device | None = None, checks: tuple[str, ...] = CHECKS,
+        progress: bool = False) -> list[dict]:
     """One record per check (see the module docstring)."""
     import os
 
@@ -123,7 +124,7 @@ def run(quick: bool = False, device: str | torch.device | None = None, checks: t
     saved = os.environ.get(ENV)
     os.environ[ENV] = str(dev)          # what the notebooks' model (and anything else) picks up meanwhile
     try:
-        _run_checks(dev, quick, checks, out, desc)
+        _run_checks(dev, quick, checks, out, desc, progress)
     finally:
         if saved is None:
             os.environ.pop(ENV, None)
@@ -132,17 +133,25 @@ def run(quick: bool = False, device: str | torch.device | None = None, checks: t
     return out
 
 
-def _run_checks(dev, quick, checks, out, desc):
-    for name in checks:
-        if name not in CHECKS:
-            raise ValueError(f"check = {name!r}: must be one of {CHECKS}")
-        t0 = time.perf_counter()
-        try:
-            rec = globals()[f"check_{name}"](dev, quick)
-        except Exception as e:                       # record and go on: one run should report every check
-            rec = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
-        out.append({"check": name, "device": str(dev), "describe": desc,
-                    "seconds": round(time.perf_counter() - t0, 2), **rec})
+def _run_checks(dev, quick, checks, out, desc, progress=False):
+    from v4lab.progress import bar
+    with bar(len(checks), "device checks", progress) as pb:
+        for name in checks:
+            pb.set_postfix_str(name)
+            _run_check(name, dev, quick, out, desc)
+            pb.update(1)
+
+
+def _run_check(name, dev, quick, out, desc):
+    if name not in CHECKS:
+        raise ValueError(f"check = {name!r}: must be one of {CHECKS}")
+    t0 = time.perf_counter()
+    try:
+        rec = globals()[f"check_{name}"](dev, quick)
+    except Exception as e:                           # record and go on: one run should report every check
+        rec = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+    out.append({"check": name, "device": str(dev), "describe": desc,
+                "seconds": round(time.perf_counter() - t0, 2), **rec})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,8 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the records as JSON")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default: $V4LAB_DEVICE, else auto)")
     p.add_argument("--check", action="append", choices=CHECKS, help="run only these (repeatable)")
+    from v4lab.progress import add_argument, enabled
+    add_argument(p)
     a = p.parse_args(argv)
-    recs = run(a.quick, a.device, tuple(a.check) if a.check else CHECKS)
+    recs = run(a.quick, a.device, tuple(a.check) if a.check else CHECKS, enabled(not a.no_progress))
     if a.json:
         print(json.dumps(recs, indent=1))
     else:

@@ -30,9 +30,9 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[i]
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, progress: bool = False) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="v4lab-bench-") as tmp:
-        return _run(quick, Path(tmp))
+        return _run(quick, Path(tmp), progress)
 
 
 def _real_weights(tmp: Path) -> tuple[Path, str]:
@@ -46,34 +46,46 @@ def _real_weights(tmp: Path) -> tuple[Path, str]:
     return vr.write_demo_release(tmp / "synthetic-tiny"), "synthetic tiny"
 
 
-def _run(quick: bool, tmp: Path) -> list[dict]:
+def _run(quick: bool, tmp: Path, progress: bool = False) -> list[dict]:
+    from v4lab.progress import bar
     from v4lab.viz import load_all
     passes = 1 if quick else 3
     records = []
-    weights = None
-    for name, cls in sorted(load_all().items()):
-        extra, kw = {}, {}
-        if getattr(cls, "needs_real_weights", False):
-            weights = weights or _real_weights(tmp)
-            kw, extra = {"path": weights[0]}, {"weights": weights[1]}
-        t0 = time.perf_counter()
-        w = cls(static=False, **kw)
-        init_ms = (time.perf_counter() - t0) * 1e3
-        for control in w.control_names:
-            cb = getattr(w, f"on_{control}")
-            values = list(w.sweep_values(control))
-            times = []
-            for p in range(passes):
-                for v in (values if p % 2 == 0 else values[::-1]):
-                    t = time.perf_counter()
-                    cb(v)
-                    times.append((time.perf_counter() - t) * 1e3)
-            cb(w.defaults[control]) if control in w.defaults else None
-            p95 = _pct(times, 0.95)
-            records.append({"bench": "widgets", "widget": name, "control": control, "calls": len(times),
-                            "p50_ms": round(statistics.median(times), 2), "p95_ms": round(p95, 2),
-                            "max_ms": round(max(times), 2), "init_ms": round(init_ms, 1),
-                            "target_p95_ms": TARGET_MS, "ok": p95 <= TARGET_MS, **extra})
+    weights = None                       # the real-weights download, found (or written) once
+    widgets = sorted(load_all().items())
+    with bar(len(widgets), "widgets", progress) as pb:
+        for name, cls in widgets:
+            pb.set_postfix_str(name)
+            extra, kw = {}, {}
+            if getattr(cls, "needs_real_weights", False):
+                weights = weights or _real_weights(tmp)
+                kw, extra = {"path": weights[0]}, {"weights": weights[1]}
+            records += _time_widget(name, cls, passes, kw, extra)
+            pb.update(1)
+    return records
+
+
+def _time_widget(name, cls, passes: int, kw: dict, extra: dict) -> list[dict]:
+    """One record per control of one widget: its callback over the sweep values, `passes` times."""
+    records = []
+    t0 = time.perf_counter()
+    w = cls(static=False, **kw)
+    init_ms = (time.perf_counter() - t0) * 1e3
+    for control in w.control_names:
+        cb = getattr(w, f"on_{control}")
+        values = list(w.sweep_values(control))
+        times = []
+        for p in range(passes):
+            for v in (values if p % 2 == 0 else values[::-1]):
+                t = time.perf_counter()
+                cb(v)
+                times.append((time.perf_counter() - t) * 1e3)
+        cb(w.defaults[control]) if control in w.defaults else None
+        p95 = _pct(times, 0.95)
+        records.append({"bench": "widgets", "widget": name, "control": control, "calls": len(times),
+                        "p50_ms": round(statistics.median(times), 2), "p95_ms": round(p95, 2),
+                        "max_ms": round(max(times), 2), "init_ms": round(init_ms, 1),
+                        "target_p95_ms": TARGET_MS, "ok": p95 <= TARGET_MS, **extra})
     return records
 
 
@@ -81,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = OneLineParser(prog="v4lab bench widgets", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="one sweep pass per control")
     ap.add_argument("--json", action="store_true", help="print a JSON list of records")
+    from v4lab.progress import add_argument, enabled
+    add_argument(ap)
     args = ap.parse_args(argv)
-    recs = run(args.quick)
+    recs = run(args.quick, enabled(not args.no_progress))
     if args.json:
         print(json.dumps(recs, indent=1))
         return 0

@@ -383,7 +383,7 @@ def _hf_module(cfg, layer_id: int):
     return hf, _build(lambda: M.DeepseekV4Attention(hf, 0)), M.DeepseekV4RotaryEmbedding(hf)
 
 
-def prefill_config(shape: str):
+def prefill_config(shape: str) -> V4Config:
     """"narrow" (the cut widths above) or "real" (the released V4-Flash attention: d 4096, 64 heads × 512,
     q_lora 1024, 8 output groups of rank 1024, 64 indexer heads × 128)."""
     from v4lab.config import get_config
@@ -476,7 +476,8 @@ def _median(xs):
     return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
-def prefill_side_by_side(points, dev, budget, log, progress=False) -> list[dict]:
+def prefill_side_by_side(points: list[tuple[str, int]], dev: str | torch.device, budget: int,
+                         log: Callable[[str], None], progress: bool = False) -> list[dict]:
     """Prefill records for every (shape, context) point and both layer kinds: v4lab and HF run in fresh
     processes, interleaved (v4lab, HF, HF, v4lab, ...) `PREFILL_REPEATS` times below `REPEAT_BELOW` tokens
     (once above), and each record keeps the median ``seconds`` and ``peak_bytes`` with every run in

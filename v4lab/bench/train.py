@@ -38,8 +38,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from v4lab.config import V4Config
 
 QUICK_SEQS = (512, 2048)
 FULL_SEQS = (512, 2048, 8192)
@@ -47,19 +51,19 @@ IMPLS = ("v4lab", "hf-transformers")
 HF_BUDGET = int(float(os.environ.get("V4LAB_BENCH_HF_GIB", "12")) * 2 ** 30)
 
 
-def bench_config(seq: int):
+def bench_config(seq: int) -> V4Config:
     from v4lab.config import get_config
     cfg = get_config("tiny")
     return cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings, 2 * seq))
 
 
-def step_flops(cfg, seq: int) -> int:
+def step_flops(cfg: V4Config, seq: int) -> int:
     """Analytic FLOPs of one training step over `seq` tokens (see the module docstring)."""
     from v4lab import accounting as acc
     return 3 * sum(acc.decode_flops(cfg, t)["total_raw"] for t in range(1, seq + 1))
 
 
-def hf_analytic_peak(cfg, seq: int) -> int:
+def hf_analytic_peak(cfg: V4Config, seq: int) -> int:
     """Bytes the peer's eager attention keeps for the backward: per attention layer, per head, the [S, S+T]
     scores, their masked and softmax copies (fp32), plus the [S, S+T] mask."""
     total = 0
@@ -131,7 +135,7 @@ def _spawn(impl: str, seq: int, steps: int) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def run(quick: bool = False, progress: bool = False, log=None) -> list[dict]:
+def run(quick: bool = False, progress: bool = False, log: Callable[[str], None] | None = None) -> list[dict]:
     """Records with keys impl, seq, seconds, tokens_per_s, peak_bytes, gflops, peak_fraction (+ details)."""
     from v4lab.progress import bar
     torch.set_num_threads(1)
@@ -196,7 +200,7 @@ def report(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"]:
         print(json.dumps(_worker(argv[1], int(argv[2]), int(argv[3]))))

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+FigureLike = Union["go.Figure", dict]      # a plotly figure or its to_dict()
 WIDTH = 960            # px: a JupyterLab output area at the browser widths the browser test uses
 CHAR_W = 0.55          # average glyph width / font size (Open Sans, mixed text)
 LINE_H = 1.3
@@ -70,7 +74,7 @@ def _width_px(text: str, size: float) -> float:
 _DOLLAR = re.compile(r"(?<!\\)[$]")
 
 
-def dollar_signs(fig) -> list[str]:
+def dollar_signs(fig: FigureLike) -> list[str]:
     """Two unescaped ``$`` in displayed text make plotly treat it as LaTeX (and, without MathJax, hide it).
     Hover text is excluded (plotly does not typeset it)."""
     d = _fig_dict(fig)
@@ -119,7 +123,7 @@ def _prints_values(t: dict) -> bool:
     return "%{z" in tt or ("%{text" in tt and bool(t.get("text")))
 
 
-def colour_keys(fig) -> list[str]:
+def colour_keys(fig: FigureLike) -> list[str]:
     """A heatmap or a scatter/bar coloured by numbers needs a colour bar, a legend entry, or its numbers
     printed on it (``texttemplate``) — or the same colour scale as a trace that shows its bar."""
     d = _fig_dict(fig)
@@ -149,7 +153,7 @@ def _is_stepwise(scale) -> bool:
     return len(cols) % 2 == 0 and all(cols[k] == cols[k + 1] for k in range(0, len(cols), 2))
 
 
-def categorical_scales(fig) -> list[str]:
+def categorical_scales(fig: FigureLike) -> list[str]:
     """Categories (expert ids, layer kinds) on a continuous colour scale: neighbouring ids look alike.
     A trace is categorical when its ``meta`` says ``{"categorical": True}``, or its colour values are
     whole numbers and its name or colour-bar title names a category (expert, kind, ...)."""
@@ -183,7 +187,7 @@ def _domain(ax: dict) -> tuple[float, float]:
     return (float(dom[0]), float(dom[1])) if dom else (0.0, 1.0)
 
 
-def empty_subplots(fig) -> list[str]:
+def empty_subplots(fig: FigureLike) -> list[str]:
     """A subplot (an x/y axis pair some trace uses) whose traces hold no data must carry an annotation,
     inside its area, saying why it is empty."""
     d = _fig_dict(fig)
@@ -240,7 +244,7 @@ def _title_bottom(title: dict, text: str, size: float, t: float, height: float) 
     return top + lines_h / 2 + 0.6 * size
 
 
-def legend_and_title(fig) -> list[str]:
+def legend_and_title(fig: FigureLike) -> list[str]:
     """The title must fit in the top margin, and a legend above the plot must not reach into the title."""
     d = _fig_dict(fig)
     lay = d.get("layout", {})
@@ -304,7 +308,7 @@ def _num(v):
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-def axis_ranges(fig) -> list[str]:
+def axis_ranges(fig: FigureLike) -> list[str]:
     """Markers, and the text drawn next to them, must lie inside a fixed axis range (plotly clips them)."""
     d = _fig_dict(fig)
     lay = d.get("layout", {})
@@ -350,7 +354,7 @@ def axis_ranges(fig) -> list[str]:
 FIGURE_RULES = (dollar_signs, colour_keys, categorical_scales, empty_subplots, legend_and_title, axis_ranges)
 
 
-def check_figure(fig) -> list[str]:
+def check_figure(fig: FigureLike) -> list[str]:
     """Every figure rule's problems (empty: the figure passes)."""
     d = _fig_dict(fig)
     return [f"{rule.__name__}: {p}" for rule in FIGURE_RULES for p in rule(d)]

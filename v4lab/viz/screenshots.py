@@ -49,7 +49,7 @@ STATIC_FIGURES = {"moe.routing_load": ("moe", "build_routing"), "mhc.training": 
                   "moe.expansion_static": ("moe", "build_expansion")}
 
 
-def static_figures(only=None) -> dict:
+def static_figures(only: list[str] | None = None) -> dict:
     """name -> figure for :data:`STATIC_FIGURES` (``only``: a subset of names)."""
     import importlib
     return {n: getattr(importlib.import_module(f"v4lab.viz.{m}"), f)() for n, (m, f) in STATIC_FIGURES.items()

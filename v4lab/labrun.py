@@ -79,7 +79,10 @@ def optimizer_states(tensors: dict, meta: dict) -> list[dict]:
             o, pid, key = name.split(".", 2)
             if o == f"opt{i}":
                 state.setdefault(int(pid), {})[key] = v
-        out.append({"state": state, "param_groups": m["param_groups"]})
+        # JSON turned tuples (AdamW's betas) into lists; "params" stays a list of ids
+        groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+                  for g in m["param_groups"]]
+        out.append({"state": state, "param_groups": groups})
     return out
 
 

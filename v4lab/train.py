@@ -354,9 +354,10 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     instead of ``mtp_weight`` (None: constant). The log records the weight used at every step.
     indexer_distill_weight: > 0 keeps V4's indexer loss on during training (after the warm-up): every CSA
     layer runs with ``attn.distill`` (the indexer reads detached inputs, so the KL trains the indexer only and
-    the LM loss does not) and ``weight · mean KL`` is added to the loss; the log records the KL and recall.
+    the LM loss does not) and ``weight · mean KL`` is added to the loss; the indexer's gradients are clipped
+    apart from the rest, so the KL does not rescale the LM step; the log records the KL and recall.
     Resuming (v4lab.labrun): ``start_step`` / ``stop_step`` run steps [start_step, stop_step) of a ``steps``-long
-    schedule; ``opt_state`` (from :func:`optimizer_state`'s inverse, a list of optimiser state dicts) restores
+    schedule; ``opt_state`` (a list of optimiser state dicts, e.g. ``v4lab.labrun.optimizer_states``) restores
     the optimiser; ``model`` carries the weights. ``on_checkpoint(next_step, model, opts)`` is called every
     ``ckpt_seconds`` of wall time and after the last step. The result holds ``opts`` too.
     device: as ``v4lab.device.get_device`` (argument, else $V4LAB_DEVICE, else CUDA when present). A new
@@ -421,6 +422,8 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     for o, st in zip(opts, opt_state or []):
         o.load_state_dict(st)
     csa = _csa_attns(model) if indexer_distill_weight > 0 else []
+    # the indexer's loss must not rescale the LM step: its parameters are clipped on their own
+    ix_ids = {id(p) for a in csa for p in a.indexer.parameters()}
     probe = _Probe(model)
     blocks = model.blocks()
     n_sites = 2 * cfg.num_hidden_layers
@@ -495,8 +498,12 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                 for o in opts:
                     o.zero_grad(set_to_none=True)
                 loss.backward()
-                params = [p for p in model.parameters() if p.grad is not None]
+                params = [p for p in model.parameters() if p.grad is not None and id(p) not in ix_ids]
                 gnorm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
+                if csa:
+                    ix_norm = float(torch.nn.utils.clip_grad_norm_(
+                        [p for p in model.parameters() if p.grad is not None and id(p) in ix_ids],
+                        grad_clip if grad_clip > 0 else float("inf")))
                 used = {j: blocks[j].ffn.last_routing["idx"] for j in learned}
                 loads = [blocks[j].ffn.last_routing["load"] for j in range(n_run)]
                 gate_x = dict(probe.gate_in)
@@ -529,6 +536,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                        "tokens": (step + 1) * batch_size * seq_len}
                 if csa:
                     rec["indexer_kl"] = float(kl.detach())
+                    rec["indexer_grad_norm"] = ix_norm
                     rec["indexer_recall"] = (sum(a.last_recall[0] for a in csa)
                                              / max(1, sum(a.last_recall[1] for a in csa)))
                 # spike detector (spike mode): compare with the EMA *before* it absorbs this loss

@@ -131,3 +131,21 @@ def test_start_stop_steps_are_checked():
         train(micro_config(vocab_size=300), data=_data(), steps=4, start_step=3, stop_step=2, progress=False)
     with pytest.raises(ValueError, match="indexer_distill_weight"):
         train(micro_config(vocab_size=300), data=_data(), steps=4, indexer_distill_weight=-1.0, progress=False)
+
+
+@pytest.mark.slow
+def test_full_run_writes_the_release_and_a_rerun_changes_nothing(tmp_path):
+    root = _site(tmp_path / "html")
+    out = tmp_path / "out"
+    st = labrun.run(tmp_path / "run", out, root, recipe=_recipe(), progress=False)
+    assert st["stage"] == "done"
+    for f in ("config.json", "model.safetensors.index.json", "tokenizer.json", "heldout.txt", "train_log.jsonl",
+              "indexer_warmup.json", "training_summary.json", "bigram_counts.safetensors"):
+        assert (out / f).is_file(), f
+    s = json.loads((out / "training_summary.json").read_text())
+    assert s["targets"]["heldout"]["tokens"] > 0 and set(s["targets"]["passed"]) >= {"below_bigram", "indexer_recall"}
+    assert s["corpus"]["documents"] == 24 and s["cpu_seconds_total"] >= s["cpu_seconds_training"] > 0
+    assert not (tmp_path / "out.tmp").exists()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert labrun.run(tmp_path / "run", out, root, recipe=_recipe(), progress=False)["stage"] == "done"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

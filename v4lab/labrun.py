@@ -185,6 +185,9 @@ def run(run_dir="runs/lab-v4", out="data/lab-v4", root=None, recipe: dict | None
     if rj.is_file() and json.loads(rj.read_text()) != rec_json:
         _bad("recipe", str(rj), "differs from this run's recipe; use a new run folder")
     rj.write_text(json.dumps(rec_json, indent=1) + "\n")
+    if (run_dir / "done.json").is_file():            # finished: rerunning the command changes nothing
+        print(f"{run_dir} is complete (done.json); the model is in {out}", file=sys.stderr)
+        return json.loads((run_dir / "done.json").read_text())
     c0 = time.process_time()
     data, docs = build_data(run_dir, root, cfg.vocab_size)
 
@@ -240,7 +243,7 @@ def run(run_dir="runs/lab-v4", out="data/lab-v4", root=None, recipe: dict | None
         if stop_after == "lm2":
             return state
     if state["stage"] == "final":
-        write_release(model, data, docs, run_dir, Path(out), r, state, cpu)
+        write_release(model, data, docs, run_dir, Path(out), r, state, cpu, root)
         state.update(stage="done", cpu_seconds=cpu())
         (run_dir / "done.json").write_text(json.dumps(state, indent=1) + "\n")
     return state
@@ -255,7 +258,7 @@ def _opts_for(model, opt_state, r):
     return opts
 
 
-def write_release(model, data, docs, run_dir: Path, out: Path, r: dict, state: dict, cpu) -> None:
+def write_release(model, data, docs, run_dir: Path, out: Path, r: dict, state: dict, cpu, root=None) -> None:
     """OUT = official layout + tokenizer.json + heldout.txt + logs + training_summary.json (targets measured
     by ``v4lab.labeval`` on the saved files). Written to OUT.tmp first, then swapped in."""
     from v4lab import corpus
@@ -268,11 +271,12 @@ def write_release(model, data, docs, run_dir: Path, out: Path, r: dict, state: d
     for f in ("train_log.jsonl", "indexer_warmup.json"):
         if (run_dir / f).is_file():
             shutil.copyfile(run_dir / f, tmp / f)
-    summary = {"recipe": r, "corpus": data.fingerprint, "cpu_seconds_training": cpu(),
+    recipe = {**r, "config": r["config"] if isinstance(r["config"], str) else r["config"].to_dict()}
+    summary = {"recipe": recipe, "corpus": data.fingerprint, "cpu_seconds_training": cpu(),
                "command": "OMP_NUM_THREADS=1 python -m v4lab.labrun --run-dir RUN --out OUT",
                "torch": torch.__version__, "threads": 1}
     from v4lab import labeval                      # imported late: the evaluation can be fixed while training runs
-    summary["targets"] = labeval.evaluate_release(tmp, progress=True)
+    summary["targets"] = labeval.evaluate_release(tmp, progress=True, root=root)
     summary["cpu_seconds_total"] = cpu()
     (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if out.exists():

@@ -108,3 +108,11 @@ def test_forward_seconds_is_measured_on_one_thread(tiny_release):
     before = torch.get_num_threads()
     r = labeval.forward_cpu_seconds(v4lab.load(d), seq_len=64, repeats=2)
     assert r["threads"] == 1 and 0 < r["min"] <= r["median"] and torch.get_num_threads() == before
+
+
+def test_cli_entries(tmp_path, capsys):
+    from v4lab import cli
+    assert cli.main(["labeval", str(tmp_path / "nope")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert cli.main(["labrun", "--ckpt-seconds", "0"]) == 2
+    assert "--ckpt-seconds" in capsys.readouterr().err

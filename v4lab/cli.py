@@ -5,6 +5,8 @@
     v4lab bench {attention,moe,quant,kernels,widgets,device,all} [--quick] [--json] [--device D]
     v4lab train ...        (see v4lab.train)
     v4lab generate ...     (see v4lab.generate)
+    v4lab labrun ...       train data/lab-v4, resumably (see v4lab.labrun)
+    v4lab labeval DIR      the lab model's targets from its shipped files (see v4lab.labeval)
 
 Where things run: ``--device`` (cpu, cuda, cuda:N, auto) on bench/train/generate, else $V4LAB_DEVICE,
 else CUDA when present (``v4lab.device``).
@@ -60,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             return _delegate("v4lab.train", rest)
         if cmd == "generate":
             return _delegate("v4lab.generate", rest)
-        sys.stderr.write(f"v4lab: error: unknown command {cmd!r} (info, compare, bench, train, generate)\n")
+        if cmd in ("labrun", "labeval"):
+            return _delegate(f"v4lab.{cmd}", rest)
+        sys.stderr.write(f"v4lab: error: unknown command {cmd!r} (info, compare, bench, train, generate, labrun, labeval)\n")
         return 2
     except ValueError as e:
         sys.stderr.write(f"v4lab: error: {e}\n")

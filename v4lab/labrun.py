@@ -36,7 +36,7 @@ import torch
 RECIPE = {
     "config": "lab-v4", "seed": 0, "batch_size": 1, "seq_len": 2048,
     "steps": 1500, "stage1_steps": 300, "lr": 3e-3, "warmup": 30, "min_lr_ratio": 0.1,
-    "weight_decay": 0.1, "grad_clip": 1.0, "bias_gamma": 0.002, "balance_alpha": 1e-4,
+    "weight_decay": 0.1, "grad_clip": 1.0, "bias_gamma": 0.01, "balance_alpha": 1e-4,
     "mtp_weight": 0.3, "mtp_weight_final": 0.1, "mtp_switch_at": 0.7, "qat_from": 0.75,
     "indexer_warmup_steps": 100, "indexer_warmup_lr": 3e-3, "indexer_warmup_batch": 1,
     "indexer_distill_weight": 1.0, "eval_every": 100, "eval_windows": 4,

@@ -89,6 +89,11 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
 def test_changed_recipe_is_refused(tmp_path):
     root = _site(tmp_path / "html")
     labrun.run(tmp_path / "r", tmp_path / "o", root, recipe=_recipe(), progress=False, stop_after="lm1")
+    st = labrun.status(tmp_path / "r")
+    assert st["stage_at_checkpoint"] == "warmup" and st["checkpoint_step"] == 2 and st["steps_logged"] == 2
+    assert st["lm_steps_left"] == 4 and st["wall_seconds_per_step_recent"] > 0
+    with pytest.raises(ValueError, match="no run"):
+        labrun.status(tmp_path / "o")
     with pytest.raises(ValueError, match="recipe.*differs"):
         labrun.run(tmp_path / "r", tmp_path / "o", root, recipe=dict(_recipe(), lr=1.0), progress=False)
 

@@ -289,6 +289,31 @@ def write_release(model, data, docs, run_dir: Path, out: Path, r: dict, state: d
         tmp.rename(out)
 
 
+def status(run_dir, recent: int = 20) -> dict:
+    """Where a run stands, from its files only (safe while it runs): stage, steps done, CPU seconds at the
+    last checkpoint, and a rough ETA for the language-model steps left from the recent steps' wall time
+    (the warm-up and the final evaluation come on top)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.json").is_file():
+        _bad("run_dir", str(run_dir), "holds no run (no recipe.json)")
+    r = json.loads((run_dir / "recipe.json").read_text())
+    if (run_dir / "done.json").is_file():
+        return {"stage": "done", **json.loads((run_dir / "done.json").read_text())}
+    ck = find_checkpoint(run_dir)
+    st = json.loads((ck / "state.json").read_text()) if ck else {"stage": "lm1", "next_step": 0, "cpu_seconds": 0.0}
+    log = []
+    if (run_dir / "train_log.jsonl").is_file():
+        log = [json.loads(ln) for ln in (run_dir / "train_log.jsonl").read_text().splitlines() if ln.strip()]
+    done = log[-1]["step"] + 1 if log else 0
+    tail = [x["seconds"] for x in log[-recent:]]
+    per = sum(tail) / len(tail) if tail else None
+    left = r["steps"] - done
+    return {"stage_at_checkpoint": st["stage"], "checkpoint_step": st["next_step"],
+            "cpu_seconds_at_checkpoint": st["cpu_seconds"], "steps_logged": done, "steps": r["steps"],
+            "wall_seconds_per_step_recent": per, "lm_steps_left": left,
+            "eta_lm_steps": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() + per * left)) if per else None}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="v4lab labrun", description="Train data/lab-v4 with the V4 recipe "
                                 "(resumable: rerun the same command after an interruption).")
@@ -297,7 +322,15 @@ def main(argv=None) -> int:
     p.add_argument("--root", default=None, help="CPython HTML docs root (default: python3.11-doc's)")
     p.add_argument("--ckpt-seconds", type=float, default=600.0, help="wall seconds between checkpoints")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--status", action="store_true", help="only print where the run in --run-dir stands")
     args = p.parse_args(argv)
+    if args.status:
+        try:
+            print(json.dumps(status(args.run_dir), indent=1))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if not args.ckpt_seconds > 0:
         print(f"error: --ckpt-seconds = {args.ckpt_seconds}: must be > 0", file=sys.stderr)
         return 2

@@ -102,10 +102,10 @@ def heldout_pass(model, windows: list[torch.Tensor], progress: bool = False) -> 
 
 # ---------------------------------------------------------------------------------------- bigram
 def bigram_counts(train: torch.Tensor, vocab_size: int) -> dict:
-    """Sparse bigram counts of a token stream: {"prev", "next" (int32), "count" (int64)}, sorted by pair."""
+    """Sparse bigram counts of a token stream: {"prev", "next", "count"} (int32), sorted by pair."""
     key = train[:-1].long() * vocab_size + train[1:].long()
     uniq, cnt = torch.unique(key, return_counts=True)
-    return {"prev": (uniq // vocab_size).int(), "next": (uniq % vocab_size).int(), "count": cnt.long()}
+    return {"prev": (uniq // vocab_size).int(), "next": (uniq % vocab_size).int(), "count": cnt.int()}
 
 
 def bigram_nll(counts: dict, prev: torch.Tensor, nxt: torch.Tensor, vocab_size: int,

@@ -359,7 +359,8 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     Resuming (v4lab.labrun): ``start_step`` / ``stop_step`` run steps [start_step, stop_step) of a ``steps``-long
     schedule; ``opt_state`` (a list of optimiser state dicts, e.g. ``v4lab.labrun.optimizer_states``) restores
     the optimiser; ``model`` carries the weights. ``on_checkpoint(next_step, model, opts)`` is called every
-    ``ckpt_seconds`` of wall time and after the last step. The result holds ``opts`` too.
+    ``ckpt_seconds`` of wall time and after the last step. The result holds ``opts`` too. (Anticipatory
+    Routing's pending routes and rollback snapshots are not part of that state: resume with it "off".)
     device: as ``v4lab.device.get_device`` (argument, else $V4LAB_DEVICE, else CUDA when present). A new
     model is initialised on the CPU and then moved, so a seed gives the same initial weights on every device;
     a given ``model`` is moved there too.

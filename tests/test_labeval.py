@@ -116,3 +116,19 @@ def test_cli_entries(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
     assert cli.main(["labrun", "--ckpt-seconds", "0"]) == 2
     assert "--ckpt-seconds" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_masters_vs_file(tmp_path):
+    from test_labrun import _recipe, _site
+    from v4lab import labrun
+    root = _site(tmp_path / "html")
+    labrun.run(tmp_path / "run", tmp_path / "out", root, recipe=_recipe(), progress=False)
+    r = labeval.masters_vs_file(tmp_path / "out", tmp_path / "run" / "ckpt", seq_len=256, max_windows=2)
+    assert r["windows"] == 2
+    # the file holds the QAT weights rounded once more (FP8 attention): close to the QAT masters, and not
+    # the same numbers as the full-precision experts
+    assert r["file"] == pytest.approx(r["masters_fp4_qat_experts"], abs=0.05)
+    assert r["masters_fp32_experts"] != r["masters_fp4_qat_experts"]
+    with pytest.raises(ValueError, match="ckpt"):
+        labeval.masters_vs_file(tmp_path / "out", tmp_path)

@@ -209,6 +209,30 @@ def samples(model, tok, prompts=PROMPTS, max_new_tokens: int = 40) -> list[dict]
     return out
 
 
+def masters_vs_file(path, ckpt, seq_len: int = SEQ_LEN, max_windows: int | None = 8) -> dict:
+    """Held-out loss of the shipped file (FP8 attention, FP4 experts) against the fp32 master weights the run
+    ended with (``ckpt`` = the run's ``ckpt/`` folder, as ``v4lab.labrun`` leaves it), with the routed
+    experts in full precision and through FP4 QAT (what training saw). Same windows for all three."""
+    from safetensors.torch import load_file
+    from v4lab.data import encode_docs, load_tokenizer
+    from v4lab.model import V4Model, load
+    path, ckpt = Path(path), Path(ckpt)
+    if not (ckpt / "model.safetensors").is_file():
+        _bad("ckpt", str(ckpt), "holds no model.safetensors (give the run's ckpt/ folder)")
+    shipped = load(path).eval()
+    tok = load_tokenizer(path)
+    windows = stream_windows(encode_docs(tok, heldout_docs((path / "heldout.txt").read_text(encoding="utf-8"))),
+                             seq_len)[:max_windows]
+    masters = V4Model(shipped.cfg)
+    masters.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
+    out = {"file": heldout_pass(shipped, windows)["loss"]}
+    for name, qat in (("masters_fp32_experts", False), ("masters_fp4_qat_experts", True)):
+        masters.set_flags(qat=qat)
+        out[name] = heldout_pass(masters.eval(), windows)["loss"]
+    out["windows"] = len(windows)
+    return out
+
+
 # ---------------------------------------------------------------------------------------- all together
 def evaluate_release(path, progress: bool = False, seq_len: int = SEQ_LEN, spec_windows: int = SPEC_WINDOWS,
                      max_windows: int | None = None, timing: bool = True, root=None,

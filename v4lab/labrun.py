@@ -180,11 +180,7 @@ def run(run_dir="runs/lab-v4", out="data/lab-v4", root=None, recipe: dict | None
         _bad("stop_after", stop_after, f"must be one of {STAGES}")
     torch.set_num_threads(1)
     cfg = get_config(r["config"]) if isinstance(r["config"], str) else r["config"]
-    rj = run_dir / "recipe.json"
-    rec_json = json.loads(json.dumps({**r, "config": cfg.to_dict()}))
-    if rj.is_file() and json.loads(rj.read_text()) != rec_json:
-        _bad("recipe", str(rj), "differs from this run's recipe; use a new run folder")
-    rj.write_text(json.dumps(rec_json, indent=1) + "\n")
+    _check_recipe(run_dir, r, cfg)
     if (run_dir / "done.json").is_file():            # finished: rerunning the command changes nothing
         print(f"{run_dir} is complete (done.json); the model is in {out}", file=sys.stderr)
         return json.loads((run_dir / "done.json").read_text())
@@ -207,13 +203,7 @@ def run(run_dir="runs/lab-v4", out="data/lab-v4", root=None, recipe: dict | None
         state.update(stage=stage, next_step=next_step, cpu_seconds=cpu())
         save_checkpoint(run_dir, m, opts, state)
 
-    common = dict(data=data, steps=r["steps"], batch_size=r["batch_size"], seq_len=r["seq_len"], lr=r["lr"],
-                  min_lr_ratio=r["min_lr_ratio"], warmup=r["warmup"], weight_decay=r["weight_decay"],
-                  grad_clip=r["grad_clip"], seed=r["seed"], mtp_weight=r["mtp_weight"],
-                  mtp_weight_final=r["mtp_weight_final"], mtp_switch_at=r["mtp_switch_at"],
-                  bias_gamma=r["bias_gamma"], balance_alpha=r["balance_alpha"], qat=float(r["qat_from"]),
-                  eval_every=r["eval_every"], eval_windows=r["eval_windows"], threads=1, progress=progress,
-                  log_path=str(log_path), ckpt_seconds=ckpt_seconds, device="cpu")
+    common = _train_kwargs(r, data, log_path, ckpt_seconds, progress)
     if state["stage"] in ("lm1", "lm2"):
         truncate_log(log_path, state["next_step"])
     if state["stage"] == "lm1":
@@ -247,6 +237,26 @@ def run(run_dir="runs/lab-v4", out="data/lab-v4", root=None, recipe: dict | None
         state.update(stage="done", cpu_seconds=cpu())
         (run_dir / "done.json").write_text(json.dumps(state, indent=1) + "\n")
     return state
+
+
+def _check_recipe(run_dir: Path, r: dict, cfg) -> None:
+    """Record the recipe (config expanded) in the run folder; refuse a folder that holds another one."""
+    rj = run_dir / "recipe.json"
+    rec_json = json.loads(json.dumps({**r, "config": cfg.to_dict()}))
+    if rj.is_file() and json.loads(rj.read_text()) != rec_json:
+        _bad("recipe", str(rj), "differs from this run's recipe; use a new run folder")
+    rj.write_text(json.dumps(rec_json, indent=1) + "\n")
+
+
+def _train_kwargs(r: dict, data, log_path: Path, ckpt_seconds: float, progress: bool) -> dict:
+    """The ``v4lab.train.train`` arguments both language-model stages share."""
+    return dict(data=data, steps=r["steps"], batch_size=r["batch_size"], seq_len=r["seq_len"], lr=r["lr"],
+                min_lr_ratio=r["min_lr_ratio"], warmup=r["warmup"], weight_decay=r["weight_decay"],
+                grad_clip=r["grad_clip"], seed=r["seed"], mtp_weight=r["mtp_weight"],
+                mtp_weight_final=r["mtp_weight_final"], mtp_switch_at=r["mtp_switch_at"],
+                bias_gamma=r["bias_gamma"], balance_alpha=r["balance_alpha"], qat=float(r["qat_from"]),
+                eval_every=r["eval_every"], eval_windows=r["eval_windows"], threads=1, progress=progress,
+                log_path=str(log_path), ckpt_seconds=ckpt_seconds, device="cpu")
 
 
 def _opts_for(model, opt_state, r):

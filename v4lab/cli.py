@@ -8,6 +8,8 @@
     v4lab cost [--turns N] [--context 32K] [--output 1K] [--pro-share F] [--hard-share F] [--thinking] [--json]
     v4lab remind --ics FILE [--force]     (the V4 migration reminder, an RFC 5545 calendar file)
     v4lab experiment {clamp,ar,qat,subfp4,mhc} [--quick] [--json] [--out F] [--device D]
+    v4lab labrun ...       train data/lab-v4, resumably (see v4lab.labrun)
+    v4lab labeval DIR      the lab model's targets from its shipped files (see v4lab.labeval)
 
 Where things run: ``--device`` (cpu, cuda, cuda:N, auto) on bench/train/generate, else $V4LAB_DEVICE,
 else CUDA when present (``v4lab.device``).
@@ -68,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             return _delegate("v4lab.generate", rest)
         if cmd == "experiment":
             return _delegate("v4lab.experiments.runner", rest)
+        if cmd in ("labrun", "labeval"):
+            return _delegate(f"v4lab.{cmd}", rest)
         sys.stderr.write(f"v4lab: error: unknown command {cmd!r} "
-                         "(info, compare, bench, train, generate, cost, remind, experiment)\n")
+                         "(info, compare, bench, train, generate, cost, remind, experiment, labrun, labeval)\n")
         return 2
     except ValueError as e:
         sys.stderr.write(f"v4lab: error: {e}\n")

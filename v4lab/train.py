@@ -380,7 +380,9 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
           max_seconds: float | None = None, callback=None, log_preact: bool = False,
           device: str | torch.device | None = None, mtp_weight_final: float | None = None,
           mtp_switch_at: float = 0.7, extra_files: dict[str, bytes] | None = None,
-          ddp=None) -> dict:
+          ddp=None, indexer_distill_weight: float = 0.0, start_step: int = 0,
+          stop_step: int | None = None, opt_state: list | None = None, on_checkpoint=None,
+          ckpt_seconds: float | None = None) -> dict:
     """Train and return {"model", "log": [per-step records], "evals": [...], "summary": {...}}.
 
     cfg: a V4Config or preset name (``swiglu_limit`` overrides its clamp). data: a v4lab.data.TokenData
@@ -398,6 +400,15 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     mtp_weight_final / mtp_switch_at: V4's "MTP weight 0.3 → 0.1" (spec §9.4; V3 switched after 10T of its
     14.8T tokens): from step ``int(mtp_switch_at * steps)`` on, the MTP loss is weighted ``mtp_weight_final``
     instead of ``mtp_weight`` (None: constant). The log records the weight used at every step.
+    indexer_distill_weight: > 0 keeps V4's indexer loss on during training (after the warm-up): every CSA
+    layer runs with ``attn.distill`` (the indexer reads detached inputs, so the KL trains the indexer only and
+    the LM loss does not) and ``weight · mean KL`` is added to the loss; the indexer's gradients are clipped
+    apart from the rest, so the KL does not rescale the LM step; the log records the KL and recall.
+    Resuming (v4lab.labrun): ``start_step`` / ``stop_step`` run steps [start_step, stop_step) of a ``steps``-long
+    schedule; ``opt_state`` (a list of optimiser state dicts, e.g. ``v4lab.labrun.optimizer_states``) restores
+    the optimiser; ``model`` carries the weights. ``on_checkpoint(next_step, model, opts)`` is called every
+    ``ckpt_seconds`` of wall time and after the last step. The result holds ``opts`` too. (Anticipatory
+    Routing's pending routes and rollback snapshots are not part of that state: resume with it "off".)
     device: as ``v4lab.device.get_device`` (argument, else $V4LAB_DEVICE, else CUDA when present). A new
     model is initialised on the CPU and then moved, so a seed gives the same initial weights on every device;
     a given ``model`` is moved there too.
@@ -429,6 +440,11 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     if mtp_weight_final is not None and not float(mtp_weight_final) >= 0:
         _bad("mtp_weight_final", mtp_weight_final, "must be >= 0 (or None for a constant weight)")
     mtp_switch = int(float(mtp_switch_at) * steps) if mtp_weight_final is not None else None
+    stop_step = steps if stop_step is None else stop_step
+    if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step <= stop_step <= steps:
+        _bad("start_step", (start_step, stop_step), f"must satisfy 0 <= start_step <= stop_step <= steps = {steps}")
+    if not float(indexer_distill_weight) >= 0:
+        _bad("indexer_distill_weight", indexer_distill_weight, "must be >= 0")
     rollback = 2 * ar_lag if rollback is None else rollback
     spike_min_step = warmup if spike_min_step is None else spike_min_step
     qat_from = _qat_start(qat, steps)
@@ -460,11 +476,16 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                     b.ffn.gate.tid2eid.copy_(balanced_hash_table(counts, cfg.n_routed_experts,
                                                                  cfg.num_experts_per_tok))
     model = model_mod.to_device(model, dev)
-    model.set_flags(hc_mode=hc_mode, qat=qat_from == 0)
+    model.set_flags(hc_mode=hc_mode, qat=qat_from is not None and start_step >= qat_from)
     model.train()
     opts = make_optimizer(model, optimizer, lr, weight_decay)
     fwd = model if ddp is None else ddp.wrap(model)           # what the loss forward goes through
     main_rank = ddp is None or ddp.is_main
+    for o, st in zip(opts, opt_state or []):
+        o.load_state_dict(st)
+    csa = _csa_attns(model) if indexer_distill_weight > 0 else []
+    # the indexer's loss must not rescale the LM step: its parameters are clipped on their own
+    ix_ids = {id(p) for a in csa for p in a.indexer.parameters()}
     probe = _Probe(model)
     blocks = model.blocks()
     n_sites = 2 * cfg.num_hidden_layers
@@ -474,7 +495,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     heldout = data.heldout_windows(seq_len, eval_windows) if eval_every else None
 
     log, evals = [], []
-    log_f = open(log_path, "w") if log_path and main_rank else None
+    log_f = open(log_path, "a" if start_step else "w") if log_path and main_rank else None
     ar_on = anticipatory == "always"
     ar_until = -1
     quiet_until = -1                  # spike mode: no new detection before this step
@@ -503,13 +524,14 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     bar = None
     if progress and main_rank:
         from v4lab.progress import bar as _bar
-        bar = _bar(steps, "train", leave=False)           # drawn only when stderr is a terminal
+        bar = _bar(stop_step - start_step, "train", leave=False)   # drawn only when stderr is a terminal
     t_start, c_start = time.perf_counter(), time.process_time()
-    step = 0
+    t_ckpt = t_start
+    step = start_step
     saved = None                        # folder of the last complete checkpoint this run wrote
     try:
         with probe.recording_hc():
-            while step < steps:
+            while step < stop_step:
                 t0 = time.perf_counter()
                 if anticipatory == "spike" and (spike_rollback or spike_ar):
                     snaps.append(_snapshot(model, opts, step))
@@ -528,18 +550,31 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                 ids = ids if ddp is None else ddp.shard(ids)
                 routes = pending.pop(step) if ar_on else None
                 probe.clear()
-                lm, mt = lm_losses(fwd, ids, routes, mtp=use_mtp)
+                for a in csa:
+                    a.distill = True
+                try:
+                    lm, mt = lm_losses(fwd, ids, routes, mtp=use_mtp)
+                finally:
+                    for a in csa:
+                        a.distill = False
                 moe_max = dict(probe.moe_max)
                 bal = balance_loss(model, len(ids), balance_alpha, learned) if balance_alpha > 0 else torch.zeros(())
                 w_mtp = mtp_weight if mtp_switch is None or step < mtp_switch else float(mtp_weight_final)
                 loss = lm + (w_mtp * mt if mt is not None else 0.0) + bal
+                if csa:
+                    kl = sum(a.last_distill[0] for a in csa) / max(1, sum(a.last_distill[1] for a in csa))
+                    loss = loss + float(indexer_distill_weight) * kl
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"step {step}: loss is {float(loss)}")
                 for o in opts:
                     o.zero_grad(set_to_none=True)
                 loss.backward()
-                params = [p for p in model.parameters() if p.grad is not None]
+                params = [p for p in model.parameters() if p.grad is not None and id(p) not in ix_ids]
                 gnorm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
+                if csa:
+                    ix_norm = float(torch.nn.utils.clip_grad_norm_(
+                        [p for p in model.parameters() if p.grad is not None and id(p) in ix_ids],
+                        grad_clip if grad_clip > 0 else float("inf")))
                 used = {j: blocks[j].ffn.last_routing["idx"] for j in learned}
                 loads = [blocks[j].ffn.last_routing["load"] for j in range(n_run)]
                 gate_x = dict(probe.gate_in)
@@ -572,6 +607,11 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                        "ar_on": ar_on, "qat": bool(model.qat), "seconds": time.perf_counter() - t0,
                        "cpu_seconds": time.process_time() - c_start,
                        "tokens": (step + 1) * batch_size * seq_len}
+                if csa:
+                    rec["indexer_kl"] = float(kl.detach())
+                    rec["indexer_grad_norm"] = ix_norm
+                    rec["indexer_recall"] = (sum(a.last_recall[0] for a in csa)
+                                             / max(1, sum(a.last_recall[1] for a in csa)))
                 if ddp is not None:
                     rec = ddp.reduce_record(rec)
                 # spike detector (spike mode): compare with the EMA *before* it absorbs this loss
@@ -595,7 +635,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                         rec["event"] = event = "AR off"
                 if event is None or not event.startswith("spike"):
                     ema = lval if ema is None else spike_beta * ema + (1 - spike_beta) * lval
-                if heldout is not None and ((step + 1) % eval_every == 0 or step + 1 == steps) and event is None:
+                if heldout is not None and ((step + 1) % eval_every == 0 or step + 1 == stop_step) and event is None:
                     ev = evaluate(model, heldout, batch_size)
                     rec["heldout_loss"] = ev["loss"]
                     evals.append({"step": step, **ev})
@@ -614,6 +654,10 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                     step = back
                     continue
                 step += 1
+                if on_checkpoint is not None and ckpt_seconds is not None and step < stop_step and main_rank \
+                        and time.perf_counter() - t_ckpt > ckpt_seconds:
+                    on_checkpoint(step, model, opts)
+                    t_ckpt = time.perf_counter()
                 stop = max_seconds is not None and time.perf_counter() - t_start > max_seconds
                 if stop if ddp is None or max_seconds is None else ddp.any(stop):
                     break
@@ -630,12 +674,14 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
             save_or_rescue(model, out_dir, extra_files)
         except KeyboardInterrupt:
             raise Interrupted(step, saved) from None
+    if on_checkpoint is not None and main_rank:
+        on_checkpoint(step, model, opts)
     summary = {"steps_done": step, "seconds": time.perf_counter() - t_start,
                "cpu_seconds": time.process_time() - c_start, "threads": torch.get_num_threads(),
                "rollbacks": n_rollbacks,
                "final_loss": log[-1]["loss"] if log else None,
                "tokens": step * batch_size * seq_len}
-    return {"model": model, "log": log, "evals": evals, "summary": summary}
+    return {"model": model, "log": log, "evals": evals, "summary": summary, "opts": opts}
 
 
 @torch.no_grad()

@@ -1,0 +1,358 @@
+"""Train ``data/lab-v4`` with the V4 recipe, resumably: ``python -m v4lab.labrun`` (= ``v4lab labrun``).
+
+Stages (one fixed recipe, ``RECIPE``; every number is explained in data/README.md):
+
+1. ``lm1``    language-model steps [0, stage1_steps) of one warm-up + cosine schedule (``v4lab.train.train``):
+              next-token + MTP + balance loss, aux-loss-free bias update, hash-routed layer 0.
+2. ``warmup`` the CSA indexer warm-up (``v4lab.train.indexer_warmup``): everything but the indexers frozen,
+              KL from the main attention's weights on the compressed entries to the indexer's softmax.
+3. ``lm2``    steps [stage1_steps, steps) of the same schedule with the indexer loss kept on
+              (``indexer_distill_weight``), FP4 QAT of the routed experts from ``qat_from`` of the run.
+4. ``final``  the official layout (FP8 attention, FP4 experts) + tokenizer + heldout.txt + logs +
+              training_summary.json (with the targets of ``v4lab.labeval``) written to OUT.
+
+Resuming: the run folder (default ``runs/lab-v4``, git-ignored) holds ``ckpt/`` = the model's fp32 state
+(``model.safetensors``), the optimiser's state tensors (``optim.safetensors``) and its scalars
+(``optim.json``), and ``state.json`` (stage, next step, CPU seconds spent) written last. A checkpoint is
+written to ``ckpt.tmp/`` and swapped in with renames, so a kill at any moment leaves a complete one
+(``ckpt/`` or, during the swap, ``ckpt.old/``). Checkpoints every ``ckpt_seconds`` of wall time and at
+every stage boundary. The same command resumes from the last complete checkpoint; the batch of a step is
+a pure function of (seed, step), so a resumed run computes the same weights as an uninterrupted one
+(one thread, deterministic algorithms). Optimiser state is never unpickled: tensors go through
+safetensors, the rest through JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RECIPE = {
+    "config": "lab-v4", "seed": 0, "batch_size": 1, "seq_len": 2048,
+    "steps": 1500, "stage1_steps": 300, "lr": 3e-3, "warmup": 30, "min_lr_ratio": 0.1,
+    "weight_decay": 0.1, "grad_clip": 1.0, "bias_gamma": 0.01, "balance_alpha": 1e-4,
+    "mtp_weight": 0.3, "mtp_weight_final": 0.1, "mtp_switch_at": 0.7, "qat_from": 0.75,
+    "indexer_warmup_steps": 100, "indexer_warmup_lr": 3e-3, "indexer_warmup_batch": 1,
+    "indexer_distill_weight": 1.0, "eval_every": 100, "eval_windows": 4,
+}
+STAGES = ("lm1", "warmup", "lm2", "final", "done")
+RUN_FILES = ("train_log.jsonl", "indexer_warmup.json", "tokenizer.json", "corpus.json")
+
+
+def _bad(name, value, rule):
+    raise ValueError(f"{name} = {value!r}: {rule}")
+
+
+# ---------------------------------------------------------------------------------------- optimiser state
+def optimizer_tensors(opts) -> tuple[dict, dict]:
+    """(tensors, meta) of a list of optimisers: every tensor of every state dict under
+    ``opt{i}.{param id}.{key}``; ``meta`` = the param groups and the non-tensor state, JSON-safe."""
+    tensors, meta = {}, {"opts": []}
+    for i, o in enumerate(opts):
+        sd = o.state_dict()
+        scal = {}
+        for pid, st in sd["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"opt{i}.{pid}.{k}"] = v.detach().cpu().contiguous()
+                else:
+                    scal.setdefault(str(pid), {})[k] = v
+        meta["opts"].append({"param_groups": sd["param_groups"], "scalars": scal,
+                             "tensor_state": sorted({f"{pid}" for pid in sd["state"]}, key=int)})
+    return tensors, meta
+
+
+def optimizer_states(tensors: dict, meta: dict) -> list[dict]:
+    """The inverse of :func:`optimizer_tensors`: a list of ``state_dict``s for ``Optimizer.load_state_dict``."""
+    out = []
+    for i, m in enumerate(meta["opts"]):
+        state = {}
+        for pid in m["tensor_state"]:
+            state[int(pid)] = dict(m["scalars"].get(pid, {}))
+        for name, v in tensors.items():
+            o, pid, key = name.split(".", 2)
+            if o == f"opt{i}":
+                state.setdefault(int(pid), {})[key] = v
+        # JSON turned tuples (AdamW's betas) into lists; "params" stays a list of ids
+        groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+                  for g in m["param_groups"]]
+        out.append({"state": state, "param_groups": groups})
+    return out
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(run: Path, model, opts, state: dict) -> None:
+    """Write ``run/ckpt`` atomically (tmp folder, then renames); ``state.json`` is written last."""
+    from safetensors.torch import save_file
+    tmp, cur, old = run / "ckpt.tmp", run / "ckpt", run / "ckpt.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+              str(tmp / "model.safetensors"))
+    tensors, meta = optimizer_tensors(opts or [])
+    save_file(tensors, str(tmp / "optim.safetensors"))
+    (tmp / "optim.json").write_text(json.dumps(meta) + "\n")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+    if cur.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        cur.rename(old)
+    tmp.rename(cur)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(run: Path) -> Path | None:
+    """The last complete checkpoint folder (one with state.json), or None."""
+    for d in (run / "ckpt", run / "ckpt.old"):
+        if (d / "state.json").is_file():
+            return d
+    return None
+
+
+def load_checkpoint(ckpt: Path, cfg):
+    """(model, optimiser state dicts, state) from a checkpoint folder."""
+    from safetensors.torch import load_file
+
+    from v4lab.model import V4Model
+    model = V4Model(cfg)
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
+    opt = optimizer_states(load_file(str(ckpt / "optim.safetensors")),
+                           json.loads((ckpt / "optim.json").read_text()))
+    return model, opt, json.loads((ckpt / "state.json").read_text())
+
+
+def truncate_log(path: Path, next_step: int) -> None:
+    """Drop log records of steps at or after ``next_step`` (done after the checkpoint a run resumes from)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < next_step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+# ---------------------------------------------------------------------------------------- data
+def build_data(run: Path, root, vocab_size: int):
+    """Corpus → (TokenData, documents). The tokenizer is trained once on the training documents and kept in
+    the run folder; a resumed run checks that the corpus is the one it started with."""
+    from v4lab import corpus
+    from v4lab.data import TokenData, encode_docs, load_tokenizer, train_tokenizer
+    docs = corpus.load_documents(root)
+    fp = corpus.fingerprint(docs)
+    train_names, held_names = corpus.split_documents(docs)
+    cj = run / "corpus.json"
+    if cj.is_file():
+        old = json.loads(cj.read_text())
+        if old["sha256"] != fp["sha256"]:
+            _bad("corpus sha256", fp["sha256"], f"differs from the one this run started with ({old['sha256']}); "
+                 "use a new run folder")
+    tp = run / "tokenizer.json"
+    if tp.is_file():
+        tok = load_tokenizer(tp)
+    else:
+        tok = train_tokenizer([docs[n] for n in train_names], vocab_size)
+        tok.save(str(tp))
+    train = encode_docs(tok, [docs[n] for n in train_names])
+    held = encode_docs(tok, [docs[n] for n in held_names])
+    fp.update(train_documents=len(train_names), heldout_documents=held_names,
+              heldout_chars=sum(len(docs[n]) for n in held_names),
+              train_tokens=int(train.numel()), heldout_tokens=int(held.numel()))
+    if not cj.is_file():
+        cj.write_text(json.dumps(fp, indent=1) + "\n")
+    return TokenData(train, held, tok, fp), docs
+
+
+# ---------------------------------------------------------------------------------------- stages
+def run(run_dir="runs/lab-v4", out="data/lab-v4", root=None, recipe: dict | None = None,
+        ckpt_seconds: float = 600.0, progress: bool = True, stop_after: str | None = None) -> dict:
+    """Run (or resume) the recipe; returns the final state. ``stop_after``: a stage name to stop after
+    (tests use it to interrupt a run)."""
+    from v4lab import corpus
+    from v4lab.config import get_config
+    from v4lab.train import indexer_warmup, train
+    r = dict(RECIPE if recipe is None else recipe)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    root = corpus.DEFAULT_ROOT if root is None else Path(root)
+    if stop_after is not None and stop_after not in STAGES:
+        _bad("stop_after", stop_after, f"must be one of {STAGES}")
+    torch.set_num_threads(1)
+    cfg = get_config(r["config"]) if isinstance(r["config"], str) else r["config"]
+    _check_recipe(run_dir, r, cfg)
+    if (run_dir / "done.json").is_file():            # finished: rerunning the command changes nothing
+        print(f"{run_dir} is complete (done.json); the model is in {out}", file=sys.stderr)
+        return json.loads((run_dir / "done.json").read_text())
+    c0 = time.process_time()
+    data, docs = build_data(run_dir, root, cfg.vocab_size)
+
+    ck = find_checkpoint(run_dir)
+    if ck is None:
+        model, opt_state, state = None, None, {"stage": "lm1", "next_step": 0, "cpu_seconds": 0.0}
+    else:
+        model, opt_state, state = load_checkpoint(ck, cfg)
+        print(f"resuming from {ck}: stage {state['stage']}, step {state['next_step']}", file=sys.stderr)
+    base_cpu = state["cpu_seconds"]
+    log_path = run_dir / "train_log.jsonl"
+
+    def cpu():
+        return base_cpu + time.process_time() - c0
+
+    def checkpoint(stage, next_step, m, opts):
+        state.update(stage=stage, next_step=next_step, cpu_seconds=cpu())
+        save_checkpoint(run_dir, m, opts, state)
+
+    common = _train_kwargs(r, data, log_path, ckpt_seconds, progress)
+    if state["stage"] in ("lm1", "lm2"):
+        truncate_log(log_path, state["next_step"])
+    if state["stage"] == "lm1":
+        res = train(cfg, model=model, opt_state=opt_state, start_step=state["next_step"],
+                    stop_step=r["stage1_steps"], on_checkpoint=lambda s, m, o: checkpoint("lm1", s, m, o), **common)
+        model, opt_state = res["model"], [o.state_dict() for o in res["opts"]]
+        checkpoint("warmup", r["stage1_steps"], model, res["opts"])
+        if stop_after == "lm1":
+            return state
+    if state["stage"] == "warmup":
+        res = indexer_warmup(model, data, steps=r["indexer_warmup_steps"], batch_size=r["indexer_warmup_batch"],
+                             seq_len=r["seq_len"], lr=r["indexer_warmup_lr"], warmup=5, seed=r["seed"] + 1,
+                             eval_windows=r["eval_windows"], progress=progress, device="cpu")
+        (run_dir / "indexer_warmup.json").write_text(json.dumps(
+            {k: res[k] for k in ("before", "after", "log")}, indent=1) + "\n")
+        # the LM optimiser's state is carried through the warm-up unchanged
+        opts = _opts_for(model, opt_state, r)
+        checkpoint("lm2", r["stage1_steps"], model, opts)
+        if stop_after == "warmup":
+            return state
+    if state["stage"] == "lm2":
+        res = train(cfg, model=model, opt_state=opt_state, start_step=state["next_step"], stop_step=r["steps"],
+                    indexer_distill_weight=r["indexer_distill_weight"],
+                    on_checkpoint=lambda s, m, o: checkpoint("lm2", s, m, o), **common)
+        model = res["model"]
+        checkpoint("final", r["steps"], model, res["opts"])
+        if stop_after == "lm2":
+            return state
+    if state["stage"] == "final":
+        write_release(model, data, docs, run_dir, Path(out), r, state, cpu, root)
+        state.update(stage="done", cpu_seconds=cpu())
+        (run_dir / "done.json").write_text(json.dumps(state, indent=1) + "\n")
+    return state
+
+
+def _check_recipe(run_dir: Path, r: dict, cfg) -> None:
+    """Record the recipe (config expanded) in the run folder; refuse a folder that holds another one."""
+    rj = run_dir / "recipe.json"
+    rec_json = json.loads(json.dumps({**r, "config": cfg.to_dict()}))
+    if rj.is_file() and json.loads(rj.read_text()) != rec_json:
+        _bad("recipe", str(rj), "differs from this run's recipe; use a new run folder")
+    rj.write_text(json.dumps(rec_json, indent=1) + "\n")
+
+
+def _train_kwargs(r: dict, data, log_path: Path, ckpt_seconds: float, progress: bool) -> dict:
+    """The ``v4lab.train.train`` arguments both language-model stages share."""
+    return dict(data=data, steps=r["steps"], batch_size=r["batch_size"], seq_len=r["seq_len"], lr=r["lr"],
+                min_lr_ratio=r["min_lr_ratio"], warmup=r["warmup"], weight_decay=r["weight_decay"],
+                grad_clip=r["grad_clip"], seed=r["seed"], mtp_weight=r["mtp_weight"],
+                mtp_weight_final=r["mtp_weight_final"], mtp_switch_at=r["mtp_switch_at"],
+                bias_gamma=r["bias_gamma"], balance_alpha=r["balance_alpha"], qat=float(r["qat_from"]),
+                eval_every=r["eval_every"], eval_windows=r["eval_windows"], threads=1, progress=progress,
+                log_path=str(log_path), ckpt_seconds=ckpt_seconds, device="cpu")
+
+
+def _opts_for(model, opt_state, r):
+    """The LM optimisers rebuilt around ``model`` with a saved state (so a checkpoint can store them)."""
+    from v4lab.train import make_optimizer
+    opts = make_optimizer(model, "adamw", r["lr"], r["weight_decay"])
+    for o, st in zip(opts, opt_state or []):
+        o.load_state_dict(st)
+    return opts
+
+
+def write_release(model, data, docs, run_dir: Path, out: Path, r: dict, state: dict, cpu, root=None) -> None:
+    """OUT = official layout + tokenizer.json + heldout.txt + logs + training_summary.json (targets measured
+    by ``v4lab.labeval`` on the saved files). Written to OUT.tmp first, then swapped in."""
+    from v4lab import corpus
+    from v4lab import model as model_mod
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model_mod.save(model, tmp, overwrite=True)
+    data.tokenizer.save(str(tmp / "tokenizer.json"))
+    (tmp / "heldout.txt").write_text(corpus.heldout_text(docs), encoding="utf-8")
+    for f in ("train_log.jsonl", "indexer_warmup.json"):
+        if (run_dir / f).is_file():
+            shutil.copyfile(run_dir / f, tmp / f)
+    recipe = {**r, "config": r["config"] if isinstance(r["config"], str) else r["config"].to_dict()}
+    summary = {"recipe": recipe, "corpus": data.fingerprint, "cpu_seconds_training": cpu(),
+               "command": "OMP_NUM_THREADS=1 python -m v4lab.labrun --run-dir RUN --out OUT",
+               "torch": torch.__version__, "threads": 1}
+    from v4lab import labeval  # imported late: the evaluation can be fixed while training runs
+    summary["targets"] = labeval.evaluate_release(tmp, progress=True, root=root)
+    summary["cpu_seconds_total"] = cpu()
+    (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+def status(run_dir, recent: int = 20) -> dict:
+    """Where a run stands, from its files only (safe while it runs): stage, steps done, CPU seconds at the
+    last checkpoint, and a rough ETA for the language-model steps left from the recent steps' wall time
+    (the warm-up and the final evaluation come on top)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.json").is_file():
+        _bad("run_dir", str(run_dir), "holds no run (no recipe.json)")
+    r = json.loads((run_dir / "recipe.json").read_text())
+    if (run_dir / "done.json").is_file():
+        return {"stage": "done", **json.loads((run_dir / "done.json").read_text())}
+    ck = find_checkpoint(run_dir)
+    st = json.loads((ck / "state.json").read_text()) if ck else {"stage": "lm1", "next_step": 0, "cpu_seconds": 0.0}
+    log = []
+    if (run_dir / "train_log.jsonl").is_file():
+        log = [json.loads(ln) for ln in (run_dir / "train_log.jsonl").read_text().splitlines() if ln.strip()]
+    done = log[-1]["step"] + 1 if log else 0
+    tail = [x["seconds"] for x in log[-recent:]]
+    per = sum(tail) / len(tail) if tail else None
+    left = r["steps"] - done
+    return {"stage_at_checkpoint": st["stage"], "checkpoint_step": st["next_step"],
+            "cpu_seconds_at_checkpoint": st["cpu_seconds"], "steps_logged": done, "steps": r["steps"],
+            "wall_seconds_per_step_recent": per, "lm_steps_left": left,
+            "eta_lm_steps": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() + per * left)) if per else None}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="v4lab labrun", description="Train data/lab-v4 with the V4 recipe "
+                                "(resumable: rerun the same command after an interruption).")
+    p.add_argument("--run-dir", default="runs/lab-v4", help="checkpoints and logs (default runs/lab-v4)")
+    p.add_argument("--out", default="data/lab-v4", help="the model directory written at the end")
+    p.add_argument("--root", default=None, help="CPython HTML docs root (default: python3.11-doc's)")
+    p.add_argument("--ckpt-seconds", type=float, default=600.0, help="wall seconds between checkpoints")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--status", action="store_true", help="only print where the run in --run-dir stands")
+    args = p.parse_args(argv)
+    if args.status:
+        try:
+            print(json.dumps(status(args.run_dir), indent=1))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if not args.ckpt_seconds > 0:
+        print(f"error: --ckpt-seconds = {args.ckpt_seconds}: must be > 0", file=sys.stderr)
+        return 2
+    try:
+        state = run(args.run_dir, args.out, args.root, ckpt_seconds=args.ckpt_seconds,
+                    progress=not args.no_progress)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(state, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

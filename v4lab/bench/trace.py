@@ -8,13 +8,13 @@ is shared). Runs on ``$V4LAB_DEVICE`` / ``--device`` like every bench.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
 
 from v4lab.config import V4Config, get_config
+from v4lab.errors import OneLineParser
 
 TARGET_S = 2.0
 
@@ -49,7 +49,7 @@ def run(quick: bool = False, device: str | torch.device | None = None) -> list[d
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="v4lab bench trace", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="v4lab bench trace", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: $V4LAB_DEVICE, else auto)")

@@ -376,7 +376,8 @@ def test_bad_inputs_raise_clear_errors():
     cache = a.new_cache(1)
     a(x, 0, cache)
     cases.append((lambda: a(x, 2, cache), "cache length \\(4"))
-    big = make("window", cfg=get_config("tiny").replace(max_position_embeddings=6))
+    # sliding_window must fit in max_position_embeddings (config rule), so it shrinks with it
+    big = make("window", cfg=get_config("tiny").replace(max_position_embeddings=6, sliding_window=4))
     cases.append((lambda: big(torch.randn(1, 7, 128)), "max_position_embeddings = 6"))
     for fn, msg in cases:
         with pytest.raises(ValueError, match=msg):

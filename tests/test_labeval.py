@@ -75,7 +75,8 @@ def test_release_measures_equal_the_references(tiny_release):
     spec = expert_specialisation(model, w[:1], token_classes(load_tokenizer(d)))
     assert res["specialisation"]["trained"]["mi_bits"] == pytest.approx(spec["mi_bits"], abs=1e-12)
     r = res["specialisation"]
-    assert r["ratio_vs_random"] == pytest.approx(r["trained"]["mean_learned_mi_bits"] / r["random"]["mean_learned_mi_bits"])
+    assert r["ratio_vs_random"] == pytest.approx(r["trained"]["mean_learned_mi_bits"]
+                                                 / r["random"]["mean_learned_mi_bits"])
     assert res["bits_per_char"] is None                                  # only for the whole text
     assert len(res["samples"]) == len(labeval.PROMPTS) and all(s["continuation"] for s in res["samples"])
     assert res["passed"]["bits_per_char"] is None and res["passed"]["forward_cpu_seconds"] is None

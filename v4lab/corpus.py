@@ -24,6 +24,7 @@ import hashlib
 import json
 import re
 import sys
+from collections.abc import Iterable, Sequence
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -137,7 +138,7 @@ def load_documents(root: str | Path = DEFAULT_ROOT) -> dict[str, str]:
     return docs
 
 
-def split_documents(names) -> tuple[list[str], list[str]]:
+def split_documents(names: Iterable[str]) -> tuple[list[str], list[str]]:
     """(train names, held-out names): ``sorted(names)[3::10]`` held out, the rest trained on."""
     names = sorted(names)
     a, b = HELDOUT_SLICE
@@ -177,7 +178,7 @@ def write_corpus(out: str | Path, root: str | Path = DEFAULT_ROOT) -> dict:
     return manifest
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m v4lab.corpus",
                                 description="Build the lab model's corpus from CPython's HTML docs.")
     p.add_argument("out", help="output directory (train.txt, heldout.txt, manifest.json)")

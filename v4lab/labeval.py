@@ -26,10 +26,17 @@ import math
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from v4lab.model import V4Model
 
 SEQ_LEN = 2048
 SPEC_WINDOWS = 16
@@ -65,7 +72,7 @@ def stream_windows(ids: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def heldout_pass(model, windows: list[torch.Tensor], progress: bool = False) -> dict:
+def heldout_pass(model: V4Model, windows: list[torch.Tensor], progress: bool = False) -> dict:
     """One pass over the windows with the indexer measurement on: summed NLL of the main and MTP heads and
     the CSA recall/KL. Returns {"loss", "nll_sum", "tokens", "mtp_loss", "indexer": {...}}."""
     from v4lab.train import _csa_attns
@@ -109,7 +116,7 @@ def bigram_counts(train: torch.Tensor, vocab_size: int) -> dict:
 
 
 def bigram_nll(counts: dict, prev: torch.Tensor, nxt: torch.Tensor, vocab_size: int,
-               alphas=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)) -> dict:
+               alphas: Sequence[float] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)) -> dict:
     """Mean NLL (nats) of next given prev under add-α bigrams from sparse ``counts``; the α that scores best
     on these targets. Same model as ``v4lab.data.bigram_loss``, without a dense V×V table."""
     V = vocab_size
@@ -128,7 +135,7 @@ def bigram_nll(counts: dict, prev: torch.Tensor, nxt: torch.Tensor, vocab_size: 
     return {"loss": losses[best], "alpha": best, "losses": losses}
 
 
-def corpus_train_stream(tok, root=None) -> tuple[torch.Tensor, dict]:
+def corpus_train_stream(tok: Tokenizer, root: str | Path | None = None) -> tuple[torch.Tensor, dict]:
     """The training stream of the corpus (needs ``python3.11-doc``) tokenised with ``tok``, and its fingerprint."""
     from v4lab import corpus
     from v4lab.data import encode_docs
@@ -145,7 +152,7 @@ def load_counts(path: Path) -> dict:
     return load_file(str(f))
 
 
-def write_counts(path: Path, tok, vocab_size: int, root=None) -> dict:
+def write_counts(path: Path, tok: Tokenizer, vocab_size: int, root: str | Path | None = None) -> dict:
     from safetensors.torch import save_file
     train, fp = corpus_train_stream(tok, root)
     c = bigram_counts(train, vocab_size)
@@ -155,7 +162,7 @@ def write_counts(path: Path, tok, vocab_size: int, root=None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- other measures
-def forward_cpu_seconds(model, seq_len: int = SEQ_LEN, repeats: int = 3) -> dict:
+def forward_cpu_seconds(model: V4Model, seq_len: int = SEQ_LEN, repeats: int = 3) -> dict:
     """CPU seconds (process time, one thread) of one forward over seq_len random tokens: warm-up, then the
     median and min of ``repeats``."""
     threads = torch.get_num_threads()
@@ -175,7 +182,7 @@ def forward_cpu_seconds(model, seq_len: int = SEQ_LEN, repeats: int = 3) -> dict
     return {"median": statistics.median(times), "min": min(times), "seq_len": seq_len, "threads": 1}
 
 
-def random_twin(model, seed: int = 0):
+def random_twin(model: V4Model, seed: int = 0) -> V4Model:
     """The same architecture with random weights (seeded) and the model's hash tables: routers compared."""
     from v4lab.model import V4Model
     torch.manual_seed(seed)
@@ -186,7 +193,7 @@ def random_twin(model, seed: int = 0):
     return rand.eval()
 
 
-def specialisation(model, tok, windows: torch.Tensor) -> dict:
+def specialisation(model: V4Model, tok: Tokenizer, windows: torch.Tensor) -> dict:
     """Mutual information token class × expert for the model and its random twin (windows [W, S+1])."""
     from v4lab.data import token_classes
     from v4lab.train import expert_specialisation
@@ -199,7 +206,7 @@ def specialisation(model, tok, windows: torch.Tensor) -> dict:
             "tiny_v4_bits": TINY_V4_MI_BITS, "windows": int(windows.shape[0])}
 
 
-def samples(model, tok, prompts=PROMPTS, max_new_tokens: int = 40) -> list[dict]:
+def samples(model: V4Model, tok: Tokenizer, prompts: Sequence[str] = PROMPTS, max_new_tokens: int = 40) -> list[dict]:
     """Greedy continuations (deterministic) of each prompt."""
     out = []
     for p in prompts:
@@ -209,7 +216,7 @@ def samples(model, tok, prompts=PROMPTS, max_new_tokens: int = 40) -> list[dict]
     return out
 
 
-def masters_vs_file(path, ckpt, seq_len: int = SEQ_LEN, max_windows: int | None = 8) -> dict:
+def masters_vs_file(path: str | Path, ckpt: str | Path, seq_len: int = SEQ_LEN, max_windows: int | None = 8) -> dict:
     """Held-out loss of the shipped file (FP8 attention, FP4 experts) against the fp32 master weights the run
     ended with (``ckpt`` = the run's ``ckpt/`` folder, as ``v4lab.labrun`` leaves it), with the routed
     experts in full precision and through FP4 QAT (what training saw). Same windows for all three."""
@@ -235,9 +242,9 @@ def masters_vs_file(path, ckpt, seq_len: int = SEQ_LEN, max_windows: int | None 
 
 
 # ---------------------------------------------------------------------------------------- all together
-def evaluate_release(path, progress: bool = False, seq_len: int = SEQ_LEN, spec_windows: int = SPEC_WINDOWS,
-                     max_windows: int | None = None, timing: bool = True, root=None,
-                     write_missing_counts: bool = True) -> dict:
+def evaluate_release(path: str | Path, progress: bool = False, seq_len: int = SEQ_LEN,
+                     spec_windows: int = SPEC_WINDOWS, max_windows: int | None = None, timing: bool = True,
+                     root: str | Path | None = None, write_missing_counts: bool = True) -> dict:
     """Every target from the files in ``path`` (see the module docstring). ``max_windows``: only the first
     windows (tests of the pieces); None = the whole held-out text. Writes the bigram counts from the corpus
     at ``root`` when absent and ``write_missing_counts`` (else a missing file is an error)."""
@@ -265,7 +272,8 @@ def evaluate_release(path, progress: bool = False, seq_len: int = SEQ_LEN, spec_
     res = {"heldout": {k: lm[k] for k in ("loss", "tokens", "mtp_loss", "nll_sum")},
            "bigram": bigram, "below_bigram_nats": bigram["loss"] - lm["loss"],
            "bits_per_char": lm["nll_sum"] / math.log(2) / chars if chars else None, "heldout_chars": chars,
-           "indexer": {**lm["indexer"], "random_recall": _random_recall(model.cfg, seq_len), "topk": model.cfg.index_topk},
+           "indexer": {**lm["indexer"], "random_recall": _random_recall(model.cfg, seq_len),
+                       "topk": model.cfg.index_topk},
            "specialisation": spec, "seq_len": seq_len, "windows": len(windows),
            "samples": samples(model, tok)}
     if timing:
@@ -288,7 +296,7 @@ def check(res: dict) -> dict:
                 and spec["trained"]["mean_learned_mi_bits"] > TARGETS["mi_vs_tiny_bits"])}
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m v4lab.labeval", description="Measure the lab model's targets "
                                 "from its shipped files (whole held-out text: minutes on one thread).")
     p.add_argument("path", help="model directory (e.g. data/lab-v4)")

@@ -28,9 +28,16 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from v4lab.config import V4Config
+    from v4lab.data import TokenData
+    from v4lab.model import V4Model
 
 RECIPE = {
     "config": "lab-v4", "seed": 0, "batch_size": 1, "seq_len": 2048,
@@ -49,7 +56,7 @@ def _bad(name, value, rule):
 
 
 # ---------------------------------------------------------------------------------------- optimiser state
-def optimizer_tensors(opts) -> tuple[dict, dict]:
+def optimizer_tensors(opts: Sequence[torch.optim.Optimizer]) -> tuple[dict, dict]:
     """(tensors, meta) of a list of optimisers: every tensor of every state dict under
     ``opt{i}.{param id}.{key}``; ``meta`` = the param groups and the non-tensor state, JSON-safe."""
     tensors, meta = {}, {"opts": []}
@@ -86,7 +93,8 @@ def optimizer_states(tensors: dict, meta: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(run: Path, model, opts, state: dict) -> None:
+def save_checkpoint(run: Path, model: V4Model, opts: Sequence[torch.optim.Optimizer] | None,
+                    state: dict) -> None:
     """Write ``run/ckpt`` atomically (tmp folder, then renames); ``state.json`` is written last."""
     from safetensors.torch import save_file
     tmp, cur, old = run / "ckpt.tmp", run / "ckpt", run / "ckpt.old"
@@ -113,7 +121,7 @@ def find_checkpoint(run: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(ckpt: Path, cfg):
+def load_checkpoint(ckpt: Path, cfg: V4Config) -> tuple[V4Model, list[dict], dict]:
     """(model, optimiser state dicts, state) from a checkpoint folder."""
     from safetensors.torch import load_file
 
@@ -134,7 +142,7 @@ def truncate_log(path: Path, next_step: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------- data
-def build_data(run: Path, root, vocab_size: int):
+def build_data(run: Path, root: str | Path, vocab_size: int) -> tuple[TokenData, dict[str, str]]:
     """Corpus → (TokenData, documents). The tokenizer is trained once on the training documents and kept in
     the run folder; a resumed run checks that the corpus is the one it started with."""
     from v4lab import corpus
@@ -165,7 +173,8 @@ def build_data(run: Path, root, vocab_size: int):
 
 
 # ---------------------------------------------------------------------------------------- stages
-def run(run_dir="runs/lab-v4", out="data/lab-v4", root=None, recipe: dict | None = None,
+def run(run_dir: str | Path = "runs/lab-v4", out: str | Path = "data/lab-v4", root: str | Path | None = None,
+        recipe: dict | None = None,
         ckpt_seconds: float = 600.0, progress: bool = True, stop_after: str | None = None) -> dict:
     """Run (or resume) the recipe; returns the final state. ``stop_after``: a stage name to stop after
     (tests use it to interrupt a run)."""
@@ -268,7 +277,8 @@ def _opts_for(model, opt_state, r):
     return opts
 
 
-def write_release(model, data, docs, run_dir: Path, out: Path, r: dict, state: dict, cpu, root=None) -> None:
+def write_release(model: V4Model, data: TokenData, docs: dict[str, str], run_dir: Path, out: Path, r: dict,
+                  state: dict, cpu: Callable[[], float], root: str | Path | None = None) -> None:
     """OUT = official layout + tokenizer.json + heldout.txt + logs + training_summary.json (targets measured
     by ``v4lab.labeval`` on the saved files). Written to OUT.tmp first, then swapped in."""
     from v4lab import corpus
@@ -299,7 +309,7 @@ def write_release(model, data, docs, run_dir: Path, out: Path, r: dict, state: d
         tmp.rename(out)
 
 
-def status(run_dir, recent: int = 20) -> dict:
+def status(run_dir: str | Path, recent: int = 20) -> dict:
     """Where a run stands, from its files only (safe while it runs): stage, steps done, CPU seconds at the
     last checkpoint, and a rough ETA for the language-model steps left from the recent steps' wall time
     (the warm-up and the final evaluation come on top)."""
@@ -324,7 +334,7 @@ def status(run_dir, recent: int = 20) -> dict:
             "eta_lm_steps": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() + per * left)) if per else None}
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="v4lab labrun", description="Train data/lab-v4 with the V4 recipe "
                                 "(resumable: rerun the same command after an interruption).")
     p.add_argument("--run-dir", default="runs/lab-v4", help="checkpoints and logs (default runs/lab-v4)")

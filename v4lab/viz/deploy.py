@@ -76,8 +76,8 @@ def routing_data(turns: int = 1000, context: int = 32000, output: int = 1000, pr
     if r["gemini_surcharged"]:
         notes.append("prompt above 200K: Gemini's input rate doubled, V4-Pro flat")
     title = (f"{r['input_tokens'] / 1e6:,.3g}M in + {r['output_tokens'] / 1e6:,.3g}M out a month (US$): "
-             f"Flash {money(b['flash'])} · routed {money(b['routed'])} · Pro {money(b['pro'])} · "
-             f"Opus {money(b['opus-4.7'])}<br><sup>{' · '.join(notes)}</sup>")
+             f"Flash {money(b['flash'])} · routed {money(b['routed'])}<br>Pro {money(b['pro'])} · "
+             f"Opus {money(b['opus-4.7'])}<br><sup>{'<br>'.join(notes)}</sup>")
     return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}}}
 
 
@@ -89,7 +89,7 @@ def _hover(k: str, r: dict) -> str:
     return f"{p.label}<br>input: {p.mark('input')}<br>output: {p.mark('output')}"
 
 
-ROUTING_LAYOUT = dict(height=420, margin=dict(l=160, r=170, t=80, b=90),
+ROUTING_LAYOUT = dict(height=500, margin=dict(l=160, r=170, t=160, b=90),
                       xaxis=dict(type="log", title="US$ per month (log scale)", dtick="D2"),
                       yaxis=dict(autorange="reversed", categoryorder="array",
                                  categoryarray=[deploy.STRATEGY_LABELS[k] for k in deploy.STRATEGIES]),
@@ -193,11 +193,11 @@ def checklist_data(checked: tuple = ()) -> dict:
         first = v["hits"][0]
         more = f" and {len(v['hits']) - 1} more" if len(v["hits"]) > 1 else ""
         title = (f"Verdict: V4 is the wrong choice ({len(v['hits'])} of 7 apply)<br><sup>"
-                 f"{first['condition']} → {first['alternative']}{more}</sup>")
+                 f"{first['condition']}<br>→ {first['alternative']}{more}</sup>")
     return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}}}
 
 
-CHECK_LAYOUT = dict(height=430, margin=dict(l=10, r=10, t=70, b=10))
+CHECK_LAYOUT = dict(height=450, margin=dict(l=10, r=10, t=90, b=10))
 
 
 def build_checklist(**kw: Any) -> go.Figure:

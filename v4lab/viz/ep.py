@@ -186,10 +186,13 @@ class EPWidget(Widget):
 
     def make_controls(self) -> dict:
         import ipywidgets as W
-        return {"ranks": W.SelectionSlider(options=RANK_STOPS, value=self.state["ranks"], description="ranks"),
+        return {"ranks": W.SelectionSlider(options=RANK_STOPS, value=self.state["ranks"], description="ranks",
+                                      style={"description_width": "100px"}),
                 "bias_steps": W.SelectionSlider(options=STEP_STOPS, value=self.state["bias_steps"],
-                                                description="bias updates"),
-                "skew": W.SelectionSlider(options=SKEW_STOPS, value=self.state["skew"], description="skew")}
+                                                description="bias updates",
+                                                style={"description_width": "100px"}),
+                "skew": W.SelectionSlider(options=SKEW_STOPS, value=self.state["skew"], description="skew",
+                                     style={"description_width": "100px"})}
 
     def sweep_values(self, control: str) -> list:
         return {"ranks": RANK_STOPS, "bias_steps": STEP_STOPS, "skew": SKEW_STOPS}[control]

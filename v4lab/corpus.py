@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         m = write_corpus(args.out, args.root)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"v4lab.corpus: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in m.items() if k not in ("documents_sha256", "heldout_documents")}, indent=1))
     return 0

@@ -316,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_counts(Path(args.path), tok, tok.get_vocab_size())
         res = evaluate_release(args.path, progress=True, max_windows=args.max_windows)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"v4lab labeval: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(res, indent=1))
     return 0

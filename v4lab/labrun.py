@@ -348,17 +348,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             print(json.dumps(status(args.run_dir), indent=1))
         except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"v4lab labrun: error: {e}", file=sys.stderr)
             return 2
         return 0
     if not args.ckpt_seconds > 0:
-        print(f"error: --ckpt-seconds = {args.ckpt_seconds}: must be > 0", file=sys.stderr)
+        print(f"v4lab labrun: error: --ckpt-seconds = {args.ckpt_seconds}: must be > 0", file=sys.stderr)
         return 2
     try:
         state = run(args.run_dir, args.out, args.root, ckpt_seconds=args.ckpt_seconds,
                     progress=not args.no_progress)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"v4lab labrun: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(state, indent=1))
     return 0

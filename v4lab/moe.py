@@ -188,7 +188,7 @@ class MoE(nn.Module):
         ex = list(self.experts.values()) if isinstance(self.experts, nn.ModuleDict) else list(self.experts)
         ws = [[e.w1.weight for e in ex], [e.w2.weight for e in ex], [e.w3.weight for e in ex]]
         if self.qat:
-            from v4lab.quant import fp4_fake_quant_ste   # another module; imported when first needed
+            from v4lab.quant import fp4_fake_quant_ste  # another module; imported when first needed
             ws = [[fp4_fake_quant_ste(w) for w in group] for group in ws]
         return ws
 
@@ -207,7 +207,7 @@ class MoE(nn.Module):
                                        "or pick 'grouped' for training")
         w1s, w2s, w3s = self.expert_weights()
         if isinstance(self.experts, nn.ModuleDict):
-            from v4lab.expert_parallel import ep_forward    # imports this module: loaded on first use
+            from v4lab.expert_parallel import ep_forward  # imports this module: loaded on first use
             y, self.last_ep = ep_forward(flat, idx, weights, w1s, w2s, w3s, self.limit, self.gate.n_experts,
                                          self.ep_group, self.ep_fp8, ffn=expert_ffn)
         else:

@@ -921,8 +921,15 @@ def main(argv=None) -> int:
 
 
 def _main(args, argv, done: dict) -> int:
-    from v4lab.data import load_data, train_tokenizer, load_topics, split_topics, heldout_text, bigram_loss, \
-        token_classes
+    from v4lab.data import (
+        bigram_loss,
+        heldout_text,
+        load_data,
+        load_topics,
+        split_topics,
+        token_classes,
+        train_tokenizer,
+    )
     for key in ("steps", "batch_size", "seq_len", "warmup"):        # fail before the slow set-up
         v = getattr(args, key)
         if v < (2 if key == "seq_len" else 1):

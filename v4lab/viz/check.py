@@ -83,7 +83,7 @@ def dollar_signs(fig: FigureLike) -> list[str]:
     texts += [(f"annotation {i}", _text(a)) for i, a in enumerate(lay.get("annotations") or [])]
     for letter in "xy":
         texts += [(f"{ax} title", _text(a.get("title"))) for ax, a in _axes(lay, letter).items()]
-    texts += [(f"legend title", _text((lay.get("legend") or {}).get("title")))]
+    texts += [("legend title", _text((lay.get("legend") or {}).get("title")))]
     for i, t in enumerate(d.get("data", [])):
         texts.append((f"trace {i} name", _text(t.get("name")) if t.get("showlegend", True) else ""))
         cb = (t.get("marker") or {}).get("colorbar") or t.get("colorbar") or {}

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 import plotly.colors
 import torch
 
-from v4lab import accounting, expert_parallel as EP
+from v4lab import accounting
+from v4lab import expert_parallel as EP
 from v4lab.config import get_config
 from v4lab.gate import gate_scores, route_weights, select_topk
 from v4lab.moe import bias_update, expert_ffn, expert_load, load_imbalance

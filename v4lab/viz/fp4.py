@@ -22,6 +22,7 @@ import torch
 from v4lab import quant as Q
 from v4lab.viz.common import Widget, check_choice, figure_from, register, stored_result
 
+
 # ------------------------------------------------------------------------------------ formats as text
 def e2m1_table() -> str:
     """Every E2M1 code: its bits (sign, two exponent bits, one mantissa bit) and value (``quant.e2m1_decode``)."""

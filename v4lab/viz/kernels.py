@@ -46,7 +46,7 @@ def _sparse_attn_inputs():
     q, kv, sink = torch.randn(B, S, H, D, generator=g), torch.randn(B, N, D, generator=g), torch.randn(H, generator=g)
     idx = torch.randint(0, N, (B, S, K), generator=g)
     idx[:, :, -3:] = -1                                       # empty slots are skipped
-    return (q, kv, sink, idx, D ** -0.5), {}, f"q [1,8,4,64], kv [1,48,64], idx [1,8,16]"
+    return (q, kv, sink, idx, D ** -0.5), {}, "q [1,8,4,64], kv [1,48,64], idx [1,8,16]"
 
 
 def _compressor_inputs():

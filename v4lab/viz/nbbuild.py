@@ -94,6 +94,7 @@ def is_checked(cell) -> bool:
 def execute(nb: nbformat.NotebookNode, cwd: Path = NB_DIR, timeout: int = 600) -> None:
     """Run a copy of ``nb`` in a kernel; raises if a cell fails. Nothing from the run is kept."""
     import copy
+
     from nbclient import NotebookClient
     NotebookClient(copy.deepcopy(nb), timeout=timeout, kernel_name=KERNELSPEC["name"],
                    resources={"metadata": {"path": str(cwd)}}).execute()

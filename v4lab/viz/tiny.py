@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 
-
 import torch
 
 from v4lab.gate import route_weights

@@ -25,8 +25,9 @@ def _site(root, n_pages=24, seed=0):
 
 
 def _recipe():
-    return dict(labrun.RECIPE, config=micro_config(vocab_size=300, index_topk=2), steps=6, stage1_steps=2,
-                seq_len=64, warmup=2, indexer_warmup_steps=2, eval_every=3, eval_windows=1)
+    return dict(labrun.RECIPE, config=micro_config(vocab_size=300, index_topk=2), lm1_steps=2, lm1_seq_len=32,
+                lm2_steps=4, seq_len=64, warmup=2, indexer_warmup_steps=2, indexer_distill_every=2, eval_every=3,
+                eval_windows=1)
 
 
 def test_optimizer_state_round_trip():
@@ -72,16 +73,19 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
         labrun.run(tmp_path / "b", tmp_path / "outb", root, recipe=_recipe(), progress=False, ckpt_seconds=0.0)
     monkeypatch.setattr(labrun, "save_checkpoint", orig)
     st = json.loads((labrun.find_checkpoint(tmp_path / "b") / "state.json").read_text())
-    assert st["stage"] == "lm2" and 2 < st["next_step"] < 6                 # really resumed mid-stage
+    assert st["stage"] == "lm2" and 0 < st["next_step"] < 4                 # really resumed mid-stage
     labrun.run(tmp_path / "b", tmp_path / "outb", root, recipe=_recipe(), progress=False, stop_after="lm2")
     ma, oa, sa, la = _final(tmp_path / "a")
     mb, ob, sb, lb = _final(tmp_path / "b")
-    assert sa["stage"] == sb["stage"] == "final" and sa["next_step"] == sb["next_step"] == 6
+    assert sa["stage"] == sb["stage"] == "final" and sa["next_step"] == sb["next_step"] == 4
     assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
     assert oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)
-    assert [r["step"] for r in lb] == list(range(6))                       # the log has each step once
+    assert [r["step"] for r in lb] == list(range(4))                       # the log has each step once
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
-    assert "indexer_kl" in la[-1] and "indexer_kl" not in la[0]           # distillation on in lm2 only
+    l1 = [json.loads(ln) for ln in (tmp_path / "a" / "train_log_lm1.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in l1] == [0, 1] and l1[0]["tokens"] == 32    # the short-sequence stage
+    assert all("indexer_kl" not in r and not r["qat"] for r in l1)       # no indexer loss, no QAT in lm1
+    assert ["indexer_kl" in r for r in la] == [True, False, True, False]  # every 2nd step of lm2
     assert la[-1]["qat"] and not la[0]["qat"]                             # QAT at the end
     assert json.loads((tmp_path / "a" / "indexer_warmup.json").read_text())["log"]
 
@@ -90,8 +94,8 @@ def test_changed_recipe_is_refused(tmp_path):
     root = _site(tmp_path / "html")
     labrun.run(tmp_path / "r", tmp_path / "o", root, recipe=_recipe(), progress=False, stop_after="lm1")
     st = labrun.status(tmp_path / "r")
-    assert st["stage_at_checkpoint"] == "warmup" and st["checkpoint_step"] == 2 and st["steps_logged"] == 2
-    assert st["lm_steps_left"] == 4 and st["wall_seconds_per_step_recent"] > 0
+    assert st["stage_at_checkpoint"] == "warmup" and st["checkpoint_step"] == 0 and st["steps_logged"] == 0
+    assert st["lm_stage"] == "lm2" and st["lm_steps_left"] == 4 and st["wall_seconds_per_step_recent"] is None
     with pytest.raises(ValueError, match="no run"):
         labrun.status(tmp_path / "o")
     with pytest.raises(ValueError, match="recipe.*differs"):
@@ -136,6 +140,8 @@ def test_start_stop_steps_are_checked():
         train(micro_config(vocab_size=300), data=_data(), steps=4, start_step=3, stop_step=2, progress=False)
     with pytest.raises(ValueError, match="indexer_distill_weight"):
         train(micro_config(vocab_size=300), data=_data(), steps=4, indexer_distill_weight=-1.0, progress=False)
+    with pytest.raises(ValueError, match="indexer_distill_every"):
+        train(micro_config(vocab_size=300), data=_data(), steps=4, indexer_distill_every=0, progress=False)
 
 
 @pytest.mark.slow
@@ -145,6 +151,7 @@ def test_full_run_writes_the_release_and_a_rerun_changes_nothing(tmp_path):
     st = labrun.run(tmp_path / "run", out, root, recipe=_recipe(), progress=False)
     assert st["stage"] == "done"
     for f in ("config.json", "model.safetensors.index.json", "tokenizer.json", "heldout.txt", "train_log.jsonl",
+              "train_log_lm1.jsonl",
               "indexer_warmup.json", "training_summary.json", "bigram_counts.safetensors"):
         assert (out / f).is_file(), f
     s = json.loads((out / "training_summary.json").read_text())

@@ -2,12 +2,16 @@
 
 Stages (one fixed recipe, ``RECIPE``; every number is explained in data/README.md):
 
-1. ``lm1``    language-model steps [0, stage1_steps) of one warm-up + cosine schedule (``v4lab.train.train``):
-              next-token + MTP + balance loss, aux-loss-free bias update, hash-routed layer 0.
+1. ``lm1``    ``lm1_steps`` language-model steps on ``lm1_seq_len``-token sequences (``v4lab.train.train``),
+              warm-up then a constant lr: next-token + MTP + balance loss, aux-loss-free bias update,
+              hash-routed layer 0. Short sequences first, as V4 lengthens its sequences in stages; on this
+              CPU a 512-token step costs a quarter of a 2048-token one, so it makes 4x the updates.
 2. ``warmup`` the CSA indexer warm-up (``v4lab.train.indexer_warmup``): everything but the indexers frozen,
               KL from the main attention's weights on the compressed entries to the indexer's softmax.
-3. ``lm2``    steps [stage1_steps, steps) of the same schedule with the indexer loss kept on
-              (``indexer_distill_weight``), FP4 QAT of the routed experts from ``qat_from`` of the run.
+3. ``lm2``    ``lm2_steps`` steps on ``seq_len``-token sequences, cosine from ``lr`` to ``min_lr_ratio``·lr,
+              the indexer loss kept on (``indexer_distill_weight``, every ``indexer_distill_every`` steps),
+              FP4 QAT of the routed experts from ``qat_from`` of the stage. Each stage logs its own steps
+              (``train_log_lm1.jsonl``, ``train_log.jsonl``).
 4. ``final``  the official layout (FP8 attention, FP4 experts) + tokenizer + heldout.txt + logs +
               training_summary.json (with the targets of ``v4lab.labeval``) written to OUT.
 
@@ -40,15 +44,18 @@ if TYPE_CHECKING:
     from v4lab.model import V4Model
 
 RECIPE = {
-    "config": "lab-v4", "seed": 0, "batch_size": 1, "seq_len": 2048,
-    "steps": 1500, "stage1_steps": 300, "lr": 3e-3, "warmup": 30, "min_lr_ratio": 0.1,
+    "config": "lab-v4", "seed": 0, "batch_size": 1,
+    # lm1, the short-sequence stage (V4 also starts short and lengthens): constant lr after the warm-up
+    "lm1_steps": 3000, "lm1_seq_len": 512, "warmup": 30,
+    # lm2, the 2048-token stage: cosine from lr to 10 %, indexer loss on, FP4 QAT of the experts at the end
+    "lm2_steps": 700, "seq_len": 2048, "lm2_seed": 1, "lr": 3e-3, "min_lr_ratio": 0.1,
     "weight_decay": 0.1, "grad_clip": 1.0, "bias_gamma": 0.01, "balance_alpha": 1e-4,
     "mtp_weight": 0.3, "mtp_weight_final": 0.1, "mtp_switch_at": 0.7, "qat_from": 0.75,
-    "indexer_warmup_steps": 100, "indexer_warmup_lr": 3e-3, "indexer_warmup_batch": 1,
-    "indexer_distill_weight": 1.0, "eval_every": 100, "eval_windows": 4,
+    "indexer_warmup_steps": 60, "indexer_warmup_lr": 3e-3, "indexer_warmup_batch": 1,
+    "indexer_distill_weight": 1.0, "indexer_distill_every": 4, "eval_every": 100, "eval_windows": 4,
 }
 STAGES = ("lm1", "warmup", "lm2", "final", "done")
-RUN_FILES = ("train_log.jsonl", "indexer_warmup.json", "tokenizer.json", "corpus.json")
+RUN_FILES = ("train_log_lm1.jsonl", "train_log.jsonl", "indexer_warmup.json", "tokenizer.json", "corpus.json")
 
 
 def _bad(name, value, rule):
@@ -203,8 +210,6 @@ def run(run_dir: str | Path = "runs/lab-v4", out: str | Path = "data/lab-v4", ro
         model, opt_state, state = load_checkpoint(ck, cfg)
         print(f"resuming from {ck}: stage {state['stage']}, step {state['next_step']}", file=sys.stderr)
     base_cpu = state["cpu_seconds"]
-    log_path = run_dir / "train_log.jsonl"
-
     def cpu():
         return base_cpu + time.process_time() - c0
 
@@ -212,14 +217,15 @@ def run(run_dir: str | Path = "runs/lab-v4", out: str | Path = "data/lab-v4", ro
         state.update(stage=stage, next_step=next_step, cpu_seconds=cpu())
         save_checkpoint(run_dir, m, opts, state)
 
-    common = _train_kwargs(r, data, log_path, ckpt_seconds, progress)
-    if state["stage"] in ("lm1", "lm2"):
-        truncate_log(log_path, state["next_step"])
+    logs = {"lm1": run_dir / "train_log_lm1.jsonl", "lm2": run_dir / "train_log.jsonl"}
+    if state["stage"] in logs:
+        truncate_log(logs[state["stage"]], state["next_step"])
     if state["stage"] == "lm1":
         res = train(cfg, model=model, opt_state=opt_state, start_step=state["next_step"],
-                    stop_step=r["stage1_steps"], on_checkpoint=lambda s, m, o: checkpoint("lm1", s, m, o), **common)
+                    on_checkpoint=lambda s, m, o: checkpoint("lm1", s, m, o),
+                    **_train_kwargs(r, "lm1", data, logs["lm1"], ckpt_seconds, progress))
         model, opt_state = res["model"], [o.state_dict() for o in res["opts"]]
-        checkpoint("warmup", r["stage1_steps"], model, res["opts"])
+        checkpoint("warmup", 0, model, res["opts"])
         if stop_after == "lm1":
             return state
     if state["stage"] == "warmup":
@@ -230,15 +236,15 @@ def run(run_dir: str | Path = "runs/lab-v4", out: str | Path = "data/lab-v4", ro
             {k: res[k] for k in ("before", "after", "log")}, indent=1) + "\n")
         # the LM optimiser's state is carried through the warm-up unchanged
         opts = _opts_for(model, opt_state, r)
-        checkpoint("lm2", r["stage1_steps"], model, opts)
+        checkpoint("lm2", 0, model, opts)
         if stop_after == "warmup":
             return state
     if state["stage"] == "lm2":
-        res = train(cfg, model=model, opt_state=opt_state, start_step=state["next_step"], stop_step=r["steps"],
-                    indexer_distill_weight=r["indexer_distill_weight"],
-                    on_checkpoint=lambda s, m, o: checkpoint("lm2", s, m, o), **common)
+        res = train(cfg, model=model, opt_state=opt_state, start_step=state["next_step"],
+                    on_checkpoint=lambda s, m, o: checkpoint("lm2", s, m, o),
+                    **_train_kwargs(r, "lm2", data, logs["lm2"], ckpt_seconds, progress))
         model = res["model"]
-        checkpoint("final", r["steps"], model, res["opts"])
+        checkpoint("final", r["lm2_steps"], model, res["opts"])
         if stop_after == "lm2":
             return state
     if state["stage"] == "final":
@@ -257,15 +263,20 @@ def _check_recipe(run_dir: Path, r: dict, cfg) -> None:
     rj.write_text(json.dumps(rec_json, indent=1) + "\n")
 
 
-def _train_kwargs(r: dict, data, log_path: Path, ckpt_seconds: float, progress: bool) -> dict:
-    """The ``v4lab.train.train`` arguments both language-model stages share."""
-    return dict(data=data, steps=r["steps"], batch_size=r["batch_size"], seq_len=r["seq_len"], lr=r["lr"],
-                min_lr_ratio=r["min_lr_ratio"], warmup=r["warmup"], weight_decay=r["weight_decay"],
-                grad_clip=r["grad_clip"], seed=r["seed"], mtp_weight=r["mtp_weight"],
-                mtp_weight_final=r["mtp_weight_final"], mtp_switch_at=r["mtp_switch_at"],
-                bias_gamma=r["bias_gamma"], balance_alpha=r["balance_alpha"], qat=float(r["qat_from"]),
-                eval_every=r["eval_every"], eval_windows=r["eval_windows"], threads=1, progress=progress,
-                log_path=str(log_path), ckpt_seconds=ckpt_seconds, device="cpu")
+def _train_kwargs(r: dict, stage: str, data, log_path: Path, ckpt_seconds: float, progress: bool) -> dict:
+    """The ``v4lab.train.train`` arguments of a language-model stage: ``lm1`` (short sequences, constant lr,
+    no QAT, no indexer loss) or ``lm2`` (``seq_len`` tokens, cosine, indexer loss, QAT at the end)."""
+    kw = dict(data=data, batch_size=r["batch_size"], lr=r["lr"], weight_decay=r["weight_decay"],
+              grad_clip=r["grad_clip"], mtp_weight=r["mtp_weight"], bias_gamma=r["bias_gamma"],
+              balance_alpha=r["balance_alpha"], eval_every=r["eval_every"], eval_windows=r["eval_windows"],
+              threads=1, progress=progress, log_path=str(log_path), ckpt_seconds=ckpt_seconds, device="cpu")
+    if stage == "lm1":
+        return dict(kw, steps=r["lm1_steps"], seq_len=r["lm1_seq_len"], seed=r["seed"], warmup=r["warmup"],
+                    min_lr_ratio=1.0)
+    return dict(kw, steps=r["lm2_steps"], seq_len=r["seq_len"], seed=r["lm2_seed"], warmup=1,
+                min_lr_ratio=r["min_lr_ratio"], mtp_weight_final=r["mtp_weight_final"],
+                mtp_switch_at=r["mtp_switch_at"], qat=float(r["qat_from"]),
+                indexer_distill_weight=r["indexer_distill_weight"], indexer_distill_every=r["indexer_distill_every"])
 
 
 def _opts_for(model, opt_state, r):
@@ -288,7 +299,7 @@ def write_release(model: V4Model, data: TokenData, docs: dict[str, str], run_dir
     model_mod.save(model, tmp, overwrite=True)
     data.tokenizer.save(str(tmp / "tokenizer.json"))
     (tmp / "heldout.txt").write_text(corpus.heldout_text(docs), encoding="utf-8")
-    for f in ("train_log.jsonl", "indexer_warmup.json"):
+    for f in ("train_log_lm1.jsonl", "train_log.jsonl", "indexer_warmup.json"):
         if (run_dir / f).is_file():
             shutil.copyfile(run_dir / f, tmp / f)
     recipe = {**r, "config": r["config"] if isinstance(r["config"], str) else r["config"].to_dict()}
@@ -321,17 +332,17 @@ def status(run_dir: str | Path, recent: int = 20) -> dict:
         return {"stage": "done", **json.loads((run_dir / "done.json").read_text())}
     ck = find_checkpoint(run_dir)
     st = json.loads((ck / "state.json").read_text()) if ck else {"stage": "lm1", "next_step": 0, "cpu_seconds": 0.0}
-    log = []
-    if (run_dir / "train_log.jsonl").is_file():
-        log = [json.loads(ln) for ln in (run_dir / "train_log.jsonl").read_text().splitlines() if ln.strip()]
+    stage = "lm1" if st["stage"] == "lm1" else "lm2"
+    path = run_dir / ("train_log_lm1.jsonl" if stage == "lm1" else "train_log.jsonl")
+    log = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
     done = log[-1]["step"] + 1 if log else 0
     tail = [x["seconds"] for x in log[-recent:]]
     per = sum(tail) / len(tail) if tail else None
-    left = r["steps"] - done
+    left = r[f"{stage}_steps"] - done
     return {"stage_at_checkpoint": st["stage"], "checkpoint_step": st["next_step"],
-            "cpu_seconds_at_checkpoint": st["cpu_seconds"], "steps_logged": done, "steps": r["steps"],
-            "wall_seconds_per_step_recent": per, "lm_steps_left": left,
-            "eta_lm_steps": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() + per * left)) if per else None}
+            "cpu_seconds_at_checkpoint": st["cpu_seconds"], "lm_stage": stage, "steps_logged": done,
+            "steps": r[f"{stage}_steps"], "wall_seconds_per_step_recent": per, "lm_steps_left": left,
+            "eta_stage": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() + per * left)) if per else None}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -380,7 +380,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
           max_seconds: float | None = None, callback=None, log_preact: bool = False,
           device: str | torch.device | None = None, mtp_weight_final: float | None = None,
           mtp_switch_at: float = 0.7, extra_files: dict[str, bytes] | None = None,
-          ddp=None, indexer_distill_weight: float = 0.0, start_step: int = 0,
+          ddp=None, indexer_distill_weight: float = 0.0, indexer_distill_every: int = 1, start_step: int = 0,
           stop_step: int | None = None, opt_state: list | None = None, on_checkpoint=None,
           ckpt_seconds: float | None = None) -> dict:
     """Train and return {"model", "log": [per-step records], "evals": [...], "summary": {...}}.
@@ -404,6 +404,8 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
     layer runs with ``attn.distill`` (the indexer reads detached inputs, so the KL trains the indexer only and
     the LM loss does not) and ``weight · mean KL`` is added to the loss; the indexer's gradients are clipped
     apart from the rest, so the KL does not rescale the LM step; the log records the KL and recall.
+    indexer_distill_every: that loss on every k-th step only (``step % k == 0``): the dense attention
+    probabilities it needs cost ~35 % of a lab-v4 step, and the indexer follows a slowly moving target.
     Resuming (v4lab.labrun): ``start_step`` / ``stop_step`` run steps [start_step, stop_step) of a ``steps``-long
     schedule; ``opt_state`` (a list of optimiser state dicts, e.g. ``v4lab.labrun.optimizer_states``) restores
     the optimiser; ``model`` carries the weights. ``on_checkpoint(next_step, model, opts)`` is called every
@@ -445,6 +447,8 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
         _bad("start_step", (start_step, stop_step), f"must satisfy 0 <= start_step <= stop_step <= steps = {steps}")
     if not float(indexer_distill_weight) >= 0:
         _bad("indexer_distill_weight", indexer_distill_weight, "must be >= 0")
+    if isinstance(indexer_distill_every, bool) or not isinstance(indexer_distill_every, int) or indexer_distill_every < 1:
+        _bad("indexer_distill_every", indexer_distill_every, "must be an integer >= 1")
     rollback = 2 * ar_lag if rollback is None else rollback
     spike_min_step = warmup if spike_min_step is None else spike_min_step
     qat_from = _qat_start(qat, steps)
@@ -550,19 +554,20 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                 ids = ids if ddp is None else ddp.shard(ids)
                 routes = pending.pop(step) if ar_on else None
                 probe.clear()
-                for a in csa:
+                dcsa = csa if step % indexer_distill_every == 0 else []
+                for a in dcsa:
                     a.distill = True
                 try:
                     lm, mt = lm_losses(fwd, ids, routes, mtp=use_mtp)
                 finally:
-                    for a in csa:
+                    for a in dcsa:
                         a.distill = False
                 moe_max = dict(probe.moe_max)
                 bal = balance_loss(model, len(ids), balance_alpha, learned) if balance_alpha > 0 else torch.zeros(())
                 w_mtp = mtp_weight if mtp_switch is None or step < mtp_switch else float(mtp_weight_final)
                 loss = lm + (w_mtp * mt if mt is not None else 0.0) + bal
-                if csa:
-                    kl = sum(a.last_distill[0] for a in csa) / max(1, sum(a.last_distill[1] for a in csa))
+                if dcsa:
+                    kl = sum(a.last_distill[0] for a in dcsa) / max(1, sum(a.last_distill[1] for a in dcsa))
                     loss = loss + float(indexer_distill_weight) * kl
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"step {step}: loss is {float(loss)}")
@@ -571,7 +576,7 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                 loss.backward()
                 params = [p for p in model.parameters() if p.grad is not None and id(p) not in ix_ids]
                 gnorm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
-                if csa:
+                if dcsa:
                     ix_norm = float(torch.nn.utils.clip_grad_norm_(
                         [p for p in model.parameters() if p.grad is not None and id(p) in ix_ids],
                         grad_clip if grad_clip > 0 else float("inf")))
@@ -607,11 +612,11 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                        "ar_on": ar_on, "qat": bool(model.qat), "seconds": time.perf_counter() - t0,
                        "cpu_seconds": time.process_time() - c_start,
                        "tokens": (step + 1) * batch_size * seq_len}
-                if csa:
+                if dcsa:
                     rec["indexer_kl"] = float(kl.detach())
                     rec["indexer_grad_norm"] = ix_norm
-                    rec["indexer_recall"] = (sum(a.last_recall[0] for a in csa)
-                                             / max(1, sum(a.last_recall[1] for a in csa)))
+                    rec["indexer_recall"] = (sum(a.last_recall[0] for a in dcsa)
+                                             / max(1, sum(a.last_recall[1] for a in dcsa)))
                 if ddp is not None:
                     rec = ddp.reduce_record(rec)
                 # spike detector (spike mode): compare with the EMA *before* it absorbs this loss

@@ -187,7 +187,6 @@ def run(run_dir: str | Path = "runs/lab-v4", out: str | Path = "data/lab-v4", ro
     (tests use it to interrupt a run)."""
     from v4lab import corpus
     from v4lab.config import get_config
-    from v4lab.train import indexer_warmup, train
     r = dict(RECIPE if recipe is None else recipe)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -200,58 +199,78 @@ def run(run_dir: str | Path = "runs/lab-v4", out: str | Path = "data/lab-v4", ro
     if (run_dir / "done.json").is_file():            # finished: rerunning the command changes nothing
         print(f"{run_dir} is complete (done.json); the model is in {out}", file=sys.stderr)
         return json.loads((run_dir / "done.json").read_text())
-    c0 = time.process_time()
-    data, docs = build_data(run_dir, root, cfg.vocab_size)
+    job = _Job(r, cfg, run_dir, Path(out), root, ckpt_seconds, progress)
+    for stage, do in (("lm1", job.lm1), ("warmup", job.warmup), ("lm2", job.lm2), ("final", job.final)):
+        if job.state["stage"] == stage:
+            do()
+            if stop_after == stage:
+                break
+    return job.state
 
-    ck = find_checkpoint(run_dir)
-    if ck is None:
-        model, opt_state, state = None, None, {"stage": "lm1", "next_step": 0, "cpu_seconds": 0.0}
-    else:
-        model, opt_state, state = load_checkpoint(ck, cfg)
-        print(f"resuming from {ck}: stage {state['stage']}, step {state['next_step']}", file=sys.stderr)
-    base_cpu = state["cpu_seconds"]
-    def cpu():
-        return base_cpu + time.process_time() - c0
 
-    def checkpoint(stage, next_step, m, opts):
-        state.update(stage=stage, next_step=next_step, cpu_seconds=cpu())
-        save_checkpoint(run_dir, m, opts, state)
+class _Job:
+    """One run's moving parts: data, model, optimiser state, the run state (stage, next step, CPU seconds
+    at the last checkpoint) and one method per stage, each ending with a checkpoint of the next stage."""
 
-    logs = {"lm1": run_dir / "train_log_lm1.jsonl", "lm2": run_dir / "train_log.jsonl"}
-    if state["stage"] in logs:
-        truncate_log(logs[state["stage"]], state["next_step"])
-    if state["stage"] == "lm1":
-        res = train(cfg, model=model, opt_state=opt_state, start_step=state["next_step"],
-                    on_checkpoint=lambda s, m, o: checkpoint("lm1", s, m, o),
-                    **_train_kwargs(r, "lm1", data, logs["lm1"], ckpt_seconds, progress))
-        model, opt_state = res["model"], [o.state_dict() for o in res["opts"]]
-        checkpoint("warmup", 0, model, res["opts"])
-        if stop_after == "lm1":
-            return state
-    if state["stage"] == "warmup":
-        res = indexer_warmup(model, data, steps=r["indexer_warmup_steps"], batch_size=r["indexer_warmup_batch"],
-                             seq_len=r["seq_len"], lr=r["indexer_warmup_lr"], warmup=5, seed=r["seed"] + 1,
-                             eval_windows=r["eval_windows"], progress=progress, device="cpu")
-        (run_dir / "indexer_warmup.json").write_text(json.dumps(
+    def __init__(self, r: dict, cfg: V4Config, run_dir: Path, out: Path, root: Path, ckpt_seconds: float,
+                 progress: bool):
+        self.r, self.cfg, self.run_dir, self.out, self.root = r, cfg, run_dir, out, root
+        self.ckpt_seconds, self.progress = ckpt_seconds, progress
+        self.c0 = time.process_time()
+        self.data, self.docs = build_data(run_dir, root, cfg.vocab_size)
+        ck = find_checkpoint(run_dir)
+        if ck is None:
+            self.model, self.opt_state = None, None
+            self.state = {"stage": "lm1", "next_step": 0, "cpu_seconds": 0.0}
+        else:
+            self.model, self.opt_state, self.state = load_checkpoint(ck, cfg)
+            print(f"resuming from {ck}: stage {self.state['stage']}, step {self.state['next_step']}",
+                  file=sys.stderr)
+        self.base_cpu = self.state["cpu_seconds"]
+        self.logs = {"lm1": run_dir / "train_log_lm1.jsonl", "lm2": run_dir / "train_log.jsonl"}
+        if self.state["stage"] in self.logs:
+            truncate_log(self.logs[self.state["stage"]], self.state["next_step"])
+
+    def cpu(self) -> float:
+        return self.base_cpu + time.process_time() - self.c0
+
+    def checkpoint(self, stage: str, next_step: int, model: V4Model, opts) -> None:
+        self.state.update(stage=stage, next_step=next_step, cpu_seconds=self.cpu())
+        save_checkpoint(self.run_dir, model, opts, self.state)
+
+    def _lm(self, stage: str) -> dict:
+        from v4lab.train import train
+        return train(self.cfg, model=self.model, opt_state=self.opt_state, start_step=self.state["next_step"],
+                     on_checkpoint=lambda s, m, o: self.checkpoint(stage, s, m, o),
+                     **_train_kwargs(self.r, stage, self.data, self.logs[stage], self.ckpt_seconds, self.progress))
+
+    def lm1(self) -> None:
+        res = self._lm("lm1")
+        self.model, self.opt_state = res["model"], [o.state_dict() for o in res["opts"]]
+        self.checkpoint("warmup", 0, self.model, res["opts"])
+
+    def warmup(self) -> None:
+        from v4lab.train import indexer_warmup
+        r = self.r
+        res = indexer_warmup(self.model, self.data, steps=r["indexer_warmup_steps"],
+                             batch_size=r["indexer_warmup_batch"], seq_len=r["seq_len"], lr=r["indexer_warmup_lr"],
+                             warmup=5, seed=r["seed"] + 1, eval_windows=r["eval_windows"], progress=self.progress,
+                             device="cpu")
+        (self.run_dir / "indexer_warmup.json").write_text(json.dumps(
             {k: res[k] for k in ("before", "after", "log")}, indent=1) + "\n")
         # the LM optimiser's state is carried through the warm-up unchanged
-        opts = _opts_for(model, opt_state, r)
-        checkpoint("lm2", 0, model, opts)
-        if stop_after == "warmup":
-            return state
-    if state["stage"] == "lm2":
-        res = train(cfg, model=model, opt_state=opt_state, start_step=state["next_step"],
-                    on_checkpoint=lambda s, m, o: checkpoint("lm2", s, m, o),
-                    **_train_kwargs(r, "lm2", data, logs["lm2"], ckpt_seconds, progress))
-        model = res["model"]
-        checkpoint("final", r["lm2_steps"], model, res["opts"])
-        if stop_after == "lm2":
-            return state
-    if state["stage"] == "final":
-        write_release(model, data, docs, run_dir, Path(out), r, state, cpu, root)
-        state.update(stage="done", cpu_seconds=cpu())
-        (run_dir / "done.json").write_text(json.dumps(state, indent=1) + "\n")
-    return state
+        self.checkpoint("lm2", 0, self.model, _opts_for(self.model, self.opt_state, r))
+
+    def lm2(self) -> None:
+        res = self._lm("lm2")
+        self.model = res["model"]
+        self.checkpoint("final", self.r["lm2_steps"], self.model, res["opts"])
+
+    def final(self) -> None:
+        write_release(self.model, self.data, self.docs, self.run_dir, self.out, self.r, self.state, self.cpu,
+                      self.root)
+        self.state.update(stage="done", cpu_seconds=self.cpu())
+        (self.run_dir / "done.json").write_text(json.dumps(self.state, indent=1) + "\n")
 
 
 def _check_recipe(run_dir: Path, r: dict, cfg) -> None:

@@ -183,7 +183,7 @@ print(a.value, "-", a.why)
 
 # %% [markdown]
 # **3 · A short context.** At 8K tokens, V4-Flash's stored KV cache is what percentage of V3.2's at 8K?
-# (The 1M figure is printed above: do you expect more or less?) Within 10 %.
+# (The 1M figure is printed above: do you expect more or less?) Within 5 %.
 
 # %%
 guess = None  # your prediction

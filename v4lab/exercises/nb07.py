@@ -76,6 +76,6 @@ def sink_share(query: int, kind: str = "csa") -> float:
 def sink_at_start() -> Answer:
     first, later = sink_share(0), sink_share(QUERY)
     return Answer(first > later, f"the sink takes {first:.3f} of the mass at query 0 and {later:.3f} at query "
-                                 f"{QUERY} (first CSA layer, mean over heads). The sink's logit competes in the softmax "
-                                 "with every key the query sees: one at query 0, a full window and the selected "
-                                 "compressed entries later on.")
+                                 f"{QUERY} (first CSA layer, mean over heads). The sink's logit competes in the "
+                                 "softmax with every key the query sees: one at query 0, a full window and the "
+                                 "selected compressed entries later on.")

@@ -24,8 +24,9 @@ def opus_over_flash() -> Answer:
 def routed_share_of_pro() -> Answer:
     r = deploy.route()
     share = r["bills"]["routed"] / r["bills"]["pro"]
-    return Answer(share, f"with {r['pro_share']:.0%} of the turns on V4-Pro the month costs ${r['bills']['routed']:.2f} "
-                         f"against ${r['bills']['pro']:.2f} all-Pro: {share:.3f} of it. The Flash turns cost "
+    b = r["bills"]
+    return Answer(share, f"with {r['pro_share']:.0%} of the turns on V4-Pro the month costs ${b['routed']:.2f} "
+                         f"against ${b['pro']:.2f} all-Pro: {share:.3f} of it. The Flash turns cost "
                          f"1/{r['overpay']:.3g} of what they would on Pro, so the bill is about the Pro share plus a "
                          "little. Within ±0.03.", abs_tol=0.03)
 
@@ -47,8 +48,9 @@ def gemini_long_prompt() -> Answer:
     r = deploy.route(context=LONG_PROMPT)
     ratio = r["bills"]["gemini-3.1-pro"] / r["bills"]["pro"]
     base = deploy.route()
-    return Answer(ratio, f"with {LONG_PROMPT:,}-token prompts Gemini 3.1 Pro costs ${r['bills']['gemini-3.1-pro']:,.0f} a "
-                         f"month against V4-Pro's ${r['bills']['pro']:,.0f}: ×{ratio:.3g} (×"
+    gem, pro = r["bills"]["gemini-3.1-pro"], r["bills"]["pro"]
+    return Answer(ratio, f"with {LONG_PROMPT:,}-token prompts Gemini 3.1 Pro costs ${gem:,.0f} a month against "
+                         f"V4-Pro's ${pro:,.0f}: ×{ratio:.3g} (×"
                          f"{base['bills']['gemini-3.1-pro'] / base['bills']['pro']:.3g} at 32K). Past 200K its input "
                          "rate doubles, and input is almost the whole bill; V4-Pro's rate is flat. Within 5 %.",
                   rel_tol=0.05)

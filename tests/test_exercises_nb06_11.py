@@ -166,7 +166,7 @@ def test_07_routes_and_attention(lab):
               for s, n in c.items() if n == top}
     assert answer("07.repeat_sets").value in counts
     csa = cfg.layer_kinds.index("csa")
-    assert answer("07.csa_reads").value == min(151 // cfg.compress_ratio(csa), cfg.index_topk)
+    assert answer("07.csa_reads").value == min(101 // cfg.compress_ratio(csa), cfg.index_topk)
 
 
 def test_07_sink(lab):
@@ -175,10 +175,10 @@ def test_07_sink(lab):
     run = attn_viz.run_text(tiny.DEFAULT_TEXT)
     csa = run.kinds.index("csa")
     rec = run.layers[csa]
-    assert answer("07.sink_at_start").value == bool(rec["sink"][0].float().mean() > rec["sink"][150].float().mean())
+    assert answer("07.sink_at_start").value == bool(rec["sink"][0].float().mean() > rec["sink"][100].float().mean())
     # the sink is 1 - the probability the keys get (the record's probabilities, both parts)
-    p = rec["probs_window"][150].float().sum(-1) + rec["probs_compressed"][150].float().sum(-1)
-    assert torch.allclose(rec["sink"][150].float(), 1 - p, atol=1e-5)
+    p = rec["probs_window"][100].float().sum(-1) + rec["probs_compressed"][100].float().sum(-1)
+    assert torch.allclose(rec["sink"][100].float(), 1 - p, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ 08
@@ -228,7 +228,7 @@ def test_10_cache_rules(lab):
     csa, hca = cfg.layer_kinds.index("csa"), cfg.layer_kinds.index("hca")
     m = cfg.compress_ratio(csa)
     assert answer("10.indexer_drops").value == m * (cfg.index_topk + 1) - 1
-    assert answer("10.hca_open_block").value == (150 + 1) % cfg.compress_ratio(hca)
+    assert answer("10.hca_open_block").value == (100 + 1) % cfg.compress_ratio(hca)
 
 
 def v4_kv_bytes(name: str, n: int) -> int:

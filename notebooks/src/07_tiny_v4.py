@@ -195,7 +195,7 @@ assert a.value == len(set(moe.topk_sets(idx[positions])))
 print(a.value, "-", a.why)
 
 # %% [markdown]
-# **3 · Compressed entries read.** In the first CSA layer, how many compressed entries does query 150 of
+# **3 · Compressed entries read.** In the first CSA layer, how many compressed entries does query 100 of
 # the default text attend to (not counting the raw tokens of the window)?
 
 # %%
@@ -205,12 +205,12 @@ check("07.csa_reads", guess)
 # %% tags=["solution"]
 a = answer("07.csa_reads")
 csa = model.cfg.layer_kinds.index("csa")
-assert a.value == min((150 + 1) // model.cfg.compress_ratio(csa), model.cfg.index_topk)   # the rules, from the config
+assert a.value == min((100 + 1) // model.cfg.compress_ratio(csa), model.cfg.index_topk)   # the rules, from the config
 print(a.value, "-", a.why)
 
 # %% [markdown]
 # **4 · The sink early and late.** In the first CSA layer, is the sink's share of the attention (mean over
-# heads) larger at query 0 than at query 150? Answer `True` or `False`.
+# heads) larger at query 0 than at query 100? Answer `True` or `False`.
 
 # %%
 guess = None  # your prediction
@@ -219,7 +219,7 @@ check("07.sink_at_start", guess)
 # %% tags=["solution"]
 a = answer("07.sink_at_start")
 sink = tiny.maps().sink["csa", "mean"]                     # the attention-map widget's numbers
-assert a.value == (sink[0] > sink[150])
+assert a.value == (sink[0] > sink[100])
 print(a.value, "-", a.why)
 
 # %% [markdown]

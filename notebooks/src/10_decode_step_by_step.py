@@ -151,11 +151,12 @@ for name in ("v4-flash", "v4-pro"):
 # v4lab and checks it a second way.
 
 # %%
-from v4lab.exercises import answer, check
+from v4lab.exercises import answer, check, nb10
 
 # %% [markdown]
-# **1 · When the indexer starts choosing.** In the first CSA layer of the notebook model, from which token
-# t on does the query of token t read *fewer* compressed entries than the layer holds?
+# **1 · When the indexer starts choosing.** Trace a longer text, `nb10.LONG_TEXT` (the three sample texts
+# one after another). In the first CSA layer of the notebook model, from which token t on does the query of
+# token t read *fewer* compressed entries than the layer holds?
 
 # %%
 guess = None  # your prediction
@@ -168,7 +169,7 @@ assert a.value == model.cfg.compress_ratio(csa) * (model.cfg.index_topk + 1) - 1
 print(a.value, "-", a.why)
 
 # %% [markdown]
-# **2 · The open block.** Right after token 150, how many tokens wait in the HCA layer's open block (not
+# **2 · The open block.** Right after token 100, how many tokens wait in the HCA layer's open block (not
 # yet pooled into a compressed entry)?
 
 # %%
@@ -178,7 +179,7 @@ check("10.hca_open_block", guess)
 # %% tags=["solution"]
 a = answer("10.hca_open_block")
 hca = model.cfg.layer_kinds.index("hca")
-assert a.value == trace.step_counts(150, model.cfg.compress_ratio(hca), "hca")["pending"]   # the rules alone
+assert a.value == trace.step_counts(100, model.cfg.compress_ratio(hca), "hca")["pending"]   # the rules alone
 print(a.value, "-", a.why)
 
 # %% [markdown]

@@ -60,10 +60,11 @@ def csa_reads() -> Answer:
     run = attn_viz.run_text(tiny.DEFAULT_TEXT)
     layer = run.kinds.index("csa")
     n = int((run.layers[layer]["compressed_idx"][QUERY] >= 0).sum())
-    m = run.ratios[layer]
-    return Answer(n, f"query {QUERY} of layer {layer} reads {n} compressed entries: {(QUERY + 1) // m} blocks of "
-                     f"{m} tokens are complete, and the indexer keeps only its top-k of them "
-                     "(plus the raw sliding window).")
+    m, complete = run.ratios[layer], (QUERY + 1) // run.ratios[layer]
+    kept = ("only the indexer's top-k of them" if n < complete else
+            "all of them: the indexer's top-k is not full yet")
+    return Answer(n, f"query {QUERY} of layer {layer} reads {n} compressed entries: {complete} blocks of {m} tokens "
+                     f"are complete, and it reads {kept} (plus the raw sliding window).")
 
 
 def sink_share(query: int, kind: str = "csa") -> float:

@@ -51,13 +51,15 @@ def sparse_attn_batching() -> Answer:
 
 @exercise("08.mxfp4_bytes")
 def mxfp4_bytes() -> Answer:
-    w = torch.randn(kernels.EXPERT_I, kernels.D_MODEL, generator=torch.Generator().manual_seed(0))
-    packed, scales = quant.mxfp4_quantize(w)
-    n = packed.numel() * packed.element_size() + scales.numel() * scales.element_size()
-    return Answer(n, f"one [{kernels.EXPERT_I}, {kernels.D_MODEL}] expert projection stores {packed.numel():,} bytes "
-                     f"of packed E2M1 codes (two per byte) and {scales.numel():,} one-byte E8M0 scales (one per "
-                     f"{quant.FP4_BLOCK} weights): {n:,} bytes, {8 * n / w.numel():g} bits per weight. Within 2 %.",
-                  rel_tol=0.02)
+    # one row quantised for real, times the rows: every row of [I, D] stores the same (blocks run along D)
+    row = torch.randn(1, kernels.D_MODEL, generator=torch.Generator().manual_seed(0))
+    packed, scales = quant.mxfp4_quantize(row)
+    rows = kernels.EXPERT_I
+    code_b, scale_b = rows * packed.numel() * packed.element_size(), rows * scales.numel() * scales.element_size()
+    n = code_b + scale_b
+    return Answer(n, f"one [{rows}, {kernels.D_MODEL}] expert projection stores {code_b:,} bytes of packed E2M1 "
+                     f"codes (two per byte) and {scale_b:,} one-byte E8M0 scales (one per {quant.FP4_BLOCK} weights): "
+                     f"{n:,} bytes, {8 * n / (rows * kernels.D_MODEL):g} bits per weight. Within 2 %.", rel_tol=0.02)
 
 
 def empty_row_inputs(seed: int = 0) -> tuple:

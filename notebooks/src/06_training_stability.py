@@ -4,13 +4,16 @@
 # # 06 · Training stability: Anticipatory Routing and the aux-loss-free bias
 #
 # **What you will learn**
-# - what Anticipatory Routing (AR) is: the experts of step $t$ are chosen with the parameters of step
+# - what [Anticipatory Routing](glossary.md#anticipatory-routing) (AR) is: the experts of step $t$ are chosen with the parameters of step
 #   $t-\Delta t$, while everything else, gate weights included, uses the current ones;
 # - how V4 uses it: off by default, switched on for a while by a loss-spike detector after a short
 #   rollback, at a cost the report puts at about 20 % wall-clock while it is on;
-# - how the aux-loss-free bias keeps experts evenly loaded without a balance loss, step by step;
+# - how the [aux-loss-free bias](glossary.md#aux-loss-free-bias) keeps experts evenly loaded without a balance loss, step by step;
 # - and why this notebook can show the mechanisms but not prove they work: DeepSeek itself says it does
 #   not fully understand why they do (the report's observation 4).
+#
+# **You need** [01 · MoE expansion](01_moe_expansion.ipynb) (routers, top-k and the bias) and
+# [04 · The SwiGLU clamp](04_swiglu_clamp.ipynb) (the other stability mechanism).
 #
 # The training experiment was precomputed (a minute or two on 2 cores; how to rerun it is shown below);
 # everything else runs in seconds.
@@ -34,7 +37,7 @@ from v4lab.viz import stability
 # ## The idea
 #
 # **Anticipatory Routing.** Loss spikes in V4's trillion-scale runs were consistently tied to outliers in
-# MoE layers, and the routing seemed to amplify them in a feedback loop: an update moves the router,
+# [MoE](glossary.md#moe) layers, and the routing seemed to amplify them in a feedback loop: an update moves the router,
 # tokens move to other experts, those experts see inputs they were not trained on, the next update is
 # larger. Rolling back alone did not stop the spikes from recurring. AR cuts the loop by making the
 # choice of experts lag:
@@ -70,7 +73,7 @@ print(inspect.signature(anticipatory.run))
 # `anticipatory.run` trains the micro V4 (2 layers, d = 32, 8 experts) three times from the same seed on
 # the same batches, and at step `spike_at` multiplies one step's learning rate by `spike_lr_mult` to induce
 # a spike: AR off, AR always on, and AR switched on by the detector (loss > `spike_ratio` × its EMA →
-# roll back 2Δt steps, AR on for `ar_duration` steps). Logged: the loss, the **routing churn** (the share
+# roll back 2Δt steps, AR on for `ar_duration` steps). Logged: the loss, the **routing [churn](glossary.md#churn)** (the share
 # of tokens whose expert set the updated router would change: the feedback loop the V4 technical report, §4.2.3, blames) and
 # the largest MoE output. The stored run (its configuration is the first line):
 
@@ -145,7 +148,7 @@ stability.build_training_loads()
 # Both mechanisms are cheap and local: a sign rule on a bias vector, and a cached top-k from a forward
 # pass Δt steps old, switched on only around spikes (so its ~20 % overhead is paid rarely; the V4
 # technical report, §4.2.3, calls the total negligible). The report is candid that DeepSeek does not fully understand *why*
-# Anticipatory Routing and SwiGLU clamping prevent spikes (observation 4): they were found to work at
+# Anticipatory Routing and the [SwiGLU clamp](glossary.md#swiglu-clamp) prevent spikes (observation 4): they were found to work at
 # scale. A toy run cannot settle that either, and the table above says what this one showed. What it
 # does show is the mechanism the explanation rests on: a single large update re-routes most tokens at
 # once (the churn spike), and AR decouples the routes the experts see from that jump for Δt steps.
@@ -219,3 +222,75 @@ from v4lab.experiments.runner import run_experiment
 mine = run_experiment("ar", quick=True)
 print(exp_viz.effect_line(mine))
 exp_viz.build_ar(mine)
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict first, then run. Write your prediction in `guess` and run the cell: `check` says whether it is
+# right and why. Each exercise is followed by a collapsed solution cell (click its "…" to open it) that
+# computes the answer with v4lab and checks it a second way.
+
+# %%
+from v4lab.exercises import answer, check
+
+# %% [markdown]
+# **1 · Which γ balances best?** The bias simulation above (skew 1.0, 300 steps) can run with any γ of
+# the widget's slider: 0, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03. Which one leaves the load most
+# even, averaged over the last 50 steps? Decide before you move the slider.
+
+# %%
+guess = None  # your prediction
+check("06.best_gamma", guess)
+
+# %% tags=["solution"]
+a = answer("06.best_gamma")
+tail = {g: sum(stability.bias_data(g, 1.0)["traces"][2]["y"][-50:]) / 50 for g in stability.GAMMA_STOPS}
+assert all(tail[a.value] <= t for t in tail.values())          # the widget's own curves agree
+print(a.value, "-", a.why)
+
+# %% [markdown]
+# **2 · How long does balancing take?** At V4's γ = 0.001 (skew 1.0), at which step (counted from 1) does
+# the load max/mean first fall below 1.2? Think about how far one bias can move in one step, and how far
+# apart the experts' preferences start. Within 25 %.
+
+# %%
+guess = None  # your prediction
+check("06.steps_to_balance", guess)
+
+# %% tags=["solution"]
+a = answer("06.steps_to_balance")
+imb = stability.bias_data(stability.V4_GAMMA, 1.0)["traces"][2]["y"]
+assert imb[a.value - 1] < 1.2 <= min(imb[:a.value - 1])
+print(a.value, "-", a.why)
+
+# %% [markdown]
+# **3 · How many tokens does one bad update re-route?** In the stored Anticipatory Routing run with AR
+# off, what share of the tokens (0 to 1) would the router change after the spiked step's update? Predict
+# before you move the widget's cursor to the spike. Within ±0.1.
+
+# %%
+guess = None  # your prediction
+check("06.churn_at_spike", guess)
+
+# %% tags=["solution"]
+a = answer("06.churn_at_spike")
+it = ar["config"]["spike_at"]
+assert a.value == stability.ar_data(ar, "churn", it)["traces"][0]["y"][it]   # the "AR off" curve
+print(round(a.value, 3), "-", a.why)
+
+# %% [markdown]
+# **4 · Outliers after the spike.** Same run, AR off: by what factor does the largest |MoE output| grow
+# from the spiked step to the step after it? Within 30 %.
+
+# %%
+guess = None  # your prediction
+check("06.moe_jump", guess)
+
+# %% tags=["solution"]
+a = answer("06.moe_jump")
+y = stability.ar_data(ar, "max_moe", it)["traces"][0]["y"]
+assert abs(a.value - y[it + 1] / y[it]) < 1e-9
+print(f"{a.value:.3g} -", a.why)
+
+# %% [markdown]
+# ← [05 · FP4](05_fp4.ipynb) · [glossary](glossary.md) · [07 · The whole tiny V4, trained](07_tiny_v4.ipynb) →

@@ -4,11 +4,16 @@
 # # 07 · The whole tiny V4, trained
 #
 # **What you will learn**
-# - what a complete V4 looks like end to end, at a size a CPU trains in minutes: window, CSA and HCA
-#   attention layers, a hash-routed and learned-routed MoE, mHC residual streams and an MTP block, in the
+# - what a complete V4 looks like end to end, at a size a CPU trains in minutes: window, [CSA](glossary.md#csa)
+#   and [HCA](glossary.md#hca) attention layers, a hash-routed and learned-routed [MoE](glossary.md#moe),
+#   [mHC](glossary.md#mhc) residual streams and an [MTP](glossary.md#mtp) block, in the
 #   official checkpoint layout under `data/`;
 # - how it routes *your* text: which expert each token goes to, layer by layer;
 # - how its three attention kinds look from the inside, and what the MTP module predicts two tokens ahead.
+#
+# **You need** [01 · MoE expansion](01_moe_expansion.ipynb) (routers and experts),
+# [02 · Compressed attention](02_compressed_attention.ipynb) (window, CSA, HCA, the indexer and the sink) and
+# [03 · mHC](03_mhc.ipynb) (the residual streams).
 #
 # Everything here is the real `v4lab.V4Model` running the trained weights (or, before they exist, a
 # synthetic stand-in that the first cell says it is).
@@ -139,3 +144,83 @@ if vr.configured():
     vr.build_routing(res).show()
     vr.build_indexer(res).show()
     print(vr.top_tokens_text(res, real.load_tokenizer()))
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict first, then run. Write your prediction in `guess` and run the cell: `check` says whether it is
+# right and why. Each exercise is followed by a collapsed solution cell that computes the answer with
+# v4lab on this notebook's model and checks it a second way.
+
+# %%
+from v4lab import moe
+from v4lab.exercises import answer, check, nb07
+from v4lab.viz import moe as moe_viz
+
+# %% [markdown]
+# **1 · Can it count?** Feed the model the text `1 2 3 4 ... 64` (`trained.SAMPLE_TEXTS["numbers"]`).
+# For what share of the positions is the main head's top-1 prediction of the next token right? A fraction
+# between 0 and 1, within ±0.1.
+
+# %%
+guess = None  # your prediction
+check("07.counting_accuracy", guess)
+
+# %% tags=["solution"]
+a = answer("07.counting_accuracy")
+ids = trained.encode(tok, trained.SAMPLE_TEXTS["numbers"], moe_viz.MAX_TOKENS)
+with torch.no_grad():
+    logits = model(ids).cpu()
+assert abs(a.value - float((logits[0, :-2].argmax(-1) == ids[0, 1:-1]).float().mean())) < 1e-6
+print(f"{a.value:.3f} -", a.why)
+
+# %% [markdown]
+# **2 · Does a token always go to the same experts?** Take the most frequent token of the default text
+# (`tiny.DEFAULT_TEXT`). Over all its occurrences, to how many different expert sets (its top-k) does
+# the first *learned* MoE layer send it?
+
+# %%
+guess = None  # your prediction
+check("07.repeat_sets", guess)
+
+# %% tags=["solution"]
+a = answer("07.repeat_sets")
+routes = moe_viz.route_text(tiny.DEFAULT_TEXT)
+token, positions = nb07.most_frequent_token(routes)
+layer = moe_viz.learned_layers(routes)[0]
+with torch.no_grad():
+    model(trained.encode(tok, tiny.DEFAULT_TEXT, moe_viz.MAX_TOKENS))         # a fresh forward
+idx = model.layers[layer].ffn.last_routing["idx"].cpu()
+assert a.value == len(set(moe.topk_sets(idx[positions])))
+print(a.value, "-", a.why)
+
+# %% [markdown]
+# **3 · Compressed entries read.** In the first CSA layer, how many compressed entries does query 100 of
+# the default text attend to (not counting the raw tokens of the window)?
+
+# %%
+guess = None  # your prediction
+check("07.csa_reads", guess)
+
+# %% tags=["solution"]
+a = answer("07.csa_reads")
+csa = model.cfg.layer_kinds.index("csa")
+assert a.value == min((100 + 1) // model.cfg.compress_ratio(csa), model.cfg.index_topk)   # the rules, from the config
+print(a.value, "-", a.why)
+
+# %% [markdown]
+# **4 · The sink early and late.** In the first CSA layer, is the sink's share of the attention (mean over
+# heads) larger at query 0 than at query 100? Answer `True` or `False`.
+
+# %%
+guess = None  # your prediction
+check("07.sink_at_start", guess)
+
+# %% tags=["solution"]
+a = answer("07.sink_at_start")
+sink = tiny.maps().sink["csa", "mean"]                     # the attention-map widget's numbers
+assert a.value == (sink[0] > sink[100])
+print(a.value, "-", a.why)
+
+# %% [markdown]
+# ← [06 · Training stability](06_training_stability.ipynb) · [glossary](glossary.md) · [08 · Kernels](08_kernels.ipynb) →

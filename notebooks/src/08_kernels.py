@@ -4,11 +4,15 @@
 # # 08 · Kernels: each Triton kernel beside its reference
 #
 # **What you will learn**
-# - which V4 operations v4lab implements as Triton kernels, and the slow, obvious PyTorch reference each
+# - which V4 operations v4lab implements as [Triton](glossary.md#triton) kernels, and the slow, obvious PyTorch reference each
 #   one must equal (same signature, compared in `tests/test_kernel_<op>.py`);
 # - how to run them on a CPU with Triton's interpreter, and what that run does and does not tell you;
-# - what changes on a GPU: compilation, block sizes, and where each kernel sits on the roofline;
+# - what changes on a GPU: compilation, block sizes, and where each kernel sits on the [roofline](glossary.md#roofline);
 # - benchmark results, and which path produced them.
+#
+# **You need** [02 · Compressed attention](02_compressed_attention.ipynb) (sparse attention, the indexer, the
+# sink), [03 · mHC](03_mhc.ipynb), [05 · FP4](05_fp4.ipynb) (MXFP4) and, for the last section,
+# [07 · The whole tiny V4, trained](07_tiny_v4.ipynb).
 
 # %%
 from v4lab.device import configure_triton, describe
@@ -27,12 +31,12 @@ print("Triton kernels run in", kernel_mode(), "mode")
 #
 # | kernel (`v4lab.kernels.…`) | reference | the V4 idea |
 # |---|---|---|
-# | `sparse_attn.sparse_attn` | `v4lab.attention.sparse_attn` | every query (window, CSA, HCA) attends one shared K=V head through an index list, with a per-head sink in the softmax denominator |
+# | `sparse_attn.sparse_attn` | `v4lab.attention.sparse_attn` | every query (window, [CSA](glossary.md#csa), [HCA](glossary.md#hca)) attends one shared K=V head through an index list, with a per-head [sink](glossary.md#sink) in the softmax denominator |
 # | `compressor.compress_pool` | `v4lab.compressor.compress_pool` | $m$ tokens pooled into one KV entry by a channel-wise softmax (CSA overlaps two windows) |
-# | `indexer.index_scores` | `v4lab.indexer.index_scores` | lightning indexer $I_{t,s} = \sum_h w_{t,h}\,\mathrm{ReLU}(q_{t,h}\cdot k_s)$ |
-# | `mhc.hc_pre_coeffs` | `v4lab.mhc.hc_pre_coeffs` | mHC's projection, 1/RMS, sigmoids and 20 Sinkhorn iterations, fused |
-# | `moe.grouped_expert_mlp` | `v4lab.moe.grouped_expert_mlp` | experts over tokens sorted by expert, clamped SwiGLU fused |
-# | `fp4_gemm.fp4_gemm` | `v4lab.quant.fp4_gemm_ref` | $y = x\,\mathrm{deq}(W)^\top$ with MXFP4 weights decoded in registers |
+# | `indexer.index_scores` | `v4lab.indexer.index_scores` | [lightning indexer](glossary.md#lightning-indexer) $I_{t,s} = \sum_h w_{t,h}\,\mathrm{ReLU}(q_{t,h}\cdot k_s)$ |
+# | `mhc.hc_pre_coeffs` | `v4lab.mhc.hc_pre_coeffs` | [mHC](glossary.md#mhc)'s projection, 1/RMS, sigmoids and 20 [Sinkhorn](glossary.md#sinkhorn) iterations, fused |
+# | `moe.grouped_expert_mlp` | `v4lab.moe.grouped_expert_mlp` | experts over tokens sorted by expert, the [SwiGLU clamp](glossary.md#swiglu-clamp) fused |
+# | `fp4_gemm.fp4_gemm` | `v4lab.quant.fp4_gemm_ref` | $y = x\,\mathrm{deq}(W)^\top$ with [MXFP4](glossary.md#mxfp4) weights decoded in registers |
 # | `quant.fp4_act_quant` | `v4lab.quant.fp4_act_quant` | MXFP4 activation fake-quant, bit-exact |
 #
 # A kernel is a program run by many instances at once (`tl.program_id`), each owning a tile. Read one —
@@ -156,3 +160,75 @@ if kernel_mode() == "compiled":
     q, k, w = q.cuda(), k.cuda(), w.cuda()
 diff = (index_scores(q, k, w) - indexer.index_scores(q, k, w)).abs().max().item()
 print("indexer kernel == reference within 1e-4:", diff < 1e-4)
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict first, then run. Write your prediction in `guess` and run the cell: `check` says whether it is
+# right and why. Each exercise is followed by a collapsed solution cell that computes the answer with
+# v4lab and checks it a second way.
+
+# %%
+from v4lab import attention, hardware, quant
+from v4lab.exercises import answer, check, nb08
+
+# %% [markdown]
+# **1 · When does a GEMM become compute-bound?** On an H200, at how many tokens per call (a power of two)
+# does `fp4_gemm` (one V4-Flash expert projection with FP4 weights) stop being memory-bound? Use the
+# roofline widget only after you have guessed.
+
+# %%
+guess = None  # your prediction
+check("08.fp4_gemm_compute_bound", guess)
+
+# %% tags=["solution"]
+a = answer("08.fp4_gemm_compute_bound")
+ridge = hardware.peak_flops("H200", "fp4") / hardware.bandwidth("H200")      # FLOP per byte
+ai = {m: nb08.bound_at("fp4_gemm", m)["flops"] / nb08.bound_at("fp4_gemm", m)["bytes"] for m in (a.value // 2, a.value)}
+assert ai[a.value // 2] < ridge <= ai[a.value]
+print(a.value, "-", a.why)
+
+# %% [markdown]
+# **2 · Does batching help sparse attention?** By what factor does the arithmetic intensity of
+# `sparse_attn` change between 1 token per call and 4096 tokens per call? Within 5 %.
+
+# %%
+guess = None  # your prediction
+check("08.sparse_attn_batching", guess)
+
+# %% tags=["solution"]
+a = answer("08.sparse_attn_batching")
+one, many = nb08.bound_at("sparse_attn", 1), nb08.bound_at("sparse_attn", 4096)
+assert abs(a.value - (many["flops"] / many["bytes"]) / (one["flops"] / one["bytes"])) < 1e-9
+print(f"{a.value:.3g} -", a.why)
+
+# %% [markdown]
+# **3 · What an FP4 expert costs in memory.** How many bytes does one [2048, 4096] expert weight take in
+# MXFP4, counting everything that must be stored to decode it? Within 2 %.
+
+# %%
+guess = None  # your prediction
+check("08.mxfp4_bytes", guess)
+
+# %% tags=["solution"]
+a = answer("08.mxfp4_bytes")
+assert a.value == quant.bits_per_weight("e2m1") * 2048 * 4096 / 8
+print(f"{a.value:,} -", a.why)
+
+# %% [markdown]
+# **4 · Attention over nothing.** Give `sparse_attn` a query whose index list is all −1 (no key to attend
+# to). What is the largest |value| of that query's output? Any number is a valid guess, `float("nan")`
+# included.
+
+# %%
+guess = None  # your prediction
+check("08.empty_row", guess)
+
+# %% tags=["solution"]
+a = answer("08.empty_row")
+ref = attention.sparse_attn(*nb08.empty_row_inputs())           # the PyTorch reference on the same inputs
+assert a.value == float(ref[:, 0].abs().max())
+print(a.value, "-", a.why)
+
+# %% [markdown]
+# ← [07 · The whole tiny V4, trained](07_tiny_v4.ipynb) · [glossary](glossary.md) · [09 · Hardware and cost](09_hardware_and_cost.ipynb) →

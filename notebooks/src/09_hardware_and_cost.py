@@ -4,8 +4,8 @@
 # # 09 · Hardware and cost: V4 as a hardware bet, and what it costs to run
 #
 # **What you will learn**
-# - why decoding a big MoE is bound by memory bandwidth, and where V4's FP8/FP4 choices move it on a
-#   roofline of an H200 (Hopper: no FP4 tensor cores) and a B200 (Blackwell: FP4 at twice the FP8 rate)
+# - why decoding a big [MoE](glossary.md#moe) is bound by memory bandwidth, and where V4's
+#   [FP8](glossary.md#fp8)/[FP4](glossary.md#fp4) choices move it on a [roofline](glossary.md#roofline) of an H200 (Hopper: no FP4 tensor cores) and a B200 (Blackwell: FP4 at twice the FP8 rate)
 #   — the report's observation 3, "a hardware bet";
 # - how a roofline's 1.67× (the bandwidth ratio) and the report's ~3× B200-over-H200 (a published
 #   serving figure) fit together, and at which batch the roofline gets near 3×;
@@ -16,6 +16,9 @@
 # Inputs are data files you can edit: `v4lab/hardware.json` (GPU peaks from the vendors' datasheets,
 # approximate, with sources) and `v4lab/prices.json` (API prices per million tokens, each marked
 # *published* by the report or *derived* from its ratios and bills).
+#
+# **You need** [00 · A tour](00_tour.ipynb) (the models, KV cache and FLOPs) and [05 · FP4](05_fp4.ipynb)
+# (the formats); [08 · Kernels](08_kernels.ipynb) puts single kernels on the same roofline.
 
 # %%
 from v4lab.device import configure_triton, describe
@@ -28,7 +31,7 @@ from v4lab.viz import cost
 # %% [markdown]
 # ## Part 1 — the roofline of one decode step
 #
-# A step that does $F$ FLOPs and reads $B$ bytes has arithmetic intensity $I = F/B$. On a GPU with
+# A step that does $F$ FLOPs and reads $B$ bytes has [arithmetic intensity](glossary.md#arithmetic-intensity) $I = F/B$. On a GPU with
 # peak $P$ (FLOP/s, per precision) and bandwidth $W$ (bytes/s) it takes at least
 #
 # $$t = \max\Big(\sum_{\text{precision } p} \frac{F_p}{P_p},\; \frac{B}{W}\Big), \qquad
@@ -79,7 +82,7 @@ print(cost.b200_ratio_table(4096))
 # token on any GPU. A roofline then gives B200 exactly its bandwidth advantage, 1.67×.
 #
 # The report's **~3×** (observation 3) is a different kind of number: a published end-to-end serving
-# throughput, which the report attributes to Blackwell's FP4 tensor cores matching V4's FP4-QAT experts.
+# throughput, which the report attributes to Blackwell's FP4 tensor cores matching V4's FP4 [QAT](glossary.md#qat) experts.
 # It is not a roofline bound, and the two differ for reasons a roofline leaves out. A server runs the
 # large batches where the step is compute-bound, and there only FP4 × FP4 expert GEMMs get the roofline
 # near 3× (2.9× above). B200's 180 GB against H200's 141 GB holds more KV per GPU, so larger batches fit.
@@ -186,3 +189,71 @@ r = hardware.roofline("v4-pro", "B200", 2 ** 20, 64)
 h = hardware.roofline("v4-pro", "H200", 2 ** 20, 64)
 print(f"V4-Pro, 1M, batch 64: {h['bound']}-bound, B200/H200 = {r['tokens_per_s'] / h['tokens_per_s']:.3f} "
       f"(bandwidth ratio {hardware.bandwidth('B200') / hardware.bandwidth('H200'):.3f})")
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict first, then run. Write your prediction in `guess` and run the cell: `check` says whether it is
+# right and why. Each exercise is followed by a collapsed solution cell that computes the answer with
+# v4lab and checks it a second way.
+
+# %%
+from v4lab.exercises import answer, check
+
+# %% [markdown]
+# **1 · An older GPU at batch 1.** V4-Flash, 8K context, one sequence: what fraction of an H200's decode
+# tokens/s does an A100 reach? Within 5 %.
+
+# %%
+guess = None  # your prediction
+check("09.a100_share", guess)
+
+# %% tags=["solution"]
+a = answer("09.a100_share")
+assert abs(a.value - hardware.bandwidth("A100") / hardware.bandwidth("H200")) < 1e-9   # memory-bound: bandwidth decides
+print(f"{a.value:.3f} -", a.why)
+
+# %% [markdown]
+# **2 · Where the roofline bends.** V4-Pro at 4K context on an H200: at which batch (1, 2, 4, … 16384
+# sequences) does the decode step first become compute-bound?
+
+# %%
+guess = None  # your prediction
+check("09.compute_bound_batch", guess)
+
+# %% tags=["solution"]
+a = answer("09.compute_bound_batch")
+at = hardware.roofline("v4-pro", "H200", 4096, a.value)
+before = hardware.roofline("v4-pro", "H200", 4096, a.value // 2)
+assert at["t_compute"] >= at["t_memory"] and before["t_compute"] < before["t_memory"]
+print(f"{a.value:,} -", a.why)
+
+# %% [markdown]
+# **3 · A month on Flash.** What does a month of 100M input + 10M output tokens cost on V4-Flash, in US
+# dollars? Within 2 %.
+
+# %%
+guess = None  # your prediction
+check("09.flash_month", guess)
+
+# %% tags=["solution"]
+a = answer("09.flash_month")
+p = pricing.price("v4-flash")
+assert abs(a.value - (100 * p.input + 10 * p.output)) < 1e-9               # prices are per million tokens
+print(f"${a.value:.2f} -", a.why)
+
+# %% [markdown]
+# **4 · Half the bill.** With 32M input + 1M output tokens a month, what fraction of the requests can you
+# escalate from V4-Flash to V4-Pro before the bill reaches half of all-Pro? Within ±0.03.
+
+# %%
+guess = None  # your prediction
+check("09.half_of_pro", guess)
+
+# %% tags=["solution"]
+a = answer("09.half_of_pro")
+assert abs(pricing.blended_cost(a.value, 32e6, 1e6) - 0.5 * pricing.cost("v4-pro", 32e6, 1e6)) < 1e-6
+print(f"{a.value:.3f} -", a.why)
+
+# %% [markdown]
+# ← [08 · Kernels](08_kernels.ipynb) · [glossary](glossary.md) · [10 · Decode, step by step](10_decode_step_by_step.ipynb) →

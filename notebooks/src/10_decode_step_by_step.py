@@ -4,14 +4,20 @@
 # # 10 · Decode, step by step: what the cache holds, what one token reads
 #
 # **What you will learn**
-# - what each layer kind keeps in its KV cache as tokens arrive: the **window ring**, the compressor's
-#   **open block**, one **compressed entry** every m tokens (m = 4 for CSA, 128 for HCA), the CSA
-#   **indexer keys** — and what the next token actually reads from it;
+# - what each layer kind keeps in its [KV cache](glossary.md#kv-cache) as tokens arrive: the **window ring**,
+#   the compressor's **open block**, one **compressed entry** every m tokens (m = 4 for [CSA](glossary.md#csa),
+#   128 for [HCA](glossary.md#hca)), the CSA **indexer keys** (for the [lightning indexer](glossary.md#lightning-indexer))
+#   — and what the next token actually reads from it;
 # - the moment an entry becomes readable: query t sees ⌊(t+1)/m⌋ entries;
-# - one token walked through the whole model — embedding, mHC, attention by kind, MoE routing, the clamp,
-#   the head, MTP's draft — with tensor shapes and the bytes each step reads;
+# - one token walked through the whole model — embedding, [mHC](glossary.md#mhc), attention by kind,
+#   [MoE](glossary.md#moe) routing, the [SwiGLU clamp](glossary.md#swiglu-clamp), the head,
+#   [MTP](glossary.md#mtp)'s draft — with tensor shapes and the bytes each step reads;
 # - the same step at V4-Flash and V4-Pro scale at 8K, 128K and 1M tokens, against V3.2. This is where the
 #   report's "10% of V3.2's KV cache" (observation 3) comes from.
+#
+# **You need** [02 · Compressed attention](02_compressed_attention.ipynb) (window, CSA, HCA, the indexer) and
+# [07 · The whole tiny V4, trained](07_tiny_v4.ipynb) (the model traced here); [00 · A tour](00_tour.ipynb)
+# for the KV-cache totals.
 #
 # Everything here is the notebook model's own cached decode (`v4lab.trace`), not a re-implementation.
 
@@ -40,7 +46,7 @@ print("text:", ids.shape[1], "tokens")
 # s once s < ⌊(t+1)/m⌋, so an entry is readable by the very token that closes its block.
 #
 # What a token reads: the whole ring, plus in CSA the indexer's top-k entries (it scores every key), in HCA
-# every entry, and a per-head sink logit.
+# every entry, and a per-head [sink](glossary.md#sink) logit.
 #
 # `trace.decode_trace(model, ids)` feeds the text through the model's cached decode and records all of this
 # per token and layer, with the cache's size in the released storage format (tested equal to
@@ -70,7 +76,7 @@ for t in (1, m - 1, m, 2 * m, 129):
 #   at t = 127 and every HCA query reads it from then on.
 #
 # Press ▶ to play the text; the bars at the bottom compare this model's cache with the same number of layers
-# holding V3.2's MLA cache and a BF16 GQA-8 cache (log scale).
+# holding V3.2's [MLA](glossary.md#mla) cache and a BF16 [GQA-8](glossary.md#gqa-8) cache (log scale).
 
 # %%
 decode_viz.DecodeWidget().display()
@@ -136,3 +142,73 @@ for name in ("v4-flash", "v4-pro"):
 #   weights are of similar size). Serving batches many sequences: the weights are read once per batch, the
 #   cache once per sequence — so at long context it is the cache column that decides how many sequences fit
 #   and how fast each step is.
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict first, then run. Write your prediction in `guess` and run the cell: `check` says whether it is
+# right and why. Each exercise is followed by a collapsed solution cell that computes the answer with
+# v4lab and checks it a second way.
+
+# %%
+from v4lab.exercises import answer, check, nb10
+
+# %% [markdown]
+# **1 · When the indexer starts choosing.** Trace a longer text, `nb10.LONG_TEXT` (the three sample texts
+# one after another). In the first CSA layer of the notebook model, from which token t on does the query of
+# token t read *fewer* compressed entries than the layer holds?
+
+# %%
+guess = None  # your prediction
+check("10.indexer_drops", guess)
+
+# %% tags=["solution"]
+a = answer("10.indexer_drops")
+csa = model.cfg.layer_kinds.index("csa")
+assert a.value == model.cfg.compress_ratio(csa) * (model.cfg.index_topk + 1) - 1   # the first t with ⌊(t+1)/m⌋ > top-k
+print(a.value, "-", a.why)
+
+# %% [markdown]
+# **2 · The open block.** Right after token 100, how many tokens wait in the HCA layer's open block (not
+# yet pooled into a compressed entry)?
+
+# %%
+guess = None  # your prediction
+check("10.hca_open_block", guess)
+
+# %% tags=["solution"]
+a = answer("10.hca_open_block")
+hca = model.cfg.layer_kinds.index("hca")
+assert a.value == trace.step_counts(100, model.cfg.compress_ratio(hca), "hca")["pending"]   # the rules alone
+print(a.value, "-", a.why)
+
+# %% [markdown]
+# **3 · A short context.** At 8K tokens, V4-Flash's stored KV cache is what percentage of V3.2's at 8K?
+# (The 1M figure is printed above: do you expect more or less?) Within 5 %.
+
+# %%
+guess = None  # your prediction
+check("10.kv_percent_short", guess)
+
+# %% tags=["solution"]
+a = answer("10.kv_percent_short")
+assert abs(a.value - 100 * accounting.compare("v4-flash", "v3.2", 8192)["ratios"]["kv_cache_bytes"]) < 1e-9
+print(f"{a.value:.3g}% -", a.why)
+
+# %% [markdown]
+# **4 · Weights or cache?** One decoded V4-Pro token at 1M context: what fraction (0 to 1) of the bytes it
+# reads is KV cache, the rest being weights? Within ±0.01.
+
+# %%
+guess = None  # your prediction
+check("10.kv_share_of_read", guess)
+
+# %% tags=["solution"]
+a = answer("10.kv_share_of_read")
+kv = sum(accounting.kv_bytes_read("v4-pro", 2 ** 20).values())
+w = sum(trace.weight_bytes_per_token("v4-pro").values())
+assert abs(a.value - kv / (kv + w)) < 1e-12
+print(f"{a.value:.4f} -", a.why)
+
+# %% [markdown]
+# ← [09 · Hardware and cost](09_hardware_and_cost.ipynb) · [glossary](glossary.md) · [11 · Deploying V4](11_deploying_v4.ipynb) →

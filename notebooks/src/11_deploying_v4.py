@@ -16,6 +16,9 @@
 # Every figure printed here comes from `v4lab/facts.json` or `v4lab/prices.json`, each with its source
 # in brackets: *report, observation N* (the distilled V4 report these notebooks teach), *derived from …*
 # (v4lab's arithmetic on published figures) or *v4lab assumption*. Nothing needs a GPU.
+#
+# **You need** nothing technical; [09 · Hardware and cost](09_hardware_and_cost.ipynb) derives the prices and
+# the hardware side of the same economics, and [00 · A tour](00_tour.ipynb) introduces the V4 family.
 
 # %%
 from v4lab.device import configure_triton, describe
@@ -147,8 +150,9 @@ display(HTML(vdeploy.unknown_cards_html()))
 # ## 6 · Where this leaves V4, and V5
 #
 # Observation 4 ends on a forecast: because DeepSeek itself says it does not fully understand why
-# Anticipatory Routing and SwiGLU clamping keep training stable (notebooks 04 and 06), the most likely
-# research thread for V5 is a principled account of training stability for trillion-parameter MoE.
+# [Anticipatory Routing](glossary.md#anticipatory-routing) and the [SwiGLU clamp](glossary.md#swiglu-clamp) keep
+# training stable (notebooks 04 and 06), the most likely research thread for V5 is a principled account of
+# training stability for trillion-parameter [MoE](glossary.md#moe).
 # Observation 2 adds the architectural side: V4 kept V3's backbone shape deliberately, to limit risk
 # (notebook 01 shows that 99 % of the growth is routed experts), so V5 is the likelier place for a new one.
 # The price guesses for V5 in circulation are printed here only with their label:
@@ -182,3 +186,70 @@ assert r["bills"]["gpt-5.5"] is None                      # unknown stays unknow
 bad = [x["claim"] for x in pricing.report_claims() if not x["ok"]]
 assert not bad, bad
 print("all of the report's price figures reproduced")
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict first, then run. Write your prediction in `guess` and run the cell: `check` says whether it is
+# right and why. Each exercise is followed by a collapsed solution cell that computes the answer with
+# v4lab and checks it a second way. All four use the calculator's heavy-fleet month (1,000 turns of 32K
+# prompt + 1K answer) unless they say otherwise.
+
+# %%
+from v4lab.exercises import answer, check
+
+# %% [markdown]
+# **1 · Across vendors.** How many times V4-Flash's monthly bill is Opus 4.7's? Within 5 %.
+
+# %%
+guess = None  # your prediction
+check("11.opus_over_flash", guess)
+
+# %% tags=["solution"]
+a = answer("11.opus_over_flash")
+assert abs(a.value - pricing.cost("opus-4.7", 32e6, 1e6) / pricing.cost("v4-flash", 32e6, 1e6)) < 1e-9
+print(f"{a.value:.3g} -", a.why)
+
+# %% [markdown]
+# **2 · The routed bill.** Send 20 % of the turns to V4-Pro and the rest to V4-Flash. What fraction of the
+# all-Pro bill do you pay? Within ±0.03.
+
+# %%
+guess = None  # your prediction
+check("11.routed_share_of_pro", guess)
+
+# %% tags=["solution"]
+a = answer("11.routed_share_of_pro")
+assert abs(a.value - pricing.blended_cost(0.2, 32e6, 1e6) / pricing.cost("v4-pro", 32e6, 1e6)) < 1e-9
+print(f"{a.value:.3f} -", a.why)
+
+# %% [markdown]
+# **3 · The price of thinking.** Turn Thinking on (v4lab assumes 2K extra output tokens a turn). By what
+# factor does the V4-Flash month grow? Within 5 %.
+
+# %%
+guess = None  # your prediction
+check("11.thinking_factor", guess)
+
+# %% tags=["solution"]
+a = answer("11.thinking_factor")
+out = 1e6 + 1000 * deploy.fact("thinking_output_tokens")                  # answers + thinking, 1,000 turns
+assert abs(a.value - pricing.cost("v4-flash", 32e6, out) / pricing.cost("v4-flash", 32e6, 1e6)) < 1e-9
+print(f"{a.value:.3g} -", a.why)
+
+# %% [markdown]
+# **4 · Long prompts.** Make every prompt 300K tokens (still 1,000 turns with 1K answers). How many times
+# V4-Pro's bill is Gemini 3.1 Pro's? Within 5 %.
+
+# %%
+guess = None  # your prediction
+check("11.gemini_long_prompt", guess)
+
+# %% tags=["solution"]
+a = answer("11.gemini_long_prompt")
+bills = {m: pricing.cost(m, 300e6, 1e6, context=300_000) for m in ("gemini-3.1-pro", "v4-pro")}
+assert abs(a.value - bills["gemini-3.1-pro"] / bills["v4-pro"]) < 1e-9
+print(f"{a.value:.3g} -", a.why)
+
+# %% [markdown]
+# ← [10 · Decode, step by step](10_decode_step_by_step.ipynb) · [glossary](glossary.md) · [index of the notebooks](README.md)

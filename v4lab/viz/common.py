@@ -317,7 +317,7 @@ class Widget:
                     return fig
             except ImportError:
                 return fig
-            display(fig)
+            display(fig, metadata={"v4lab": {"widget": self.name}})   # the static site marks it (v4lab.site)
             return None
         display(self.box())
         return None

@@ -12,8 +12,8 @@ How each page is made, with the field's tools rather than a hand-written exporte
   and say so on the page.
 * **figures**: each plotly output becomes a ``<div>`` drawn by ``plotly.io.to_html(include_plotlyjs=False)``;
   the page loads plotly.js once, from ``_static/plotly.min.js`` (copied from the installed plotly), so the
-  figures stay interactive (zoom, hover, legend) offline. A widget's figure gets the note that its sliders
-  need JupyterLab.
+  figures stay interactive (zoom, hover, legend) offline. Under a widget's figure ``Widget.display`` prints
+  that its sliders need JupyterLab; the page styles that note.
 * **math**: TeX in markdown becomes MathML at build time (latex2mathml; Chromium draws MathML itself), so no
   MathJax from a CDN.
 * **export**: nbconvert's ``lab`` template without its CDN scripts (require.js, MathJax, mermaid, the widget
@@ -39,7 +39,6 @@ NB_DIR = ROOT / "notebooks"
 GLOSSARY = NB_DIR / "glossary.md"
 DEFAULT_OUT = ROOT / "site"
 PLOTLY_JS = "_static/plotly.min.js"
-STATIC_NOTE = "open in JupyterLab to move the sliders"
 SKIPPED_NOTE = "Not run for the static site (over the notebook time budget): run it in JupyterLab."
 NOTEBOOK_RE = re.compile(r"^\d\d_[a-z0-9_]+$")
 
@@ -132,14 +131,16 @@ def rewrite_links(page: str) -> str:
     return re.sub(r'href="(?:\./)?glossary\.md(#[^"]*)?"', r'href="glossary.html\1"', page)
 
 
-def figure_html(fig: dict, widget: str | None) -> str:
+def figure_html(fig: dict) -> str:
     import plotly.io as pio
-    div = pio.to_html(fig, include_plotlyjs=False, full_html=False, validate=False,
-                      config={"responsive": True, "displaylogo": False})
-    if widget:
-        div += (f'<p class="v4lab-static-note" data-widget="{html.escape(widget)}">Static figure of the widget\'s '
-                f"default state: {STATIC_NOTE}.</p>")
-    return div
+    return pio.to_html(fig, include_plotlyjs=False, full_html=False, validate=False,
+                       config={"responsive": True, "displaylogo": False})
+
+
+def widget_note(widget: str) -> str:
+    """The note a widget prints under its static figure (``Widget.display`` without a widget frontend)."""
+    from v4lab.viz.common import STATIC_NOTE as text
+    return f'<p class="v4lab-static-note" data-widget="{html.escape(widget)}">{html.escape(text)}</p>'
 
 
 def prepare(nb) -> None:
@@ -165,9 +166,11 @@ def finish(nb, math: dict[str, str]) -> None:
                 "text/html": f'<p class="v4lab-static-note">{SKIPPED_NOTE}</p>'})]
         for out in cell.outputs:
             data = out.get("data", {})
+            widget = out.get("metadata", {}).get("v4lab", {}).get("widget")
             if "application/vnd.plotly.v1+json" in data:
-                widget = out.get("metadata", {}).get("v4lab", {}).get("widget")
-                out["data"] = {"text/html": figure_html(data["application/vnd.plotly.v1+json"], widget)}
+                out["data"] = {"text/html": figure_html(data["application/vnd.plotly.v1+json"])}
+            elif widget:
+                out["data"] = {"text/html": widget_note(widget)}
             elif "text/markdown" in data:
                 data["text/markdown"] = protect_math(data["text/markdown"], math)
             out.get("metadata", {}).pop("v4lab", None)
@@ -191,6 +194,8 @@ def export(nb, title: str, math: dict[str, str]) -> str:
                             extra_template_paths=_template_dirs())
     nb.metadata["title"] = title
     body, _ = exporter.from_notebook_node(nb)
+    if "Plotly.newPlot" not in body:            # a page without figures does not load 4.8 MB of plotly.js
+        body = body.replace(f'<script src="{PLOTLY_JS}"></script>', "")
     return rewrite_links(restore_math(body, math))
 
 
@@ -259,7 +264,7 @@ def index_markdown(readme: str, built: set[str] | None = None) -> str:
         raise SiteError("notebooks/README.md: no notebook table rows (| NN | `NN_name.ipynb` — ... |) to index")
     lines = ["# v4lab: the DeepSeek-V4 notebooks, rendered", "",
              "Every notebook run once and saved as a page: the figures are interactive (hover, zoom, legend), "
-             "the sliders are not: " + STATIC_NOTE + " (`make lab`).", "",
+             "the sliders are not: open a notebook in JupyterLab (`make lab`) to move them.", "",
              "| # | notebook | what it covers |", "|---|---|---|"]
     for num, stem, what in rows:
         link = f"[{stem}]({stem}.ipynb)" if built is None or stem in built else f"{stem} (not built in this run)"

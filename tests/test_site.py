@@ -90,8 +90,8 @@ def test_index_lists_every_notebook_of_the_readme():
     names = site.notebook_names()
     assert names and all(f"]({n}.ipynb)" in md for n in names)
     assert "](glossary.md)" in md
-    partial = site.index_markdown(readme, {names[0]})
-    assert f"]({names[0]}.ipynb)" in partial and f"]({names[1]}.ipynb)" not in partial
+    partial = site.index_markdown(readme, {names[0]}, {names[0]: "00 · A | title"})
+    assert f"[00 · A \\| title]({names[0]}.ipynb)" in partial and f"]({names[1]}.ipynb)" not in partial
     with pytest.raises(site.SiteError, match="no notebook table rows"):
         site.index_markdown("# nothing here\n")
 

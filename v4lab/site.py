@@ -257,8 +257,9 @@ def glossary_page(md: str) -> str:
     return re.sub(r'<h([1-6]) id="([^"]*)">(.*?)</h\1>', fix, page, flags=re.S)
 
 
-def index_markdown(readme: str, built: set[str] | None = None) -> str:
-    """The index page: one line per row of notebooks/README.md's table, linked when the page was built."""
+def index_markdown(readme: str, built: set[str] | None = None, titles: dict[str, str] | None = None) -> str:
+    """The index page: one line per row of notebooks/README.md's table (the notebook's title, when known, as the
+    link text), linked when the page was built."""
     rows = re.findall(r"^\|\s*(\d\d)\s*\|\s*`(\d\d_[a-z0-9_]+)\.ipynb`\s*—?\s*(.*?)\s*\|", readme, re.M)
     if not rows:
         raise SiteError("notebooks/README.md: no notebook table rows (| NN | `NN_name.ipynb` — ... |) to index")
@@ -267,7 +268,8 @@ def index_markdown(readme: str, built: set[str] | None = None) -> str:
              "the sliders are not: open a notebook in JupyterLab (`make lab`) to move them.", "",
              "| # | notebook | what it covers |", "|---|---|---|"]
     for num, stem, what in rows:
-        link = f"[{stem}]({stem}.ipynb)" if built is None or stem in built else f"{stem} (not built in this run)"
+        text = (titles or {}).get(stem, stem).replace("|", "\\|")
+        link = f"[{text}]({stem}.ipynb)" if built is None or stem in built else f"{text} (not built in this run)"
         lines.append(f"| {num} | {link} | {what} |")
     lines += ["", "[The glossary](glossary.md): every term the notebooks use, with its equation, its v4lab module "
               "and the notebooks that use it.", ""]
@@ -287,8 +289,9 @@ def build(out: Path = DEFAULT_OUT, only: list[str] | None = None, jobs: int = 2,
     (out / "_static").mkdir(parents=True, exist_ok=True)
     import plotly
     shutil.copyfile(Path(plotly.__file__).parent / "package_data" / "plotly.min.js", out / PLOTLY_JS)
-    write_atomic(out / "index.html", markdown_page(index_markdown((NB_DIR / "README.md").read_text(), set(names)),
-                                                   "v4lab notebooks"))
+    titles = {n: title_of(nbformat.read(NB_DIR / f"{n}.ipynb", as_version=4)) for n in notebook_names()}
+    index = index_markdown((NB_DIR / "README.md").read_text(), set(names), titles)
+    write_atomic(out / "index.html", markdown_page(index, "v4lab notebooks"))
     write_atomic(out / "glossary.html", glossary_page(GLOSSARY.read_text()))
     times: dict[str, float] = {}
     with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:

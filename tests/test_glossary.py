@@ -85,7 +85,7 @@ def test_headings_are_unique_and_plain():
 
 
 def test_every_entry_has_a_definition_module_and_notebooks_line():
-    for a, e in ENTRIES.items():
+    for e in ENTRIES.values():
         prose = [p for p in e["body"].split("\n\n") if p.strip() and not p.strip().startswith(("$$", "- **"))]
         assert prose, f"glossary entry {e['term']!r}: no definition paragraph"
         assert e["modules"], f"glossary entry {e['term']!r}: no '- **Module:** `v4lab.xxx`' line"
@@ -101,7 +101,7 @@ def test_modules_import_and_named_functions_exist(key):
 
 
 def test_listed_notebooks_exist():
-    for a, e in ENTRIES.items():
+    for e in ENTRIES.values():
         if not e["notebooks"]:
             assert e["nb_line"].strip().lower().startswith("none"), \
                 f"glossary entry {e['term']!r}: notebooks line {e['nb_line']!r} lists no notebook and does not say none"

@@ -95,7 +95,8 @@ class Visit:
         self.errors: list[str] = []
         self.outside: list[str] = []
         self.ctx.route("**/*", self._route)
-        self.page.on("console", lambda m: self.errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+        self.page.on("console",
+                     lambda m: self.errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
         self.page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
 
     def _route(self, route):

@@ -31,6 +31,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import nbformat
 
@@ -143,7 +144,7 @@ def widget_note(widget: str) -> str:
     return f'<p class="v4lab-static-note" data-widget="{html.escape(widget)}">{html.escape(text)}</p>'
 
 
-def prepare(nb) -> None:
+def prepare(nb: nbformat.NotebookNode) -> None:
     """Before the run: no stored widget state, and the cells nbval skips are not run here either."""
     nb.metadata.pop("widgets", None)
     for cell in nb.cells:
@@ -153,7 +154,7 @@ def prepare(nb) -> None:
                 tags.append("skip-execution")
 
 
-def finish(nb, math: dict[str, str]) -> None:
+def finish(nb: nbformat.NotebookNode, math: dict[str, str]) -> None:
     """After the run: plotly JSON -> drawn divs (with the widget note), skipped cells say so, math protected."""
     for cell in nb.cells:
         if cell.cell_type == "markdown":
@@ -186,7 +187,7 @@ def _template_dirs() -> list[str]:
             if (p / "share" / "jupyter" / "nbconvert" / "templates" / "lab").is_dir()][:1]
 
 
-def export(nb, title: str, math: dict[str, str]) -> str:
+def export(nb: nbformat.NotebookNode, title: str, math: dict[str, str]) -> str:
     from jinja2 import DictLoader
     from nbconvert import HTMLExporter
     exporter = HTMLExporter(extra_loaders=[DictLoader({"v4lab_site.html.j2": TEMPLATE})],
@@ -205,7 +206,7 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def title_of(nb) -> str:
+def title_of(nb: nbformat.NotebookNode) -> str:
     for cell in nb.cells:
         if cell.cell_type == "markdown":
             m = re.search(r"^#\s+(.+)$", cell.source, re.M)
@@ -277,7 +278,7 @@ def index_markdown(readme: str, built: set[str] | None = None, titles: dict[str,
 
 
 def build(out: Path = DEFAULT_OUT, only: list[str] | None = None, jobs: int = 2, timeout: int = 600,
-          log=print) -> dict[str, float]:
+          log: Callable[[str], object] = print) -> dict[str, float]:
     """Build the site into ``out``; returns seconds per notebook page. Unknown names are refused before any work."""
     names = notebook_names()
     if only:
@@ -305,7 +306,8 @@ def build(out: Path = DEFAULT_OUT, only: list[str] | None = None, jobs: int = 2,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m v4lab.site", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: site/)")
-    p.add_argument("--only", nargs="+", metavar="NN_name", help="build only these notebooks (index and glossary always)")
+    p.add_argument("--only", nargs="+", metavar="NN_name",
+                   help="build only these notebooks (index and glossary always)")
     p.add_argument("--jobs", type=int, default=2, help="notebooks run at once (default 2)")
     p.add_argument("--timeout", type=int, default=600, help="seconds a cell may run (default 600)")
     a = p.parse_args(argv)

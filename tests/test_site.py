@@ -103,3 +103,24 @@ def test_cli_refuses_unknown_notebook_and_bad_jobs(tmp_path, capsys):
     assert not (tmp_path / "s").exists()                      # refused before anything was written
     assert site.main(["--jobs", "0", "--out", str(tmp_path / "s")]) == 2
     assert "--jobs" in capsys.readouterr().err
+
+
+def test_static_widget_in_ipython_prints_the_note_with_its_mark(monkeypatch):
+    # what the site's kernel does (V4LAB_STATIC=1 inside IPython): the figure, then the note carrying the widget's
+    # name in its metadata, which finish() turns into the styled note
+    import plotly.io as pio
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    from v4lab.viz import tour
+    monkeypatch.setattr(pio.renderers, "default", "plotly_mimetype")
+    InteractiveShell.instance()
+    try:
+        with capture_output() as cap:
+            assert tour.ContextWidget(static=True).display() is None
+    finally:
+        InteractiveShell.clear_instance()
+    fig_out, note = cap.outputs
+    assert "application/vnd.plotly.v1+json" in fig_out.data
+    assert note.metadata == {"v4lab": {"widget": "tour.context"}}
+    assert "open in JupyterLab to move the sliders" in note.data["text/html"]

@@ -74,46 +74,53 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser_context():
+    """One Chromium context for the module (its HTTP and code caches make plotly.js cheaper after the first
+    page), with every request intercepted: only the local server may answer, anything else is aborted and kept."""
     from playwright.sync_api import sync_playwright
+    outside: list[str] = []
+
+    def route(r):
+        u = urlparse(r.request.url)
+        if (u.scheme in ("http", "https") and u.hostname == "127.0.0.1") or u.scheme in ("data", "blob", "about"):
+            r.continue_()
+        else:
+            outside.append(r.request.url)
+            r.abort()
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        ctx = b.new_context(viewport={"width": 1280, "height": 900})
+        ctx.route("**/*", route)
         try:
-            yield b
+            yield ctx, outside
         finally:
             b.close()
 
 
 class Visit:
-    """One page in a fresh context: every request intercepted (only the local server may answer)."""
+    """One page of the shared context, with its own record of JavaScript errors and of outside requests."""
 
-    def __init__(self, browser, base: str):
+    def __init__(self, browser_context, base: str):
         self.base = base
-        self.ctx = browser.new_context(viewport={"width": 1280, "height": 900})
-        self.page = self.ctx.new_page()
+        ctx, self._outside = browser_context
+        self._seen = len(self._outside)
+        self.page = ctx.new_page()
         self.page.set_default_timeout(120_000)
         self.errors: list[str] = []
-        self.outside: list[str] = []
-        self.ctx.route("**/*", self._route)
         self.page.on("console",
                      lambda m: self.errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
         self.page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
 
-    def _route(self, route):
-        url = route.request.url
-        u = urlparse(url)
-        if (u.scheme in ("http", "https") and u.hostname == "127.0.0.1") or u.scheme in ("data", "blob", "about"):
-            route.continue_()
-        else:
-            self.outside.append(url)
-            route.abort()
+    @property
+    def outside(self) -> list[str]:
+        return self._outside[self._seen:]
 
     def open(self, path: str):
         self.page.goto(f"{self.base}/{path}", wait_until="load")
         return self.page
 
     def close(self):
-        self.ctx.close()
+        self.page.close()
 
 
 FIGURES_JS = """() => Array.from(document.querySelectorAll('.plotly-graph-div')).map(el => {
@@ -158,12 +165,12 @@ def _check_links(served_site, hrefs: list[str], source: str):
 
 
 @pytest.mark.parametrize("name", PAGES)
-def test_notebook_page(served_site, browser, name):
+def test_notebook_page(served_site, browser_context, name):
     html_text = (served_site["dir"] / f"{name}.html").read_text(encoding="utf-8")
     expected = html_text.count("Plotly.newPlot(")
     assert expected > 0, f"{name}.html has no plotly figure"
     assert html_text.count('src="_static/plotly.min.js"') == 1, "plotly.js must be loaded exactly once"
-    v = Visit(browser, served_site["base"])
+    v = Visit(browser_context, served_site["base"])
     try:
         page = v.open(f"{name}.html")
         figs = _figures_done(page, expected)
@@ -185,8 +192,8 @@ def test_notebook_page(served_site, browser, name):
         v.close()
 
 
-def test_index_and_glossary(served_site, browser):
-    v = Visit(browser, served_site["base"])
+def test_index_and_glossary(served_site, browser_context):
+    v = Visit(browser_context, served_site["base"])
     try:
         page = v.open("index.html")
         links = _local_links(page)
@@ -215,11 +222,11 @@ def test_index_and_glossary(served_site, browser):
         v.close()
 
 
-def test_outside_requests_are_caught(served_site, browser):
+def test_outside_requests_are_caught(served_site, browser_context):
     # the interception itself: a page that asks the network for a script is seen and refused
     (served_site["dir"] / "probe.html").write_text(
         '<html><body><script src="https://cdn.example.org/x.js"></script></body></html>')
-    v = Visit(browser, served_site["base"])
+    v = Visit(browser_context, served_site["base"])
     try:
         v.open("probe.html")
         assert v.outside == ["https://cdn.example.org/x.js"]

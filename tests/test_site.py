@@ -124,3 +124,15 @@ def test_static_widget_in_ipython_prints_the_note_with_its_mark(monkeypatch):
     assert "application/vnd.plotly.v1+json" in fig_out.data
     assert note.metadata == {"v4lab": {"widget": "tour.context"}}
     assert "open in JupyterLab to move the sliders" in note.data["text/html"]
+
+
+def test_a_failing_notebook_names_itself_and_writes_no_page(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("1 / 0")]
+    nbformat.write(nb, tmp_path / "99_bad.ipynb")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(site.SiteError, match=r"^99_bad: a cell raised .*ZeroDivisionError"):
+        site.build_notebook("99_bad", str(out), timeout=120, nb_dir=str(tmp_path))
+    assert list(out.iterdir()) == []

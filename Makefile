@@ -11,7 +11,7 @@ export JUPYTER_DATA_DIR := $(CURDIR)/.jupyter/data
 export JUPYTER_RUNTIME_DIR := $(CURDIR)/.jupyter/runtime
 export IPYTHONDIR := $(CURDIR)/.jupyter/ipython
 
-.PHONY: setup lab test test-fast bench clean
+.PHONY: setup lab test test-fast bench clean site
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -x -m "not slow and not browser" tests
+
+# Every notebook run headless and exported to static HTML in site/ (git-ignored): open site/index.html.
+site: setup
+	$(BIN)/python -m v4lab.site
 
 bench: setup
 	$(BIN)/v4lab bench all --quick

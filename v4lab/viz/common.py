@@ -36,6 +36,9 @@ _LIVE_LAYOUT_KEYS = ("title", "xaxis", "yaxis", "xaxis2", "yaxis2", "xaxis3", "y
 
 REGISTRY: dict[str, type["Widget"]] = {}
 
+# Shown under a widget's static figure when IPython runs without a widget frontend.
+STATIC_NOTE = "Static figure of the widget's default state: open in JupyterLab to move the sliders."
+
 
 class LiveFigure(go.FigureWidget):
     """A ``go.FigureWidget`` whose first message to the frontend already holds the figure.
@@ -318,6 +321,10 @@ class Widget:
             except ImportError:
                 return fig
             display(fig)
+            # Inside IPython but without widgets (V4LAB_STATIC=1, the static site): the sliders cannot move, so
+            # say so. plotly's display drops display metadata, so the mark v4lab.site looks for rides on the note.
+            from IPython.display import HTML
+            display(HTML(f"<p>{STATIC_NOTE}</p>"), metadata={"v4lab": {"widget": self.name}})
             return None
         display(self.box())
         return None

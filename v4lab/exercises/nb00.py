@@ -1,7 +1,7 @@
 """Exercises of notebook 00 (the tour): KV cache and decode FLOPs, computed by `v4lab.accounting`."""
 from __future__ import annotations
 
-from v4lab import accounting
+from v4lab import accounting, get_config
 from v4lab.exercises import Answer, exercise
 
 CROSSOVER_MODEL = "v3.2"
@@ -19,9 +19,14 @@ def indexer_crossover(name: str = CROSSOVER_MODEL) -> int:
 @exercise("00.indexer_crossover")
 def _indexer_crossover() -> Answer:
     n = indexer_crossover()
-    return Answer(n, "V3.2's indexer scores every cached token in every layer (64 heads x 128 dims each), so its "
+    at_1m = accounting.decode_flops(CROSSOVER_MODEL, accounting.ONE_M)["groups_raw"]
+    times = at_1m["indexer_scores"] / at_1m["gemm"]
+    c = get_config(CROSSOVER_MODEL)
+    return Answer(n, f"V3.2's indexer scores every cached token in every layer ({c.index_n_heads} heads x "
+                     f"{c.index_head_dim} dims each), so its "
                      f"cost grows linearly and passes the {accounting.params('v3.2')['active'] / 1e9:.0f}B active "
-                     f"parameters' GEMMs at about {n:,} tokens; at 1M it is over 10x them. Within a factor 2 counts.",
+                     f"parameters' GEMMs at about {n:,} tokens; at 1M it is {times:.0f}x them. "
+                     "Within a factor 2 counts.",
                   rel_tol=0.5)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from v4lab import accounting, gate, get_config, moe
+from v4lab.config import V4Config
 from v4lab.exercises import Answer, exercise
 
 BIAS_LAYER, BIAS_EXPERT, BIAS_DELTA = 1, 5, 0.5
@@ -29,14 +30,15 @@ def _bias_share() -> Answer:
     biased = r["scores"] + (0 if r["bias"] is None else r["bias"])
     top = biased.sort(-1, descending=True).values                       # [T, E]
     gap = float((top[:, r["k"] - 1] - top[:, r["k"]]).median())
-    return Answer(share, f"{joined} of {m['tokens']} tokens join expert {BIAS_EXPERT} ({100 * share:.0f}%). A token joins "
-                         f"when expert {BIAS_EXPERT}'s biased affinity + {BIAS_DELTA} beats the last of its top-{r['k']}; "
-                         f"on this layer the median gap between a token's last chosen and first rejected expert is "
-                         f"only {gap:.3f}, so +{BIAS_DELTA} is a large push (V4's gamma = 0.001 per step would take "
-                         f"{BIAS_DELTA / 0.001:.0f} steps to move a bias that far). Within ±0.1 counts.", abs_tol=0.1)
+    return Answer(share, f"{joined} of {m['tokens']} tokens join expert {BIAS_EXPERT} ({100 * share:.0f}%). A token "
+                         f"joins when expert {BIAS_EXPERT}'s biased affinity + {BIAS_DELTA} beats the last of its "
+                         f"top-{r['k']}; on this layer the median gap between a token's last chosen and first "
+                         f"rejected expert is only {gap:.3f}, so +{BIAS_DELTA} is a large push (V4's gamma = 0.001 "
+                         f"per step would take {BIAS_DELTA / 0.001:.0f} steps to move a bias that far). "
+                         "Within ±0.1 counts.", abs_tol=0.1)
 
 
-def custom_v3(**change):
+def custom_v3(**change: object) -> V4Config:
     """V3's config with ``change`` applied (validated by ``V4Config.replace``)."""
     return get_config("v3").replace(name="v3-custom", **change)
 
@@ -60,12 +62,12 @@ def _top_weight() -> Answer:
     sig = gate.gate_scores(z, "sigmoid")
     w_sig = gate.route_weights(sig, gate.select_topk(sig, None, 2), route_scale=1.0)
     return Answer(float(w[0, 0]), f"sqrt-softplus gives the top expert {float(w[0, 0]):.3f} of the weight: sqrt(8) vs "
-                                  f"sqrt(4) still differ by a factor 1.41. The sigmoid has saturated at both logits and "
-                                  f"gives {float(w_sig[0, 0]):.3f}, nearly an even split. Within ±0.03 counts.",
+                                  f"sqrt(4) still differ by a factor 1.41. The sigmoid has saturated at both logits "
+                                  f"and gives {float(w_sig[0, 0]):.3f}, nearly an even split. Within ±0.03 counts.",
                   abs_tol=0.03)
 
 
-def sign_rule(loads=LOADS, steps: int = 400, gamma: float = 0.001) -> torch.Tensor:
+def sign_rule(loads: tuple[float, ...] = LOADS, steps: int = 400, gamma: float = 0.001) -> torch.Tensor:
     """The bias after ``steps`` calls of `moe.bias_update` with the same (frozen) loads."""
     bias = torch.zeros(len(loads))
     load = torch.tensor(loads)
@@ -77,6 +79,6 @@ def sign_rule(loads=LOADS, steps: int = 400, gamma: float = 0.001) -> torch.Tens
 @exercise("01.sign_rule")
 def _sign_rule() -> Answer:
     b = sign_rule()
-    return Answer(float(b[0] - b[1]), f"Both biases end at {float(b[0]):+.3f}: the update is gamma x sign(mean - load), "
-                                      "so how much an expert is overloaded does not matter, only that it is. "
+    return Answer(float(b[0] - b[1]), f"Both biases end at {float(b[0]):+.3f}: the update is gamma x sign(mean - "
+                                      f"load), so how much an expert is overloaded does not matter, only that it is. "
                                       "Within ±0.01 counts.", abs_tol=0.01)

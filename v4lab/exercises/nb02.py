@@ -1,7 +1,6 @@
 """Exercises of notebook 02 (compressed attention): visibility, top-k, HCA entries and the sink."""
 from __future__ import annotations
 
-
 import torch
 
 from v4lab.attention import sparse_attn_probs
@@ -28,8 +27,8 @@ def _csa_entries() -> Answer:
     n = int((picks >= 0).sum())
     vis = int(visible_entries(torch.tensor(CSA_QUERY), 4))
     return Answer(n, f"Only floor(({CSA_QUERY}+1)/4) = {vis} entries are complete by position {CSA_QUERY}; the "
-                     f"indexer keeps the best {CSA_TOPK} of the visible ones, so the query attends {n} compressed entries "
-                     "(plus its window). The top-k is a cap: early queries attend every entry there is.")
+                     f"indexer keeps the best {CSA_TOPK} of the visible ones, so the query attends {n} compressed "
+                     f"entries (plus its window). The top-k is a cap: early queries attend every entry there is.")
 
 
 @exercise("02.visible_at_edge")

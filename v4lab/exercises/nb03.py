@@ -59,10 +59,11 @@ def _sharp_iterations() -> Answer:
     t1 = iterations_needed(mhc_viz.base_logits())
     return Answer(t, f"{t} iterations (the default logits need {t1}). Sharper logits give a peaked row softmax, "
                      "and each row/column round only removes part of the imbalance, so the error shrinks more slowly: "
-                     "that is why V4 spends 20 iterations, not 2. Within a factor 2 counts.", rel_tol=0.5)
+                     "that is why V4 spends 20 iterations rather than a handful. Within a factor 2 counts.",
+                  rel_tol=0.5)
 
 
-def mixed_streams(streams=STREAMS, depth: int = MIX_DEPTH, seed: int = 0) -> torch.Tensor:
+def mixed_streams(streams: tuple[float, ...] = STREAMS, depth: int = MIX_DEPTH, seed: int = 0) -> torch.Tensor:
     """Streams [n] after ``depth`` mHC mixings (random logits, 20 Sinkhorn iterations) and no sublayer output."""
     n = len(streams)
     g = torch.Generator().manual_seed(seed)

@@ -21,9 +21,9 @@ def largest_h(limit: float = BOUND_LIMIT, reach: float = 50.0, n: int = 1001) ->
 @exercise("04.max_h")
 def _max_h() -> Answer:
     h = largest_h()
-    return Answer(h, f"{h:.2f} = SiLU({BOUND_LIMIT:g}) x {BOUND_LIMIT:g}: the gate is capped at L from above and SiLU is "
-                     f"at most SiLU(L) there; below it SiLU never goes under -0.28, so the up branch's +-L sets the "
-                     "other factor. The bound grows roughly like L^2. Within 5% counts.", rel_tol=0.05)
+    return Answer(h, f"{h:.2f} = SiLU({BOUND_LIMIT:g}) x {BOUND_LIMIT:g}: the gate is capped at L from above and "
+                     f"SiLU is at most SiLU(L) there; below it SiLU never goes under -0.28, so the up branch's "
+                     "+-L sets the other factor. The bound grows roughly like L^2. Within 5% counts.", rel_tol=0.05)
 
 
 def clip_effect(layer: int = CLIP_LAYER, limit: float = CLIP_LIMIT) -> dict:

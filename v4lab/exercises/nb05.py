@@ -45,9 +45,9 @@ def _outlier_zeros() -> Answer:
     w = outlier_block()
     n = int((Q.fp4_fake_quant(w)[0, 1:] == 0).sum())
     scale = float(Q.e8m0_to_float(Q.mxfp4_quantize(w)[1])[0, 0])
-    return Answer(n, f"The outlier sets the scale to {scale:g} (the smallest power of two >= {OUTLIER:g} / 6). A weight "
-                     f"becomes 0 when w / {scale:g} < 0.25 (half of E2M1's smallest step, 0.5), i.e. w < {scale / 4:g}: "
-                     f"{n} of the 31 others. One large weight wipes out its block's small ones.")
+    return Answer(n, f"The outlier sets the scale to {scale:g} (the smallest power of two >= {OUTLIER:g} / 6). A "
+                     f"weight becomes 0 when w / {scale:g} < 0.25 (half of E2M1's smallest step, 0.5), i.e. w < "
+                     f"{scale / 4:g}: {n} of the 31 others. One large weight wipes out its block's small ones.")
 
 
 @exercise("05.outliers_sqnr")
@@ -55,6 +55,6 @@ def _outliers_sqnr() -> Answer:
     from v4lab.viz import fp4
     r = fp4.quantised(SQNR_DIST, SQNR_BLOCK)
     g = fp4.quantised("gaussian", SQNR_BLOCK)["sqnr_fp4"]
-    return Answer(r["sqnr_fp4"], f"{r['sqnr_fp4']:.1f} dB, against {g:.1f} dB without the outliers: only the few blocks "
-                                 "that hold an outlier get a coarse scale, the other blocks of 32 keep theirs. "
+    return Answer(r["sqnr_fp4"], f"{r['sqnr_fp4']:.1f} dB, against {g:.1f} dB without the outliers: only the few "
+                                 "blocks that hold an outlier get a coarse scale, the other blocks of 32 keep theirs. "
                                  "Within ±2 dB counts.", abs_tol=2.0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from v4lab import accounting, gate, get_config, mhc, moe
+from v4lab import accounting, gate, get_config, mhc
 from v4lab import quant as Q
 from v4lab.attention import sparse_attn
 from v4lab.compressor import entry_span

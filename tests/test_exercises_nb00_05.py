@@ -238,7 +238,8 @@ def test_keys_and_notebook_agree(nb):
         i = next(i for i, (kind, src, _) in enumerate(cells) if f'check("{key}", guess)' in src)
         question, trial, solution = cells[i - 1], cells[i], cells[i + 1]
         assert question[0] == "markdown" and trial[0] == "code" and "guess = None" in trial[1]
-        assert solution[0] == "code" and solution[2] == {"jupyter": {"source_hidden": True}}
+        # input and output collapsed: Run All must not show the answer under the question
+        assert solution[0] == "code" and solution[2] == {"jupyter": {"source_hidden": True, "outputs_hidden": True}}
         assert f'answer("{key}")' in solution[1] and "assert " in solution[1] and "print(a.why)" in solution[1]
         value = answer(key).value
         shown = {f"{value}", f"{value:.3g}" if isinstance(value, float) else f"{value}"}

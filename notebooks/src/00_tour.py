@@ -159,7 +159,7 @@ from v4lab.exercises import answer, check
 guess = None  # your prediction
 check("00.indexer_crossover", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("00.indexer_crossover")
 terms = accounting.decode_flops("v3.2", a.value)["groups_raw"]      # evaluated at the answer's context
 assert abs(terms["indexer_scores"] / terms["gemm"] - 1) < 1e-3, terms
@@ -173,7 +173,7 @@ print(a.why)
 guess = None  # your prediction
 check("00.kv_ratio_4k", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("00.kv_ratio_4k")
 # second route: the per-token formula of "The idea, in formulas", by hand from the configs
 pro, N = get_config("v4-pro"), 4096
@@ -193,7 +193,7 @@ print(a.why)
 guess = None  # your prediction
 check("00.v3_attention_share", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("00.v3_attention_share")
 v3, N = get_config("v3"), accounting.ONE_M
 # absorbed MLA per head and cached token: q.k over 512 + 64 dims, p.v over the 512-dim latent (2 FLOPs per MAC)
@@ -210,7 +210,7 @@ print(a.why)
 guess = None  # your prediction
 check("00.flash_cache_gb", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("00.flash_cache_gb")
 flash, N = get_config("v4-flash"), accounting.ONE_M
 eb, ib, kinds = accounting.entry_bytes(flash), accounting.index_key_bytes(flash), flash.layer_kinds

@@ -326,7 +326,7 @@ from v4lab.exercises import answer, check
 guess = None  # your prediction
 check("01.bias_share", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("01.bias_share")
 rt = moe_viz.route_text(moe_viz.DEFAULT_TEXT)
 lay = rt["layers"][1]
@@ -345,7 +345,7 @@ print(a.why)
 guess = None  # your prediction
 check("01.big_v3_total", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("01.big_v3_total")
 v3 = get_config("v3")
 moe_layers = v3.num_hidden_layers - v3.first_k_dense_replace
@@ -363,7 +363,7 @@ print(a.why)
 guess = None  # your prediction
 check("01.top_weight", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("01.top_weight")
 s = torch.nn.functional.softplus(torch.tensor([8.0, 4.0])).sqrt()      # the two chosen affinities
 assert abs(a.value - float(s[0] / s.sum())) < 1e-6
@@ -378,7 +378,7 @@ print(a.why)
 guess = None  # your prediction
 check("01.sign_rule", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("01.sign_rule")
 load = torch.tensor([10.0, 2.5] + [0.5] * 6)
 direction = torch.sign(load.mean() - load)                          # the update's direction for each expert

@@ -210,7 +210,7 @@ from v4lab.exercises import answer, check
 guess = None  # your prediction
 check("02.csa_entries", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 from v4lab.compressor import entry_span
 
 a = answer("02.csa_entries")
@@ -226,7 +226,7 @@ print(a.why)
 guess = None  # your prediction
 check("02.visible_at_edge", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("02.visible_at_edge")
 assert a.value == sum(entry_span(s, 4, overlap=True)[1] <= 299 for s in range(400))
 print(a.why)
@@ -239,7 +239,7 @@ print(a.why)
 guess = None  # your prediction
 check("02.hca_entries", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("02.hca_entries")
 assert a.value == sum(entry_span(s, 128, overlap=False)[1] <= 1000 for s in range(20))
 print(a.why)
@@ -252,7 +252,7 @@ print(a.why)
 guess = None  # your prediction
 check("02.sink_mass", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("02.sink_mass")
 # second route: with every value = 1 the output is the total mass on the candidates, 1 − the sink's share
 o = sparse_attn(torch.zeros(1, 1, 1, 4), torch.ones(1, 3, 4), torch.tensor([1.0]), torch.arange(3).view(1, 1, 3), 0.5)

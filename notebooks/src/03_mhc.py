@@ -253,7 +253,7 @@ from v4lab.exercises import answer, check
 guess = None  # your prediction
 check("03.hc_gain", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("03.hc_gain")
 P = torch.linalg.matrix_power(torch.eye(4, dtype=torch.float64) + 0.1, 10)
 assert abs(a.value - float(P.sum(-1).max())) < 1e-9
@@ -267,7 +267,7 @@ print(a.why)
 guess = None  # your prediction
 check("03.diag_entry", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("03.diag_entry")
 assert abs(a.value - float(torch.softmax(5.0 * torch.eye(4), -1)[0, 0])) < 1e-5    # the row softmax alone
 print(a.why)
@@ -281,7 +281,7 @@ print(a.why)
 guess = None  # your prediction
 check("03.sharp_iterations", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("03.sharp_iterations")
 logits = mhc_viz.base_logits() * 2
 err_at = float((mhc.sinkhorn(logits, a.value, 1e-6).sum(-1) - 1).abs().max())
@@ -298,7 +298,7 @@ print(a.why)
 guess = None  # your prediction
 check("03.streams_average", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("03.streams_average")
 combs = mhc.sinkhorn(torch.randn(60, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64), 20, 1e-6)
 P = torch.linalg.multi_dot(list(mhc.h_res(combs).flip(0)))                       # H_60 ⋯ H_1

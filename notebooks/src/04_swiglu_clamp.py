@@ -224,7 +224,7 @@ from v4lab.exercises import answer, check
 guess = None  # your prediction
 check("04.max_h", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("04.max_h")
 assert abs(a.value - float(torch.nn.functional.silu(torch.tensor(5.0)) * 5)) < 1e-4
 print(a.why)
@@ -237,7 +237,7 @@ print(a.why)
 guess = None  # your prediction
 check("04.up_clipped", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("04.up_clipped")
 acts = clamp_viz.preacts().acts
 up, gate_pre = acts["up"][1], acts["gate"][1]
@@ -253,7 +253,7 @@ print(a.why)
 guess = None  # your prediction
 check("04.gate_or_up", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("04.gate_or_up")
 acts = clamp_viz.preacts().acts
 up, gate_pre = acts["up"][1], acts["gate"][1]
@@ -270,7 +270,7 @@ print(a.why)
 guess = None  # your prediction
 check("04.changes_logits", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("04.changes_logits")
 text_acts = clamp_viz.collect((trained.SAMPLE_TEXTS["for-loop"],))     # pre-activations on that text alone
 assert a.value == (clamp_viz.peak(text_acts) > 7.5)                     # it changes iff some value passes 7.5

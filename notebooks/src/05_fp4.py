@@ -313,7 +313,7 @@ from v4lab.exercises import answer, check
 guess = None  # your prediction
 check("05.e2m1_tie", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("05.e2m1_tie")
 w = torch.tensor([[5.0, 6.0] + [0.0] * 30])           # amax 6: the block scale is exactly 1
 assert a.value == float(Q.mxfp4_dequantize(*Q.mxfp4_quantize(w))[0, 0])   # through the real quantiser
@@ -326,7 +326,7 @@ print(a.why)
 guess = None  # your prediction
 check("05.scale_byte", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 import math
 
 a = answer("05.scale_byte")
@@ -341,7 +341,7 @@ print(a.why)
 guess = None  # your prediction
 check("05.outlier_zeros", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("05.outlier_zeros")
 small = torch.tensor([0.5 + i for i in range(31)])
 scale = 2.0 ** math.ceil(math.log2(100 / 6))
@@ -356,7 +356,7 @@ print(a.why)
 guess = None  # your prediction
 check("05.outliers_sqnr", guess)
 
-# %% jupyter={"source_hidden": true}
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("05.outliers_sqnr")
 w = fp4.weights("outliers")
 back = Q.mxfp4_dequantize(*Q.mxfp4_quantize(w, 32))                # packed bytes and scale bytes, decoded

@@ -12,9 +12,9 @@ the "percent" cell format::
     tour.ContextWidget().display()
 
 A cell marker may carry cell metadata after the optional ``[markdown]``, as ``key=JSON`` pairs (jupytext's
-percent-format syntax), e.g. a solution whose input JupyterLab shows collapsed::
+percent-format syntax), e.g. a solution whose input and output JupyterLab shows collapsed::
 
-    # %% jupyter={"source_hidden": true}
+    # %% jupyter={"source_hidden": true, "outputs_hidden": true}
 
 Cell ids are derived from the cell index, so rebuilding an unchanged source gives byte-identical
 JSON; the notebooks carry no outputs, execution counts or widget state (tests/test_notebooks_clean.py

@@ -4,10 +4,17 @@
 # # 00 · A tour of the DeepSeek-V4 family
 #
 # **What you will learn**
-# - how V3, V3.2, V4-Flash and V4-Pro compare in parameters, KV cache and decode compute, computed
+# - how V3, V3.2, V4-Flash and V4-Pro compare in parameters, [KV cache](glossary.md#kv-cache) and decode compute, computed
 #   from their configs by `v4lab.accounting` (nothing here is quoted; every number is recomputed);
 # - why V4's cache stays small at 1M tokens: most layers keep only *compressed* entries;
 # - where each V4 idea lives in the other notebooks and in the code.
+#
+# **You need**: no earlier notebook, only some PyTorch. This is the first one; the
+# [index of the notebooks](README.md) lists them all.
+#
+# **Terms used here** (each links to the glossary): [MLA](glossary.md#mla) · [DSA](glossary.md#dsa) · [lightning indexer](glossary.md#lightning-indexer) ·
+# [CSA](glossary.md#csa) · [HCA](glossary.md#hca) · [sliding window](glossary.md#sliding-window) · [GQA-8](glossary.md#gqa-8) · [E8M0](glossary.md#e8m0) · [active parameters](glossary.md#active-parameters) ·
+# [FP8-equivalent FLOPs](glossary.md#fp8-equivalent-flops).
 #
 # Nothing here needs a GPU or weights.
 
@@ -131,3 +138,86 @@ assert abs(gq - 0.02) < 0.002
 cfg = get_config("v4-flash")
 cfg.index_topk = 2048            # try your own change
 print(f"V4-Flash with top-{cfg.index_topk}: FLOPs {accounting.compare(cfg, 'v3.2')['ratios']['decode_flops']:.3f} of V3.2")
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict first, then run. Write your prediction in `guess` and run the cell: `check` says whether it is
+# right, and why. The collapsed cell under each exercise is its solution (click the bar to expand it): it
+# computes the answer with v4lab, confirms it a second, independent way, and prints the explanation.
+
+# %%
+from v4lab.exercises import answer, check
+
+# %% [markdown]
+# **1. When does the indexer catch up with the weights?** For every decoded token V3.2's indexer scores
+# every cached token, while its weight GEMMs cost the same at any context. At roughly what context (in
+# tokens) do V3.2's indexer FLOPs per decoded token (raw, unweighted) equal those of all its weight GEMMs?
+# Within a factor of 2 counts.
+
+# %%
+guess = None  # your prediction
+check("00.indexer_crossover", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+a = answer("00.indexer_crossover")
+terms = accounting.decode_flops("v3.2", a.value)["groups_raw"]      # evaluated at the answer's context
+assert abs(terms["indexer_scores"] / terms["gemm"] - 1) < 1e-3, terms
+print(a.why)
+
+# %% [markdown]
+# **2. A short context.** At 1M tokens V4-Pro caches about a tenth of what V3.2 caches. What fraction is it
+# at a 4K context (4096 tokens)? Within ±0.03 counts.
+
+# %%
+guess = None  # your prediction
+check("00.kv_ratio_4k", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+a = answer("00.kv_ratio_4k")
+# second route: the per-token formula of "The idea, in formulas", by hand from the configs
+pro, N = get_config("v4-pro"), 4096
+eb, ib, kinds = accounting.entry_bytes(pro), accounting.index_key_bytes(pro), pro.layer_kinds
+v4_bytes = (len(kinds) * pro.sliding_window * eb + kinds.count("csa") * (N // 4) * (eb + ib)
+            + kinds.count("hca") * (N // 128) * eb)
+v32_bytes = get_config("v3.2").num_hidden_layers * N * (656 + 132)
+assert abs(a.value - v4_bytes / v32_bytes) < 1e-9
+print(a.why)
+
+# %% [markdown]
+# **3. Where V3's decode FLOPs go.** V3 has no indexer: each decoded token attends every cached token with
+# its dense MLA, 128 heads in 61 layers. At 1M tokens, what share of V3's raw decode FLOPs is attention
+# (a number between 0 and 1)? Within ±0.05 counts.
+
+# %%
+guess = None  # your prediction
+check("00.v3_attention_share", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+a = answer("00.v3_attention_share")
+v3, N = get_config("v3"), accounting.ONE_M
+# absorbed MLA per head and cached token: q.k over 512 + 64 dims, p.v over the 512-dim latent (2 FLOPs per MAC)
+core = v3.num_hidden_layers * v3.num_attention_heads * N * (2 * (v3.kv_lora_rank + v3.qk_rope_head_dim) + 2 * v3.kv_lora_rank)
+gemm = 2 * accounting.params("v3")["active"]
+assert abs(a.value - core / (core + gemm)) < 1e-9
+print(a.why)
+
+# %% [markdown]
+# **4. One long conversation.** How many GB (10⁹ bytes) of KV cache does V4-Flash keep for one sequence of
+# 1M (2²⁰) tokens? Within 25% counts.
+
+# %%
+guess = None  # your prediction
+check("00.flash_cache_gb", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+a = answer("00.flash_cache_gb")
+flash, N = get_config("v4-flash"), accounting.ONE_M
+eb, ib, kinds = accounting.entry_bytes(flash), accounting.index_key_bytes(flash), flash.layer_kinds
+by_hand = (len(kinds) * flash.sliding_window * eb + kinds.count("csa") * (N // 4) * (eb + ib)
+           + kinds.count("hca") * (N // 128) * eb)
+assert abs(a.value - by_hand / 1e9) < 1e-9
+print(a.why)
+
+# %% [markdown]
+# [index](README.md) · [glossary](glossary.md) · [01 · MoE expansion](01_moe_expansion.ipynb) →

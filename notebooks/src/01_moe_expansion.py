@@ -4,13 +4,18 @@
 # # 01 · MoE expansion: 671B → 1.6T, a new gate, hash layers and the bias knob
 #
 # **What you will learn**
-# - where V4-Pro's 1.6T parameters come from: the same backbone as V3 with **more** routed experts
+# - where V4-Pro's 1.6T parameters come from: the same backbone as V3 with **more** [routed experts](glossary.md#routed-expert)
 #   (256 → 384) that are **wider** (2048 → 3072), while fewer run per token (top-8 → top-6: `num_experts_per_tok` in the official V3 and V4 configs);
-# - V4's router: affinities $\sqrt{\mathrm{softplus}(z)}$ instead of V3's sigmoid, renormalised over the
+# - V4's router ([sqrt-softplus](glossary.md#sqrt-softplus)): affinities $\sqrt{\mathrm{softplus}(z)}$ instead of V3's sigmoid, renormalised over the
 #   chosen experts, and why that matters;
-# - hash-routed first layers: experts picked by the token id alone;
-# - the aux-loss-free **bias**: a number per expert that changes *which* experts a token goes to but
+# - [hash-routed](glossary.md#hash-routing) first layers: experts picked by the token id alone;
+# - the [aux-loss-free](glossary.md#aux-loss-free-balancing) **bias**: a number per expert that changes *which* experts a token goes to but
 #   never *how much* they count — moved by a slider on the tiny trained model.
+#
+# **You need**: [00 · A tour of the V4 family](00_tour.ipynb) (the V4 family and its configs).
+#
+# **Terms used here**: [MoE](glossary.md#moe) · [top-k](glossary.md#top-k) · [SwiGLU](glossary.md#swiglu) · [active parameters](glossary.md#active-parameters) · [Shapley value](glossary.md#shapley-value) ·
+# [expert parallelism](glossary.md#expert-parallelism) · [all-to-all](glossary.md#all-to-all) · [MLA](glossary.md#mla) · [CSA](glossary.md#csa) · [mHC](glossary.md#mhc).
 #
 # Everything is computed by `v4lab.accounting`, `v4lab.gate` and `v4lab.moe`; this notebook only calls them.
 
@@ -301,3 +306,84 @@ for r in sorted(d["attribution"], key=lambda r: -abs(r["params"]))[:6]:
 # are the other new component. Everything grey — the norms, the query path `wq_a`, the 7168-wide residual —
 # is V3 unchanged. A wider MoE on a known backbone is a low-risk way to spend a bigger training budget; the
 # risky bets are confined to the red boxes, each of which v4lab tests in isolation (notebooks 02, 03, 05).
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict first, then run. Write your prediction in `guess` and run the cell: `check` says whether it is
+# right, and why. The collapsed cell under each exercise is its solution (click the bar to expand it): it
+# computes the answer with v4lab, confirms it a second, independent way, and prints the explanation.
+
+# %%
+from v4lab.exercises import answer, check
+
+# %% [markdown]
+# **1. A big push on one bias.** In learned layer 1 of the trained model, on the sample text above, raise
+# expert 5's bias by +0.5. What share of all the tokens
+# of the text join expert 5? Within ±0.1 counts.
+
+# %%
+guess = None  # your prediction
+check("01.bias_share", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+a = answer("01.bias_share")
+rt = moe_viz.route_text(moe_viz.DEFAULT_TEXT)
+lay = rt["layers"][1]
+b = lay["bias"].clone()
+load_before = moe.expert_load(gate.select_topk(lay["scores"], b, lay["k"]), b.numel())[5]
+b[5] += 0.5
+load_after = moe.expert_load(gate.select_topk(lay["scores"], b, lay["k"]), b.numel())[5]
+assert abs(a.value - float(load_after - load_before) / len(rt["tokens"])) < 1e-9    # a raised bias only adds tokens
+print(a.why)
+
+# %% [markdown]
+# **2. Your own expansion.** Take V3 and double its routed experts, 256 → 512, keeping their width (2048)
+# and top-8. How many parameters does it store, in billions? Within 10% counts.
+
+# %%
+guess = None  # your prediction
+check("01.big_v3_total", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+a = answer("01.big_v3_total")
+v3 = get_config("v3")
+moe_layers = v3.num_hidden_layers - v3.first_k_dense_replace
+added = moe_layers * 256 * (3 * v3.hidden_size * v3.moe_intermediate_size    # w1, w2, w3 of each new expert
+                            + v3.hidden_size + 1)                             # + its router row and bias
+assert abs(a.value * 1e9 - (accounting.params("v3")["total"] + added)) / (a.value * 1e9) < 1e-9
+print(a.why)
+
+# %% [markdown]
+# **3. Saturation.** A token's logits over four experts are $z = [0, 0, 4, 8]$ and it keeps the top 2. With
+# V4's $\sqrt{\mathrm{softplus}}$ scoring, what routing weight does the top expert get after
+# renormalisation? Within ±0.03 counts.
+
+# %%
+guess = None  # your prediction
+check("01.top_weight", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+a = answer("01.top_weight")
+s = torch.nn.functional.softplus(torch.tensor([8.0, 4.0])).sqrt()      # the two chosen affinities
+assert abs(a.value - float(s[0] / s.sum())) < 1e-6
+print(a.why)
+
+# %% [markdown]
+# **4. The sign rule.** Eight experts; per step expert 0 receives 10 tokens, expert 1 receives 2.5 and the
+# other six 0.5 each. Suppose the loads stayed frozen while `moe.bias_update` (γ = 0.001) ran 400 times. What
+# is expert 0's bias minus expert 1's bias at the end? Within ±0.01 counts.
+
+# %%
+guess = None  # your prediction
+check("01.sign_rule", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+a = answer("01.sign_rule")
+load = torch.tensor([10.0, 2.5] + [0.5] * 6)
+direction = torch.sign(load.mean() - load)                          # the update's direction for each expert
+assert direction[0] == direction[1] == -1 and a.value == 0.0        # same direction, same step: no gap opens
+print(a.why)
+
+# %% [markdown]
+# ← [00 · A tour of the V4 family](00_tour.ipynb) · [index](README.md) · [glossary](glossary.md) · [02 · Compressed attention](02_compressed_attention.ipynb) →

@@ -4,12 +4,17 @@
 # # 02 · Compressed attention: window, CSA, HCA, the lightning indexer and the sink
 #
 # **What you will learn**
-# - V4's three attention layer kinds: a 128-token sliding **window** in every layer, plus either
-#   **CSA** (one compressed entry per 4 tokens, overlapping, of which a *lightning indexer* picks the top-k)
-#   or **HCA** (one entry per 128 tokens, all of them attended);
+# - V4's three attention layer kinds: a 128-token [sliding window](glossary.md#sliding-window) in every layer, plus either
+#   **[CSA](glossary.md#csa)** (one compressed entry per 4 tokens, overlapping, of which a *[lightning indexer](glossary.md#lightning-indexer)* picks the [top-k](glossary.md#top-k))
+#   or **[HCA](glossary.md#hca)** (one entry per 128 tokens, all of them attended);
 # - how an entry is made (channel-wise gated softmax pooling), which entries a query may see, and how one
-#   softmax with a learned **sink** spreads attention over the window and the entries;
-# - what that does to the KV cache and the FLOPs of one decoded token at up to 1M tokens.
+#   softmax with a learned **[sink](glossary.md#attention-sink)** spreads attention over the window and the entries;
+# - what that does to the [KV cache](glossary.md#kv-cache) and the FLOPs of one decoded token at up to 1M tokens.
+#
+# **You need**: [00 · A tour of the V4 family](00_tour.ipynb) (KV cache and decode FLOPs of the V4 family).
+#
+# **Terms used here**: [compression ratio](glossary.md#compression-ratio) · [RoPE](glossary.md#rope) · [RMSNorm](glossary.md#rmsnorm) · [indexer warm-up](glossary.md#indexer-warm-up) ·
+# [GQA-8](glossary.md#gqa-8) · [MLA](glossary.md#mla) · [FP4](glossary.md#fp4).
 #
 # The inspector below runs the notebook's tiny V4 on a text and shows all of it for any query, layer and head.
 
@@ -186,3 +191,73 @@ print(vr.real_weights_status())
 if vr.configured():
     vr.build_sinks().show()
     vr.ApeWidget().display()
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict first, then run. Write your prediction in `guess` and run the cell: `check` says whether it is
+# right, and why. The collapsed cell under each exercise is its solution (click the bar to expand it): it
+# computes the answer with v4lab, confirms it a second, independent way, and prints the explanation.
+
+# %%
+from v4lab.exercises import answer, check
+
+# %% [markdown]
+# **1. An early query.** In a CSA layer with $m = 4$ and `index_topk` = 16, how many compressed entries does
+# the query at position 50 attend to (not counting its window)?
+
+# %%
+guess = None  # your prediction
+check("02.csa_entries", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+from v4lab.compressor import entry_span
+
+a = answer("02.csa_entries")
+complete = sum(entry_span(s, 4, overlap=True)[1] <= 50 for s in range(100))    # entries whose last token has arrived
+assert a.value == min(complete, 16)
+print(a.why)
+
+# %% [markdown]
+# **2. At the edge of a block.** Still $m = 4$: how many compressed entries are *visible* (candidates for
+# the indexer) to the query at position 299?
+
+# %%
+guess = None  # your prediction
+check("02.visible_at_edge", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+a = answer("02.visible_at_edge")
+assert a.value == sum(entry_span(s, 4, overlap=True)[1] <= 299 for s in range(400))
+print(a.why)
+
+# %% [markdown]
+# **3. HCA.** In an HCA layer ($m = 128$), how many compressed entries does the query at position 1000
+# attend to?
+
+# %%
+guess = None  # your prediction
+check("02.hca_entries", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+a = answer("02.hca_entries")
+assert a.value == sum(entry_span(s, 128, overlap=False)[1] <= 1000 for s in range(20))
+print(a.why)
+
+# %% [markdown]
+# **4. The sink's share.** A head has three candidates, all with logit 0, and a sink logit of 1.0. What
+# share of its attention goes to the sink? Within ±0.03 counts.
+
+# %%
+guess = None  # your prediction
+check("02.sink_mass", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+a = answer("02.sink_mass")
+# second route: with every value = 1 the output is the total mass on the candidates, 1 − the sink's share
+o = sparse_attn(torch.zeros(1, 1, 1, 4), torch.ones(1, 3, 4), torch.tensor([1.0]), torch.arange(3).view(1, 1, 3), 0.5)
+assert abs(a.value - (1 - float(o[0, 0, 0, 0]))) < 1e-6
+print(a.why)
+
+# %% [markdown]
+# ← [01 · MoE expansion](01_moe_expansion.ipynb) · [index](README.md) · [glossary](glossary.md) · [03 · mHC](03_mhc.ipynb) →

@@ -4,12 +4,16 @@
 # # 03 · mHC: hyper-connections kept stable by Sinkhorn
 #
 # **What you will learn**
-# - what a hyper-connection is: V4 widens the residual stream to $n = 4$ parallel streams, mixed at every
+# - what a [hyper-connection](glossary.md#hyper-connection) is: V4 widens the residual stream to $n = 4$ parallel streams, mixed at every
 #   sublayer by a learned, input-dependent $4\times4$ matrix;
 # - why plain hyper-connections (HC) are unstable in deep models, and how V4's *manifold-constrained*
-#   variant (mHC) fixes it by projecting that matrix onto the doubly-stochastic matrices with 20 Sinkhorn
+#   variant ([mHC](glossary.md#mhc)) fixes it by projecting that matrix onto the [doubly-stochastic](glossary.md#doubly-stochastic) matrices with 20 [Sinkhorn](glossary.md#sinkhorn)
 #   iterations;
-# - how to measure it: the *composite gain* of the product of mixing matrices along depth.
+# - how to measure it: the *[composite gain](glossary.md#composite-gain)* of the product of mixing matrices along depth.
+#
+# **You need**: [00 · A tour of the V4 family](00_tour.ipynb), and a residual block $x + F(x)$.
+#
+# **Terms used here**: [AdamW](glossary.md#adamw) · [loss spike](glossary.md#loss-spike).
 #
 # Everything runs on a CPU in seconds; the training run was precomputed (how to rerun it is shown below).
 
@@ -229,3 +233,77 @@ from v4lab.experiments.runner import run_experiment
 mine = run_experiment("mhc", quick=True)
 print(exp_viz.effect_line(mine))
 exp_viz.build_mhc(mine)
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict first, then run. Write your prediction in `guess` and run the cell: `check` says whether it is
+# right, and why. The collapsed cell under each exercise is its solution (click the bar to expand it): it
+# computes the answer with v4lab, confirms it a second, independent way, and prints the explanation.
+
+# %%
+from v4lab.exercises import answer, check
+
+# %% [markdown]
+# **1. A small excess, compounded.** Unconstrained HC with the same $H^\text{res} = I + 0.1$ (0.1 added to
+# every entry of the $4\times4$ identity) in 10 consecutive sublayers. What is the forward gain of the
+# product (its largest row sum)? Within 10% counts.
+
+# %%
+guess = None  # your prediction
+check("03.hc_gain", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+a = answer("03.hc_gain")
+P = torch.linalg.matrix_power(torch.eye(4, dtype=torch.float64) + 0.1, 10)
+assert abs(a.value - float(P.sum(-1).max())) < 1e-9
+print(a.why)
+
+# %% [markdown]
+# **2. A diagonal preference.** Logits of 5 on the diagonal and 0 elsewhere, 20 Sinkhorn iterations: what
+# is a diagonal entry of comb? Within ±0.01 counts.
+
+# %%
+guess = None  # your prediction
+check("03.diag_entry", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+a = answer("03.diag_entry")
+assert abs(a.value - float(torch.softmax(5.0 * torch.eye(4), -1)[0, 0])) < 1e-5    # the row softmax alone
+print(a.why)
+
+# %% [markdown]
+# **3. Sharper logits.** The default logits of the Sinkhorn widget need a few iterations before every row
+# sum is within $10^{-3}$ of 1. Scale them ×2 (the widget's **logits** slider): how many iterations are needed
+# now? Within a factor of 2 counts.
+
+# %%
+guess = None  # your prediction
+check("03.sharp_iterations", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+a = answer("03.sharp_iterations")
+logits = mhc_viz.base_logits() * 2
+err_at = float((mhc.sinkhorn(logits, a.value, 1e-6).sum(-1) - 1).abs().max())
+err_before = float((mhc.sinkhorn(logits, a.value - 1, 1e-6).sum(-1) - 1).abs().max())
+assert err_at < 1e-3 <= err_before, (err_at, err_before)
+print(a.why)
+
+# %% [markdown]
+# **4. Only mixing.** Four streams hold the scalars 1, 2, 3 and 10. They go through 60 mHC sites whose
+# sublayers output nothing ($o = 0$), only the residual mixing, with random logits and 20 Sinkhorn
+# iterations each. What is the largest stream value at the end? Within ±0.25 counts.
+
+# %%
+guess = None  # your prediction
+check("03.streams_average", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+a = answer("03.streams_average")
+combs = mhc.sinkhorn(torch.randn(60, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64), 20, 1e-6)
+P = torch.linalg.multi_dot(list(mhc.h_res(combs).flip(0)))                       # H_60 ⋯ H_1
+assert abs(a.value - float((P @ torch.tensor([1.0, 2.0, 3.0, 10.0], dtype=torch.float64)).max())) < 1e-9
+print(a.why)
+
+# %% [markdown]
+# ← [02 · Compressed attention](02_compressed_attention.ipynb) · [index](README.md) · [glossary](glossary.md) · [04 · The SwiGLU clamp](04_swiglu_clamp.ipynb) →

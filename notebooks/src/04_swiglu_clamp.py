@@ -4,12 +4,17 @@
 # # 04 · The SwiGLU clamp: a hard ceiling on every expert's activations
 #
 # **What you will learn**
-# - what V4 clamps: inside every expert, the gate pre-activation from **above only** (≤ 10) and the up
+# - what V4 clamps ([SwiGLU clamp](glossary.md#swiglu-clamp)): inside every [routed expert](glossary.md#routed-expert), the gate pre-activation from **above only** (≤ 10) and the up
 #   pre-activation on **both sides** ([−10, 10]), before SiLU and the product;
 # - how often the limit bites on a trained model: histograms of the pre-activations each expert of the
 #   trained tiny V4 really sees on a text, and what a smaller limit would clip and change;
 # - what the clamp does for training stability: the same small V4 trained at a high learning rate with
 #   and without the clamp (`v4lab.experiments.swiglu_clamp`).
+#
+# **You need**: [01 · MoE expansion](01_moe_expansion.ipynb) (what an expert and its routing are).
+#
+# **Terms used here**: [SwiGLU](glossary.md#swiglu) · [SiLU](glossary.md#silu) · [MoE](glossary.md#moe) · [loss spike](glossary.md#loss-spike) · [mHC](glossary.md#mhc) ·
+# [Anticipatory Routing](glossary.md#anticipatory-routing) · [massive activations](glossary.md#massive-activations).
 #
 # Runs on a CPU in seconds; the training experiment was precomputed (how to rerun it is shown below).
 
@@ -200,3 +205,76 @@ from v4lab.experiments.runner import run_experiment
 mine = run_experiment("clamp", quick=True)
 print(exp_viz.effect_line(mine))
 exp_viz.build_clamp(mine)
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict first, then run. Write your prediction in `guess` and run the cell: `check` says whether it is
+# right, and why. The collapsed cell under each exercise is its solution (click the bar to expand it): it
+# computes the answer with v4lab, confirms it a second, independent way, and prints the explanation.
+
+# %%
+from v4lab.exercises import answer, check
+
+# %% [markdown]
+# **1. A lower ceiling.** With $L = 5$ instead of 10, what is the largest $|h|$ a SwiGLU expert's hidden
+# activation can reach, whatever its input? Within 5% counts.
+
+# %%
+guess = None  # your prediction
+check("04.max_h", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+a = answer("04.max_h")
+assert abs(a.value - float(torch.nn.functional.silu(torch.tensor(5.0)) * 5)) < 1e-4
+print(a.why)
+
+# %% [markdown]
+# **2. A tight clamp on real activations.** On the trained model's sample texts, what share of the *up*
+# pre-activations ($W_3 x$) of layer 1's routed experts would a limit $L = 2$ cut? Within ±0.03 counts.
+
+# %%
+guess = None  # your prediction
+check("04.up_clipped", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+a = answer("04.up_clipped")
+acts = clamp_viz.preacts().acts
+up, gate_pre = acts["up"][1], acts["gate"][1]
+up_cut = float((up.clamp(-2, 2) != up).float().mean())          # the values the clamp would change
+assert abs(a.value - up_cut) < 1e-9
+print(a.why)
+
+# %% [markdown]
+# **3. Which branch loses more?** Same layer, same $L = 2$: which branch has the larger share of values
+# cut, `"gate"` ($W_1 x$) or `"up"` ($W_3 x$)? Answer with the string.
+
+# %%
+guess = None  # your prediction
+check("04.gate_or_up", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+a = answer("04.gate_or_up")
+acts = clamp_viz.preacts().acts
+up, gate_pre = acts["up"][1], acts["gate"][1]
+up_cut = float((up.clamp(-2, 2) != up).float().mean())
+gate_cut = float((gate_pre.clamp(max=2) != gate_pre).float().mean())
+assert a.value == ("up" if up_cut > gate_cut else "gate")
+print(a.why)
+
+# %% [markdown]
+# **4. Does 7.5 change anything?** Set every expert's limit to $L = 7.5$ and run the model on the
+# `for-loop` sample text. Do its logits differ from the unclamped model's at all? Answer `True` or `False`.
+
+# %%
+guess = None  # your prediction
+check("04.changes_logits", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+a = answer("04.changes_logits")
+text_acts = clamp_viz.collect((trained.SAMPLE_TEXTS["for-loop"],))     # pre-activations on that text alone
+assert a.value == (clamp_viz.peak(text_acts) > 7.5)                     # it changes iff some value passes 7.5
+print(a.why)
+
+# %% [markdown]
+# ← [03 · mHC](03_mhc.ipynb) · [index](README.md) · [glossary](glossary.md) · [05 · FP4](05_fp4.ipynb) →

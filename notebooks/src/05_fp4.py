@@ -4,12 +4,16 @@
 # # 05 · FP4: E2M1 values, E8M0 scales, and training for them
 #
 # **What you will learn**
-# - the two 4-bit and 8-bit formats V4 ships: MXFP4 for the routed experts (E2M1 values, one E8M0 scale per
-#   32 weights) and FP8 E4M3 for the rest, bit by bit, with `v4lab.quant`;
+# - the two 4-bit and 8-bit formats V4 ships: [MXFP4](glossary.md#mxfp4) for the [routed experts](glossary.md#routed-expert) ([E2M1](glossary.md#e2m1) values, one [E8M0](glossary.md#e8m0) scale per
+#   32 weights) and FP8 [E4M3](glossary.md#e4m3) for the rest, bit by bit, with `v4lab.quant`;
 # - how the two FP4 values of a byte are packed (element $2j$ in the low nibble);
-# - how quantisation error depends on the block size and on the weight distribution;
+# - how quantisation error ([SQNR](glossary.md#sqnr)) depends on the block size and on the weight distribution;
 # - why FP4 weights can be re-expressed as FP8 without loss (the official kernels do) — and when not;
-# - what quantisation-aware training (QAT) changes, with the straight-through estimator.
+# - what quantisation-aware training ([QAT](glossary.md#qat)) changes, with the straight-through estimator ([STE](glossary.md#ste)).
+#
+# **You need**: [01 · MoE expansion](01_moe_expansion.ipynb) (the routed experts these formats store); [04 · The SwiGLU clamp](04_swiglu_clamp.ipynb) helps for outliers.
+#
+# **Terms used here**: [FP4](glossary.md#fp4) · [FP8](glossary.md#fp8) · [PTQ](glossary.md#ptq).
 
 # %%
 from v4lab.device import configure_triton, describe
@@ -290,3 +294,75 @@ from v4lab.experiments.runner import run_experiment
 mine = run_experiment("subfp4", quick=True)
 print(exp_viz.effect_line(mine))
 exp_viz.build_subfp4(mine)
+
+# %% [markdown]
+# ## Exercises
+#
+# Predict first, then run. Write your prediction in `guess` and run the cell: `check` says whether it is
+# right, and why. The collapsed cell under each exercise is its solution (click the bar to expand it): it
+# computes the answer with v4lab, confirms it a second, independent way, and prints the explanation.
+
+# %%
+from v4lab.exercises import answer, check
+
+# %% [markdown]
+# **1. A tie.** A weight divided by its block scale comes out at exactly 5.0. Which E2M1 value does it
+# become? Within ±0.01 counts.
+
+# %%
+guess = None  # your prediction
+check("05.e2m1_tie", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+a = answer("05.e2m1_tie")
+w = torch.tensor([[5.0, 6.0] + [0.0] * 30])           # amax 6: the block scale is exactly 1
+assert a.value == float(Q.mxfp4_dequantize(*Q.mxfp4_quantize(w))[0, 0])   # through the real quantiser
+print(a.why)
+
+# %% [markdown]
+# **2. A scale byte.** A block of 32 weights has $\max|w| = 0.05$. Which E8M0 byte (0–255) stores its scale?
+
+# %%
+guess = None  # your prediction
+check("05.scale_byte", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+import math
+
+a = answer("05.scale_byte")
+assert a.value == 127 + math.ceil(math.log2(0.05 / 6))              # the scale rule above, by hand
+print(a.why)
+
+# %% [markdown]
+# **3. One outlier.** A block of 32 holds one weight of 100 and 31 others: 0.5, 1.5, 2.5, …, 30.5. After
+# MXFP4 rounding, how many of the 31 become exactly 0?
+
+# %%
+guess = None  # your prediction
+check("05.outlier_zeros", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+a = answer("05.outlier_zeros")
+small = torch.tensor([0.5 + i for i in range(31)])
+scale = 2.0 ** math.ceil(math.log2(100 / 6))
+assert a.value == int((small / scale < 0.25).sum())                 # below half of E2M1's smallest step
+print(a.why)
+
+# %% [markdown]
+# **4. Outliers and SQNR.** Switch the widget's weights to "Gaussian + 0.1% outliers ×30" in your head
+# first: what SQNR (dB) does MXFP4 keep there at block size 32? Within ±2 dB counts.
+
+# %%
+guess = None  # your prediction
+check("05.outliers_sqnr", guess)
+
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
+a = answer("05.outliers_sqnr")
+w = fp4.weights("outliers")
+back = Q.mxfp4_dequantize(*Q.mxfp4_quantize(w, 32))                # packed bytes and scale bytes, decoded
+sqnr = 10 * torch.log10(w.double().pow(2).sum() / (w.double() - back.double()).pow(2).sum())
+assert abs(a.value - float(sqnr)) < 1e-6
+print(a.why)
+
+# %% [markdown]
+# ← [04 · The SwiGLU clamp](04_swiglu_clamp.ipynb) · [index](README.md) · [glossary](glossary.md) · [06 · Training stability](06_training_stability.ipynb) →

@@ -11,6 +11,11 @@ the "percent" cell format::
     from v4lab.viz import tour
     tour.ContextWidget().display()
 
+A cell marker may carry cell metadata after the optional ``[markdown]``, as ``key=JSON`` pairs (jupytext's
+percent-format syntax), e.g. a solution whose input and output JupyterLab shows collapsed::
+
+    # %% jupyter={"source_hidden": true, "outputs_hidden": true}
+
 Cell ids are derived from the cell index, so rebuilding an unchanged source gives byte-identical
 JSON; the notebooks carry no outputs, execution counts or widget state (tests/test_notebooks_clean.py
 checks it). Usage::
@@ -39,46 +44,80 @@ SRC_DIR = NB_DIR / "src"
 KERNELSPEC = {"name": "python3", "display_name": "Python 3 (v4lab)", "language": "python"}
 
 
-def parse_cells(text: str) -> list[tuple[str, str]]:
-    """Percent-format source → [(kind, source)], kind ∈ {"markdown", "code"}."""
-    cells: list[tuple[str, list[str]]] = []
+def _marker_metadata(line: str) -> tuple[str, dict]:
+    """``# %% [markdown] key=JSON ...`` → (kind, metadata). Anything after the marker that is not a
+    ``key=JSON`` pair is refused, so a typo cannot silently turn into a code cell without its metadata."""
+    rest = line.strip()[len("# %%"):].strip()
+    kind = "code"
+    if rest.startswith("[markdown]"):
+        kind, rest = "markdown", rest[len("[markdown]"):].strip()
+    meta: dict = {}
+    decoder = json.JSONDecoder()
+    while rest:
+        key, eq, tail = rest.partition("=")
+        key = key.strip()
+        if not eq or not key.isidentifier():
+            raise ValueError(f"notebook source: cell marker {line.strip()!r}: expected key=JSON after '# %%' "
+                             f"(e.g. jupyter={{\"source_hidden\": true}}), got {rest!r}")
+        try:
+            value, end = decoder.raw_decode(tail)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"notebook source: cell marker {line.strip()!r}: the value of {key!r} is not JSON "
+                             f"({e.msg})") from None
+        if key in meta:
+            raise ValueError(f"notebook source: cell marker {line.strip()!r}: key {key!r} given twice")
+        meta[key] = value
+        rest = tail[end:].strip()
+    return kind, meta
+
+
+def parse_cells_meta(text: str) -> list[tuple[str, str, dict]]:
+    """Percent-format source → [(kind, source, metadata)], kind ∈ {"markdown", "code"}."""
+    cells: list[tuple[str, list[str], dict]] = []
     for line in text.splitlines():
         stripped = line.strip()
         if stripped.startswith("# %%"):
-            kind = "markdown" if "[markdown]" in stripped else "code"
-            cells.append((kind, []))
+            kind, meta = _marker_metadata(line)
+            cells.append((kind, [], meta))
             continue
         if not cells:
             if stripped and not stripped.startswith("#"):
                 raise ValueError(f"notebook source: code before the first '# %%' marker: {line!r}")
             continue                                        # a file header comment
-        kind, lines = cells[-1]
+        kind, lines, _ = cells[-1]
         if kind == "markdown":
             if stripped and not line.startswith("#"):
                 raise ValueError(f"notebook source: markdown line without '# ': {line!r}")
             line = line[2:] if line.startswith("# ") else line[1:]
         lines.append(line)
     out = []
-    for kind, lines in cells:
+    for kind, lines, meta in cells:
         while lines and not lines[-1].strip():
             lines.pop()
         while lines and not lines[0].strip():
             lines.pop(0)
         if lines:
-            out.append((kind, "\n".join(lines)))
+            out.append((kind, "\n".join(lines), meta))
     return out
 
 
+def parse_cells(text: str) -> list[tuple[str, str]]:
+    """Percent-format source → [(kind, source)], kind ∈ {"markdown", "code"} (metadata dropped)."""
+    return [(kind, source) for kind, source, _ in parse_cells_meta(text)]
+
+
 def build(src: Path) -> nbformat.NotebookNode:
-    cells = parse_cells(Path(src).read_text())
+    cells = parse_cells_meta(Path(src).read_text())
     nb = nbformat.v4.new_notebook()
     nb.metadata = {"kernelspec": dict(KERNELSPEC),
                    "language_info": {"name": "python", "pygments_lexer": "ipython3"}}
     stem = Path(src).stem
-    for i, (kind, source) in enumerate(cells):
+    for i, (kind, source, meta) in enumerate(cells):
         cid = hashlib.sha1(f"{stem}:{i}".encode()).hexdigest()[:12]
         cell = nbformat.v4.new_markdown_cell(source) if kind == "markdown" else nbformat.v4.new_code_cell(source)
         cell["id"] = cid
+        if meta:
+            cell["metadata"] = nbformat.from_dict(meta)
         nb.cells.append(cell)
     nbformat.validate(nb)
     return nb
@@ -89,6 +128,11 @@ CHECK_MARK = "NBVAL_CHECK_OUTPUT"
 
 def is_checked(cell) -> bool:
     return cell.get("cell_type") == "code" and CHECK_MARK in cell.get("source", "")
+
+
+def is_hidden(cell) -> bool:
+    """A cell whose input JupyterLab shows collapsed (``metadata.jupyter.source_hidden``): the solutions."""
+    return bool(cell.get("metadata", {}).get("jupyter", {}).get("source_hidden", False))
 
 
 def execute(nb: nbformat.NotebookNode, cwd: Path = NB_DIR, timeout: int = 600) -> None:

@@ -49,7 +49,7 @@ def test_each_exercise_has_a_guess_cell_and_a_hidden_solution(nb):
     for key in exercises.keys(nb):
         i = next(i for i, c in enumerate(cells) if f'check("{key}", guess)' in c)
         assert "guess = None  # your prediction" in cells[i]
-        assert cells[i + 1].startswith(' tags=["solution"]') and f'answer("{key}")' in cells[i + 1]
+        assert cells[i + 1].startswith(' jupyter={"source_hidden": true') and f'answer("{key}")' in cells[i + 1]
         assert "assert " in cells[i + 1], f"{key}: the solution asserts nothing"
         assert cells[i - 1].startswith(" [markdown]"), f"{key}: no question before the guess cell"
 

@@ -242,7 +242,7 @@ from v4lab.exercises import answer, check
 guess = None  # your prediction
 check("06.best_gamma", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("06.best_gamma")
 tail = {g: sum(stability.bias_data(g, 1.0)["traces"][2]["y"][-50:]) / 50 for g in stability.GAMMA_STOPS}
 assert all(tail[a.value] <= t for t in tail.values())          # the widget's own curves agree
@@ -257,7 +257,7 @@ print(a.value, "-", a.why)
 guess = None  # your prediction
 check("06.steps_to_balance", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("06.steps_to_balance")
 imb = stability.bias_data(stability.V4_GAMMA, 1.0)["traces"][2]["y"]
 assert imb[a.value - 1] < 1.2 <= min(imb[:a.value - 1])
@@ -272,7 +272,7 @@ print(a.value, "-", a.why)
 guess = None  # your prediction
 check("06.churn_at_spike", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("06.churn_at_spike")
 it = ar["config"]["spike_at"]
 assert a.value == stability.ar_data(ar, "churn", it)["traces"][0]["y"][it]   # the "AR off" curve
@@ -286,7 +286,7 @@ print(round(a.value, 3), "-", a.why)
 guess = None  # your prediction
 check("06.moe_jump", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("06.moe_jump")
 y = stability.ar_data(ar, "max_moe", it)["traces"][0]["y"]
 assert abs(a.value - y[it + 1] / y[it]) < 1e-9

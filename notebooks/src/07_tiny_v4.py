@@ -166,7 +166,7 @@ from v4lab.viz import moe as moe_viz
 guess = None  # your prediction
 check("07.counting_accuracy", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("07.counting_accuracy")
 ids = trained.encode(tok, trained.SAMPLE_TEXTS["numbers"], moe_viz.MAX_TOKENS)
 with torch.no_grad():
@@ -183,7 +183,7 @@ print(f"{a.value:.3f} -", a.why)
 guess = None  # your prediction
 check("07.repeat_sets", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("07.repeat_sets")
 routes = moe_viz.route_text(tiny.DEFAULT_TEXT)
 token, positions = nb07.most_frequent_token(routes)
@@ -202,7 +202,7 @@ print(a.value, "-", a.why)
 guess = None  # your prediction
 check("07.csa_reads", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("07.csa_reads")
 csa = model.cfg.layer_kinds.index("csa")
 assert a.value == min((100 + 1) // model.cfg.compress_ratio(csa), model.cfg.index_topk)   # the rules, from the config
@@ -216,7 +216,7 @@ print(a.value, "-", a.why)
 guess = None  # your prediction
 check("07.sink_at_start", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("07.sink_at_start")
 sink = tiny.maps().sink["csa", "mean"]                     # the attention-map widget's numbers
 assert a.value == (sink[0] > sink[100])

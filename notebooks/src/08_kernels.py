@@ -181,7 +181,7 @@ from v4lab.exercises import answer, check, nb08
 guess = None  # your prediction
 check("08.fp4_gemm_compute_bound", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("08.fp4_gemm_compute_bound")
 ridge = hardware.peak_flops("H200", "fp4") / hardware.bandwidth("H200")      # FLOP per byte
 ai = {m: nb08.bound_at("fp4_gemm", m)["flops"] / nb08.bound_at("fp4_gemm", m)["bytes"] for m in (a.value // 2, a.value)}
@@ -196,7 +196,7 @@ print(a.value, "-", a.why)
 guess = None  # your prediction
 check("08.sparse_attn_batching", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("08.sparse_attn_batching")
 one, many = nb08.bound_at("sparse_attn", 1), nb08.bound_at("sparse_attn", 4096)
 assert abs(a.value - (many["flops"] / many["bytes"]) / (one["flops"] / one["bytes"])) < 1e-9
@@ -210,7 +210,7 @@ print(f"{a.value:.3g} -", a.why)
 guess = None  # your prediction
 check("08.mxfp4_bytes", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("08.mxfp4_bytes")
 assert a.value == quant.bits_per_weight("e2m1") * 2048 * 4096 / 8
 print(f"{a.value:,} -", a.why)
@@ -224,7 +224,7 @@ print(f"{a.value:,} -", a.why)
 guess = None  # your prediction
 check("08.empty_row", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("08.empty_row")
 ref = attention.sparse_attn(*nb08.empty_row_inputs())           # the PyTorch reference on the same inputs
 assert a.value == float(ref[:, 0].abs().max())

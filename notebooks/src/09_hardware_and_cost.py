@@ -208,7 +208,7 @@ from v4lab.exercises import answer, check
 guess = None  # your prediction
 check("09.a100_share", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("09.a100_share")
 assert abs(a.value - hardware.bandwidth("A100") / hardware.bandwidth("H200")) < 1e-9   # memory-bound: bandwidth decides
 print(f"{a.value:.3f} -", a.why)
@@ -221,7 +221,7 @@ print(f"{a.value:.3f} -", a.why)
 guess = None  # your prediction
 check("09.compute_bound_batch", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("09.compute_bound_batch")
 at = hardware.roofline("v4-pro", "H200", 4096, a.value)
 before = hardware.roofline("v4-pro", "H200", 4096, a.value // 2)
@@ -236,7 +236,7 @@ print(f"{a.value:,} -", a.why)
 guess = None  # your prediction
 check("09.flash_month", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("09.flash_month")
 p = pricing.price("v4-flash")
 assert abs(a.value - (100 * p.input + 10 * p.output)) < 1e-9               # prices are per million tokens
@@ -250,7 +250,7 @@ print(f"${a.value:.2f} -", a.why)
 guess = None  # your prediction
 check("09.half_of_pro", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("09.half_of_pro")
 assert abs(pricing.blended_cost(a.value, 32e6, 1e6) - 0.5 * pricing.cost("v4-pro", 32e6, 1e6)) < 1e-6
 print(f"{a.value:.3f} -", a.why)

@@ -162,7 +162,7 @@ from v4lab.exercises import answer, check, nb10
 guess = None  # your prediction
 check("10.indexer_drops", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("10.indexer_drops")
 csa = model.cfg.layer_kinds.index("csa")
 assert a.value == model.cfg.compress_ratio(csa) * (model.cfg.index_topk + 1) - 1   # the first t with ⌊(t+1)/m⌋ > top-k
@@ -176,7 +176,7 @@ print(a.value, "-", a.why)
 guess = None  # your prediction
 check("10.hca_open_block", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("10.hca_open_block")
 hca = model.cfg.layer_kinds.index("hca")
 assert a.value == trace.step_counts(100, model.cfg.compress_ratio(hca), "hca")["pending"]   # the rules alone
@@ -190,7 +190,7 @@ print(a.value, "-", a.why)
 guess = None  # your prediction
 check("10.kv_percent_short", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("10.kv_percent_short")
 assert abs(a.value - 100 * accounting.compare("v4-flash", "v3.2", 8192)["ratios"]["kv_cache_bytes"]) < 1e-9
 print(f"{a.value:.3g}% -", a.why)
@@ -203,7 +203,7 @@ print(f"{a.value:.3g}% -", a.why)
 guess = None  # your prediction
 check("10.kv_share_of_read", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("10.kv_share_of_read")
 kv = sum(accounting.kv_bytes_read("v4-pro", 2 ** 20).values())
 w = sum(trace.weight_bytes_per_token("v4-pro").values())

@@ -205,7 +205,7 @@ from v4lab.exercises import answer, check
 guess = None  # your prediction
 check("11.opus_over_flash", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("11.opus_over_flash")
 assert abs(a.value - pricing.cost("opus-4.7", 32e6, 1e6) / pricing.cost("v4-flash", 32e6, 1e6)) < 1e-9
 print(f"{a.value:.3g} -", a.why)
@@ -218,7 +218,7 @@ print(f"{a.value:.3g} -", a.why)
 guess = None  # your prediction
 check("11.routed_share_of_pro", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("11.routed_share_of_pro")
 assert abs(a.value - pricing.blended_cost(0.2, 32e6, 1e6) / pricing.cost("v4-pro", 32e6, 1e6)) < 1e-9
 print(f"{a.value:.3f} -", a.why)
@@ -231,7 +231,7 @@ print(f"{a.value:.3f} -", a.why)
 guess = None  # your prediction
 check("11.thinking_factor", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("11.thinking_factor")
 out = 1e6 + 1000 * deploy.fact("thinking_output_tokens")                  # answers + thinking, 1,000 turns
 assert abs(a.value - pricing.cost("v4-flash", 32e6, out) / pricing.cost("v4-flash", 32e6, 1e6)) < 1e-9
@@ -245,7 +245,7 @@ print(f"{a.value:.3g} -", a.why)
 guess = None  # your prediction
 check("11.gemini_long_prompt", guess)
 
-# %% tags=["solution"]
+# %% jupyter={"source_hidden": true, "outputs_hidden": true}
 a = answer("11.gemini_long_prompt")
 bills = {m: pricing.cost(m, 300e6, 1e6, context=300_000) for m in ("gemini-3.1-pro", "v4-pro")}
 assert abs(a.value - bills["gemini-3.1-pro"] / bills["v4-pro"]) < 1e-9

@@ -91,6 +91,17 @@ def test_train_wrapper_is_the_trainer(micro, data):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_steps_driven_by_hand_are_the_run(micro, data):
+    c = _small(micro, threads=1, seed=2, steps=3)
+    ran = T.Trainer(c, data).run()
+    with T.torch_settings(c.threads, c.deterministic):
+        tr = T.Trainer(c, data).setup()
+        recs = [tr.step() for _ in range(3)]
+    assert tr.position == 3
+    assert [r["loss"] for r in recs] == [r["loss"] for r in ran["log"]]
+    assert [r["load"] for r in recs] == [r["load"] for r in ran["log"]]
+
+
 # ---------------------------------------------------------------------------------------- torch settings
 def _settings():
     return (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),

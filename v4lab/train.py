@@ -436,9 +436,15 @@ class Trainer:
     def run(self) -> dict:
         c = self.config
         with torch_settings(c.threads, c.deterministic, self.dev):
-            self._setup_model()
-            self._setup_run()
+            self.setup()
             return self._loop()
+
+    def setup(self) -> Trainer:
+        """Build (or move) the model, the optimisers, the probes and Anticipatory Routing's parts. ``run``
+        calls it; to drive ``step`` by hand, call it first (inside ``torch_settings`` for the same numbers)."""
+        self._setup_model()
+        self._setup_run()
+        return self
 
     def _setup_model(self) -> None:
         from v4lab.data import load_data

@@ -174,12 +174,12 @@ def test_experiments_pass_the_device_to_train(monkeypatch):
     class Stop(Exception):
         pass
 
-    def fake_train(*a, **kw):
-        seen.append(kw.get("device"))
+    def fake_fit(config, *a, **kw):                 # experiments run TrainConfig variants through train.fit
+        seen.append(config.device)
         raise Stop
 
     for mod in (anticipatory, qat, swiglu_clamp):
-        monkeypatch.setattr(mod, "train", fake_train)
+        monkeypatch.setattr(mod, "fit", fake_fit)
         with pytest.raises(Stop):
             mod.run(steps=1, data=_FakeData(), device="cpu:0")
     assert seen == ["cpu:0"] * 3

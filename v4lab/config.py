@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 # compress_ratios values: 0 = sliding window only, 4 = CSA (+ lightning indexer), 128 = HCA.
 LAYER_KINDS = {0: "window", 4: "csa", 128: "hca"}
@@ -24,6 +24,11 @@ SCORING_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
 def _integral(r: Any) -> bool:
     """A number with an integer value (4.0 from a JSON file counts), not a bool."""
     return isinstance(r, (int, float)) and not isinstance(r, bool) and float(r).is_integer()
+
+
+def _bad_key(key: str, value: Any, rule: str) -> NoReturn:
+    """A config key that breaks its rule: ``ValueError("config key 'KEY' = VALUE: RULE")``."""
+    raise ValueError(f"config key {key!r} = {value!r}: {rule}")
 
 
 def _yarn(factor: float = 16.0, original: int = 65536) -> dict:
@@ -138,25 +143,54 @@ class V4Config:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        def bad(key, value, rule):
-            raise ValueError(f"config key {key!r} = {value!r}: {rule}")
-
+        """Raise ``ValueError("config key 'KEY' = VALUE: RULE")`` for the first key that breaks its rule
+        (types first, then sizes, routing, the family's own rules, then the storage formats)."""
         if self.model_type not in ("deepseek_v4", "deepseek_v32", "deepseek_v3"):
-            bad("model_type", self.model_type, "must be deepseek_v4, deepseek_v32 or deepseek_v3")
-        # Types first, so a hand-written config.json with "hidden_size": "4096" gets a named error, not a
-        # TypeError from a comparison below. (Annotations are strings under `from __future__ import annotations`.)
+            _bad_key("model_type", self.model_type, "must be deepseek_v4, deepseek_v32 or deepseek_v3")
+        self._validate_types()
+        self._validate_sizes()
+        self._validate_routing()
+        rd = self.qk_rope_head_dim
+        if rd % 2:
+            _bad_key("qk_rope_head_dim", rd, "RoPE pairs channels, so it must be even")
+        if self.model_type == "deepseek_v32":
+            for key in ("index_n_heads", "index_head_dim", "index_topk"):
+                if getattr(self, key) <= 0:
+                    _bad_key(key, getattr(self, key), "must be a positive integer (the V3.2 DSA indexer)")
+            if rd > self.index_head_dim:
+                _bad_key("qk_rope_head_dim", rd,
+                         f"must be <= index_head_dim ({self.index_head_dim}); the indexer rotates it too")
+        if not self.is_v4:
+            return
+        self._validate_v4_attention()
+        self._validate_compress_ratios()
+        if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                _bad_key("rope_scaling", self.rope_scaling, "must be a dict or null")
+            f = self.rope_scaling.get("factor", 1.0)
+            if not isinstance(f, (int, float)) or f < 1:
+                _bad_key("rope_scaling.factor", f, "must be a number >= 1")
+        if self.expert_dtype not in (None, "fp4", "fp8", "bf16"):
+            _bad_key("expert_dtype", self.expert_dtype, "must be fp4, fp8, bf16 or absent")
+        self._validate_formats()
+
+    def _validate_types(self) -> None:
+        """Types first, so a hand-written config.json with "hidden_size": "4096" gets a named error, not a
+        TypeError from a comparison below. (Annotations are strings under ``from __future__ import annotations``.)"""
         for f in dataclasses.fields(self):
             v, t = getattr(self, f.name), f.type
             if t == "int" and (isinstance(v, bool) or not isinstance(v, int)):
-                bad(f.name, v, "must be an integer")
+                _bad_key(f.name, v, "must be an integer")
             if t == "float" and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                bad(f.name, v, "must be a number")
+                _bad_key(f.name, v, "must be a number")
             if t == "float" and not math.isfinite(v):
-                bad(f.name, v, "must be a finite number")
+                _bad_key(f.name, v, "must be a finite number")
             if t == "bool" and not isinstance(v, bool):
-                bad(f.name, v, "must be true or false")
+                _bad_key(f.name, v, "must be true or false")
             if t == "str" and not isinstance(v, str):
-                bad(f.name, v, "must be a string")
+                _bad_key(f.name, v, "must be a string")
+
+    def _validate_sizes(self) -> None:
         positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
                     "q_lora_rank", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
                     "max_position_embeddings", "n_group", "topk_group"]
@@ -169,113 +203,98 @@ class V4Config:
         for key in positive:
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                bad(key, v, "must be a positive integer")
+                _bad_key(key, v, "must be a positive integer")
         for key in ("rms_norm_eps", "rope_theta", "compress_rope_theta"):
             v = getattr(self, key)
             if not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
-                bad(key, v, "must be a positive finite number")
+                _bad_key(key, v, "must be a positive finite number")
         if self.hc_eps < 0 or not math.isfinite(self.hc_eps):
-            bad("hc_eps", self.hc_eps, "must be a finite number >= 0")
-        if self.n_shared_experts < 0:
-            bad("n_shared_experts", self.n_shared_experts, "must be >= 0")
-        if self.num_hash_layers < 0:
-            bad("num_hash_layers", self.num_hash_layers, "must be >= 0")
+            _bad_key("hc_eps", self.hc_eps, "must be a finite number >= 0")
+        for key in ("n_shared_experts", "num_hash_layers"):
+            if getattr(self, key) < 0:
+                _bad_key(key, getattr(self, key), "must be >= 0")
         if self.num_hash_layers > self.num_hidden_layers:
-            bad("num_hash_layers", self.num_hash_layers,
-                f"must be <= num_hidden_layers ({self.num_hidden_layers})")
+            _bad_key("num_hash_layers", self.num_hash_layers,
+                     f"must be <= num_hidden_layers ({self.num_hidden_layers})")
         if self.num_nextn_predict_layers < 0:
-            bad("num_nextn_predict_layers", self.num_nextn_predict_layers, "must be >= 0")
+            _bad_key("num_nextn_predict_layers", self.num_nextn_predict_layers, "must be >= 0")
+
+    def _validate_routing(self) -> None:
+        """The router and the experts: top-k, groups, scoring, scale, the dense first layers."""
         if self.num_experts_per_tok > self.n_routed_experts:
-            bad("num_experts_per_tok", self.num_experts_per_tok,
-                f"top-k must be <= n_routed_experts ({self.n_routed_experts})")
+            _bad_key("num_experts_per_tok", self.num_experts_per_tok,
+                     f"top-k must be <= n_routed_experts ({self.n_routed_experts})")
         if self.scoring_func not in SCORING_FUNCS:
-            bad("scoring_func", self.scoring_func, f"must be one of {SCORING_FUNCS}")
+            _bad_key("scoring_func", self.scoring_func, f"must be one of {SCORING_FUNCS}")
         if self.routed_scaling_factor <= 0:
-            bad("routed_scaling_factor", self.routed_scaling_factor, "must be > 0")
+            _bad_key("routed_scaling_factor", self.routed_scaling_factor, "must be > 0")
         if self.initializer_range < 0:
-            bad("initializer_range", self.initializer_range, "must be >= 0")
+            _bad_key("initializer_range", self.initializer_range, "must be >= 0")
         if not 0 <= self.attention_dropout < 1:
-            bad("attention_dropout", self.attention_dropout, "must be in [0, 1)")
+            _bad_key("attention_dropout", self.attention_dropout, "must be in [0, 1)")
         if not isinstance(self.swiglu_limit, (int, float)) or not math.isfinite(self.swiglu_limit):
-            bad("swiglu_limit", self.swiglu_limit, "must be a finite number (<= 0 disables the clamp)")
+            _bad_key("swiglu_limit", self.swiglu_limit, "must be a finite number (<= 0 disables the clamp)")
         if self.n_routed_experts % self.n_group:
-            bad("n_group", self.n_group, f"must divide n_routed_experts ({self.n_routed_experts})")
+            _bad_key("n_group", self.n_group, f"must divide n_routed_experts ({self.n_routed_experts})")
         if self.topk_group > self.n_group:
-            bad("topk_group", self.topk_group, f"must be <= n_group ({self.n_group})")
+            _bad_key("topk_group", self.topk_group, f"must be <= n_group ({self.n_group})")
         if self.n_group > 1 and self.num_experts_per_tok > self.topk_group * (self.n_routed_experts // self.n_group):
-            bad("num_experts_per_tok", self.num_experts_per_tok,
-                "top-k must fit in the experts of the topk_group chosen groups")
+            _bad_key("num_experts_per_tok", self.num_experts_per_tok,
+                     "top-k must fit in the experts of the topk_group chosen groups")
         if self.first_k_dense_replace < 0 or self.first_k_dense_replace > self.num_hidden_layers:
-            bad("first_k_dense_replace", self.first_k_dense_replace, "must be in [0, num_hidden_layers]")
+            _bad_key("first_k_dense_replace", self.first_k_dense_replace, "must be in [0, num_hidden_layers]")
         if self.first_k_dense_replace > 0 and self.intermediate_size <= 0:
-            bad("intermediate_size", self.intermediate_size, "dense first layers need a positive width")
+            _bad_key("intermediate_size", self.intermediate_size, "dense first layers need a positive width")
+
+    def _validate_v4_attention(self) -> None:
         rd = self.qk_rope_head_dim
-        if rd % 2:
-            bad("qk_rope_head_dim", rd, "RoPE pairs channels, so it must be even")
-        if self.model_type == "deepseek_v32":
-            for key in ("index_n_heads", "index_head_dim", "index_topk"):
-                if getattr(self, key) <= 0:
-                    bad(key, getattr(self, key), "must be a positive integer (the V3.2 DSA indexer)")
-            if rd > self.index_head_dim:
-                bad("qk_rope_head_dim", rd,
-                    f"must be <= index_head_dim ({self.index_head_dim}); the indexer rotates it too")
-        if not self.is_v4:
-            return
         if self.sliding_window > self.max_position_embeddings:
-            bad("sliding_window", self.sliding_window,
-                f"must be <= max_position_embeddings ({self.max_position_embeddings})")
+            _bad_key("sliding_window", self.sliding_window,
+                     f"must be <= max_position_embeddings ({self.max_position_embeddings})")
         if rd > self.head_dim:
-            bad("qk_rope_head_dim", rd, f"must be <= head_dim ({self.head_dim})")
+            _bad_key("qk_rope_head_dim", rd, f"must be <= head_dim ({self.head_dim})")
         if rd > self.index_head_dim:
-            bad("qk_rope_head_dim", rd,
-                f"must be <= index_head_dim ({self.index_head_dim}); the indexer rotates it too")
+            _bad_key("qk_rope_head_dim", rd,
+                     f"must be <= index_head_dim ({self.index_head_dim}); the indexer rotates it too")
         if self.num_key_value_heads != 1:
-            bad("num_key_value_heads", self.num_key_value_heads, "V4 has one shared K=V head (must be 1)")
+            _bad_key("num_key_value_heads", self.num_key_value_heads, "V4 has one shared K=V head (must be 1)")
         if self.num_attention_heads % self.o_groups:
-            bad("o_groups", self.o_groups, f"must divide num_attention_heads ({self.num_attention_heads})")
+            _bad_key("o_groups", self.o_groups, f"must divide num_attention_heads ({self.num_attention_heads})")
         if self.hc_mult < 1:
-            bad("hc_mult", self.hc_mult, "must be >= 1")
+            _bad_key("hc_mult", self.hc_mult, "must be >= 1")
+
+    def _validate_compress_ratios(self) -> None:
+        """One entry per layer plus the MTP block's (0); entries normalised to int."""
         want = self.num_hidden_layers + self.num_nextn_predict_layers
         if not isinstance(self.compress_ratios, (list, tuple)) or len(self.compress_ratios) not in (
                 want, self.num_hidden_layers + 1):
             n = len(self.compress_ratios) if isinstance(self.compress_ratios, (list, tuple)) else None
-            bad("compress_ratios", self.compress_ratios if n is None else f"<list of {n}>",
-                f"needs num_hidden_layers + 1 = {self.num_hidden_layers + 1} entries (last one: the MTP block)")
+            _bad_key("compress_ratios", self.compress_ratios if n is None else f"<list of {n}>",
+                     f"needs num_hidden_layers + 1 = {self.num_hidden_layers + 1} entries (last one: the MTP block)")
         self.compress_ratios = [int(r) if _integral(r) else r for r in self.compress_ratios]
         for i, r in enumerate(self.compress_ratios):
             if r not in LAYER_KINDS:
-                bad(f"compress_ratios[{i}]", r, "must be 0 (window), 4 (CSA) or 128 (HCA)")
+                _bad_key(f"compress_ratios[{i}]", r, "must be 0 (window), 4 (CSA) or 128 (HCA)")
         for i in range(self.num_hidden_layers, len(self.compress_ratios)):  # entries past the backbone: MTP
             if self.compress_ratios[i] != 0:
-                bad(f"compress_ratios[{i}]", self.compress_ratios[i],
-                    "the MTP block (last entry) is sliding-window only and must be 0")
-        if self.rope_scaling is not None:
-            if not isinstance(self.rope_scaling, dict):
-                bad("rope_scaling", self.rope_scaling, "must be a dict or null")
-            f = self.rope_scaling.get("factor", 1.0)
-            if not isinstance(f, (int, float)) or f < 1:
-                bad("rope_scaling.factor", f, "must be a number >= 1")
-        if self.expert_dtype not in (None, "fp4", "fp8", "bf16"):
-            bad("expert_dtype", self.expert_dtype, "must be fp4, fp8, bf16 or absent")
-        self._validate_formats()
+                _bad_key(f"compress_ratios[{i}]", self.compress_ratios[i],
+                         "the MTP block (last entry) is sliding-window only and must be 0")
 
     def _validate_formats(self) -> None:
         """``quantization_config`` is null or an object the FP8/FP4 writers can use. (Whether the widths fit
         the FP4 blocks is a storage question: ``checkpoint.expected_keys`` answers it.)"""
-        def bad(key, value, rule):
-            raise ValueError(f"config key {key!r} = {value!r}: {rule}")
         qc = self.quantization_config
         if qc is None:
             return
         if not isinstance(qc, dict):
-            bad("quantization_config", qc, "must be an object (the release's FP8 settings) or null")
+            _bad_key("quantization_config", qc, "must be an object (the release's FP8 settings) or null")
         b = qc.get("weight_block_size", [128, 128])
         if (not isinstance(b, (list, tuple)) or len(b) != 2
                 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in b)):
-            bad("quantization_config.weight_block_size", b, "must be two positive integers, e.g. [128, 128]")
+            _bad_key("quantization_config.weight_block_size", b, "must be two positive integers, e.g. [128, 128]")
         fmt = qc.get("expert_dtype") or self.expert_dtype or "fp4"
         if fmt not in ("fp4", "fp8", "bf16"):
-            bad("quantization_config.expert_dtype", fmt, "must be fp4, fp8 or bf16")
+            _bad_key("quantization_config.expert_dtype", fmt, "must be fp4, fp8 or bf16")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:

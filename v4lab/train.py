@@ -18,6 +18,10 @@ turns on at step t0 the routes of steps t0..t0+Δt−1 are all computed with θ_
 Modes: "off", "always" (on from step 0), "spike" (an EMA loss detector: loss > ratio·EMA → restore the
 snapshot of ``rollback`` steps earlier, turn AR on for ``ar_duration`` steps, then off again).
 
+The parts: ``TrainConfig`` (``v4lab.trainconfig``) holds a run's settings; ``Trainer`` runs it, one ``step()``
+at a time; AR's scheduler, the spike detector and the rollback buffer are ``v4lab.anticipatory``.
+``train(cfg, **settings)`` is the same run with the settings as keywords.
+
 Logged per step (JSONL, one object per line): loss and its parts, grad norm (before clipping), per-layer
 expert load, routing churn (fraction of tokens whose expert set, for the same gate inputs, differs between
 the routes used this step and the routes the updated router would choose), max |MoE output| per layer,
@@ -25,24 +29,29 @@ max |stream|, the composite mHC gain (max abs row/column sum of the product of t
 mHC site of the backbone), AR state, seconds.
 
 Determinism: the batch of step t is a pure function of (seed, t); the model is built after
-``torch.manual_seed(seed)``; ``torch.use_deterministic_algorithms(True)``. Same seed, same thread count →
-bit-identical losses and weights.
+``torch.manual_seed(seed)``; ``torch.use_deterministic_algorithms(True)`` while training (``torch_settings``
+puts the thread count and that flag back afterwards). Same seed, same thread count → bit-identical losses
+and weights.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from v4lab import model as model_mod
+from v4lab.anticipatory import AnticipatoryRouting, RollbackBuffer, SpikeDetector
 from v4lab.config import V4Config, get_config
 from v4lab.device import get_device
 from v4lab.errors import OneLineParser, check_writable
@@ -50,18 +59,21 @@ from v4lab.errors import bad as _bad
 from v4lab.mhc import composite_gains, token_mean_h_res
 from v4lab.model import V4Model
 from v4lab.moe import bias_update, sequence_balance_loss
+from v4lab.trainconfig import AR_MODES, OPTIMIZERS, TrainConfig
 
-AR_MODES = ("off", "always", "spike")
+if TYPE_CHECKING:
+    from v4lab.data import TokenData
+    from v4lab.distributed import DataParallel
+
 HELDOUT_TEST_WINDOWS = 4          # the held-out subset tests/test_trained_weights.py re-measures
 SPECIALISATION_WINDOWS = 16
-OPTIMIZERS = ("adamw", "muon")
 
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during ``train``: ``step`` reached, ``checkpoint`` = the folder holding the last complete
     checkpoint this run wrote (None if none was written)."""
 
-    def __init__(self, step: int, checkpoint):
+    def __init__(self, step: int, checkpoint: Path | None):
         super().__init__(step, checkpoint)
         self.step, self.checkpoint = step, checkpoint
 
@@ -70,7 +82,7 @@ class SaveFailed(RuntimeError):
     """A checkpoint could not be written to its folder; the message says why and where it went instead."""
 
 
-def save_or_rescue(model: V4Model, out_dir, extra_files: dict | None = None) -> Path:
+def save_or_rescue(model: V4Model, out_dir: str | os.PathLike[str], extra_files: dict | None = None) -> Path:
     """``model_mod.save(model, out_dir, overwrite=True)``; if the disk refuses (read-only, full, a file in
     the way), the model goes to a fresh ``NAME.rescued-*`` folder beside ``out_dir`` (else in the system
     temp folder) and ``SaveFailed`` says where. Bad input (ValueError) is raised as is."""
@@ -120,11 +132,12 @@ def newton_schulz(g: torch.Tensor) -> torch.Tensor:
 class Muon(torch.optim.Optimizer):
     """Momentum 0.95 (Nesterov), orthogonalised update rescaled to RMS 0.18, decoupled weight decay."""
 
-    def __init__(self, params, lr=1e-3, momentum=0.95, weight_decay=0.1, rms=0.18):
+    def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3, momentum: float = 0.95,
+                 weight_decay: float = 0.1, rms: float = 0.18):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, rms=rms))
 
     @torch.no_grad()
-    def step(self):
+    def step(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -139,9 +152,11 @@ class Muon(torch.optim.Optimizer):
                 p.add_(u.to(p.dtype), alpha=-group["lr"])
 
 
-def make_optimizer(model: V4Model, kind: str, lr: float, weight_decay: float, betas=(0.9, 0.95), eps=1e-20):
+def make_optimizer(model: V4Model, kind: str, lr: float, weight_decay: float,
+                   betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-20) -> list[torch.optim.Optimizer]:
     """AdamW for everything (kind "adamw"), or V4's split (kind "muon"): Muon for the 2-D matrices of the
-    blocks, AdamW for the embedding, head, norms, sinks and the mHC parameters. AdamW ε = 1e-20 (V4 technical report)."""
+    blocks, AdamW for the embedding, head, norms, sinks and the mHC parameters. AdamW ε = 1e-20 (V4 technical
+    report)."""
     if kind not in OPTIMIZERS:
         _bad("optimizer", kind, f"must be one of {OPTIMIZERS}")
     decay, no_decay, muon = [], [], []
@@ -162,7 +177,7 @@ def make_optimizer(model: V4Model, kind: str, lr: float, weight_decay: float, be
     return opts
 
 
-def micro_config(**changes) -> V4Config:
+def micro_config(**changes: Any) -> V4Config:
     """A V4 small enough for a notebook experiment to train in seconds: 2 layers (window + hash MoE, CSA +
     learned MoE), a window MTP block, d = 32, 8 experts of width 32, top-2, mHC with 4 streams."""
     cfg = get_config("tiny").replace(
@@ -173,7 +188,7 @@ def micro_config(**changes) -> V4Config:
 
 
 @torch.no_grad()
-def swiglu_preact_max(block, x: torch.Tensor) -> float:
+def swiglu_preact_max(block: torch.nn.Module, x: torch.Tensor) -> float:
     """max |W1 x| and |W3 x| over the tokens each routed expert really got (before the clamp), for gate
     inputs x [T, D] and the block's last routing."""
     idx = block.ffn.last_routing["idx"]
@@ -253,7 +268,8 @@ def _sets_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- losses
-def lm_losses(model: V4Model, ids: torch.Tensor, forced_routes=None, mtp: bool = True):
+def lm_losses(model: V4Model, ids: torch.Tensor, forced_routes: list | None = None,
+              mtp: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(main CE, MTP CE or None) on a batch ids [B, S+1]: logits for ids[:, :S] vs ids[:, 1:], MTP vs ids[:, 2:]."""
     ids = ids.to(model.device)
     x = ids[:, :-1]
@@ -331,6 +347,9 @@ def expert_specialisation(model: V4Model, windows: torch.Tensor, token_class: to
 
 
 # ---------------------------------------------------------------------------------------- training
+RUNTIME_KEYS = ("data", "model", "opt_state", "ddp", "extra_files", "callback", "on_checkpoint")
+
+
 def _snapshot(model, opts, step):
     return {"step": step, "model": copy.deepcopy(model.state_dict()),
             "opts": [copy.deepcopy(o.state_dict()) for o in opts]}
@@ -354,339 +373,371 @@ def _routes_with(model, snap, ids: torch.Tensor, use_mtp: bool) -> list:
         model.load_state_dict(now)
 
 
-def _qat_start(qat, steps: int) -> int | None:
-    if qat is False or qat is None:
-        return None
-    if qat is True:
-        return 0
-    if isinstance(qat, float) and 0 <= qat <= 1:
-        return int(round(qat * steps))
-    if isinstance(qat, int) and qat >= 0:
-        return qat
-    _bad("qat", qat, "must be False, True, a start step (int) or a fraction of the run in [0, 1]")
-
-
-def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_size: int = 8, seq_len: int = 512,
-          lr: float = 3e-3, min_lr_ratio: float = 0.1, warmup: int = 10, weight_decay: float = 0.1,
-          grad_clip: float = 1.0, optimizer: str = "adamw", seed: int = 0, mtp_weight: float = 0.3,
-          bias_gamma: float = 0.001, balance_alpha: float = 1e-4, swiglu_limit: float | None = None,
-          qat=False, hc_mode: str = "mhc", anticipatory: str = "off", ar_lag: int = 4,
-          spike_ratio: float = 1.5, spike_beta: float = 0.9, spike_min_step: int | None = None,
-          ar_duration: int = 20, rollback: int | None = None, spike_rollback: bool = True,
-          spike_ar: bool = True, balanced_hash: bool = True,
-          spike_at: int | None = None, spike_lr_mult: float = 1.0, model: V4Model | None = None,
-          log_path=None, out_dir=None, ckpt_every: int = 0, eval_every: int = 0, eval_windows: int = 8,
-          threads: int | None = None, deterministic: bool = True, progress: bool = True,
-          max_seconds: float | None = None, callback=None, log_preact: bool = False,
-          device: str | torch.device | None = None, mtp_weight_final: float | None = None,
-          mtp_switch_at: float = 0.7, extra_files: dict[str, bytes] | None = None,
-          ddp=None, indexer_distill_weight: float = 0.0, indexer_distill_every: int = 1, start_step: int = 0,
-          stop_step: int | None = None, opt_state: list | None = None, on_checkpoint=None,
-          ckpt_seconds: float | None = None) -> dict:
-    """Train and return {"model", "log": [per-step records], "evals": [...], "summary": {...}}.
-
-    cfg: a V4Config or preset name (``swiglu_limit`` overrides its clamp). data: a v4lab.data.TokenData
-    (default: the CPython-docs corpus with a BPE of cfg.vocab_size). qat: False | True | start step |
-    fraction of the run after which the routed experts train through the FP4 straight-through estimator.
-    anticipatory: "off" | "always" | "spike" (see the module docstring); ar_lag = Δt in steps; rollback
-    defaults to 2·Δt. spike_rollback / spike_ar (spike mode only): what a detected spike triggers — the
-    rollback and AR are separate switches (with both off the detector only logs; after a detection it stays
-    quiet for ar_duration steps either way). AR without a rollback routes its first Δt steps with the
-    snapshots of θ_{t−Δt} (taken every step while armed), so the lagged routes reach back before the spike. spike_at / spike_lr_mult: a one-off learning-rate multiplier at one step (the first
-    time it is reached, not again after a rollback), to induce a spike for the experiments.
-    callback(step, record, model) is called after each step. threads: torch.set_num_threads (on a busy
-    shared machine 1 thread was ~10× faster than 2). max_seconds: stop early (a safety net).
-    log_preact: also log max |W1 x|, |W3 x| of the routed experts per layer before the clamp (costs ~10 %).
-    mtp_weight_final / mtp_switch_at: V4's "MTP weight 0.3 → 0.1" (spec §9.4; V3 switched after 10T of its
-    14.8T tokens): from step ``int(mtp_switch_at * steps)`` on, the MTP loss is weighted ``mtp_weight_final``
-    instead of ``mtp_weight`` (None: constant). The log records the weight used at every step.
-    indexer_distill_weight: > 0 keeps V4's indexer loss on during training (after the warm-up): every CSA
-    layer runs with ``attn.distill`` (the indexer reads detached inputs, so the KL trains the indexer only and
-    the LM loss does not) and ``weight · mean KL`` is added to the loss; the indexer's gradients are clipped
-    apart from the rest, so the KL does not rescale the LM step; the log records the KL and recall.
-    indexer_distill_every: that loss on every k-th step only (``step % k == 0``): the dense attention
-    probabilities it needs cost ~35 % of a lab-v4 step, and the indexer follows a slowly moving target.
-    Resuming (v4lab.labrun): ``start_step`` / ``stop_step`` run steps [start_step, stop_step) of a ``steps``-long
-    schedule; ``opt_state`` (a list of optimiser state dicts, e.g. ``v4lab.labrun.optimizer_states``) restores
-    the optimiser; ``model`` carries the weights. ``on_checkpoint(next_step, model, opts)`` is called every
-    ``ckpt_seconds`` of wall time and after the last step. The result holds ``opts`` too. (Anticipatory
-    Routing's pending routes and rollback snapshots are not part of that state: resume with it "off".)
-    device: as ``v4lab.device.get_device`` (argument, else $V4LAB_DEVICE, else CUDA when present). A new
-    model is initialised on the CPU and then moved, so a seed gives the same initial weights on every device;
-    a given ``model`` is moved there too.
-    out_dir: every checkpoint (each ``ckpt_every`` steps, and at the end) replaces it atomically, with
-    ``extra_files`` ({name: bytes}, e.g. the tokenizer) inside, so each one is self-contained. A save the
-    disk refuses goes to a fallback folder (``save_or_rescue``, raises ``SaveFailed``). Ctrl-C raises
-    ``Interrupted`` (a KeyboardInterrupt) naming the last complete checkpoint.
-    ddp: a ``v4lab.distributed.DataParallel`` to run as one rank of a data-parallel job (global batch
-    ``batch_size`` split over the ranks; see that module).
-    """
-    from v4lab.data import load_data
-    if isinstance(cfg, str):
-        cfg = get_config(cfg)
-    if swiglu_limit is not None:
-        cfg = cfg.replace(swiglu_limit=float(swiglu_limit))
-    for name, v, ok in (("steps", steps, steps >= 1), ("batch_size", batch_size, batch_size >= 1),
-                        ("seq_len", seq_len, seq_len >= 2), ("warmup", warmup, warmup >= 1),
-                        ("ar_lag", ar_lag, ar_lag >= 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or not ok:
-            _bad(name, v, "must be a positive integer" + (" >= 2" if name == "seq_len" else ""))
-    if anticipatory not in AR_MODES:
-        _bad("anticipatory", anticipatory, f"must be one of {AR_MODES}")
-    if not lr > 0:
-        _bad("lr", lr, "must be > 0")
-    if seq_len > cfg.max_position_embeddings:
-        _bad("seq_len", seq_len, f"must be <= max_position_embeddings = {cfg.max_position_embeddings}")
-    if not 0.0 <= float(mtp_switch_at) <= 1.0:
-        _bad("mtp_switch_at", mtp_switch_at, "must be a fraction of the run in [0, 1]")
-    if mtp_weight_final is not None and not float(mtp_weight_final) >= 0:
-        _bad("mtp_weight_final", mtp_weight_final, "must be >= 0 (or None for a constant weight)")
-    mtp_switch = int(float(mtp_switch_at) * steps) if mtp_weight_final is not None else None
-    stop_step = steps if stop_step is None else stop_step
-    if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step <= stop_step <= steps:
-        _bad("start_step", (start_step, stop_step), f"must satisfy 0 <= start_step <= stop_step <= steps = {steps}")
-    if not float(indexer_distill_weight) >= 0:
-        _bad("indexer_distill_weight", indexer_distill_weight, "must be >= 0")
-    if isinstance(indexer_distill_every, bool) or not isinstance(indexer_distill_every, int) or indexer_distill_every < 1:
-        _bad("indexer_distill_every", indexer_distill_every, "must be an integer >= 1")
-    rollback = 2 * ar_lag if rollback is None else rollback
-    spike_min_step = warmup if spike_min_step is None else spike_min_step
-    qat_from = _qat_start(qat, steps)
-    if out_dir:
-        from v4lab.checkpoint import expected_keys
-        expected_keys(cfg)             # a config the release layout cannot store fails now, not after training
-    if ddp is not None:
-        ddp.check_batch(batch_size)
-    dev = get_device(device)
-    if threads is not None:
-        torch.set_num_threads(int(threads))
-    if deterministic:
-        if dev.type == "cuda":       # cuBLAS is deterministic only with a fixed workspace (read at its first use)
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if data is None:
-        data = load_data(cfg.vocab_size)
-    if data.vocab_size != cfg.vocab_size:
-        _bad("data", f"vocab {data.vocab_size}", f"must match cfg.vocab_size = {cfg.vocab_size}")
-
-    torch.manual_seed(seed)
-    if model is None:
-        model = V4Model(cfg)
-        if balanced_hash:                       # frequency-balanced hash tables (Roller et al.), see gate.py
-            from v4lab.gate import balanced_hash_table
-            counts = torch.bincount(data.train, minlength=cfg.vocab_size)
-            for b in model.layers:
-                if b.ffn.gate.is_hash:
-                    b.ffn.gate.tid2eid.copy_(balanced_hash_table(counts, cfg.n_routed_experts,
-                                                                 cfg.num_experts_per_tok))
-    model = model_mod.to_device(model, dev)
-    model.set_flags(hc_mode=hc_mode, qat=qat_from is not None and start_step >= qat_from)
-    model.train()
-    opts = make_optimizer(model, optimizer, lr, weight_decay)
-    fwd = model if ddp is None else ddp.wrap(model)           # what the loss forward goes through
-    main_rank = ddp is None or ddp.is_main
-    for o, st in zip(opts, opt_state or []):
-        o.load_state_dict(st)
-    csa = _csa_attns(model) if indexer_distill_weight > 0 else []
-    # the indexer's loss must not rescale the LM step: its parameters are clipped on their own
-    ix_ids = {id(p) for a in csa for p in a.indexer.parameters()}
-    probe = _Probe(model)
-    blocks = model.blocks()
-    n_sites = 2 * cfg.num_hidden_layers
-    use_mtp = len(model.mtp) > 0 and (mtp_weight > 0 or bool(mtp_weight_final))
-    n_run = len(blocks) if use_mtp else cfg.num_hidden_layers          # MoE layers a training forward runs
-    learned = [j for j in learned_moe_blocks(model) if j < n_run]
-    heldout = data.heldout_windows(seq_len, eval_windows) if eval_every else None
-
-    log, evals = [], []
-    log_f = open(log_path, "a" if start_step else "w") if log_path and main_rank else None
-    ar_on = anticipatory == "always"
-    ar_until = -1
-    quiet_until = -1                  # spike mode: no new detection before this step
-    pending: dict[int, list] = {}
-    snaps: list[dict] = []
-    ema = None
-    spike_done = False
-    n_rollbacks = 0
-
-    def routes_for(t):
-        ids = data.batch(t, batch_size, seq_len, seed)
-        ids = ids if ddp is None else ddp.shard(ids)
-        return model.route_only(ids[:, :-1], return_mtp=use_mtp)
-
-    def start_ar(t, older=None):
-        # routes of steps t..t+Δt−1 with θ_{t+j−Δt} where a snapshot of it is at hand (AR without a rollback),
-        # else with the current θ (after a rollback, or at step 0: there is nothing older)
-        pending.clear()
-        for j in range(ar_lag):
-            snap = (older or {}).get(t + j - ar_lag)
-            pending[t + j] = (routes_for(t + j) if snap is None else
-                              _routes_with(model, snap, data.batch(t + j, batch_size, seq_len, seed), use_mtp))
-
-    if ar_on:
-        start_ar(0)
-    bar = None
-    if progress and main_rank:
-        from v4lab.progress import bar as _bar
-        bar = _bar(stop_step - start_step, "train", leave=False)   # drawn only when stderr is a terminal
-    t_start, c_start = time.perf_counter(), time.process_time()
-    t_ckpt = t_start
-    step = start_step
-    saved = None                        # folder of the last complete checkpoint this run wrote
+@contextlib.contextmanager
+def torch_settings(threads: int | None = None, deterministic: bool = False,
+                   device: torch.device | None = None) -> Iterator[None]:
+    """Within the block: ``threads`` torch threads (None: as they are) and, with ``deterministic``,
+    deterministic algorithms (warn only; on CUDA with the fixed cuBLAS workspace determinism needs).
+    Everything is put back as it was on the way out, an exception included."""
+    n_threads = torch.get_num_threads()
+    det, det_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     try:
-        with probe.recording_hc():
-            while step < stop_step:
-                t0 = time.perf_counter()
-                if anticipatory == "spike" and (spike_rollback or spike_ar):
-                    snaps.append(_snapshot(model, opts, step))
-                    # rollback keeps `rollback` steps back; AR without a rollback keeps θ_{t−Δt} for its first routes
-                    snaps = snaps[-((rollback if spike_rollback else ar_lag) + 1):]
-                if qat_from is not None and step == qat_from:
-                    model.set_flags(qat=True)
-                cur_lr = lr_at(step, steps, lr, warmup, min_lr_ratio)
-                if spike_at is not None and step == spike_at and not spike_done:
-                    cur_lr *= spike_lr_mult
-                    spike_done = True
-                for o in opts:
-                    for g in o.param_groups:
-                        g["lr"] = cur_lr
-                ids = data.batch(step, batch_size, seq_len, seed)
-                ids = ids if ddp is None else ddp.shard(ids)
-                routes = pending.pop(step) if ar_on else None
-                probe.clear()
-                dcsa = csa if step % indexer_distill_every == 0 else []
-                for a in dcsa:
-                    a.distill = True
-                try:
-                    lm, mt = lm_losses(fwd, ids, routes, mtp=use_mtp)
-                finally:
-                    for a in dcsa:
-                        a.distill = False
-                moe_max = dict(probe.moe_max)
-                bal = balance_loss(model, len(ids), balance_alpha, learned) if balance_alpha > 0 else torch.zeros(())
-                w_mtp = mtp_weight if mtp_switch is None or step < mtp_switch else float(mtp_weight_final)
-                loss = lm + (w_mtp * mt if mt is not None else 0.0) + bal
-                if dcsa:
-                    kl = sum(a.last_distill[0] for a in dcsa) / max(1, sum(a.last_distill[1] for a in dcsa))
-                    loss = loss + float(indexer_distill_weight) * kl
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"step {step}: loss is {float(loss)}")
-                for o in opts:
-                    o.zero_grad(set_to_none=True)
-                loss.backward()
-                params = [p for p in model.parameters() if p.grad is not None and id(p) not in ix_ids]
-                gnorm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf")))
-                if dcsa:
-                    ix_norm = float(torch.nn.utils.clip_grad_norm_(
-                        [p for p in model.parameters() if p.grad is not None and id(p) in ix_ids],
-                        grad_clip if grad_clip > 0 else float("inf")))
-                used = {j: blocks[j].ffn.last_routing["idx"] for j in learned}
-                loads = [blocks[j].ffn.last_routing["load"] for j in range(n_run)]
-                gate_x = dict(probe.gate_in)
-                preact = [swiglu_preact_max(blocks[j], gate_x[j]) for j in range(n_run)] if log_preact else None
-                lag_mismatch = None
-                if ar_on:                    # how far the current router is from the routes it was given
-                    lag_mismatch = [float(_sets_differ(used[j], _current_topk(blocks[j], gate_x[j])).float().mean())
-                                    for j in learned]
-                    # look ahead: the batch of step t+Δt routed now with θ_t (before this step's update)
-                    if step + ar_lag not in pending:
-                        pending[step + ar_lag] = routes_for(step + ar_lag)
-                for o in opts:
-                    o.step()
-                if ddp is not None:              # the global load: every rank makes the same bias update
-                    loads = ddp.sum_loads(loads)
-                if bias_gamma > 0:
-                    for j in learned:
-                        bias_update(blocks[j].ffn.gate.bias, loads[j], bias_gamma)
-                churn = [float(_sets_differ(used[j], _current_topk(blocks[j], gate_x[j])).float().mean())
-                         for j in learned]
-                gains = composite_gain(probe.h_res, n_sites)
-                rec = {"iter": len(log), "step": step, "lr": cur_lr, "loss": float(loss.detach()), "lm_loss": float(lm.detach()),
-                       "mtp_loss": float(mt.detach()) if mt is not None else None, "mtp_weight": w_mtp,
-                       "balance_loss": float(bal.detach()),
-                       "grad_norm": gnorm, "load": [l.tolist() for l in loads],
-                       "learned_layers": learned, "churn": churn, "ar_lag_mismatch": lag_mismatch,
-                       "moe_max_abs": [moe_max.get(j) for j in range(n_run)], "swiglu_preact_max": preact,
-                       "mhc_gain": max(gains["fwd_max"][-1], gains["bwd_max"][-1]) if gains else None,
-                       "mhc_gain_min": min(gains["fwd_min"][-1], gains["bwd_min"][-1]) if gains else None,
-                       "ar_on": ar_on, "qat": bool(model.qat), "seconds": time.perf_counter() - t0,
-                       "cpu_seconds": time.process_time() - c_start,
-                       "tokens": (step + 1) * batch_size * seq_len}
-                if dcsa:
-                    rec["indexer_kl"] = float(kl.detach())
-                    rec["indexer_grad_norm"] = ix_norm
-                    rec["indexer_recall"] = (sum(a.last_recall[0] for a in dcsa)
-                                             / max(1, sum(a.last_recall[1] for a in dcsa)))
-                if ddp is not None:
-                    rec = ddp.reduce_record(rec)
-                # spike detector (spike mode): compare with the EMA *before* it absorbs this loss
-                lval = rec["lm_loss"]
-                event = None
-                if anticipatory == "spike":
-                    if (step >= quiet_until and ema is not None and step >= spike_min_step
-                            and lval > spike_ratio * ema and (len(snaps) > 1 or not spike_rollback)):
-                        back = _restore(model, opts, snaps[0]) if spike_rollback else step + 1
-                        rec["event"] = event = (f"spike: rollback {step} -> {back}" if spike_rollback
-                                                else f"spike at {step}, no rollback") + (", AR on" if spike_ar else "")
-                        n_rollbacks += int(spike_rollback)
-                        snaps_before, snaps = ([] if spike_rollback else snaps), []
-                        quiet_until = back + ar_duration
-                        if spike_ar:
-                            ar_on, ar_until = True, back + ar_duration
-                            start_ar(back, {sn["step"]: sn for sn in snaps_before})
-                    elif ar_on and step + 1 >= ar_until:
-                        ar_on = False
-                        pending.clear()
-                        rec["event"] = event = "AR off"
-                if event is None or not event.startswith("spike"):
-                    ema = lval if ema is None else spike_beta * ema + (1 - spike_beta) * lval
-                if heldout is not None and ((step + 1) % eval_every == 0 or step + 1 == stop_step) and event is None:
-                    ev = evaluate(model, heldout, batch_size)
-                    rec["heldout_loss"] = ev["loss"]
-                    evals.append({"step": step, **ev})
-                log.append(rec)
-                if log_f:
-                    log_f.write(json.dumps(rec) + "\n")
-                    log_f.flush()
-                if callback is not None:
-                    callback(step, rec, model)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", ar="on" if ar_on else "off")
-                    bar.update(1)
-                if out_dir and ckpt_every and (step + 1) % ckpt_every == 0 and main_rank:
-                    saved = save_or_rescue(model, out_dir, extra_files)
-                if event is not None and event.startswith("spike"):
-                    step = back
-                    continue
-                step += 1
-                if on_checkpoint is not None and ckpt_seconds is not None and step < stop_step and main_rank \
-                        and time.perf_counter() - t_ckpt > ckpt_seconds:
-                    on_checkpoint(step, model, opts)
-                    t_ckpt = time.perf_counter()
-                stop = max_seconds is not None and time.perf_counter() - t_start > max_seconds
-                if stop if ddp is None or max_seconds is None else ddp.any(stop):
-                    break
-    except KeyboardInterrupt:
-        raise Interrupted(step, saved) from None
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        if deterministic:
+            if device is not None and device.type == "cuda":   # read at cuBLAS's first use
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        yield
     finally:
-        probe.remove()
-        if log_f:
-            log_f.close()
-        if bar is not None:
-            bar.close()
-    if out_dir and main_rank:
+        if threads is not None:
+            torch.set_num_threads(n_threads)
+        if deterministic:
+            torch.use_deterministic_algorithms(det, warn_only=det_warn)
+            if cublas is None:
+                os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+class Trainer:
+    """One training run: ``Trainer(config, data, ...).run()`` -> {"model", "log", "evals", "summary", "opts"}.
+
+    ``config`` (a ``TrainConfig``) holds the settings; the rest are objects: ``data`` (a
+    ``v4lab.data.TokenData``; default: the CPython-docs corpus with a BPE of the model's vocabulary),
+    ``model`` to continue (its weights; a new one is built after ``torch.manual_seed(seed)`` on the CPU and
+    then moved, so a seed gives the same initial weights on every device), ``opt_state`` (optimiser state
+    dicts, e.g. ``v4lab.labrun.optimizer_states``), ``ddp`` (a ``v4lab.distributed.DataParallel``: this
+    process is one rank, the global batch is split over the ranks), ``extra_files`` ({name: bytes} written
+    into every checkpoint, e.g. the tokenizer), ``callback(step, record, model)`` after each step and
+    ``on_checkpoint(next_step, model, opts)`` every ``ckpt_seconds`` and after the last step.
+
+    ``run`` sets up (under ``torch_settings``: the thread count and deterministic algorithms are restored
+    after) and calls ``step`` until ``stop_step``. A checkpoint the disk refuses goes to a fallback folder
+    (``save_or_rescue``, raises ``SaveFailed``); Ctrl-C raises ``Interrupted`` naming the last complete
+    checkpoint. Anticipatory Routing's pending routes and rollback snapshots are not part of a resumable
+    state: resume with it "off".
+    """
+
+    def __init__(self, config: TrainConfig, data: TokenData | None = None, *, model: V4Model | None = None,
+                 opt_state: list | None = None, ddp: DataParallel | None = None,
+                 extra_files: dict[str, bytes] | None = None, callback: Callable | None = None,
+                 on_checkpoint: Callable | None = None):
+        self.config, self.cfg = config, config.model_config
+        self.data, self.model, self.opt_state, self.ddp = data, model, opt_state, ddp
+        self.extra_files, self.callback, self.on_checkpoint = extra_files, callback, on_checkpoint
+        if ddp is not None:
+            ddp.check_batch(config.batch_size)
+        self.dev = get_device(config.device)
+        self.main_rank = ddp is None or ddp.is_main
+        self.position = config.start_step          # the next step to run
+        self.saved = None                          # folder of the last complete checkpoint this run wrote
+
+    # ------------------------------------------------------------------------------------ set-up
+    def run(self) -> dict:
+        c = self.config
+        with torch_settings(c.threads, c.deterministic, self.dev):
+            self.setup()
+            return self._loop()
+
+    def setup(self) -> Trainer:
+        """Build (or move) the model, the optimisers, the probes and Anticipatory Routing's parts. ``run``
+        calls it; to drive ``step`` by hand, call it first (inside ``torch_settings`` for the same numbers)."""
+        self._setup_model()
+        self._setup_run()
+        return self
+
+    def _setup_model(self) -> None:
+        from v4lab.data import load_data
+        c, cfg = self.config, self.cfg
+        if self.data is None:
+            self.data = load_data(cfg.vocab_size)
+        if self.data.vocab_size != cfg.vocab_size:
+            _bad("data", f"vocab {self.data.vocab_size}", f"must match cfg.vocab_size = {cfg.vocab_size}")
+        torch.manual_seed(c.seed)
+        model = self.model
+        if model is None:
+            model = V4Model(cfg)
+            if c.balanced_hash:                    # frequency-balanced hash tables (Roller et al.), see gate.py
+                from v4lab.gate import balanced_hash_table
+                counts = torch.bincount(self.data.train, minlength=cfg.vocab_size)
+                for b in model.layers:
+                    if b.ffn.gate.is_hash:
+                        b.ffn.gate.tid2eid.copy_(balanced_hash_table(counts, cfg.n_routed_experts,
+                                                                     cfg.num_experts_per_tok))
+        self.model = model = model_mod.to_device(model, self.dev)
+        self.qat_from = c.qat_from
+        model.set_flags(hc_mode=c.hc_mode, qat=self.qat_from is not None and c.start_step >= self.qat_from)
+        model.train()
+        self.opts = make_optimizer(model, c.optimizer, c.lr, c.weight_decay)
+        self.fwd = model if self.ddp is None else self.ddp.wrap(model)     # what the loss forward goes through
+        for o, st in zip(self.opts, self.opt_state or []):
+            o.load_state_dict(st)
+
+    def _setup_run(self) -> None:
+        c, cfg, model = self.config, self.cfg, self.model
+        self.csa = _csa_attns(model) if c.indexer_distill_weight > 0 else []
+        # the indexer's loss must not rescale the LM step: its parameters are clipped on their own
+        self.ix_ids = {id(p) for a in self.csa for p in a.indexer.parameters()}
+        self.probe = _Probe(model)
+        self.blocks = model.blocks()
+        self.n_sites = 2 * cfg.num_hidden_layers
+        self.use_mtp = len(model.mtp) > 0 and (c.mtp_weight > 0 or bool(c.mtp_weight_final))
+        self.n_run = len(self.blocks) if self.use_mtp else cfg.num_hidden_layers   # MoE layers a forward runs
+        self.learned = [j for j in learned_moe_blocks(model) if j < self.n_run]
+        self.heldout = self.data.heldout_windows(c.seq_len, c.eval_windows) if c.eval_every else None
+        self.log, self.evals = [], []
+        self.log_f = (open(c.log_path, "a" if c.start_step else "w")
+                      if c.log_path and self.main_rank else None)
+        self.ar = AnticipatoryRouting(c.ar_lag, self._routes_now, self._routes_then)
+        self.detector = SpikeDetector(c.spike_ratio, c.spike_beta, c.detector_min_step)
+        self.snaps = RollbackBuffer(c.rollback_steps if c.spike_rollback else c.ar_lag)
+        self.spike_done, self.n_rollbacks = False, 0
+        if c.anticipatory == "always":
+            self.ar.start(0)
+        self.bar = None
+        if c.progress and self.main_rank:
+            from v4lab.progress import bar as _bar
+            self.bar = _bar(c.last_step - c.start_step, "train", leave=False)   # drawn only on a terminal
+        self.t_start, self.c_start = time.perf_counter(), time.process_time()
+        self.t_ckpt = self.t_start
+
+    def _batch(self, t: int) -> torch.Tensor:
+        c = self.config
+        ids = self.data.batch(t, c.batch_size, c.seq_len, c.seed)
+        return ids if self.ddp is None else self.ddp.shard(ids)
+
+    def _routes_now(self, t: int) -> list:
+        return self.model.route_only(self._batch(t)[:, :-1], return_mtp=self.use_mtp)
+
+    def _routes_then(self, snap: dict, t: int) -> list:
+        c = self.config
+        return _routes_with(self.model, snap, self.data.batch(t, c.batch_size, c.seq_len, c.seed), self.use_mtp)
+
+    # ------------------------------------------------------------------------------------ the loop
+    def _loop(self) -> dict:
+        c = self.config
         try:
-            save_or_rescue(model, out_dir, extra_files)
+            with self.probe.recording_hc():
+                while self.position < c.last_step:
+                    rec = self.step()
+                    if rec.get("event", "").startswith("spike"):
+                        continue
+                    if self.on_checkpoint is not None and c.ckpt_seconds is not None and \
+                            self.position < c.last_step and self.main_rank and \
+                            time.perf_counter() - self.t_ckpt > c.ckpt_seconds:
+                        self.on_checkpoint(self.position, self.model, self.opts)
+                        self.t_ckpt = time.perf_counter()
+                    stop = c.max_seconds is not None and time.perf_counter() - self.t_start > c.max_seconds
+                    if stop if self.ddp is None or c.max_seconds is None else self.ddp.any(stop):
+                        break
         except KeyboardInterrupt:
-            raise Interrupted(step, saved) from None
-    if on_checkpoint is not None and main_rank:
-        on_checkpoint(step, model, opts)
-    summary = {"steps_done": step, "seconds": time.perf_counter() - t_start,
-               "cpu_seconds": time.process_time() - c_start, "threads": torch.get_num_threads(),
-               "rollbacks": n_rollbacks,
-               "final_loss": log[-1]["loss"] if log else None,
-               "tokens": step * batch_size * seq_len}
-    return {"model": model, "log": log, "evals": evals, "summary": summary, "opts": opts}
+            raise Interrupted(self.position, self.saved) from None
+        finally:
+            self._close()
+        return self._finish()
+
+    def _close(self) -> None:
+        self.probe.remove()
+        if self.log_f:
+            self.log_f.close()
+        if self.bar is not None:
+            self.bar.close()
+
+    def _finish(self) -> dict:
+        c, step = self.config, self.position
+        if c.out_dir and self.main_rank:
+            try:
+                save_or_rescue(self.model, c.out_dir, self.extra_files)
+            except KeyboardInterrupt:
+                raise Interrupted(step, self.saved) from None
+        if self.on_checkpoint is not None and self.main_rank:
+            self.on_checkpoint(step, self.model, self.opts)
+        summary = {"steps_done": step, "seconds": time.perf_counter() - self.t_start,
+                   "cpu_seconds": time.process_time() - self.c_start, "threads": torch.get_num_threads(),
+                   "rollbacks": self.n_rollbacks,
+                   "final_loss": self.log[-1]["loss"] if self.log else None,
+                   "tokens": step * c.batch_size * c.seq_len}
+        return {"model": self.model, "log": self.log, "evals": self.evals, "summary": summary, "opts": self.opts}
+
+    # ------------------------------------------------------------------------------------ one step
+    def step(self) -> dict:
+        """One optimiser step at ``position`` (the module docstring's recipe), then the spike detector, the
+        held-out evaluation, the log and the checkpoint; ``position`` moves on (back, after a rollback).
+        Returns the step's log record."""
+        step, t0 = self.position, time.perf_counter()
+        cur_lr = self._begin_step(step)
+        ids = self._batch(step)
+        routes = self.ar.routes(step)
+        self.probe.clear()
+        loss, parts = self._loss(step, ids, routes)
+        for o in self.opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        norms = self._clip(bool(parts["dcsa"]))
+        stats = self._routing_before_update(step)
+        for o in self.opts:
+            o.step()
+        loads = stats["loads"] if self.ddp is None else self.ddp.sum_loads(stats["loads"])  # the global load
+        if self.config.bias_gamma > 0:                 # every rank makes the same bias update
+            for j in self.learned:
+                bias_update(self.blocks[j].ffn.gate.bias, loads[j], self.config.bias_gamma)
+        rec = self._record(step, t0, cur_lr, loss, parts, norms, {**stats, "loads": loads})
+        back = self._detect(step, rec)
+        self._after_step(step, rec, back is None and "event" not in rec)
+        self.position = back if back is not None else step + 1
+        return rec
+
+    def _begin_step(self, step: int) -> float:
+        """Snapshot for a rollback (spike mode), the QAT switch, and the step's learning rate."""
+        c = self.config
+        if c.anticipatory == "spike" and (c.spike_rollback or c.spike_ar):
+            # a rollback keeps `rollback` steps back; AR without a rollback keeps θ_{t−Δt} for its first routes
+            self.snaps.push(_snapshot(self.model, self.opts, step))
+        if self.qat_from is not None and step == self.qat_from:
+            self.model.set_flags(qat=True)
+        cur_lr = lr_at(step, c.steps, c.lr, c.warmup, c.min_lr_ratio)
+        if c.spike_at is not None and step == c.spike_at and not self.spike_done:
+            cur_lr *= c.spike_lr_mult
+            self.spike_done = True
+        for o in self.opts:
+            for g in o.param_groups:
+                g["lr"] = cur_lr
+        return cur_lr
+
+    def _loss(self, step: int, ids: torch.Tensor, routes) -> tuple[torch.Tensor, dict]:
+        """The step's loss: LM + weighted MTP + balance (+ the indexer's KL on its steps)."""
+        c = self.config
+        dcsa = self.csa if step % c.indexer_distill_every == 0 else []
+        for a in dcsa:
+            a.distill = True
+        try:
+            lm, mt = lm_losses(self.fwd, ids, routes, mtp=self.use_mtp)
+        finally:
+            for a in dcsa:
+                a.distill = False
+        moe_max = dict(self.probe.moe_max)
+        bal = (balance_loss(self.model, len(ids), c.balance_alpha, self.learned) if c.balance_alpha > 0
+               else torch.zeros(()))
+        w_mtp = c.mtp_weight_at(step)
+        loss = lm + (w_mtp * mt if mt is not None else 0.0) + bal
+        kl = None
+        if dcsa:
+            kl = sum(a.last_distill[0] for a in dcsa) / max(1, sum(a.last_distill[1] for a in dcsa))
+            loss = loss + float(c.indexer_distill_weight) * kl
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {step}: loss is {float(loss)}")
+        return loss, {"lm": lm, "mt": mt, "bal": bal, "w_mtp": w_mtp, "kl": kl, "dcsa": dcsa, "moe_max": moe_max}
+
+    def _clip(self, distilled: bool) -> dict:
+        """Gradient norms before clipping: the model's, and the indexers' (clipped apart) on KL steps."""
+        limit = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        params = [p for p in self.model.parameters() if p.grad is not None and id(p) not in self.ix_ids]
+        norms = {"grad": float(torch.nn.utils.clip_grad_norm_(params, limit)), "indexer": None}
+        if distilled:
+            norms["indexer"] = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.grad is not None and id(p) in self.ix_ids], limit))
+        return norms
+
+    def _routing_before_update(self, step: int) -> dict:
+        """Routes used, loads, gate inputs (and pre-activations) of this step; with AR on, how far the router
+        is from the routes it was given, and the look-ahead routes of step t+Δt with θ_t."""
+        blocks, learned = self.blocks, self.learned
+        used = {j: blocks[j].ffn.last_routing["idx"] for j in learned}
+        loads = [blocks[j].ffn.last_routing["load"] for j in range(self.n_run)]
+        gate_x = dict(self.probe.gate_in)
+        preact = ([swiglu_preact_max(blocks[j], gate_x[j]) for j in range(self.n_run)]
+                  if self.config.log_preact else None)
+        lag_mismatch = None
+        if self.ar.on:
+            lag_mismatch = [float(_sets_differ(used[j], _current_topk(blocks[j], gate_x[j])).float().mean())
+                            for j in learned]
+            self.ar.look_ahead(step)
+        return {"used": used, "loads": loads, "gate_x": gate_x, "preact": preact, "lag_mismatch": lag_mismatch}
+
+    def _record(self, step: int, t0: float, cur_lr: float, loss: torch.Tensor, parts: dict, norms: dict,
+                stats: dict) -> dict:
+        """The step's log record (after the update: churn is measured with the updated router)."""
+        c, blocks, learned, n_run = self.config, self.blocks, self.learned, self.n_run
+        used, gate_x, mt = stats["used"], stats["gate_x"], parts["mt"]
+        churn = [float(_sets_differ(used[j], _current_topk(blocks[j], gate_x[j])).float().mean()) for j in learned]
+        gains = composite_gain(self.probe.h_res, self.n_sites)
+        rec = {"iter": len(self.log), "step": step, "lr": cur_lr, "loss": float(loss.detach()),
+               "lm_loss": float(parts["lm"].detach()), "mtp_loss": float(mt.detach()) if mt is not None else None,
+               "mtp_weight": parts["w_mtp"], "balance_loss": float(parts["bal"].detach()),
+               "grad_norm": norms["grad"], "load": [x.tolist() for x in stats["loads"]],
+               "learned_layers": learned, "churn": churn, "ar_lag_mismatch": stats["lag_mismatch"],
+               "moe_max_abs": [parts["moe_max"].get(j) for j in range(n_run)],
+               "swiglu_preact_max": stats["preact"],
+               "mhc_gain": max(gains["fwd_max"][-1], gains["bwd_max"][-1]) if gains else None,
+               "mhc_gain_min": min(gains["fwd_min"][-1], gains["bwd_min"][-1]) if gains else None,
+               "ar_on": self.ar.on, "qat": bool(self.model.qat), "seconds": time.perf_counter() - t0,
+               "cpu_seconds": time.process_time() - self.c_start,
+               "tokens": (step + 1) * c.batch_size * c.seq_len}
+        dcsa = parts["dcsa"]
+        if dcsa:
+            rec["indexer_kl"] = float(parts["kl"].detach())
+            rec["indexer_grad_norm"] = norms["indexer"]
+            rec["indexer_recall"] = (sum(a.last_recall[0] for a in dcsa)
+                                     / max(1, sum(a.last_recall[1] for a in dcsa)))
+        return rec if self.ddp is None else self.ddp.reduce_record(rec)
+
+    def _detect(self, step: int, rec: dict) -> int | None:
+        """Spike mode: a spike rolls back (and/or turns AR on), AR goes off when its time is up. Sets
+        ``rec["event"]``; returns the step to continue from after a spike (None: the next one)."""
+        c, lval, back = self.config, rec["lm_loss"], None
+        if c.anticipatory == "spike":
+            if self.detector.fires(step, lval) and (self.snaps.ready or not c.spike_rollback):
+                back = _restore(self.model, self.opts, self.snaps.oldest) if c.spike_rollback else step + 1
+                rec["event"] = (f"spike: rollback {step} -> {back}" if c.spike_rollback
+                                else f"spike at {step}, no rollback") + (", AR on" if c.spike_ar else "")
+                self.n_rollbacks += int(c.spike_rollback)
+                taken = self.snaps.take()
+                self.detector.quiet(back + c.ar_duration)
+                if c.spike_ar:
+                    older = [] if c.spike_rollback else taken
+                    self.ar.start(back, {sn["step"]: sn for sn in older}, until=back + c.ar_duration)
+            elif self.ar.expired(step):
+                self.ar.stop()
+                rec["event"] = "AR off"
+        if back is None:                               # the EMA does not absorb a spike
+            self.detector.absorb(lval)
+        return back
+
+    def _after_step(self, step: int, rec: dict, evaluate_now: bool) -> None:
+        """Held-out evaluation (not on an event step), the log, the callback, the bar, the checkpoint."""
+        c = self.config
+        if self.heldout is not None and ((step + 1) % c.eval_every == 0 or step + 1 == c.last_step) \
+                and evaluate_now:
+            ev = evaluate(self.model, self.heldout, c.batch_size)
+            rec["heldout_loss"] = ev["loss"]
+            self.evals.append({"step": step, **ev})
+        self.log.append(rec)
+        if self.log_f:
+            self.log_f.write(json.dumps(rec) + "\n")
+            self.log_f.flush()
+        if self.callback is not None:
+            self.callback(step, rec, self.model)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{rec['loss']:.3f}", ar="on" if self.ar.on else "off")
+            self.bar.update(1)
+        if c.out_dir and c.ckpt_every and (step + 1) % c.ckpt_every == 0 and self.main_rank:
+            self.saved = save_or_rescue(self.model, c.out_dir, self.extra_files)
+
+
+def train(cfg: V4Config | str = "tiny", **kw: Any) -> dict:
+    """Train and return {"model", "log": [per-step records], "evals": [...], "summary": {...}, "opts"}.
+
+    ``cfg`` and every setting of ``TrainConfig`` (see ``v4lab.trainconfig``) as keywords, plus the objects
+    ``Trainer`` takes (``data``, ``model``, ``opt_state``, ``ddp``, ``extra_files``, ``callback``,
+    ``on_checkpoint``). Equivalent to ``Trainer(TrainConfig(cfg, **settings), **objects).run()``.
+    """
+    objects = {k: kw.pop(k) for k in RUNTIME_KEYS if k in kw}
+    return Trainer(TrainConfig(cfg, **kw), **objects).run()
+
+
+def fit(config: TrainConfig, data: TokenData | None = None, **objects: Any) -> dict:
+    """``Trainer(config, data, **objects).run()``: what experiments call with ``dataclasses.replace(base, ...)``."""
+    return Trainer(config, data, **objects).run()
 
 
 @torch.no_grad()
@@ -753,9 +804,13 @@ def indexer_quality(model: V4Model, windows: torch.Tensor, batch_size: int = 8) 
             "random_recall": _random_recall(model.cfg, windows.shape[1] - 1)}
 
 
-def indexer_warmup(model: V4Model, data=None, *, steps: int = 100, batch_size: int = 8, seq_len: int = 512,
-                   lr: float = 1e-3, warmup: int = 5, seed: int = 0, eval_windows: int = 8, progress: bool = True,
-                   device: str | torch.device | None = None) -> dict:
+def _indexer_report(model: V4Model, heldout: torch.Tensor, batch_size: int) -> dict:
+    return {**indexer_quality(model, heldout, batch_size), "heldout_loss": evaluate(model, heldout, batch_size)["loss"]}
+
+
+def indexer_warmup(model: V4Model, data: TokenData | None = None, *, steps: int = 100, batch_size: int = 8,
+                   seq_len: int = 512, lr: float = 1e-3, warmup: int = 5, seed: int = 0, eval_windows: int = 8,
+                   progress: bool = True, device: str | torch.device | None = None) -> dict:
     """V4's indexer warm-up (spec §9.4; the recipe is V3.2's DSA warm-up): every parameter but the CSA
     indexers' is frozen, and the indexers learn to rank compressed entries as the main attention weighs
     them (``v4lab.indexer.distill_kl``) while the forward itself stays sparse (top-k). The language model
@@ -773,7 +828,7 @@ def indexer_warmup(model: V4Model, data=None, *, steps: int = 100, batch_size: i
     model = model_mod.to_device(model, dev)
     data = data if data is not None else load_data(model.cfg.vocab_size)
     heldout = data.heldout_windows(seq_len, eval_windows)
-    before = {**indexer_quality(model, heldout, batch_size), "heldout_loss": evaluate(model, heldout, batch_size)["loss"]}
+    before = _indexer_report(model, heldout, batch_size)
     params = indexer_params(model)
     frozen = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -806,7 +861,7 @@ def indexer_warmup(model: V4Model, data=None, *, steps: int = 100, batch_size: i
             p.requires_grad_(r)
         if bar is not None:
             bar.close()
-    after = {**indexer_quality(model, heldout, batch_size), "heldout_loss": evaluate(model, heldout, batch_size)["loss"]}
+    after = _indexer_report(model, heldout, batch_size)
     return {"model": model, "log": log, "before": before, "after": after}
 
 
@@ -872,8 +927,6 @@ def _warmup_main(args, dev, argv=None) -> int:
     model = model_mod.load(init, device=dev)
     tok = load_tokenizer(init)
     kept = {f: (init / f).read_bytes() for f in KEPT_FILES if (init / f).is_file()}   # save() replaces OUT
-    if args.threads is not None:
-        torch.set_num_threads(int(args.threads))
     data = load_data(model.cfg.vocab_size, tokenizer=tok)
     res = indexer_warmup(model, data, steps=args.indexer_warmup,
                          batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
@@ -902,7 +955,7 @@ def _warmup_main(args, dev, argv=None) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``v4lab train``: bad arguments exit 2 with one line before any slow set-up; Ctrl-C exits 130 with one
     line saying where the last complete checkpoint is; a checkpoint the disk refuses exits 1 saying where
     the model was saved instead."""
@@ -925,22 +978,28 @@ def main(argv=None) -> int:
         return 1
 
 
-def _main(args, argv, done: dict) -> int:
-    from v4lab.data import (
-        bigram_loss,
-        heldout_text,
-        load_data,
-        load_topics,
-        split_topics,
-        token_classes,
-        train_tokenizer,
-    )
-    for key in ("steps", "batch_size", "seq_len", "warmup"):        # fail before the slow set-up
+def _check_args(args) -> None:
+    """The checks that must fail before any slow set-up."""
+    for key in ("steps", "batch_size", "seq_len", "warmup"):
         v = getattr(args, key)
         if v < (2 if key == "seq_len" else 1):
             _bad(f"--{key.replace('_', '-')}", v, "must be a positive integer" + (" >= 2" if key == "seq_len" else ""))
     if not 0 <= args.seed < 2 ** 63:
         _bad("--seed", args.seed, "must be in [0, 2**63)")
+
+
+def config_from_args(args: argparse.Namespace, cfg: V4Config, out: Path | None, log_path: str | None,
+                     dev: torch.device) -> TrainConfig:
+    """The ``TrainConfig`` of a ``v4lab train`` command line: the options named like its fields, plus
+    ``--qat-from`` (qat), ``--no-progress``, ``--out``, the log path and the device."""
+    same = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    return TrainConfig(**{**same, "cfg": cfg, "qat": False if args.qat_from is None else float(args.qat_from),
+                          "progress": not args.no_progress, "out_dir": str(out) if out else None,
+                          "log_path": log_path, "device": dev})
+
+
+def _main(args, argv, done: dict) -> int:
+    _check_args(args)
     dev = get_device(args.device)                 # a bad --device fails before the slow set-up too
     ddp = None
     if args.nproc != 1 or os.environ.get("WORLD_SIZE", "1") != "1":
@@ -949,14 +1008,20 @@ def _main(args, argv, done: dict) -> int:
         if ddp is None:                           # this was the launcher: the ranks have finished
             return 0
     if args.indexer_warmup is not None:
-        return _warmup_main(args, dev, argv)
+        with torch_settings(args.threads):
+            return _warmup_main(args, dev, argv)
     out = check_writable(args.out, "--out") if args.out else None    # refuse before hours of training
+    # the settings hold for the summary's evaluations too, as they did when train() left them set
+    with torch_settings(args.threads, True, dev):
+        return _train_main(args, argv, done, dev, ddp, out)
+
+
+def _train_main(args, argv, done: dict, dev, ddp, out: Path | None) -> int:
+    from v4lab.data import load_data, load_tokenizer, load_topics, split_topics, train_tokenizer
     init = None
     if args.init:                     # continue from a saved model (fresh optimiser), reuse its tokenizer
-        from v4lab.data import load_tokenizer
         init = model_mod.load(args.init, device=dev)
-        cfg = init.cfg
-        tok = load_tokenizer(args.init)
+        cfg, tok = init.cfg, load_tokenizer(args.init)
     else:
         cfg = get_config(args.config)
         topics = load_topics()
@@ -967,18 +1032,8 @@ def _main(args, argv, done: dict) -> int:
     extra = {"tokenizer.json": tok.to_str(pretty=True).encode()}       # in every checkpoint written
     if log_path:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    argv_used = list(sys.argv[1:] if argv is None else argv)
-    res = train(cfg, data=data, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, weight_decay=args.weight_decay,
-                grad_clip=args.grad_clip, optimizer=args.optimizer, seed=args.seed, mtp_weight=args.mtp_weight,
-                mtp_weight_final=args.mtp_weight_final, mtp_switch_at=args.mtp_switch_at,
-                bias_gamma=args.bias_gamma, balance_alpha=args.balance_alpha, swiglu_limit=args.swiglu_limit,
-                qat=False if args.qat_from is None else float(args.qat_from), hc_mode=args.hc_mode,
-                anticipatory=args.anticipatory, ar_lag=args.ar_lag, ar_duration=args.ar_duration,
-                spike_ratio=args.spike_ratio, eval_every=args.eval_every, eval_windows=args.eval_windows,
-                ckpt_every=args.ckpt_every, out_dir=str(out) if out else None, log_path=log_path,
-                threads=args.threads, progress=not args.no_progress, max_seconds=args.max_seconds, model=init,
-                device=dev, extra_files=extra, ddp=ddp)
+    config = config_from_args(args, cfg, out, log_path, dev)
+    res = Trainer(config, data, model=init, extra_files=extra, ddp=ddp).run()
     done["out"] = out
     if ddp is not None and not ddp.is_main:       # rank 0 evaluates and writes everything
         return 0
@@ -986,33 +1041,41 @@ def _main(args, argv, done: dict) -> int:
     if out:
         if not args.log:
             Path(log_path).replace(out / "train_log.jsonl")
-        (out / "heldout.txt").write_text(heldout_text())
-        # the numbers the README and tests quote: held-out loss of the *saved* (FP8/FP4) weights, of the
-        # weights as trained (fp32 masters; experts through FP4 if QAT was on at the end), the bigram baseline, expert specialisation vs random weights
-        windows = data.heldout_windows(args.seq_len)
-        summary["heldout_loss_as_trained"] = evaluate(res["model"], windows, args.batch_size)["loss"]
-        loaded = model_mod.load(out, device=dev)
-        summary["heldout"] = evaluate(loaded, windows, args.batch_size)
-        summary["bigram"] = bigram_loss(data.train, windows, cfg.vocab_size)
-        classes = token_classes(tok)
-        sub = windows[:HELDOUT_TEST_WINDOWS]
-        summary["heldout_subset"] = {"windows": int(sub.shape[0]), **evaluate(loaded, sub, args.batch_size)}
-        windows = windows[:SPECIALISATION_WINDOWS]
-        summary["specialisation_windows"] = int(windows.shape[0])
-        summary["specialisation_trained"] = expert_specialisation(loaded, windows, classes, args.batch_size)
-        torch.manual_seed(args.seed)
-        rand = model_mod.to_device(V4Model(loaded.cfg), dev)
-        for b, lb in zip(rand.layers, loaded.layers):      # same hash tables: compare routers only
-            if b.ffn.gate.is_hash:
-                b.ffn.gate.tid2eid.copy_(lb.ffn.gate.tid2eid)
-        summary["specialisation_random"] = expert_specialisation(rand, windows, classes, args.batch_size)
-        summary["corpus"] = data.fingerprint
-        summary["command"] = "v4lab train " + " ".join(argv_used)
+        summary.update(_release_numbers(args, res["model"], out, data, tok, dev))
+        summary["command"] = "v4lab train " + " ".join(sys.argv[1:] if argv is None else argv)
         summary["args"] = vars(args)
         summary["torch"] = torch.__version__
         (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k not in ("corpus",)}, indent=1)[:4000])
     return 0
+
+
+def _release_numbers(args, trained: V4Model, out: Path, data, tok, dev) -> dict:
+    """The numbers the README and tests quote: held-out loss of the *saved* (FP8/FP4) weights and of the
+    weights as trained (fp32 masters; experts through FP4 if QAT was on at the end), the bigram baseline,
+    expert specialisation vs random weights. Writes OUT/heldout.txt."""
+    from v4lab.data import bigram_loss, heldout_text, token_classes
+    s: dict = {}
+    (out / "heldout.txt").write_text(heldout_text())
+    windows = data.heldout_windows(args.seq_len)
+    s["heldout_loss_as_trained"] = evaluate(trained, windows, args.batch_size)["loss"]
+    loaded = model_mod.load(out, device=dev)
+    s["heldout"] = evaluate(loaded, windows, args.batch_size)
+    s["bigram"] = bigram_loss(data.train, windows, loaded.cfg.vocab_size)
+    classes = token_classes(tok)
+    sub = windows[:HELDOUT_TEST_WINDOWS]
+    s["heldout_subset"] = {"windows": int(sub.shape[0]), **evaluate(loaded, sub, args.batch_size)}
+    windows = windows[:SPECIALISATION_WINDOWS]
+    s["specialisation_windows"] = int(windows.shape[0])
+    s["specialisation_trained"] = expert_specialisation(loaded, windows, classes, args.batch_size)
+    torch.manual_seed(args.seed)
+    rand = model_mod.to_device(V4Model(loaded.cfg), dev)
+    for b, lb in zip(rand.layers, loaded.layers):      # same hash tables: compare routers only
+        if b.ffn.gate.is_hash:
+            b.ffn.gate.tid2eid.copy_(lb.ffn.gate.tid2eid)
+    s["specialisation_random"] = expert_specialisation(rand, windows, classes, args.batch_size)
+    s["corpus"] = data.fingerprint
+    return s
 
 
 if __name__ == "__main__":

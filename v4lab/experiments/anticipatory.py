@@ -15,13 +15,22 @@ AR prevents this particular spike.
 """
 from __future__ import annotations
 
-from v4lab.train import micro_config, train
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from v4lab.train import fit, micro_config
+from v4lab.trainconfig import TrainConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from v4lab.data import TokenData
 
 
 def run(seed: int = 0, *, steps: int = 30, lr: float = 5e-3, spike_at: int = 15, spike_lr_mult: float = 100.0,
         ar_lag: int = 2, ar_duration: int = 10, spike_ratio: float = 1.1, batch_size: int = 8, seq_len: int = 64,
-        variants: tuple = ("off", "always", "spike"), data=None, threads: int | None = None,
-        device=None) -> dict:
+        variants: tuple = ("off", "always", "spike"), data: TokenData | None = None,
+        threads: int | None = None, device: str | torch.device | None = None) -> dict:
     """Returns {"config", variant: {"iter", "step", "loss", "churn", "max_moe", "ar_on", "events",
     "seconds_per_step", "post_spike_loss" (mean lm loss over the ar_duration steps after spike_at),
     "peak_loss" (max lm loss after spike_at)}, "overhead": {variant: seconds_per_step / off's − 1}}."""
@@ -32,10 +41,11 @@ def run(seed: int = 0, *, steps: int = 30, lr: float = 5e-3, spike_at: int = 15,
     out = {"config": dict(seed=seed, steps=steps, lr=lr, spike_at=spike_at, spike_lr_mult=spike_lr_mult,
                           ar_lag=ar_lag, ar_duration=ar_duration, spike_ratio=spike_ratio,
                           batch_size=batch_size, seq_len=seq_len)}
+    base = TrainConfig(cfg, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=2, seed=seed,
+                       ar_lag=ar_lag, ar_duration=ar_duration, spike_ratio=spike_ratio, spike_at=spike_at,
+                       spike_lr_mult=spike_lr_mult, progress=False, threads=threads, device=device)
     for v in variants:
-        r = train(cfg, data=data, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=2, seed=seed,
-                  anticipatory=v, ar_lag=ar_lag, ar_duration=ar_duration, spike_ratio=spike_ratio,
-                  spike_at=spike_at, spike_lr_mult=spike_lr_mult, progress=False, threads=threads, device=device)
+        r = fit(replace(base, anticipatory=v), data)
         log = r["log"]
         after = [x["lm_loss"] for x in log if spike_at < x["step"] <= spike_at + ar_duration]
         out[v] = {"iter": [x["iter"] for x in log], "step": [x["step"] for x in log],
@@ -65,10 +75,13 @@ QUICK = dict(steps=24, lr=5e-3, spike_at=12, spike_lr_mult=100.0, ar_lag=2, ar_d
 FULL = QUICK
 
 
-def _cell(cfg, data, switches: dict, s: dict, device) -> dict:
-    kw = {k: s[k] for k in ("steps", "lr", "spike_at", "spike_lr_mult", "ar_lag", "ar_duration", "spike_ratio",
-                            "batch_size", "seq_len")}
-    r = train(cfg, data=data, warmup=2, seed=0, progress=False, threads=1, device=device, **kw, **switches)
+SETTINGS = ("steps", "lr", "spike_at", "spike_lr_mult", "ar_lag", "ar_duration", "spike_ratio", "batch_size",
+            "seq_len")
+
+
+def _cell(config: TrainConfig, data, s: dict) -> dict:
+    """One cell of the grid: the run of ``config``, summarised around the spike of settings ``s``."""
+    r = fit(config, data)
     log = r["log"]
     after = [x["lm_loss"] for x in log if s["spike_at"] < x["step"] <= s["spike_at"] + s["ar_duration"]]
     on = [x["seconds"] for x in log if x["ar_on"]]
@@ -80,7 +93,8 @@ def _cell(cfg, data, switches: dict, s: dict, device) -> dict:
             "seconds_ar_on": sum(on) / len(on) if on else None, "seconds_ar_off": sum(off) / len(off) if off else None}
 
 
-def experiment(quick: bool = False, device=None, data=None, **changes) -> dict:
+def experiment(quick: bool = False, device: str | torch.device | None = None, data: TokenData | None = None,
+               **changes: Any) -> dict:
     """`v4lab experiment ar`: the same provoked spike (one step at spike_lr_mult × lr) four ways, AR on/off ×
     rollback on/off. Baseline = neither, treatment = AR alone; metric = post_spike_loss (mean lm loss over
     the ar_duration steps after the spike); effect = baseline − treatment (> 0 when AR alone helps).
@@ -89,7 +103,9 @@ def experiment(quick: bool = False, device=None, data=None, **changes) -> dict:
     s = {**(QUICK if quick else FULL), **changes}
     cfg = micro_config()
     data = data or load_data(cfg.vocab_size)
-    cells = {name: _cell(cfg, data, sw, s, device) for name, sw in GRID.items()}
+    base = TrainConfig(cfg, warmup=2, seed=0, progress=False, threads=1, device=device,
+                       **{k: s[k] for k in SETTINGS})
+    cells = {name: _cell(replace(base, **sw), data, s) for name, sw in GRID.items()}
     ar = cells["AR only"]
     overhead = ar["seconds_ar_on"] / ar["seconds_ar_off"] - 1 if ar["seconds_ar_on"] and ar["seconds_ar_off"] else None
     base, treat = cells["neither"], ar

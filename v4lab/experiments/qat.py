@@ -13,10 +13,17 @@ The QAT model is also evaluated with its experts unrounded, to show it did not n
 """
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
 import torch
 
 from v4lab.quant import fp4_fake_quant, sqnr_db
-from v4lab.train import evaluate, micro_config, train
+from v4lab.train import evaluate, fit, micro_config
+from v4lab.trainconfig import TrainConfig
+
+if TYPE_CHECKING:
+    from v4lab.data import TokenData
 
 
 def _expert_weights(model):
@@ -30,8 +37,8 @@ def _eval(model, windows, qat: bool) -> float:
 
 
 def run(seed: int = 0, *, steps: int = 30, lr: float = 1e-2, batch_size: int = 8, seq_len: int = 64,
-        eval_windows: int = 16, data=None, threads: int | None = None,
-        device=None) -> dict:
+        eval_windows: int = 16, data: TokenData | None = None,
+        threads: int | None = None, device: str | torch.device | None = None) -> dict:
     """Returns {"config", "step", "bf16": {"loss": [...]}, "qat": {"loss": [...]}, "heldout": {
     "bf16": L, "bf16_rounded_after": L, "qat_fp4": L, "qat_unrounded": L}, "gap_ptq", "gap_qat",
     "weight_sqnr_db": {"bf16": dB, "qat": dB}}; gaps are held-out loss minus the bf16 model's."""
@@ -43,9 +50,10 @@ def run(seed: int = 0, *, steps: int = 30, lr: float = 1e-2, batch_size: int = 8
     out = {"config": dict(seed=seed, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
                           eval_windows=eval_windows), "step": list(range(steps))}
     models = {}
+    base = TrainConfig(cfg, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=2, seed=seed,
+                       progress=False, threads=threads, device=device)
     for name, qat in (("bf16", False), ("qat", True)):
-        r = train(cfg, data=data, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=2,
-                  seed=seed, qat=qat, progress=False, threads=threads, device=device)
+        r = fit(replace(base, qat=qat), data)
         models[name] = r["model"]
         out[name] = {"loss": [x["lm_loss"] for x in r["log"]], "seconds": r["summary"]["seconds"]}
     bf, q = models["bf16"], models["qat"]
@@ -65,7 +73,7 @@ QUICK = dict(steps=40, lr=1e-2, batch_size=8, seq_len=64, eval_windows=16)
 FULL = dict(steps=120, lr=1e-2, batch_size=8, seq_len=64, eval_windows=32)
 
 
-def experiment(quick: bool = False, device=None, **changes) -> dict:
+def experiment(quick: bool = False, device: str | torch.device | None = None, **changes: Any) -> dict:
     """`v4lab experiment qat`: the micro V4 trained in BF16 then rounded to FP4 (PTQ, baseline) vs trained
     with FP4 QAT (treatment), both evaluated with MXFP4 experts; effect = PTQ loss − QAT loss (> 0 when QAT
     recovers what rounding costs). The BF16 masters' loss is in ``details``."""

@@ -8,7 +8,16 @@ the mechanism (pre-activations beyond the limit are cut, the product stays bound
 """
 from __future__ import annotations
 
-from v4lab.train import micro_config, train
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from v4lab.train import evaluate, fit, micro_config
+from v4lab.trainconfig import TrainConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from v4lab.data import TokenData
 
 
 def count_spikes(losses: list[float], margin: float) -> int:
@@ -22,8 +31,8 @@ def count_spikes(losses: list[float], margin: float) -> int:
 
 
 def run(seed: int = 0, *, steps: int = 30, lr: float = 5e-2, limit: float = 10.0, batch_size: int = 8,
-        seq_len: int = 64, spike_margin: float = 0.5, data=None, threads: int | None = None,
-        device=None) -> dict:
+        seq_len: int = 64, spike_margin: float = 0.5, data: TokenData | None = None,
+        threads: int | None = None, device: str | torch.device | None = None) -> dict:
     """Returns {"config", "step", "clamp": {...}, "no_clamp": {...}} with, per variant, lists over steps:
     loss, lm_loss, grad_norm, preact_max (max over layers of pre-clamp |W1 x|, |W3 x|), moe_max (max |MoE
     output|), and scalars spikes, final_loss, seconds."""
@@ -33,9 +42,10 @@ def run(seed: int = 0, *, steps: int = 30, lr: float = 5e-2, limit: float = 10.0
     data = data or load_data(cfg.vocab_size)
     out = {"config": dict(seed=seed, steps=steps, lr=lr, limit=limit, batch_size=batch_size, seq_len=seq_len,
                           spike_margin=spike_margin), "step": list(range(steps))}
+    base = TrainConfig(cfg, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=2, seed=seed,
+                       progress=False, log_preact=True, threads=threads, device=device)
     for name, lim in (("clamp", limit), ("no_clamp", 0.0)):
-        r = train(cfg, data=data, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=2,
-                  seed=seed, swiglu_limit=lim, progress=False, log_preact=True, threads=threads, device=device)
+        r = fit(replace(base, swiglu_limit=lim), data)
         log = r["log"]
         out[name] = {"loss": [x["loss"] for x in log], "lm_loss": [x["lm_loss"] for x in log],
                      "grad_norm": [x["grad_norm"] for x in log],
@@ -46,23 +56,21 @@ def run(seed: int = 0, *, steps: int = 30, lr: float = 5e-2, limit: float = 10.0
     return out
 
 
-def _run_until_divergence(cfg, data, limit: float, eval_windows: int = 16, **kw) -> dict:
-    """Train with swiglu_limit = limit (0: no clamp); a non-finite value ends the run (divergence) and the
+def _run_until_divergence(config: TrainConfig, data, eval_windows: int = 16) -> dict:
+    """Train ``config`` (its swiglu_limit; 0: no clamp); a non-finite value ends the run (divergence) and the
     steps logged so far are kept. Returns the per-step curves, diverged_at (step or None) and, for a run
     that finished, the held-out loss on ``eval_windows`` windows."""
-    from v4lab.train import evaluate
     log = []
     diverged_at, err, heldout = None, None, None
     try:
-        r = train(cfg, data=data, swiglu_limit=limit, progress=False, log_preact=True,
-                  callback=lambda step, rec, model: log.append(rec), **kw)
-        heldout = evaluate(r["model"], data.heldout_windows(kw["seq_len"], eval_windows))["loss"]
+        r = fit(config, data, callback=lambda step, rec, model: log.append(rec))
+        heldout = evaluate(r["model"], data.heldout_windows(config.seq_len, eval_windows))["loss"]
     except (FloatingPointError, ValueError) as e:     # NaN/inf in the loss or in mHC's logits
         if isinstance(e, ValueError) and "inf or nan" not in str(e):
             raise                                     # a real input error, not a divergence
         diverged_at, err = len(log), str(e).splitlines()[0]
     lm = [x["lm_loss"] for x in log]
-    return {"limit": limit, "loss": lm, "grad_norm": [x["grad_norm"] for x in log],
+    return {"limit": config.swiglu_limit, "loss": lm, "grad_norm": [x["grad_norm"] for x in log],
             "preact_max": [max(x["swiglu_preact_max"]) for x in log],
             "moe_max": [max(v for v in x["moe_max_abs"] if v is not None) for x in log],
             "steps_survived": len(log), "diverged_at": diverged_at, "error": err,
@@ -79,8 +87,9 @@ QUICK = dict(steps=50, lr=0.3, batch_size=4, seq_len=64, grad_clip=0.0, weight_d
 FULL = dict(steps=50, lr=0.3, batch_size=4, seq_len=64, grad_clip=0.0, weight_decay=0.0, warmup=2, seeds=(0, 1, 2))
 
 
-def experiment(quick: bool = False, device=None, data=None, limits=(0.0, 10.0, 1.0), spike_margin: float = 0.5,
-               **changes) -> dict:
+def experiment(quick: bool = False, device: str | torch.device | None = None, data: TokenData | None = None,
+               limits: tuple[float, ...] = (0.0, 10.0, 1.0), spike_margin: float = 0.5,
+               **changes: Any) -> dict:
     """`v4lab experiment clamp`: the same high-LR run with no clamp (baseline), V4's clamp 10 (treatment)
     and a too-tight clamp (1), for each seed. metric = steps_survived (optimiser steps before a non-finite
     value); effect = mean over seeds of (treatment − baseline) / steps, the fraction of the run the clamp
@@ -90,11 +99,13 @@ def experiment(quick: bool = False, device=None, data=None, limits=(0.0, 10.0, 1
     kw = {k: v for k, v in settings.items() if k != "seeds"}
     cfg = micro_config()
     data = data or load_data(cfg.vocab_size)
+    eval_windows = kw.pop("eval_windows", 16)     # the held-out windows of a finished run, not a train setting
+    base = TrainConfig(cfg, progress=False, log_preact=True, threads=1, device=device, **kw)
     by_seed = {}
     for seed in settings["seeds"]:
         runs = {}
         for lim in limits:
-            r = _run_until_divergence(cfg, data, lim, seed=seed, threads=1, device=device, **kw)
+            r = _run_until_divergence(replace(base, seed=seed, swiglu_limit=lim), data, eval_windows)
             r["spikes"] = count_spikes(r["loss"], spike_margin)
             r["max_preact"] = max(r["preact_max"], default=None)
             r["max_moe"] = max(r["moe_max"], default=None)

@@ -99,94 +99,127 @@ def decode_data(run: Run, token: int) -> dict:
     S = run.n_tokens
     if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < S:
         raise ValueError(f"token = {token!r}: must be an integer in [0, {S - 1}] (the text has {S} tokens)")
-    t, rec, toks = token, run.records[token], run.tokens
+    t, rec = token, run.records[token]
     rows = row_layout(run)
-    y_of = {key: len(rows) - 1 - j for j, key in enumerate(rows)}
-    parts = {k: ([], [], [], []) for k in ("ring", "open", "stored", "read", "keys", "new")}   # x0, width, y, hover
-    span_x, span_y, notes, ticks = [], [], [], []
-
-    def add(part, x0, w, y, hover):
-        for lst, v in zip(parts[part], (x0, w, y, hover)):
-            lst.append(v)
-
-    for (i, row), y in y_of.items():
-        L = rec["layers"][i]
-        kind, m = L["kind"], L["ratio"]
-        label = f"{KIND_NAMES[kind]} L{i} · {row}"
-        if row == "ring":
-            for s, p in enumerate(L["window_slots"]):
-                if p >= 0:
-                    add("ring", p - 0.45, 0.9, y, f"ring slot {s} holds token {p} {toks[p]!r} (read)")
-            label += f" ({sum(p >= 0 for p in L['window_slots'])}/{len(L['window_slots'])} slots)"
-        elif row == "open block":
-            for p in L["pending"]:
-                add("open", p - 0.45, 0.9, y, f"token {p} {toks[p]!r} waits in the open block ({len(L['pending'])}/{m})")
-            label += f" ({len(L['pending'])}/{m})"
-            if not L["pending"]:
-                notes.append((t + 1.5, y, f"empty: a block of {m} closed at token {t}"))
-        elif row == "entries":
-            read = set(L["visible"]["compressed"])
-            for s, (lo, hi) in enumerate(L["entries"]):
-                part = "read" if s in read else "stored"
-                add(part, m * s - 0.45, m - 0.1, y,
-                    f"entry {s}: pools tokens {lo}–{hi} ({hi - lo + 1}); closed at token {m * (s + 1) - 1}, "
-                    f"visible from then on; {'read by' if s in read else 'not read by'} token {t}")
-            n, nv = len(L["entries"]), L["n_visible"]
-            label += f" (⌊{t + 1}/{m}⌋ = {nv} visible, {len(read)} read)"
-            if n:
-                lo, hi = L["entries"][-1]
-                span_x += [lo - 0.5, hi + 0.5, None]
-                span_y += [y - 0.45, y - 0.45, None]
-            if L["new_entry"]:
-                s = n - 1
-                add("new", m * s - 0.45, m - 0.1, y, f"entry {s} closed at token {t}: ⌊{t + 1}/{m}⌋ = {n}, visible now")
-            if not n:
-                notes.append((0, y, f"no entry yet: the first closes at token {m - 1} (⌊(t+1)/{m}⌋ = 0)"))
-        else:                                          # indexer keys
-            for s in range(L["index_keys"]):
-                add("keys", m * s - 0.45, m - 0.1, y, f"indexer key {s} (FP4), scored against token {t}'s query")
-            label += f" ({L['index_keys']}, all scored)"
-            if not L["index_keys"]:
-                notes.append((0, y, f"no key yet: one per closed block of {m}"))
-        ticks.append((y, label))
-
-    names = {"ring": "ring slot: raw KV (always read)", "open": "open block: pending, not readable yet",
-             "stored": "entry stored, not read by this token", "read": "entry read (CSA top-k / HCA all)",
-             "keys": "indexer key (FP4)", "new": "entry closed at this token (visible now)"}
-    traces = []
-    for part in ("ring", "open", "stored", "read", "keys"):
-        x0, w, ys, hv = parts[part]
-        traces.append(_bars(x0, w, ys, names[part], PART_COLORS[part], hv))
-    x0, w, ys, hv = parts["new"]
-    traces.append(_bars(x0, w, ys, names["new"], "rgba(0,0,0,0)", hv,
-                        marker=dict(line=dict(color=PART_COLORS["new"], width=3))))
-    traces.append(dict(type="scatter", mode="lines+markers", x=span_x, y=span_y, name="span the newest entry pools",
-                       line=dict(color=PART_COLORS["span"], width=2), marker=dict(symbol="line-ns-open", size=8),
-                       hoverinfo="skip", xaxis="x", yaxis="y"))
-    traces.append(dict(type="scatter", mode="lines", x=[t, t], y=[-0.6, len(rows) - 0.4], name="the query (token t)",
-                       line=dict(color=PART_COLORS["query"], dash="dot", width=1), hoverinfo="skip", xaxis="x", yaxis="y"))
+    cache = _CacheRows(run, t)
+    for j, (i, row) in enumerate(rows):
+        cache.row(i, row, len(rows) - 1 - j)
+    traces = cache.traces(len(rows))
     base = T.cache_baselines(run.cfg, t + 1)
     assert base["v4"] == rec["cache_bytes"]                   # the trace's own count (tests check it per step)
+    traces.append(_baseline_bars(run, base))
+    return {"traces": traces, "layout": _decode_layout(run, t, cache, len(rows))}
+
+
+class _CacheRows:
+    """The cache panel of token t, one row at a time: bars per part (x0, width, y, hover), the span the
+    newest entry pools, notes for empty rows and the row labels."""
+
+    NAMES = {"ring": "ring slot: raw KV (always read)", "open": "open block: pending, not readable yet",
+             "stored": "entry stored, not read by this token", "read": "entry read (CSA top-k / HCA all)",
+             "keys": "indexer key (FP4)", "new": "entry closed at this token (visible now)"}
+
+    def __init__(self, run: Run, t: int):
+        self.t, self.rec, self.toks = t, run.records[t], run.tokens
+        self.parts = {k: ([], [], [], []) for k in self.NAMES}
+        self.span_x, self.span_y, self.notes, self.ticks = [], [], [], []
+
+    def add(self, part: str, x0: float, w: float, y: float, hover: str) -> None:
+        for lst, v in zip(self.parts[part], (x0, w, y, hover)):
+            lst.append(v)
+
+    def row(self, i: int, row: str, y: int) -> None:
+        L = self.rec["layers"][i]
+        label = f"{KIND_NAMES[L['kind']]} L{i} · {row}"
+        draw = {"ring": self._ring, "open block": self._open, "entries": self._entries}.get(row, self._keys)
+        self.ticks.append((y, label + draw(L, y)))
+
+    def _ring(self, L: dict, y: int) -> str:
+        for s, p in enumerate(L["window_slots"]):
+            if p >= 0:
+                self.add("ring", p - 0.45, 0.9, y, f"ring slot {s} holds token {p} {self.toks[p]!r} (read)")
+        return f" ({sum(p >= 0 for p in L['window_slots'])}/{len(L['window_slots'])} slots)"
+
+    def _open(self, L: dict, y: int) -> str:
+        m, pending = L["ratio"], L["pending"]
+        for p in pending:
+            self.add("open", p - 0.45, 0.9, y,
+                     f"token {p} {self.toks[p]!r} waits in the open block ({len(pending)}/{m})")
+        if not pending:
+            self.notes.append((self.t + 1.5, y, f"empty: a block of {m} closed at token {self.t}"))
+        return f" ({len(pending)}/{m})"
+
+    def _entries(self, L: dict, y: int) -> str:
+        t, m = self.t, L["ratio"]
+        read = set(L["visible"]["compressed"])
+        for s, (lo, hi) in enumerate(L["entries"]):
+            self.add("read" if s in read else "stored", m * s - 0.45, m - 0.1, y,
+                     f"entry {s}: pools tokens {lo}–{hi} ({hi - lo + 1}); closed at token {m * (s + 1) - 1}, "
+                     f"visible from then on; {'read by' if s in read else 'not read by'} token {t}")
+        n = len(L["entries"])
+        if n:
+            lo, hi = L["entries"][-1]
+            self.span_x += [lo - 0.5, hi + 0.5, None]
+            self.span_y += [y - 0.45, y - 0.45, None]
+        if L["new_entry"]:
+            self.add("new", m * (n - 1) - 0.45, m - 0.1, y,
+                     f"entry {n - 1} closed at token {t}: ⌊{t + 1}/{m}⌋ = {n}, visible now")
+        if not n:
+            self.notes.append((0, y, f"no entry yet: the first closes at token {m - 1} (⌊(t+1)/{m}⌋ = 0)"))
+        return f" (⌊{t + 1}/{m}⌋ = {L['n_visible']} visible, {len(read)} read)"
+
+    def _keys(self, L: dict, y: int) -> str:
+        m = L["ratio"]
+        for s in range(L["index_keys"]):
+            self.add("keys", m * s - 0.45, m - 0.1, y, f"indexer key {s} (FP4), scored against token {self.t}'s query")
+        if not L["index_keys"]:
+            self.notes.append((0, y, f"no key yet: one per closed block of {m}"))
+        return f" ({L['index_keys']}, all scored)"
+
+    def traces(self, n_rows: int) -> list[dict]:
+        """The 8 traces of the cache panel: 5 parts, the new entry's outline, the span, the query line."""
+        out = []
+        for part in ("ring", "open", "stored", "read", "keys"):
+            x0, w, ys, hv = self.parts[part]
+            out.append(_bars(x0, w, ys, self.NAMES[part], PART_COLORS[part], hv))
+        x0, w, ys, hv = self.parts["new"]
+        out.append(_bars(x0, w, ys, self.NAMES["new"], "rgba(0,0,0,0)", hv,
+                         marker=dict(line=dict(color=PART_COLORS["new"], width=3))))
+        out.append(dict(type="scatter", mode="lines+markers", x=self.span_x, y=self.span_y,
+                        name="span the newest entry pools", line=dict(color=PART_COLORS["span"], width=2),
+                        marker=dict(symbol="line-ns-open", size=8), hoverinfo="skip", xaxis="x", yaxis="y"))
+        out.append(dict(type="scatter", mode="lines", x=[self.t, self.t], y=[-0.6, n_rows - 0.4],
+                        name="the query (token t)", line=dict(color=PART_COLORS["query"], dash="dot", width=1),
+                        hoverinfo="skip", xaxis="x", yaxis="y"))
+        return out
+
+
+def _baseline_bars(run: Run, base: dict) -> dict:
+    """The cache of this model after t+1 tokens beside V3.2's MLA and a BF16 GQA-8 of the same depth."""
     labels = {"v4": "V4 cache (this model)", "v3.2_mla": f"V3.2 MLA cache, {run.n_layers} layers",
               "gqa8": f"BF16 GQA-8, {run.n_layers} layers"}
     keys = ["gqa8", "v3.2_mla", "v4"]
-    traces.append(dict(type="bar", orientation="h", x=[base[k] for k in keys], y=[labels[k] for k in keys],
-                       marker=dict(color=[BASELINE_COLORS[k] for k in keys]), showlegend=False,
-                       text=[f"{_human(base[k])} ({100 * base[k] / base['v3.2_mla']:.3g}% of V3.2)" for k in keys],
-                       textposition="outside", cliponaxis=False, hoverinfo="text", xaxis="x2", yaxis="y2"))
-    xmax = max(40, t + 3)
-    reads = " + ".join(f"{KIND_NAMES[rec['layers'][i]['kind']]} L{i}: {len(rec['layers'][i]['visible']['window'])} raw"
-                       + (f" + {len(rec['layers'][i]['visible']['compressed'])} entries" if rec['layers'][i]['ratio'] else "")
-                       for i in run.layers)
+    return dict(type="bar", orientation="h", x=[base[k] for k in keys], y=[labels[k] for k in keys],
+                marker=dict(color=[BASELINE_COLORS[k] for k in keys]), showlegend=False,
+                text=[f"{_human(base[k])} ({100 * base[k] / base['v3.2_mla']:.3g}% of V3.2)" for k in keys],
+                textposition="outside", cliponaxis=False, hoverinfo="text", xaxis="x2", yaxis="y2")
+
+
+def _decode_layout(run: Run, t: int, cache: _CacheRows, n_rows: int) -> dict:
+    rec, toks = run.records[t], run.tokens
+
+    def reads(i: int) -> str:
+        L = rec["layers"][i]
+        return (f"{KIND_NAMES[L['kind']]} L{i}: {len(L['visible']['window'])} raw"
+                + (f" + {len(L['visible']['compressed'])} entries" if L["ratio"] else ""))
     title = (f"token t = {t} {toks[t]!r} · cache {_human(rec['cache_bytes'])} after {t + 1} tokens"
-             f"<br><sup>reads (+ sink): {reads}</sup>")
-    layout = {"title": {"text": title, "font": {"size": 13}},
-              "xaxis": {**DECODE_LAYOUT["xaxis"], "range": [-1, xmax]},
-              "yaxis": {**DECODE_LAYOUT["yaxis"], "tickvals": [y for y, _ in ticks],
-                        "ticktext": [lab for _, lab in ticks], "range": [-0.7, len(rows) - 0.3]},
-              "annotations": [dict(x=x, y=y, xref="x", yref="y", text=txt, showarrow=False, xanchor="left",
-                                   font=dict(size=10, color="#555555")) for x, y, txt in notes]}
-    return {"traces": traces, "layout": layout}
+             f"<br><sup>reads (+ sink): {' + '.join(reads(i) for i in run.layers)}</sup>")
+    return {"title": {"text": title, "font": {"size": 13}},
+            "xaxis": {**DECODE_LAYOUT["xaxis"], "range": [-1, max(40, t + 3)]},
+            "yaxis": {**DECODE_LAYOUT["yaxis"], "tickvals": [y for y, _ in cache.ticks],
+                      "ticktext": [lab for _, lab in cache.ticks], "range": [-0.7, n_rows - 0.3]},
+            "annotations": [dict(x=x, y=y, xref="x", yref="y", text=txt, showarrow=False, xanchor="left",
+                                 font=dict(size=10, color="#555555")) for x, y, txt in cache.notes]}
 
 
 DECODE_LAYOUT = dict(

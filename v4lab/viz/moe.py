@@ -705,14 +705,15 @@ def load_data(sp: Specialisation, layer: int) -> dict:
         ann = [dict(text="hash-routed layer:<br>no bias (the token id<br>picks the experts)", xref="x2 domain",
                     yref="y2 domain", x=0.5, y=0.5, showarrow=False, font=dict(size=12, color="#555"))]
     title += f"<br>measured by v4lab on {sp.routes['where']}"
-    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}, "annotations": ann}}
+    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}, "annotations": ann,
+                                         "xaxis": {"range": [-0.6, E - 0.4]}, "xaxis2": {"range": [-0.6, E - 0.4]}}}
 
 
 LOAD_LAYOUT = dict(height=430, margin=dict(l=60, r=20, t=80, b=110),
                    legend=dict(orientation="h", yanchor="top", y=-0.16, xanchor="left", x=0),
                    xaxis=dict(domain=[0, 0.58], title="expert", dtick=1),
                    yaxis=dict(title="share of the top-k slots", rangemode="tozero"),
-                   xaxis2=dict(domain=[0.68, 1], title="expert", dtick=1, anchor="y2"),
+                   xaxis2=dict(domain=[0.68, 1], title="expert", dtick=1, anchor="y2", tickfont=dict(size=9)),
                    yaxis2=dict(title="aux-loss-free bias b_e", anchor="x2", zeroline=True))
 
 

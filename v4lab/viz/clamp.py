@@ -309,13 +309,14 @@ BRANCHES = {"gate": "gate W1·x (clamped above at L)", "up": "up W3·x (clipped 
 
 def overview_hist(pre: Preacts) -> dict:
     """Per layer and branch, a histogram over [−H, H] with H ≥ 1.2 × the model's limit, so the limit is
-    always inside the picture (cached on ``pre``)."""
-    if not hasattr(pre, "_overview"):
-        L = pre.acts["limit"] or V4_LIMIT
+    always inside the picture (cached on ``pre`` per limit)."""
+    L = pre.acts["limit"] or V4_LIMIT
+    cache = pre.__dict__.setdefault("_overview", {})
+    if L not in cache:
         half = float(max(pre.half, math.ceil(1.2 * L)))
-        pre._overview = {"half": half, "hist": {b: {l: histogram(pre.acts[b][l], half) for l in pre.layers}
-                                                for b in BRANCHES}}
-    return pre._overview
+        cache[L] = {"half": half, "hist": {b: {l: histogram(pre.acts[b][l], half) for l in pre.layers}
+                                           for b in BRANCHES}}
+    return cache[L]
 
 
 def touched(pre: Preacts, branch: str, layer: int) -> tuple[int, int]:

@@ -366,6 +366,14 @@ LOSS_TOKENS = 1024
 MASTERS_FILE = Path(__file__).resolve().parent / "data" / "lab_fp4_masters.json"
 
 
+def coarse_round(w: torch.Tensor, block: int = COARSE_BLOCK) -> torch.Tensor:
+    """``quant.fp4_fake_quant`` with one scale per ``block`` weights along each row; a row whose length is not
+    a multiple of ``block`` is padded with zeros for the rounding (a zero never raises a block's amax)."""
+    pad = (-w.shape[-1]) % block
+    wp = torch.nn.functional.pad(w, (0, pad)) if pad else w
+    return Q.fp4_fake_quant(wp, block)[..., :w.shape[-1]]
+
+
 def shards_fingerprint(path) -> str:
     """sha256 of the checkpoint's index and shards (which weights a stored measurement belongs to)."""
     import hashlib
@@ -411,7 +419,7 @@ class ExpertFP4:
                     self.exps[layer, e, m] = scale.flatten().long() - 127
                     w = Q.mxfp4_dequantize(packed.view(torch.uint8), scale)
                     sig += float(w.double().square().sum())
-                    err += float((Q.fp4_fake_quant(w, COARSE_BLOCK) - w).double().square().sum())
+                    err += float((coarse_round(w) - w).double().square().sum())
                 sq.append(10 * math.log10(sig / err) if err > 0 else float("inf"))
             self.coarse_db[layer] = sq
 
@@ -570,7 +578,7 @@ def coarser_experts(model, block: int = COARSE_BLOCK):
                 for ex in b.ffn.experts:
                     for lin in (ex.w1, ex.w2, ex.w3):
                         saved.append((lin, lin.weight.detach().clone()))
-                        lin.weight.copy_(Q.fp4_fake_quant(lin.weight, block))
+                        lin.weight.copy_(coarse_round(lin.weight, block))
         yield model
     finally:
         with torch.no_grad():
@@ -640,6 +648,8 @@ def measure_masters(path, ckpt, windows: int = 8, seq_len: int = 2048) -> dict:
 
     from v4lab.checkpoint import CheckpointReader
     from v4lab.labeval import masters_vs_file
+    if not (Path(ckpt) / "model.safetensors").is_file():
+        raise ValueError(f"masters = {str(ckpt)!r}: holds no model.safetensors (give the run's ckpt/ folder)")
     r = CheckpointReader(path)
     cfg, sd = r.config, load_file(str(Path(ckpt) / "model.safetensors"))
     sq = {}

@@ -528,3 +528,16 @@ class ModelMHCWidget(Widget):
 
     def on_position(self, value):
         self.set(position=int(value))
+
+
+def model_mhc_table(mm: ModelMHC) -> str:
+    """Plain text per site: the share of each stream the static comb keeps (diagonal mean), the same for the
+    token-mean comb, and the composite gain (max, min over streams, this text's token mean) after the site."""
+    lines = [f"{'site':<14} {'static keeps':>12} {'tokens keep':>11} {'gain max':>9} {'gain min':>9}"]
+    mean = torch.stack([c.mean(0) for c in mm.c["combs"]])
+    for k, (layer, site) in enumerate(mm.c["sites"]):
+        lines.append(f"layer {layer} {site:<6} {float(mm.c['static'][k].diagonal().mean()):>12.3f} "
+                     f"{float(mean[k].diagonal().mean()):>11.3f} {_amax(mm.mean_gains)[k]:>9.4f} "
+                     f"{_amin(mm.mean_gains)[k]:>9.4f}")
+    lines.append(f"{mm.T} tokens; uniform mixing keeps 1/{N} = {1 / N:.3f} of each stream, the identity keeps 1")
+    return "\n".join(lines)

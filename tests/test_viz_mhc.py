@@ -151,7 +151,7 @@ def test_model_combs_are_what_the_forward_used(tiny_mhc):
         assert torch.allclose(out, seen["out", l], atol=1e-4, rtol=1e-4), l
         for k in (ka, kf):                                                # mHC: columns of comb sum to 1
             assert torch.allclose(c["combs"][k].sum(-2), torch.ones(1, dtype=torch.float64), atol=1e-5)
-        base = getattr(b, "hc_attn_base")[2 * V.N:].double().view(V.N, V.N)
+        base = b.hc_attn_base[2 * V.N:].double().view(V.N, V.N)
         assert torch.allclose(c["static"][ka], mhc.sinkhorn(base, model.cfg.hc_sinkhorn_iters, model.cfg.hc_eps))
     assert len(c["combs"][0]) == len(c["tokens"]) == mm.T
 

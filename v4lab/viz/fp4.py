@@ -13,6 +13,7 @@ Everything expensive is computed once per process (module-level caches), so call
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import lru_cache
 from pathlib import Path
@@ -564,9 +565,6 @@ class ExpertCodesWidget(Widget):
 
 
 # ------------------------------------------------------------------------------------ the FP4 model's loss
-import contextlib  # noqa: E402  (used only by the loss comparison below)
-
-
 @contextlib.contextmanager
 def coarser_experts(model, block: int = COARSE_BLOCK):
     """Temporarily round every routed expert's weights once more onto MXFP4 with one scale per ``block``

@@ -23,8 +23,16 @@ from v4lab import accounting, get_config
 from v4lab.gate import gate_scores, route_weights, select_topk
 from v4lab.moe import bias_sensitivity, expert_load, layer_routing_stats, load_imbalance
 from v4lab.viz import trained
-from v4lab.viz.common import (COLORS, TextCache, Widget, categorical_colorscale, check_choice, figure_from, fmt3,
-                              register)
+from v4lab.viz.common import (
+    COLORS,
+    TextCache,
+    Widget,
+    categorical_colorscale,
+    check_choice,
+    figure_from,
+    fmt3,
+    register,
+)
 
 # ------------------------------------------------------------------------------------ 671B -> 1.6T
 EXPERT_STOPS = [64, 128, 160, 256, 384, 512]
@@ -682,7 +690,7 @@ def load_data(sp: Specialisation, layer: int) -> dict:
         no_bias = expert_load(select_topk(r["scores"], None, r["k"], r["n_group"], r["topk_group"]), E)
         nb_share = (no_bias / no_bias.sum()).tolist()
     traces = [
-        dict(type="bar", x=ex, y=share, marker=dict(color=cols), name="load: the model's routing (with the bias)",
+        dict(type="bar", x=ex, y=share, marker=dict(color=cols), name="load: the model's routing",
              hovertemplate="expert %{x}: %{y:.3f} of the slots<extra></extra>", xaxis="x", yaxis="y"),
         dict(type="scatter", mode="markers", x=ex if learned else [], y=nb_share if learned else [],
              name="load without the bias (same affinities)", marker=dict(symbol="line-ew-open", size=16, color="#222",

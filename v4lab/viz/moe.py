@@ -564,9 +564,16 @@ def top_tokens(sp: Specialisation, layer: int, expert: int, rank_by: str = "coun
 def specialisation_data(sp: Specialisation, layer: int, rank_by: str = "count") -> dict:
     """Traces (fixed count 6): p(class | expert) heatmap (rows: experts, then all experts together), the
     expert colour swatches, each expert's top tokens, the mutual information per block (hash-routed and
-    learned bars) with a random router's beside it."""
+    learned bars) with a random router's beside it. Kept per state on ``sp`` (a callback only looks up)."""
     check_choice("layer", layer, sp.layers)
     check_choice("rank_by", rank_by, RANK_BY)
+    memo = sp.__dict__.setdefault("_data", {})
+    if (layer, rank_by) not in memo:
+        memo[layer, rank_by] = _specialisation_data(sp, layer, rank_by)
+    return memo[layer, rank_by]
+
+
+def _specialisation_data(sp: Specialisation, layer: int, rank_by: str) -> dict:
     E, jc = sp.E, sp.by_class[layer]                           # [C, E]
     used = [c for c in range(len(sp.classes)) if jc[c].sum() > 0]
     pce = (jc[used] / jc[used].sum(0, keepdim=True).clamp_min(1)).T       # [E, C'] p(class | expert)
@@ -646,6 +653,9 @@ class SpecialisationWidget(Widget):
 
     def __init__(self, static=None, sp: Specialisation | None = None, **state):
         self.sp = specialisation() if sp is None else sp
+        for layer in self.sp.layers:                                  # every state up front (~0.1 s)
+            for rank_by in RANK_BY:
+                specialisation_data(self.sp, layer, rank_by)
         super().__init__(static, **state)
 
     def validate(self, state):

@@ -142,3 +142,63 @@ def test_static_builders_match_widgets(pre):
             == C.PreactWidget(static=True, pre=pre, layer=pre.layers[0], limit=2.0).fig.to_plotly_json()["data"])
     assert (C.build_experiment(metric="moe_max").to_plotly_json()["data"]
             == C.ExperimentWidget(static=True, metric="moe_max").fig.to_plotly_json()["data"])
+
+
+# ------------------------------------------------------------------ every layer at once
+import copy  # noqa: E402
+import math  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from v4lab.viz import check  # noqa: E402
+
+LAB = Path(__file__).resolve().parents[1] / "data" / "lab-v4"
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_overview_counts_what_the_clamp_touches(pre, static):
+    w = C.OverviewWidget(static=static, pre=pre)
+    L = pre.acts["limit"]
+    assert L > 0
+    for branch, _ in sweep(w, "branch"):
+        heat, peaks, bars = w.fig.data
+        for row, l in enumerate(pre.layers):
+            v = pre.acts[branch][l]
+            hit = (v > L) if branch == "gate" else (v.abs() > L)         # gate: clamped above only; up: both sides
+            assert bars.x[row] == pytest.approx(100 * float(hit.float().mean()))
+            assert peaks.x[row] == pytest.approx(float(v.max() if branch == "gate" else v.abs().max()))
+            # the heatmap holds every value: 10^z summed back over the bins
+            assert sum(10 ** z for z in heat.z[row] if z is not None) == pytest.approx(v.numel(), rel=1e-2)
+        xs = sorted(s.x0 for s in w.fig.layout.shapes if s.type == "line")
+        assert xs == ([L] if branch == "gate" else [-L, L])
+        assert w.fig.layout.xaxis.range[1] >= 1.2 * L                 # the limit is always in the picture
+        assert sum(bars.x) > 0 and not w.fig.layout.annotations
+        assert check.check_figure(w.fig) == [], branch
+
+
+def test_overview_says_when_nothing_is_clipped(pre):
+    calm = copy.copy(pre)
+    calm._overview = {}
+    calm.acts = dict(pre.acts, limit=10 * C.peak(pre.acts))
+    d = C.overview_data(calm, "up")
+    assert sum(d["traces"][2]["x"]) == 0
+    assert "changes nothing" in d["layout"]["annotations"][0]["text"]
+    assert d["layout"]["xaxis"]["range"][1] >= 1.2 * calm.acts["limit"]
+    assert check.check_figure(C.figure_from(d, C.OVERVIEW_LAYOUT)) == []
+    with pytest.raises(ValueError, match="branch = 'down'"):
+        C.overview_data(pre, "down")
+
+
+@pytest.mark.slow
+def test_lab_model_clamp_figures():
+    if not (LAB / "config.json").is_file():
+        pytest.skip("data/lab-v4 is not there (the lab model ships separately; see data/README.md)")
+    torch.set_num_threads(1)
+    model, tok, _ = trained.load_dir(LAB)
+    p = C.Preacts(C.collect(C.TEXTS[:1], model, tok), model)
+    assert p.acts["limit"] == C.V4_LIMIT and math.isfinite(C.peak(p.acts))
+    for W in (C.OverviewWidget, C.PreactWidget):
+        w = W(static=True, pre=p)
+        for c in w.control_names:
+            for v in w.sweep_values(c):
+                getattr(w, f"on_{c}")(v)
+                assert check.check_figure(w.fig) == [], (W.name, c, v)

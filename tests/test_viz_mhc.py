@@ -107,3 +107,95 @@ def test_static_builders_match_widgets(tiny_result):
             == V.SinkhornWidget(static=True, iters=5, logit_scale=2.0).fig.to_plotly_json()["data"])
     assert (V.build_gains("final", 0.15, tiny_result).to_plotly_json()["data"]
             == V.GainsWidget(static=True, result=tiny_result, source="final").fig.to_plotly_json()["data"])
+
+
+# ------------------------------------------------------------------ the trained model's mHC
+from pathlib import Path  # noqa: E402
+
+from v4lab.viz import check, trained  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+TINY, LAB = DATA / "tiny-v4", DATA / "lab-v4"
+
+
+@pytest.fixture(scope="module")
+def tiny_mhc():
+    torch.set_num_threads(1)
+    model, tok, _ = trained.load_dir(TINY)
+    return model, tok, V.ModelMHC(V.model_combs(model, tok))
+
+
+def test_model_combs_are_what_the_forward_used(tiny_mhc):
+    """Each block's output is hc_post(ffn out, hc_post(attn out, X, post_a, comb_a), post_f, comb_f) with the
+    captured matrices: a comb computed on the wrong streams (e.g. the MoE site on the block input) fails."""
+    model, tok, mm = tiny_mhc
+    ids = trained.encode(tok, trained.SAMPLE_TEXTS[V.MODEL_TEXT_KEY], V.MODEL_TOKENS)
+    seen = {}
+    hooks = []
+    for b in model.layers:
+        hooks.append(b.register_forward_pre_hook(lambda m, a: seen.__setitem__(("in", m.layer_id), a[0])))
+        hooks.append(b.register_forward_hook(lambda m, a, o: seen.__setitem__(("out", m.layer_id), o)))
+        hooks.append(b.attn.register_forward_hook(lambda m, a, o, i=b.layer_id: seen.__setitem__(("attn", i), o)))
+        hooks.append(b.ffn.register_forward_hook(lambda m, a, o, i=b.layer_id: seen.__setitem__(("ffn", i), o)))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    c = mm.c
+    for b in model.layers:
+        l = b.layer_id
+        ka, kf = c["sites"].index((l, "attn")), c["sites"].index((l, "ffn"))
+        f = lambda t: t[None].float()                                   # noqa: E731
+        mid = mhc.hc_post(seen["attn", l], seen["in", l], f(c["post"][ka]), f(c["combs"][ka]))
+        out = mhc.hc_post(seen["ffn", l], mid, f(c["post"][kf]), f(c["combs"][kf]))
+        assert torch.allclose(out, seen["out", l], atol=1e-4, rtol=1e-4), l
+        for k in (ka, kf):                                                # mHC: columns of comb sum to 1
+            assert torch.allclose(c["combs"][k].sum(-2), torch.ones(1, dtype=torch.float64), atol=1e-5)
+        base = b.hc_attn_base[2 * V.N:].double().view(V.N, V.N)
+        assert torch.allclose(c["static"][ka], mhc.sinkhorn(base, model.cfg.hc_sinkhorn_iters, model.cfg.hc_eps))
+    assert len(c["combs"][0]) == len(c["tokens"]) == mm.T
+
+
+def _flat(z):
+    return [v for row in z for v in row]
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_model_mhc_widget_sweeps(tiny_mhc, static):
+    _, _, mm = tiny_mhc
+    w = V.ModelMHCWidget(static=static, mm=mm)
+    for site, _ in sweep(w, "site"):
+        for layer, _ in sweep(w, "layer"):
+            for pos, _ in sweep(w, "position", [0, 5, mm.T - 1]):
+                k = mm.site_index(layer, site)
+                st, tok, comp, smax, tmax, tmin, mmax, hc, res, mark = w.fig.data
+                assert _flat(st.z) == pytest.approx(mm.c["static"][k].flatten().tolist(), abs=1e-4)
+                assert _flat(tok.z) == pytest.approx(mm.c["combs"][k][pos].flatten().tolist(), abs=1e-4)
+                P = torch.eye(V.N, dtype=torch.float64)
+                for c in mm.c["combs"][:k + 1]:
+                    P = c[pos].T @ P
+                assert _flat(comp.z) == pytest.approx(P.T.flatten().tolist(), abs=1e-4)
+                g = mhc.composite_gains(torch.stack([mhc.h_res(c[pos]) for c in mm.c["combs"]]))
+                assert list(tmax.y) == pytest.approx([max(a, b) for a, b in zip(g["fwd_max"], g["bwd_max"])])
+                assert list(mark.x) == [k + 1] and list(res.y) == [1.0] * len(mm.c["sites"])
+                assert max(tmax.y) < 1.01 and min(tmin.y) > 0.5                 # mHC keeps the gain near 1
+                assert check.check_figure(w.fig) == [], (site, layer, pos)
+    for pos, _ in sweep(w, "position"):                                 # every position renders
+        assert w.state["position"] == pos
+    with pytest.raises(ValueError, match="position = -1"):
+        w.on_position(-1)
+
+
+@pytest.mark.slow
+def test_lab_model_mhc_figure():
+    if not (LAB / "config.json").is_file():
+        pytest.skip("data/lab-v4 is not there (the lab model ships separately; see data/README.md)")
+    torch.set_num_threads(1)
+    model, tok, _ = trained.load_dir(LAB)
+    mm = V.ModelMHC(V.model_combs(model, tok))
+    assert len(mm.c["sites"]) == 2 * model.cfg.num_hidden_layers
+    w = V.ModelMHCWidget(static=True, mm=mm)
+    for c in w.control_names:
+        for v in w.sweep_values(c)[:12]:
+            getattr(w, f"on_{c}")(v)
+            assert check.check_figure(w.fig) == [], (c, v)

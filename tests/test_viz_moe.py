@@ -151,3 +151,132 @@ def test_static_builders(notebook_model):
     assert M.build_bias(M.DEFAULT_TEXT, 3, 2, 0.05).to_plotly_json()["data"] == w.fig.to_plotly_json()["data"]
     fig = M.build_expansion()
     assert sum(fig.data[0].y) == pytest.approx(accounting.moe_expansion()["routed_growth"] / 1e9)
+
+
+# ------------------------------------------------------------------ what the trained experts learned
+from pathlib import Path  # noqa: E402
+
+from v4lab.data import TOKEN_CLASSES, token_classes  # noqa: E402
+from v4lab.gate import select_topk  # noqa: E402
+from v4lab.labeval import random_twin  # noqa: E402
+from v4lab.train import expert_specialisation  # noqa: E402
+from v4lab.viz import check  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+TINY, LAB = DATA / "tiny-v4", DATA / "lab-v4"
+
+
+@pytest.fixture(scope="module")
+def tiny_spec():
+    torch.set_num_threads(1)
+    model, tok, info = trained.load_dir(TINY)
+    return model, tok, M.Specialisation(model, tok, TINY, n_tokens=300)
+
+
+def test_specialisation_is_expert_specialisation(tiny_spec):
+    """The panel's MI per block is v4lab.train.expert_specialisation's on the same tokens, for the trained
+    router and for the random twin."""
+    model, tok, sp = tiny_spec
+    ids = sp.routes["ids"]
+    assert ids.numel() == 300 and ids[0] == 0                      # the held-out stream starts at <|bos|>
+    windows = torch.cat([ids, ids[:1]])[None]                         # expert_specialisation reads [:, :-1]
+    classes = token_classes(tok)
+    want = expert_specialisation(model, windows, classes, batch_size=1)
+    assert sp.mi == pytest.approx(want["mi_bits"], abs=1e-12)
+    assert [r["hash"] for r in sp.routes["layers"]] == want["hash"]
+    rand = expert_specialisation(random_twin(model), windows, classes, batch_size=1)
+    assert sp.random_mi == pytest.approx(rand["mi_bits"], abs=1e-12)
+    learned = [i for i, h in enumerate(want["hash"]) if not h]
+    assert all(sp.mi[i] > 2 * sp.random_mi[i] for i in learned)      # trained routers do specialise
+    hashed = [i for i, h in enumerate(want["hash"]) if h]
+    assert all(sp.mi[i] == pytest.approx(sp.random_mi[i]) for i in hashed)   # same table, same routes
+
+
+def test_top_tokens_rank_by_count_and_by_share(tiny_spec):
+    _, _, sp = tiny_spec
+    layer = 1
+    j = sp.by_token[layer]
+    for e in range(sp.E):
+        by_count = M.top_tokens(sp, layer, e, "count")
+        counts = [n for _, n, _ in by_count]
+        assert counts == sorted(counts, reverse=True) and counts[0] == int(j[:, e].max())
+        for s, n, f in M.top_tokens(sp, layer, e, "share"):
+            t = sp.strings.index(s)
+            assert j[t].sum() >= M.MIN_COUNT and f == pytest.approx(n / float(j[t].sum()))
+    with pytest.raises(ValueError, match="rank_by = 'x'"):
+        M.top_tokens(sp, layer, 0, "x")
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_specialisation_widget_sweeps(tiny_spec, static):
+    _, _, sp = tiny_spec
+    w = M.SpecialisationWidget(static=static, sp=sp)
+    assert w.state["layer"] == 1                                      # the first learned layer
+    for rank_by, _ in sweep(w, "rank_by"):
+        for layer, _ in sweep(w, "layer"):
+            heat, swatch, tops, hash_bars, learned_bars, rand = w.fig.data
+            jc = sp.by_class[layer]
+            used = [c for c in range(len(TOKEN_CLASSES)) if jc[c].sum() > 0]
+            assert list(heat.x) == [TOKEN_CLASSES[c] for c in used]
+            for e in range(sp.E):                                       # p(class | expert): rows sum to 1
+                assert sum(heat.z[e]) == pytest.approx(1.0, abs=1e-3)
+                assert heat.z[e][0] == pytest.approx(float(jc[used[0], e] / jc[:, e].sum()), abs=1e-4)
+            assert heat.z[-1] == pytest.approx((jc[used].sum(1) / jc.sum()).tolist(), abs=1e-4)
+            first = M.top_tokens(sp, layer, 0, rank_by)[0][0]
+            assert tops.text[0].startswith(first)
+            assert list(hash_bars.y) + list(learned_bars.y) == pytest.approx(
+                [m for m, r in zip(sp.mi, sp.routes["layers"]) if r["hash"]]
+                + [m for m, r in zip(sp.mi, sp.routes["layers"]) if not r["hash"]])
+            assert list(rand.y) == pytest.approx(sp.random_mi)
+            assert swatch.meta == {"categorical": True}
+            assert check.check_figure(w.fig) == [], (layer, rank_by)
+    with pytest.raises(ValueError, match="layer = 99"):
+        w.on_layer(99)
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_load_widget_sweeps(tiny_spec, static):
+    model, _, sp = tiny_spec
+    w = M.LoadWidget(static=static, sp=sp)
+    E, K = model.cfg.n_routed_experts, model.cfg.num_experts_per_tok
+    for layer, _ in sweep(w, "layer"):
+        r = sp.routes["layers"][layer]
+        load, no_bias, mean, bias = w.fig.data
+        T = r["idx"].shape[0]
+        assert list(load.y) == pytest.approx((expert_load(r["idx"], E) / (T * K)).tolist())
+        assert list(load.marker.color) == M.expert_colors(E) and len(set(M.expert_colors(E))) == E
+        assert list(mean.y) == [1 / E, 1 / E]
+        if r["hash"]:
+            assert not no_bias.x and not bias.x and "no bias" in w.fig.layout.annotations[0].text
+        else:
+            nb = expert_load(select_topk(r["scores"], None, K), E) / (T * K)
+            assert list(no_bias.y) == pytest.approx(nb.tolist())
+            assert list(bias.y) == pytest.approx(model.blocks()[layer].ffn.gate.bias.tolist())
+        assert check.check_figure(w.fig) == [], layer
+
+
+def test_heldout_ids_sources_and_errors(tmp_path, tiny_spec):
+    _, tok, _ = tiny_spec
+    ids, where = M.heldout_ids(TINY, tok, 50)
+    assert ids.shape == (1, 50) and "heldout.txt" in where
+    ids, where = M.heldout_ids(tmp_path, tok, 50)                      # no heldout.txt there: sample texts
+    assert "sample texts" in where and ids.shape[1] == 50
+    with pytest.raises(ValueError, match="n_tokens = 1"):
+        M.heldout_ids(TINY, tok, 1)
+
+
+@pytest.mark.slow
+def test_lab_model_routing_figures():
+    if not (LAB / "config.json").is_file():
+        pytest.skip("data/lab-v4 is not there (the lab model ships separately; see data/README.md)")
+    torch.set_num_threads(1)
+    model, tok, _ = trained.load_dir(LAB)
+    sp = M.Specialisation(model, tok, LAB, n_tokens=512)
+    assert sp.E == model.cfg.n_routed_experts >= 16
+    assert len(set(M.expert_colors(sp.E))) == sp.E                     # one distinct colour per expert
+    for W in (M.SpecialisationWidget, M.LoadWidget):
+        w = W(static=True, sp=sp)
+        for c in w.control_names:
+            for v in w.sweep_values(c):
+                getattr(w, f"on_{c}")(v)
+                assert check.check_figure(w.fig) == [], (W.name, c, v)

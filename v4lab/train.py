@@ -317,6 +317,27 @@ def evaluate(model: V4Model, windows: torch.Tensor, batch_size: int = 8) -> dict
 
 
 @torch.no_grad()
+def class_expert_counts(tokens: torch.Tensor, idx: torch.Tensor, token_class: torch.Tensor, n_experts: int,
+                        n_classes: int | None = None) -> torch.Tensor:
+    """Joint counts [C, E] (float64, CPU) of (class of the token, expert) over every (token, top-k slot) pair:
+    tokens [T] ids, idx [T, K] the experts they were sent to. ``token_class`` [V]: class of each id
+    (``torch.arange(V)`` counts per token id)."""
+    C = int(token_class.max()) + 1 if n_classes is None else n_classes
+    joint = torch.zeros(C, n_experts, dtype=torch.float64)
+    idx = idx.cpu()
+    c = token_class.cpu()[tokens.cpu().reshape(-1)][:, None].expand_as(idx)
+    joint.index_put_((c.reshape(-1), idx.reshape(-1)), torch.ones(idx.numel(), dtype=torch.float64), accumulate=True)
+    return joint
+
+
+def mutual_information_bits(joint: torch.Tensor) -> float:
+    """I(C; E) = Σ p(c,e) log2 p(c,e)/(p(c)p(e)) of joint counts [C, E]."""
+    p = joint.double() / joint.sum()
+    pc, pe = p.sum(1, keepdim=True), p.sum(0, keepdim=True)
+    nz = p > 0
+    return float((p[nz] * (p[nz] / (pc * pe)[nz]).log2()).sum())
+
+
 def expert_specialisation(model: V4Model, windows: torch.Tensor, token_class: torch.Tensor,
                           batch_size: int = 8) -> dict:
     """Mutual information (bits) between the class of the input token and the expert it is sent to,
@@ -329,17 +350,9 @@ def expert_specialisation(model: V4Model, windows: torch.Tensor, token_class: to
         ids = windows[i:i + batch_size, :-1].cpu()
         model(ids, return_mtp=len(model.mtp) > 0)
         for j, b in enumerate(blocks):
-            idx = b.ffn.last_routing["idx"].cpu()                 # [T, K]; counted on the CPU with the ids
             tok = ids if j < model.cfg.num_hidden_layers else ids[:, 1:]   # MTP routes token i+1
-            c = token_class.cpu()[tok.reshape(-1)][:, None].expand_as(idx)
-            joint[j].index_put_((c.reshape(-1), idx.reshape(-1)), torch.ones(idx.numel(), dtype=torch.float64,
-                                                                                   device="cpu"), accumulate=True)
-    mi = []
-    for j in range(len(blocks)):
-        p = joint[j] / joint[j].sum()
-        pc, pe = p.sum(1, keepdim=True), p.sum(0, keepdim=True)
-        nz = p > 0
-        mi.append(float((p[nz] * (p[nz] / (pc * pe)[nz]).log2()).sum()))
+            joint[j] += class_expert_counts(tok, b.ffn.last_routing["idx"], token_class, E, C)
+    mi = [mutual_information_bits(joint[j]) for j in range(len(blocks))]
     hashed = [b.ffn.gate.is_hash for b in blocks]
     learned = [m for m, h in zip(mi, hashed) if not h]
     return {"layers": list(range(len(blocks))), "hash": hashed, "mi_bits": mi,

@@ -10,7 +10,8 @@
 #   chosen experts, and why that matters;
 # - [hash-routed](glossary.md#hash-routing) first layers: experts picked by the token id alone;
 # - the [aux-loss-free](glossary.md#aux-loss-free-balancing) **bias**: a number per expert that changes *which* experts a token goes to but
-#   never *how much* they count — moved by a slider on the tiny trained model.
+#   never *how much* they count — moved by a slider on the trained model;
+# - what the trained experts specialise in, and how far the bias evens out their load.
 #
 # **You need**: [00 · A tour of the V4 family](00_tour.ipynb) (the V4 family and its configs).
 #
@@ -131,6 +132,23 @@ for row in moe_viz.hash_consistency(routes):
 moe_viz.build_routing()
 
 # %% [markdown]
+# **What the experts learned.** Routing by hash spreads tokens evenly but cannot group them by meaning; a
+# learned router can. `moe_viz.Specialisation` routes the first 1024 tokens of the model's held-out text
+# (documents it never trained on) once, with the trained weights and with a twin of the same shapes and
+# hash table but random weights (`v4lab.labeval.random_twin`), and counts which class of token (word start,
+# word piece, punctuation, whitespace, digits ...: `v4lab.data.token_classes`) goes to which expert. Top:
+# the mutual information between token class and expert per MoE block (`v4lab.train.mutual_information_bits`,
+# the measure `expert_specialisation` reports in `data/README.md`), grey for hash-routed layers, blue for
+# learned routers, red ticks for the random twin. A hash layer scores the same with either weights: the
+# table, not the weights, routes. Bottom: for the chosen block, what share of each expert's slots each class
+# takes (the last row is the text as a whole), the expert's colour (the same in every routing figure), and
+# the tokens it receives most often, or most exclusively.
+
+# %%
+spec = moe_viz.specialisation(model, tok, info["path"])
+moe_viz.SpecialisationWidget(sp=spec).display()
+
+# %% [markdown]
 # ## The bias knob and expert load
 #
 # V4 balances experts without an auxiliary loss (V3's mechanism, $\gamma = 0.001$): after each step
@@ -146,6 +164,17 @@ moe_viz.build_routing()
 # %%
 w = moe_viz.BiasWidget()
 w.display()
+
+# %% [markdown]
+# **Load and bias, as trained.** On the held-out tokens above: each expert's share of the top-k slots with
+# the model's bias (bars, one colour per expert), the share the same affinities would give *without* the bias
+# (black ticks: `gate.select_topk(scores, None, K)`), and the bias itself (right). Training pushed up the bias
+# of experts the router under-used and down the bias of its favourites, so the bars sit closer to the dashed
+# 1/E line than the ticks; the title gives max/mean load with and without it (measured by v4lab). A hash
+# layer has no bias: the token id fixes its experts.
+
+# %%
+moe_viz.LoadWidget(sp=spec).display()
 
 # %% [markdown]
 # ## What it means for V4

@@ -9,7 +9,8 @@
 # - why plain hyper-connections (HC) are unstable in deep models, and how V4's *manifold-constrained*
 #   variant ([mHC](glossary.md#mhc)) fixes it by projecting that matrix onto the [doubly-stochastic](glossary.md#doubly-stochastic) matrices with 20 [Sinkhorn](glossary.md#sinkhorn)
 #   iterations;
-# - how to measure it: the *[composite gain](glossary.md#composite-gain)* of the product of mixing matrices along depth.
+# - how to measure it: the *[composite gain](glossary.md#composite-gain)* of the product of mixing matrices along depth;
+# - what the trained lab model learned: its static and input-dependent mixing matrices, layer by layer.
 #
 # **You need**: [00 · A tour of the V4 family](00_tour.ipynb), and a residual block $x + F(x)$.
 #
@@ -143,6 +144,42 @@ mhc_viz.GainsWidget(result=result).display()
 
 # %%
 mhc_viz.build_training(result)
+
+# %% [markdown]
+# ## On the trained model
+#
+# Everything above used random matrices. The notebook model (`trained.trained_model()`, the lab model in
+# `data/` when it is there) learned its own mHC parameters: every layer has two sites, before the attention
+# and before the MoE, each with its `fn`, `base` and `scale`. Its mixing matrix for a token is
+# $\mathrm{Sinkhorn}(\alpha\,m + b_\text{res})$: a **static** part $b_\text{res}$ learned once for every
+# token, and an **input-dependent** part $\alpha\,m$ read from the token's four streams.
+# `mhc_viz.model_combs` runs the sample text once and recomputes every site with `mhc.hc_pre` / `hc_post`
+# from the streams the blocks received (a test checks that this rebuilds each block's output).
+#
+# The table: per site, the share of its own stream each stream keeps on the diagonal of the static comb and
+# of the token mean (uniform mixing keeps 1/4, the identity 1), and the composite gain of the token-mean
+# matrices after that site (measured by v4lab on the sample text).
+
+# %%
+from v4lab.viz import trained
+
+model, tok, info = trained.trained_model()
+print(info["description"])
+mm = mhc_viz.model_mhc(model, tok)
+print(mhc_viz.model_mhc_table(mm))
+
+# %% [markdown]
+# **Live.** Pick a layer, a site and a token. Top left: the site's static comb, $\mathrm{Sinkhorn}(b_\text{res})$
+# (the matrix every token would get if its input-dependent term were 0). Top middle: the comb this token
+# actually used. Top right: the product of this token's matrices from the embedding up to this site, in the
+# same convention (from stream $i$ at the start into stream $j$ now). Bottom: the composite gain through all
+# sites (attention, then MoE, per layer) for the static parts, for this token and for the mean over the
+# text, beside the random HC surrogate of the section above ($I + 0.15\,\mathcal N$, as many sublayers as
+# the model has sites) and the plain residual (exactly 1). Every mHC line stays at 1 up to the Sinkhorn
+# error, whatever the model learned; the HC surrogate is what the same depth does without the projection.
+
+# %%
+mhc_viz.ModelMHCWidget(mm=mm).display()
 
 # %% [markdown]
 # ## What it means for V4

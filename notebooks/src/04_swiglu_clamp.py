@@ -90,13 +90,24 @@ print(clamp_viz.layer_summary(pre.acts))
 clamp_viz.PreactWidget(pre=pre).display()
 
 # %% [markdown]
-# The last line of the table above says how often V4's limit bites on ordinary text. On the trained
-# tiny model the largest pre-activations stay below 10 (most within ±5), so at $L = 10$ the clamp is
-# inactive and the model behaves exactly as if it were not there (the check at the end proves it). That
-# is the point: the clamp costs nothing on normal activations and acts only on outliers, the kind that
-# feed a spike. Clamping at 1 or 2 instead cuts a large share of the values and changes the output by
+# The last line of the table above says how often V4's limit bites on ordinary text, for the model loaded
+# here (measured by v4lab, so it changes with the checkpoint). Where the largest pre-activations stay below
+# 10, the clamp is inactive at $L = 10$ and the model behaves exactly as if it were not there; where a few
+# values pass 10, the clamp changes only those few and the layer's output by the share the right panel
+# gives. That is the point: the clamp costs nothing on normal activations and acts only on outliers, the kind
+# that feed a spike. Clamping at 1 or 2 instead cuts a large share of the values and changes the output by
 # tens of percent: the limit has to sit above the normal range.
 #
+# **Every layer at once.** Rows are the MoE layers, columns the pre-activation value, colour the log count
+# of values there; the dashed red line is the limit (the gate is clamped only from above, the up branch on
+# both sides: **branch** switches them) and the pale red region is what the clamp changes. Orange diamonds
+# mark each layer's largest value; the bars on the right give the share of values the clamp touches at the
+# model's own limit (`clamp_viz.touched`, measured by v4lab on the sample texts).
+
+# %%
+clamp_viz.OverviewWidget(pre=pre).display()
+
+# %% [markdown]
 # ## The stability experiment
 #
 # `swiglu_clamp.run` trains the micro V4 (`v4lab.train.micro_config`: 2 layers, d = 32, 8 experts)
@@ -121,8 +132,9 @@ clamp_viz.ExperimentWidget(result=result).display()
 # kept training stable and, with Anticipatory Routing, among the techniques whose effect DeepSeek says
 # it does not fully understand
 # (see notebook 06). What this notebook shows is the mechanism, at toy scale: on a trained model the
-# limit of 10 sits above the normal activations, so it changes nothing there, while it puts a hard
-# bound on any single expert activation. At this size and for this seed the two training runs stay
+# limit of 10 sits above almost all normal activations (the overview above gives the share it touches,
+# per layer), so it changes little or nothing there, while it puts a hard bound on any single expert
+# activation. At this size and for this seed the two training runs stay
 # close (the table above says how close): a 2-layer model at d = 32 does not grow the outliers that a
 # trillion-parameter run does. The clamp is insurance against a failure mode that needs scale to appear.
 #

@@ -9,7 +9,8 @@
 # - how the two FP4 values of a byte are packed (element $2j$ in the low nibble);
 # - how quantisation error ([SQNR](glossary.md#sqnr)) depends on the block size and on the weight distribution;
 # - why FP4 weights can be re-expressed as FP8 without loss (the official kernels do) — and when not;
-# - what quantisation-aware training ([QAT](glossary.md#qat)) changes, with the straight-through estimator ([STE](glossary.md#ste)).
+# - what quantisation-aware training ([QAT](glossary.md#qat)) changes, with the straight-through estimator ([STE](glossary.md#ste));
+# - what the trained lab model's own FP4 experts look like: codes, scales, and each expert's error.
 #
 # **You need**: [01 · MoE expansion](01_moe_expansion.ipynb) (the routed experts these formats store); [04 · The SwiGLU clamp](04_swiglu_clamp.ipynb) helps for outliers.
 #
@@ -170,6 +171,43 @@ fp4.build_qat(qat)
 # develop outliers and a post-training rounding error of this size compounds across 40+ layers; the
 # experiment here shows the mechanics (same seed, same batches, STE, FP4 evaluation), not that effect.
 # Rerun it with more steps (`fp4.qat_result(steps=...)`) to see whether a gap opens.
+
+# %% [markdown]
+# ### The trained model's own FP4 experts
+#
+# The notebook model (`trained.trained_model()`, the lab model in `data/` when it is there) ships its routed
+# experts the way V4 does: every `w1`, `w2`, `w3` as packed E2M1 nibbles (`I8`) plus one E8M0 byte per 32
+# weights (`.scale`). `fp4.ExpertFP4` reads those bytes from the shards with `v4lab.checkpoint.CheckpointReader`
+# (no re-quantisation: a test checks that they decode to exactly the weights the loaded model computes with).
+#
+# **Live.** Left: how often each of the 16 values occurs in one expert matrix (grey: ±0, red: the largest
+# magnitude ±6; a block's scale is chosen so its largest weight lands at 4 or 6). Middle: its scale exponents.
+# Right: for every expert of the block, what finer scales buy on these weights: the SQNR of rounding the
+# stored weights once more with one scale per 128 weights instead of 32 (the stored weights as the reference;
+# higher = less lost). Black diamonds, when present, are the real quantisation error, the SQNR of the fp32
+# master weights against the stored FP4: the release does not contain the masters, so they appear only when
+# `python -m v4lab.viz.fp4 data/lab-v4 --masters RUN/ckpt` stored that comparison for exactly these shards.
+
+# %%
+from v4lab.viz import trained
+
+model, tok, info = trained.trained_model()
+print(info["description"])
+ef = fp4.expert_fp4(info["path"])
+fp4.ExpertCodesWidget(ef=ef).display()
+
+# %% [markdown]
+# **The FP4 model's loss.** What the file lets us compare, on the start of the held-out text (the table
+# says how many tokens; measured by v4lab): the model as stored (FP4 experts, FP8 attention), and the same model with every expert re-rounded
+# with one scale per 128 weights. The comparison the report's QAT argument is about, the FP4 model against
+# its higher-precision masters, needs the training run's fp32 weights, which a release does not ship: the
+# table and figure say whether a stored comparison for this checkpoint exists (file vs masters with fp32
+# experts vs masters through FP4, as `v4lab.labeval.masters_vs_file` measures it).
+
+# %%
+losses = fp4.fp4_losses(model, tok, info["path"])
+print(fp4.fp4_loss_table(losses))
+fp4.build_fp4_losses(losses)
 
 # %% [markdown]
 # ## What it means for V4

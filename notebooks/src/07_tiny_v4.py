@@ -70,6 +70,18 @@ print(repr(tiny.generate_text("A list is", max_new_tokens=32, temperature=0.8, t
 tiny.RoutingWidget().display()
 
 # %% [markdown]
+# **What each expert receives.** Over the first 1024 tokens of the held-out text, per MoE block: the share of
+# each expert's slots taken by each class of token, the tokens it receives most often (or most exclusively),
+# and the mutual information between token class and expert for every block (hash-routed in grey, learned in
+# blue, a router with random weights as red ticks; measured by v4lab with the measure of `data/README.md`).
+# The expert colours are the ones of the routing map above.
+
+# %%
+from v4lab.viz import moe as moe_viz
+
+moe_viz.SpecialisationWidget(sp=moe_viz.specialisation(model, tok, info["path"])).display()
+
+# %% [markdown]
 # ## Live: attention maps by layer kind
 #
 # One map per attention kind, for the first layer of each (query rows × key columns, the first 160 tokens,

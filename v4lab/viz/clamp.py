@@ -303,6 +303,121 @@ class PreactWidget(Widget):
         self.set(limit=float(value))
 
 
+# ------------------------------------------------------------------------------------ every layer at once
+BRANCHES = {"gate": "gate W1·x (clamped above at L)", "up": "up W3·x (clipped to [−L, L])"}
+
+
+def overview_hist(pre: Preacts) -> dict:
+    """Per layer and branch, a histogram over [−H, H] with H ≥ 1.2 × the model's limit, so the limit is
+    always inside the picture (cached on ``pre`` per limit)."""
+    L = pre.acts["limit"] or V4_LIMIT
+    cache = pre.__dict__.setdefault("_overview", {})
+    if L not in cache:
+        half = float(max(pre.half, math.ceil(1.2 * L)))
+        cache[L] = {"half": half, "hist": {b: {l: histogram(pre.acts[b][l], half) for l in pre.layers}
+                                           for b in BRANCHES}}
+    return cache[L]
+
+
+def touched(pre: Preacts, branch: str, layer: int) -> tuple[int, int]:
+    """(values the model's clamp changes, values) for one layer and branch: gate > L, or |up| > L."""
+    L, v = pre.acts["limit"], pre.acts[branch][layer]
+    n = int((v > L).sum()) if branch == "gate" else int((v.abs() > L).sum())
+    return n, int(v.numel())
+
+
+def overview_data(pre: Preacts, branch: str = "gate") -> dict:
+    """Traces (fixed count 3): layer × value heatmap of log10(count) of one branch's pre-activations, the
+    largest |value| per layer, and the share of values the model's clamp touches per layer (bars)."""
+    check_choice("branch", branch, BRANCHES)
+    ov = overview_hist(pre)
+    L, half = pre.acts["limit"], ov["half"]
+    kinds = dict(zip(pre.layers, pre.acts["hash"]))
+    ylab = [f"layer {l} ({'hash' if kinds[l] else 'learned'})" for l in pre.layers]
+    centers = ov["hist"][branch][pre.layers[0]]["centers"]
+    z = [[round(math.log10(c), 3) if c > 0 else None for c in ov["hist"][branch][l]["counts"]] for l in pre.layers]
+    peaks = [float(pre.acts[branch][l].max()) if branch == "gate" else float(pre.acts[branch][l].abs().max())
+             for l in pre.layers]
+    counts = [touched(pre, branch, l) for l in pre.layers]
+    pct = [100 * n / max(1, tot) for n, tot in counts]
+    traces = [
+        dict(type="heatmap", z=z, x=centers, y=ylab, colorscale="Viridis", zmin=0,
+             colorbar=dict(title="log10<br>count", x=0.64, len=0.9, thickness=10),
+             hovertemplate="%{y}, value %{x:.2f}: 10^%{z:.2f} values<extra></extra>", xaxis="x", yaxis="y"),
+        dict(type="scatter", mode="markers", x=peaks, y=ylab, name="largest value" if branch == "gate" else
+             "largest |value|", marker=dict(symbol="diamond", size=10, color="#ff7f0e", line=dict(width=1, color="#000")),
+             xaxis="x", yaxis="y"),
+        dict(type="bar", x=pct, y=ylab, orientation="h", marker=dict(color=CLIP_COLOR), name="touched by the clamp",
+             text=[f"{p:.3g}%" for p in pct], textposition="outside", cliponaxis=False, textfont=dict(size=10),
+             hovertext=[f"{n:,} of {tot:,} values" for n, tot in counts], showlegend=False, xaxis="x2", yaxis="y2"),
+    ]
+    line = dict(color=CLIP_COLOR, width=2, dash="dash")
+    shapes = [dict(type="line", xref="x", yref="y domain", x0=L, x1=L, y0=0, y1=1, line=line)]
+    if branch == "up":
+        shapes.append(dict(type="line", xref="x", yref="y domain", x0=-L, x1=-L, y0=0, y1=1, line=line))
+    shapes.append(dict(type="rect", xref="x", yref="y domain", x0=L, x1=half, y0=0, y1=1, line=dict(width=0),
+                       fillcolor="rgba(214,39,40,0.08)"))
+    if branch == "up":
+        shapes.append(dict(type="rect", xref="x", yref="y domain", x0=-half, x1=-L, y0=0, y1=1, line=dict(width=0),
+                           fillcolor="rgba(214,39,40,0.08)"))
+    total = sum(n for n, _ in counts)
+    title = (f"{BRANCHES[branch]}, L = {L:g}: the clamp touches {total:,} of {sum(t for _, t in counts):,} values "
+             f"({100 * total / max(1, sum(t for _, t in counts)):.3g}%); largest {max(peaks):.3g}<br>"
+             f"measured by v4lab on the {pre.acts['tokens']} tokens of the sample texts (routed experts)")
+    ann = [] if total else [dict(text=f"no value beyond {'' if branch == 'gate' else '±'}{L:g}:<br>the clamp changes nothing",
+                                 xref="x2 domain", yref="y2 domain", x=0.5, y=0.5, showarrow=False,
+                                 font=dict(size=12, color="#555"))]
+    xmax = max(1e-3, 1.6 * max(pct)) if total else 1
+    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}, "shapes": shapes,
+                                         "annotations": ann, "xaxis": {"range": [-half, half]},
+                                         "xaxis2": {"range": [0, xmax]}}}
+
+
+OVERVIEW_LAYOUT = dict(height=420, margin=dict(l=120, r=30, t=80, b=110),
+                       legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0),
+                       xaxis=dict(domain=[0, 0.6], title="pre-activation value"),
+                       yaxis=dict(autorange="reversed"),
+                       xaxis2=dict(domain=[0.74, 1], title="% of values the clamp changes", anchor="y2"),
+                       yaxis2=dict(autorange="reversed", anchor="x2", showticklabels=False, matches="y"))
+
+
+def build_overview(branch: str = "gate"):
+    return figure_from(overview_data(preacts(), branch), OVERVIEW_LAYOUT)
+
+
+@register
+class OverviewWidget(Widget):
+    """Branch (gate or up) → every MoE layer's pre-activation distribution with the ±L band and the share
+    of values the clamp touches."""
+
+    name = "clamp.overview"
+    defaults = {"branch": "gate"}
+
+    def __init__(self, static=None, pre: Preacts | None = None, **state):
+        self.pre = preacts() if pre is None else pre
+        super().__init__(static, **state)
+
+    def validate(self, state):
+        check_choice("branch", state["branch"], BRANCHES)
+
+    def data(self):
+        return overview_data(self.pre, **self.state)
+
+    def layout(self):
+        return OVERVIEW_LAYOUT
+
+    def make_controls(self):
+        import ipywidgets as W
+        return {"branch": W.ToggleButtons(options=[(v.split(" (")[0], k) for k, v in BRANCHES.items()],
+                                          value=self.state["branch"], description="branch")}
+
+    def sweep_values(self, control):
+        return {"branch": list(BRANCHES)}[control]
+
+    def on_branch(self, value):
+        self.set(branch=value)
+
+
 # ------------------------------------------------------------------------------------ the experiment
 def experiment_result(recompute: bool = False, **kwargs) -> dict:
     """:func:`v4lab.experiments.swiglu_clamp.run` with its defaults, stored in ``clamp_experiment.json``.

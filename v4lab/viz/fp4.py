@@ -13,6 +13,7 @@ Everything expensive is computed once per process (module-level caches), so call
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import lru_cache
 from pathlib import Path
@@ -356,3 +357,337 @@ def build_qat(result: dict | None = None):
                   yaxis2=dict(title="held-out loss − BF16 (nats)", anchor="x2", range=[-span, span],
                               zeroline=True))
     return figure_from({"traces": traces}, layout)
+
+
+# ------------------------------------------------------------------------------------ the trained model's FP4 experts
+MATRICES = {"w1": "w1 (gate)", "w3": "w3 (up)", "w2": "w2 (down)"}
+CODE_ORDER = [15, 14, 13, 12, 11, 10, 9, 8, 0, 1, 2, 3, 4, 5, 6, 7]        # E2M1 codes by value, −6 … −0, +0 … 6
+COARSE_BLOCK = 128                     # the "what if": one scale per 128 weights instead of 32
+LOSS_TOKENS = 1024
+MASTERS_FILE = Path(__file__).resolve().parent / "data" / "lab_fp4_masters.json"
+
+
+def coarse_round(w: torch.Tensor, block: int = COARSE_BLOCK) -> torch.Tensor:
+    """``quant.fp4_fake_quant`` with one scale per ``block`` weights along each row; a row whose length is not
+    a multiple of ``block`` is padded with zeros for the rounding (a zero never raises a block's amax)."""
+    pad = (-w.shape[-1]) % block
+    wp = torch.nn.functional.pad(w, (0, pad)) if pad else w
+    return Q.fp4_fake_quant(wp, block)[..., :w.shape[-1]]
+
+
+def shards_fingerprint(path) -> str:
+    """sha256 of the checkpoint's index and shards (which weights a stored measurement belongs to)."""
+    import hashlib
+    import json
+    p = Path(path)
+    h = hashlib.sha256()
+    idx = json.loads((p / "model.safetensors.index.json").read_text())
+    h.update(json.dumps(idx["weight_map"], sort_keys=True).encode())
+    for shard in sorted(set(idx["weight_map"].values())):
+        with open(p / shard, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _expert_name(cfg, layer: int, expert: int, matrix: str) -> str:
+    from v4lab.checkpoint import layer_prefix
+    return f"{layer_prefix(cfg, layer)}ffn.experts.{expert}.{matrix}"
+
+
+class ExpertFP4:
+    """The routed experts exactly as the checkpoint stores them (``v4lab.checkpoint.CheckpointReader``: packed
+    E2M1 nibbles + one E8M0 byte per 32 weights), per block (layers, then MTP), expert and matrix: the count of
+    each of the 16 codes, the count of each scale exponent, and per expert the SQNR of one more rounding onto
+    MXFP4 with one scale per COARSE_BLOCK weights (the stored weights as the reference)."""
+
+    def __init__(self, path):
+        from v4lab.checkpoint import CheckpointReader
+        r = CheckpointReader(path)
+        self.path, self.cfg = Path(path), r.config
+        self.E = self.cfg.n_routed_experts
+        self.layers = list(range(self.cfg.num_hidden_layers + self.cfg.num_nextn_predict_layers))
+        self.codes, self.exps, self.coarse_db = {}, {}, {}
+        for layer in self.layers:
+            sq = []
+            for e in range(self.E):
+                sig = err = 0.0
+                for m in MATRICES:
+                    name = _expert_name(self.cfg, layer, e, m)
+                    packed, scale = r.get(name + ".weight"), r.get(name + ".scale").view(torch.uint8)
+                    self.codes[layer, e, m] = torch.bincount(Q.unpack_fp4(packed.view(torch.uint8)).flatten().long(),
+                                                             minlength=16)
+                    self.exps[layer, e, m] = scale.flatten().long() - 127
+                    w = Q.mxfp4_dequantize(packed.view(torch.uint8), scale)
+                    sig += float(w.double().square().sum())
+                    err += float((coarse_round(w) - w).double().square().sum())
+                sq.append(10 * math.log10(sig / err) if err > 0 else float("inf"))
+            self.coarse_db[layer] = sq
+
+
+_EXPERT_FP4: dict = {}
+
+
+def expert_fp4(path=None) -> ExpertFP4:
+    """:class:`ExpertFP4` of the notebook model's checkpoint (cached per directory)."""
+    if path is None:
+        from v4lab.viz import trained
+        path = trained.trained_model()[2]["path"]
+    key = str(Path(path).resolve())
+    if key not in _EXPERT_FP4:
+        _EXPERT_FP4[key] = ExpertFP4(path)
+    return _EXPERT_FP4[key]
+
+
+def masters_result(path, stored: Path = MASTERS_FILE) -> dict | None:
+    """The stored comparison with the fp32 master weights (:func:`measure_masters`), when it was measured on
+    exactly these shards (same fingerprint); else None."""
+    import json
+    if not Path(stored).is_file():
+        return None
+    res = json.loads(Path(stored).read_text())
+    return res if res.get("fingerprint") == shards_fingerprint(path) else None
+
+
+def _block_label(cfg, layer: int) -> str:
+    return f"MTP {layer}" if layer >= cfg.num_hidden_layers else f"layer {layer}"
+
+
+def expert_codes_data(ef: ExpertFP4, layer: int, expert: int = 0, matrix: str = "w1", masters: dict | None = None) -> dict:
+    """Traces (fixed count 5): the 16 E2M1 codes of one expert matrix (by value), its scale exponents, each
+    expert's SQNR under coarser scales, the masters' SQNR (when measured) and a marker on the chosen expert."""
+    check_choice("layer", layer, ef.layers)
+    if isinstance(expert, bool) or not isinstance(expert, int) or not 0 <= expert < ef.E:
+        raise ValueError(f"expert = {expert!r}: must be an integer in [0, {ef.E - 1}]")
+    check_choice("matrix", matrix, MATRICES)
+    c = ef.codes[layer, expert, matrix]
+    vals = Q.e2m1_decode(torch.tensor(CODE_ORDER, dtype=torch.uint8)).tolist()
+    xlab = [("−0" if code == 8 else f"{v:+g}") for code, v in zip(CODE_ORDER, vals)]
+    counts = [int(c[k]) for k in CODE_ORDER]
+    n = sum(counts)
+    colors = ["#9e9e9e" if abs(v) == 0 else "#d62728" if abs(v) == Q.FP4_MAX else "#1f77b4" for v in vals]
+    ex = ef.exps[layer, expert, matrix]
+    lo, hi = int(ex.min()), int(ex.max())
+    xs = list(range(lo, hi + 1))
+    ecount = torch.bincount(ex - lo, minlength=hi - lo + 1).tolist()
+    from v4lab.viz.moe import expert_colors
+    cols = expert_colors(ef.E)
+    sq = ef.coarse_db[layer]
+    mdb = (masters or {}).get("sqnr_db", {}).get(str(layer))
+    traces = [
+        dict(type="bar", x=xlab, y=counts, marker=dict(color=colors), name="codes", showlegend=False,
+             customdata=CODE_ORDER, hovertemplate="value %{x} (code %{customdata}): %{y} weights<extra></extra>",
+             xaxis="x", yaxis="y"),
+        dict(type="bar", x=xs, y=ecount, marker=dict(color="#7f7f7f"), name="scales", showlegend=False,
+             hovertemplate="scale 2^%{x}: %{y} blocks of 32<extra></extra>", xaxis="x2", yaxis="y2"),
+        dict(type="bar", x=list(range(ef.E)), y=sq, marker=dict(color=cols),
+             name=f"SQNR of the stored FP4 weights re-rounded with one scale per {COARSE_BLOCK}", xaxis="x3",
+             yaxis="y3"),
+        dict(type="scatter", mode="markers", x=list(range(ef.E)) if mdb else [], y=mdb or [],
+             name="fp32 masters → stored FP4: SQNR", marker=dict(symbol="diamond", size=10, color="#000"),
+             xaxis="x3", yaxis="y3"),
+        dict(type="scatter", mode="markers", x=[expert], y=[sq[expert]], showlegend=False, name="this expert",
+             marker=dict(symbol="triangle-down", size=14, color="#000"), xaxis="x3", yaxis="y3"),
+    ]
+    zero = counts[7] + counts[8]
+    sat = counts[0] + counts[-1]
+    title = (f"{_block_label(ef.cfg, layer)}, expert {expert}, {MATRICES[matrix]}: {n:,} weights in 4 bits, "
+             f"{100 * zero / n:.3g}% exactly 0, {100 * sat / n:.3g}% at ±6; {len(ex):,} scales from 2^{lo} to 2^{hi}"
+             f"<br>right: each expert's error if its blocks of 32 shared one scale per {COARSE_BLOCK}"
+             + ("" if mdb else " (no master weights stored for this checkpoint)"))
+    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}},
+                                         "xaxis3": {"range": [-0.6, ef.E - 0.4]}}}
+
+
+EXPERT_CODES_LAYOUT = dict(
+    height=460, margin=dict(l=60, r=20, t=80, b=120), showlegend=True,
+    legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="right", x=1),
+    xaxis=dict(domain=[0, 0.34], title="E2M1 value (grey 0, red ±6)", type="category", tickfont=dict(size=9)),
+    yaxis=dict(title="weights"),
+    xaxis2=dict(domain=[0.41, 0.6], title="E8M0 scale exponent", anchor="y2", dtick=1),
+    yaxis2=dict(title="blocks of 32", anchor="x2"),
+    xaxis3=dict(domain=[0.68, 1], title="expert", anchor="y3", dtick=1, tickfont=dict(size=9)),
+    yaxis3=dict(title="SQNR (dB)", anchor="x3", rangemode="tozero"),
+)
+
+
+def build_expert_codes(layer: int = 1, expert: int = 0, matrix: str = "w1"):
+    ef = expert_fp4()
+    return figure_from(expert_codes_data(ef, min(layer, ef.layers[-1]), expert, matrix, masters_result(ef.path)),
+                       EXPERT_CODES_LAYOUT)
+
+
+@register
+class ExpertCodesWidget(Widget):
+    """Block, expert and matrix → the stored E2M1 codes and E8M0 scales, and each expert's error."""
+
+    name = "fp4.experts"
+    defaults = {"layer": 1, "expert": 0, "matrix": "w1"}
+
+    def __init__(self, static=None, ef: ExpertFP4 | None = None, **state):
+        self.ef = expert_fp4() if ef is None else ef
+        self.masters = masters_result(self.ef.path)
+        super().__init__(static, **state)
+
+    def validate(self, state):
+        state["layer"] = min(state["layer"], self.ef.layers[-1])
+        check_choice("layer", state["layer"], self.ef.layers)
+        e = state["expert"]
+        if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < self.ef.E:
+            raise ValueError(f"expert = {e!r}: must be an integer in [0, {self.ef.E - 1}]")
+        check_choice("matrix", state["matrix"], MATRICES)
+
+    def data(self):
+        return expert_codes_data(self.ef, masters=self.masters, **self.state)
+
+    def layout(self):
+        return EXPERT_CODES_LAYOUT
+
+    def make_controls(self):
+        import ipywidgets as W
+        return {"layer": W.Dropdown(options=[(_block_label(self.ef.cfg, l), l) for l in self.ef.layers],
+                                    value=self.state["layer"], description="block"),
+                "expert": W.IntSlider(min=0, max=self.ef.E - 1, value=self.state["expert"], description="expert"),
+                "matrix": W.ToggleButtons(options=[(v, k) for k, v in MATRICES.items()], value=self.state["matrix"],
+                                          description="matrix")}
+
+    def sweep_values(self, control):
+        return {"layer": self.ef.layers, "expert": list(range(self.ef.E)), "matrix": list(MATRICES)}[control]
+
+    def on_layer(self, value):
+        self.set(layer=int(value))
+
+    def on_expert(self, value):
+        self.set(expert=int(value))
+
+    def on_matrix(self, value):
+        self.set(matrix=value)
+
+
+# ------------------------------------------------------------------------------------ the FP4 model's loss
+@contextlib.contextmanager
+def coarser_experts(model, block: int = COARSE_BLOCK):
+    """Temporarily round every routed expert's weights once more onto MXFP4 with one scale per ``block``
+    weights (``quant.fp4_fake_quant``); the stored weights come back afterwards."""
+    saved = []
+    try:
+        with torch.no_grad():
+            for b in model.blocks():
+                for ex in b.ffn.experts:
+                    for lin in (ex.w1, ex.w2, ex.w3):
+                        saved.append((lin, lin.weight.detach().clone()))
+                        lin.weight.copy_(coarse_round(lin.weight, block))
+        yield model
+    finally:
+        with torch.no_grad():
+            for lin, w in saved:
+                lin.weight.copy_(w)
+
+
+@torch.no_grad()
+def fp4_losses(model, tok, path, n_tokens: int = LOSS_TOKENS) -> dict:
+    """Held-out loss (nats/token, ``v4lab.train.evaluate``) on the first ``n_tokens`` held-out tokens: the model
+    as stored (FP4 experts), and with its experts re-rounded at one scale per COARSE_BLOCK; plus the stored
+    master comparison of :func:`masters_result` when it belongs to these shards."""
+    from v4lab.train import evaluate
+    from v4lab.viz.moe import heldout_ids
+    ids, where = heldout_ids(path, tok, n_tokens + 1)
+    out = {"where": where, "tokens": int(ids.shape[1] - 1), "file": evaluate(model, ids)["loss"]}
+    with coarser_experts(model):
+        out["coarse"] = evaluate(model, ids)["loss"]
+    out["masters"] = masters_result(path)
+    return out
+
+
+def fp4_loss_table(res: dict) -> str:
+    lines = [f"held-out loss, nats/token ({res['where']}, {res['tokens']} predicted tokens):",
+             f"  FP4 experts as stored in the file           {res['file']:.4f}",
+             f"  the same, one scale per {COARSE_BLOCK} (re-rounded)      {res['coarse']:.4f}  "
+             f"({res['coarse'] - res['file']:+.4f})"]
+    m = res["masters"]
+    if m is None:
+        lines.append("  fp32 master weights: not in the file (the release keeps only the FP4 experts); no stored "
+                     "comparison for this checkpoint")
+    else:
+        lines += [f"stored comparison on {m['windows']} windows of {m['seq_len']} tokens (measured by v4lab from the "
+                  f"training run's masters):",
+                  f"  file (FP4 experts)                          {m['losses']['file']:.4f}",
+                  f"  masters, experts in fp32                    {m['losses']['masters_fp32_experts']:.4f}",
+                  f"  masters, experts through FP4 (QAT forward)  {m['losses']['masters_fp4_qat_experts']:.4f}"]
+    return "\n".join(lines)
+
+
+def build_fp4_losses(res: dict) -> "object":
+    """Bars: each loss minus the file's (static figure)."""
+    names = ["FP4 as stored", f"one scale per {COARSE_BLOCK}"]
+    vals = [0.0, res["coarse"] - res["file"]]
+    m = res["masters"]
+    if m is not None:
+        f = m["losses"]["file"]
+        names += ["fp32 masters", "masters via FP4 (QAT)"]
+        vals += [m["losses"]["masters_fp32_experts"] - f, m["losses"]["masters_fp4_qat_experts"] - f]
+    tr = dict(type="bar", x=names, y=vals, text=[f"{v:+.4f}" for v in vals], textposition="outside",
+              marker=dict(color=["#d62728", "#ff9896", "#1f77b4", "#9467bd"][:len(vals)]), showlegend=False)
+    span = max(0.01, 1.4 * max(abs(v) for v in vals))
+    ann = [] if m is not None else [dict(text="no fp32 masters for this checkpoint:<br>the file holds only the FP4 experts",
+                                          x=1, xref="paper", y=1, yref="paper", xanchor="right", yanchor="top",
+                                          showarrow=False, font=dict(size=11, color="#555"))]
+    layout = dict(height=380, margin=dict(l=70, r=20, t=80, b=50), annotations=ann,
+                  title={"text": f"held-out loss minus the FP4 file's ({res['file']:.4f} nats/token)<br>"
+                                 f"measured by v4lab on {res['where']}", "font": {"size": 13}},
+                  yaxis=dict(title="Δ loss (nats/token)", range=[-span, span], zeroline=True))
+    return figure_from({"traces": [tr]}, layout)
+
+
+def measure_masters(path, ckpt, windows: int = 8, seq_len: int = 2048) -> dict:
+    """``v4lab.labeval.masters_vs_file`` (the file vs the run's fp32 masters, same windows) and, per block and
+    expert, the SQNR of the masters' rounding into the stored FP4; tagged with the shards' fingerprint."""
+    from safetensors.torch import load_file
+
+    from v4lab.checkpoint import CheckpointReader
+    from v4lab.labeval import masters_vs_file
+    if not (Path(ckpt) / "model.safetensors").is_file():
+        raise ValueError(f"masters = {str(ckpt)!r}: holds no model.safetensors (give the run's ckpt/ folder)")
+    r = CheckpointReader(path)
+    cfg, sd = r.config, load_file(str(Path(ckpt) / "model.safetensors"))
+    sq = {}
+    for layer in range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers):
+        row = []
+        for e in range(cfg.n_routed_experts):
+            sig = err = 0.0
+            for m in MATRICES:
+                name = _expert_name(cfg, layer, e, m)
+                w = sd[name + ".weight"].double()
+                q = r.get_dequantized(name + ".weight").double()
+                sig, err = sig + float(w.square().sum()), err + float((q - w).square().sum())
+            row.append(10 * math.log10(sig / err) if err > 0 else float("inf"))
+        sq[str(layer)] = row
+    losses = masters_vs_file(path, ckpt, seq_len=seq_len, max_windows=windows)
+    return {"fingerprint": shards_fingerprint(path), "windows": losses.pop("windows"), "seq_len": seq_len,
+            "losses": losses, "sqnr_db": sq}
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    ap = argparse.ArgumentParser(prog="python -m v4lab.viz.fp4", description="Store the comparison of a release's "
+                                 "FP4 experts with the training run's fp32 masters (notebook 05 shows it).")
+    ap.add_argument("release", help="the model directory (official layout), e.g. data/lab-v4")
+    ap.add_argument("--masters", required=True, help="the run's checkpoint folder holding model.safetensors")
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--out", default=str(MASTERS_FILE))
+    a = ap.parse_args(argv)
+    try:
+        res = measure_masters(a.release, a.masters, a.windows)
+    except ValueError as e:
+        import sys
+        sys.stderr.write(f"v4lab: error: {e}\n")
+        return 2
+    Path(a.out).write_text(json.dumps(res) + "\n")
+    print(fp4_loss_table({"where": "-", "tokens": 0, "file": res["losses"]["file"], "coarse": float("nan"),
+                          "masters": res}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -310,3 +310,234 @@ def training_table(result: dict | None = None) -> str:
 if __name__ == "__main__":
     training_result(recompute=True)
     print(f"wrote {TRAINING_CACHE}")
+
+
+# ------------------------------------------------------------------------------------ the trained model's mHC
+SITES = ("attn", "ffn")
+MODEL_TOKENS = 256
+MODEL_TEXT_KEY = "for-loop"                      # v4lab.viz.trained.SAMPLE_TEXTS
+GAIN_SERIES = {"static": ("static part: Sinkhorn(b_res)", "#2ca02c", "dash"),
+               "token": ("this token's matrices", "#1f77b4", "solid"),
+               "mean": ("mean over the text's tokens", "#9467bd", "dot")}
+
+
+@torch.no_grad()
+def model_combs(model=None, tok=None, text: str | None = None) -> dict:
+    """The mHC matrices the model used on ``text`` (first MODEL_TOKENS tokens), per main layer and site, in
+    the ``comb`` convention, plus each site's static part Sinkhorn(b_res): what the site mixes with when the
+    input-dependent term α·(fn·v)/RMS(v) is zero.
+
+    One forward; hooks capture every block's input streams X and its attention output o, and
+    ``v4lab.mhc.hc_pre`` / ``hc_post`` recompute the sites from them exactly as ``Block.forward`` does
+    (attention site on X, MoE site on X' = post·o + combᵀX). Returns {"tokens", "sites": [(layer, site)],
+    "static": [n, n] per site, "combs": [T, n, n] per site, "post": [T, n] per site}."""
+    from v4lab.viz import trained
+    if model is None:
+        model, tok, _ = trained.trained_model()
+    text = trained.SAMPLE_TEXTS[MODEL_TEXT_KEY] if text is None else text
+    ids = trained.encode(tok, text, MODEL_TOKENS)
+    xin, attn_out = {}, {}
+    hooks = []
+    for b in model.layers:
+        hooks.append(b.register_forward_pre_hook(lambda m, a: xin.__setitem__(m.layer_id, a[0].detach())))
+        hooks.append(b.attn.register_forward_hook(lambda m, a, o, i=b.layer_id: attn_out.__setitem__(i, o.detach())))
+    try:
+        model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    c, n = model.cfg, model.cfg.hc_mult
+    kw = dict(rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps, iters=c.hc_sinkhorn_iters, mode="mhc")
+    out = {"tokens": trained.token_strings(tok, ids), "sites": [], "static": [], "combs": [], "post": []}
+    for b in model.layers:
+        x = xin[b.layer_id]
+        for site in SITES:
+            fn, scale, base = (getattr(b, f"hc_{site}_{k}") for k in ("fn", "scale", "base"))
+            _, post, comb = mhc.hc_pre(x, fn, scale, base, **kw)
+            out["sites"].append((b.layer_id, site))
+            out["static"].append(mhc.sinkhorn(base[2 * n:].double().view(n, n).cpu(), c.hc_sinkhorn_iters, c.hc_eps))
+            out["combs"].append(comb[0].double().cpu())
+            out["post"].append(post[0].double().cpu())
+            if site == "attn":                   # the streams the MoE site reads
+                x = mhc.hc_post(attn_out[b.layer_id], x, post, comb)
+    out["streams_after"] = x                     # the last block's X' before its MoE sublayer (tests)
+    return out
+
+
+class ModelMHC:
+    """What :class:`ModelMHCWidget` shows, computed once per model: the combs of the sample text and the
+    composite gains of the static parts and of the token mean (``v4lab.mhc.composite_gains``)."""
+
+    def __init__(self, combs: dict):
+        self.c = combs
+        self.T = len(combs["tokens"])
+        self.layers = sorted({l for l, _ in combs["sites"]})
+        self.static_gains = mhc.composite_gains(mhc.h_res(torch.stack(combs["static"])))
+        self.mean_gains = mhc.composite_gains(torch.stack([mhc.token_mean_h_res(c) for c in combs["combs"]]))
+        self.residual = [1.0] * len(combs["sites"])
+        sur = mhc_stability.random_surrogate(len(combs["sites"]), 0, noise=0.15)
+        self.surrogate = {v: [max(a, b) for a, b in zip(sur[v]["fwd_max"], sur[v]["bwd_max"])] for v in ("hc", "mhc")}
+        self.cache: dict = {}
+
+    def token_gains(self, position: int) -> dict:
+        if position not in self.cache:
+            self.cache[position] = mhc.composite_gains(mhc.h_res(torch.stack([c[position] for c in self.c["combs"]])))
+        return self.cache[position]
+
+    def site_index(self, layer: int, site: str) -> int:
+        return self.c["sites"].index((layer, site))
+
+
+_MODEL_MHC: dict = {}
+
+
+def model_mhc(model=None, tok=None) -> ModelMHC:
+    """:class:`ModelMHC` of the notebook model on the sample text (cached per model)."""
+    from v4lab.viz import trained
+    if model is None:
+        model, tok, _ = trained.trained_model()
+    if id(model) not in _MODEL_MHC:
+        _MODEL_MHC[id(model)] = ModelMHC(model_combs(model, tok))
+    return _MODEL_MHC[id(model)]
+
+
+def _comb_heat(c: torch.Tensor, xaxis: str, yaxis: str, name: str, bar: bool) -> dict:
+    z = [[round(v, 4) for v in row] for row in c.tolist()]
+    return dict(type="heatmap", z=z, x=list(range(N)), y=list(range(N)), zmin=0, zmax=1, colorscale="Blues",
+                showscale=bar, colorbar=dict(title="weight", x=0.78, len=0.38, y=0.95, yanchor="top", thickness=10),
+                texttemplate="%{z:.2f}", textfont=dict(size=10), name=name,
+                hovertemplate="from stream %{y} into stream %{x}: %{z:.4f}<extra>" + name + "</extra>",
+                xaxis=xaxis, yaxis=yaxis)
+
+
+def _amax(g: dict) -> list:
+    return [max(a, b) for a, b in zip(g["fwd_max"], g["bwd_max"])]
+
+
+def _amin(g: dict) -> list:
+    return [min(a, b) for a, b in zip(g["fwd_min"], g["bwd_min"])]
+
+
+def model_mhc_data(mm: ModelMHC, layer: int, site: str = "attn", position: int = 0) -> dict:
+    """Traces (fixed count 10): the static comb, this token's comb at (layer, site) and the product of this
+    token's combs up to that site (comb convention: from stream i at the embedding into stream j); composite gain by
+    depth (max and min over streams) of the static parts, of this token's matrices and of the token mean,
+    the HC and mHC random surrogates, and a marker at the chosen site."""
+    check_choice("layer", layer, mm.layers)
+    check_choice("site", site, SITES)
+    if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position < mm.T:
+        raise ValueError(f"position = {position!r}: must be an integer in [0, {mm.T - 1}]")
+    k = mm.site_index(layer, site)
+    st, tc = mm.c["static"][k], mm.c["combs"][k][position]
+    depth = list(range(1, len(mm.c["sites"]) + 1))
+    tg = mm.token_gains(position)
+    P = torch.eye(N, dtype=torch.float64)
+    for c in mm.c["combs"][:k + 1]:
+        P = mhc.h_res(c[position]) @ P                           # H^res_k ⋯ H^res_1 (paper convention)
+    traces = [_comb_heat(st, "x", "y", "static", True), _comb_heat(tc, "x2", "y2", "this token", False),
+              _comb_heat(P.T, "x4", "y4", "composite", False)]
+    for key, g in (("static", mm.static_gains), ("token", tg), ("mean", mm.mean_gains)):
+        lab, col, dash = GAIN_SERIES[key]
+        traces.append(dict(type="scatter", mode="lines+markers", x=depth, y=_amax(g), name=f"{lab}: max",
+                           legendgroup=key, line=dict(color=col, dash=dash), marker=dict(size=5),
+                           xaxis="x3", yaxis="y3"))
+        if key == "token":
+            traces.append(dict(type="scatter", mode="lines", x=depth, y=_amin(g), name=f"{lab}: min",
+                               legendgroup=key, line=dict(color=col, dash="dot", width=1), xaxis="x3", yaxis="y3"))
+    traces.append(dict(type="scatter", mode="lines", x=depth, y=mm.surrogate["hc"], name="HC surrogate (I + 0.15·N)",
+                       line=dict(color=VCOLORS["hc"], width=1.5), xaxis="x3", yaxis="y3"))
+    traces.append(dict(type="scatter", mode="lines", x=depth, y=mm.residual, name="plain residual",
+                       line=dict(color=VCOLORS["residual"], width=6), opacity=0.35, xaxis="x3", yaxis="y3"))
+    d = k + 1
+    traces.append(dict(type="scatter", mode="markers", x=[d], y=[_amax(tg)[k]], name="this site",
+                       showlegend=False, marker=dict(size=14, symbol="circle-open", color="#000", line=dict(width=2)),
+                       xaxis="x3", yaxis="y3"))
+    tok = mm.c["tokens"][position]
+    diag_s, diag_t = float(st.diagonal().mean()), float(tc.diagonal().mean())
+    title = (f"layer {layer}, {site} site: the static comb keeps {diag_s:.2f} of each stream on average, token "
+             f"{position} {tok!r} keeps {diag_t:.2f}<br>composite gain after all {len(depth)} sites: this token "
+             f"{fmt3(_amax(tg)[-1])} (min {fmt3(_amin(tg)[-1])}), HC surrogate {fmt3(mm.surrogate['hc'][-1])}")
+    ann = [dict(text="static: Sinkhorn(b_res)", x=0.5, xref="x domain", y=1.0, yref="y domain", yanchor="bottom",
+                showarrow=False, font=dict(size=11)),
+           dict(text=f"token {position}: input-dependent", x=0.5, xref="x2 domain", y=1.0, yref="y2 domain",
+                yanchor="bottom", showarrow=False, font=dict(size=11)),
+           dict(text=f"token {position}: product of {k + 1} site{'s' if k else ''}", x=0.5, xref="x4 domain", y=1.0,
+                yref="y4 domain", yanchor="bottom", showarrow=False, font=dict(size=11))]
+    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}, "annotations": ann}}
+
+
+MODEL_MHC_LAYOUT = dict(
+    height=560, margin=dict(l=60, r=30, t=80, b=50),
+    legend=dict(orientation="v", yanchor="top", y=0.42, xanchor="left", x=0.66, font=dict(size=11)),
+    xaxis=dict(domain=[0, 0.2], title="into stream j", dtick=1),
+    yaxis=dict(domain=[0.58, 0.95], title="from stream i", autorange="reversed", dtick=1),
+    xaxis2=dict(domain=[0.27, 0.47], title="into stream j", dtick=1, anchor="y2"),
+    yaxis2=dict(domain=[0.58, 0.95], autorange="reversed", dtick=1, anchor="x2"),
+    xaxis4=dict(domain=[0.54, 0.74], title="into stream j", dtick=1, anchor="y4"),
+    yaxis4=dict(domain=[0.58, 0.95], autorange="reversed", dtick=1, anchor="x4"),
+    xaxis3=dict(domain=[0, 0.62], title="depth (mHC sites composed: attn, MoE per layer)", anchor="y3", dtick=1),
+    yaxis3=dict(domain=[0, 0.42], type="log", title="composite gain", anchor="x3"),
+)
+
+
+def build_model_mhc(layer: int = 0, site: str = "attn", position: int = 8):
+    mm = model_mhc()
+    return figure_from(model_mhc_data(mm, layer, site, min(position, mm.T - 1)), MODEL_MHC_LAYOUT)
+
+
+@register
+class ModelMHCWidget(Widget):
+    """Layer, site and token → the trained model's static and input-dependent comb, and the composite gain."""
+
+    name = "mhc.model"
+    defaults = {"layer": 0, "site": "attn", "position": 8}
+
+    def __init__(self, static=None, mm: ModelMHC | None = None, **state):
+        self.mm = model_mhc() if mm is None else mm
+        super().__init__(static, **state)
+
+    def validate(self, state):
+        check_choice("layer", state["layer"], self.mm.layers)
+        check_choice("site", state["site"], SITES)
+        state["position"] = min(state["position"], self.mm.T - 1)
+        p = state["position"]
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < self.mm.T:
+            raise ValueError(f"position = {p!r}: must be an integer in [0, {self.mm.T - 1}]")
+
+    def data(self):
+        return model_mhc_data(self.mm, **self.state)
+
+    def layout(self):
+        return MODEL_MHC_LAYOUT
+
+    def make_controls(self):
+        import ipywidgets as W
+        return {"layer": W.Dropdown(options=self.mm.layers, value=self.state["layer"], description="layer"),
+                "site": W.ToggleButtons(options=[("attention", "attn"), ("MoE", "ffn")], value=self.state["site"],
+                                        description="site"),
+                "position": W.IntSlider(min=0, max=self.mm.T - 1, value=self.state["position"], description="token")}
+
+    def sweep_values(self, control):
+        return {"layer": self.mm.layers, "site": list(SITES), "position": list(range(self.mm.T))}[control]
+
+    def on_layer(self, value):
+        self.set(layer=int(value))
+
+    def on_site(self, value):
+        self.set(site=value)
+
+    def on_position(self, value):
+        self.set(position=int(value))
+
+
+def model_mhc_table(mm: ModelMHC) -> str:
+    """Plain text per site: the share of each stream the static comb keeps (diagonal mean), the same for the
+    token-mean comb, and the composite gain (max, min over streams, this text's token mean) after the site."""
+    lines = [f"{'site':<14} {'static keeps':>12} {'tokens keep':>11} {'gain max':>9} {'gain min':>9}"]
+    mean = torch.stack([c.mean(0) for c in mm.c["combs"]])
+    for k, (layer, site) in enumerate(mm.c["sites"]):
+        lines.append(f"layer {layer} {site:<6} {float(mm.c['static'][k].diagonal().mean()):>12.3f} "
+                     f"{float(mean[k].diagonal().mean()):>11.3f} {_amax(mm.mean_gains)[k]:>9.4f} "
+                     f"{_amin(mm.mean_gains)[k]:>9.4f}")
+    lines.append(f"{mm.T} tokens; uniform mixing keeps 1/{N} = {1 / N:.3f} of each stream, the identity keeps 1")
+    return "\n".join(lines)

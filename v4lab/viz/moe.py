@@ -23,7 +23,16 @@ from v4lab import accounting, get_config
 from v4lab.gate import gate_scores, route_weights, select_topk
 from v4lab.moe import bias_sensitivity, expert_load, layer_routing_stats, load_imbalance
 from v4lab.viz import trained
-from v4lab.viz.common import COLORS, TextCache, Widget, check_choice, figure_from, fmt3, register
+from v4lab.viz.common import (
+    COLORS,
+    TextCache,
+    Widget,
+    categorical_colorscale,
+    check_choice,
+    figure_from,
+    fmt3,
+    register,
+)
 
 # ------------------------------------------------------------------------------------ 671B -> 1.6T
 EXPERT_STOPS = [64, 128, 160, 256, 384, 512]
@@ -432,3 +441,334 @@ def hash_consistency(routes: dict) -> list[dict]:
         out.append({"layer": r["layer"], "hash": r["hash"], "repeats": len(pairs),
                     "same_experts": same / max(1, len(pairs))})
     return out
+
+
+# ------------------------------------------------------------------------------------ what the experts learned
+SPEC_TOKENS = 1024          # held-out tokens routed once for the specialisation and load figures
+TOP_TOKENS = 5              # tokens listed per expert
+MIN_COUNT = 3               # ranking by share: only tokens seen at least this often
+RANK_BY = {"count": "most often sent", "share": "most exclusively sent"}
+
+
+def expert_colors(n: int) -> list[str]:
+    """One qualitative colour per expert id, the same as :func:`categorical_colorscale` (and so the same
+    colours as notebook 07's routing map)."""
+    return [categorical_colorscale(n)[2 * e][1] for e in range(n)]
+
+
+def heldout_ids(path, tok, n_tokens: int = SPEC_TOKENS) -> tuple[torch.Tensor, str]:
+    """The first ``n_tokens`` of the checkpoint's ``heldout.txt`` (documents the model never trained on,
+    ``<|bos|> doc <|eos|>`` as in training) as ids [1, n], and a line saying where they come from. Without a
+    heldout.txt the sample texts stand in (said so)."""
+    from pathlib import Path
+
+    from v4lab.data import encode_docs
+    from v4lab.labeval import heldout_docs
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 2:
+        raise ValueError(f"n_tokens = {n_tokens!r}: must be an integer >= 2")
+    f = Path(path) / "heldout.txt" if path else None
+    if f is not None and f.is_file():
+        docs, where = heldout_docs(f.read_text(encoding="utf-8")), "held-out text (heldout.txt)"
+    else:
+        docs, where = list(trained.SAMPLE_TEXTS.values()), "sample texts (no heldout.txt beside the weights)"
+    ids = encode_docs(tok, docs)[:n_tokens]
+    return ids[None], f"the first {ids.numel()} tokens of the {where}"
+
+
+@torch.no_grad()
+def route_heldout(model, tok, path, n_tokens: int = SPEC_TOKENS) -> dict:
+    """One forward (with the MTP block) over :func:`heldout_ids`; per MoE block (layers, then MTP) the tokens
+    it routed (the MTP block routes token i+1, as ``v4lab.train.expert_specialisation`` counts it), the chosen
+    experts idx [T, K], the affinities [T, E] and the bias."""
+    ids, where = heldout_ids(path, tok, n_tokens)
+    model(ids, return_mtp=len(model.mtp) > 0)
+    L = model.cfg.num_hidden_layers
+    layers = []
+    for j, b in enumerate(model.blocks()):
+        r, g = b.ffn.last_routing, b.ffn.gate
+        layers.append({"layer": j, "mtp": j >= L, "hash": g.is_hash, "tokens": (ids[0] if j < L else ids[0, 1:]).cpu(),
+                       "idx": r["idx"].cpu(), "scores": r["scores"].detach().float().cpu(), "k": g.topk,
+                       "bias": None if g.bias is None else g.bias.detach().float().cpu().clone(),
+                       "n_group": g.n_group, "topk_group": g.topk_group})
+    return {"ids": ids[0].cpu(), "where": where, "layers": layers, "n_experts": model.cfg.n_routed_experts}
+
+
+def block_label(r: dict) -> str:
+    return f"{'MTP' if r['mtp'] else 'layer'} {r['layer']} ({'hash' if r['hash'] else 'learned'})"
+
+
+class Specialisation:
+    """What :class:`SpecialisationWidget` and :class:`LoadWidget` show, computed once per model: the routes of
+    the held-out tokens under the trained weights and under a random twin (``v4lab.labeval.random_twin``: same
+    shapes and hash table, random router), class × expert and token × expert counts per block
+    (``v4lab.train.class_expert_counts``) and the mutual information (``v4lab.train.mutual_information_bits``,
+    the measure of ``expert_specialisation``)."""
+
+    def __init__(self, model, tok, path, n_tokens: int = SPEC_TOKENS, random: bool = True):
+        from v4lab.data import TOKEN_CLASSES, token_classes
+        from v4lab.labeval import random_twin
+        from v4lab.train import class_expert_counts, mutual_information_bits
+        self.routes = route_heldout(model, tok, path, n_tokens)
+        self.E = self.routes["n_experts"]
+        self.labels = [block_label(r) for r in self.routes["layers"]]
+        classes = token_classes(tok)
+        V = max(int(classes.numel()), model.cfg.vocab_size)
+        self.classes = list(TOKEN_CLASSES)
+        self.strings = trained.token_strings(tok, list(range(tok.get_vocab_size())))
+        self.by_class, self.by_token, self.mi = [], [], []
+        for r in self.routes["layers"]:
+            jc = class_expert_counts(r["tokens"], r["idx"], classes, self.E, len(self.classes))
+            self.by_class.append(jc)
+            self.by_token.append(class_expert_counts(r["tokens"], r["idx"], torch.arange(V), self.E, V))
+            self.mi.append(mutual_information_bits(jc))
+        self.random_mi = None
+        if random:
+            twin = random_twin(model)
+            rr = route_heldout(twin, tok, path, n_tokens)
+            self.random_mi = [mutual_information_bits(class_expert_counts(r["tokens"], r["idx"], classes, self.E,
+                                                                          len(self.classes))) for r in rr["layers"]]
+            del twin
+
+    @property
+    def layers(self) -> list[int]:
+        return [r["layer"] for r in self.routes["layers"]]
+
+
+_SPECS: dict = {}
+
+
+def specialisation(model=None, tok=None, path=None, n_tokens: int = SPEC_TOKENS) -> Specialisation:
+    """:class:`Specialisation` of the notebook model (cached per model and token count)."""
+    if model is None:
+        model, tok, info = trained.trained_model()
+        path = info["path"]
+    key = (id(model), n_tokens)
+    if key not in _SPECS:
+        _SPECS[key] = Specialisation(model, tok, path, n_tokens)
+    return _SPECS[key]
+
+
+def top_tokens(sp: Specialisation, layer: int, expert: int, rank_by: str = "count", n: int = TOP_TOKENS) -> list:
+    """[(token string, slots sent to ``expert``, share of the token's slots)] for one block, best first:
+    by the count of slots, or (``share``) by the share among tokens seen at least MIN_COUNT times."""
+    check_choice("rank_by", rank_by, RANK_BY)
+    j = sp.by_token[layer]                                      # [V, E]
+    tot = j.sum(1)
+    share = j[:, expert] / tot.clamp_min(1)
+    key = j[:, expert] if rank_by == "count" else torch.where(tot >= MIN_COUNT, share, torch.zeros_like(share))
+    order = torch.argsort(key, descending=True, stable=True)[:n]
+    return [(sp.strings[int(t)] if int(t) < len(sp.strings) else f"<{int(t)}>", int(j[t, expert]), float(share[t]))
+            for t in order if key[t] > 0]
+
+
+def specialisation_data(sp: Specialisation, layer: int, rank_by: str = "count") -> dict:
+    """Traces (fixed count 6): p(class | expert) heatmap (rows: experts, then all experts together), the
+    expert colour swatches, each expert's top tokens, the mutual information per block (hash-routed and
+    learned bars) with a random router's beside it. Kept per state on ``sp`` (a callback only looks up)."""
+    check_choice("layer", layer, sp.layers)
+    check_choice("rank_by", rank_by, RANK_BY)
+    memo = sp.__dict__.setdefault("_data", {})
+    if (layer, rank_by) not in memo:
+        memo[layer, rank_by] = _specialisation_data(sp, layer, rank_by)
+    return memo[layer, rank_by]
+
+
+def _specialisation_data(sp: Specialisation, layer: int, rank_by: str) -> dict:
+    E, jc = sp.E, sp.by_class[layer]                           # [C, E]
+    used = [c for c in range(len(sp.classes)) if jc[c].sum() > 0]
+    pce = (jc[used] / jc[used].sum(0, keepdim=True).clamp_min(1)).T       # [E, C'] p(class | expert)
+    overall = jc[used].sum(1) / jc.sum()
+    z = [[round(v, 4) for v in row] for row in pce.tolist()] + [[round(v, 4) for v in overall.tolist()]]
+    ylab = [f"expert {e}" for e in range(E)] + ["all experts"]
+    xlab = [sp.classes[c] for c in used]
+    rows = []
+    for e in range(E):
+        tops = top_tokens(sp, layer, e, rank_by)
+        part = (f"{s} ({n})" if rank_by == "count" else f"{s} ({100 * f:.0f}%)" for s, n, f in tops)
+        rows.append("  ".join(part) or "(no tokens)")
+    rows.append(f"slots: {int(jc.sum())} ({sp.routes['layers'][layer]['k']} per token)")
+    mi, labels = sp.mi, [lab.split(" (")[0].replace("layer ", "L") for lab in sp.labels]
+    hashed = [r["hash"] for r in sp.routes["layers"]]
+    traces = [
+        dict(type="heatmap", z=z, x=xlab, y=ylab, zmin=0, zmax=1, colorscale="Blues", texttemplate="%{z:.2f}",
+             textfont=dict(size=9), colorbar=dict(title="share", x=0.43, len=0.62,
+                                                  y=0.0, yanchor="bottom", thickness=10),
+             hovertemplate="%{y}: %{z:.3f} of its slots are %{x} tokens<extra></extra>", xaxis="x", yaxis="y"),
+        dict(type="heatmap", z=[[e] for e in range(E)] + [[None]], x=["id"], y=ylab, zmin=-0.5, zmax=E - 0.5,
+             colorscale=categorical_colorscale(E), meta={"categorical": True}, showscale=False,
+             texttemplate="%{z}", textfont=dict(size=9, color="white"), hoverinfo="skip", xaxis="x2", yaxis="y"),
+        dict(type="scatter", mode="text", x=[0] * (E + 1), y=ylab, text=rows, textposition="middle right",
+             textfont=dict(size=10, family="monospace"), cliponaxis=False, showlegend=False, hoverinfo="skip",
+             name="top tokens", xaxis="x3", yaxis="y"),
+        dict(type="bar", x=[lab for lab, h in zip(labels, hashed) if h], y=[m for m, h in zip(mi, hashed) if h],
+             name="hash-routed (table by token id)", marker=dict(color="#8c8c8c"), xaxis="x4", yaxis="y4"),
+        dict(type="bar", x=[lab for lab, h in zip(labels, hashed) if not h], y=[m for m, h in zip(mi, hashed) if not h],
+             name="learned router", marker=dict(color="#1f77b4"), xaxis="x4", yaxis="y4"),
+        dict(type="scatter", mode="markers", x=labels if sp.random_mi else [], y=sp.random_mi or [],
+             name="same layers, random weights", marker=dict(symbol="line-ew-open", size=18, color="#d62728",
+                                                             line=dict(width=3, color="#d62728")),
+             xaxis="x4", yaxis="y4"),
+    ]
+    ratio = ""
+    if sp.random_mi and not hashed[layer] and sp.random_mi[layer] > 0:
+        ratio = f", {mi[layer] / sp.random_mi[layer]:.1f}× a random router's"
+    title = (f"{sp.labels[layer]}: I(token class; expert) = {mi[layer]:.3f} bits{ratio}<br>"
+             f"measured by v4lab on {sp.routes['where']}")
+    shapes = [dict(type="rect", xref="x4", yref="y4 domain", x0=layer - 0.45, x1=layer + 0.45, y0=0, y1=1,
+                   line=dict(color="#333", width=2), fillcolor="rgba(0,0,0,0)")]
+    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}, "shapes": shapes}}
+
+
+def specialisation_layout(sp: Specialisation) -> dict:
+    return dict(height=380 + 24 * (sp.E + 1), margin=dict(l=90, r=20, t=80, b=30), barmode="relative",
+                legend=dict(orientation="v", yanchor="top", y=1.0, xanchor="left", x=0.74, font=dict(size=11)),
+                xaxis=dict(domain=[0, 0.42], side="top", tickfont=dict(size=10), anchor="y"),
+                yaxis=dict(domain=[0, 0.68], autorange="reversed", tickfont=dict(size=10)),
+                xaxis2=dict(domain=[0.51, 0.54], anchor="y", showticklabels=False),
+                xaxis3=dict(domain=[0.55, 1], range=[0, 1], visible=False, anchor="y"),
+                xaxis4=dict(domain=[0, 0.7], anchor="y4", type="category", categoryorder="array",
+                            categoryarray=[lab.split(" (")[0].replace("layer ", "L") for lab in sp.labels]),
+                yaxis4=dict(domain=[0.78, 1], title="MI (bits)", anchor="x4"))
+
+
+def build_specialisation(layer: int | None = None, rank_by: str = "count"):
+    """Static figure of :func:`specialisation_data` on the notebook model (layer: the first learned one)."""
+    sp = specialisation()
+    if layer is None:
+        layer = next((r["layer"] for r in sp.routes["layers"] if not r["hash"]), 0)
+    return figure_from(specialisation_data(sp, layer, rank_by), specialisation_layout(sp))
+
+
+def _first_learned(sp: Specialisation) -> int:
+    return next((r["layer"] for r in sp.routes["layers"] if not r["hash"]), sp.layers[0])
+
+
+@register
+class SpecialisationWidget(Widget):
+    """MoE block and ranking → what each expert receives (token classes, top tokens) and the mutual
+    information per block, hash-routed vs learned, beside a random router's."""
+
+    name = "moe.specialisation"
+    defaults = {"layer": -1, "rank_by": "count"}
+
+    def __init__(self, static=None, sp: Specialisation | None = None, **state):
+        self.sp = specialisation() if sp is None else sp
+        for layer in self.sp.layers:                                  # every state up front (~0.1 s)
+            for rank_by in RANK_BY:
+                specialisation_data(self.sp, layer, rank_by)
+        super().__init__(static, **state)
+
+    def validate(self, state):
+        if state["layer"] == -1:                                     # default: the first learned layer
+            state["layer"] = _first_learned(self.sp)
+        check_choice("layer", state["layer"], self.sp.layers)
+        check_choice("rank_by", state["rank_by"], RANK_BY)
+
+    def data(self):
+        return specialisation_data(self.sp, **self.state)
+
+    def layout(self):
+        return specialisation_layout(self.sp)
+
+    def make_controls(self):
+        import ipywidgets as W
+        return {"layer": W.Dropdown(options=[(lab, r["layer"]) for lab, r in zip(self.sp.labels, self.sp.routes["layers"])],
+                                    value=self.state["layer"], description="MoE block"),
+                "rank_by": W.ToggleButtons(options=[(v, k) for k, v in RANK_BY.items()], value=self.state["rank_by"],
+                                           description="top tokens", style={"button_width": "150px"})}
+
+    def sweep_values(self, control):
+        return {"layer": self.sp.layers, "rank_by": list(RANK_BY)}[control]
+
+    def on_layer(self, value):
+        self.set(layer=int(value))
+
+    def on_rank_by(self, value):
+        self.set(rank_by=value)
+
+
+def load_data(sp: Specialisation, layer: int) -> dict:
+    """Traces (fixed count 4): each expert's load (share of the top-k slots) with the bias, the load the same
+    affinities would give without it (learned routers only), the mean, and the bias b_e per expert."""
+    check_choice("layer", layer, sp.layers)
+    r, E = sp.routes["layers"][layer], sp.E
+    cols, ex = expert_colors(E), list(range(E))
+    load = expert_load(r["idx"], E)
+    share = (load / load.sum()).tolist()
+    learned = not r["hash"] and r["bias"] is not None
+    if learned:
+        no_bias = expert_load(select_topk(r["scores"], None, r["k"], r["n_group"], r["topk_group"]), E)
+        nb_share = (no_bias / no_bias.sum()).tolist()
+    traces = [
+        dict(type="bar", x=ex, y=share, marker=dict(color=cols), name="load: the model's routing",
+             hovertemplate="expert %{x}: %{y:.3f} of the slots<extra></extra>", xaxis="x", yaxis="y"),
+        dict(type="scatter", mode="markers", x=ex if learned else [], y=nb_share if learned else [],
+             name="load without the bias (same affinities)", marker=dict(symbol="line-ew-open", size=16, color="#222",
+                                                                          line=dict(width=3, color="#222")),
+             xaxis="x", yaxis="y"),
+        dict(type="scatter", mode="lines", x=[-0.5, E - 0.5], y=[1 / E, 1 / E], name=f"balanced: 1/{E}",
+             line=dict(color="#888", dash="dash"), xaxis="x", yaxis="y"),
+        dict(type="bar", x=ex if learned else [], y=r["bias"].tolist() if learned else [],
+             marker=dict(color=cols), name="bias b_e", showlegend=False,
+             hovertemplate="expert %{x}: bias %{y:+.4f}<extra></extra>", xaxis="x2", yaxis="y2"),
+    ]
+    imb = load_imbalance(load)
+    if learned:
+        b = r["bias"]
+        title = (f"{block_label(r)}: max/mean load {imb:.2f} with the bias, {load_imbalance(no_bias):.2f} without; "
+                 f"bias {fmt3(float(b.min()))} … {fmt3(float(b.max()))}")
+        ann = []
+    else:
+        title = f"{block_label(r)}: max/mean load {imb:.2f}; the hash table picks the experts, no bias"
+        ann = [dict(text="hash-routed layer:<br>no bias (the token id<br>picks the experts)", xref="x2 domain",
+                    yref="y2 domain", x=0.5, y=0.5, showarrow=False, font=dict(size=12, color="#555"))]
+    title += f"<br>measured by v4lab on {sp.routes['where']}"
+    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}, "annotations": ann,
+                                         "xaxis": {"range": [-0.6, E - 0.4]}, "xaxis2": {"range": [-0.6, E - 0.4]}}}
+
+
+LOAD_LAYOUT = dict(height=430, margin=dict(l=60, r=20, t=80, b=110),
+                   legend=dict(orientation="h", yanchor="top", y=-0.16, xanchor="left", x=0),
+                   xaxis=dict(domain=[0, 0.58], title="expert", dtick=1),
+                   yaxis=dict(title="share of the top-k slots", rangemode="tozero"),
+                   xaxis2=dict(domain=[0.68, 1], title="expert", dtick=1, anchor="y2", tickfont=dict(size=9)),
+                   yaxis2=dict(title="aux-loss-free bias b_e", anchor="x2", zeroline=True))
+
+
+def build_load(layer: int | None = None):
+    sp = specialisation()
+    return figure_from(load_data(sp, _first_learned(sp) if layer is None else layer), LOAD_LAYOUT)
+
+
+@register
+class LoadWidget(Widget):
+    """MoE block → the load per expert with and without the aux-loss-free bias, and the bias itself."""
+
+    name = "moe.load"
+    defaults = {"layer": -1}
+
+    def __init__(self, static=None, sp: Specialisation | None = None, **state):
+        self.sp = specialisation() if sp is None else sp
+        super().__init__(static, **state)
+
+    def validate(self, state):
+        if state["layer"] == -1:
+            state["layer"] = _first_learned(self.sp)
+        check_choice("layer", state["layer"], self.sp.layers)
+
+    def data(self):
+        return load_data(self.sp, **self.state)
+
+    def layout(self):
+        return LOAD_LAYOUT
+
+    def make_controls(self):
+        import ipywidgets as W
+        return {"layer": W.Dropdown(options=[(lab, r["layer"]) for lab, r in zip(self.sp.labels, self.sp.routes["layers"])],
+                                    value=self.state["layer"], description="MoE block")}
+
+    def sweep_values(self, control):
+        return {"layer": self.sp.layers}[control]
+
+    def on_layer(self, value):
+        self.set(layer=int(value))

@@ -18,7 +18,7 @@ LONG = accounting.ONE_M
 LONG_TEXT = "\n\n".join(trained.SAMPLE_TEXTS.values())
 
 
-def first_layer(run, kind: str) -> int:
+def first_layer(run: decode_viz.Run, kind: str) -> int:
     return next(i for i in range(run.n_layers) if run.records[0]["layers"][i]["kind"] == kind)
 
 

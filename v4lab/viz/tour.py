@@ -143,6 +143,7 @@ def context_data(context: int = accounting.ONE_M, weights: str = "B") -> dict:
         traces.append(dict(type="scatter", mode="markers+text", x=[context] * len(ys), y=ys, showlegend=False,
                            marker=dict(color=[COLORS[m] for m in ms], size=9),
                            text=[si(y * 1e9, unit) for y in ys],
+                           textfont=dict(shadow="auto"),      # a halo: labels stay readable where lines cross
                            textposition=label_positions(ys, *spans[ax[1]], plot_px=CONTEXT_LAYOUT["height"] - 110,
                                                         side="left" if context >= 2 ** 15 else "right"),
                            hovertext=[LABELS[m] for m in ms], name="at context", xaxis=ax[0], yaxis=ax[1]))

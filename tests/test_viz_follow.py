@@ -113,3 +113,82 @@ def test_lossless_figure_follows_fast_slider_moves(monkeypatch, seed):
             continue
         assert _shown(rep) == _expected(v), f"move {k}: slider at {v}, the figure shows another state"
     assert failed and w.status.value == ""
+
+
+# ---- the browser half: a frontend model that stopped drawing is replaced (the cause of the freeze) ----------
+# anywidget 0.11 drops every message to a model whose ESM took over 2 s to load: the figure is drawn once and
+# never again. plotly.js answers each update it draws with ``_js2py_traceDeltas`` (the update's trace edit id);
+# these tests play that frontend.
+
+def _browser_draws(fig, edit_id=None):
+    """A view's answer after drawing (first drawing: the model's edit id as it knows it)."""
+    fig._handle_msg({"content": {"data": {"method": "update", "buffer_paths": [], "state": {
+        "_js2py_traceDeltas": {"trace_deltas": [], "trace_edit_id":
+                               fig._last_trace_edit_id if edit_id is None else edit_id}}}}, "buffers": []})
+
+
+def _displayed(w):
+    box = w.box()
+    w._boxes.append(box)                  # what display() records
+    return box
+
+
+def test_live_figure_is_kept():
+    w = fp4.LosslessWidget(static=False)
+    w.fig.comm = CapturingComm()
+    _displayed(w)
+    _browser_draws(w.fig)
+    for v in (15, 16, 3):
+        _frontend_moves(w.controls["spread"], v)
+        _browser_draws(w.fig)
+        assert not w.fig.missed_update() and not w.replace_dead_figure()
+    assert w.replacements == 0
+
+
+def test_figure_never_drawn_is_kept():
+    """No view at all (nbclient, a closed notebook): nothing to revive, nothing replaced."""
+    w = fp4.LosslessWidget(static=False)
+    w.fig.comm = CapturingComm()
+    _displayed(w)
+    _frontend_moves(w.controls["spread"], 15)
+    assert not w.replace_dead_figure()
+
+
+def test_dead_figure_is_replaced_with_the_current_state():
+    w = fp4.LosslessWidget(static=False)
+    w.fig.comm = CapturingComm()
+    box = _displayed(w)
+    old = w.fig
+    _browser_draws(old, 0)                # drawn once, as created
+    for v in (19, 6, 5):                   # then deaf: no update is drawn
+        _frontend_moves(w.controls["spread"], v)
+    assert old.missed_update()
+    assert w.replace_dead_figure()
+    assert w.fig is not old and box.children[-1] is w.fig and old.comm is None       # swapped, old closed
+    assert w.fig.layout.title.text == fp4.lossless_data(5)["layout"]["title"]["text"]
+    assert list(w.fig.data[1].x) == [5]
+    w.fig.comm = CapturingComm()
+    _frontend_moves(w.controls["spread"], 7)                         # and the new one follows
+    assert list(w.fig.data[1].x) == [7]
+
+
+def test_replacement_is_scheduled_after_a_move(monkeypatch):
+    """In a kernel the check runs on the event loop REDRAW_WAIT_S after the last move, with no further move."""
+    import asyncio
+
+    from v4lab.viz import common
+    monkeypatch.setattr(common, "REDRAW_WAIT_S", 0.05)
+    w = fp4.LosslessWidget(static=False)
+    w.fig.comm = CapturingComm()
+    _displayed(w)
+    old = w.fig
+    _browser_draws(old, 0)
+
+    async def moves():
+        for v in (19, 14, 6, 5):
+            _frontend_moves(w.controls["spread"], v)
+        await asyncio.sleep(0.3)
+
+    asyncio.run(moves())
+    assert w.fig is not old and w.replacements == 1
+    assert list(w.fig.data[1].x) == [5]

@@ -17,6 +17,7 @@ shows a static figure instead, and the ``fig`` attribute is a plain ``go.Figure`
 """
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 from collections import OrderedDict
@@ -53,14 +54,36 @@ class LiveFigure(go.FigureWidget):
 
     def __init__(self, *args, **kwargs):
         self._v4lab_defer_open = True
+        self._v4lab_drawn = -1            # the last update a browser view says it drew (-1: none drawn yet)
         super().__init__(*args, **kwargs)
         self._v4lab_defer_open = False
+        self.observe(self._on_drawn, names="_js2py_traceDeltas")
         self.open()
+
+    def _on_drawn(self, change) -> None:
+        # plotly.js answers every update it draws (and its first drawing) with the figure's trace edit id
+        msg = change["new"]
+        if msg and isinstance(msg.get("trace_edit_id"), int):
+            self._v4lab_drawn = max(self._v4lab_drawn, msg["trace_edit_id"])
+
+    def missed_update(self) -> bool:
+        """A browser view drew this figure once but not the last update sent to it: its frontend model is dead.
+
+        anywidget 0.11 gives a model 2 s to load its ESM (plotly's is 5 MB, parsed again for every figure);
+        past that it drops every later message to the model without a word, so the figure stays as first
+        drawn (issue 22's frozen Lossless figure, seen on a busy machine during Run All)."""
+        return 0 <= self._v4lab_drawn < self._last_trace_edit_id
 
     def open(self):
         if getattr(self, "_v4lab_defer_open", False):
             return
         super().open()
+
+
+# How long a browser may take to draw an update before the figure is taken for dead and replaced (a live one
+# answers within a second even on a busy machine), and how often one widget replaces its figure at most.
+REDRAW_WAIT_S = 4.0
+MAX_REPLACEMENTS = 3
 
 
 class TextCache:
@@ -238,6 +261,9 @@ class Widget:
         self.fig = fig if self.static else LiveFigure(fig)
         self.controls: dict[str, Any] = {}
         self.status = None                  # an HTML line under the controls: a callback's error, if any
+        self._boxes: list = []              # the displayed boxes holding self.fig (to swap in a new figure)
+        self._check = None                  # the pending check that the browser drew the last update
+        self.replacements = 0
         if not self.static:
             import ipywidgets as W
             self.status = W.HTML(value="")
@@ -260,8 +286,36 @@ class Widget:
             self.status.value = (f"<span style='color:#b00'>{html.escape(control)} = {html.escape(repr(value))}: "
                                  f"{html.escape(type(e).__name__)}: {html.escape(str(e))}</span>")
             return
+        finally:
+            self._check_drawn_later()
         if self.status.value:
             self.status.value = ""
+
+    def _check_drawn_later(self) -> None:
+        """In REDRAW_WAIT_S, on the kernel's event loop, replace the figure if the browser did not draw it."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:                # not inside a kernel's loop (a test calling on_x): nothing to watch
+            return
+        if self._check is not None:
+            self._check.cancel()
+        self._check = loop.call_later(REDRAW_WAIT_S, self.replace_dead_figure)
+
+    def replace_dead_figure(self) -> bool:
+        """If the figure's frontend model stopped drawing updates, put a new figure with the current state in
+        its place in every displayed box (a new model loads its ESM again, now on an idle page)."""
+        self._check = None
+        if not isinstance(self.fig, LiveFigure) or not self.fig.missed_update():
+            return False
+        if self.replacements >= MAX_REPLACEMENTS:
+            return False
+        old, self.fig = self.fig, LiveFigure(figure_from(self.data(), self.layout()))
+        self._last = None                   # the next update sends everything
+        self.replacements += 1
+        for box in self._boxes:
+            _swap_child(box, old, self.fig)
+        old.close()
+        return True
 
     # ---- to implement ------------------------------------------------------------------------
     def data(self) -> dict:
@@ -326,10 +380,23 @@ class Widget:
             from IPython.display import HTML
             display(HTML(f"<p>{STATIC_NOTE}</p>"), metadata={"v4lab": {"widget": self.name}})
             return None
-        display(self.box())
+        box = self.box()
+        self._boxes.append(box)
+        display(box)
         return None
 
     show = display
+
+
+def _swap_child(box, old, new) -> None:
+    """Replace widget ``old`` by ``new`` wherever it sits in the tree of boxes under ``box``."""
+    children = getattr(box, "children", None)
+    if children is None:
+        return
+    if any(c is old for c in children):
+        box.children = tuple(new if c is old else c for c in children)
+    for c in box.children:
+        _swap_child(c, old, new)
 
 
 def sweep(widget: Widget, control: str, values: Iterable | None = None):

@@ -99,16 +99,16 @@ def main(argv: list[str] | None = None) -> int:
                 fig = w.figure()
                 fig.update_layout(width=960, height=max(420, fig.layout.height or 420))
                 html = Path(tmp) / f"{stem}.html"
-                fig.write_html(html, include_plotlyjs=True, full_html=True)
-                page.goto(html.as_uri())
+                fig.write_html(html, include_plotlyjs="directory", full_html=True)
+                page.goto(html.as_uri(), timeout=180_000)
                 page.wait_for_selector(".js-plotly-plot .main-svg")
                 page.locator(".js-plotly-plot").first.screenshot(path=str(out / f"{stem}.png"))
         if args.states:
             for stem, fig in static_figures(args.only).items():
                 fig.update_layout(width=960)
                 html = Path(tmp) / f"{stem}.html"
-                fig.write_html(html, include_plotlyjs=True, full_html=True)
-                page.goto(html.as_uri())
+                fig.write_html(html, include_plotlyjs="directory", full_html=True)
+                page.goto(html.as_uri(), timeout=180_000)
                 page.wait_for_selector(".js-plotly-plot .main-svg")
                 page.locator(".js-plotly-plot").first.screenshot(path=str(out / f"{stem}.png"))
         browser.close()

@@ -143,6 +143,7 @@ def context_data(context: int = accounting.ONE_M, weights: str = "B") -> dict:
         traces.append(dict(type="scatter", mode="markers+text", x=[context] * len(ys), y=ys, showlegend=False,
                            marker=dict(color=[COLORS[m] for m in ms], size=9),
                            text=[si(y * 1e9, unit) for y in ys],
+                           textfont=dict(shadow="auto"),      # a halo: labels stay readable where lines cross
                            textposition=label_positions(ys, *spans[ax[1]], plot_px=CONTEXT_LAYOUT["height"] - 110,
                                                         side="left" if context >= 2 ** 15 else "right"),
                            hovertext=[LABELS[m] for m in ms], name="at context", xaxis=ax[0], yaxis=ax[1]))
@@ -170,6 +171,11 @@ def build_context(context: int = accounting.ONE_M, weights: str = "B"):
     return figure_from(context_data(context, weights), CONTEXT_LAYOUT)
 
 
+READOUT_CLASS = "v4lab-readout-left"
+READOUT_CSS = (f"<style>.{READOUT_CLASS} .widget-readout {{text-align: left; min-width: 0; "
+               "margin-left: 8px}</style>")
+
+
 @register
 class ContextWidget(Widget):
     """A context slider (1K..1M) and a FLOPs weighting toggle over :func:`build_context`."""
@@ -195,14 +201,25 @@ class ContextWidget(Widget):
 
     def make_controls(self):
         import ipywidgets as W
+        context = W.SelectionSlider(options=[(f"{context_label(n)} tokens", n) for n in CONTEXT_STOPS],
+                                    value=self.state["context"], description="context", continuous_update=True,
+                                    layout=W.Layout(width="420px", margin="0 32px 0 0"))
+        context.add_class(READOUT_CLASS)
         return {
-            "context": W.SelectionSlider(options=[(context_label(n), n) for n in CONTEXT_STOPS],
-                                         value=self.state["context"], description="context",
-                                         continuous_update=True),
+            "context": context,
             "weights": W.ToggleButtons(options=[("FP8-eq. (calibrated)", "B"), ("raw", "A")],
                                        tooltips=[WEIGHTINGS["B"], WEIGHTINGS["A"]],
-                                       value=self.state["weights"], description="FLOPs"),
+                                       value=self.state["weights"], description="FLOPs",
+                                       style={"button_width": "150px"}),
         }
+
+    def box(self):
+        """The default box, with a style that puts the slider's readout right beside the slider (ipywidgets
+        centres it in a fixed-width box, which leaves a short value like "1M" far from the handle)."""
+        import ipywidgets as W
+        box = super().box()
+        box.children = (W.HTML(READOUT_CSS),) + tuple(box.children)
+        return box
 
     def sweep_values(self, control):
         return {"context": CONTEXT_STOPS, "weights": list(WEIGHTINGS)}[control]

@@ -53,3 +53,13 @@ def test_anticipatory_experiment_modes(data):
     assert ev and ev[0][1].startswith("spike")                      # the induced spike was detected
     assert any(r["spike"]["ar_on"]) and not r["spike"]["ar_on"][0]
     assert all(0 <= c <= 1 for c in r["always"]["churn"])
+
+
+def test_subfp4_finds_the_repository_model_from_another_folder(tmp_path, monkeypatch):
+    # notebooks run with notebooks/ as the working folder; "data/tiny-v4" names the repository's model
+    from v4lab.experiments import subfp4
+    monkeypatch.chdir(tmp_path)
+    model = subfp4._load("data/tiny-v4", "cpu")
+    assert model.cfg.vocab_size > 0
+    with pytest.raises(ValueError):
+        subfp4._load("data/no-such-model", "cpu")

@@ -16,6 +16,7 @@ Bits per weight count the element bits plus 8/block for the shared E8M0 scale (4
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -103,7 +104,11 @@ def qat_finetune(model: V4Model, data: TokenData, fmt: str | None, block: int, *
 
 def _load(model_dir, device):
     from v4lab import model as model_mod
-    return model_mod.load(model_dir, keep_quantized=False, device=device)
+    path = Path(model_dir)
+    if not path.is_absolute() and not path.exists():
+        # a relative path names the repository's folder: notebooks run with notebooks/ as the working folder
+        path = Path(__file__).resolve().parents[2] / path
+    return model_mod.load(path, keep_quantized=False, device=device)
 
 
 def run(seed: int = 0, *, model_dir: str = "data/tiny-v4", formats: tuple = tuple(SUBFP4_FORMATS),

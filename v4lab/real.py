@@ -34,7 +34,6 @@ V4-Pro: 25 GB + 35 MB per touched expert.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import weakref
@@ -43,7 +42,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from v4lab import quant
 from v4lab.checkpoint import CheckpointReader, layer_prefix
@@ -350,25 +348,6 @@ class StreamResult:
         return out
 
 
-@contextlib.contextmanager
-def _meta_no_init():
-    """Build modules on the meta device with the initialisers off: shapes only, no time spent on
-    random init that the checkpoint overwrites (or, for unselected experts, never needs)."""
-    saved = {k: getattr(nn.init, k) for k in ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_",
-                                              "constant_", "trunc_normal_")}
-    normal = torch.Tensor.normal_
-    try:
-        for k in saved:
-            setattr(nn.init, k, lambda t, *a, **kw: t)
-        torch.Tensor.normal_ = lambda t, *a, **kw: t
-        with torch.device("meta"):
-            yield
-    finally:
-        for k, f in saved.items():
-            setattr(nn.init, k, f)
-        torch.Tensor.normal_ = normal
-
-
 class StreamingLoader:
     """Reads one layer at a time from a release directory, dequantising into ``dtype`` (F32 tensors such
     as ``hc_*`` stay fp32, as ``v4lab.model.load`` keeps them) on ``device``; every dense tensor it hands
@@ -407,10 +386,11 @@ class StreamingLoader:
 
     def block(self, i: int, low_precision: bool = False):
         """Layer ``i`` as a v4lab Block with every weight but the routed experts (those stay on meta)."""
+        from v4lab.loading import no_init
         from v4lab.model import Block
         from v4lab.rope import layer_inv_freq
         cfg = self.cfg
-        with _meta_no_init():
+        with no_init("meta"):
             blk = Block(cfg, i)
         p = layer_prefix(cfg, i)
         group = f"layer.{i}"

@@ -115,7 +115,7 @@ def test_attention_layer_with_kernel_equals_reference(layer_id):
     x = torch.randn(1, 22, cfg.hidden_size)
     outs = []
     for fn in (ref, kern):
-        attn.sparse_attn_fn = fn
+        attn.switches.kernels = fn is kern
         cache = attn.new_cache(1)
         with torch.no_grad():
             y = [attn(x[:, :20], 0, cache), attn(x[:, 20:21], 20, cache), attn(x[:, 21:], 21, cache)]

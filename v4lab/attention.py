@@ -37,8 +37,9 @@ Choices where the sources leave room (documented, tested):
 - Low-precision simulation (`low_precision = True`): FP8 E4M3 block-64 fake-quant of the KV non-rope
   dims (window and compressed entries; a width that is not a multiple of 64, as in tiny configs, gets
   a zero-padded last block), Hadamard + MXFP4 on indexer q/k, BF16 index scores.
-- `sparse_attn_fn`, `compressor.pool_fn`, `indexer.score_fn` are the references by default and can be
-  pointed at the Triton kernels (same signatures).
+- The references run by default; with `switches.kernels` (`v4lab.switches`, set for a whole model by
+  `V4Model.use_kernels`) the sparse core, the compressor pooling and the index scores run through the
+  Triton kernels (same signatures), and "auto" takes the gather path, the kernel's twin.
 - The indexer is not trained by the attention loss (top-k selection has no gradient), as in V4. With
   `distill = True` (CSA) a forward also records the indexer's warm-up loss (`indexer.distill_kl`): the
   main attention's probability on every visible compressed entry (dense, over window + all visible
@@ -55,6 +56,7 @@ from .compressor import Compressor, CompressorState
 from .indexer import Indexer, distill_kl, topk_recall, visible_entries
 from .norm import RMSNorm, rms_norm
 from .rope import apply_rope, cos_sin, layer_inv_freq
+from .switches import Switches, share_switches
 
 
 def _check_attn_args(name, q, kv, attn_sink, idx):
@@ -318,6 +320,7 @@ class Attention(nn.Module):
         if kind != "window" and cfg.rope_scaling is not None and not isinstance(cfg.rope_scaling, dict):
             raise ValueError(f"config key 'rope_scaling' = {cfg.rope_scaling!r}: must be a dict or None")
         self.cfg, self.layer_id, self.kind = cfg, layer_id, kind
+        self.switches = Switches()                # the model's, once it is part of one (v4lab.switches)
         self.ratio = cfg.compress_ratio(layer_id)
         d, H, D, r = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.qk_rope_head_dim
         self.n_heads, self.head_dim, self.rope_dim = H, D, r
@@ -337,20 +340,37 @@ class Attention(nn.Module):
             self.compressor = Compressor(d, D, self.ratio, kind == "csa", freqs, cfg.rms_norm_eps)
         if kind == "csa":
             self.indexer = Indexer(cfg, freqs, self.ratio)
+        share_switches(self, self.switches)
         self._low_precision = False
-        self.inspect = False
-        self.last_inspect: dict | None = None
-        self.distill = False                      # CSA: also compute the indexer warm-up loss (see above)
+        self.last_inspect: dict | None = None     # filled when `inspect` is on
         self.last_distill: tuple | None = None
         self.last_recall: tuple | None = None
         self.q_chunk = 256                        # queries per projection block (attention sub-blocks are
                                                   # cut to ATTN_BLOCK_FLOATS of temporaries)
         self.prefill_chunk = 2048                 # longer inputs run as consecutive chunks through the cache
         self.attn_path = "auto"                   # "auto" (cost model) | "dense" | "gather": see the docstring
-        self.sparse_attn_fn = sparse_attn         # swap in kernels.sparse_attn.sparse_attn for speed
-        self.dense_attn_fn = dense_attn
 
     # -------------------------------------------------------------- switches
+    # `inspect` and `distill` are this layer's entries in the switch object (`switches.inspect` /
+    # `switches.distill` hold layer ids), so a model's are all in one place.
+    @property
+    def inspect(self) -> bool:
+        """Record what each query read (`last_inspect`); one call per forward then (no chunking)."""
+        return self.layer_id in self.switches.inspect
+
+    @inspect.setter
+    def inspect(self, on: bool) -> None:
+        (self.switches.inspect.add if on else self.switches.inspect.discard)(self.layer_id)
+
+    @property
+    def distill(self) -> bool:
+        """CSA: also compute the indexer warm-up loss (`last_distill`, `last_recall`; see the docstring)."""
+        return self.layer_id in self.switches.distill
+
+    @distill.setter
+    def distill(self, on: bool) -> None:
+        (self.switches.distill.add if on else self.switches.distill.discard)(self.layer_id)
+
     @property
     def low_precision(self) -> bool:
         return self._low_precision
@@ -457,7 +477,10 @@ class Attention(nn.Module):
         """One block of queries at positions span: o [B, s, H, D] by the gather path over kv_all ("gather") or
         by the dense-block path over only the rows the block can see ("dense"). Same result either way."""
         if path == "gather":
-            return self.sparse_attn_fn(q, kv_all, self.attn_sink, idx, self.scale)
+            if self.switches.kernels:
+                from .kernels.sparse_attn import sparse_attn as kernel
+                return kernel(q, kv_all, self.attn_sink, idx, self.scale)
+            return sparse_attn(q, kv_all, self.attn_sink, idx, self.scale)
         n_all = kv_all.shape[1]
         rows = self._rows(span, n_all, lo, L, ring_path)
         remap = torch.full((n_all,), -1, dtype=torch.long, device=idx.device)   # kv_all row → block row
@@ -467,7 +490,7 @@ class Attention(nn.Module):
             off += b - a
         blk = kv_all if ring_path else torch.cat([kv_all[:, a:b] for a, b in rows], 1)
         bidx = torch.where(idx >= 0, remap[idx.clamp(min=0)], -1)
-        return self.dense_attn_fn(q, blk, self.attn_sink, bidx, self.scale)
+        return dense_attn(q, blk, self.attn_sink, bidx, self.scale)
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: AttentionCache | None = None,
                 seq_lens=None, attn_path: str | None = None) -> torch.Tensor:
@@ -478,7 +501,8 @@ class Attention(nn.Module):
         call, as prefill == decode; memory then stays linear: q and the output are [chunk, H·D], not [S, H·D]).
         """
         self._check(x, start_pos, cache, seq_lens)
-        path = self.attn_path if attn_path is None else attn_path
+        path = ("gather" if self.switches.kernels and self.attn_path == "auto" else self.attn_path
+                ) if attn_path is None else attn_path
         if path not in ATTN_PATHS:
             raise ValueError(f"attn_path = {path!r}: must be one of {ATTN_PATHS}")
         for key in ("prefill_chunk", "q_chunk"):
@@ -518,8 +542,7 @@ class Attention(nn.Module):
         comp = None
         insp = {} if self.inspect else None
         if self.kind != "window":
-            self.compressor.inspect = self.inspect
-            new = self._fp8_nope(self.compressor(x, cache.comp_state))
+            new = self._fp8_nope(self.compressor(x, cache.comp_state, inspect=insp is not None))
             cache.entries.append(new.to(kv.dtype))
             comp = cache.entries.get()
             if insp is not None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,9 +52,10 @@ from v4lab.device import get_device
 from v4lab.errors import bad as _bad
 from v4lab.gate import check_forced_routes
 from v4lab.loading import no_init, to_device
-from v4lab.mhc import hc_head, hc_post, hc_pre
+from v4lab.mhc import hc_head, hc_post, hc_pre, token_mean_h_res
 from v4lab.moe import MoE
 from v4lab.norm import RMSNorm
+from v4lab.switches import ForwardRecord, Switches, share_switches
 
 HC_MODES = ("mhc", "hc", "residual")
 
@@ -92,13 +94,22 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.ffn = MoE(cfg, layer_id)
         self.hc_mode = "mhc"
-        self.hc_pre_fn = None          # None: the module's hc_pre (looked up per call); else the Triton one
+        self.switches = Switches()
+        share_switches(self, self.switches)
 
     def _pre(self, site: str, x: torch.Tensor):
-        c = self.cfg
-        return (self.hc_pre_fn or hc_pre)(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
-                      getattr(self, f"hc_{site}_base"), rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps,
-                      iters=c.hc_sinkhorn_iters, mode=self.hc_mode)
+        """hc_pre of one mHC site (the Triton one with ``switches.kernels``); its H^res goes to the record."""
+        c, sw = self.cfg, self.switches
+        if sw.kernels:
+            from v4lab.kernels.mhc import hc_pre as pre
+        else:
+            pre = hc_pre
+        u, post, comb = pre(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
+                            getattr(self, f"hc_{site}_base"), rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps,
+                            iters=c.hc_sinkhorn_iters, mode=self.hc_mode, check_finite=sw.check_finite)
+        if sw.record is not None and sw.record.h_res is not None:
+            sw.record.h_res.append(token_mean_h_res(comb))
+        return u, post, comb
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None, start_pos: int = 0, cache=None,
                 forced_idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -200,7 +211,8 @@ class V4Model(nn.Module):
         # writes unchanged weights back byte-identically. Not part of state_dict.
         self.quantized_originals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.source_path: Path | None = None
-        self.kernels = False
+        self.switches = Switches()                 # one switch object for every layer (v4lab.switches)
+        share_switches(self, self.switches)
         self.set_flags(hc_mode=hc_mode, low_precision=low_precision, qat=qat)
 
     # ------------------------------------------------------------------ flags
@@ -235,30 +247,28 @@ class V4Model(nn.Module):
         — or, with ``on=False``, through the torch references again. Same signatures, same results (each
         kernel's test compares it with its reference). Kernels are compiled on CUDA and interpreted on the CPU
         (correct but slow there); they are forward-only, so a forward that needs gradients raises."""
-        from v4lab import attention as A
-        from v4lab import compressor as C
-        from v4lab import indexer as I
         if on:
             from v4lab.device import check_kernel_device
             check_kernel_device(self.device)          # compiled kernels need CUDA tensors, interpreted ones CPU
-            from v4lab.kernels import compressor as kc
-            from v4lab.kernels import indexer as ki
-            from v4lab.kernels import mhc as km
-            from v4lab.kernels import sparse_attn as ks
-        for b in self.blocks():
-            a = b.attn
-            a.sparse_attn_fn = ks.sparse_attn if on else A.sparse_attn
-            a.attn_path = "gather" if on else "auto"      # the kernel is the gather path's twin
-            comp, ind = getattr(a, "compressor", None), getattr(a, "indexer", None)     # window layers: neither
-            for c in (comp, ind.compressor if ind is not None else None):
-                if c is not None:
-                    c.pool_fn = kc.compress_pool if on else C.compress_pool
-            if ind is not None:
-                ind.score_fn = ki.index_scores if on else I.index_scores
-            b.hc_pre_fn = km.hc_pre if on else None
-            b.ffn.dispatch = "triton" if on else "grouped"
-        self.kernels = bool(on)
+            import v4lab.kernels  # noqa: F401  (sets Triton's mode before a kernel is defined)
+        self.switches.kernels = bool(on)
         return self
+
+    @property
+    def kernels(self) -> bool:
+        """Whether the hot ops run through the Triton kernels (``switches.kernels``)."""
+        return self.switches.kernels
+
+    @contextlib.contextmanager
+    def recording(self, h_res: bool = False) -> Iterator[ForwardRecord]:
+        """``with model.recording() as rec:`` every forward inside fills ``rec`` (a ForwardRecord the caller
+        owns): each MoE layer's routing, and with ``h_res`` the token-mean H^res of every mHC site."""
+        rec, old = ForwardRecord(h_res), self.switches.record
+        self.switches.record = rec
+        try:
+            yield rec
+        finally:
+            self.switches.record = old
 
     # ------------------------------------------------------------------ cache
     def new_cache(self, batch_size: int = 1, record: bool = False) -> ModelCache:
@@ -291,7 +301,8 @@ class V4Model(nn.Module):
     def logits_from_streams(self, x: torch.Tensor, fn, base, scale, norm: nn.Module) -> torch.Tensor:
         """hc_head collapse → norm → shared head. x: [B, S, n, d] → [B, S, vocab]."""
         c = self.cfg
-        y = hc_head(x, fn, scale, base, rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps, mode=self.hc_mode)
+        y = hc_head(x, fn, scale, base, rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps, mode=self.hc_mode,
+                    check_finite=self.switches.check_finite)
         return self.head(norm(y))
 
     def _mtp_forward(self, h: torch.Tensor, next_ids: torch.Tensor, start_pos: int, cache, forced):
@@ -319,7 +330,7 @@ class V4Model(nn.Module):
         [B, S, n, d] before ``hc_head``.
         """
         cfg = self.cfg
-        if self.kernels and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+        if self.switches.kernels and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             _bad("use_kernels", True, "the Triton kernels are forward-only: run under torch.no_grad() (or "
                                       "inference_mode), or call model.use_kernels(False) to train")
         ids = self._check_ids(input_ids)
@@ -398,10 +409,11 @@ class V4Model(nn.Module):
         """Routes of a no-grad forward: one entry per MoE layer (None for hash layers) of expert ids [B·S, K]
         (with ``return_mtp`` one more for the MTP block, [B·(S−1), K]). Feed them back as ``forced_routes``
         (Anticipatory Routing: routes from older parameters, weights from the current ones)."""
-        self(input_ids, start_pos=start_pos, return_mtp=return_mtp)
+        with self.recording() as rec:
+            self(input_ids, start_pos=start_pos, return_mtp=return_mtp)
         blocks = list(self.layers) + (list(self.mtp[:1]) if return_mtp else [])
         return [None if (b.layer_id < self.cfg.num_hidden_layers and self.cfg.is_hash_layer(b.layer_id))
-                else b.ffn.last_routing["idx"].clone() for b in blocks]
+                else rec.routing_of(b.ffn)["idx"].clone() for b in blocks]
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -477,6 +489,7 @@ def load(path, dtype: torch.dtype = torch.float32, keep_quantized: bool = True, 
             model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             for i in want:
                 (model.layers if i < L else model.mtp)[i if i < L else i - L] = build_block(cfg, i)
+        share_switches(model, model.switches)
     loading.fill_model(model, reader, {i: model.blocks()[i] for i in want}, dtype, keep_quantized)
     model.set_flags(hc_mode=model.hc_mode, low_precision=model.low_precision, qat=model.qat)
     return to_device(model, dev)

@@ -30,6 +30,7 @@ from torch import nn
 
 from v4lab.config import V4Config
 from v4lab.gate import Gate, gate_scores, select_topk
+from v4lab.switches import Switches
 
 DISPATCHES = ("grouped", "naive", "triton")
 
@@ -150,8 +151,11 @@ class MoE(nn.Module):
     """``ffn`` of one block: ``gate``, ``experts.{e}``, ``shared_experts``.
 
     ``forward(x [B,S,D], input_ids [B,S] | None = None, forced_idx [B*S,K] | None = None) -> [B,S,D]``.
-    After a forward, ``self.last_routing = {"idx": [T,K], "weights": [T,K], "scores": [T,E], "load": [E]}``
-    (``scores`` keeps its graph so :func:`sequence_balance_loss` can train the gate from it).
+    A forward reports its routing ``{"idx": [T,K], "weights": [T,K], "scores": [T,E], "load": [E]}`` (``scores``
+    keeps its graph so :func:`sequence_balance_loss` can train the gate from it) to the caller's
+    ``ForwardRecord`` when one is installed (``switches.record``, ``with model.recording() as rec``: what
+    training reads), and keeps the latest one in ``self.last_routing`` for inspection (notebooks, tests).
+    ``switches.kernels`` runs the routed experts through the Triton kernel (``dispatch`` "triton").
     ``qat = True`` sends routed expert weights through ``v4lab.quant.fp4_fake_quant_ste``.
     ``ep_size = n`` (inside a torch.distributed group of n ranks): ``experts`` holds only this rank's experts
     (a ModuleDict keyed by global id; load the matching subset of a full layer's state dict to reproduce
@@ -168,6 +172,7 @@ class MoE(nn.Module):
         self.dim = cfg.hidden_size
         self.layer_id = layer_id
         self.dispatch = dispatch
+        self.switches = Switches()         # `kernels`: dispatch through kernels/moe.py; `record`: see forward
         self.qat = False
         self.limit = float(cfg.swiglu_limit if swiglu_limit is None else swiglu_limit)
         self.gate = Gate(cfg, layer_id, **gate_options)
@@ -201,7 +206,8 @@ class MoE(nn.Module):
             _bad("input_ids.shape", tuple(input_ids.shape), f"must be [batch, seq] = {(B, S)}")
         flat = x.reshape(B * S, D)
         weights, idx, scores = self.gate(flat, input_ids, forced_idx)
-        if self.dispatch == "triton" and torch.is_grad_enabled() and (
+        dispatch = "triton" if self.switches.kernels else self.dispatch
+        if dispatch == "triton" and torch.is_grad_enabled() and (
                 x.requires_grad or any(p.requires_grad for p in self.parameters())):
             _bad("dispatch", "triton", "the Triton kernel is forward-only; use it under torch.no_grad() "
                                        "or pick 'grouped' for training")
@@ -211,11 +217,13 @@ class MoE(nn.Module):
             y, self.last_ep = ep_forward(flat, idx, weights, w1s, w2s, w3s, self.limit, self.gate.n_experts,
                                          self.ep_group, self.ep_fp8, ffn=expert_ffn)
         else:
-            y = _DISPATCH[self.dispatch](flat, idx, weights, w1s, w2s, w3s, self.limit)
+            y = _DISPATCH[dispatch](flat, idx, weights, w1s, w2s, w3s, self.limit)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         self.last_routing = {"idx": idx.detach(), "weights": weights.detach(), "scores": scores,
                              "load": expert_load(idx, self.gate.n_experts)}
+        if self.switches.record is not None:             # the caller's record (v4lab.switches)
+            self.switches.record.add_routing(self, self.last_routing)
         return y.to(x.dtype).view(B, S, D)
 
 

@@ -47,9 +47,10 @@ from v4lab.config import V4Config, get_config
 from v4lab.device import get_device
 from v4lab.errors import OneLineParser, check_writable
 from v4lab.errors import bad as _bad
-from v4lab.mhc import composite_gains, token_mean_h_res
+from v4lab.mhc import composite_gains
 from v4lab.model import V4Model
 from v4lab.moe import bias_update, sequence_balance_loss
+from v4lab.switches import ForwardRecord
 
 AR_MODES = ("off", "always", "spike")
 HELDOUT_TEST_WINDOWS = 4          # the held-out subset tests/test_trained_weights.py re-measures
@@ -173,10 +174,9 @@ def micro_config(**changes) -> V4Config:
 
 
 @torch.no_grad()
-def swiglu_preact_max(block, x: torch.Tensor) -> float:
+def swiglu_preact_max(block, x: torch.Tensor, idx: torch.Tensor) -> float:
     """max |W1 x| and |W3 x| over the tokens each routed expert really got (before the clamp), for gate
-    inputs x [T, D] and the block's last routing."""
-    idx = block.ffn.last_routing["idx"]
+    inputs x [T, D] and the expert ids idx [T, K] they were routed to."""
     best = 0.0
     for e, ex in enumerate(block.ffn.experts):
         rows = (idx == e).any(-1)
@@ -189,18 +189,23 @@ def swiglu_preact_max(block, x: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------------------------- probes
 class _Probe:
-    """Forward hooks that keep what the log needs: gate inputs (for churn), max |MoE output| per layer,
-    and (through a wrapped ``hc_pre``) the token-mean H^res of every mHC site."""
+    """Forward hooks that keep what the log needs: gate inputs (for churn), max |MoE output| per layer;
+    and, while ``recording_hc`` holds a ForwardRecord on the model, the routing of every MoE layer and the
+    token-mean H^res of every mHC site of each forward."""
 
     def __init__(self, model: V4Model):
         self.model = model
         self.gate_in: dict[int, torch.Tensor] = {}
         self.moe_max: dict[int, float] = {}
-        self.h_res: list[torch.Tensor] = []
+        self.record: ForwardRecord = ForwardRecord(h_res=True)
         self.handles = []
         for j, b in enumerate(model.blocks()):
             self.handles.append(b.ffn.gate.register_forward_hook(self._gate_hook(j)))
             self.handles.append(b.ffn.register_forward_hook(self._moe_hook(j)))
+
+    @property
+    def h_res(self) -> list[torch.Tensor]:
+        return self.record.h_res
 
     def _gate_hook(self, j):
         def hook(mod, args, out):
@@ -215,21 +220,14 @@ class _Probe:
     def clear(self):
         self.gate_in.clear()
         self.moe_max.clear()
-        self.h_res.clear()
+        self.record.h_res.clear()
+        self.record.routing.clear()
 
     @contextlib.contextmanager
     def recording_hc(self):
-        orig = model_mod.hc_pre
-
-        def wrapped(*args, **kwargs):
-            u, post, comb = orig(*args, **kwargs)
-            self.h_res.append(token_mean_h_res(comb))
-            return u, post, comb
-        model_mod.hc_pre = wrapped
-        try:
+        with self.model.recording(h_res=True) as rec:
+            self.record = rec
             yield
-        finally:
-            model_mod.hc_pre = orig
 
     def remove(self):
         for h in self.handles:
@@ -266,13 +264,17 @@ def lm_losses(model: V4Model, ids: torch.Tensor, forced_routes=None, mtp: bool =
     return F.cross_entropy(logits.float().reshape(-1, V), ids[:, 1:].reshape(-1)), mtp_loss
 
 
-def balance_loss(model: V4Model, batch_size: int, alpha: float, layers: list[int] | None = None) -> torch.Tensor:
+def balance_loss(model: V4Model, batch_size: int, alpha: float, layers: list[int] | None = None,
+                 record: ForwardRecord | None = None) -> torch.Tensor:
     """Σ over learned-router MoE layers (MTP included; ``layers`` = block indices, default all learned ones)
-    of V3's sequence-wise balance loss, from the last forward."""
+    of V3's sequence-wise balance loss, from the routing of the forward that filled ``record``
+    (``with model.recording() as record: ...``)."""
+    if not isinstance(record, ForwardRecord):
+        _bad("record", record, "must be the ForwardRecord of the forward (with model.recording() as record)")
     total = torch.zeros((), device=model.device)
     for j in learned_moe_blocks(model) if layers is None else layers:
         m = model.blocks()[j].ffn
-        r = m.last_routing
+        r = record.routing_of(m)
         if r is None:
             continue
         T, E = r["scores"].shape
@@ -311,9 +313,10 @@ def expert_specialisation(model: V4Model, windows: torch.Tensor, token_class: to
     joint = torch.zeros(len(blocks), C, E, dtype=torch.float64, device="cpu")     # counted on the CPU
     for i in range(0, windows.shape[0], batch_size):
         ids = windows[i:i + batch_size, :-1].cpu()
-        model(ids, return_mtp=len(model.mtp) > 0)
+        with model.recording() as rec:
+            model(ids, return_mtp=len(model.mtp) > 0)
         for j, b in enumerate(blocks):
-            idx = b.ffn.last_routing["idx"].cpu()                 # [T, K]; counted on the CPU with the ids
+            idx = rec.routing_of(b.ffn)["idx"].cpu()              # [T, K]; counted on the CPU with the ids
             tok = ids if j < model.cfg.num_hidden_layers else ids[:, 1:]   # MTP routes token i+1
             c = token_class.cpu()[tok.reshape(-1)][:, None].expand_as(idx)
             joint[j].index_put_((c.reshape(-1), idx.reshape(-1)), torch.ones(idx.numel(), dtype=torch.float64,
@@ -563,7 +566,8 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                     for a in dcsa:
                         a.distill = False
                 moe_max = dict(probe.moe_max)
-                bal = balance_loss(model, len(ids), balance_alpha, learned) if balance_alpha > 0 else torch.zeros(())
+                bal = (balance_loss(model, len(ids), balance_alpha, learned, probe.record) if balance_alpha > 0
+                       else torch.zeros(()))
                 w_mtp = mtp_weight if mtp_switch is None or step < mtp_switch else float(mtp_weight_final)
                 loss = lm + (w_mtp * mt if mt is not None else 0.0) + bal
                 if dcsa:
@@ -580,10 +584,11 @@ def train(cfg: V4Config | str = "tiny", *, data=None, steps: int = 100, batch_si
                     ix_norm = float(torch.nn.utils.clip_grad_norm_(
                         [p for p in model.parameters() if p.grad is not None and id(p) in ix_ids],
                         grad_clip if grad_clip > 0 else float("inf")))
-                used = {j: blocks[j].ffn.last_routing["idx"] for j in learned}
-                loads = [blocks[j].ffn.last_routing["load"] for j in range(n_run)]
+                used = {j: probe.record.routing_of(blocks[j].ffn)["idx"] for j in learned}
+                loads = [probe.record.routing_of(blocks[j].ffn)["load"] for j in range(n_run)]
                 gate_x = dict(probe.gate_in)
-                preact = [swiglu_preact_max(blocks[j], gate_x[j]) for j in range(n_run)] if log_preact else None
+                preact = ([swiglu_preact_max(blocks[j], gate_x[j], probe.record.routing_of(blocks[j].ffn)["idx"])
+                           for j in range(n_run)] if log_preact else None)
                 lag_mismatch = None
                 if ar_on:                    # how far the current router is from the routes it was given
                     lag_mismatch = [float(_sets_differ(used[j], _current_topk(blocks[j], gate_x[j])).float().mean())

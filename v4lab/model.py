@@ -74,9 +74,10 @@ class Block(nn.Module):
 
     Parameters (official names): ``hc_attn_fn [(2+n)n, n·d]``, ``hc_attn_base [(2+n)n]``,
     ``hc_attn_scale [3]``, the same for ``hc_ffn_*``, ``attn_norm``, ``attn``, ``ffn_norm``, ``ffn``.
+    ``expert_provider``: see ``v4lab.moe.MoE`` (routed experts supplied on demand instead of held).
     """
 
-    def __init__(self, cfg: V4Config, layer_id: int):
+    def __init__(self, cfg: V4Config, layer_id: int, expert_provider=None):
         super().__init__()
         self.cfg, self.layer_id = cfg, layer_id
         n, d = cfg.hc_mult, cfg.hidden_size
@@ -92,7 +93,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.attn = Attention(cfg, layer_id)
         self.ffn_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.ffn = MoE(cfg, layer_id)
+        self.ffn = MoE(cfg, layer_id, expert_provider=expert_provider)
         self.hc_mode = "mhc"
         self.switches = Switches()
         share_switches(self, self.switches)

@@ -16,6 +16,7 @@ on each call. A layer built on its own (``Attention(cfg, i)``) has a fresh one.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 
@@ -25,7 +26,8 @@ class ForwardRecord:
     of each layer), and with ``h_res=True`` the token-mean H^res [n, n] of every mHC site in call order."""
 
     def __init__(self, h_res: bool = False):
-        self.routing: dict = {}
+        # weak keys: a record held by a layer's switches must not keep that layer alive (or form a cycle)
+        self.routing: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.h_res: list | None = [] if h_res else None
 
     def add_routing(self, moe: object, routing: dict) -> None:

@@ -20,22 +20,19 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from v4lab.checkpoint import (
-    DEFAULT_MAX_SHARD_BYTES,
-    CheckpointReader,
-    _block,
-    expected_keys,
-    layer_prefix,
-    write_checkpoint,
-)
+from v4lab import checkpoint
+from v4lab.checkpoint import DEFAULT_MAX_SHARD_BYTES, CheckpointReader, _block, expected_keys, layer_prefix
 from v4lab.config import V4Config
+from v4lab.device import get_device
 from v4lab.errors import bad as _bad
+from v4lab.norm import RMSNorm
+from v4lab.switches import share_switches
 
 QUANT_DTYPES = ("F8_E4M3", "I8")          # checkpoint dtypes stored with a `.scale` companion
 
@@ -165,6 +162,71 @@ def fill_model(model: nn.Module, reader: CheckpointReader, blocks: dict[int, nn.
     return model
 
 
+# ------------------------------------------------------------------------------------------------ entry points
+# ``v4lab.model.load`` / ``load_layer`` call these with its constructors (the model imports this module,
+# not the other way round): ``make_model(cfg)`` builds a V4Model, ``make_block(cfg, i)`` block i of it.
+def load_block(make_block: Callable, path: str | os.PathLike | CheckpointReader, i: int,
+               dtype: torch.dtype | str = torch.float32, keep_quantized: bool = True,
+               device: str | torch.device | None = None) -> nn.Module:
+    """One decoder layer (``i < num_hidden_layers``) or MTP block (``i = num_hidden_layers + k``) of a
+    checkpoint directory (or an open ``CheckpointReader``), as a Block with its weights and nothing else.
+    Only that layer's tensors are read. With ``keep_quantized`` the packed FP8/FP4 originals are kept in
+    ``block.quantized_originals`` (names relative to the layer, on the CPU). ``device``: as
+    ``v4lab.device.get_device`` (argument, else $V4LAB_DEVICE, else CUDA when present)."""
+    dtype, dev = float_dtype(dtype), get_device(device)
+    reader = open_reader(path)
+    check_layer_id(reader.config, i)
+    originals = {} if keep_quantized else None
+    with no_init():
+        blk = make_block(reader.config, i)
+    fill_block(reader, i, blk, dtype, originals)
+    p = layer_prefix(reader.config, i)
+    blk.quantized_originals = {k[len(p):]: v for k, v in (originals or {}).items()}
+    return to_device(blk, dev)
+
+
+def load_model(make_model: Callable, make_block: Callable, path: str | os.PathLike | CheckpointReader,
+               dtype: torch.dtype | str = torch.float32, keep_quantized: bool = True,
+               layers: int | list[int] | None = None, device: str | torch.device | None = None) -> nn.Module:
+    """Read a directory in the official release layout into a V4Model.
+
+    FP8 / FP4 weights are dequantised to ``dtype`` (F32 tensors such as ``hc_*`` stay fp32). With
+    ``keep_quantized`` (default) the packed originals (weight + ``.scale``) are also kept, in
+    ``model.quantized_originals`` (uint8/fp8 bytes: ~1/8 of the fp32 size for FP4), for kernels that
+    consume packed weights and so that ``save`` writes every unchanged weight back byte-for-byte.
+    ``keep_quantized=False`` drops them and ``save`` re-quantises, which is not byte-exact in general: a
+    block whose largest value rounded down to the bottom of the top binade (FP4 code 3, FP8 224) gets a
+    scale half as large the second time (same values, other bytes). Only the default round-trips exactly
+    (measured on the tiny synthetic checkpoint: 168 of 168 FP4 scale tensors moved, no FP8 one).
+    ``layers``: ids to materialise (``num_hidden_layers + k`` = MTP block k); the others stay on the meta
+    device (shapes only; a forward through them raises). embed/norm/head/hc_head are always loaded.
+    Every header entry is checked against the config first: a missing/unexpected key or a wrong
+    shape/dtype raises ValueError naming the key. ``device``: as ``v4lab.device.get_device`` (argument, else
+    $V4LAB_DEVICE, else CUDA when present); weights are read on the CPU and moved once, the packed
+    originals stay on the CPU (only ``save`` reads them)."""
+    dtype, dev = float_dtype(dtype), get_device(device)     # a bad device fails before any read
+    reader = open_reader(path)
+    cfg = reader.config
+    reader.validate()
+    want = layer_ids(cfg, layers)
+    # every weight is about to be replaced: build without initialising (untouched pages of torch.empty
+    # cost nothing); with ``layers`` the rest of the tree stays on meta
+    with no_init("meta" if layers is not None else None):
+        model = make_model(cfg)
+    if layers is not None:
+        L = cfg.num_hidden_layers
+        with no_init():
+            model.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            model.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            for i in want:
+                (model.layers if i < L else model.mtp)[i if i < L else i - L] = make_block(cfg, i)
+        share_switches(model, model.switches)
+    fill_model(model, reader, {i: model.blocks()[i] for i in want}, dtype, keep_quantized)
+    model.set_flags(hc_mode=model.hc_mode, low_precision=model.low_precision, qat=model.qat)
+    return to_device(model, dev)
+
+
 # ------------------------------------------------------------------------------------------------ writing
 def _unchanged(param: torch.Tensor, raw: torch.Tensor, scale: torch.Tensor, cfg: V4Config) -> bool:
     from v4lab import quant
@@ -205,6 +267,6 @@ def write_release(model: nn.Module, path: str | os.PathLike, overwrite: bool = F
         if src is not None and (Path(src) / f).is_file():
             extras[f] = (Path(src) / f).read_bytes()
     extras.update(extra_files or {})
-    out = write_checkpoint(tensors, model.cfg, path, overwrite=overwrite,
+    out = checkpoint.write_checkpoint(tensors, model.cfg, path, overwrite=overwrite,
                            max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, extra_files=extras)
     return Path(out)

@@ -17,12 +17,7 @@ embedding of token i+1 and predicts token i+2:
 
 ``embed`` and ``head`` are shared (they are not stored under ``mtp.*``). For a sequence of S tokens the
 full forward therefore returns S−1 MTP logits; ``mtp_logits[:, i]`` is the distribution of token i+2.
-
 Only ``mtp.0`` runs (V4 has depth 1); a config with more MTP modules builds them for the layout only.
-
-Precision flags: ``model.set_flags(hc_mode=..., low_precision=..., qat=...)`` sets the mHC mode of every
-block ("mhc" | "hc" | "residual", see v4lab.mhc), the attention FP8/FP4 simulation (``Attention.low_precision``,
-plus FP8 activation fake-quant before the MTP ``e_proj``/``h_proj``) and routed-expert FP4 QAT (``MoE.qat``).
 
 API:
     model = V4Model(cfg)                     # or V4Model(get_config("v4-pro"), device="meta"): shapes only
@@ -30,14 +25,14 @@ API:
     cache = model.new_cache(B); model(ids[:, :P], cache=cache); model(next_ids, cache=cache)   # decode
     routes = model.route_only(ids)           # per-layer expert ids, to feed back as forced_routes
     out = model.generate(prompt, 16, temperature=0.8, top_k=50, seed=0)
-    model = load(dir); save(model, dir2); blk = load_layer(dir, i)       # official release layout
-    model.use_kernels()                      # hot ops through the Triton kernels (forward only)
+    model = load(dir); save(model, dir2); blk = load_layer(dir, i)       # official release layout (loading.py)
+    model.set_flags(hc_mode="hc", low_precision=True, qat=True)             # precision / mHC-mode flags
+    model.use_kernels()                      # hot ops through the Triton kernels (forward only; model.switches)
 """
 from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,18 +41,17 @@ from torch import nn
 
 from v4lab import loading, sampling
 from v4lab.attention import Attention
-from v4lab.checkpoint import layer_prefix
 from v4lab.config import V4Config, get_config
-from v4lab.device import get_device
 from v4lab.errors import bad as _bad
 from v4lab.gate import check_forced_routes
-from v4lab.loading import no_init, to_device
+from v4lab.loading import no_init, to_device  # noqa: F401  (to_device: re-exported, v4lab.model.to_device)
 from v4lab.mhc import hc_head, hc_post, hc_pre, token_mean_h_res
 from v4lab.moe import MoE
 from v4lab.norm import RMSNorm
-from v4lab.switches import ForwardRecord, Switches, share_switches
+from v4lab.switches import ForwardRecord, Switches, recording, share_switches
 
 HC_MODES = ("mhc", "hc", "residual")
+
 
 def _init_hc(fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, std: float) -> None:
     # Spec §5.3 "Initialisation" (UNCERTAIN what DeepSeek used; only alpha = 0.01 is published):
@@ -208,8 +202,7 @@ class V4Model(nn.Module):
             # All MTP modules use layer_id = num_hidden_layers (the config has one ratio entry for MTP).
             self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.num_hidden_layers)
                                      for _ in range(cfg.num_nextn_predict_layers))
-        # Originals of FP8/FP4 checkpoint tensors (raw weight, raw scale), kept by load() so that save()
-        # writes unchanged weights back byte-identically. Not part of state_dict.
+        # packed FP8/FP4 originals (raw weight, scale) kept by load() for a byte-exact save(); not in state_dict
         self.quantized_originals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.source_path: Path | None = None
         self.switches = Switches()                 # one switch object for every layer (v4lab.switches)
@@ -222,7 +215,9 @@ class V4Model(nn.Module):
 
     def set_flags(self, hc_mode: str | None = None, low_precision: bool | None = None,
                   qat: bool | None = None) -> "V4Model":
-        """Pass mode flags down to every block (None leaves a flag as it is)."""
+        """Pass mode flags down to every block (None leaves a flag as it is): the mHC mode ("mhc" | "hc" |
+        "residual", see v4lab.mhc), the attention FP8/FP4 simulation (``Attention.low_precision``, plus FP8
+        activation fake-quant before the MTP ``e_proj``/``h_proj``) and routed-expert FP4 QAT (``MoE.qat``)."""
         if hc_mode is not None and hc_mode not in HC_MODES:
             _bad("hc_mode", hc_mode, f"must be one of {HC_MODES}")
         for b in self.blocks():
@@ -234,12 +229,9 @@ class V4Model(nn.Module):
                     b.low_precision = bool(low_precision)
             if qat is not None:
                 b.ffn.qat = bool(qat)
-        if hc_mode is not None:
-            self.hc_mode = hc_mode
-        if low_precision is not None:
-            self.low_precision = bool(low_precision)
-        if qat is not None:
-            self.qat = bool(qat)
+        self.hc_mode = self.hc_mode if hc_mode is None else hc_mode
+        self.low_precision = self.low_precision if low_precision is None else bool(low_precision)
+        self.qat = self.qat if qat is None else bool(qat)
         return self
 
     def use_kernels(self, on: bool = True) -> "V4Model":
@@ -260,16 +252,10 @@ class V4Model(nn.Module):
         """Whether the hot ops run through the Triton kernels (``switches.kernels``)."""
         return self.switches.kernels
 
-    @contextlib.contextmanager
-    def recording(self, h_res: bool = False) -> Iterator[ForwardRecord]:
+    def recording(self, h_res: bool = False) -> contextlib.AbstractContextManager[ForwardRecord]:
         """``with model.recording() as rec:`` every forward inside fills ``rec`` (a ForwardRecord the caller
         owns): each MoE layer's routing, and with ``h_res`` the token-mean H^res of every mHC site."""
-        rec, old = ForwardRecord(h_res), self.switches.record
-        self.switches.record = rec
-        try:
-            yield rec
-        finally:
-            self.switches.record = old
+        return recording(self.switches, h_res)
 
     # ------------------------------------------------------------------ cache
     def new_cache(self, batch_size: int = 1, record: bool = False) -> ModelCache:
@@ -336,37 +322,7 @@ class V4Model(nn.Module):
                                       "inference_mode), or call model.use_kernels(False) to train")
         ids = self._check_ids(input_ids)
         B, S = ids.shape
-        if cache is not None:
-            if not isinstance(cache, ModelCache):
-                _bad("cache", type(cache).__name__, "must come from model.new_cache(batch_size)")
-            if cache.owner is None or cache.owner() is not self:
-                _bad("cache", f"<ModelCache at position {cache.pos}>", "made by another model (or a copy); "
-                                                                       "use this model's new_cache(batch_size)")
-            if cache.broken:
-                _bad("cache", f"<ModelCache at position {cache.pos}>", "a previous call failed part-way and left "
-                                                                       "it inconsistent; start a new_cache")
-            if cache.batch_size != B:
-                _bad("cache", f"batch size {cache.batch_size}", f"input_ids has batch size {B}")
-            if start_pos is None:
-                start_pos = cache.pos
-            elif start_pos != cache.pos:
-                _bad("start_pos", start_pos, f"the cache holds {cache.pos} positions; decoding must continue "
-                                             f"at start_pos = {cache.pos}")
-        start_pos = 0 if start_pos is None else start_pos
-        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
-            _bad("start_pos", start_pos, "must be a non-negative integer")
-        if cache is None and start_pos != 0:
-            _bad("start_pos", start_pos, "must be 0 without a cache (a forward without one sees only its "
-                                         "input); pass cache=model.new_cache(B) to continue a sequence")
-        if start_pos + S > cfg.max_position_embeddings:
-            _bad("context", start_pos + S, f"positions must stay below max_position_embeddings = "
-                                           f"{cfg.max_position_embeddings} (start_pos {start_pos} + {S} tokens)")
-        if return_mtp and not len(self.mtp):
-            _bad("return_mtp", True, "this config has num_nextn_predict_layers = 0")
-        if return_mtp and cache is not None:      # checked before any layer cache moves
-            if cache.mtp_pos != max(start_pos - 1, 0) or (start_pos > 0) != (cache.mtp_pending is not None):
-                _bad("return_mtp", True, "with a cache, MTP must be requested on every call from the first token "
-                                         f"(the MTP cache is at position {cache.mtp_pos}, the main one at {start_pos})")
+        start_pos = self._start_position(B, S, start_pos, cache, return_mtp)
         forced = [None if r is None else r.to(self.device)
                   for r in check_forced_routes(cfg, forced_routes, B * S, len(self.mtp))]
         try:                              # everything is checked; a failure now is marked on the cache
@@ -388,6 +344,42 @@ class V4Model(nn.Module):
         if return_hidden:
             out.append(x)
         return out[0] if len(out) == 1 else tuple(out)
+
+    def _start_position(self, B: int, S: int, start_pos: int | None, cache: ModelCache | None,
+                        return_mtp: bool) -> int:
+        """The checked absolute position of the call's first token (see ``forward``); nothing has moved yet."""
+        if cache is not None:
+            if not isinstance(cache, ModelCache):
+                _bad("cache", type(cache).__name__, "must come from model.new_cache(batch_size)")
+            where = f"<ModelCache at position {cache.pos}>"
+            if cache.owner is None or cache.owner() is not self:
+                _bad("cache", where, "made by another model (or a copy); use this model's new_cache(batch_size)")
+            if cache.broken:
+                _bad("cache", where, "a previous call failed part-way and left it inconsistent; start a new_cache")
+            if cache.batch_size != B:
+                _bad("cache", f"batch size {cache.batch_size}", f"input_ids has batch size {B}")
+            if start_pos is None:
+                start_pos = cache.pos
+            elif start_pos != cache.pos:
+                _bad("start_pos", start_pos, f"the cache holds {cache.pos} positions; decoding must continue "
+                                             f"at start_pos = {cache.pos}")
+        start_pos = 0 if start_pos is None else start_pos
+        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
+            _bad("start_pos", start_pos, "must be a non-negative integer")
+        if cache is None and start_pos != 0:
+            _bad("start_pos", start_pos, "must be 0 without a cache (a forward without one sees only its "
+                                         "input); pass cache=model.new_cache(B) to continue a sequence")
+        n_max = self.cfg.max_position_embeddings
+        if start_pos + S > n_max:
+            _bad("context", start_pos + S, f"positions must stay below max_position_embeddings = {n_max} "
+                                           f"(start_pos {start_pos} + {S} tokens)")
+        if return_mtp and not len(self.mtp):
+            _bad("return_mtp", True, "this config has num_nextn_predict_layers = 0")
+        if return_mtp and cache is not None:      # checked before any layer cache moves
+            if cache.mtp_pos != max(start_pos - 1, 0) or (start_pos > 0) != (cache.mtp_pending is not None):
+                _bad("return_mtp", True, "with a cache, MTP must be requested on every call from the first token "
+                                         f"(the MTP cache is at position {cache.mtp_pos}, the main one at {start_pos})")
+        return start_pos
 
     def _mtp(self, x, ids, start_pos, cache, forced):
         B = ids.shape[0]
@@ -419,11 +411,7 @@ class V4Model(nn.Module):
     # ------------------------------------------------------------------ generation
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  seed: int | None = None, eos_token_id: int | None = None, return_mtp: bool = False):
-        """Greedy (temperature 0) or sampled decoding with the cache (``v4lab.sampling``).
-
-        prompt_ids: [P] or [B, P] → ids [B, P + N] (N ≤ max_new_tokens; stops early when every row has
-        produced ``eos_token_id``). With ``return_mtp`` also returns MTP logits [B, P+N−2, vocab], entry i
-        predicting token i+2 (what a speculative decoder would have drafted)."""
+        """Greedy (temperature 0) or sampled decoding with the cache: see ``v4lab.sampling.generate``."""
         return sampling.generate(self, prompt_ids, max_new_tokens, temperature, top_k, seed, eos_token_id,
                                  return_mtp)
 
@@ -438,62 +426,15 @@ def build_block(cfg: V4Config, i: int) -> Block:
 
 def load_layer(path, i: int, dtype: torch.dtype = torch.float32, keep_quantized: bool = True,
                device: str | torch.device | None = None) -> Block:
-    """One decoder layer (``i < num_hidden_layers``) or MTP block (``i = num_hidden_layers + k``) of a
-    checkpoint directory (or an open ``CheckpointReader``), as a Block with its weights and nothing else.
-    Only that layer's tensors are read. With ``keep_quantized`` the packed FP8/FP4 originals are kept in
-    ``block.quantized_originals`` (names relative to the layer, on the CPU). ``device``: as
-    ``v4lab.device.get_device`` (argument, else $V4LAB_DEVICE, else CUDA when present)."""
-    dtype, dev = loading.float_dtype(dtype), get_device(device)
-    reader = loading.open_reader(path)
-    loading.check_layer_id(reader.config, i)
-    originals = {} if keep_quantized else None
-    with no_init():
-        blk = build_block(reader.config, i)
-    loading.fill_block(reader, i, blk, dtype, originals)
-    p = layer_prefix(reader.config, i)
-    blk.quantized_originals = {k[len(p):]: v for k, v in (originals or {}).items()}
-    return to_device(blk, dev)
+    """One decoder layer or MTP block of a release checkpoint as a Block (``v4lab.loading.load_block``)."""
+    return loading.load_block(build_block, path, i, dtype, keep_quantized, device)
 
 
 def load(path, dtype: torch.dtype = torch.float32, keep_quantized: bool = True, layers=None,
          device: str | torch.device | None = None) -> V4Model:
-    """Read a directory in the official release layout into a V4Model.
-
-    FP8 / FP4 weights are dequantised to ``dtype`` (F32 tensors such as ``hc_*`` stay fp32). With
-    ``keep_quantized`` (default) the packed originals (weight + ``.scale``) are also kept, in
-    ``model.quantized_originals`` (uint8/fp8 bytes: ~1/8 of the fp32 size for FP4), for kernels that
-    consume packed weights and so that ``save`` writes every unchanged weight back byte-for-byte.
-    ``keep_quantized=False`` drops them and ``save`` re-quantises, which is not byte-exact in general: a
-    block whose largest value rounded down to the bottom of the top binade (FP4 code 3, FP8 224) gets a
-    scale half as large the second time (same values, other bytes). Only the default round-trips exactly
-    (measured on the tiny synthetic checkpoint: 168 of 168 FP4 scale tensors moved, no FP8 one).
-    ``layers``: ids to materialise (``num_hidden_layers + k`` = MTP block k); the others stay on the meta
-    device (shapes only; a forward through them raises). embed/norm/head/hc_head are always loaded.
-    Every header entry is checked against the config first: a missing/unexpected key or a wrong
-    shape/dtype raises ValueError naming the key. ``device``: as ``v4lab.device.get_device`` (argument, else
-    $V4LAB_DEVICE, else CUDA when present); weights are read on the CPU and moved once, the packed
-    originals stay on the CPU (only ``save`` reads them)."""
-    dtype, dev = loading.float_dtype(dtype), get_device(device)     # a bad device fails before any read
-    reader = loading.open_reader(path)
-    cfg = reader.config
-    reader.validate()
-    want = loading.layer_ids(cfg, layers)
-    # every weight is about to be replaced: build without initialising (untouched pages of torch.empty
-    # cost nothing); with ``layers`` the rest of the tree stays on meta
-    with no_init("meta" if layers is not None else None):
-        model = V4Model(cfg)
-    if layers is not None:
-        L = cfg.num_hidden_layers
-        with no_init():
-            model.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-            model.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-            model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-            for i in want:
-                (model.layers if i < L else model.mtp)[i if i < L else i - L] = build_block(cfg, i)
-        share_switches(model, model.switches)
-    loading.fill_model(model, reader, {i: model.blocks()[i] for i in want}, dtype, keep_quantized)
-    model.set_flags(hc_mode=model.hc_mode, low_precision=model.low_precision, qat=model.qat)
-    return to_device(model, dev)
+    """Read a directory in the official release layout into a V4Model (``v4lab.loading.load_model``: the
+    FP8/FP4 originals kept for a byte-exact save, ``layers`` to materialise, checks, ``device``)."""
+    return loading.load_model(V4Model, build_block, path, dtype, keep_quantized, layers, device)
 
 
 def save(model: V4Model, path, overwrite: bool = False, max_shard_bytes: int | None = None,

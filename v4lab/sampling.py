@@ -47,7 +47,11 @@ def generate(model: torch.nn.Module, prompt_ids: torch.Tensor | list, max_new_to
              temperature: float = 0.0, top_k: int | None = None, seed: int | None = None,
              eos_token_id: int | None = None,
              return_mtp: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """See ``V4Model.generate``."""
+    """Greedy (temperature 0) or sampled decoding of ``model`` with its cache (``V4Model.generate``).
+
+    prompt_ids: [P] or [B, P] → ids [B, P + N] (N ≤ max_new_tokens; stops early when every row has
+    produced ``eos_token_id``). With ``return_mtp`` also returns MTP logits [B, P+N−2, vocab], entry i
+    predicting token i+2 (what a speculative decoder would have drafted)."""
     ids = prompt_ids if isinstance(prompt_ids, torch.Tensor) else torch.tensor(prompt_ids, device=model.device)
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)

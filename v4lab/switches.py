@@ -16,7 +16,9 @@ on each call. A layer built on its own (``Attention(cfg, i)``) has a fresh one.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 
@@ -53,3 +55,15 @@ def share_switches(module: object, switches: Switches) -> None:
     for m in module.modules():
         if hasattr(m, "switches"):
             m.switches = switches
+
+
+@contextlib.contextmanager
+def recording(switches: Switches, h_res: bool = False) -> Iterator[ForwardRecord]:
+    """Install a fresh ForwardRecord on ``switches`` for the ``with`` block (the previous one, if any, is
+    put back after it) and yield it."""
+    rec, old = ForwardRecord(h_res), switches.record
+    switches.record = rec
+    try:
+        yield rec
+    finally:
+        switches.record = old

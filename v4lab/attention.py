@@ -658,7 +658,8 @@ class Attention(nn.Module):
         w, L = self.window, call.L
         rec = {}
         if self.kind == "csa":
-            hidden = torch.arange(call.Nc, device=qc.device)[None, None] >= visible_entries(t, self.ratio)[None, :, None]
+            nv = visible_entries(t, self.ratio)
+            hidden = torch.arange(call.Nc, device=qc.device)[None, None] >= nv[None, :, None]
             rec["index_scores"] = scores.masked_fill(hidden, float("-inf"))
             rec["selected"] = cidx
         p, sink = sparse_attn_probs(qc, call.kv_all, self.attn_sink, idx, self.scale)

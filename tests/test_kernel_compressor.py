@@ -74,7 +74,7 @@ def test_bad_inputs():
 
 
 def test_compressor_module_with_kernel_equals_reference():
-    # Drop-in through Compressor.pool_fn, streaming in uneven pieces (partial windows parked in state).
+    # Drop-in through Compressor.switches.kernels, streaming in uneven pieces (partial windows parked in state).
     from v4lab.compressor import Compressor, CompressorState
     from v4lab.rope import inv_freq
     torch.manual_seed(0)

@@ -54,7 +54,7 @@ def test_bad_inputs():
 
 
 def test_indexer_selection_with_kernel_equals_reference():
-    # Drop-in through Indexer.score_fn: same scores, so the same top-k picks (−1 for invisible ones).
+    # Drop-in through Indexer.switches.kernels: same scores, so the same top-k picks (−1 for invisible ones).
     from v4lab.config import get_config
     from v4lab.indexer import Indexer
     from v4lab.rope import layer_inv_freq

@@ -103,7 +103,7 @@ def test_int32_idx_and_bad_inputs():
 
 @pytest.mark.parametrize("layer_id", [0, 1, 2])   # tiny: window, CSA, HCA
 def test_attention_layer_with_kernel_equals_reference(layer_id):
-    # The kernel drops into v4lab.attention.Attention through `sparse_attn_fn`: prefill then two
+    # The kernel drops into v4lab.attention.Attention through `switches.kernels`: prefill then two
     # decode steps must match the reference path.
     from v4lab.attention import Attention
     from v4lab.config import get_config

@@ -71,8 +71,8 @@ def _hc_pre_coeffs_kernel(x_ptr, fn_ptr, scale_ptr, base_ptr, out_ptr, T, K, rms
 
 
 def hc_pre_coeffs(x_flat: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
-                  rms_eps: float, hc_eps: float, iters: int,
-                  mode: str = "mhc") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  rms_eps: float, hc_eps: float, iters: int, mode: str = "mhc",
+                  check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """pre [T, n], post [T, n], comb [T, n, n] (fp32) for x_flat [T, n·d]; see v4lab.mhc.hc_pre_coeffs.
 
     mode "residual" has nothing to compute and returns the reference's constants.
@@ -96,20 +96,21 @@ def hc_pre_coeffs(x_flat: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, b
             x, f, scale.detach().float().contiguous(), base.detach().float().contiguous(), out, T, K,
             float(rms_eps), float(hc_eps), N=n, ITERS=int(iters), HC=(mode == "hc"),
             BLOCK_T=block_t, BLOCK_K=block_k, OUTP=outp)
-        _ref._check_finite(out, "hc_pre_coeffs (kernel): logits scale·(fn·v)/RMS(v) + base")
+        _ref._check_finite(out, "hc_pre_coeffs (kernel): logits scale·(fn·v)/RMS(v) + base", check_finite)
     return out[:, :n], out[:, n:2 * n], out[:, 2 * n:].view(T, n, n)
 
 
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *, rms_eps: float,
-           hc_eps: float, iters: int, mode: str = "mhc",
-           hc_mult: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           hc_eps: float, iters: int, mode: str = "mhc", hc_mult: int | None = None,
+           check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """v4lab.mhc.hc_pre with the coefficients from the kernel (u = Σ pre_i X_i in torch, fp32)."""
     n, d = _ref._check_args(x, fn, scale, base, rms_eps=rms_eps, hc_eps=hc_eps, iters=iters, mode=mode,
                             hc_mult=hc_mult)
     if mode == "residual":
-        return _ref.hc_pre(x, fn, scale, base, rms_eps=rms_eps, hc_eps=hc_eps, iters=iters, mode=mode)
+        return _ref.hc_pre(x, fn, scale, base, rms_eps=rms_eps, hc_eps=hc_eps, iters=iters, mode=mode,
+                           check_finite=check_finite)
     B, S = x.shape[:2]
     v = x.reshape(B * S, n * d)
-    pre, post, comb = hc_pre_coeffs(v, fn, scale, base, rms_eps, hc_eps, iters, mode)
+    pre, post, comb = hc_pre_coeffs(v, fn, scale, base, rms_eps, hc_eps, iters, mode, check_finite)
     u = torch.einsum("ti,tid->td", pre, v.float().view(B * S, n, d)).to(x.dtype)
     return u.view(B, S, d), post.reshape(B, S, n), comb.reshape(B, S, n, n)

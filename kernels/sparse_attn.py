@@ -28,6 +28,26 @@ def _configs():
 
 
 @triton.jit
+def _scores(qd, kvd, scale, LOWP: tl.constexpr):
+    """z = scale · q kvᵀ [BLOCK_H, BLOCK_K]: fp32 products ("ieee") unless LOWP (the inputs' own dtype)."""
+    if LOWP:
+        z = tl.dot(qd, tl.trans(kvd)) * scale
+    else:
+        z = tl.dot(qd, tl.trans(kvd), input_precision="ieee") * scale
+    return z
+
+
+@triton.jit
+def _with_sink(acc, m_i, l_i, sink):
+    """Normalise the running sum with the sink: one more logit in the denominator, with a zero value."""
+    m_fin = tl.maximum(m_i, sink)
+    alpha = tl.exp(m_i - m_fin)
+    l_fin = l_i * alpha + tl.exp(sink - m_fin)
+    # l_fin = 0 only for an empty row with a −inf sink: return zeros there, not 0/0.
+    return acc * tl.where(l_fin > 0, alpha / tl.where(l_fin > 0, l_fin, 1.0), 0.0)[:, None]
+
+
+@triton.jit
 def _sparse_attn_fwd(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr,
                      S, H, N, K, D, scale,
                      sq_b, sq_s, sq_h, skv_b, skv_n, si_b, si_s, so_b, so_s, so_h,
@@ -66,11 +86,7 @@ def _sparse_attn_fwd(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr,
             kvd = kv
         else:
             kvd = kv.to(tl.float32)
-        if LOWP:
-            z = tl.dot(qd, tl.trans(kvd)) * scale
-        else:
-            z = tl.dot(qd, tl.trans(kvd), input_precision="ieee") * scale
-        z = tl.where(ok[None, :], z, float("-inf"))                  # z: [BLOCK_H, BLOCK_K]
+        z = tl.where(ok[None, :], _scores(qd, kvd, scale, LOWP), float("-inf"))    # z: [BLOCK_H, BLOCK_K]
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(z - m_new[:, None])
@@ -82,13 +98,8 @@ def _sparse_attn_fwd(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr,
             acc = tl.dot(p, kvd, acc, input_precision="ieee")
         m_i = m_new
 
-    # The sink: one more logit in the denominator, with a zero value.
     sink = tl.load(sink_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)
-    m_fin = tl.maximum(m_i, sink)
-    alpha = tl.exp(m_i - m_fin)
-    l_fin = l_i * alpha + tl.exp(sink - m_fin)
-    # l_fin = 0 only for an empty row with a −inf sink: return zeros there, not 0/0.
-    o = acc * tl.where(l_fin > 0, alpha / tl.where(l_fin > 0, l_fin, 1.0), 0.0)[:, None]
+    o = _with_sink(acc, m_i, l_i, sink)
     tl.store(o_ptr + b * so_b + s * so_s + offs_h[:, None] * so_h + offs_d[None, :],
              o.to(o_ptr.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from v4lab import quant
+from v4lab import attention, quant
 from v4lab.attention import (
     GATHER_COPY_FLOPS,
     Attention,
@@ -14,9 +14,6 @@ from v4lab.attention import (
 )
 from v4lab.config import get_config
 from v4lab.indexer import visible_entries
-from v4lab.kernels import compressor as kc
-from v4lab.kernels import indexer as ki
-from v4lab.kernels import sparse_attn as ks
 
 KINDS = {"window": 0, "csa": 1, "hca": 2}
 
@@ -182,7 +179,7 @@ def test_many_decode_steps_wrap_ring_and_match():
 
 @pytest.mark.parametrize("path", ["gather", "dense"])
 @pytest.mark.parametrize("kind", ["csa", "hca"])
-def test_chunked_prefill_never_builds_square_scores(kind, path):
+def test_chunked_prefill_never_builds_square_scores(kind, path, monkeypatch):
     """Prefill runs per query block: the gather path over index lists of window + top-k / visible entries,
     the dense-block path over only the rows the block can see (its window rows + visible entries)."""
     a = make(kind, seed=3)
@@ -198,7 +195,9 @@ def test_chunked_prefill_never_builds_square_scores(kind, path):
                 return fn(q, kv, sink, idx, scale)
             return f
 
-        a.sparse_attn_fn, a.dense_attn_fn, a.q_chunk = spy(sparse_attn), spy(dense_attn), 16
+        monkeypatch.setattr(attention, "sparse_attn", spy(sparse_attn))
+        monkeypatch.setattr(attention, "dense_attn", spy(dense_attn))
+        a.q_chunk = 16
         got = a(x, attn_path=path)
     cfg, w = a.cfg, a.cfg.sliding_window
     assert {c[0] for c in calls} == {"sparse_attn" if path == "gather" else "dense_attn"}
@@ -414,13 +413,12 @@ def test_low_precision_simulation():
 
 
 def test_kernels_plug_in_and_match_reference():
-    """The Triton kernels (interpreted on CPU) drop into the layer through its *_fn hooks."""
+    """The Triton kernels (interpreted on CPU) drop into the layer through its switch object."""
     a = make("csa", seed=7)
     x = torch.randn(1, 22, 128)
     with torch.no_grad():
         ref = a(x)
-        a.sparse_attn_fn, a.compressor.pool_fn = ks.sparse_attn, kc.compress_pool
-        a.indexer.score_fn, a.indexer.compressor.pool_fn = ki.index_scores, kc.compress_pool
+        a.switches.kernels = True
         got = a(x)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
 

@@ -58,9 +58,10 @@ def _paths(model, ids):
     def training_step():
         model.train()
         try:
-            lm, mt = T.lm_losses(model, ids[:, :41])
+            with model.recording() as rec:
+                lm, mt = T.lm_losses(model, ids[:, :41])
             learned = T.learned_moe_blocks(model)
-            loss = lm + 0.3 * mt + T.balance_loss(model, 2, 1e-4, learned)
+            loss = lm + 0.3 * mt + T.balance_loss(model, 2, 1e-4, learned, rec)
             loss.backward()
             for j in learned:
                 b = model.blocks()[j]

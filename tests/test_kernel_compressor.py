@@ -74,7 +74,7 @@ def test_bad_inputs():
 
 
 def test_compressor_module_with_kernel_equals_reference():
-    # Drop-in through Compressor.pool_fn, streaming in uneven pieces (partial windows parked in state).
+    # Drop-in through Compressor.switches.kernels, streaming in uneven pieces (partial windows parked in state).
     from v4lab.compressor import Compressor, CompressorState
     from v4lab.rope import inv_freq
     torch.manual_seed(0)
@@ -85,7 +85,7 @@ def test_compressor_module_with_kernel_equals_reference():
         x = torch.randn(2, 27, 32)
         outs = []
         for fn in (ref, kern):
-            comp.pool_fn = fn
+            comp.switches.kernels = fn is kern
             st = CompressorState()
             with torch.no_grad():
                 outs.append(torch.cat([comp(x[:, a:b], st) for a, b in ((0, 6), (6, 7), (7, 27))], 1))

@@ -54,7 +54,7 @@ def test_bad_inputs():
 
 
 def test_indexer_selection_with_kernel_equals_reference():
-    # Drop-in through Indexer.score_fn: same scores, so the same top-k picks (−1 for invisible ones).
+    # Drop-in through Indexer.switches.kernels: same scores, so the same top-k picks (−1 for invisible ones).
     from v4lab.config import get_config
     from v4lab.indexer import Indexer
     from v4lab.rope import layer_inv_freq
@@ -69,7 +69,7 @@ def test_indexer_selection_with_kernel_equals_reference():
         q, w = ix.queries(x, qr, pos)
         picks = []
         for fn in (ref, kern):
-            ix.score_fn = fn
+            ix.switches.kernels = fn is kern
             picks.append(ix.select(q, w, keys, pos))
     torch.testing.assert_close(picks[1][1], picks[0][1], **TOL)
     assert torch.equal(picks[1][0], picks[0][0]) and (picks[0][0] == -1).any()

@@ -103,7 +103,7 @@ def test_int32_idx_and_bad_inputs():
 
 @pytest.mark.parametrize("layer_id", [0, 1, 2])   # tiny: window, CSA, HCA
 def test_attention_layer_with_kernel_equals_reference(layer_id):
-    # The kernel drops into v4lab.attention.Attention through `sparse_attn_fn`: prefill then two
+    # The kernel drops into v4lab.attention.Attention through `switches.kernels`: prefill then two
     # decode steps must match the reference path.
     from v4lab.attention import Attention
     from v4lab.config import get_config
@@ -115,7 +115,7 @@ def test_attention_layer_with_kernel_equals_reference(layer_id):
     x = torch.randn(1, 22, cfg.hidden_size)
     outs = []
     for fn in (ref, kern):
-        attn.sparse_attn_fn = fn
+        attn.switches.kernels = fn is kern
         cache = attn.new_cache(1)
         with torch.no_grad():
             y = [attn(x[:, :20], 0, cache), attn(x[:, 20:21], 20, cache), attn(x[:, 21:], 21, cache)]

@@ -553,3 +553,27 @@ def test_matches_transformers_deepseek_v4_moe(layer_id):
     x, ids = inputs(cfg)
     with torch.no_grad():
         assert torch.allclose(m(x, ids), h(x, ids), atol=1e-5)
+
+
+def test_expert_provider_equals_held_experts_and_reads_only_picked_ones():
+    """MoE(expert_provider=...) holds no routed experts, asks for each picked expert once, in expert order,
+    and gives the same output and routing as the layer that holds those experts."""
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    held = MoE(cfg, 3)
+    asked = []
+
+    def provider(e):
+        asked.append(e)
+        ex = held.experts[e]
+        return ex.w1.weight.detach().clone(), ex.w2.weight.detach().clone(), ex.w3.weight.detach().clone()
+
+    lazy = MoE(cfg, 3, expert_provider=provider)
+    assert len(lazy.experts) == 0
+    lazy.load_state_dict({k: v for k, v in held.state_dict().items() if not k.startswith("experts.")})
+    x = torch.randn(2, 5, cfg.hidden_size)
+    with torch.no_grad():
+        want, got = held(x), lazy(x)
+    assert torch.equal(got, want)
+    assert torch.equal(lazy.last_routing["idx"], held.last_routing["idx"])
+    assert asked == sorted(set(held.last_routing["idx"].reshape(-1).tolist()))

@@ -37,8 +37,9 @@ Choices where the sources leave room (documented, tested):
 - Low-precision simulation (`low_precision = True`): FP8 E4M3 block-64 fake-quant of the KV non-rope
   dims (window and compressed entries; a width that is not a multiple of 64, as in tiny configs, gets
   a zero-padded last block), Hadamard + MXFP4 on indexer q/k, BF16 index scores.
-- `sparse_attn_fn`, `compressor.pool_fn`, `indexer.score_fn` are the references by default and can be
-  pointed at the Triton kernels (same signatures).
+- The references run by default; with `switches.kernels` (`v4lab.switches`, set for a whole model by
+  `V4Model.use_kernels`) the sparse core, the compressor pooling and the index scores run through the
+  Triton kernels (same signatures), and "auto" takes the gather path, the kernel's twin.
 - The indexer is not trained by the attention loss (top-k selection has no gradient), as in V4. With
   `distill = True` (CSA) a forward also records the indexer's warm-up loss (`indexer.distill_kl`): the
   main attention's probability on every visible compressed entry (dense, over window + all visible
@@ -48,6 +49,8 @@ Choices where the sources leave room (documented, tested):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
@@ -55,6 +58,7 @@ from .compressor import Compressor, CompressorState
 from .indexer import Indexer, distill_kl, topk_recall, visible_entries
 from .norm import RMSNorm, rms_norm
 from .rope import apply_rope, cos_sin, layer_inv_freq
+from .switches import Switches, share_switches
 
 
 def _check_attn_args(name, q, kv, attn_sink, idx):
@@ -318,6 +322,7 @@ class Attention(nn.Module):
         if kind != "window" and cfg.rope_scaling is not None and not isinstance(cfg.rope_scaling, dict):
             raise ValueError(f"config key 'rope_scaling' = {cfg.rope_scaling!r}: must be a dict or None")
         self.cfg, self.layer_id, self.kind = cfg, layer_id, kind
+        self.switches = Switches()                # the model's, once it is part of one (v4lab.switches)
         self.ratio = cfg.compress_ratio(layer_id)
         d, H, D, r = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.qk_rope_head_dim
         self.n_heads, self.head_dim, self.rope_dim = H, D, r
@@ -337,20 +342,37 @@ class Attention(nn.Module):
             self.compressor = Compressor(d, D, self.ratio, kind == "csa", freqs, cfg.rms_norm_eps)
         if kind == "csa":
             self.indexer = Indexer(cfg, freqs, self.ratio)
+        share_switches(self, self.switches)
         self._low_precision = False
-        self.inspect = False
-        self.last_inspect: dict | None = None
-        self.distill = False                      # CSA: also compute the indexer warm-up loss (see above)
+        self.last_inspect: dict | None = None     # filled when `inspect` is on
         self.last_distill: tuple | None = None
         self.last_recall: tuple | None = None
         self.q_chunk = 256                        # queries per projection block (attention sub-blocks are
                                                   # cut to ATTN_BLOCK_FLOATS of temporaries)
         self.prefill_chunk = 2048                 # longer inputs run as consecutive chunks through the cache
         self.attn_path = "auto"                   # "auto" (cost model) | "dense" | "gather": see the docstring
-        self.sparse_attn_fn = sparse_attn         # swap in kernels.sparse_attn.sparse_attn for speed
-        self.dense_attn_fn = dense_attn
 
     # -------------------------------------------------------------- switches
+    # `inspect` and `distill` are this layer's entries in the switch object (`switches.inspect` /
+    # `switches.distill` hold layer ids), so a model's are all in one place.
+    @property
+    def inspect(self) -> bool:
+        """Record what each query read (`last_inspect`); one call per forward then (no chunking)."""
+        return self.layer_id in self.switches.inspect
+
+    @inspect.setter
+    def inspect(self, on: bool) -> None:
+        (self.switches.inspect.add if on else self.switches.inspect.discard)(self.layer_id)
+
+    @property
+    def distill(self) -> bool:
+        """CSA: also compute the indexer warm-up loss (`last_distill`, `last_recall`; see the docstring)."""
+        return self.layer_id in self.switches.distill
+
+    @distill.setter
+    def distill(self, on: bool) -> None:
+        (self.switches.distill.add if on else self.switches.distill.discard)(self.layer_id)
+
     @property
     def low_precision(self) -> bool:
         return self._low_precision
@@ -457,7 +479,10 @@ class Attention(nn.Module):
         """One block of queries at positions span: o [B, s, H, D] by the gather path over kv_all ("gather") or
         by the dense-block path over only the rows the block can see ("dense"). Same result either way."""
         if path == "gather":
-            return self.sparse_attn_fn(q, kv_all, self.attn_sink, idx, self.scale)
+            if self.switches.kernels:
+                from .kernels.sparse_attn import sparse_attn as kernel
+                return kernel(q, kv_all, self.attn_sink, idx, self.scale)
+            return sparse_attn(q, kv_all, self.attn_sink, idx, self.scale)
         n_all = kv_all.shape[1]
         rows = self._rows(span, n_all, lo, L, ring_path)
         remap = torch.full((n_all,), -1, dtype=torch.long, device=idx.device)   # kv_all row → block row
@@ -467,7 +492,7 @@ class Attention(nn.Module):
             off += b - a
         blk = kv_all if ring_path else torch.cat([kv_all[:, a:b] for a, b in rows], 1)
         bidx = torch.where(idx >= 0, remap[idx.clamp(min=0)], -1)
-        return self.dense_attn_fn(q, blk, self.attn_sink, bidx, self.scale)
+        return dense_attn(q, blk, self.attn_sink, bidx, self.scale)
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: AttentionCache | None = None,
                 seq_lens=None, attn_path: str | None = None) -> torch.Tensor:
@@ -478,7 +503,8 @@ class Attention(nn.Module):
         call, as prefill == decode; memory then stays linear: q and the output are [chunk, H·D], not [S, H·D]).
         """
         self._check(x, start_pos, cache, seq_lens)
-        path = self.attn_path if attn_path is None else attn_path
+        path = ("gather" if self.switches.kernels and self.attn_path == "auto" else self.attn_path
+                ) if attn_path is None else attn_path
         if path not in ATTN_PATHS:
             raise ValueError(f"attn_path = {path!r}: must be one of {ATTN_PATHS}")
         for key in ("prefill_chunk", "q_chunk"):
@@ -492,18 +518,39 @@ class Attention(nn.Module):
                               for a in range(0, x.shape[1], P)], 1)
         return self._forward(x, start_pos, cache, path)
 
+    # The forward in named steps: the rows queries read (window ring / recent rows, then compressed entries),
+    # the indexer's inputs (CSA), and per block of queries the candidate indices of the layer's kind, the
+    # sparse core, and the optional distill and inspect outputs.
     def _forward(self, x, start_pos, cache, path) -> torch.Tensor:
         B, S, _ = x.shape
-        H, D, w = self.n_heads, self.head_dim, self.window
-        if cache is None:
-            cache = self.new_cache(B)
+        cache = self.new_cache(B) if cache is None else cache
         pos = torch.arange(start_pos, start_pos + S, device=x.device)
         cos, sin = cos_sin(self.rope_freqs, pos)                              # [S, r/2]
-
         qr = self.q_norm(self.wq_a(x))                                        # shared with the indexer
+        call = self._rows_to_read(x, cos, sin, pos, start_pos, cache, path)
+        if self.kind == "csa":
+            self._index_inputs(call, x, qr)
+        outs = []
+        for b0 in range(0, S, self.q_chunk):   # projection blocks: q and the output projection, [blk, H·D]
+            b1 = min(S, b0 + self.q_chunk)
+            outs.append(self._project_block(call, qr, cos, sin, b0, b1))
+        y = torch.cat(outs, 1)                                                  # [B, S, d]
+        cache.length = start_pos + S
+        if call.distill:
+            self.last_distill, self.last_recall = tuple(call.distill_sums[:2]), tuple(call.distill_sums[2:])
+        if call.insp is not None:
+            for key in call.records[0]:
+                call.insp[key] = torch.cat([r[key] for r in call.records], 1)
+            call.insp["positions"] = pos
+            self.last_inspect = call.insp
+        return y
+
+    def _rows_to_read(self, x, cos, sin, pos, start_pos, cache, path) -> _Call:
+        """The new tokens' kv [B, S, D] into the window ring and (CSA/HCA) the entries they close into the
+        cache; → the rows every query of this call reads from (kv_all: window rows, then compressed entries)."""
+        S, w = x.shape[1], self.window
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)                  # one K=V head [B, S, D]
         kv = self._fp8_nope(kv)
-
         # Raw entries. One-token decode: write the token into the ring first (its slot held position t−w,
         # which t no longer sees) and read ring + compressed entries in place. Longer chunks: the last w−1
         # cached positions then the new ones, local[0] at position lo (the ring could not hold them all).
@@ -513,98 +560,134 @@ class Attention(nn.Module):
             prev = cache.window_entries(lo, start_pos)
             local = kv if prev is None else torch.cat([prev.to(kv.dtype), kv], 1)
         cache.write_window(kv, start_pos)
-        L = w if ring_path else local.shape[1]
-
-        comp = None
-        insp = {} if self.inspect else None
+        comp, insp = None, ({} if self.inspect else None)
         if self.kind != "window":
-            self.compressor.inspect = self.inspect
-            new = self._fp8_nope(self.compressor(x, cache.comp_state))
+            new = self._fp8_nope(self.compressor(x, cache.comp_state, inspect=insp is not None))
             cache.entries.append(new.to(kv.dtype))
             comp = cache.entries.get()
             if insp is not None:
                 insp["pool_weights"] = self.compressor.last_weights
                 insp["entries"] = comp
-        distill = self.distill and self.kind == "csa"
-        if self.kind == "csa":
-            ix, iqr = (x.detach(), qr.detach()) if distill else (x, qr)       # the warm-up trains the indexer only
-            cache.index_keys.append(self.indexer.keys(ix, cache.index_state))
-            keys = cache.index_keys.get()
-            iq, iw = self.indexer.queries(ix, iqr, pos)
-            kl_sum, kl_n, hits, possible = 0.0, 0, 0, 0
         if ring_path:
             kv_all = cache.ring_and_entries()                                   # [B, w + Nc, D]
         else:
             kv_all = local if comp is None else torch.cat([local, comp], 1)     # [B, L + Nc, D]
         Nc = 0 if comp is None else comp.shape[1]
-
-        offs = torch.arange(w - 1, -1, -1, device=x.device)                    # window slots, oldest first
-        outs, records = [], []
         k_cols = w + (min(self.cfg.index_topk, Nc) if self.kind == "csa" else Nc)
-        blk = self.q_chunk
-        for b0 in range(0, S, blk):          # projection blocks: q and the output projection, [blk, H·D]
-            b1 = min(S, b0 + blk)
-            qb = self._queries(qr[:, b0:b1], cos[b0:b1], sin[b0:b1])
-            # the path of this block, costed on its last (widest) attention block of up to ATTN_BLOCK_QUERIES
-            sub = min(b1 - b0, ATTN_BLOCK_QUERIES)
-            rows = self._rows((start_pos + b1 - sub, start_pos + b1), kv_all.shape[1], lo, L, ring_path)
-            n_cols = sum(r1 - r0 for r0, r1 in rows)
-            bpath = choose_attn_path(H, sub, n_cols, k_cols, D) if path == "auto" else path
-            per_query = k_cols * D if bpath == "gather" else H * n_cols              # floats of its temporaries
-            sub = max(1, min(sub, ATTN_BLOCK_FLOATS // max(1, per_query)))
-            if self.kind == "csa":
-                keep = distill or insp is not None
-                cidx_b, scores_b = self._select(iq[:, b0:b1], iw[:, b0:b1], keys, pos[b0:b1], keep)
-            ob = []
-            for c0 in range(b0, b1, sub):    # attention blocks (their [sub, H, K] / [sub, K, D] stay small)
-                c1 = min(b1, c0 + sub)
-                t = pos[c0:c1]                                                  # [s]
-                wp = t[:, None] - offs[None]                                    # positions t−w+1..t
-                idx = torch.where(wp >= 0, wp % w if ring_path else wp - lo, -1)
-                rec = {}
-                if self.kind == "hca":
-                    idx = torch.cat([idx, self._all_visible(t, Nc, L)], 1)
-                idx = idx[None].expand(B, -1, -1)
-                if self.kind == "csa":
-                    cidx = cidx_b[:, c0 - b0:c1 - b0]
-                    scores = scores_b[:, c0 - b0:c1 - b0] if scores_b is not None else None
-                    idx = torch.cat([idx, torch.where(cidx >= 0, cidx + L, -1)], 2)
-                    if insp is not None:
-                        rec["index_scores"] = scores.masked_fill(torch.arange(Nc, device=x.device)[None, None] >=
-                                                                 visible_entries(t, self.ratio)[None, :, None],
-                                                                 float("-inf"))
-                        rec["selected"] = cidx
-                idx = idx.contiguous()
-                qc = qb[:, c0 - b0:c1 - b0]
-                if distill:                   # target: the dense attention (window + every visible entry)
-                    dense = torch.cat([idx[..., :w], self._all_visible(t, Nc, L)[None].expand(B, -1, -1)], 2)
-                    with torch.no_grad():
-                        p, _ = sparse_attn_probs(qc, kv_all, self.attn_sink, dense, self.scale)
-                    mass = p[..., w:].sum(2)                                            # [B, s, Nc]
-                    nv = visible_entries(t, self.ratio)
-                    a, n = distill_kl(mass, scores, nv)
-                    kl_sum, kl_n = kl_sum + a, kl_n + n
-                    h, m = topk_recall(mass, cidx, nv, self.cfg.index_topk)
-                    hits, possible = hits + h, possible + m
-                ob.append(self._attend(qc, kv_all, idx, (start_pos + c0, start_pos + c1), lo, L, ring_path, bpath))
-                if insp is not None:
-                    p, sink = sparse_attn_probs(qc, kv_all, self.attn_sink, idx, self.scale)
-                    rec["window_positions"] = wp.where(wp >= 0, -1)[None].expand(B, -1, -1)
-                    rec["compressed_idx"] = torch.where(idx[..., w:] >= 0, idx[..., w:] - L, -1)
-                    rec["probs_window"], rec["probs_compressed"], rec["sink"] = p[..., :w], p[..., w:], sink
-                    records.append(rec)
-                if cache.reads is not None:   # decode_trace: what these queries read (record=True caches)
-                    cache.reads.append({"positions": t, "window": wp.where(wp >= 0, -1)[None].expand(B, -1, -1),
-                                        "compressed": torch.where(idx[..., w:] >= 0, idx[..., w:] - L, -1)})
-            outs.append(self._output(torch.cat(ob, 1), cos[b0:b1], sin[b0:b1]))
-        y = torch.cat(outs, 1)                                                  # [B, S, d]
-        cache.length = start_pos + S
-        if distill:
-            self.last_distill, self.last_recall = (kl_sum, kl_n), (hits, possible)
+        return _Call(x.shape[0], start_pos, pos, cache, kv_all, w if ring_path else local.shape[1], lo, ring_path,
+                     Nc, k_cols, path, self.distill and self.kind == "csa", insp,
+                     torch.arange(w - 1, -1, -1, device=x.device))             # window slots, oldest first
 
-        if insp is not None:
-            for key in records[0]:
-                insp[key] = torch.cat([r[key] for r in records], 1)
-            insp["positions"] = pos
-            self.last_inspect = insp
-        return y
+    def _index_inputs(self, call: _Call, x, qr) -> None:
+        """CSA: the indexer keys of the new entries (into the cache) and the queries' indexer q and weights."""
+        ix, iqr = (x.detach(), qr.detach()) if call.distill else (x, qr)    # the warm-up trains the indexer only
+        call.cache.index_keys.append(self.indexer.keys(ix, call.cache.index_state))
+        call.keys = call.cache.index_keys.get()
+        call.iq, call.iw = self.indexer.queries(ix, iqr, call.pos)
+
+    def _project_block(self, call: _Call, qr, cos, sin, b0: int, b1: int) -> torch.Tensor:
+        """Queries b0..b1−1: q projection, the path (costed on the block's last, widest attention block of
+        up to ATTN_BLOCK_QUERIES), the indexer's picks, attention blocks small enough for their temporaries,
+        and the output projection → [B, b1−b0, d]."""
+        H, D = self.n_heads, self.head_dim
+        qb = self._queries(qr[:, b0:b1], cos[b0:b1], sin[b0:b1])
+        sub = min(b1 - b0, ATTN_BLOCK_QUERIES)
+        rows = self._rows((call.start_pos + b1 - sub, call.start_pos + b1), call.kv_all.shape[1], call.lo, call.L,
+                          call.ring_path)
+        n_cols = sum(r1 - r0 for r0, r1 in rows)
+        bpath = choose_attn_path(H, sub, n_cols, call.k_cols, D) if call.path == "auto" else call.path
+        per_query = call.k_cols * D if bpath == "gather" else H * n_cols            # floats of its temporaries
+        sub = max(1, min(sub, ATTN_BLOCK_FLOATS // max(1, per_query)))
+        picks = None
+        if self.kind == "csa":
+            keep = call.distill or call.insp is not None
+            picks = self._select(call.iq[:, b0:b1], call.iw[:, b0:b1], call.keys, call.pos[b0:b1], keep)
+        ob = [self._attend_block(call, qb[:, c0 - b0:min(b1, c0 + sub) - b0], c0, min(b1, c0 + sub),
+                                 picks, c0 - b0, bpath) for c0 in range(b0, b1, sub)]
+        return self._output(torch.cat(ob, 1), cos[b0:b1], sin[b0:b1])
+
+    def _attend_block(self, call: _Call, qc, c0: int, c1: int, picks, off: int, path: str) -> torch.Tensor:
+        """One attention block, queries c0..c1−1 (qc [B, s, H, D]; ``off`` = c0 within the projection block):
+        candidates, then the optional distill target, the sparse core, the optional inspection record."""
+        t = call.pos[c0:c1]                                                  # [s]
+        wp = t[:, None] - call.offs[None]                                    # positions t−w+1..t
+        idx, cidx, scores = self._candidates(call, t, wp, picks, off, off + c1 - c0)
+        if call.distill:
+            self._distill_target(call, qc, idx, t, cidx, scores)
+        o = self._attend(qc, call.kv_all, idx, (call.start_pos + c0, call.start_pos + c1), call.lo, call.L,
+                         call.ring_path, path)
+        w, L = self.window, call.L
+        if call.insp is not None:
+            call.records.append(self._inspect_record(call, qc, idx, t, wp, cidx, scores))
+        if call.cache.reads is not None:   # decode_trace: what these queries read (record=True caches)
+            call.cache.reads.append({"positions": t, "window": wp.where(wp >= 0, -1)[None].expand(call.B, -1, -1),
+                                     "compressed": torch.where(idx[..., w:] >= 0, idx[..., w:] - L, -1)})
+        return o
+
+    def _candidates(self, call: _Call, t, wp, picks, a: int, b: int) -> tuple:
+        """Candidate rows of kv_all per query, by layer kind → idx [B, s, K] (−1 = empty): the window slots,
+        then HCA every visible entry / CSA the indexer's picks (cidx [B, s, k] and scores, else None)."""
+        w = self.window
+        idx = torch.where(wp >= 0, wp % w if call.ring_path else wp - call.lo, -1)           # window
+        if self.kind == "hca":
+            idx = torch.cat([idx, self._all_visible(t, call.Nc, call.L)], 1)                 # HCA: all visible
+        idx = idx[None].expand(call.B, -1, -1)
+        cidx = scores = None
+        if self.kind == "csa":                                                               # CSA: top-k picks
+            cidx = picks[0][:, a:b]
+            scores = picks[1][:, a:b] if picks[1] is not None else None
+            idx = torch.cat([idx, torch.where(cidx >= 0, cidx + call.L, -1)], 2)
+        return idx.contiguous(), cidx, scores
+
+    def _distill_target(self, call: _Call, qc, idx, t, cidx, scores) -> None:
+        """The indexer's warm-up loss on these queries: KL to the dense attention's mass on every visible
+        entry (window + all visible entries + sink, no gradient), and the oracle top-k recall."""
+        w = self.window
+        dense = torch.cat([idx[..., :w], self._all_visible(t, call.Nc, call.L)[None].expand(call.B, -1, -1)], 2)
+        with torch.no_grad():
+            p, _ = sparse_attn_probs(qc, call.kv_all, self.attn_sink, dense, self.scale)
+        mass = p[..., w:].sum(2)                                            # [B, s, Nc]
+        nv = visible_entries(t, self.ratio)
+        a, n = distill_kl(mass, scores, nv)
+        h, m = topk_recall(mass, cidx, nv, self.cfg.index_topk)
+        s = call.distill_sums
+        call.distill_sums = [s[0] + a, s[1] + n, s[2] + h, s[3] + m]
+
+    def _inspect_record(self, call: _Call, qc, idx, t, wp, cidx, scores) -> dict:
+        """What these queries read, with the probabilities (``last_inspect``, concatenated over blocks)."""
+        w, L = self.window, call.L
+        rec = {}
+        if self.kind == "csa":
+            nv = visible_entries(t, self.ratio)
+            hidden = torch.arange(call.Nc, device=qc.device)[None, None] >= nv[None, :, None]
+            rec["index_scores"] = scores.masked_fill(hidden, float("-inf"))
+            rec["selected"] = cidx
+        p, sink = sparse_attn_probs(qc, call.kv_all, self.attn_sink, idx, self.scale)
+        rec["window_positions"] = wp.where(wp >= 0, -1)[None].expand(call.B, -1, -1)
+        rec["compressed_idx"] = torch.where(idx[..., w:] >= 0, idx[..., w:] - L, -1)
+        rec["probs_window"], rec["probs_compressed"], rec["sink"] = p[..., :w], p[..., w:], sink
+        return rec
+
+
+@dataclass
+class _Call:
+    """What one forward call shares across its query blocks."""
+    B: int
+    start_pos: int
+    pos: torch.Tensor              # [S] positions of the new tokens
+    cache: AttentionCache
+    kv_all: torch.Tensor           # [B, L + Nc, D]: window rows (the ring in one-token decode), then entries
+    L: int                         # row of the first compressed entry
+    lo: int                        # position of window row 0 (longer chunks)
+    ring_path: bool                # one-token decode: window rows are the ring slots
+    Nc: int                        # compressed entries visible to the last query
+    k_cols: int                    # candidates per query: w + top-k (CSA) or w + Nc (HCA)
+    path: str                      # "auto" | "dense" | "gather"
+    distill: bool                  # CSA warm-up loss on this call
+    insp: dict | None              # inspection output (None: off)
+    offs: torch.Tensor             # [w] window offsets, oldest first
+    keys: torch.Tensor | None = None   # CSA: indexer keys [B, Nc, Di]
+    iq: torch.Tensor | None = None     # CSA: indexer queries [B, S, Hi, Di]
+    iw: torch.Tensor | None = None     # CSA: indexer head weights [B, S, Hi]
+    records: list = field(default_factory=list)
+    distill_sums: list = field(default_factory=lambda: [0.0, 0, 0, 0])     # Σ KL, queries, hits, possible

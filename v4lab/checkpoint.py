@@ -588,7 +588,25 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], cfg: V4Config, path: str 
     anything else the user put in the folder is carried over into the new one.
     ``extra_files`` ({name: bytes}, e.g. the tokenizer) go into the same atomic rename. Temporaries a
     killed writer left beside ``path`` are removed first."""
-    from safetensors.torch import save_file
+    path = _check_target(path, max_shard_bytes, overwrite)
+    stored = prepare_tensors(tensors, cfg)
+    names = list(expected_keys(cfg))
+    sizes = {n: stored[n].numel() * stored[n].element_size() for n in names}
+    plan = _plan_shards(names, sizes, max_shard_bytes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(path)                        # left by a writer of ours that was killed
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path, "tmp"), dir=path.parent))
+    swap = {"old": None, "carried": []}   # the replaced folder's parking place; the user's entries moved along
+    try:
+        _write_release_files(tmp, stored, plan, sizes, cfg, extra_files)
+        _swap_in(tmp, path, swap)
+    except BaseException:
+        _roll_back(tmp, path, swap)
+        raise
+    return path
+
+
+def _check_target(path: str | os.PathLike, max_shard_bytes: int, overwrite: bool) -> Path:
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"checkpoint path = {type(path).__name__}: must be a str or a path")
     check_replaceable(path, "checkpoint path")          # only our own checkpoints are ever replaced
@@ -597,57 +615,60 @@ def write_checkpoint(tensors: dict[str, torch.Tensor], cfg: V4Config, path: str 
         raise ValueError(f"max_shard_bytes = {max_shard_bytes}: must be positive")
     if path.exists() and not overwrite:
         raise ValueError(f"checkpoint path {str(path)!r}: already exists (pass overwrite=True to replace it)")
-    stored = prepare_tensors(tensors, cfg)
-    exp = expected_keys(cfg)
-    names = list(exp)
-    sizes = {n: stored[n].numel() * stored[n].element_size() for n in names}
-    plan = _plan_shards(names, sizes, max_shard_bytes)
-    N = len(plan)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(path)                        # left by a writer of ours that was killed
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path, "tmp"), dir=path.parent))
-    old = None
-    carried: list[str] = []           # the user's own entries in a replaced checkpoint folder, moved along
-    try:
-        weight_map = {}
-        for j, group in enumerate(plan, 1):
-            fname = f"model-{j:05d}-of-{N:05d}.safetensors"
-            save_file({n: stored[n].contiguous() for n in group}, str(tmp / fname), metadata={"format": "pt"})
-            weight_map.update({n: fname for n in group})
-        index = {"metadata": {"total_size": sum(sizes.values())},
-                 "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(release_config_dict(cfg), indent=2) + "\n")
-        for fname, data in (extra_files or {}).items():
-            if Path(fname).name != fname or fname in ("", ".", "..") or (_release_file(fname)
-                                                                      and fname not in _COMPANIONS):
-                raise ValueError(f"extra_files key {fname!r}: must be a plain file name beside the shards")
-            (tmp / fname).write_bytes(data)
-        if path.exists():
-            check_replaceable(path, "checkpoint path")  # again: it may have changed while we wrote
-            for q in sorted(path.iterdir()):
-                if not _release_file(q.name) and not (tmp / q.name).exists():
-                    os.replace(q, tmp / q.name)
-                    carried.append(q.name)
-            old = Path(tempfile.mkdtemp(prefix=temp_prefix(path, "old"), dir=path.parent))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        # Ctrl-C or a failure between the two renames: put the previous checkpoint back first
-        if old is not None and (old / "x").exists() and not path.exists():
-            os.replace(old / "x", path)
-        if tmp.exists():                                 # not swapped in: the carried entries go back
-            for name in carried:
-                if os.path.lexists(tmp / name) and path.is_dir():
-                    os.replace(tmp / name, path / name)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        raise
     return path
+
+
+def _write_release_files(tmp: Path, stored: dict, plan: list[list[str]], sizes: dict[str, int], cfg: V4Config,
+                         extra_files: dict[str, bytes] | None) -> None:
+    """Shards, index, config.json and the extra files into the temporary folder ``tmp``."""
+    from safetensors.torch import save_file
+    N = len(plan)
+    weight_map = {}
+    for j, group in enumerate(plan, 1):
+        fname = f"model-{j:05d}-of-{N:05d}.safetensors"
+        save_file({n: stored[n].contiguous() for n in group}, str(tmp / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in group})
+    index = {"metadata": {"total_size": sum(sizes.values())},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    (tmp / "config.json").write_text(json.dumps(release_config_dict(cfg), indent=2) + "\n")
+    for fname, data in (extra_files or {}).items():
+        if Path(fname).name != fname or fname in ("", ".", "..") or (_release_file(fname)
+                                                                  and fname not in _COMPANIONS):
+            raise ValueError(f"extra_files key {fname!r}: must be a plain file name beside the shards")
+        (tmp / fname).write_bytes(data)
+
+
+def _swap_in(tmp: Path, path: Path, swap: dict) -> None:
+    """Rename ``tmp`` to ``path``; a checkpoint already there is parked in ``swap["old"]`` and removed after,
+    and the user's own entries in it are moved into the new one first (listed in ``swap["carried"]``)."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    check_replaceable(path, "checkpoint path")  # again: it may have changed while we wrote
+    for q in sorted(path.iterdir()):
+        if not _release_file(q.name) and not (tmp / q.name).exists():
+            os.replace(q, tmp / q.name)
+            swap["carried"].append(q.name)
+    swap["old"] = old = Path(tempfile.mkdtemp(prefix=temp_prefix(path, "old"), dir=path.parent))
+    os.replace(path, old / "x")
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _roll_back(tmp: Path, path: Path, swap: dict) -> None:
+    """Ctrl-C or a failure between the two renames: put the previous checkpoint back first, then the
+    carried entries (when the new folder was not swapped in), and remove the temporaries."""
+    old = swap["old"]
+    if old is not None and (old / "x").exists() and not path.exists():
+        os.replace(old / "x", path)
+    if tmp.exists():                                 # not swapped in: the carried entries go back
+        for name in swap["carried"]:
+            if os.path.lexists(tmp / name) and path.is_dir():
+                os.replace(tmp / name, path / name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ================================================================================ synthetic release

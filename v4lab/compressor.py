@@ -17,6 +17,7 @@ from torch import nn
 
 from .norm import RMSNorm
 from .rope import apply_rope, cos_sin
+from .switches import Switches
 
 
 def _slots(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int, overlap: bool):
@@ -100,19 +101,27 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.zeros(ratio, coff * head_dim, dtype=torch.float32))
         self.norm = RMSNorm(head_dim, eps)
         self.rope_freqs = rope_freqs.clone()      # fp32; a plain attribute so .to(bf16) cannot round it
-        self.pool_fn = compress_pool          # swap in kernels.compressor.compress_pool for speed
-        self.last_weights = None              # [B, n_new, slots, c] when inspect is set
-        self.inspect = False
+        self.switches = Switches()            # `kernels`: pool with kernels.compressor.compress_pool
+        self.last_weights = None              # [B, n_new, slots, c] after a forward with inspect=True
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, S, d] → raw kv, score [B, S, coff·c] in fp32."""
         xf = x.float()
         return F.linear(xf, self.wkv.weight.float()), F.linear(xf, self.wgate.weight.float())
 
-    def forward(self, x: torch.Tensor, state: CompressorState | None = None) -> torch.Tensor:
+    def pool_fn(self, kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, ratio: int,
+                overlap: bool) -> torch.Tensor:
+        """`compress_pool`, or its Triton kernel when `switches.kernels` is on."""
+        if self.switches.kernels:
+            from .kernels.compressor import compress_pool as kernel
+            return kernel(kv, score, ape, ratio, overlap)
+        return compress_pool(kv, score, ape, ratio, overlap)
+
+    def forward(self, x: torch.Tensor, state: CompressorState | None = None, inspect: bool = False) -> torch.Tensor:
         """Feed the next S tokens; return the entries they close: [B, n_new, c] (normed, rotated).
 
         Without a state, x is a whole sequence from position 0 and a trailing partial window is dropped.
+        ``inspect``: also keep the pooling weights in ``last_weights``.
         """
         kv, score = self.project(x)
         state = state if state is not None else CompressorState()
@@ -135,12 +144,12 @@ class Compressor(nn.Module):
                 kv_in, score_in = kv, score
             skip = 1 if state.prev_kv is not None else 0
             pooled = self.pool_fn(kv_in, score_in, self.ape, self.ratio, True)[:, skip:]
-            if self.inspect:
+            if inspect:
                 self.last_weights = pool_weights(kv_in, score_in, self.ape, self.ratio, True)[:, skip:]
             state.prev_kv, state.prev_score = kv[:, -self.ratio:], score[:, -self.ratio:]
         else:
             pooled = self.pool_fn(kv, score, self.ape, self.ratio, False)
-            if self.inspect:
+            if inspect:
                 self.last_weights = pool_weights(kv, score, self.ape, self.ratio, False)
         state.n_entries += n_new
         entries = self.norm(pooled)                                               # fp32 (norm stats fp32)

@@ -146,10 +146,11 @@ def default_layer(cfg: V4Config) -> int:
 def block_params(cfg: ConfigLike, layer: int | None = None) -> dict:
     """``{name: shape}`` of one block built on the meta device; routed experts folded into
     ``ffn.experts.*.<w>`` (shape of one expert) with ``n_experts``; buffers (gate bias) included."""
-    from v4lab.model import Block, _MetaBuild
+    from v4lab.loading import no_init
+    from v4lab.model import Block
     cfg = _cfg(cfg)
     layer = default_layer(cfg) if layer is None else layer
-    with _MetaBuild():
+    with no_init("meta"):
         blk = Block(cfg, layer) if cfg.is_v4 else MLABlock(cfg, layer)
     out = {}
     for name, t in list(blk.named_parameters()) + list(blk.named_buffers()):

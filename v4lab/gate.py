@@ -177,3 +177,44 @@ class Gate(nn.Module):
         kind = "hash" if self.is_hash else "learned"
         return (f"{kind}, experts={self.n_experts}, topk={self.topk}, scoring={self.scoring_func}, "
                 f"groups={self.n_group}/{self.topk_group}, route_scale={self.route_scale}")
+
+
+# --------------------------------------------------------------------------------------- forced routes
+def check_route_values(name: str, r: torch.Tensor, E: int) -> None:
+    """Expert ids r [T, K]: integers in [0, E), K distinct ones per token (what a router can choose)."""
+    if r.is_floating_point() or r.is_complex() or r.dtype == torch.bool:
+        _bad(name, r.dtype, "must hold integer expert ids")
+    if r.numel() == 0:
+        return
+    lo, hi = int(r.min()), int(r.max())
+    if lo < 0 or hi >= E:
+        _bad(name, f"an expert id {lo if lo < 0 else hi}", f"expert ids must be in [0, {E})")
+    srt = r.sort(-1).values
+    dup = (srt[:, 1:] == srt[:, :-1]).any(-1)
+    if bool(dup.any()):
+        row = int(dup.nonzero()[0])
+        _bad(name, f"row {row} {r[row].tolist()}", "names the same expert twice; top-k experts are distinct")
+
+
+def check_forced_routes(cfg: V4Config, forced_routes: list | tuple | None, T: int, n_mtp: int) -> list:
+    """``forced_routes`` of a model forward over T tokens, checked: one entry per MoE layer
+    (num_hidden_layers, optionally + 1 for MTP), each None or expert ids [T, K] (the MTP entry [T_mtp, K]);
+    hash layers must be None. Returns the list (None-filled when ``forced_routes`` is None)."""
+    L = cfg.num_hidden_layers
+    if forced_routes is None:
+        return [None] * L
+    if not isinstance(forced_routes, (list, tuple)) or len(forced_routes) not in (L, L + n_mtp):
+        n = len(forced_routes) if isinstance(forced_routes, (list, tuple)) else type(forced_routes).__name__
+        _bad("forced_routes", f"<{n} entries>", f"must be a list of num_hidden_layers = {L} entries "
+                                                f"(+1 for the MTP block), one per MoE layer")
+    K = cfg.num_experts_per_tok
+    for i, r in enumerate(forced_routes):
+        if r is None:
+            continue
+        if i < L and cfg.is_hash_layer(i):
+            _bad(f"forced_routes[{i}]", "a tensor", "layer is hash-routed (tid2eid); its entry must be None")
+        if not isinstance(r, torch.Tensor) or r.dim() != 2 or r.shape[1] != K or (i < L and r.shape[0] != T):
+            shape = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
+            _bad(f"forced_routes[{i}]", shape, f"must be an integer tensor [tokens = {T}, K = {K}]")
+        check_route_values(f"forced_routes[{i}]", r, cfg.n_routed_experts)
+    return list(forced_routes)

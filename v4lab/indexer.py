@@ -10,6 +10,7 @@ from torch import nn
 
 from .compressor import Compressor, CompressorState
 from .rope import apply_rope, cos_sin
+from .switches import Switches, share_switches
 
 
 def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -138,7 +139,15 @@ class Indexer(nn.Module):
         self.compressor = Compressor(cfg.hidden_size, self.head_dim, self.ratio, True, rope_freqs, cfg.rms_norm_eps)
         self.rope_freqs = rope_freqs.clone()      # fp32; a plain attribute so .to(bf16) cannot round it
         self.low_precision = False
-        self.score_fn = index_scores           # swap in kernels.indexer.index_scores for speed
+        self.switches = Switches()             # `kernels`: scores from kernels.indexer.index_scores
+        share_switches(self, self.switches)
+
+    def score_fn(self, q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """`index_scores`, or its Triton kernel when `switches.kernels` is on."""
+        if self.switches.kernels:
+            from .kernels.indexer import index_scores as kernel
+            return kernel(q, keys, w)
+        return index_scores(q, keys, w)
 
     def _fp4(self, x: torch.Tensor) -> torch.Tensor:
         # OFF: a normalised Walsh–Hadamard rotation, then MXFP4 fake-quant (block 32) of indexer q and k.

@@ -42,8 +42,6 @@ from torch import nn
 
 MODES = ("mhc", "hc", "residual")
 
-# Checking the mixing logits for inf/nan costs a host sync; switch off in hot training loops if needed.
-CHECK_FINITE = True
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -93,8 +91,9 @@ def _check_args(x, fn, scale, base, *, rms_eps, hc_eps, iters=1, mode="mhc", hc_
     return n, d
 
 
-def _check_finite(t: torch.Tensor, what: str):
-    if CHECK_FINITE and not bool(torch.isfinite(t).all()):
+def _check_finite(t: torch.Tensor, what: str, on: bool = True):
+    # Checking the mixing logits for inf/nan costs a host sync: ``check_finite=False`` skips it in hot loops.
+    if on and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{what}: contains inf or nan (check the inputs x and the parameters fn/scale/base)")
 
 
@@ -180,7 +179,7 @@ def _mixes(x_flat: torch.Tensor, fn: torch.Tensor, rms_eps: float) -> torch.Tens
 
 
 def hc_pre_coeffs(x_flat: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
-                  rms_eps: float, hc_eps: float, iters: int, mode: str = "mhc"):
+                  rms_eps: float, hc_eps: float, iters: int, mode: str = "mhc", check_finite: bool = True):
     """pre [T, n], post [T, n], comb [T, n, n] for flattened tokens x_flat [T, n·d] (reference for the kernel).
 
     The Triton kernel `v4lab.kernels.mhc.hc_pre_coeffs` has this signature and must equal it.
@@ -193,10 +192,10 @@ def hc_pre_coeffs(x_flat: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, b
              f"must be [(2+n)·n, n·d] with n·d = x_flat.shape[1] = {x_flat.shape[1]}")
     x = x_flat.reshape(x_flat.shape[0], 1, n, x_flat.shape[1] // n)
     _check_args(x, fn, scale, base, rms_eps=rms_eps, hc_eps=hc_eps, iters=iters, mode=mode, where="hc_pre_coeffs")
-    return _coeffs(x_flat, fn, scale, base, n, rms_eps, hc_eps, iters, mode)
+    return _coeffs(x_flat, fn, scale, base, n, rms_eps, hc_eps, iters, mode, check_finite)
 
 
-def _coeffs(v, fn, scale, base, n, rms_eps, hc_eps, iters, mode):
+def _coeffs(v, fn, scale, base, n, rms_eps, hc_eps, iters, mode, check_finite=True):
     T, cd = v.shape[0], _compute_dtype(v.dtype)
     if mode == "residual":
         pre = torch.zeros(T, n, dtype=cd, device=v.device)
@@ -207,7 +206,7 @@ def _coeffs(v, fn, scale, base, n, rms_eps, hc_eps, iters, mode):
     m = _mixes(v.to(cd), fn, rms_eps)
     scale, base = scale.to(cd), base.to(cd)
     z = torch.cat([scale[0] * m[:, :n], scale[1] * m[:, n:2 * n], scale[2] * m[:, 2 * n:]], -1) + base
-    _check_finite(z, "hc_pre: logits scale·(fn·v)/RMS(v) + base")
+    _check_finite(z, "hc_pre: logits scale·(fn·v)/RMS(v) + base", check_finite)
     pre = torch.sigmoid(z[:, :n]) + hc_eps
     post = 2 * torch.sigmoid(z[:, n:2 * n])
     logits = z[:, 2 * n:].view(T, n, n)                                  # row-major: logits[j, k] = z[2n + n·j + k]
@@ -219,18 +218,19 @@ def _coeffs(v, fn, scale, base, n, rms_eps, hc_eps, iters, mode):
 
 
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *, rms_eps: float,
-           hc_eps: float, iters: int, mode: str = "mhc", hc_mult: int | None = None):
+           hc_eps: float, iters: int, mode: str = "mhc", hc_mult: int | None = None, check_finite: bool = True):
     """Collapse n streams into one sublayer input.
 
     x: [B, S, n, d] → u: [B, S, d] (x's dtype), post: [B, S, n], comb: [B, S, n, n] (fp32).
     fn [(2+n)n, n·d], base [(2+n)n], scale [3] (hc_{attn,ffn}_*). hc_mult, if given, must equal n.
+    ``check_finite``: raise on inf/nan mixing logits (a host sync; off in hot loops).
     """
     n, d = _check_args(x, fn, scale, base, rms_eps=rms_eps, hc_eps=hc_eps, iters=iters, mode=mode,
                        hc_mult=hc_mult)
     B, S = x.shape[:2]
     cd = _compute_dtype(x.dtype)
     v = x.reshape(B * S, n * d).to(cd)                                    # stream-major flatten
-    pre, post, comb = _coeffs(v, fn, scale, base, n, rms_eps, hc_eps, iters, mode)
+    pre, post, comb = _coeffs(v, fn, scale, base, n, rms_eps, hc_eps, iters, mode, check_finite)
     u = (pre.unsqueeze(1) @ v.view(B * S, n, d)).squeeze(1)              # Σ_i pre_i X_i, un-normalised X
     return u.to(x.dtype).view(B, S, d), post.view(B, S, n), comb.reshape(B, S, n, n)
 
@@ -251,7 +251,7 @@ def hc_post(o: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Te
 
 
 def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *, rms_eps: float,
-            hc_eps: float, mode: str = "mhc", hc_mult: int | None = None) -> torch.Tensor:
+            hc_eps: float, mode: str = "mhc", hc_mult: int | None = None, check_finite: bool = True) -> torch.Tensor:
     """Final collapse (pre only, no Sinkhorn): y = Σ_i (σ(scale[0]·m_i + base_i) + hc_eps) X_i → [B, S, d].
 
     fn [n, n·d], base [n], scale [1] (hc_head_*). mode "residual" returns stream 0; "hc" equals "mhc".
@@ -265,7 +265,7 @@ def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.
     v = x.reshape(B * S, n * d).to(cd)
     m = _mixes(v, fn, rms_eps)
     z = scale.to(cd)[0] * m + base.to(cd)
-    _check_finite(z, "hc_head: logits scale·(fn·v)/RMS(v) + base")
+    _check_finite(z, "hc_head: logits scale·(fn·v)/RMS(v) + base", check_finite)
     p = torch.sigmoid(z) + hc_eps
     return (p.unsqueeze(1) @ v.view(B * S, n, d)).squeeze(1).to(x.dtype).view(B, S, d)
 

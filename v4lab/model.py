@@ -17,12 +17,7 @@ embedding of token i+1 and predicts token i+2:
 
 ``embed`` and ``head`` are shared (they are not stored under ``mtp.*``). For a sequence of S tokens the
 full forward therefore returns S−1 MTP logits; ``mtp_logits[:, i]`` is the distribution of token i+2.
-
 Only ``mtp.0`` runs (V4 has depth 1); a config with more MTP modules builds them for the layout only.
-
-Precision flags: ``model.set_flags(hc_mode=..., low_precision=..., qat=...)`` sets the mHC mode of every
-block ("mhc" | "hc" | "residual", see v4lab.mhc), the attention FP8/FP4 simulation (``Attention.low_precision``,
-plus FP8 activation fake-quant before the MTP ``e_proj``/``h_proj``) and routed-expert FP4 QAT (``MoE.qat``).
 
 API:
     model = V4Model(cfg)                     # or V4Model(get_config("v4-pro"), device="meta"): shapes only
@@ -30,13 +25,13 @@ API:
     cache = model.new_cache(B); model(ids[:, :P], cache=cache); model(next_ids, cache=cache)   # decode
     routes = model.route_only(ids)           # per-layer expert ids, to feed back as forced_routes
     out = model.generate(prompt, 16, temperature=0.8, top_k=50, seed=0)
-    model = load(dir); save(model, dir2); blk = load_layer(dir, i)       # official release layout
-    model.use_kernels()                      # hot ops through the Triton kernels (forward only)
+    model = load(dir); save(model, dir2); blk = load_layer(dir, i)       # official release layout (loading.py)
+    model.set_flags(hc_mode="hc", low_precision=True, qat=True)             # precision / mHC-mode flags
+    model.use_kernels()                      # hot ops through the Triton kernels (forward only; model.switches)
 """
 from __future__ import annotations
 
 import contextlib
-import os
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,17 +39,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from v4lab import loading, sampling
 from v4lab.attention import Attention
 from v4lab.config import V4Config, get_config
 from v4lab.errors import bad as _bad
-from v4lab.mhc import hc_head, hc_post, hc_pre
+from v4lab.gate import check_forced_routes
+from v4lab.loading import no_init, to_device  # noqa: F401  (to_device: re-exported, v4lab.model.to_device)
+from v4lab.mhc import hc_head, hc_post, hc_pre, token_mean_h_res
 from v4lab.moe import MoE
 from v4lab.norm import RMSNorm
+from v4lab.switches import ForwardRecord, Switches, recording, share_switches
 
 HC_MODES = ("mhc", "hc", "residual")
-_QUANT_DTYPES = ("F8_E4M3", "I8")          # checkpoint dtypes stored with a `.scale` companion
-
-
 
 
 def _init_hc(fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, std: float) -> None:
@@ -72,9 +68,10 @@ class Block(nn.Module):
 
     Parameters (official names): ``hc_attn_fn [(2+n)n, n·d]``, ``hc_attn_base [(2+n)n]``,
     ``hc_attn_scale [3]``, the same for ``hc_ffn_*``, ``attn_norm``, ``attn``, ``ffn_norm``, ``ffn``.
+    ``expert_provider``: see ``v4lab.moe.MoE`` (routed experts supplied on demand instead of held).
     """
 
-    def __init__(self, cfg: V4Config, layer_id: int):
+    def __init__(self, cfg: V4Config, layer_id: int, expert_provider=None):
         super().__init__()
         self.cfg, self.layer_id = cfg, layer_id
         n, d = cfg.hc_mult, cfg.hidden_size
@@ -90,15 +87,24 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.attn = Attention(cfg, layer_id)
         self.ffn_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.ffn = MoE(cfg, layer_id)
+        self.ffn = MoE(cfg, layer_id, expert_provider=expert_provider)
         self.hc_mode = "mhc"
-        self.hc_pre_fn = None          # None: the module's hc_pre (looked up per call); else the Triton one
+        self.switches = Switches()
+        share_switches(self, self.switches)
 
     def _pre(self, site: str, x: torch.Tensor):
-        c = self.cfg
-        return (self.hc_pre_fn or hc_pre)(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
-                      getattr(self, f"hc_{site}_base"), rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps,
-                      iters=c.hc_sinkhorn_iters, mode=self.hc_mode)
+        """hc_pre of one mHC site (the Triton one with ``switches.kernels``); its H^res goes to the record."""
+        c, sw = self.cfg, self.switches
+        if sw.kernels:
+            from v4lab.kernels.mhc import hc_pre as pre
+        else:
+            pre = hc_pre
+        u, post, comb = pre(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
+                            getattr(self, f"hc_{site}_base"), rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps,
+                            iters=c.hc_sinkhorn_iters, mode=self.hc_mode, check_finite=sw.check_finite)
+        if sw.record is not None and sw.record.h_res is not None:
+            sw.record.h_res.append(token_mean_h_res(comb))
+        return u, post, comb
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None, start_pos: int = 0, cache=None,
                 forced_idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -179,8 +185,8 @@ class V4Model(nn.Module):
         if cfg.tie_word_embeddings:
             _bad("tie_word_embeddings", True, "V4 has a separate head; tied embeddings are not supported")
         self.cfg = cfg
-        meta = device is not None and torch.device(device).type == "meta"
-        with _MetaBuild() if meta else (torch.device(device) if device is not None else contextlib.nullcontext()):
+        meta = device is not None and torch.device(device).type == "meta"      # shapes only: no init
+        with no_init("meta") if meta else (torch.device(device) if device is not None else contextlib.nullcontext()):
             n, d, V = cfg.hc_mult, cfg.hidden_size, cfg.vocab_size
             self.embed = nn.Embedding(V, d)
             self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
@@ -196,11 +202,11 @@ class V4Model(nn.Module):
             # All MTP modules use layer_id = num_hidden_layers (the config has one ratio entry for MTP).
             self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.num_hidden_layers)
                                      for _ in range(cfg.num_nextn_predict_layers))
-        # Originals of FP8/FP4 checkpoint tensors (raw weight, raw scale), kept by load() so that save()
-        # writes unchanged weights back byte-identically. Not part of state_dict.
+        # packed FP8/FP4 originals (raw weight, scale) kept by load() for a byte-exact save(); not in state_dict
         self.quantized_originals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.source_path: Path | None = None
-        self.kernels = False
+        self.switches = Switches()                 # one switch object for every layer (v4lab.switches)
+        share_switches(self, self.switches)
         self.set_flags(hc_mode=hc_mode, low_precision=low_precision, qat=qat)
 
     # ------------------------------------------------------------------ flags
@@ -209,7 +215,9 @@ class V4Model(nn.Module):
 
     def set_flags(self, hc_mode: str | None = None, low_precision: bool | None = None,
                   qat: bool | None = None) -> "V4Model":
-        """Pass mode flags down to every block (None leaves a flag as it is)."""
+        """Pass mode flags down to every block (None leaves a flag as it is): the mHC mode ("mhc" | "hc" |
+        "residual", see v4lab.mhc), the attention FP8/FP4 simulation (``Attention.low_precision``, plus FP8
+        activation fake-quant before the MTP ``e_proj``/``h_proj``) and routed-expert FP4 QAT (``MoE.qat``)."""
         if hc_mode is not None and hc_mode not in HC_MODES:
             _bad("hc_mode", hc_mode, f"must be one of {HC_MODES}")
         for b in self.blocks():
@@ -221,12 +229,9 @@ class V4Model(nn.Module):
                     b.low_precision = bool(low_precision)
             if qat is not None:
                 b.ffn.qat = bool(qat)
-        if hc_mode is not None:
-            self.hc_mode = hc_mode
-        if low_precision is not None:
-            self.low_precision = bool(low_precision)
-        if qat is not None:
-            self.qat = bool(qat)
+        self.hc_mode = self.hc_mode if hc_mode is None else hc_mode
+        self.low_precision = self.low_precision if low_precision is None else bool(low_precision)
+        self.qat = self.qat if qat is None else bool(qat)
         return self
 
     def use_kernels(self, on: bool = True) -> "V4Model":
@@ -235,30 +240,22 @@ class V4Model(nn.Module):
         — or, with ``on=False``, through the torch references again. Same signatures, same results (each
         kernel's test compares it with its reference). Kernels are compiled on CUDA and interpreted on the CPU
         (correct but slow there); they are forward-only, so a forward that needs gradients raises."""
-        from v4lab import attention as A
-        from v4lab import compressor as C
-        from v4lab import indexer as I
         if on:
             from v4lab.device import check_kernel_device
             check_kernel_device(self.device)          # compiled kernels need CUDA tensors, interpreted ones CPU
-            from v4lab.kernels import compressor as kc
-            from v4lab.kernels import indexer as ki
-            from v4lab.kernels import mhc as km
-            from v4lab.kernels import sparse_attn as ks
-        for b in self.blocks():
-            a = b.attn
-            a.sparse_attn_fn = ks.sparse_attn if on else A.sparse_attn
-            a.attn_path = "gather" if on else "auto"      # the kernel is the gather path's twin
-            comp, ind = getattr(a, "compressor", None), getattr(a, "indexer", None)     # window layers: neither
-            for c in (comp, ind.compressor if ind is not None else None):
-                if c is not None:
-                    c.pool_fn = kc.compress_pool if on else C.compress_pool
-            if ind is not None:
-                ind.score_fn = ki.index_scores if on else I.index_scores
-            b.hc_pre_fn = km.hc_pre if on else None
-            b.ffn.dispatch = "triton" if on else "grouped"
-        self.kernels = bool(on)
+            import v4lab.kernels  # noqa: F401  (sets Triton's mode before a kernel is defined)
+        self.switches.kernels = bool(on)
         return self
+
+    @property
+    def kernels(self) -> bool:
+        """Whether the hot ops run through the Triton kernels (``switches.kernels``)."""
+        return self.switches.kernels
+
+    def recording(self, h_res: bool = False) -> contextlib.AbstractContextManager[ForwardRecord]:
+        """``with model.recording() as rec:`` every forward inside fills ``rec`` (a ForwardRecord the caller
+        owns): each MoE layer's routing, and with ``h_res`` the token-mean H^res of every mHC site."""
+        return recording(self.switches, h_res)
 
     # ------------------------------------------------------------------ cache
     def new_cache(self, batch_size: int = 1, record: bool = False) -> ModelCache:
@@ -291,7 +288,8 @@ class V4Model(nn.Module):
     def logits_from_streams(self, x: torch.Tensor, fn, base, scale, norm: nn.Module) -> torch.Tensor:
         """hc_head collapse → norm → shared head. x: [B, S, n, d] → [B, S, vocab]."""
         c = self.cfg
-        y = hc_head(x, fn, scale, base, rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps, mode=self.hc_mode)
+        y = hc_head(x, fn, scale, base, rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps, mode=self.hc_mode,
+                    check_finite=self.switches.check_finite)
         return self.head(norm(y))
 
     def _mtp_forward(self, h: torch.Tensor, next_ids: torch.Tensor, start_pos: int, cache, forced):
@@ -319,43 +317,14 @@ class V4Model(nn.Module):
         [B, S, n, d] before ``hc_head``.
         """
         cfg = self.cfg
-        if self.kernels and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+        if self.switches.kernels and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             _bad("use_kernels", True, "the Triton kernels are forward-only: run under torch.no_grad() (or "
                                       "inference_mode), or call model.use_kernels(False) to train")
         ids = self._check_ids(input_ids)
         B, S = ids.shape
-        if cache is not None:
-            if not isinstance(cache, ModelCache):
-                _bad("cache", type(cache).__name__, "must come from model.new_cache(batch_size)")
-            if cache.owner is None or cache.owner() is not self:
-                _bad("cache", f"<ModelCache at position {cache.pos}>", "made by another model (or a copy); "
-                                                                       "use this model's new_cache(batch_size)")
-            if cache.broken:
-                _bad("cache", f"<ModelCache at position {cache.pos}>", "a previous call failed part-way and left "
-                                                                       "it inconsistent; start a new_cache")
-            if cache.batch_size != B:
-                _bad("cache", f"batch size {cache.batch_size}", f"input_ids has batch size {B}")
-            if start_pos is None:
-                start_pos = cache.pos
-            elif start_pos != cache.pos:
-                _bad("start_pos", start_pos, f"the cache holds {cache.pos} positions; decoding must continue "
-                                             f"at start_pos = {cache.pos}")
-        start_pos = 0 if start_pos is None else start_pos
-        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
-            _bad("start_pos", start_pos, "must be a non-negative integer")
-        if cache is None and start_pos != 0:
-            _bad("start_pos", start_pos, "must be 0 without a cache (a forward without one sees only its "
-                                         "input); pass cache=model.new_cache(B) to continue a sequence")
-        if start_pos + S > cfg.max_position_embeddings:
-            _bad("context", start_pos + S, f"positions must stay below max_position_embeddings = "
-                                           f"{cfg.max_position_embeddings} (start_pos {start_pos} + {S} tokens)")
-        if return_mtp and not len(self.mtp):
-            _bad("return_mtp", True, "this config has num_nextn_predict_layers = 0")
-        if return_mtp and cache is not None:      # checked before any layer cache moves
-            if cache.mtp_pos != max(start_pos - 1, 0) or (start_pos > 0) != (cache.mtp_pending is not None):
-                _bad("return_mtp", True, "with a cache, MTP must be requested on every call from the first token "
-                                         f"(the MTP cache is at position {cache.mtp_pos}, the main one at {start_pos})")
-        forced = self._check_forced(forced_routes, B * S)
+        start_pos = self._start_position(B, S, start_pos, cache, return_mtp)
+        forced = [None if r is None else r.to(self.device)
+                  for r in check_forced_routes(cfg, forced_routes, B * S, len(self.mtp))]
         try:                              # everything is checked; a failure now is marked on the cache
             x = self.embed(ids)                                               # [B, S, d]
             x = x.unsqueeze(2).expand(B, S, cfg.hc_mult, cfg.hidden_size).contiguous()   # [B, S, n, d] copies
@@ -376,6 +345,42 @@ class V4Model(nn.Module):
             out.append(x)
         return out[0] if len(out) == 1 else tuple(out)
 
+    def _start_position(self, B: int, S: int, start_pos: int | None, cache: ModelCache | None,
+                        return_mtp: bool) -> int:
+        """The checked absolute position of the call's first token (see ``forward``); nothing has moved yet."""
+        if cache is not None:
+            if not isinstance(cache, ModelCache):
+                _bad("cache", type(cache).__name__, "must come from model.new_cache(batch_size)")
+            where = f"<ModelCache at position {cache.pos}>"
+            if cache.owner is None or cache.owner() is not self:
+                _bad("cache", where, "made by another model (or a copy); use this model's new_cache(batch_size)")
+            if cache.broken:
+                _bad("cache", where, "a previous call failed part-way and left it inconsistent; start a new_cache")
+            if cache.batch_size != B:
+                _bad("cache", f"batch size {cache.batch_size}", f"input_ids has batch size {B}")
+            if start_pos is None:
+                start_pos = cache.pos
+            elif start_pos != cache.pos:
+                _bad("start_pos", start_pos, f"the cache holds {cache.pos} positions; decoding must continue "
+                                             f"at start_pos = {cache.pos}")
+        start_pos = 0 if start_pos is None else start_pos
+        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
+            _bad("start_pos", start_pos, "must be a non-negative integer")
+        if cache is None and start_pos != 0:
+            _bad("start_pos", start_pos, "must be 0 without a cache (a forward without one sees only its "
+                                         "input); pass cache=model.new_cache(B) to continue a sequence")
+        n_max = self.cfg.max_position_embeddings
+        if start_pos + S > n_max:
+            _bad("context", start_pos + S, f"positions must stay below max_position_embeddings = {n_max} "
+                                           f"(start_pos {start_pos} + {S} tokens)")
+        if return_mtp and not len(self.mtp):
+            _bad("return_mtp", True, "this config has num_nextn_predict_layers = 0")
+        if return_mtp and cache is not None:      # checked before any layer cache moves
+            if cache.mtp_pos != max(start_pos - 1, 0) or (start_pos > 0) != (cache.mtp_pending is not None):
+                _bad("return_mtp", True, "with a cache, MTP must be requested on every call from the first token "
+                                         f"(the MTP cache is at position {cache.mtp_pos}, the main one at {start_pos})")
+        return start_pos
+
     def _mtp(self, x, ids, start_pos, cache, forced):
         B = ids.shape[0]
         if cache is None:
@@ -392,295 +397,44 @@ class V4Model(nn.Module):
         cache.mtp_pos = p0 + h.shape[1]
         return self._mtp_forward(h, nxt, p0, cache.mtp[0], forced)
 
-    def _check_forced(self, forced_routes, T: int) -> list:
-        L = self.cfg.num_hidden_layers
-        if forced_routes is None:
-            return [None] * L
-        if not isinstance(forced_routes, (list, tuple)) or len(forced_routes) not in (L, L + len(self.mtp)):
-            n = len(forced_routes) if isinstance(forced_routes, (list, tuple)) else type(forced_routes).__name__
-            _bad("forced_routes", f"<{n} entries>", f"must be a list of num_hidden_layers = {L} entries "
-                                                    f"(+1 for the MTP block), one per MoE layer")
-        K = self.cfg.num_experts_per_tok
-        for i, r in enumerate(forced_routes):
-            if r is None:
-                continue
-            if i < L and self.cfg.is_hash_layer(i):
-                _bad(f"forced_routes[{i}]", "a tensor", "layer is hash-routed (tid2eid); its entry must be None")
-            if not isinstance(r, torch.Tensor) or r.dim() != 2 or r.shape[1] != K or (i < L and r.shape[0] != T):
-                shape = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
-                _bad(f"forced_routes[{i}]", shape, f"must be an integer tensor [tokens = {T}, K = {K}]")
-            _check_route_values(f"forced_routes[{i}]", r, self.cfg.n_routed_experts)
-        return [None if r is None else r.to(self.device) for r in forced_routes]
-
     @torch.no_grad()
     def route_only(self, input_ids: torch.Tensor, start_pos: int = 0, return_mtp: bool = False) -> list:
         """Routes of a no-grad forward: one entry per MoE layer (None for hash layers) of expert ids [B·S, K]
         (with ``return_mtp`` one more for the MTP block, [B·(S−1), K]). Feed them back as ``forced_routes``
         (Anticipatory Routing: routes from older parameters, weights from the current ones)."""
-        self(input_ids, start_pos=start_pos, return_mtp=return_mtp)
+        with self.recording() as rec:
+            self(input_ids, start_pos=start_pos, return_mtp=return_mtp)
         blocks = list(self.layers) + (list(self.mtp[:1]) if return_mtp else [])
         return [None if (b.layer_id < self.cfg.num_hidden_layers and self.cfg.is_hash_layer(b.layer_id))
-                else b.ffn.last_routing["idx"].clone() for b in blocks]
+                else rec.routing_of(b.ffn)["idx"].clone() for b in blocks]
 
     # ------------------------------------------------------------------ generation
-    @torch.no_grad()
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  seed: int | None = None, eos_token_id: int | None = None, return_mtp: bool = False):
-        """Greedy (temperature 0) or sampled decoding with the cache.
-
-        prompt_ids: [P] or [B, P] → ids [B, P + N] (N ≤ max_new_tokens; stops early when every row has
-        produced ``eos_token_id``). With ``return_mtp`` also returns MTP logits [B, P+N−2, vocab], entry i
-        predicting token i+2 (what a speculative decoder would have drafted)."""
-        ids = prompt_ids if isinstance(prompt_ids, torch.Tensor) else torch.tensor(prompt_ids, device=self.device)
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            _bad("max_new_tokens", max_new_tokens, "must be a non-negative integer")
-        if not isinstance(temperature, (int, float)) or not temperature >= 0:
-            _bad("temperature", temperature, "must be a number >= 0 (0 = greedy)")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            _bad("top_k", top_k, "must be a positive integer or None")
-        ids = self._check_ids(ids)
-        if ids.shape[1] > self.cfg.max_position_embeddings:
-            _bad("prompt_ids", f"{ids.shape[1]} tokens", f"more than max_position_embeddings = "
-                                                         f"{self.cfg.max_position_embeddings}")
-        if seed is not None and (isinstance(seed, bool) or not hasattr(seed, "__index__")
-                                 or not 0 <= int(seed) < 2 ** 63):
-            _bad("seed", seed, "must be an integer in [0, 2**63) or None")
-        if ids.shape[1] + max_new_tokens > self.cfg.max_position_embeddings:
-            _bad("max_new_tokens", max_new_tokens, f"prompt ({ids.shape[1]}) + new tokens exceed "
-                                                   f"max_position_embeddings = {self.cfg.max_position_embeddings}")
-        gen = torch.Generator(device=ids.device)
-        if seed is not None:
-            gen.manual_seed(int(seed))
-        else:
-            gen.seed()
-        cache = self.new_cache(ids.shape[0])
-        out, mtp_logits = ids, []
-        step_in = ids
-        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        for _ in range(max_new_tokens):
-            res = self(step_in, cache=cache, return_mtp=return_mtp)
-            logits = res[0] if return_mtp else res
-            if return_mtp:
-                mtp_logits.append(res[1])
-            nxt = _pick(logits[:, -1].float(), temperature, top_k, gen)       # [B]
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done |= nxt == eos_token_id
-            out = torch.cat([out, nxt[:, None]], 1)
-            step_in = nxt[:, None]
-            if eos_token_id is not None and bool(done.all()):
-                break
-        if return_mtp:
-            V = self.cfg.vocab_size
-            return out, (torch.cat(mtp_logits, 1) if mtp_logits else out.new_zeros(out.shape[0], 0, V).float())
-        return out
-
-
-def _check_route_values(name: str, r: torch.Tensor, E: int) -> None:
-    """Expert ids r [T, K]: integers in [0, E), K distinct ones per token (what a router can choose)."""
-    if r.is_floating_point() or r.is_complex() or r.dtype == torch.bool:
-        _bad(name, r.dtype, "must hold integer expert ids")
-    if r.numel() == 0:
-        return
-    lo, hi = int(r.min()), int(r.max())
-    if lo < 0 or hi >= E:
-        _bad(name, f"an expert id {lo if lo < 0 else hi}", f"expert ids must be in [0, {E})")
-    srt = r.sort(-1).values
-    dup = (srt[:, 1:] == srt[:, :-1]).any(-1)
-    if bool(dup.any()):
-        row = int(dup.nonzero()[0])
-        _bad(name, f"row {row} {r[row].tolist()}", "names the same expert twice; top-k experts are distinct")
-
-
-def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, gen: torch.Generator) -> torch.Tensor:
-    """logits [B, V] → token ids [B]."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    z = logits / temperature
-    if top_k is not None and top_k < z.shape[-1]:
-        kth = z.topk(top_k, dim=-1).values[:, -1:]
-        z = z.masked_fill(z < kth, float("-inf"))
-    return torch.multinomial(z.softmax(-1), 1, generator=gen)[:, 0]
+        """Greedy (temperature 0) or sampled decoding with the cache: see ``v4lab.sampling.generate``."""
+        return sampling.generate(self, prompt_ids, max_new_tokens, temperature, top_k, seed, eos_token_id,
+                                 return_mtp)
 
 
 # ---------------------------------------------------------------------------------------------- load / save
-def _no_init_build(fn, *args):
-    """Run a module constructor with the weight initialisers turned off (the weights are about to be
-    overwritten by the checkpoint; random init of V4 experts would cost seconds per layer)."""
-    saved = {k: getattr(nn.init, k) for k in _MetaBuild._INITS}
-    tensor_normal = torch.Tensor.normal_
-    try:
-        for k in saved:
-            setattr(nn.init, k, lambda t, *a, **kw: t)
-        torch.Tensor.normal_ = lambda t, *a, **kw: t
-        return fn(*args)
-    finally:
-        for k, f in saved.items():
-            setattr(nn.init, k, f)
-        torch.Tensor.normal_ = tensor_normal
-
-
-def _reader(path_or_reader):
-    from v4lab.checkpoint import CheckpointReader
-    if isinstance(path_or_reader, CheckpointReader):
-        return path_or_reader
-    if not isinstance(path_or_reader, (str, os.PathLike)):
-        _bad("path", path_or_reader, "must be a checkpoint folder (str or path) or a CheckpointReader")
-    return CheckpointReader(path_or_reader)
-
-
-_DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
-                "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-def _float_dtype(dtype) -> torch.dtype:
-    """``dtype`` as a floating torch dtype (``torch.bfloat16`` or its name ``"bfloat16"``)."""
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPE_NAMES:
-        return _DTYPE_NAMES[dtype.removeprefix("torch.")]
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize >= 2:
-        return dtype
-    _bad("dtype", dtype if isinstance(dtype, str) else str(dtype),
-         f"must be a floating torch dtype ({', '.join(sorted(_DTYPE_NAMES))})")
-
-
-def _read_tensors(reader, names: list[str], dtype: torch.dtype, originals: dict | None) -> dict:
-    """Logical tensors for ``names`` (no ``.scale``): F32 entries stay fp32 (hc_*, attn_sink, ape, gate.bias,
-    as the official code keeps them), floats go to ``dtype``, FP8/FP4 weights are dequantised; the raw packed
-    weight and its scale go to ``originals`` when it is given."""
-    out = {}
-    for name in names:
-        if name.endswith(".scale"):
-            continue
-        stored = reader.expected[name][1]
-        t = reader.get_dequantized(name, torch.float32 if stored == "F32" else dtype)
-        if stored in _QUANT_DTYPES and originals is not None:
-            sname = name[: -len(".weight")] + ".scale"
-            originals[name] = (reader.get(name), reader.get(sname))
-        out[name] = t
-    return out
-
-
-def _build_block(cfg: V4Config, i: int) -> Block:
+def build_block(cfg: V4Config, i: int) -> Block:
+    """Block ``i`` as V4Model builds it: a decoder layer for i < num_hidden_layers, else MTP block
+    i − num_hidden_layers (every MTP block uses layer_id = num_hidden_layers)."""
     L = cfg.num_hidden_layers
-    return _no_init_build(Block, cfg, i) if i < L else _no_init_build(MTPBlock, cfg, L)
-
-
-def _fill_block(reader, i: int, blk: Block, dtype: torch.dtype, originals: dict | None) -> Block:
-    """Read layer ``i`` (checked against the config first) into ``blk``; packed originals → ``originals``
-    under their full names."""
-    from v4lab.checkpoint import layer_prefix
-    p = layer_prefix(reader.config, i)
-    names = reader.layer_keys(i)
-    for name in reader.keys():                            # unexpected keys under this prefix, wrong shapes
-        if name.startswith(p):
-            reader._check_entry(name)
-    for name in names:
-        if name not in reader:
-            _bad("checkpoint", str(reader.path), f"missing key {name!r}")
-        reader._check_entry(name)
-    sd = _read_tensors(reader, names, dtype, originals)
-    blk.load_state_dict({k[len(p):]: v for k, v in sd.items()}, strict=True, assign=True)
-    return blk
+    return Block(cfg, i) if i < L else MTPBlock(cfg, L)
 
 
 def load_layer(path, i: int, dtype: torch.dtype = torch.float32, keep_quantized: bool = True,
                device: str | torch.device | None = None) -> Block:
-    """One decoder layer (``i < num_hidden_layers``) or MTP block (``i = num_hidden_layers + k``) of a
-    checkpoint directory (or an open ``CheckpointReader``), as a Block with its weights and nothing else.
-    Only that layer's tensors are read. With ``keep_quantized`` the packed FP8/FP4 originals are kept in
-    ``block.quantized_originals`` (names relative to the layer, on the CPU). ``device``: as
-    ``v4lab.device.get_device`` (argument, else $V4LAB_DEVICE, else CUDA when present)."""
-    from v4lab.checkpoint import layer_prefix
-    from v4lab.device import get_device
-    dtype = _float_dtype(dtype)
-    dev = get_device(device)
-    reader = _reader(path)
-    cfg = reader.config
-    n_all = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_all:
-        _bad("layer", i, f"must be an int in [0, {n_all}) ({cfg.num_hidden_layers} layers, then MTP)")
-    originals = {} if keep_quantized else None
-    blk = _fill_block(reader, i, _build_block(cfg, i), dtype, originals)
-    p = layer_prefix(cfg, i)
-    blk.quantized_originals = {k[len(p):]: v for k, v in (originals or {}).items()}
-    return to_device(blk, dev)
+    """One decoder layer or MTP block of a release checkpoint as a Block (``v4lab.loading.load_block``)."""
+    return loading.load_block(build_block, path, i, dtype, keep_quantized, device)
 
 
 def load(path, dtype: torch.dtype = torch.float32, keep_quantized: bool = True, layers=None,
          device: str | torch.device | None = None) -> V4Model:
-    """Read a directory in the official release layout into a V4Model.
-
-    FP8 / FP4 weights are dequantised to ``dtype`` (F32 tensors such as ``hc_*`` stay fp32). With
-    ``keep_quantized`` (default) the packed originals (weight + ``.scale``) are also kept, in
-    ``model.quantized_originals`` (uint8/fp8 bytes: ~1/8 of the fp32 size for FP4), for kernels that
-    consume packed weights and so that ``save`` writes every unchanged weight back byte-for-byte.
-    ``keep_quantized=False`` drops them and ``save`` re-quantises, which is not byte-exact in general: a
-    block whose largest value rounded down to the bottom of the top binade (FP4 code 3, FP8 224) gets a
-    scale half as large the second time (same values, other bytes). Only the default round-trips exactly
-    (measured on the tiny synthetic checkpoint: 168 of 168 FP4 scale tensors moved, no FP8 one).
-    ``layers``: ids to materialise (``num_hidden_layers + k`` = MTP block k); the others stay on the meta
-    device (shapes only; a forward through them raises). embed/norm/head/hc_head are always loaded.
-    Every header entry is checked against the config first: a missing/unexpected key or a wrong
-    shape/dtype raises ValueError naming the key. ``device``: as ``v4lab.device.get_device`` (argument, else
-    $V4LAB_DEVICE, else CUDA when present); weights are read on the CPU and moved once, the packed
-    originals stay on the CPU (only ``save`` reads them)."""
-    from v4lab.device import get_device
-    dtype = _float_dtype(dtype)
-    dev = get_device(device)                 # a bad device fails before any tensor is read
-    reader = _reader(path)
-    cfg = reader.config
-    reader.validate()
-    L, n_all = cfg.num_hidden_layers, cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-    if layers is None:
-        want = list(range(n_all))
-        # every weight is about to be replaced: build on CPU without initialising (untouched pages of
-        # torch.empty cost nothing), which also skips meta-device reference kernels
-        model = _no_init_build(V4Model, cfg)
-    else:
-        want = sorted({int(i) for i in layers}) if not isinstance(layers, int) else [layers]
-        bad = [i for i in want if not 0 <= i < n_all]
-        if bad:
-            _bad("layers", bad[0], f"layer ids must be in [0, {n_all}) ({L} layers, then MTP)")
-        model = V4Model(cfg, device="meta")
-        model.embed = _no_init_build(nn.Embedding, cfg.vocab_size, cfg.hidden_size)
-        model.head = _no_init_build(nn.Linear, cfg.hidden_size, cfg.vocab_size, False)
-        model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        for i in want:
-            if i < L:
-                model.layers[i] = _build_block(cfg, i)
-            else:
-                model.mtp[i - L] = _build_block(cfg, i)
-    originals = {} if keep_quantized else None
-    top = [k for k in reader.expected if not k.startswith(("layers.", "mtp.")) and not k.endswith(".scale")]
-    sd = _read_tensors(reader, top, dtype, originals)
-    for i in want:
-        _fill_block(reader, i, model.layers[i] if i < L else model.mtp[i - L], dtype, originals)
-    _, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    assert not unexpected, unexpected
-    model.quantized_originals = originals or {}
-    model.source_path = reader.path
-    model.set_flags(hc_mode=model.hc_mode, low_precision=model.low_precision, qat=model.qat)
-    return to_device(model, dev)
-
-
-def to_device(module: nn.Module, device: torch.device) -> nn.Module:
-    """``module.to(device)`` that leaves meta (not loaded) parameters where they are, so a partly loaded
-    model (``load(..., layers=[...])``) can move too."""
-    if device.type == "cpu" and all(t.device.type in ("cpu", "meta") for t in module.state_dict().values()):
-        return module
-    return module._apply(lambda t: t if t.is_meta else t.to(device))
-
-
-def _unchanged(param: torch.Tensor, raw: torch.Tensor, scale: torch.Tensor, cfg: V4Config) -> bool:
-    from v4lab import quant
-    from v4lab.checkpoint import _block
-    if raw.dtype == torch.int8:
-        deq = quant.mxfp4_dequantize(raw, scale, torch.float32)
-    else:
-        deq = quant.fp8_block_dequantize(raw, scale, torch.float32, block=_block(cfg)[0])
-    return deq.shape == param.shape and torch.equal(deq, param.detach().float().cpu())
+    """Read a directory in the official release layout into a V4Model (``v4lab.loading.load_model``: the
+    FP8/FP4 originals kept for a byte-exact save, ``layers`` to materialise, checks, ``device``)."""
+    return loading.load_model(V4Model, build_block, path, dtype, keep_quantized, layers, device)
 
 
 def save(model: V4Model, path, overwrite: bool = False, max_shard_bytes: int | None = None,
@@ -691,56 +445,6 @@ def save(model: V4Model, path, overwrite: bool = False, max_shard_bytes: int | N
     generation files of the directory the model was loaded from are copied along, and ``extra_files``
     ({name: bytes}) written too, all in the same atomic rename. ``overwrite`` replaces only a checkpoint
     folder; anything else at ``path`` is refused (ValueError), untouched. Non-finite weights are refused."""
-    from v4lab.checkpoint import DEFAULT_MAX_SHARD_BYTES, expected_keys, write_checkpoint
     if not isinstance(model, V4Model):
         _bad("model", type(model).__name__, "must be a v4lab V4Model")
-    cfg = model.cfg
-    sd = model.state_dict()
-    meta = [k for k, v in sd.items() if v.is_meta]
-    if meta:
-        _bad("model", f"parameter {meta[0]!r} on the meta device", "load every layer before saving")
-    tensors = {}
-    for name, (shape, dt) in expected_keys(cfg).items():
-        if name.endswith(".scale"):
-            continue
-        t = sd[name].detach().cpu()
-        orig = model.quantized_originals.get(name)
-        if dt in _QUANT_DTYPES and orig is not None and _unchanged(t, orig[0], orig[1], cfg):
-            tensors[name], tensors[name[: -len(".weight")] + ".scale"] = orig
-        else:
-            tensors[name] = t.float() if dt in _QUANT_DTYPES else t
-    extras = {}
-    src = model.source_path
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        if src is not None and (Path(src) / f).is_file():
-            extras[f] = (Path(src) / f).read_bytes()
-    extras.update(extra_files or {})
-    out = write_checkpoint(tensors, cfg, path, overwrite=overwrite,
-                           max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, extra_files=extras)
-    return Path(out)
-
-
-class _MetaBuild:
-    """torch.device("meta") plus no-op weight initialisers: on meta, nn.init.* and Tensor.normal_ go through
-    slow reference decompositions (~ms per call), which made a V4-Pro tree take minutes to build. There is
-    no data to initialise, so skipping them changes nothing but the time."""
-    _INITS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "trunc_normal_", "xavier_uniform_",
-              "xavier_normal_", "zeros_", "ones_", "constant_")
-
-    def __enter__(self):
-        self._dev = torch.device("meta")
-        self._dev.__enter__()
-        self._saved = {k: getattr(nn.init, k) for k in self._INITS}
-        for k in self._INITS:
-            setattr(nn.init, k, lambda t, *a, **kw: t)
-        self._tensor_normal = torch.Tensor.normal_
-        orig = self._tensor_normal
-        torch.Tensor.normal_ = lambda t, *a, **kw: t if t.is_meta else orig(t, *a, **kw)
-        return self
-
-    def __exit__(self, *a):
-        for k, f in self._saved.items():
-            setattr(nn.init, k, f)
-        torch.Tensor.normal_ = self._tensor_normal
-        return self._dev.__exit__(*a)
-
+    return loading.write_release(model, path, overwrite, max_shard_bytes, extra_files)

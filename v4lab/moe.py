@@ -23,6 +23,7 @@ gamma = 0.001) and :func:`sequence_balance_loss` (V3's, alpha = 0.0001). Noteboo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ from torch import nn
 
 from v4lab.config import V4Config
 from v4lab.gate import Gate, gate_scores, select_topk
+from v4lab.switches import Switches
 
 DISPATCHES = ("grouped", "naive", "triton")
 
@@ -105,16 +107,26 @@ def sort_by_expert(idx: torch.Tensor, n_experts: int):
 
 def moe_grouped(x, idx, weights, w1s, w2s, w3s, limit):
     """Tokens sorted by expert, one matmul per expert, scattered back. Same result as moe_naive."""
-    order, token, offsets = sort_by_expert(idx, len(w1s))
+    return moe_grouped_from(x, idx, weights, lambda e: (w1s[e], w2s[e], w3s[e]), len(w1s), limit)
+
+
+def moe_grouped_from(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                     expert: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n_experts: int,
+                     limit: float) -> torch.Tensor:
+    """``moe_grouped`` with the weights of expert e from ``expert(e)`` -> (w1, w2, w3), asked only for the
+    experts some token picked, in expert order, one at a time (an expert provider may read them from disk)."""
+    order, token, offsets = sort_by_expert(idx, n_experts)
     w_sorted = weights.reshape(-1)[order]
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     off = offsets.tolist()
-    for e in range(len(w1s)):
+    for e in range(n_experts):
         a, b = off[e], off[e + 1]
         if a == b:
             continue
+        w1, w2, w3 = expert(e)
         tok = token[a:b]
-        out = out.index_add(0, tok, expert_ffn(x[tok], w1s[e], w2s[e], w3s[e], w_sorted[a:b], limit))
+        out = out.index_add(0, tok, expert_ffn(x[tok], w1, w2, w3, w_sorted[a:b], limit))
+        del w1, w2, w3                                  # a provider's expert is dropped before the next read
     return out
 
 
@@ -150,17 +162,23 @@ class MoE(nn.Module):
     """``ffn`` of one block: ``gate``, ``experts.{e}``, ``shared_experts``.
 
     ``forward(x [B,S,D], input_ids [B,S] | None = None, forced_idx [B*S,K] | None = None) -> [B,S,D]``.
-    After a forward, ``self.last_routing = {"idx": [T,K], "weights": [T,K], "scores": [T,E], "load": [E]}``
-    (``scores`` keeps its graph so :func:`sequence_balance_loss` can train the gate from it).
+    A forward reports its routing ``{"idx": [T,K], "weights": [T,K], "scores": [T,E], "load": [E]}`` (``scores``
+    keeps its graph so :func:`sequence_balance_loss` can train the gate from it) to the caller's
+    ``ForwardRecord`` when one is installed (``switches.record``, ``with model.recording() as rec``: what
+    training reads), and keeps the latest one in ``self.last_routing`` for inspection (notebooks, tests).
+    ``switches.kernels`` runs the routed experts through the Triton kernel (``dispatch`` "triton").
     ``qat = True`` sends routed expert weights through ``v4lab.quant.fp4_fake_quant_ste``.
     ``ep_size = n`` (inside a torch.distributed group of n ranks): ``experts`` holds only this rank's experts
     (a ModuleDict keyed by global id; load the matching subset of a full layer's state dict to reproduce
     it) and the routed part runs through ``v4lab.expert_parallel.ep_forward`` (``dispatch`` is not used;
-    ``ep_fp8`` sends FP8 rows); ``self.last_ep`` then records the traffic."""
+    ``ep_fp8`` sends FP8 rows); ``self.last_ep`` then records the traffic.
+    ``expert_provider``: a function e -> (w1, w2, w3) that supplies routed expert e's weights when a token
+    picks it (``v4lab.real`` reads them from a download one at a time). The layer then holds no routed
+    experts (``experts`` is empty) and runs the grouped dispatch through the provider."""
 
     def __init__(self, cfg: V4Config, layer_id: int, *, dispatch: str = "grouped", shared_clamp: bool = True,
                  swiglu_limit: float | None = None, ep_size: int = 1, ep_group=None, ep_fp8: bool = False,
-                 **gate_options):
+                 expert_provider: Callable[[int], tuple] | None = None, **gate_options):
         super().__init__()
         if dispatch not in DISPATCHES:
             _bad("dispatch", dispatch, f"must be one of {DISPATCHES}")
@@ -168,12 +186,16 @@ class MoE(nn.Module):
         self.dim = cfg.hidden_size
         self.layer_id = layer_id
         self.dispatch = dispatch
+        self.switches = Switches()         # `kernels`: dispatch through kernels/moe.py; `record`: see forward
         self.qat = False
         self.limit = float(cfg.swiglu_limit if swiglu_limit is None else swiglu_limit)
         self.gate = Gate(cfg, layer_id, **gate_options)
         std = cfg.initializer_range
         I = cfg.moe_intermediate_size
-        if ep_size == 1 and not ep_fp8:
+        self.expert_provider = expert_provider
+        if expert_provider is not None:
+            self.experts = nn.ModuleList()
+        elif ep_size == 1 and not ep_fp8:
             self.experts = nn.ModuleList(Expert(self.dim, I, self.limit, std) for _ in range(cfg.n_routed_experts))
         else:
             self.ep_rank, local = _ep_local_experts(cfg.n_routed_experts, ep_size, ep_group)
@@ -201,21 +223,26 @@ class MoE(nn.Module):
             _bad("input_ids.shape", tuple(input_ids.shape), f"must be [batch, seq] = {(B, S)}")
         flat = x.reshape(B * S, D)
         weights, idx, scores = self.gate(flat, input_ids, forced_idx)
-        if self.dispatch == "triton" and torch.is_grad_enabled() and (
+        dispatch = "triton" if self.switches.kernels else self.dispatch
+        if dispatch == "triton" and torch.is_grad_enabled() and (
                 x.requires_grad or any(p.requires_grad for p in self.parameters())):
             _bad("dispatch", "triton", "the Triton kernel is forward-only; use it under torch.no_grad() "
                                        "or pick 'grouped' for training")
-        w1s, w2s, w3s = self.expert_weights()
-        if isinstance(self.experts, nn.ModuleDict):
+        if self.expert_provider is not None:
+            y = moe_grouped_from(flat, idx, weights, self.expert_provider, self.gate.n_experts, self.limit)
+        elif isinstance(self.experts, nn.ModuleDict):
+            w1s, w2s, w3s = self.expert_weights()
             from v4lab.expert_parallel import ep_forward  # imports this module: loaded on first use
             y, self.last_ep = ep_forward(flat, idx, weights, w1s, w2s, w3s, self.limit, self.gate.n_experts,
                                          self.ep_group, self.ep_fp8, ffn=expert_ffn)
         else:
-            y = _DISPATCH[self.dispatch](flat, idx, weights, w1s, w2s, w3s, self.limit)
+            y = _DISPATCH[dispatch](flat, idx, weights, *self.expert_weights(), self.limit)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         self.last_routing = {"idx": idx.detach(), "weights": weights.detach(), "scores": scores,
                              "load": expert_load(idx, self.gate.n_experts)}
+        if self.switches.record is not None:             # the caller's record (v4lab.switches)
+            self.switches.record.add_routing(self, self.last_routing)
         return y.to(x.dtype).view(B, S, D)
 
 

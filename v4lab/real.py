@@ -16,9 +16,10 @@ Tensor-level views (no forward pass; each reads a few small tensors):
   implies).
 
 Streaming forward (:func:`stream_forward`): the prompt goes through the layers one at a time. Each layer
-is built on the meta device, its non-expert weights are read and dequantised, the gate runs, and then
-only the experts that some token picked are read, dequantised and applied **one expert at a time** (same
-arithmetic and order as ``v4lab.moe.moe_grouped``); the layer is dropped before the next one is read.
+is built on the meta device, its non-expert weights are read and dequantised, and the layer's own
+``Block.forward`` runs: its MoE holds an expert provider instead of experts, so only the experts that some
+token picked are read, dequantised and applied, **one expert at a time** (``v4lab.moe.moe_grouped_from``:
+the arithmetic and order of ``moe_grouped``); the layer is dropped before the next one is read.
 The embedding is read by rows, the head in row chunks. It returns the final logits, per-layer routing
 and the CSA indexer's selections.
 
@@ -34,7 +35,6 @@ V4-Pro: 25 GB + 35 MB per touched expert.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import weakref
@@ -43,7 +43,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from v4lab import quant
 from v4lab.checkpoint import CheckpointReader, layer_prefix
@@ -350,25 +349,6 @@ class StreamResult:
         return out
 
 
-@contextlib.contextmanager
-def _meta_no_init():
-    """Build modules on the meta device with the initialisers off: shapes only, no time spent on
-    random init that the checkpoint overwrites (or, for unselected experts, never needs)."""
-    saved = {k: getattr(nn.init, k) for k in ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_",
-                                              "constant_", "trunc_normal_")}
-    normal = torch.Tensor.normal_
-    try:
-        for k in saved:
-            setattr(nn.init, k, lambda t, *a, **kw: t)
-        torch.Tensor.normal_ = lambda t, *a, **kw: t
-        with torch.device("meta"):
-            yield
-    finally:
-        for k, f in saved.items():
-            setattr(nn.init, k, f)
-        torch.Tensor.normal_ = normal
-
-
 class StreamingLoader:
     """Reads one layer at a time from a release directory, dequantising into ``dtype`` (F32 tensors such
     as ``hc_*`` stay fp32, as ``v4lab.model.load`` keeps them) on ``device``; every dense tensor it hands
@@ -406,12 +386,14 @@ class StreamingLoader:
                 yield a, self.ledger.track(t, "head", f"{name}[{a}:{a + t.shape[0]}]")
 
     def block(self, i: int, low_precision: bool = False):
-        """Layer ``i`` as a v4lab Block with every weight but the routed experts (those stay on meta)."""
+        """Layer ``i`` as a v4lab Block with every weight but the routed experts, which its MoE reads
+        through :meth:`expert` when a token picks them (one at a time)."""
+        from v4lab.loading import no_init
         from v4lab.model import Block
         from v4lab.rope import layer_inv_freq
         cfg = self.cfg
-        with _meta_no_init():
-            blk = Block(cfg, i)
+        with no_init("meta"):
+            blk = Block(cfg, i, expert_provider=lambda e: self.expert(i, e))     # experts read when picked
         p = layer_prefix(cfg, i)
         group = f"layer.{i}"
         sd = {n[len(p):]: self.tensor(n, group) for n in self.reader.layer_keys(i, experts=[])
@@ -445,37 +427,50 @@ class StreamingLoader:
         return tuple(self.tensor(f"{p}{w}.weight", f"layer.{i}") for w in ("w1", "w2", "w3"))
 
 
-def _hc(blk, site: str, x: torch.Tensor):
-    from v4lab.mhc import hc_pre
-    c = blk.cfg
-    return hc_pre(x, getattr(blk, f"hc_{site}_fn"), getattr(blk, f"hc_{site}_scale"), getattr(blk, f"hc_{site}_base"),
-                  rms_eps=c.rms_norm_eps, hc_eps=c.hc_eps, iters=c.hc_sinkhorn_iters, mode=blk.hc_mode)
+def _check_stream_args(max_tokens: int, n_ids: int) -> None:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        _bad("max_tokens", max_tokens, "must be a positive int")
+    if n_ids > max_tokens:
+        _bad("prompt", f"<{n_ids} tokens>", f"the streaming forward is for short prompts (<= max_tokens = "
+                                            f"{max_tokens}); raise max_tokens if you have the memory")
 
 
-def _stream_moe(loader: StreamingLoader, i: int, ffn, h: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """``ffn(h)`` with routed experts read one at a time: the arithmetic and the order of
-    ``v4lab.moe.moe_grouped`` (sorted by expert, index_add in expert order)."""
-    from v4lab.moe import expert_ffn, expert_load, sort_by_expert
-    B, S, D = h.shape
-    flat = h.reshape(B * S, D)
-    weights, idx, _ = ffn.gate(flat, ids, None)
-    E = ffn.gate.n_experts
-    order, token, offsets = sort_by_expert(idx, E)
-    w_sorted = weights.reshape(-1)[order]
-    out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
-    off = offsets.tolist()
-    picked = [e for e in range(E) if off[e] < off[e + 1]]
-    for e in picked:
-        a, b = off[e], off[e + 1]
-        w1, w2, w3 = loader.expert(i, e)
-        tok = token[a:b]
-        out = out.index_add(0, tok, expert_ffn(flat[tok], w1, w2, w3, w_sorted[a:b], ffn.limit))
-        del w1, w2, w3                                          # one expert at a time
-    if ffn.shared_experts is not None:
-        out = out + ffn.shared_experts(flat)
-    routing = {"layer": i, "hash": ffn.gate.is_hash, "idx": idx.cpu(), "weights": weights.cpu(),
-               "experts": picked, "load": expert_load(idx, E).cpu()}
-    return out.to(h.dtype).view(B, S, D), routing
+def _stream_layer(loader: StreamingLoader, i: int, x: torch.Tensor, ids: torch.Tensor,
+                  low_precision: bool) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+    """Layer i's own ``Block.forward`` on the streams x [1, S, n, d], its experts read on demand → (x, routing
+    record, CSA indexer picks [S, index_topk] or None)."""
+    from v4lab.moe import expert_load
+    from v4lab.switches import ForwardRecord
+    cfg = loader.cfg
+    blk = loader.block(i, low_precision)
+    csa = cfg.layer_kind(i) == "csa"
+    blk.switches.record = ForwardRecord()
+    blk.attn.inspect = csa                                                 # records the indexer's picks
+    x = blk(x, ids)
+    r = blk.switches.record.routing_of(blk.ffn)
+    idx, E = r["idx"], blk.ffn.gate.n_experts
+    routing = {"layer": i, "hash": blk.ffn.gate.is_hash, "idx": idx.cpu(), "weights": r["weights"].cpu(),
+               "experts": sorted(set(idx.reshape(-1).tolist())), "load": expert_load(idx, E).cpu(),
+               "kind": cfg.layer_kind(i)}
+    picks = blk.attn.last_inspect["selected"][0].cpu() if csa else None        # -1 = none
+    return x, routing, picks
+
+
+def _stream_head(loader: StreamingLoader, x: torch.Tensor, head_chunk_rows: int) -> torch.Tensor:
+    """hc_head → norm → head over the final streams x [1, S, n, d], the head read in row chunks → [1, S, V]."""
+    from v4lab.mhc import hc_head
+    from v4lab.norm import rms_norm
+    cfg = loader.cfg
+    fn, base, scale = (loader.tensor(k, "head") for k in ("hc_head_fn", "hc_head_base", "hc_head_scale"))
+    h = hc_head(x, fn, scale, base, rms_eps=cfg.rms_norm_eps, hc_eps=cfg.hc_eps)
+    norm_w = loader.tensor("norm.weight", "head")
+    h = rms_norm(h, norm_w, cfg.rms_norm_eps)
+    del fn, base, scale, norm_w
+    logits = torch.empty(1, x.shape[1], cfg.vocab_size, dtype=h.dtype, device=x.device)
+    for a, w in loader.row_chunks("head.weight", head_chunk_rows):
+        logits[..., a:a + w.shape[0]] = F.linear(h, w)
+        del w
+    return logits
 
 
 @torch.no_grad()
@@ -490,23 +485,17 @@ def stream_forward(prompt, path=None, *, dtype: torch.dtype = torch.float32, dev
     ``expect``: preset the download must match ("v4-flash"). ``dtype``: compute/weight dtype (fp32 equals
     ``v4lab.load(path)``'s forward; bf16 halves the memory). ``device``: as ``v4lab.device.get_device``.
     Returns a :class:`StreamResult` (logits [1, S, vocab], per-layer routing, CSA indexer selections, the
-    ledger of weights held)."""
+    ledger of weights held). Each layer runs its own ``Block.forward``; its MoE reads the picked experts."""
     from tqdm.auto import tqdm
 
     from v4lab.device import get_device
-    from v4lab.mhc import hc_head, hc_post
-    from v4lab.norm import rms_norm
     reader = open_real(path, expect)
     cfg = reader.config
     dev = get_device(device)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         _bad("dtype", dtype, "must be a floating dtype (float32, bfloat16, float16, float64)")
     ids, tokens = _prompt_ids(reader, prompt, add_bos)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        _bad("max_tokens", max_tokens, "must be a positive int")
-    if len(ids) > max_tokens:
-        _bad("prompt", f"<{len(ids)} tokens>", f"the streaming forward is for short prompts (<= max_tokens = "
-                                               f"{max_tokens}); raise max_tokens if you have the memory")
+    _check_stream_args(max_tokens, len(ids))
     loader = StreamingLoader(reader, dtype, dev)
     t_ids = torch.tensor([ids], device=dev)
     n, d = cfg.hc_mult, cfg.hidden_size
@@ -516,32 +505,12 @@ def stream_forward(prompt, path=None, *, dtype: torch.dtype = torch.float32, dev
     del emb
 
     routing, selections = [], {}
-    layers = range(cfg.num_hidden_layers)
-    for i in tqdm(layers, desc=f"{cfg.name}: layers", disable=not progress):
-        blk = loader.block(i, low_precision)
-        csa = cfg.layer_kind(i) == "csa"
-        blk.attn.inspect = csa                                                 # records the indexer's picks
-        u, post, comb = _hc(blk, "attn", x)
-        x = hc_post(blk.attn(blk.attn_norm(u), 0, None), x, post, comb)
-        if csa:
-            selections[i] = blk.attn.last_inspect["selected"][0].cpu()         # [S, index_topk], -1 = none
-            blk.attn.last_inspect = None
-        u, post, comb = _hc(blk, "ffn", x)
-        y, r = _stream_moe(loader, i, blk.ffn, blk.ffn_norm(u), t_ids)
-        x = hc_post(y, x, post, comb)
-        r["kind"] = cfg.layer_kind(i)
+    for i in tqdm(range(cfg.num_hidden_layers), desc=f"{cfg.name}: layers", disable=not progress):
+        x, r, picks = _stream_layer(loader, i, x, t_ids, low_precision)       # layer i is dropped on return
         routing.append(r)
-        del blk, u, post, comb, y                                              # drop layer i before reading i+1
-
-    fn, base, scale = (loader.tensor(k, "head") for k in ("hc_head_fn", "hc_head_base", "hc_head_scale"))
-    h = hc_head(x, fn, scale, base, rms_eps=cfg.rms_norm_eps, hc_eps=cfg.hc_eps)
-    norm_w = loader.tensor("norm.weight", "head")
-    h = rms_norm(h, norm_w, cfg.rms_norm_eps)
-    del fn, base, scale, norm_w
-    logits = torch.empty(1, len(ids), cfg.vocab_size, dtype=h.dtype, device=dev)
-    for a, w in loader.row_chunks("head.weight", head_chunk_rows):
-        logits[..., a:a + w.shape[0]] = F.linear(h, w)
-        del w
+        if picks is not None:
+            selections[i] = picks
+    logits = _stream_head(loader, x, head_chunk_rows)
     return StreamResult(ids=ids, tokens=tokens, logits=logits.float().cpu(), routing=routing,
                         index_selections=selections, ledger=loader.ledger, dtype=dtype, device=str(dev))
 

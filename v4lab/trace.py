@@ -226,7 +226,6 @@ def walk_token(model: nn.Module, ids: torch.Tensor | Sequence[int], t: int | Non
     [{"step", "layer", "shapes", "reads", "weight_bytes", "cache_bytes", ...}], "logits": [V],
     "next": token t+1, "draft": MTP's token t+2, "mtp_logits": [V]}``; bytes in the released format
     (``checkpoint.expected_keys``, ``accounting.entry_bytes``)."""
-    from v4lab.mhc import hc_post
     ids = _check_ids(model, ids)
     S = ids.shape[1]
     t = S - 1 if t is None else t
@@ -245,25 +244,7 @@ def walk_token(model: nn.Module, ids: torch.Tensor | Sequence[int], t: int | Non
                  "weight_bytes": _bytes_under(cfg, "embed.") // cfg.vocab_size})
     x = e.unsqueeze(2).expand(1, 1, cfg.hc_mult, cfg.hidden_size).contiguous()  # [1, 1, n, d]
     for i, blk in enumerate(model.layers):
-        for site in ("attn", "ffn"):
-            u, post, comb = blk._pre(site, x)
-            rows.append({"step": "mhc_pre", "layer": i, "site": site, "cache_bytes": 0,
-                         "shapes": f"{_shape(x)} → {_shape(u)}", "reads": f"hc_{site}_fn/base/scale; Sinkhorn "
-                         f"{cfg.hc_sinkhorn_iters} iterations → pre [{cfg.hc_mult}], post, "
-                         f"comb [{cfg.hc_mult}×{cfg.hc_mult}]",
-                         "weight_bytes": _bytes_under(cfg, f"layers.{i}.hc_{site}_")})
-            if site == "attn":
-                h = blk.attn_norm(u)
-                o = blk.attn(h, t, cache.layers[i])
-                rows.append(_attn_row(cfg, i, h, o, cache.layers[i]))
-            else:
-                h = blk.ffn_norm(u)
-                o = blk.ffn(h, tok)
-                rows.extend(_moe_row(cfg, i, blk.ffn, h, o, int(tok)))
-            x = hc_post(o, x, post, comb)
-            rows.append({"step": "mhc_post", "layer": i, "site": site, "weight_bytes": 0, "cache_bytes": 0,
-                         "shapes": f"{_shape(o)} + {_shape(x)} → {_shape(x)}",
-                         "reads": "post · output + combᵀ · streams (no weights)"})
+        x = _walk_layer(cfg, i, blk, x, t, tok, cache.layers[i], rows)
     logits = model.logits_from_streams(x, model.hc_head_fn, model.hc_head_base, model.hc_head_scale, model.norm)
     nxt = int(logits[0, -1].argmax())
     rows.append({"step": "head", "layer": None, "shapes": f"{_shape(x)} → {_shape(logits)}",
@@ -274,14 +255,43 @@ def walk_token(model: nn.Module, ids: torch.Tensor | Sequence[int], t: int | Non
         model._mtp(x, tok, t, cache, None)                     # the MTP block catches up on position t−1
         ml = model._mtp_forward(x, torch.tensor([[nxt]], device=dev), t, cache.mtp[0], None)
         out["mtp_logits"], out["draft"] = ml[0, -1], int(ml[0, -1].argmax())
-        mtp = "mtp.0."
-        rows.append({"step": "mtp_draft", "layer": None, "shapes": f"streams {_shape(x)} + embed(token {nxt}) → "
-                     f"{_shape(ml)}", "reads": f"e_proj, h_proj, one window block, shared head → draft token "
-                     f"{out['draft']} for position {t + 2}", "cache_bytes": accounting.entry_bytes(cfg) *
-                     min(cfg.sliding_window, t + 1),
-                     "weight_bytes": _bytes_under(cfg, mtp, skip=("ffn.experts.",)) + cfg.num_experts_per_tok
-                     * _bytes_under(cfg, mtp + "ffn.experts.0.") + _bytes_under(cfg, "head.")})
+        rows.append(_mtp_row(cfg, x, ml, nxt, out["draft"], t))
     return out
+
+
+def _walk_layer(cfg, i: int, blk, x: torch.Tensor, t: int, tok: torch.Tensor, cache, rows: list) -> torch.Tensor:
+    """Layer i on the streams x [1, 1, n, d] of token t, in ``Block.forward``'s order, one row per step."""
+    from v4lab.mhc import hc_post
+    for site in ("attn", "ffn"):
+        u, post, comb = blk._pre(site, x)
+        rows.append({"step": "mhc_pre", "layer": i, "site": site, "cache_bytes": 0,
+                     "shapes": f"{_shape(x)} → {_shape(u)}", "reads": f"hc_{site}_fn/base/scale; Sinkhorn "
+                     f"{cfg.hc_sinkhorn_iters} iterations → pre [{cfg.hc_mult}], post, "
+                     f"comb [{cfg.hc_mult}×{cfg.hc_mult}]",
+                     "weight_bytes": _bytes_under(cfg, f"layers.{i}.hc_{site}_")})
+        if site == "attn":
+            h = blk.attn_norm(u)
+            o = blk.attn(h, t, cache)
+            rows.append(_attn_row(cfg, i, h, o, cache))
+        else:
+            h = blk.ffn_norm(u)
+            o = blk.ffn(h, tok)
+            rows.extend(_moe_row(cfg, i, blk.ffn, h, o, int(tok)))
+        x = hc_post(o, x, post, comb)
+        rows.append({"step": "mhc_post", "layer": i, "site": site, "weight_bytes": 0, "cache_bytes": 0,
+                     "shapes": f"{_shape(o)} + {_shape(x)} → {_shape(x)}",
+                     "reads": "post · output + combᵀ · streams (no weights)"})
+    return x
+
+
+def _mtp_row(cfg, x: torch.Tensor, ml: torch.Tensor, nxt: int, draft: int, t: int) -> dict:
+    mtp = "mtp.0."
+    return {"step": "mtp_draft", "layer": None, "shapes": f"streams {_shape(x)} + embed(token {nxt}) → "
+            f"{_shape(ml)}", "reads": f"e_proj, h_proj, one window block, shared head → draft token "
+            f"{draft} for position {t + 2}",
+            "cache_bytes": accounting.entry_bytes(cfg) * min(cfg.sliding_window, t + 1),
+            "weight_bytes": _bytes_under(cfg, mtp, skip=("ffn.experts.",)) + cfg.num_experts_per_tok
+            * _bytes_under(cfg, mtp + "ffn.experts.0.") + _bytes_under(cfg, "head.")}
 
 
 # ------------------------------------------------------------------------------------------ text views

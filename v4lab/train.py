@@ -56,7 +56,7 @@ from v4lab.config import V4Config, get_config
 from v4lab.device import get_device
 from v4lab.errors import OneLineParser, check_writable
 from v4lab.errors import bad as _bad
-from v4lab.mhc import composite_gains, token_mean_h_res
+from v4lab.mhc import composite_gains
 from v4lab.model import V4Model
 from v4lab.moe import bias_update, sequence_balance_loss
 from v4lab.trainconfig import AR_MODES, OPTIMIZERS, TrainConfig
@@ -64,6 +64,7 @@ from v4lab.trainconfig import AR_MODES, OPTIMIZERS, TrainConfig
 if TYPE_CHECKING:
     from v4lab.data import TokenData
     from v4lab.distributed import DataParallel
+from v4lab.switches import ForwardRecord
 
 HELDOUT_TEST_WINDOWS = 4          # the held-out subset tests/test_trained_weights.py re-measures
 SPECIALISATION_WINDOWS = 16
@@ -188,10 +189,9 @@ def micro_config(**changes: Any) -> V4Config:
 
 
 @torch.no_grad()
-def swiglu_preact_max(block: torch.nn.Module, x: torch.Tensor) -> float:
+def swiglu_preact_max(block: torch.nn.Module, x: torch.Tensor, idx: torch.Tensor) -> float:
     """max |W1 x| and |W3 x| over the tokens each routed expert really got (before the clamp), for gate
-    inputs x [T, D] and the block's last routing."""
-    idx = block.ffn.last_routing["idx"]
+    inputs x [T, D] and the expert ids idx [T, K] they were routed to."""
     best = 0.0
     for e, ex in enumerate(block.ffn.experts):
         rows = (idx == e).any(-1)
@@ -204,18 +204,23 @@ def swiglu_preact_max(block: torch.nn.Module, x: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------------------------------- probes
 class _Probe:
-    """Forward hooks that keep what the log needs: gate inputs (for churn), max |MoE output| per layer,
-    and (through a wrapped ``hc_pre``) the token-mean H^res of every mHC site."""
+    """Forward hooks that keep what the log needs: gate inputs (for churn), max |MoE output| per layer;
+    and, while ``recording_hc`` holds a ForwardRecord on the model, the routing of every MoE layer and the
+    token-mean H^res of every mHC site of each forward."""
 
     def __init__(self, model: V4Model):
         self.model = model
         self.gate_in: dict[int, torch.Tensor] = {}
         self.moe_max: dict[int, float] = {}
-        self.h_res: list[torch.Tensor] = []
+        self.record: ForwardRecord = ForwardRecord(h_res=True)
         self.handles = []
         for j, b in enumerate(model.blocks()):
             self.handles.append(b.ffn.gate.register_forward_hook(self._gate_hook(j)))
             self.handles.append(b.ffn.register_forward_hook(self._moe_hook(j)))
+
+    @property
+    def h_res(self) -> list[torch.Tensor]:
+        return self.record.h_res
 
     def _gate_hook(self, j):
         def hook(mod, args, out):
@@ -230,21 +235,14 @@ class _Probe:
     def clear(self):
         self.gate_in.clear()
         self.moe_max.clear()
-        self.h_res.clear()
+        self.record.h_res.clear()
+        self.record.routing.clear()
 
     @contextlib.contextmanager
     def recording_hc(self):
-        orig = model_mod.hc_pre
-
-        def wrapped(*args, **kwargs):
-            u, post, comb = orig(*args, **kwargs)
-            self.h_res.append(token_mean_h_res(comb))
-            return u, post, comb
-        model_mod.hc_pre = wrapped
-        try:
+        with self.model.recording(h_res=True) as rec:
+            self.record = rec
             yield
-        finally:
-            model_mod.hc_pre = orig
 
     def remove(self):
         for h in self.handles:
@@ -282,13 +280,17 @@ def lm_losses(model: V4Model, ids: torch.Tensor, forced_routes: list | None = No
     return F.cross_entropy(logits.float().reshape(-1, V), ids[:, 1:].reshape(-1)), mtp_loss
 
 
-def balance_loss(model: V4Model, batch_size: int, alpha: float, layers: list[int] | None = None) -> torch.Tensor:
+def balance_loss(model: V4Model, batch_size: int, alpha: float, layers: list[int] | None = None,
+                 record: ForwardRecord | None = None) -> torch.Tensor:
     """Σ over learned-router MoE layers (MTP included; ``layers`` = block indices, default all learned ones)
-    of V3's sequence-wise balance loss, from the last forward."""
+    of V3's sequence-wise balance loss, from the routing of the forward that filled ``record``
+    (``with model.recording() as record: ...``)."""
+    if not isinstance(record, ForwardRecord):
+        _bad("record", record, "must be the ForwardRecord of the forward (with model.recording() as record)")
     total = torch.zeros((), device=model.device)
     for j in learned_moe_blocks(model) if layers is None else layers:
         m = model.blocks()[j].ffn
-        r = m.last_routing
+        r = record.routing_of(m)
         if r is None:
             continue
         T, E = r["scores"].shape
@@ -348,10 +350,12 @@ def expert_specialisation(model: V4Model, windows: torch.Tensor, token_class: to
     joint = torch.zeros(len(blocks), C, E, dtype=torch.float64, device="cpu")     # counted on the CPU
     for i in range(0, windows.shape[0], batch_size):
         ids = windows[i:i + batch_size, :-1].cpu()
-        model(ids, return_mtp=len(model.mtp) > 0)
+        with model.recording() as rec:
+            model(ids, return_mtp=len(model.mtp) > 0)
         for j, b in enumerate(blocks):
+            idx = rec.routing_of(b.ffn)["idx"].cpu()              # [T, K]; counted on the CPU with the ids
             tok = ids if j < model.cfg.num_hidden_layers else ids[:, 1:]   # MTP routes token i+1
-            joint[j] += class_expert_counts(tok, b.ffn.last_routing["idx"], token_class, E, C)
+            joint[j] += class_expert_counts(tok, idx, token_class, E, C)
     mi = [mutual_information_bits(joint[j]) for j in range(len(blocks))]
     hashed = [b.ffn.gate.is_hash for b in blocks]
     learned = [m for m, h in zip(mi, hashed) if not h]
@@ -530,19 +534,18 @@ class Trainer:
     def _loop(self) -> dict:
         c = self.config
         try:
-            with self.probe.recording_hc():
-                while self.position < c.last_step:
-                    rec = self.step()
-                    if rec.get("event", "").startswith("spike"):
-                        continue
-                    if self.on_checkpoint is not None and c.ckpt_seconds is not None and \
-                            self.position < c.last_step and self.main_rank and \
-                            time.perf_counter() - self.t_ckpt > c.ckpt_seconds:
-                        self.on_checkpoint(self.position, self.model, self.opts)
-                        self.t_ckpt = time.perf_counter()
-                    stop = c.max_seconds is not None and time.perf_counter() - self.t_start > c.max_seconds
-                    if stop if self.ddp is None or c.max_seconds is None else self.ddp.any(stop):
-                        break
+            while self.position < c.last_step:
+                rec = self.step()
+                if rec.get("event", "").startswith("spike"):
+                    continue
+                if self.on_checkpoint is not None and c.ckpt_seconds is not None and \
+                        self.position < c.last_step and self.main_rank and \
+                        time.perf_counter() - self.t_ckpt > c.ckpt_seconds:
+                    self.on_checkpoint(self.position, self.model, self.opts)
+                    self.t_ckpt = time.perf_counter()
+                stop = c.max_seconds is not None and time.perf_counter() - self.t_start > c.max_seconds
+                if stop if self.ddp is None or c.max_seconds is None else self.ddp.any(stop):
+                    break
         except KeyboardInterrupt:
             raise Interrupted(self.position, self.saved) from None
         finally:
@@ -582,7 +585,8 @@ class Trainer:
         ids = self._batch(step)
         routes = self.ar.routes(step)
         self.probe.clear()
-        loss, parts = self._loss(step, ids, routes)
+        with self.probe.recording_hc():           # the forward's routing and H^res, owned by this step
+            loss, parts = self._loss(step, ids, routes)
         for o in self.opts:
             o.zero_grad(set_to_none=True)
         loss.backward()
@@ -629,7 +633,8 @@ class Trainer:
             for a in dcsa:
                 a.distill = False
         moe_max = dict(self.probe.moe_max)
-        bal = (balance_loss(self.model, len(ids), c.balance_alpha, self.learned) if c.balance_alpha > 0
+        bal = (balance_loss(self.model, len(ids), c.balance_alpha, self.learned, self.probe.record)
+               if c.balance_alpha > 0
                else torch.zeros(()))
         w_mtp = c.mtp_weight_at(step)
         loss = lm + (w_mtp * mt if mt is not None else 0.0) + bal
@@ -655,10 +660,12 @@ class Trainer:
         """Routes used, loads, gate inputs (and pre-activations) of this step; with AR on, how far the router
         is from the routes it was given, and the look-ahead routes of step t+Δt with θ_t."""
         blocks, learned = self.blocks, self.learned
-        used = {j: blocks[j].ffn.last_routing["idx"] for j in learned}
-        loads = [blocks[j].ffn.last_routing["load"] for j in range(self.n_run)]
+        rec = self.probe.record
+        used = {j: rec.routing_of(blocks[j].ffn)["idx"] for j in learned}
+        loads = [rec.routing_of(blocks[j].ffn)["load"] for j in range(self.n_run)]
         gate_x = dict(self.probe.gate_in)
-        preact = ([swiglu_preact_max(blocks[j], gate_x[j]) for j in range(self.n_run)]
+        preact = ([swiglu_preact_max(blocks[j], gate_x[j], rec.routing_of(blocks[j].ffn)["idx"])
+                   for j in range(self.n_run)]
                   if self.config.log_preact else None)
         lag_mismatch = None
         if self.ar.on:

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from v4lab.errors import OneLineParser
+from v4lab.loading import no_init
 
 if TYPE_CHECKING:
     from v4lab.attention import Attention, AttentionCache
@@ -98,12 +99,8 @@ def _randomize(module: torch.nn.Module, seed: int = 0) -> None:
 
 def _build(factory):
     """Construct a module without its default init (kaiming on 10^8 weights is slow), then randomize."""
-    lin = torch.nn.Linear.reset_parameters
-    torch.nn.Linear.reset_parameters = lambda self: None
-    try:
+    with no_init():
         m = factory()
-    finally:
-        torch.nn.Linear.reset_parameters = lin
     _randomize(m)
     return m.eval()
 

@@ -186,3 +186,46 @@ def test_trained_model_falls_back_to_a_synthetic_checkpoint(tmp_path, monkeypatc
     with pytest.raises(ValueError, match="V4LAB_WEIGHTS"):
         trained.trained_model()
     trained._CACHE.clear()
+
+
+def _fake_checkpoint(d, src):
+    d.mkdir()
+    for f in ("config.json", "model.safetensors.index.json"):
+        (d / f).write_text((src / f).read_text())
+    return d
+
+
+def test_the_default_checkpoint_is_lab_v4_then_tiny_v4_by_name_not_by_age(tmp_path, monkeypatch):
+    import os
+    monkeypatch.setenv("V4LAB_CACHE", str(tmp_path / "cache"))
+    ckpt = trained.synthetic_checkpoint()
+    data = tmp_path / "data"
+    data.mkdir()
+    other = _fake_checkpoint(data / "aaa-other", ckpt)
+    assert trained.find_trained(data) == other                       # not a preferred name: any, by name
+    tiny = _fake_checkpoint(data / "tiny-v4", ckpt)
+    assert trained.find_trained(data) == tiny
+    lab = _fake_checkpoint(data / "lab-v4", ckpt)
+    os.utime(tiny / "config.json", (4e9, 4e9))                       # tiny written later: lab-v4 still wins
+    assert trained.find_trained(data) == lab == trained.checkpoint_path(data)
+    assert trained.find_trained(data, name="tiny-v4") == tiny == trained.checkpoint_path(data, "tiny-v4")
+    (lab / "model.safetensors.index.json").unlink()                  # half a checkpoint is no checkpoint
+    assert trained.find_trained(data) == tiny
+    with pytest.raises(ValueError, match="name = 'lab-v4': no checkpoint"):
+        trained.checkpoint_path(data, "lab-v4")
+    with pytest.raises(ValueError, match="name = '../x'"):
+        trained.checkpoint_path(data, "../x")
+    # $V4LAB_WEIGHTS overrides the search of data/, an explicit name overrides $V4LAB_WEIGHTS
+    monkeypatch.setattr(trained, "DATA_DIR", data)
+    monkeypatch.setenv("V4LAB_WEIGHTS", str(other))
+    assert trained.checkpoint_path() == other
+    assert trained.checkpoint_path(name="tiny-v4") == tiny
+    monkeypatch.delenv("V4LAB_WEIGHTS")
+    assert trained.checkpoint_path() == tiny
+
+
+def test_the_suite_pins_tiny_v4():
+    if trained.find_trained(name="tiny-v4") is None:
+        pytest.skip("data/tiny-v4 is not in this checkout")
+    _, _, info = trained.trained_model()
+    assert info["name"] == "tiny-v4" and info["path"].endswith("tiny-v4")

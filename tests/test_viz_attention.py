@@ -307,7 +307,7 @@ def test_compare_sweeps_match_the_inspection(notebook_model, static):
             w.on_head(head)
             for pos, _ in sweep(w, "position"):
                 f = w.fig.data
-                for r, (kind, layer) in enumerate(layers.items()):
+                for r, layer in enumerate(layers.values()):
                     win, ent, unread, sink = f[5 * r:5 * r + 4]
                     assert _xs(win) == list(range(max(0, pos - cfg.sliding_window + 1), pos + 1))
                     att = A.attended_entries(run, layer, pos, head)

@@ -6,6 +6,14 @@ its sweep values, in order, a few passes; one record per (widget, control) with 
 against the issue's target (p95 <= 100 ms). A widget frontend adds rendering time in the browser
 on top of this; this measures the Python side, which is what a callback can make slow.
 
+The widgets that run the notebook model (``v4lab.viz.MODEL_WIDGETS``) are timed on the model the notebooks
+use (``v4lab.viz.trained``: ``data/lab-v4`` when present); their records carry ``"weights"``. Two more records:
+
+* ``attention.inspect`` / ``text (tiny-v4)``: the inspector's text callback on ``data/tiny-v4`` (selected
+  by ``$V4LAB_WEIGHTS`` for that record only), target p95 <= 100 ms;
+* ``attention.inspect`` / ``typing 1K (lab-v4)``: typing a new text of 1024 tokens on the lab model, every
+  call a text not seen before (so every call runs the model once), target p95 <= 500 ms.
+
 Widgets with ``needs_real_weights`` (``v4lab.viz.real``) read a DeepSeek-V4 download: they are timed on
 ``$V4LAB_REAL_WEIGHTS`` when it is configured, else on a synthetic ``tiny`` release written to a temporary
 directory (said on stderr; their records carry ``"weights"``: the download's name or "synthetic tiny").
@@ -22,6 +30,8 @@ from pathlib import Path
 from v4lab.errors import OneLineParser
 
 TARGET_MS = 100.0
+TYPING_TARGET_MS = 500.0         # a new 1K-token text on the lab model: one model run (issue 15)
+TYPING_TOKENS = 1024
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -48,7 +58,7 @@ def _real_weights(tmp: Path) -> tuple[Path, str]:
 
 def _run(quick: bool, tmp: Path, progress: bool = False) -> list[dict]:
     from v4lab.progress import bar
-    from v4lab.viz import load_all
+    from v4lab.viz import MODEL_WIDGETS, load_all, trained
     passes = 1 if quick else 3
     records = []
     weights = None                       # the real-weights download, found (or written) once
@@ -60,18 +70,82 @@ def _run(quick: bool, tmp: Path, progress: bool = False) -> list[dict]:
             if getattr(cls, "needs_real_weights", False):
                 weights = weights or _real_weights(tmp)
                 kw, extra = {"path": weights[0]}, {"weights": weights[1]}
+            if name in MODEL_WIDGETS:
+                extra = {"weights": trained.trained_model()[2].get("name", "synthetic")}
             records += _time_widget(name, cls, passes, kw, extra)
             pb.update(1)
+    records += _tiny_inspector_text(passes)
+    records += _typing_lab(3 if quick else 10)
     return records
 
 
-def _time_widget(name, cls, passes: int, kw: dict, extra: dict) -> list[dict]:
-    """One record per control of one widget: its callback over the sweep values, `passes` times."""
+def _tiny_inspector_text(passes: int) -> list[dict]:
+    """The inspector's text callback on data/tiny-v4 (issue 21's record), when that checkpoint is there."""
+    import os
+
+    from v4lab.viz import attention, trained
+    path = trained.find_trained(name="tiny-v4")
+    if path is None:
+        return []
+    old = os.environ.get(trained.WEIGHTS_ENV)
+    os.environ[trained.WEIGHTS_ENV] = str(path)      # this record only: the widgets read the notebook model
+    try:
+        recs = _time_widget("attention.inspect", attention.InspectWidget, passes, {}, {"weights": "tiny-v4"},
+                            only="text")
+    finally:
+        if old is None:
+            os.environ.pop(trained.WEIGHTS_ENV, None)
+        else:
+            os.environ[trained.WEIGHTS_ENV] = old
+    for r in recs:
+        r["control"] = "text (tiny-v4)"
+    return recs
+
+
+def _typing_lab(n: int) -> list[dict]:
+    """Typing ``n`` new texts of ``TYPING_TOKENS`` tokens into the inspector on data/lab-v4: every call runs the
+    model once (texts are consecutive slices of its held-out text, none seen before)."""
+    from v4lab.viz import attention, trained
+    path = trained.find_trained(name="lab-v4")
+    if path is None:
+        return []
+    model, tok, _ = trained.trained_model(name="lab-v4")
+    ids = tok.encode(trained.heldout_text(path) or "").ids
+    texts = [tok.decode(ids[i * TYPING_TOKENS:(i + 1) * TYPING_TOKENS]) for i in range(n + 1)]
+    texts = [t for t in texts if t.strip()]
+    if len(texts) < 2:
+        return []
+    import os
+    old = os.environ.get(trained.WEIGHTS_ENV)
+    os.environ[trained.WEIGHTS_ENV] = str(path)
+    try:
+        w = attention.InspectWidget(static=False, text=texts[0])
+        times, lengths = [], []
+        for t in texts[1:]:
+            t0 = time.perf_counter()
+            w.on_text(t)
+            times.append((time.perf_counter() - t0) * 1e3)
+            lengths.append(w.run.n_tokens)
+    finally:
+        if old is None:
+            os.environ.pop(trained.WEIGHTS_ENV, None)
+        else:
+            os.environ[trained.WEIGHTS_ENV] = old
+    p95 = _pct(times, 0.95)
+    return [{"bench": "widgets", "widget": "attention.inspect", "control": "typing 1K (lab-v4)",
+             "calls": len(times), "p50_ms": round(statistics.median(times), 2), "p95_ms": round(p95, 2),
+             "max_ms": round(max(times), 2), "init_ms": None, "tokens": round(statistics.mean(lengths)),
+             "target_p95_ms": TYPING_TARGET_MS, "ok": p95 <= TYPING_TARGET_MS, "weights": "lab-v4"}]
+
+
+def _time_widget(name, cls, passes: int, kw: dict, extra: dict, only: str | None = None) -> list[dict]:
+    """One record per control of one widget (``only``: that control): its callback over the sweep values,
+    `passes` times."""
     records = []
     t0 = time.perf_counter()
     w = cls(static=False, **kw)
     init_ms = (time.perf_counter() - t0) * 1e3
-    for control in w.control_names:
+    for control in ([only] if only else w.control_names):
         cb = getattr(w, f"on_{control}")
         values = list(w.sweep_values(control))
         times = []
@@ -100,11 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(recs, indent=1))
         return 0
-    print(f"{'widget':<20} {'control':<12} {'calls':>5} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}  "
-          f"p95 <= {TARGET_MS:g} ms")
+    print(f"{'widget':<22} {'control':<19} {'calls':>5} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}  "
+          f"p95 <= target  weights")
     for r in recs:
-        print(f"{r['widget']:<20} {r['control']:<12} {r['calls']:>5} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
-              f"{r['max_ms']:>8.1f}  {'yes' if r['ok'] else 'NO'}")
+        print(f"{r['widget']:<22} {r['control']:<19} {r['calls']:>5} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
+              f"{r['max_ms']:>8.1f}  {'yes' if r['ok'] else 'NO':<3} {r['target_p95_ms']:>5g}  {r.get('weights', '')}")
     return 0
 
 

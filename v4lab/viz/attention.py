@@ -160,11 +160,13 @@ class _TextWidget(Widget):
         return W.Textarea(value=self.state["text"], description="text", continuous_update=False,
                           layout=W.Layout(width="98%", height="60px"))
 
-    def _new_text(self, value) -> Run:
+    def _new_text(self, value) -> tuple[str, Run]:
+        """(text, its run): None is the default text; a text not run before shows "running…" meanwhile."""
+        value = default_text() if value is None else value
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"text = {value!r}: must be a non-empty string")
         with running(self, "one forward of the model over the new text"):
-            return run_text(value)
+            return value, run_text(value)
 
 
 # ------------------------------------------------------------------------------------ the inspector figure
@@ -327,7 +329,8 @@ class InspectWidget(_TextWidget):
                 "layer": list(range(len(run.layers))), "head": list(range(run.n_heads))}[control]
 
     def on_text(self, value):
-        S = self._new_text(value).n_tokens
+        value, run = self._new_text(value)
+        S = run.n_tokens
         self.set(text=value, position=min(self.state["position"], S - 1))
         if "position" in self.controls:
             self.controls["position"].max = S - 1
@@ -571,7 +574,8 @@ class CompressionWidget(_TextWidget):
             self.controls["entry"].value = self.state["entry"]
 
     def on_text(self, value):
-        S = self._new_text(value).n_tokens
+        value, run = self._new_text(value)
+        S = run.n_tokens
         self.set(text=value, position=min(self.state["position"], S - 1), entry=-1)
         self._sync()
 
@@ -736,7 +740,8 @@ class CompareWidget(_TextWidget):
                 "head": ["mean"] + list(range(run.n_heads)), "measure": list(MEASURES)}[control]
 
     def on_text(self, value):
-        S = self._new_text(value).n_tokens
+        value, run = self._new_text(value)
+        S = run.n_tokens
         self.set(text=value, position=min(self.state["position"], S - 1))
         if "position" in self.controls:
             self.controls["position"].max = S - 1

@@ -381,3 +381,17 @@ def test_lab_model_compare_reads_window_csa_and_hca(lab_model):
     assert len(_xs(f[6])) == cfg.index_topk and len(_xs(f[11])) == 16
     for r in range(3):
         assert sum(_ys(f[5 * r])) + sum(_ys(f[5 * r + 1])) + f[5 * r + 3].y[0] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_bench_typing_runs_the_model_once_per_new_text(monkeypatch):
+    from v4lab.bench import widgets as bw
+    if trained.find_trained(name="tiny-v4") is None:
+        pytest.skip("data/tiny-v4 is not in this checkout")
+    runs = []
+    real = A._run
+    monkeypatch.setattr(A, "_run", lambda text, model, tok: runs.append(text) or real(text, model, tok))
+    (rec,) = bw._typing("tiny-v4", 24, 100.0, 3)
+    assert rec["calls"] == 3 and len(runs) == 4 and len(set(runs)) == 4    # 1 to build the widget + 3 typed
+    assert 20 <= rec["tokens"] <= 28 and rec["weights"] == "tiny-v4" and rec["target_p95_ms"] == 100.0
+    assert rec["p50_ms"] <= rec["p95_ms"] <= rec["max_ms"] and rec["ok"] == (rec["p95_ms"] <= 100.0)
+    assert bw._typing("no-such-model", 24, 100.0, 3) == []

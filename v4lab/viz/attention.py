@@ -381,7 +381,8 @@ def _block_bars(entries, m: int, base: float, height: float, name: str, color: s
                 legend: bool = True, group: str | None = None) -> dict:
     """Bars spanning the own block of each compressed entry (tokens m·s .. m·s+m−1) on a token axis."""
     return dict(type="bar", x=[m * s + (m - 1) / 2 for s in entries], y=[height] * len(entries),
-                base=[base] * len(entries), width=[m * 0.9] * len(entries), name=name, marker=dict(color=color),
+                base=[base] * len(entries), width=[m * 0.9] * len(entries), name=name,
+                marker=dict(color=color, line=dict(width=0)),
                 hovertext=hover, hoverinfo="text", showlegend=legend, legendgroup=group or name,
                 xaxis=f"x{ax}", yaxis=f"y{ax}")
 
@@ -424,7 +425,7 @@ def compression_data(run: Run, layer: int, position: int, entry: int) -> dict:
              (vis, n, f"not complete at query {t}", ENTRY_COLORS["future"])]
     traces = [dict(type="bar", x=[m * (a + b) / 2 - 0.5] if b > a else [], y=[0.6] if b > a else [],
                    base=[-0.3] if b > a else [], width=[m * (b - a)] if b > a else [], name=name,
-                   marker=dict(color=color), hoverinfo="text", xaxis="x", yaxis="y",
+                   marker=dict(color=color, line=dict(width=0)), hoverinfo="text", xaxis="x", yaxis="y",
                    hovertext=[f"entries {a}..{b - 1} (tokens {m * a}..{m * b - 1}): {name}"] if b > a else [])
               for a, b, name, color in spans]
     edges = [e for s in range(1, n) for e in (m * s - 0.5, m * s - 0.5, None)]
@@ -434,10 +435,10 @@ def compression_data(run: Run, layer: int, position: int, entry: int) -> dict:
         _block_bars(picked, m, -0.45, 0.9, picked_name, ENTRY_COLORS["picked"],
                     [hov(s, f"attention p = {fmt3(att[s])} (mean over heads)") for s in picked], ""),
         dict(type="bar", x=[(lo + t) / 2], y=[0.6], base=[0.7], width=[t - lo + 1], name="raw window",
-             marker=dict(color=KIND_COLORS["window"]), hoverinfo="text", xaxis="x", yaxis="y",
+             marker=dict(color=KIND_COLORS["window"], line=dict(width=0)), hoverinfo="text", xaxis="x", yaxis="y",
              hovertext=[f"window: tokens {lo}..{t} read as they are"]),
         dict(type="bar", x=[sx], y=[0.6], base=[0.7], width=[sw], name="sink", hoverinfo="text",
-             marker=dict(color=KIND_COLORS["sink"]), xaxis="x", yaxis="y",
+             marker=dict(color=KIND_COLORS["sink"], line=dict(width=0)), xaxis="x", yaxis="y",
              hovertext=[f"sink: p = {sink:.3g} (mean over heads) goes to no token"]),
         dict(type="scatter", mode="markers", x=[t], y=[1.5], name=f"query {t}", hoverinfo="text",
              hovertext=[f"query {t} {run.tokens[t]!r}"],
@@ -458,7 +459,8 @@ def compression_data(run: Run, layer: int, position: int, entry: int) -> dict:
                      ("own", f"own block (tokens {m * entry}..{m * entry + m - 1})")):
         pts = groups[g]
         mean = [max(float(c.mean()), POOL_FLOOR) for _, c in pts]
-        traces.append(dict(type="bar", x=[p for p, _ in pts], y=mean, name=label, marker=dict(color=SLOT_COLORS[g]),
+        traces.append(dict(type="bar", x=[p for p, _ in pts], y=mean, name=label,
+                           marker=dict(color=SLOT_COLORS[g], line=dict(width=0)),
                            customdata=[run.tokens[p] for p, _ in pts], xaxis="x2", yaxis="y2",
                            hovertemplate="token %{x} %{customdata}: weight %{y:.3g} (mean over channels)<extra></extra>"))
     # the spread over channels (each channel has its own softmax over the slots): one line per token, min..max
@@ -493,7 +495,7 @@ def compression_data(run: Run, layer: int, position: int, entry: int) -> dict:
 
 
 COMPRESSION_LAYOUT = dict(
-    height=560, barmode="overlay", margin=dict(l=70, r=20, t=80, b=60), bargap=0,
+    height=560, barmode="overlay", margin=dict(l=70, r=20, t=80, b=60), bargap=0.15,
     legend=dict(orientation="h", yanchor="top", y=0.52, xanchor="left", x=0),
     xaxis=dict(domain=[0, 1], anchor="y", title=None),
     yaxis=dict(domain=[0.66, 1], anchor="x", range=[-0.6, 1.75], tickvals=[0, 1],
@@ -639,23 +641,25 @@ def compare_data(run: Run, position: int, head="mean", measure: str = "visible")
         wy = [wprob.get(p, 0.0) if att_mode else 1.0 for p in wpos]
         ey = [att[s] if att_mode else 1.0 for s in read]
         traces.append(dict(type="bar", x=wpos, y=wy, width=1.0, name="raw window tokens", legendgroup="w",
-                           showlegend=first, marker=dict(color=KIND_COLORS["window"]), xaxis=f"x{ax}", yaxis=f"y{ax}",
+                           showlegend=first, marker=dict(color=KIND_COLORS["window"], line=dict(width=0)),
+                           xaxis=f"x{ax}", yaxis=f"y{ax}",
                            customdata=[run.tokens[p] for p in wpos],
                            hovertemplate="token %{x} %{customdata}: %{y:.3g}<extra>window</extra>"))
         traces.append(dict(type="bar", x=[m * s + (m - 1) / 2 for s in read], y=ey, width=[m * 0.9] * len(read),
                            name="compressed entries read", legendgroup="e", showlegend=kind == "csa",
-                           marker=dict(color=ENTRY_COLORS["picked"]), xaxis=f"x{ax}", yaxis=f"y{ax}",
+                           marker=dict(color=ENTRY_COLORS["picked"], line=dict(width=0)), xaxis=f"x{ax}", yaxis=f"y{ax}",
                            hovertext=[f"entry {s} (tokens {m * s}..{m * s + m - 1}): p = {att[s]:.3g}" for s in read],
                            hoverinfo="text"))
         # the complete entries form one run 0..vis−1: one bar under the picked ones (not 500 bars per slider move)
         span = vis > 0 and kind == "csa" and not att_mode
         traces.append(dict(type="bar", x=[m * vis / 2 - 0.5] if span else [], y=[0.3] if span else [],
                            width=[m * vis] if span else [], name="complete entries not picked (CSA)",
-                           legendgroup="u", showlegend=kind == "csa", marker=dict(color=ENTRY_COLORS["visible"]),
+                           legendgroup="u", showlegend=kind == "csa",
+                           marker=dict(color=ENTRY_COLORS["visible"], line=dict(width=0)),
                            xaxis=f"x{ax}", yaxis=f"y{ax}", hoverinfo="text",
                            hovertext=[f"entries 0..{vis - 1} are complete; {len(unread)} not picked"] if span else []))
         traces.append(dict(type="bar", x=[sx], y=[sink if att_mode else 0.0], width=[sw], name="sink",
-                           legendgroup="s", showlegend=first, marker=dict(color=KIND_COLORS["sink"]),
+                           legendgroup="s", showlegend=first, marker=dict(color=KIND_COLORS["sink"], line=dict(width=0)),
                            xaxis=f"x{ax}", yaxis=f"y{ax}", hovertext=[f"sink: p = {sink:.3g}"], hoverinfo="text"))
         traces.append(dict(type="scatter", mode="lines", x=[t, t], y=[0, 1.1 if not att_mode else 1.0],
                            name="query", legendgroup="q", showlegend=first, hoverinfo="skip",

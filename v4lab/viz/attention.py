@@ -448,7 +448,7 @@ def compression_data(run: Run, layer: int, position: int, entry: int) -> dict:
     a, b = (max(slots[0], 0), slots[-1]) if slots else (0, 0)
     traces.append(dict(type="scatter", mode="lines", x=[a - 0.5, b + 0.5, b + 0.5, a - 0.5, a - 0.5] if slots else [],
                        y=[-0.55, -0.55, 0.55, 0.55, -0.55] if slots else [], name=f"entry {entry}: pooled tokens",
-                       line=dict(color="black", width=1.5), hoverinfo="skip", xaxis="x", yaxis="y"))
+                       line=dict(color="black", width=1.5), hoverinfo="skip", showlegend=False, xaxis="x", yaxis="y"))
     # panel 2: entry's pooling weights, slot by slot; [slots, c] channel-wise softmax over the slots
     w = rec["pool"][entry] if n else torch.zeros(0, 1)
     groups = {"previous": [], "own": []}
@@ -501,7 +501,7 @@ COMPRESSION_LAYOUT = dict(
     yaxis=dict(domain=[0.66, 1], anchor="x", range=[-0.6, 1.75], tickvals=[0, 1],
                ticktext=["entries", "window · sink"], fixedrange=True, showgrid=False),
     xaxis2=dict(domain=[0, 1], anchor="y2", title="token position (and token) pooled by the entry"),
-    yaxis2=dict(domain=[0, 0.36], anchor="x2", title="pooling weight", type="log", range=[-4, 0.05],
+    yaxis2=dict(domain=[0, 0.33], anchor="x2", title="pooling weight", type="log", range=[-4, 0.05],
                 tickvals=[1e-4, 1e-3, 1e-2, 0.1, 1], ticktext=["0.0001", "0.001", "0.01", "0.1", "1"]),
 )
 

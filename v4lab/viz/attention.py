@@ -190,11 +190,11 @@ def inspect_data(run: Run, position: int, layer: int, head: int) -> dict:
     toks = run.tokens
     traces = [
         dict(type="bar", x=[p for p, _ in win], y=[q for _, q in win], name="window (raw tokens)",
-             marker=dict(color=KIND_COLORS["window"]), width=0.9,
+             marker=dict(color=KIND_COLORS["window"], line=dict(width=0)), width=1.0,
              hovertext=[f"pos {p} {toks[p]!r}" for p, _ in win], xaxis="x", yaxis="y"),
         dict(type="bar", x=[m * s + (m - 1) / 2 for s, _ in comp], y=[q for _, q in comp],
              width=[m * 0.95] * len(comp), name=f"compressed entries (m={m})" if m else "compressed entries",
-             marker=dict(color=KIND_COLORS["compressed"], opacity=0.7),
+             marker=dict(color=KIND_COLORS["compressed"], opacity=0.7, line=dict(width=0)),
              hovertext=[f"entry {s}: pools tokens {entry_tokens(kind, m, s)[0]}..{entry_tokens(kind, m, s)[-1]}"
                         for s, _ in comp], xaxis="x", yaxis="y"),
         dict(type="bar", x=[sink_place(S)[0]], y=[sink], width=[sink_place(S)[1]], name="sink",
@@ -270,7 +270,7 @@ def check_range_int(arg: str, value, lo: int, hi: int) -> int:
 
 
 INSPECT_LAYOUT = dict(
-    height=680, barmode="overlay", margin=dict(l=60, r=20, t=100, b=50),
+    height=700, barmode="overlay", margin=dict(l=60, r=20, t=125, b=50),
     xaxis=dict(domain=[0, 1], title="token position (sink at the far left)", anchor="y"),
     yaxis=dict(domain=[0.56, 1], title="attention probability", anchor="x"),
     xaxis2=dict(domain=[0, 0.42], title="compressed entry (CSA indexer)", anchor="y2"),

@@ -282,6 +282,9 @@ def test_compression_sweeps_match_the_inspection(notebook_model, static):
             assert f"entry {e} pools" in w.fig.layout.title.text
     with pytest.raises(ValueError, match="layer = 0"):
         w.on_layer(0)                                                       # window-only: nothing to picture
+    for control in w.control_names:                                         # the defaults are valid values
+        getattr(w, f"on_{control}")(w.defaults[control])
+    assert w.state["layer"] == 1 and w.state["position"] == S - 1 and w.state["text"] == A.default_text()
     with pytest.raises(ValueError, match="entry = 9999"):
         w.on_entry(9999)
 

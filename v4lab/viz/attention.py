@@ -582,7 +582,7 @@ class CompressionWidget(_TextWidget):
         self._sync()
 
     def on_layer(self, value):
-        self.set(layer=int(value), entry=-1)
+        self.set(layer=None if value is None else int(value), entry=-1)      # None: the first CSA layer
         self._sync()
 
     def on_position(self, value):

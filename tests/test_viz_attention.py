@@ -398,3 +398,21 @@ def test_bench_typing_runs_the_model_once_per_new_text(monkeypatch):
     assert 20 <= rec["tokens"] <= 28 and rec["weights"] == "tiny-v4" and rec["target_p95_ms"] == 100.0
     assert rec["p50_ms"] <= rec["p95_ms"] <= rec["max_ms"] and rec["ok"] == (rec["p95_ms"] <= 100.0)
     assert bw._typing("no-such-model", 24, 100.0, 3) == []
+
+
+def test_bench_records_a_widget_that_fails_and_goes_on(monkeypatch, tmp_path):
+    import v4lab.viz as viz
+    from v4lab.bench import widgets as bw
+
+    class Broken:
+        name = "x.broken"
+
+        def __init__(self, **kw):
+            raise ValueError("token = 129: must be an integer in [0, 124]")
+
+    monkeypatch.setattr(viz, "load_all", lambda: {"x.broken": Broken, "attention.cost": A.CostWidget})
+    monkeypatch.setattr(bw, "TYPING", ())
+    recs = bw._run(True, tmp_path)                                       # widgets in name order
+    assert recs[-1] == {"bench": "widgets", "widget": "x.broken", "control": "-", "ok": False,
+                        "error": "token = 129: must be an integer in [0, 124]"}
+    assert {r["control"] for r in recs[:-1]} == {"context", "weights"} and all(r["ok"] for r in recs[:-1])

@@ -16,8 +16,8 @@ from v4lab.viz import attention as attn_viz
 
 @pytest.fixture
 def pretend(monkeypatch):
-    path = trained.find_trained() or trained.synthetic_checkpoint()
-    model, tok, info = trained.load_dir(path, synthetic=trained.find_trained() is None)
+    path = trained.checkpoint_path() or trained.synthetic_checkpoint()
+    model, tok, info = trained.load_dir(path, synthetic=trained.checkpoint_path() is None)
     monkeypatch.setattr(trained, "trained_model", lambda data_dir=None: (model, tok, info))
     monkeypatch.setattr(V4Model, "device", property(lambda self: PRETEND))
     return PretendDevice(model).wrap(model)

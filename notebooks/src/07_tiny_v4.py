@@ -95,6 +95,17 @@ moe_viz.SpecialisationWidget(sp=moe_viz.specialisation(model, tok, info["path"])
 tiny.AttentionMapWidget().display()
 
 # %% [markdown]
+# The maps stop at 160 tokens; the model reads up to 2048 (the lab model's training length). Over a whole
+# 2048-token held-out text, one query in the same three layers, side by side on the token axis: the toggle
+# switches between what the query can read (raw window tokens, the compressed entries it reads over the
+# tokens they stand for) and the attention it gives each of them and the sink. Notebook 02 opens up a
+# single compressed entry.
+
+# %%
+from v4lab.viz import attention as attn_viz
+attn_viz.CompareWidget().display()
+
+# %% [markdown]
 # ## Live: multi-token prediction
 #
 # `model(ids, return_mtp=True)` also returns the MTP module's logits: entry $t$ predicts token $t+2$.

@@ -44,8 +44,8 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def check_model(dev: torch.device, quick: bool) -> dict:
     from v4lab.device import kernel_mode
     from v4lab.viz import trained
-    path = trained.find_trained() or trained.synthetic_checkpoint()
-    model, tok, _ = trained.load_dir(path, synthetic=trained.find_trained() is None, device=dev)
+    path = trained.checkpoint_path() or trained.synthetic_checkpoint()
+    model, tok, _ = trained.load_dir(path, synthetic=trained.checkpoint_path() is None, device=dev)
     S = 24 if quick or kernel_mode() == "interpreter" else 160
     ids = torch.tensor([tok.encode("def fib(n):\n    a, b = 0, 1\n    while a < n:\n" * 8).ids[:S]])
     ref, ref_mtp = model(ids, return_mtp=True)

@@ -13,7 +13,8 @@ from v4lab.viz.common import REGISTRY, Widget, register, static_mode, sweep
 
 TOPICS = ["tour", "moe", "attention", "cost", "mhc", "fp4", "kernels", "clamp", "stability", "tiny", "real", "ep", "decode", "deploy"]
 # The widgets that run the notebooks' trained model (the others read configs, stored results or a download).
-MODEL_WIDGETS = ("attention.inspect", "tiny.routing", "tiny.attention_maps", "tiny.mtp", "moe.bias", "clamp.preacts",
+MODEL_WIDGETS = ("attention.inspect", "attention.compression", "attention.compare",
+                 "tiny.routing", "tiny.attention_maps", "tiny.mtp", "moe.bias", "clamp.preacts",
                  "decode.steps", "moe.specialisation", "moe.load", "mhc.model", "clamp.overview", "fp4.experts")
 
 

@@ -230,6 +230,7 @@ class Maps:
         self.key_x = list(range(self.S))
         self.n_heads = run.n_heads
         self.layer = {k: next((i for i, kk in enumerate(run.kinds) if kk == k), None) for k in KINDS}
+        self.hca_ratio = run.ratios[self.layer["hca"]] if self.layer["hca"] is not None else 128
         self.z, self.rows, self.sink = {}, {}, {}
         for k, l in self.layer.items():
             if l is None:
@@ -287,9 +288,10 @@ def attention_map_data(mp: Maps, head="mean", query: int = 0) -> dict:
         traces.append(dict(type="scatter", mode="lines", x=[-0.5, mp.S - 0.5], y=[query, query], showlegend=False,
                            hoverinfo="skip", line=dict(color="white", width=1, dash="dot"), xaxis=f"x{ax}", yaxis=f"y{ax}"))
     sinks = ", ".join(f"{k} {mp.sink[k, head][query]:.2f}" for k in KINDS if mp.layer[k] is not None)
-    n_hca = (query + 1) // 128
+    m = mp.hca_ratio                                    # the HCA layer's ratio (128 as released)
+    n_hca = (query + 1) // m
     hca = (f"HCA: {n_hca} compressed entr{'y' if n_hca == 1 else 'ies'} complete" if n_hca else
-           f"HCA: no compressed entry until query 127 ({127 - query} to go)")
+           f"HCA: no compressed entry until query {m - 1} ({m - 1 - query} to go)")
     title = (f"query {query} {mp.tokens[query]!r}, head {head}: attention over key tokens "
              f"(sink mass: {sinks})<br>{hca}")
     return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}}}}

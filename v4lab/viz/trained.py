@@ -1,19 +1,26 @@
-"""The model the notebooks run: the trained tiny V4 in ``data/``, else a synthetic stand-in (said so).
+"""The model the notebooks run: the trained lab model in ``data/``, else the tiny one, else a synthetic stand-in.
 
-:func:`trained_model` returns ``(model, tokenizer, info)``, loaded once per process:
+:func:`trained_model` returns ``(model, tokenizer, info)``, loaded once per process. Which checkpoint, in
+this order (no modification times involved):
 
-* trained weights: the directory under ``data/`` that holds a ``config.json`` (the official release
-  layout written by ``v4lab.save``: config, safetensors index and shards, ``tokenizer.json``), read with
-  :func:`v4lab.load` and :func:`v4lab.data.load_tokenizer`. With several, the most recently written one.
-* ``$V4LAB_WEIGHTS``, when set, names the checkpoint directory to use instead.
+* ``name=...`` asks for one checkpoint under ``data/`` by name (``trained_model(name="tiny-v4")``: the fast
+  model the test suite pins); ValueError when it is not there.
+* ``$V4LAB_WEIGHTS``, when set, names the checkpoint directory to use.
+* otherwise the first of :data:`PREFERRED` under ``data/`` that holds a checkpoint: ``lab-v4`` (16 M
+  parameters, texts of 2048 tokens: what the notebooks are written for), then ``tiny-v4`` (1.2 M, fast);
+  then any other checkpoint directory there, by name.
 * otherwise a synthetic checkpoint: random weights of the ``tiny`` config
   (:func:`v4lab.checkpoint.make_synthetic_checkpoint`, seed 0) written once into a cache directory
   (``$V4LAB_CACHE``, else ``~/.cache/v4lab``) and loaded through the same :func:`v4lab.load`, with a
   byte-level tokenizer (one id per byte). Routing and attention patterns then show the mechanics only,
   and ``info["synthetic"]`` is True so a notebook can say so.
 
+A checkpoint directory is the official release layout written by ``v4lab.save`` (config, safetensors
+index and shards) plus ``tokenizer.json``, read with :func:`v4lab.load` and
+:func:`v4lab.data.load_tokenizer`.
+
 ``info``: ``{"source": "trained" | "synthetic", "synthetic": bool, "path": str, "config": name,
-"description": one line a notebook prints}``.
+"name": directory name, "description": one line a notebook prints}``.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ SPECIAL_TOKENS = ("<|bos|>", "<|eos|>")           # ids 0 and 1, as v4lab.data's
 SYNTHETIC_CONFIG = "tiny"
 SYNTHETIC_SEED = 0
 WEIGHTS_ENV = "V4LAB_WEIGHTS"                      # a checkpoint directory to use instead of data/
+PREFERRED = ("lab-v4", "tiny-v4")                  # the default checkpoint: the first of these under data/
 
 _CACHE: dict = {}
 
@@ -36,15 +44,46 @@ def cache_dir() -> Path:
     return Path(os.environ.get("V4LAB_CACHE") or Path.home() / ".cache" / "v4lab")
 
 
-def find_trained(data_dir: Path | str | None = None) -> Path | None:
-    """The checkpoint directory under ``data_dir`` (default ``data/``) with a config.json, newest first."""
+def is_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors.index.json").is_file()
+
+
+def find_trained(data_dir: Path | str | None = None, name: str | None = None) -> Path | None:
+    """The checkpoint directory under ``data_dir`` (default ``data/``): ``name`` when given (None if it is
+    not there), else the first of :data:`PREFERRED` present, else any other checkpoint directory by name.
+    ``$V4LAB_WEIGHTS`` is not consulted here (:func:`checkpoint_path` does)."""
     d = Path(DATA_DIR if data_dir is None else data_dir)
+    if name is not None:
+        return d / name if is_checkpoint(d / name) else None
     if not d.is_dir():
         return None
-    found = [p for p in d.iterdir() if (p / "config.json").is_file() and (p / "model.safetensors.index.json").is_file()]
-    if not found:
-        return None
-    return max(found, key=lambda p: ((p / "config.json").stat().st_mtime, p.name))
+    for n in PREFERRED:
+        if is_checkpoint(d / n):
+            return d / n
+    found = sorted(p for p in d.iterdir() if is_checkpoint(p))
+    return found[0] if found else None
+
+
+def checkpoint_path(data_dir: Path | str | None = None, name: str | None = None) -> Path | None:
+    """The checkpoint :func:`trained_model` loads (None: the synthetic stand-in). ``name`` (a directory
+    under ``data_dir``) must exist; else ``$V4LAB_WEIGHTS`` when set (and ``data_dir`` is not given); else
+    :func:`find_trained`."""
+    if name is not None:
+        if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"name = {name!r}: must be the name of a checkpoint directory under data/, "
+                             f"e.g. {PREFERRED[-1]!r}")
+        found = find_trained(data_dir, name)
+        if found is None:
+            d = Path(DATA_DIR if data_dir is None else data_dir)
+            raise ValueError(f"name = {name!r}: no checkpoint at {_shown(d / name)} (config.json and "
+                             "model.safetensors.index.json)")
+        return found
+    env = os.environ.get(WEIGHTS_ENV, "").strip()
+    if env and data_dir is None:
+        if not (Path(env) / "config.json").is_file():
+            raise ValueError(f"${WEIGHTS_ENV} = {env!r}: not a checkpoint directory (no config.json there)")
+        return Path(env)
+    return find_trained(data_dir)
 
 
 def byte_tokenizer():
@@ -101,7 +140,7 @@ def load_dir(path: Path | str, synthetic: bool = False, device=None):
     else:
         desc = f"trained weights from {_shown(path)} ('{cfg.name}' config, vocab {cfg.vocab_size}). Layers {kinds}."
     info = {"source": "synthetic" if synthetic else "trained", "synthetic": synthetic, "path": str(path),
-            "config": cfg.name, "description": desc}
+            "config": cfg.name, "name": path.name, "description": desc}
     return model, tok, info
 
 
@@ -112,22 +151,24 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def trained_model(data_dir: Path | str | None = None):
-    """(model, tokenizer, info): the trained checkpoint under ``data/`` if there is one, else the synthetic
-    stand-in. ``$V4LAB_WEIGHTS`` (a checkpoint directory) overrides the search. Cached per process (per
-    directory found), so every widget of a notebook shares one model."""
-    env = os.environ.get(WEIGHTS_ENV, "").strip()
-    if env and data_dir is None:
-        if not (Path(env) / "config.json").is_file():
-            raise ValueError(f"${WEIGHTS_ENV} = {env!r}: not a checkpoint directory (no config.json there)")
-        found = Path(env)
-    else:
-        found = find_trained(data_dir)
+def trained_model(data_dir: Path | str | None = None, name: str | None = None):
+    """(model, tokenizer, info) of :func:`checkpoint_path` (``data/lab-v4``, else ``data/tiny-v4``, else the
+    synthetic stand-in; ``name="tiny-v4"`` asks for one by name; ``$V4LAB_WEIGHTS`` overrides the search).
+    Cached per process (per directory and device), so every widget of a notebook shares one model."""
+    found = checkpoint_path(data_dir, name)
     from v4lab.device import get_device
     key = (str(found) if found is not None else "synthetic", str(get_device()))   # one model per device
     if key not in _CACHE:
         _CACHE[key] = load_dir(found) if found is not None else load_dir(synthetic_checkpoint(), synthetic=True)
     return _CACHE[key]
+
+
+def heldout_text(model_dir: Path | str | None) -> str | None:
+    """The held-out text shipped with a checkpoint (``heldout.txt``), or None when there is none."""
+    if model_dir is None:
+        return None
+    p = Path(model_dir) / "heldout.txt"
+    return p.read_text(encoding="utf-8") if p.is_file() else None
 
 
 def encode(tok, text: str, max_tokens: int | None = None) -> torch.Tensor:

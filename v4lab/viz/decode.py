@@ -27,7 +27,9 @@ from v4lab.viz import trained
 from v4lab.viz.common import COLORS, TextCache, Widget, figure_from, register
 
 MAX_TOKENS = 1024
-DEFAULT_TEXT = trained.SAMPLE_TEXTS["for-loop"]
+# two samples, so that every shipped tokenizer gives > 150 tokens (the notebook walks token 150 and shows 129):
+# tiny-v4's BPE makes 446 tokens of them, lab-v4's larger one 252 (the for-loop sample alone: 243 and 125)
+DEFAULT_TEXT = trained.SAMPLE_TEXTS["for-loop"] + "\n\n" + trained.SAMPLE_TEXTS["code"]
 DEFAULT_TOKEN = 129                  # past HCA's first block (m' = 128)
 CHUNK = 256                          # tokens per cached forward while tracing (decode_trace's chunked mode)
 # qualitative palette (plotly D3), one meaning per colour; every one is in the legend

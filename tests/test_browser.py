@@ -150,10 +150,14 @@ def _wait_kernel_ready(lab, deadline):
 
 
 def _copy_without_skipped_cells(src: Path, dst: Path) -> None:
-    """The notebook without its ``# NBVAL_SKIP`` cells (minutes-long reruns that nbval skips too)."""
+    """The notebook without its ``# NBVAL_SKIP`` cells (minutes-long reruns that nbval skips too), and with
+    the exercises' solution cells unfolded: a collapsed input shows no execution prompt, which is how this
+    test sees that a cell ran (the solutions still run; nbval checks what they assert)."""
     nb = json.loads(src.read_text())
     nb["cells"] = [c for c in nb["cells"]
                    if not (c["cell_type"] == "code" and "NBVAL_SKIP" in "".join(c["source"]).split("\n", 1)[0])]
+    for c in nb["cells"]:
+        c.get("metadata", {}).pop("jupyter", None)
     dst.write_text(json.dumps(nb))
 
 

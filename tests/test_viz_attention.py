@@ -415,4 +415,5 @@ def test_bench_records_a_widget_that_fails_and_goes_on(monkeypatch, tmp_path):
     recs = bw._run(True, tmp_path)                                       # widgets in name order
     assert recs[-1] == {"bench": "widgets", "widget": "x.broken", "control": "-", "ok": False,
                         "error": "token = 129: must be an integer in [0, 124]"}
-    assert {r["control"] for r in recs[:-1]} == {"context", "weights"} and all(r["ok"] for r in recs[:-1])
+    # the working widget's records come through (their "ok" is a latency verdict: not asserted in a test)
+    assert {r["control"] for r in recs[:-1]} == {"context", "weights"} and all("p95_ms" in r for r in recs[:-1])

@@ -178,8 +178,16 @@ def inspect_data(run: Run, position: int, layer: int, head: int) -> dict:
     check_range_int("layer", layer, 0, L - 1)
     check_range_int("head", head, 0, run.n_heads - 1)
     rec, kind, m = run.layers[layer], run.kinds[layer], run.ratios[layer]
-    t, h = position, head
-    # panel 1: window slots (positions t−w+1..t, −1 = before the text) and the attended compressed entries
+    traces, win, comp, sink = _attention_panel(run, rec, kind, m, position, head)
+    idx_traces, sc, vis = _indexer_panel(rec, kind, m, position)
+    pool_trace, rows = _pooling_panel(rec, kind, m, comp)
+    layout = _inspect_layout(run, layer, head, kind, m, position, win, comp, sink, sc, vis, rows)
+    return {"traces": traces + idx_traces + [pool_trace], "layout": layout}
+
+
+def _attention_panel(run: Run, rec: dict, kind: str, m: int, t: int, h: int) -> tuple[list, list, list, float]:
+    """Panel 1: window slots (positions t−w+1..t, −1 = before the text), the attended compressed entries, the sink."""
+    S, toks = run.n_tokens, run.tokens
     wpos = rec["window_positions"][t].tolist()
     wprob = rec["probs_window"][t, h].tolist()
     win = [(p, q) for p, q in zip(wpos, wprob) if p >= 0]
@@ -187,7 +195,6 @@ def inspect_data(run: Run, position: int, layer: int, head: int) -> dict:
     cprob = rec["probs_compressed"][t, h].tolist() if kind != "window" else []
     comp = sorted((s, q) for s, q in zip(cidx, cprob) if s >= 0)
     sink = float(rec["sink"][t, h])
-    toks = run.tokens
     traces = [
         dict(type="bar", x=[p for p, _ in win], y=[q for _, q in win], name="window (raw tokens)",
              marker=dict(color=KIND_COLORS["window"], line=dict(width=0)), width=1.0,
@@ -201,20 +208,28 @@ def inspect_data(run: Run, position: int, layer: int, head: int) -> dict:
              marker=dict(color=KIND_COLORS["sink"]),
              hovertext=[f"sink (head {h}): {sink:.3f}"], xaxis="x", yaxis="y"),
     ]
-    # panel 2: indexer scores over visible entries (CSA only) and the chosen top-k
+    return traces, win, comp, sink
+
+
+def _indexer_panel(rec: dict, kind: str, m: int, t: int) -> tuple[list, list, int]:
+    """Panel 2: indexer scores over the visible entries (CSA only) and the chosen top-k."""
     vis = (t + 1) // m if m else 0
     if kind == "csa":
         sc = rec["index_scores"][t, :vis].tolist()
         sel = sorted(s for s in rec["selected"][t].tolist() if s >= 0)
     else:
         sc, sel = [], []
-    traces += [
+    traces = [
         dict(type="bar", x=list(range(len(sc))), y=sc, name="indexer score (visible entries)", width=0.8,
              marker=dict(color="#bbbbbb"), xaxis="x2", yaxis="y2"),
         dict(type="scatter", mode="markers", x=sel, y=[sc[s] for s in sel], name="top-k selected",
              marker=dict(color=KIND_COLORS["selected"], size=8, symbol="diamond"), xaxis="x2", yaxis="y2"),
     ]
-    # panel 3: pooling weights of the entries this query attends to: rows = entries, columns = token positions
+    return traces, sc, vis
+
+
+def _pooling_panel(rec: dict, kind: str, m: int, comp: list) -> tuple[dict, list]:
+    """Panel 3: pooling weights of the entries the query attends to (rows = entries, columns = tokens)."""
     rows = [s for s, _ in comp]
     if rows:
         cols = sorted({p for s in rows for p in entry_tokens(kind, m, s) if p >= 0})
@@ -229,10 +244,17 @@ def inspect_data(run: Run, position: int, layer: int, head: int) -> dict:
         ylab = [f"entry {s}" for s in rows]
     else:
         cols, z, ylab = [], [], []
-    traces.append(dict(type="heatmap", x=cols, y=ylab, z=z, colorscale="Viridis", zmin=0,
-                       colorbar=dict(title="weight", len=0.38, y=0, yanchor="bottom", thickness=12),
-                       name="pooling weight", hovertemplate="%{y}, token %{x}: weight %{z:.3f}<extra></extra>",
-                       xaxis="x3", yaxis="y3"))
+    trace = dict(type="heatmap", x=cols, y=ylab, z=z, colorscale="Viridis", zmin=0,
+                 colorbar=dict(title="weight", len=0.38, y=0, yanchor="bottom", thickness=12),
+                 name="pooling weight", hovertemplate="%{y}, token %{x}: weight %{z:.3f}<extra></extra>",
+                 xaxis="x3", yaxis="y3")
+    return trace, rows
+
+
+def _inspect_layout(run: Run, layer: int, head: int, kind: str, m: int, t: int, win: list, comp: list,
+                    sink: float, sc: list, vis: int, rows: list) -> dict:
+    """Title (what the query reads and where its mass goes), the window band and the empty-panel notes."""
+    S, toks = run.n_tokens, run.tokens
     n_sel = len(comp)
     what = {"window": "window only", "csa": f"CSA m={m}: top-{n_sel} of {vis} visible entries",
             "hca": f"HCA m={m}: all {n_sel} visible entries"}[kind]
@@ -251,9 +273,9 @@ def inspect_data(run: Run, position: int, layer: int, head: int) -> dict:
         notes.append(_note("x3", "window-only layer: nothing is pooled" if kind == "window" else
                            f"query {t}: no compressed entry is complete yet, nothing pooled"))
     n_entries = max(1, S // m) if kind == "csa" else 1
-    return {"traces": traces, "layout": {"title": {"text": title, "font": {"size": 12}}, "shapes": shapes,
-                                         "annotations": notes, "xaxis": {"range": [sum(sink_place(S)) - 2 * sink_place(S)[1], S + 1]},
-                                         "xaxis2": {"range": [-0.5, n_entries - 0.5]}}}
+    return {"title": {"text": title, "font": {"size": 12}}, "shapes": shapes, "annotations": notes,
+            "xaxis": {"range": [sum(sink_place(S)) - 2 * sink_place(S)[1], S + 1]},
+            "xaxis2": {"range": [-0.5, n_entries - 0.5]}}
 
 
 def _note(xa: str, text: str) -> dict:
@@ -411,10 +433,25 @@ def compression_data(run: Run, layer: int, position: int, entry: int) -> dict:
     check_range_int("entry", entry, 0, max(n - 1, 0))
     vis = min((t + 1) // m, n)
     att = attended_entries(run, layer, t)
-    picked = sorted(att)
     lo = max(0, t - run.window + 1)
-    sx, sw = sink_place(S)
     sink = float(rec["sink"][t].mean())
+    traces = _token_axis_traces(run, kind, m, t, n, vis, att, lo, sink)
+    slots = entry_tokens(kind, m, entry) if n else []
+    a, b = (max(slots[0], 0), slots[-1]) if slots else (0, 0)
+    traces.append(dict(type="scatter", mode="lines", x=[a - 0.5, b + 0.5, b + 0.5, a - 0.5, a - 0.5] if slots else [],
+                       y=[-0.55, -0.55, 0.55, 0.55, -0.55] if slots else [], name=f"entry {entry}: pooled tokens",
+                       line=dict(color="black", width=1.5), hoverinfo="skip", showlegend=False, xaxis="x", yaxis="y"))
+    pool_traces, groups = _entry_pool_traces(run, rec, kind, m, entry, n, slots)
+    traces += pool_traces
+    layout = _compression_layout(run, layer, kind, m, t, entry, n, vis, att, lo, sink, slots, groups)
+    return {"traces": traces, "layout": layout}
+
+
+def _token_axis_traces(run: Run, kind: str, m: int, t: int, n: int, vis: int, att: dict, lo: int,
+                       sink: float) -> list:
+    """Panel 1 of the compression picture: entries (complete / not yet / picked), raw window, sink, query."""
+    S, picked = run.n_tokens, sorted(att)
+    sx, sw = sink_place(S)
 
     def hov(s, what):
         return f"entry {s}: tokens {m * s}..{m * s + m - 1} {_toks(run, m * s, m * s + m - 1)!r}<br>{what}"
@@ -444,12 +481,12 @@ def compression_data(run: Run, layer: int, position: int, entry: int) -> dict:
              hovertext=[f"query {t} {run.tokens[t]!r}"],
              marker=dict(symbol="triangle-down", size=12, color="black"), xaxis="x", yaxis="y"),
     ]
-    slots = entry_tokens(kind, m, entry) if n else []
-    a, b = (max(slots[0], 0), slots[-1]) if slots else (0, 0)
-    traces.append(dict(type="scatter", mode="lines", x=[a - 0.5, b + 0.5, b + 0.5, a - 0.5, a - 0.5] if slots else [],
-                       y=[-0.55, -0.55, 0.55, 0.55, -0.55] if slots else [], name=f"entry {entry}: pooled tokens",
-                       line=dict(color="black", width=1.5), hoverinfo="skip", showlegend=False, xaxis="x", yaxis="y"))
-    # panel 2: entry's pooling weights, slot by slot; [slots, c] channel-wise softmax over the slots
+    return traces
+
+
+def _entry_pool_traces(run: Run, rec: dict, kind: str, m: int, entry: int, n: int, slots: list) -> tuple[list, dict]:
+    """Panel 2: ``entry``'s pooling weights, slot by slot ([slots, c]: a channel-wise softmax over the slots)."""
+    traces = []
     w = rec["pool"][entry] if n else torch.zeros(0, 1)
     groups = {"previous": [], "own": []}
     for j, p in enumerate(slots):
@@ -469,6 +506,15 @@ def compression_data(run: Run, layer: int, position: int, entry: int) -> dict:
                        y=[v for _, c in pts for v in (max(float(c.min()), POOL_FLOOR), float(c.max()), None)],
                        name="min..max over channels", line=dict(color="#555", width=1), hoverinfo="skip",
                        xaxis="x2", yaxis="y2"))
+    return traces, groups
+
+
+def _compression_layout(run: Run, layer: int, kind: str, m: int, t: int, entry: int, n: int, vis: int, att: dict,
+                        lo: int, sink: float, slots: list, groups: dict) -> dict:
+    """Two title lines (what the query sees; what the chosen entry pools), notes for empty panels, axes."""
+    S, picked = run.n_tokens, sorted(att)
+    sx, sw = sink_place(S)
+    a, b = (max(slots[0], 0), slots[-1]) if slots else (0, 0)
     KIND = KIND_NAMES[kind]
     head = (f"layer {layer}, {KIND} (m = {m}): query {t} {run.tokens[t]!r} sees {vis} of {n} entries"
             + (f", the indexer picked {len(picked)}" if kind == "csa" else ", all attended") +
@@ -489,9 +535,8 @@ def compression_data(run: Run, layer: int, position: int, entry: int) -> dict:
     else:
         ticks = dict(tickvals=None, ticktext=None, tickangle=None)
     x2 = dict(range=[a - 0.7, b + 0.7] if slots else [0, 1], **ticks)
-    return {"traces": traces, "layout": {"title": {"text": f"{head}<br>{line2}", "font": {"size": 12}},
-                                         "annotations": notes, "xaxis": {"range": [sx - sw, S + 0.5]},
-                                         "xaxis2": x2}}
+    return {"title": {"text": f"{head}<br>{line2}", "font": {"size": 12}}, "annotations": notes,
+            "xaxis": {"range": [sx - sw, S + 0.5]}, "xaxis2": x2}
 
 
 COMPRESSION_LAYOUT = dict(
@@ -615,11 +660,9 @@ def compare_data(run: Run, position: int, head="mean", measure: str = "visible")
     check_choice("head", head, ["mean"] + list(range(run.n_heads)))
     check_choice("measure", measure, list(MEASURES))
     t, att_mode = position, measure == "attention"
-    sx, sw = sink_place(S)
     traces, notes, lines, ymax = [], [], [], {}
     for r, (kind, layer) in enumerate(first_layers(run).items()):
         ax = "" if r == 0 else str(r + 1)
-        first = r == 0
         if layer is None:
             traces += [dict(type="bar", x=[], y=[], name=n, xaxis=f"x{ax}", yaxis=f"y{ax}", showlegend=False)
                        for n in ("raw window", "entries read", "not read", "sink")]
@@ -627,51 +670,69 @@ def compare_data(run: Run, position: int, head="mean", measure: str = "visible")
             notes.append(_note(f"x{ax}", f"this model has no {KIND_NAMES[kind]} layer"))
             ymax[r] = 1.0
             continue
-        rec, m = run.layers[layer], run.ratios[layer]
-        lo = max(0, t - run.window + 1)
-        wpos = list(range(lo, t + 1))
-        pw = rec["probs_window"][t]                                       # [H, w] slots oldest first
-        pw = (pw.mean(0) if head == "mean" else pw[head]).tolist()
-        wprob = dict(zip(rec["window_positions"][t].tolist(), pw))
-        att = attended_entries(run, layer, t, head)
-        read = sorted(att)
-        vis = min((t + 1) // m, rec["n_entries"]) if m else 0
-        unread = [s for s in range(vis) if s not in att]
-        sink = float(rec["sink"][t].mean() if head == "mean" else rec["sink"][t, head])
-        wy = [wprob.get(p, 0.0) if att_mode else 1.0 for p in wpos]
-        ey = [att[s] if att_mode else 1.0 for s in read]
-        traces.append(dict(type="bar", x=wpos, y=wy, width=1.0, name="raw window tokens", legendgroup="w",
-                           showlegend=first, marker=dict(color=KIND_COLORS["window"], line=dict(width=0)),
-                           xaxis=f"x{ax}", yaxis=f"y{ax}",
-                           customdata=[run.tokens[p] for p in wpos],
-                           hovertemplate="token %{x} %{customdata}: %{y:.3g}<extra>window</extra>"))
-        traces.append(dict(type="bar", x=[m * s + (m - 1) / 2 for s in read], y=ey, width=[m * 0.9] * len(read),
-                           name="compressed entries read", legendgroup="e", showlegend=kind == "csa",
-                           marker=dict(color=ENTRY_COLORS["picked"], line=dict(width=0)), xaxis=f"x{ax}", yaxis=f"y{ax}",
-                           hovertext=[f"entry {s} (tokens {m * s}..{m * s + m - 1}): p = {att[s]:.3g}" for s in read],
-                           hoverinfo="text"))
-        # the complete entries form one run 0..vis−1: one bar under the picked ones (not 500 bars per slider move)
-        span = vis > 0 and kind == "csa" and not att_mode
-        traces.append(dict(type="bar", x=[m * vis / 2 - 0.5] if span else [], y=[0.3] if span else [],
-                           width=[m * vis] if span else [], name="complete entries not picked (CSA)",
-                           legendgroup="u", showlegend=kind == "csa",
-                           marker=dict(color=ENTRY_COLORS["visible"], line=dict(width=0)),
-                           xaxis=f"x{ax}", yaxis=f"y{ax}", hoverinfo="text",
-                           hovertext=[f"entries 0..{vis - 1} are complete; {len(unread)} not picked"] if span else []))
-        traces.append(dict(type="bar", x=[sx], y=[sink if att_mode else 0.0], width=[sw], name="sink",
-                           legendgroup="s", showlegend=first, marker=dict(color=KIND_COLORS["sink"], line=dict(width=0)),
-                           xaxis=f"x{ax}", yaxis=f"y{ax}", hovertext=[f"sink: p = {sink:.3g}"], hoverinfo="text"))
-        traces.append(dict(type="scatter", mode="lines", x=[t, t], y=[0, 1.1 if not att_mode else 1.0],
-                           name="query", legendgroup="q", showlegend=first, hoverinfo="skip",
-                           line=dict(color="black", width=1, dash="dot"), xaxis=f"x{ax}", yaxis=f"y{ax}"))
-        ymax[r] = max(wy + ey + [sink if att_mode else 0.0, 1e-3])
-        covered = len(read) * m
-        what = {"window": f"{len(wpos)} raw tokens",
-                "csa": f"{len(wpos)} raw tokens + {len(read)} of {vis} entries ({covered} tokens summarised)",
-                "hca": f"{len(wpos)} raw tokens + all {len(read)} entries ({covered} tokens summarised)"}[kind]
-        mass = sum(wy) if att_mode else None
-        lines.append(f"{KIND_NAMES[kind]} (layer {layer}): {what}"
-                     + (f"; p window {mass:.2f}, entries {sum(ey):.2f}, sink {sink:.2f}" if att_mode else ""))
+        row, ymax[r], line = _compare_row(run, r, kind, layer, t, head, att_mode)
+        traces += row
+        lines.append(line)
+    return {"traces": traces, "layout": _compare_axes(run, t, head, lines, notes, ymax, att_mode)}
+
+
+def _compare_row(run: Run, r: int, kind: str, layer: int, t: int, head, att_mode: bool) -> tuple[list, float, str]:
+    """One layer's row of the comparison: window tokens, entries read, CSA's unread span, sink, the query."""
+    ax, first = ("" if r == 0 else str(r + 1)), r == 0
+    sx, sw = sink_place(run.n_tokens)
+    rec, m = run.layers[layer], run.ratios[layer]
+    lo = max(0, t - run.window + 1)
+    wpos = list(range(lo, t + 1))
+    pw = rec["probs_window"][t]                                       # [H, w] slots oldest first
+    pw = (pw.mean(0) if head == "mean" else pw[head]).tolist()
+    wprob = dict(zip(rec["window_positions"][t].tolist(), pw))
+    att = attended_entries(run, layer, t, head)
+    read = sorted(att)
+    vis = min((t + 1) // m, rec["n_entries"]) if m else 0
+    unread = [s for s in range(vis) if s not in att]
+    sink = float(rec["sink"][t].mean() if head == "mean" else rec["sink"][t, head])
+    wy = [wprob.get(p, 0.0) if att_mode else 1.0 for p in wpos]
+    ey = [att[s] if att_mode else 1.0 for s in read]
+    traces = []
+    traces.append(dict(type="bar", x=wpos, y=wy, width=1.0, name="raw window tokens", legendgroup="w",
+                       showlegend=first, marker=dict(color=KIND_COLORS["window"], line=dict(width=0)),
+                       xaxis=f"x{ax}", yaxis=f"y{ax}",
+                       customdata=[run.tokens[p] for p in wpos],
+                       hovertemplate="token %{x} %{customdata}: %{y:.3g}<extra>window</extra>"))
+    traces.append(dict(type="bar", x=[m * s + (m - 1) / 2 for s in read], y=ey, width=[m * 0.9] * len(read),
+                       name="compressed entries read", legendgroup="e", showlegend=kind == "csa",
+                       marker=dict(color=ENTRY_COLORS["picked"], line=dict(width=0)), xaxis=f"x{ax}", yaxis=f"y{ax}",
+                       hovertext=[f"entry {s} (tokens {m * s}..{m * s + m - 1}): p = {att[s]:.3g}" for s in read],
+                       hoverinfo="text"))
+    # the complete entries form one run 0..vis−1: one bar under the picked ones (not 500 bars per slider move)
+    span = vis > 0 and kind == "csa" and not att_mode
+    traces.append(dict(type="bar", x=[m * vis / 2 - 0.5] if span else [], y=[0.3] if span else [],
+                       width=[m * vis] if span else [], name="complete entries not picked (CSA)",
+                       legendgroup="u", showlegend=kind == "csa",
+                       marker=dict(color=ENTRY_COLORS["visible"], line=dict(width=0)),
+                       xaxis=f"x{ax}", yaxis=f"y{ax}", hoverinfo="text",
+                       hovertext=[f"entries 0..{vis - 1} are complete; {len(unread)} not picked"] if span else []))
+    traces.append(dict(type="bar", x=[sx], y=[sink if att_mode else 0.0], width=[sw], name="sink",
+                       legendgroup="s", showlegend=first, marker=dict(color=KIND_COLORS["sink"], line=dict(width=0)),
+                       xaxis=f"x{ax}", yaxis=f"y{ax}", hovertext=[f"sink: p = {sink:.3g}"], hoverinfo="text"))
+    traces.append(dict(type="scatter", mode="lines", x=[t, t], y=[0, 1.1 if not att_mode else 1.0],
+                       name="query", legendgroup="q", showlegend=first, hoverinfo="skip",
+                       line=dict(color="black", width=1, dash="dot"), xaxis=f"x{ax}", yaxis=f"y{ax}"))
+    ymax = max(wy + ey + [sink if att_mode else 0.0, 1e-3])
+    covered = len(read) * m
+    what = {"window": f"{len(wpos)} raw tokens",
+            "csa": f"{len(wpos)} raw tokens + {len(read)} of {vis} entries ({covered} tokens summarised)",
+            "hca": f"{len(wpos)} raw tokens + all {len(read)} entries ({covered} tokens summarised)"}[kind]
+    mass = sum(wy) if att_mode else None
+    line = (f"{KIND_NAMES[kind]} (layer {layer}): {what}"
+            + (f"; p window {mass:.2f}, entries {sum(ey):.2f}, sink {sink:.2f}" if att_mode else ""))
+    return traces, ymax, line
+
+
+def _compare_axes(run: Run, t: int, head, lines: list, notes: list, ymax: dict, att_mode: bool) -> dict:
+    """The title (what each layer reads) and one x/y axis pair per row."""
+    S = run.n_tokens
+    sx, sw = sink_place(S)
     layout = {"title": {"text": f"query {t} {run.tokens[t]!r}, head {head}<br>" + "<br>".join(lines),
                         "font": {"size": 12}}, "annotations": notes}
     for r in range(3):
@@ -681,7 +742,7 @@ def compare_data(run: Run, position: int, head="mean", measure: str = "visible")
         label = f"{KIND_NAMES[KINDS3[r]]}<br>layer {layer}" if layer is not None else KIND_NAMES[KINDS3[r]]
         layout[f"yaxis{ax}"] = {"range": [0, 1.15 * ymax[r]] if att_mode else [0, 1.15],
                                 "title": {"text": f"{label}<br>{'p' if att_mode else 'read (1 = yes)'}"}}
-    return {"traces": traces, "layout": layout}
+    return layout
 
 
 def compare_layout(run: Run) -> dict:

@@ -19,7 +19,10 @@ def pretend(monkeypatch):
     path = trained.checkpoint_path() or trained.synthetic_checkpoint()
     model, tok, info = trained.load_dir(path, synthetic=trained.checkpoint_path() is None)
     monkeypatch.setattr(trained, "trained_model", lambda data_dir=None: (model, tok, info))
-    monkeypatch.setattr(V4Model, "device", property(lambda self: PRETEND))
+    # only the notebook model pretends; a second model a figure builds (the random twin the specialisation
+    # panel compares with) is a real CPU model
+    monkeypatch.setattr(V4Model, "device",
+                        property(lambda self: PRETEND if self is model else self.embed.weight.device))
     return PretendDevice(model).wrap(model)
 
 

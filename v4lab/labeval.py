@@ -189,7 +189,7 @@ def random_twin(model: V4Model, seed: int = 0) -> V4Model:
     rand = V4Model(model.cfg)
     for b, lb in zip(rand.layers, model.layers):
         if b.ffn.gate.is_hash:
-            b.ffn.gate.tid2eid.copy_(lb.ffn.gate.tid2eid)
+            b.ffn.gate.tid2eid.copy_(lb.ffn.gate.tid2eid.cpu())       # the twin is built on the host
     return rand.eval()
 
 

@@ -336,8 +336,11 @@ def build_training_loads(loads: dict | None = None):
                                    yref="y domain", x=0.5, y=0.5, showarrow=False)]
     return figure_from({"traces": traces, "layout": {"title": {"text": title, "font": {"size": 13}},
                                                      "annotations": notes}},
-                       dict(height=380, xaxis=dict(title="training step"),
-                            yaxis=dict(title="load max / mean (1 = balanced)")))
+                       dict(height=420, xaxis=dict(title="training step"),
+                            yaxis=dict(title="load max / mean (1 = balanced)"),
+                            # one legend entry per MoE layer (7 on lab-v4): below the plot, clear of the title
+                            legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0),
+                            margin=dict(b=110)))
 
 
 SMOOTH = 10

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import http.server
 import json
-import os
 import re
 import threading
 import time
@@ -20,33 +19,20 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from browser_env import CHROMIUM, CHROMIUM_ARGS, skip_reason
 
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = os.environ.get("V4LAB_CHROMIUM", "/usr/bin/chromium")      # as in tests/test_browser.py
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage"]
 
 # Three notebooks with figures of several kinds (lines, bars, a table figure) and widgets shown statically.
 PAGES = ["00_tour", "09_hardware_and_cost", "11_deploying_v4"]
 
 
-def _skip_reason() -> str | None:
-    if not Path(CHROMIUM).exists():
-        return f"no Chromium at {CHROMIUM} (apt-get install -y --no-install-recommends chromium)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "playwright (Python) is not installed"
-    return None
-
-
 @pytest.fixture(scope="module")
 def served_site(tmp_path_factory):
-    reason = _skip_reason()
+    reason = skip_reason()
     if reason:
         pytest.skip(reason)
     from v4lab import site

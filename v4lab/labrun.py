@@ -54,7 +54,17 @@ RECIPE = {
     "indexer_warmup_steps": 60, "indexer_warmup_lr": 3e-3, "indexer_warmup_batch": 1,
     "indexer_distill_weight": 1.0, "indexer_distill_every": 4, "eval_every": 100, "eval_windows": 4,
 }
+# The continuation that made the shipped data/lab-v4 (data/README.md): the release RECIPE wrote (run A), read
+# back from its files, then ``lm2_steps`` more 2048-token steps (stage "lm3" in the release's logs) with a new
+# data seed, a short re-warm-up and a cosine to ``min_lr_ratio``; the indexer loss every second step, FP4
+# QAT over the last quarter. ``indexer_warmup_steps`` = 0: the indexers carry over trained.
+CONTINUE = dict(RECIPE, init="runs/lab-v4-a", lm1_steps=0, indexer_warmup_steps=0, lm2_steps=900, lm2_seed=2,
+                lm2_warmup=20, lr=2e-3, min_lr_ratio=0.05, indexer_distill_every=2)
+RECIPES = {"lab-v4": RECIPE, "lab-v4-continue": CONTINUE}
 STAGES = ("lm1", "warmup", "lm2", "final", "done")
+# the logs of the release a continuation starts from, renamed in the run folder and the new release
+INIT_FILES = {"train_log_lm1.jsonl": "train_log_lm1.jsonl", "train_log.jsonl": "train_log_lm2.jsonl",
+              "indexer_warmup.json": "indexer_warmup.json"}
 RUN_FILES = ("train_log_lm1.jsonl", "train_log.jsonl", "indexer_warmup.json", "tokenizer.json", "corpus.json")
 
 
@@ -219,7 +229,10 @@ class _Job:
         self.c0 = time.process_time()
         self.data, self.docs = build_data(run_dir, root, cfg.vocab_size)
         ck = find_checkpoint(run_dir)
-        if ck is None:
+        if ck is None and r.get("init"):
+            self.model, self.opt_state = init_model(Path(r["init"]), cfg, run_dir, r["seed"]), None
+            self.state = {"stage": "warmup", "next_step": 0, "cpu_seconds": 0.0}
+        elif ck is None:
             self.model, self.opt_state = None, None
             self.state = {"stage": "lm1", "next_step": 0, "cpu_seconds": 0.0}
         else:
@@ -252,6 +265,9 @@ class _Job:
     def warmup(self) -> None:
         from v4lab.train import indexer_warmup
         r = self.r
+        if not r["indexer_warmup_steps"]:
+            self.checkpoint("lm2", 0, self.model, _opts_for(self.model, self.opt_state, r))
+            return
         res = indexer_warmup(self.model, self.data, steps=r["indexer_warmup_steps"],
                              batch_size=r["indexer_warmup_batch"], seq_len=r["seq_len"], lr=r["indexer_warmup_lr"],
                              warmup=5, seed=r["seed"] + 1, eval_windows=r["eval_windows"], progress=self.progress,
@@ -273,6 +289,42 @@ class _Job:
         (self.run_dir / "done.json").write_text(json.dumps(self.state, indent=1) + "\n")
 
 
+def _release_sha256(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")):
+        if f.name != "bigram_counts.safetensors":
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def init_model(init: Path, cfg: V4Config, run_dir: Path, seed: int) -> V4Model:
+    """A continuation's starting model: the release at ``init`` read back (FP8/FP4 dequantised to fp32).
+    Its logs are copied into ``run_dir`` (``INIT_FILES``) and its weights' sha256 recorded in ``init.json``,
+    so the run states exactly what it continued. Indexers whose shape ``cfg`` changes start fresh (seeded)."""
+    from v4lab import model as model_mod
+    if not (init / "config.json").is_file():
+        _bad("init", str(init), "is not a release directory (no config.json); run the release recipe first")
+    src = model_mod.load(init, keep_quantized=False)
+    torch.manual_seed(seed)
+    model = model_mod.V4Model(cfg)
+    want = model.state_dict()
+    sd = {k: v for k, v in src.state_dict().items() if k in want and want[k].shape == v.shape}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or any(".indexer." not in k for k in missing):
+        _bad("init", str(init), f"does not fit config {cfg.name!r} outside the indexers (missing {missing[:4]})")
+    for name, new in INIT_FILES.items():
+        if (init / name).is_file():
+            shutil.copyfile(init / name, run_dir / new)
+    sj = init / "training_summary.json"
+    summ = json.loads(sj.read_text()) if sj.is_file() else {}
+    (run_dir / "init.json").write_text(json.dumps({
+        "init": str(init), "weights_sha256": _release_sha256(init), "fresh_indexer_keys": len(missing),
+        "cpu_seconds_training": summ.get("cpu_seconds_training", 0.0),
+        "cpu_seconds_total": summ.get("cpu_seconds_total", 0.0)}, indent=1) + "\n")
+    return model
+
+
 def _check_recipe(run_dir: Path, r: dict, cfg) -> None:
     """Record the recipe (config expanded) in the run folder; refuse a folder that holds another one."""
     rj = run_dir / "recipe.json"
@@ -292,7 +344,7 @@ def _train_kwargs(r: dict, stage: str, data, log_path: Path, ckpt_seconds: float
     if stage == "lm1":
         return dict(kw, steps=r["lm1_steps"], seq_len=r["lm1_seq_len"], seed=r["seed"], warmup=r["warmup"],
                     min_lr_ratio=1.0)
-    return dict(kw, steps=r["lm2_steps"], seq_len=r["seq_len"], seed=r["lm2_seed"], warmup=1,
+    return dict(kw, steps=r["lm2_steps"], seq_len=r["seq_len"], seed=r["lm2_seed"], warmup=r.get("lm2_warmup", 1),
                 min_lr_ratio=r["min_lr_ratio"], mtp_weight_final=r["mtp_weight_final"],
                 mtp_switch_at=r["mtp_switch_at"], qat=float(r["qat_from"]),
                 indexer_distill_weight=r["indexer_distill_weight"], indexer_distill_every=r["indexer_distill_every"])
@@ -318,16 +370,20 @@ def write_release(model: V4Model, data: TokenData, docs: dict[str, str], run_dir
     model_mod.save(model, tmp, overwrite=True)
     data.tokenizer.save(str(tmp / "tokenizer.json"))
     (tmp / "heldout.txt").write_text(corpus.heldout_text(docs), encoding="utf-8")
-    for f in ("train_log_lm1.jsonl", "train_log.jsonl", "indexer_warmup.json"):
+    for f in ("train_log_lm1.jsonl", "train_log_lm2.jsonl", "train_log.jsonl", "indexer_warmup.json", "init.json"):
         if (run_dir / f).is_file():
             shutil.copyfile(run_dir / f, tmp / f)
     recipe = {**r, "config": r["config"] if isinstance(r["config"], str) else r["config"].to_dict()}
-    summary = {"recipe": recipe, "corpus": data.fingerprint, "cpu_seconds_training": cpu(),
-               "command": "OMP_NUM_THREADS=1 python -m v4lab.labrun --run-dir RUN --out OUT",
+    init = json.loads((run_dir / "init.json").read_text()) if (run_dir / "init.json").is_file() else None
+    before = init["cpu_seconds_total"] if init else 0.0          # the release this one continued, evaluation incl.
+    summary = {"recipe": recipe, "corpus": data.fingerprint, "cpu_seconds_training": cpu() + before,
+               "cpu_seconds_this_stage": cpu(), "init": init,
+               "command": "OMP_NUM_THREADS=1 python -m v4lab.labrun --run-dir RUN --out OUT"
+               + (" --recipe lab-v4-continue --init INIT" if init else ""),
                "torch": torch.__version__, "threads": 1}
     from v4lab import labeval  # imported late: the evaluation can be fixed while training runs
     summary["targets"] = labeval.evaluate_release(tmp, progress=True, root=root)
-    summary["cpu_seconds_total"] = cpu()
+    summary["cpu_seconds_total"] = cpu() + before
     (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if out.exists():
         old = out.with_name(out.name + ".old")
@@ -371,6 +427,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="data/lab-v4", help="the model directory written at the end")
     p.add_argument("--root", default=None, help="CPython HTML docs root (default: python3.11-doc's)")
     p.add_argument("--ckpt-seconds", type=float, default=600.0, help="wall seconds between checkpoints")
+    p.add_argument("--recipe", default="lab-v4", choices=sorted(RECIPES),
+                   help="lab-v4: from scratch; lab-v4-continue: more steps from the release in --init")
+    p.add_argument("--init", default=None, help="the release a continuation starts from (default runs/lab-v4-a)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--status", action="store_true", help="only print where the run in --run-dir stands")
     args = p.parse_args(argv)
@@ -385,7 +444,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"v4lab labrun: error: --ckpt-seconds = {args.ckpt_seconds}: must be > 0", file=sys.stderr)
         return 2
     try:
-        state = run(args.run_dir, args.out, args.root, ckpt_seconds=args.ckpt_seconds,
+        recipe = dict(RECIPES[args.recipe])
+        if args.init is not None:
+            if args.recipe != "lab-v4-continue":
+                raise ValueError(f"--init = {args.init!r}: only the lab-v4-continue recipe starts from a release")
+            recipe["init"] = args.init
+        state = run(args.run_dir, args.out, args.root, recipe=recipe, ckpt_seconds=args.ckpt_seconds,
                     progress=not args.no_progress)
     except ValueError as e:
         print(f"v4lab labrun: error: {e}", file=sys.stderr)

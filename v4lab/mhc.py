@@ -246,7 +246,8 @@ def hc_post(o: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Te
                  f"must be {list(shape)} to match x [B, S, n, d] = {list(x.shape)}")
     cd = _compute_dtype(x.dtype)
     # Σ_i comb[i, j] X_i = (combᵀ X)_j: the transpose is the official (column-stochastic) use.
-    y = post.to(cd).unsqueeze(-1) * o.to(cd).unsqueeze(-2) + comb.to(cd).transpose(-1, -2) @ x.to(cd)
+    # contiguous: Sinkhorn leaves comb token-minor ([B, S, n, n] with stride 1 on S), which makes bmm crawl
+    y = post.to(cd).unsqueeze(-1) * o.to(cd).unsqueeze(-2) + comb.to(cd).transpose(-1, -2).contiguous() @ x.to(cd)
     return y.to(x.dtype)
 
 

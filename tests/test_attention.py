@@ -429,3 +429,49 @@ def test_bf16_module_keeps_fp32_rope_frequencies():
     with torch.no_grad():
         y = a(torch.randn(1, 130, 128, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+
+
+def _probs_case(seed, B=2, S=5, H=3, D=8, N=11, K=6):
+    g = torch.Generator().manual_seed(seed)
+    q, kv = torch.randn(B, S, H, D, generator=g), torch.randn(B, N, D, generator=g)
+    sink = torch.randn(H, generator=g)
+    idx = torch.randint(-1, N, (B, S, K), generator=g)
+    idx[0, 1, 2] = idx[0, 1, 3] = 4                   # a row listed twice counts twice
+    idx[1, 2] = -1                                    # a query that reads nothing but the sink
+    return q, kv, sink, idx
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dense_attn_probs_equals_the_gather(seed):
+    from v4lab.attention import dense_attn_probs
+    q, kv, sink, idx = _probs_case(seed)
+    p_ref, s_ref = sparse_attn_probs(q, kv, sink, idx, 0.3)
+    p, s = dense_attn_probs(q, kv, sink, idx, 0.3)
+    torch.testing.assert_close(p, p_ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=1e-7)
+    assert torch.equal(s[1, 2], torch.ones(3)) and (p[1, 2] == 0).all()
+    # a NaN in a row no query lists never reaches the probabilities
+    unlisted = sorted(set(range(kv.shape[1])) - set(idx[idx >= 0].tolist()))
+    if unlisted:
+        kv2 = kv.clone()
+        kv2[:, unlisted[0]] = float("nan")
+        torch.testing.assert_close(dense_attn_probs(q, kv2, sink, idx, 0.3)[0], p)
+    # nothing listed at all: only the sink
+    p0, s0 = dense_attn_probs(q, kv, sink, torch.full_like(idx, -1), 0.3)
+    assert (p0 == 0).all() and torch.equal(s0, torch.ones_like(s0))
+
+
+def test_attn_probs_takes_both_paths_with_one_result(monkeypatch):
+    from v4lab import attention as A
+    seen = []
+    for rows, n_q in ((4, 64), (4000, 64)):          # few distinct rows → dense; ~256 distinct rows → gather
+        g = torch.Generator().manual_seed(rows)
+        q, kv = torch.randn(1, n_q, 2, 8, generator=g), torch.randn(1, rows, 8, generator=g)
+        idx = torch.randint(0, rows, (1, n_q, 4), generator=g)
+        path = A.choose_attn_path(2, n_q, int(torch.unique(idx).numel()), 4, 8)
+        seen.append(path)
+        p, s = A.attn_probs(q, kv, torch.zeros(2), idx, 0.5)
+        p_ref, s_ref = sparse_attn_probs(q, kv, torch.zeros(2), idx, 0.5)
+        torch.testing.assert_close(p, p_ref, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=1e-7)
+    assert seen == ["dense", "gather"]

@@ -179,6 +179,37 @@ def sparse_attn_probs(q, kv, attn_sink, idx, scale):
     return p[..., :-1].masked_fill(~valid[:, :, None, :], 0.0), p[..., -1]
 
 
+def dense_attn_probs(q, kv, attn_sink, idx, scale):
+    """The dense-block twin of `sparse_attn_probs` (same signature, same result): the block's queries score
+    the distinct rows any of them lists in one GEMM ([S·H, D] x [D, R]), and each slot then takes its
+    row's score, instead of copying K rows of kv per query. Rows nobody lists are never read."""
+    return _probs_on_rows(q, kv, attn_sink, idx, scale, torch.unique(idx[idx >= 0]).long())
+
+
+def _probs_on_rows(q, kv, attn_sink, idx, scale, rows):
+    """`dense_attn_probs` given rows = the distinct listed rows, sorted ([R])."""
+    B, S, H, D = q.shape
+    K = idx.shape[-1]
+    valid = idx >= 0
+    if rows.numel() == 0:
+        rows = torch.zeros(1, dtype=torch.long, device=idx.device)
+    at = torch.searchsorted(rows, idx.clamp(min=0).long().contiguous()).clamp(max=rows.numel() - 1)
+    zr = torch.einsum("bshd,brd->bshr", q.float(), kv[:, rows].float()) * scale          # [B, S, H, R]
+    z = zr.gather(-1, at[:, :, None, :].expand(B, S, H, K))
+    z = z.masked_fill(~valid[:, :, None, :], float("-inf"))
+    p = torch.cat([z, attn_sink.float().view(1, 1, H, 1).expand(B, S, H, 1)], -1).softmax(-1)
+    return p[..., :-1].masked_fill(~valid[:, :, None, :], 0.0), p[..., -1]
+
+
+def attn_probs(q, kv, attn_sink, idx, scale):
+    """`dense_attn_probs` or `sparse_attn_probs`, whichever `choose_attn_path` models as cheaper for these
+    queries (the distinct rows they list against K copied rows per query); same result either way."""
+    rows = torch.unique(idx[idx >= 0]).long()
+    if choose_attn_path(q.shape[2], q.shape[1], int(rows.numel()), idx.shape[-1], q.shape[-1]) == "dense":
+        return _probs_on_rows(q, kv, attn_sink, idx, scale, rows)
+    return sparse_attn_probs(q, kv, attn_sink, idx, scale)
+
+
 # ------------------------------------------------------------------------------------------ cache
 class _Growing:
     """An append-only [B, n, D] tensor with doubling capacity (decode appends one entry at a time).
@@ -645,7 +676,7 @@ class Attention(nn.Module):
         w = self.window
         dense = torch.cat([idx[..., :w], self._all_visible(t, call.Nc, call.L)[None].expand(call.B, -1, -1)], 2)
         with torch.no_grad():
-            p, _ = sparse_attn_probs(qc, call.kv_all, self.attn_sink, dense, self.scale)
+            p, _ = attn_probs(qc, call.kv_all, self.attn_sink, dense, self.scale)
         mass = p[..., w:].sum(2)                                            # [B, s, Nc]
         nv = visible_entries(t, self.ratio)
         a, n = distill_kl(mass, scores, nv)
@@ -662,7 +693,7 @@ class Attention(nn.Module):
             hidden = torch.arange(call.Nc, device=qc.device)[None, None] >= nv[None, :, None]
             rec["index_scores"] = scores.masked_fill(hidden, float("-inf"))
             rec["selected"] = cidx
-        p, sink = sparse_attn_probs(qc, call.kv_all, self.attn_sink, idx, self.scale)
+        p, sink = attn_probs(qc, call.kv_all, self.attn_sink, idx, self.scale)
         rec["window_positions"] = wp.where(wp >= 0, -1)[None].expand(call.B, -1, -1)
         rec["compressed_idx"] = torch.where(idx[..., w:] >= 0, idx[..., w:] - L, -1)
         rec["probs_window"], rec["probs_compressed"], rec["sink"] = p[..., :w], p[..., w:], sink

@@ -102,7 +102,8 @@ def build_ar(res: dict) -> go.Figure:
     """The 2×2 (AR × rollback) around the same provoked spike. Left: each cell's loss minus the run without the
     spike, per step (the steps training kept: after a rollback, the replay), so batch-to-batch noise cancels;
     shading marks the steps AR-only routed with parameters from Δt steps earlier. Right: the post-spike loss
-    of each cell (and of the every-parameter contrast, when the result has it)."""
+    of each cell and of the run without the spike (grey). The every-parameter contrast is not drawn: its
+    losses, a nat higher, would flatten these differences."""
     d, s = res["details"], res["settings"]
     names = list(d["excess"])
     fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.12,
@@ -117,18 +118,12 @@ def build_ar(res: dict) -> go.Figure:
     if on:
         fig.add_vrect(x0=min(on) - 0.5, x1=max(on) + 0.5, fillcolor="#9e9e9e", opacity=0.15, line_width=0,
                       annotation_text=f"AR on (Δt = {s['ar_lag']})", annotation_position="top left", row=1, col=1)
-    labels = [*names] + (["AR only, every param."] if "contrast_all_params" in d else [])
-    vals = [d["cells"][n]["post_spike_loss"] for n in names]
-    colors = list(PALETTE[:len(names)])
-    if "contrast_all_params" in d:
-        c = d["contrast_all_params"]["cells"]
-        labels = [*names, "neither, every param.", "AR only, every param."]
-        vals += [c["neither"]["post_spike_loss"], c["AR only"]["post_spike_loss"]]
-        colors += [PALETTE[4], PALETTE[5]]
-    fig.add_bar(x=labels, y=vals, marker_color=colors, text=[f"{v:.3f}" for v in vals], textposition="outside",
-                showlegend=False, row=1, col=2)
-    lo = min(vals)
-    fig.update_yaxes(range=[lo - 0.05, max(vals) + 0.1 * (max(vals) - lo) + 0.05], row=1, col=2)
+    labels = [*names, "no spike"]
+    vals = [d["cells"][n]["post_spike_loss"] for n in labels]
+    fig.add_bar(x=labels, y=vals, marker_color=[*PALETTE[:len(names)], "#9e9e9e"],
+                text=[f"{v:.3f}" for v in vals], textposition="outside", showlegend=False, row=1, col=2)
+    lo, hi = min(vals), max(vals)
+    fig.update_yaxes(range=[lo - 0.5 * (hi - lo), hi + 0.25 * (hi - lo)], title_text="nats/token", row=1, col=2)
     fig.update_xaxes(title_text="optimiser step", row=1, col=1)
     fig.update_xaxes(tickangle=30, row=1, col=2)
     fig = _layout(fig, f"A router spike (router update × {s['spike_lr_mult']:g} at step {s['spike_at']}), "

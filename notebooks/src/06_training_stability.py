@@ -249,7 +249,7 @@ exp_viz.build_ar(ar_res)
 #
 # ### Run it yourself
 #
-# `v4lab experiment ar --quick` reruns the 2×2 (about two minutes on a busy 2-core machine); `--json`
+# `v4lab experiment ar --quick` reruns the 2×2 at batch 4 (about a minute on a busy 2-core machine); `--json`
 # prints the result object. The cell below does the same from Python. It is marked `# NBVAL_SKIP` because
 # it is over the notebook test's time budget, so the automated check skips it; in Jupyter it runs normally.
 

@@ -8,6 +8,7 @@ from v4lab import cli
 from v4lab.data import load_data
 from v4lab.experiments import runner, subfp4
 
+SMALL_AR = dict(steps=8, spike_at=4, ar_lag=4, ar_duration=3, batch_size=2, seq_len=32)
 TINY_SUBFP4 = dict(formats=("e2m1", "e1m1", "e2m0", "ternary"), blocks=(32,), scopes=("experts",),
                    qat_steps=0, qat_formats=(), eval_windows=8, seq_len=128)
 
@@ -98,19 +99,25 @@ def test_mhc_keeps_the_composite_gain_at_one_where_hc_drifts():
     assert len(r["baseline"]["gain_by_depth"]) == 20 and len(r["treatment"]["loss"]) == 4
 
 
-def test_ar_grid_switches_rollback_and_ar_separately(data):
+def test_ar_grid_switches_rollback_and_ar_separately_and_ar_alone_helps(data):
+    # the regime of the stored run (a router spike on the trained tiny-v4), smaller: AR alone lowers the loss
     from v4lab.experiments import anticipatory
-    r = anticipatory.experiment(quick=True, data=data, steps=8, spike_at=4, spike_lr_mult=300.0, ar_lag=1,
-                                ar_duration=2, batch_size=2, seq_len=32)
-    c = r["details"]["cells"]
+    r = anticipatory.experiment(quick=True, data=data, **SMALL_AR)
+    c, s = r["details"]["cells"], r["settings"]
     assert not any(c["neither"]["ar_on"]) and not c["neither"]["events"]
     assert not any(c["rollback only"]["ar_on"]) and "rollback" in c["rollback only"]["events"][0][1]
-    ev = c["AR only"]["events"][0][1]
-    assert ev.startswith("spike at") and "AR on" in ev and any(c["AR only"]["ar_on"])
-    assert len(c["AR only"]["loss"]) == 8                  # no rollback: no step repeated
-    assert len(c["AR + rollback"]["loss"]) > 8            # rollback re-runs steps
-    assert c["neither"]["loss"][:4] == c["AR only"]["loss"][:4]   # identical until the spike
+    it, ev = c["AR only"]["events"][0]
+    assert it > s["spike_at"] and ev == f"spike at {it}, no rollback, AR on"   # detected after the kick
+    assert len(c["AR only"]["loss"]) == s["steps"]                         # no rollback: no step repeated
+    assert len(c["AR + rollback"]["loss"]) > s["steps"]                    # a rollback replays steps
+    assert c["neither"]["loss"][:s["spike_at"] + 1] == c["AR only"]["loss"][:s["spike_at"] + 1]
+    assert c["neither"]["loss"] != c["no spike"]["loss"]                  # the kick changes the run
     assert r["effect"] == pytest.approx(c["neither"]["post_spike_loss"] - c["AR only"]["post_spike_loss"])
+    assert r["effect"] > 0                                                  # AR alone helps here
+    # while AR is on (routes from before the kick) the AR-only run is below the no-AR run at every step
+    on = [i for i, f in enumerate(c["AR only"]["ar_on"]) if f]
+    assert on and all(c["AR only"]["loss"][i] < c["neither"]["loss"][i] for i in on)
+    assert 0.3 < c["neither"]["churn"][s["spike_at"]] <= 1                # the kick re-routes the tokens
 
 
 def test_routes_with_an_older_snapshot_use_its_parameters_and_restore_the_model(data):

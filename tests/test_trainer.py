@@ -19,7 +19,7 @@ TRAIN_KEYWORDS = {
     "ckpt_every", "eval_every", "eval_windows", "threads", "deterministic", "progress", "max_seconds",
     "callback", "log_preact", "device", "mtp_weight_final", "mtp_switch_at", "extra_files", "ddp",
     "indexer_distill_weight", "indexer_distill_every", "start_step", "stop_step", "opt_state", "on_checkpoint",
-    "ckpt_seconds"}
+    "ckpt_seconds", "spike_scope"}
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,7 @@ def test_train_keeps_every_keyword():
     (dict(seq_len=1), "seq_len = 1: must be a positive integer >= 2"),
     (dict(ar_lag=0), "ar_lag = 0: must be a positive integer"),
     (dict(anticipatory="sometimes"), "anticipatory = 'sometimes': must be one of"),
+    (dict(spike_scope="experts"), "spike_scope = 'experts': must be one of"),
     (dict(optimizer="sgd"), "optimizer = 'sgd': must be one of"),
     (dict(lr=0.0), "lr = 0.0: must be > 0"),
     (dict(seq_len=10 ** 6), "seq_len = 1000000: must be <= max_position_embeddings"),
@@ -69,6 +70,25 @@ def test_a_bad_setting_is_one_line_naming_it(micro, change, message):
     good = _small(micro)
     with pytest.raises(ValueError, match=message):          # replace() validates too
         dataclasses.replace(good, **change)
+
+
+def test_a_router_spike_multiplies_the_routers_update_and_nothing_else(micro, data):
+    # spike_scope "router": at spike_at only the learned routers' update is spike_lr_mult times larger
+    base = _small(micro, steps=2, lr=1e-3, seed=0, threads=1)
+    params = {}
+    for name, cfg in (("before", base.replace(stop_step=1)), ("plain", base),
+                      ("kicked", base.replace(spike_at=1, spike_lr_mult=50.0, spike_scope="router"))):
+        model = T.fit(cfg, data)["model"]
+        params[name] = {k: v.detach().clone() for k, v in model.named_parameters()}
+    router = {f"{k}.weight" for k, m in model.named_modules() if k.endswith("ffn.gate") and not m.is_hash}
+    assert len(router) == 2                       # layer 1 and the MTP block; the hash layer's gate is not one
+    for k in params["plain"]:
+        w0, w1, w2 = params["before"][k], params["plain"][k], params["kicked"][k]
+        if k in router:
+            assert (w1 - w0).abs().max() > 0
+            torch.testing.assert_close(w2 - w0, 50.0 * (w1 - w0), rtol=1e-3, atol=1e-6)
+        else:
+            assert torch.equal(w1, w2), k
 
 
 def test_config_resolves_its_defaults(micro):

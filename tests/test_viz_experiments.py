@@ -41,3 +41,17 @@ def test_missing_or_unknown_result_is_a_clear_error(tmp_path):
         ev.load("x")
     (tmp_path / "mhc.json").write_text(json.dumps({"a": 1}))
     assert ev.load("mhc", tmp_path) == {"a": 1}
+
+
+def test_ar_figure_draws_every_cell_against_the_no_spike_run():
+    res = ev.load("ar")
+    fig = ev.build_ar(res)
+    cells = res["details"]["cells"]
+    lines = [t for t in fig.data if t.type == "scatter"]
+    assert [t.name for t in lines] == [n for n in cells if n != "no spike"]
+    bars = [t for t in fig.data if t.type == "bar"][0]
+    assert list(bars.x) == [*(n for n in cells if n != "no spike"), "no spike"]
+    assert list(bars.y) == [cells[n]["post_spike_loss"] for n in bars.x]
+    on = [st for st, f in zip(cells["AR only"]["step"], cells["AR only"]["ar_on"]) if f]
+    (shade,) = fig.layout.shapes                                # the AR-on steps of the AR-only run
+    assert (shade.x0, shade.x1) == (min(on) - 0.5, max(on) + 0.5)

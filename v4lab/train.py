@@ -592,8 +592,10 @@ class Trainer:
         loss.backward()
         norms = self._clip(bool(parts["dcsa"]))
         stats = self._routing_before_update(step)
+        kicked = self._router_kick(step)
         for o in self.opts:
             o.step()
+        kicked()
         loads = stats["loads"] if self.ddp is None else self.ddp.sum_loads(stats["loads"])  # the global load
         if self.config.bias_gamma > 0:                 # every rank makes the same bias update
             for j in self.learned:
@@ -613,13 +615,31 @@ class Trainer:
         if self.qat_from is not None and step == self.qat_from:
             self.model.set_flags(qat=True)
         cur_lr = lr_at(step, c.steps, c.lr, c.warmup, c.min_lr_ratio)
-        if c.spike_at is not None and step == c.spike_at and not self.spike_done:
+        if c.spike_at is not None and step == c.spike_at and not self.spike_done and c.spike_scope == "all":
             cur_lr *= c.spike_lr_mult
             self.spike_done = True
         for o in self.opts:
             for g in o.param_groups:
                 g["lr"] = cur_lr
         return cur_lr
+
+    def _router_kick(self, step: int) -> Callable[[], None]:
+        """``spike_scope`` "router": at ``spike_at`` the learned routers' update is multiplied by
+        ``spike_lr_mult`` (the same as that learning-rate multiplier for those weights alone: an AdamW or Muon
+        update, decay included, is linear in the learning rate). Call before the optimiser step; call what
+        it returns after it."""
+        c = self.config
+        if c.spike_scope != "router" or c.spike_at != step or self.spike_done:
+            return lambda: None
+        self.spike_done = True
+        ws = [self.blocks[j].ffn.gate.weight for j in self.learned]
+        before = [w.detach().clone() for w in ws]
+
+        def scale() -> None:
+            with torch.no_grad():
+                for w, w0 in zip(ws, before):
+                    w.copy_(w0 + c.spike_lr_mult * (w - w0))
+        return scale
 
     def _loss(self, step: int, ids: torch.Tensor, routes) -> tuple[torch.Tensor, dict]:
         """The step's loss: LM + weighted MTP + balance (+ the indexer's KL on its steps)."""

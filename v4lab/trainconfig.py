@@ -26,7 +26,9 @@ Fields (defaults are the recipe of the tiny model):
   = Δt in steps, ``ar_duration``; the spike detector's ``spike_ratio``, ``spike_beta`` (EMA decay),
   ``spike_min_step`` (default: ``warmup``), ``rollback`` (default 2·Δt), and what a detected spike triggers:
   ``spike_rollback`` / ``spike_ar`` (both off: the detector only logs). ``spike_at`` / ``spike_lr_mult``: a
-  one-off learning-rate multiplier at one step, to induce a spike for the experiments.
+  one-off learning-rate multiplier at one step, to induce a spike for the experiments; ``spike_scope``
+  ("all" | "router"): which parameters that step's multiplier applies to ("router": the learned routers'
+  weights only, a spike whose cause is a jump of the routing).
 * resumed stages (``v4lab.labrun``): steps [``start_step``, ``stop_step``) of a ``steps``-long schedule;
   ``ckpt_seconds``: how often the trainer's ``on_checkpoint`` is called.
 * output: ``log_path`` (JSONL), ``out_dir`` (a checkpoint every ``ckpt_every`` steps and at the end),
@@ -44,6 +46,7 @@ from v4lab.config import V4Config, get_config
 from v4lab.errors import bad
 
 AR_MODES = ("off", "always", "spike")
+SPIKE_SCOPES = ("all", "router")
 OPTIMIZERS = ("adamw", "muon")
 
 
@@ -88,6 +91,7 @@ class TrainConfig:
     spike_ar: bool = True
     spike_at: int | None = None
     spike_lr_mult: float = 1.0
+    spike_scope: str = "all"
     start_step: int = 0
     stop_step: int | None = None
     ckpt_seconds: float | None = None
@@ -154,6 +158,8 @@ class TrainConfig:
                 bad(name, v, "must be a positive integer" + (" >= 2" if name == "seq_len" else ""))
         if self.anticipatory not in AR_MODES:
             bad("anticipatory", self.anticipatory, f"must be one of {AR_MODES}")
+        if self.spike_scope not in SPIKE_SCOPES:
+            bad("spike_scope", self.spike_scope, f"must be one of {SPIKE_SCOPES}")
         if self.optimizer not in OPTIMIZERS:
             bad("optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
         if not self.lr > 0:

@@ -12,18 +12,23 @@ would change, averaged over learned-router layers), AR on/off, events, and wall-
 from which the overhead of AR is measured (the report quotes ~20 % with overlap; a naive extra forward
 is ~1/3 of a training step's compute). Toy scale: the point is the mechanism and its cost, not a claim that
 AR prevents this particular spike.
+
+``experiment`` (``v4lab experiment ar``) is the 2×2 of AR × rollback in the regime where AR alone shows an
+effect: the trained tiny-v4 (specialised experts), a spike made by one oversized update of the learned
+routers only, Δt longer than AR's period so every AR step routes with parameters from before the spike.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from v4lab.train import fit, micro_config
 from v4lab.trainconfig import TrainConfig
 
 if TYPE_CHECKING:
-    import torch
-
     from v4lab.data import TokenData
 
 
@@ -63,55 +68,144 @@ def run(seed: int = 0, *, steps: int = 30, lr: float = 5e-3, spike_at: int = 15,
     return out
 
 
-# The 2×2 of the issue: (AR, rollback) on a detected spike. "spike" mode with one switch off.
+# The 2×2 of the issue: (AR, rollback) on a detected spike. "spike" mode with one switch off; "no spike" is the
+# same run without the provoked update, the reference the spike's cost is measured against.
 GRID = {"neither": dict(anticipatory="off"),
         "rollback only": dict(anticipatory="spike", spike_ar=False),
         "AR only": dict(anticipatory="spike", spike_rollback=False),
         "AR + rollback": dict(anticipatory="spike")}
-QUICK = dict(steps=24, lr=5e-3, spike_at=12, spike_lr_mult=100.0, ar_lag=2, ar_duration=8, spike_ratio=1.1,
-             batch_size=4, seq_len=64)
-# The full run is the quick one: with batch 8, 48 steps and the spike at step 24 (cosine lr lower there) the
-# detector never fired and all four cells were identical, so the stored result uses these settings.
-FULL = QUICK
+REFERENCE = "no spike"
+# The regime (found by the search in the notebook's text): the trained tiny-v4, whose experts are specialised
+# (scrambling its routers costs ~0.2 nats; in a micro V4 trained for 40 steps, re-routing 97 % of the tokens
+# cost nothing), continued at a small learning rate; the provoked spike is one update of the learned routers
+# at spike_lr_mult × lr (the backbone untouched), so routing is its mechanism. Δt = ar_duration + 1: every
+# step AR is on routes with parameters from before the kick. The detector is armed from the kicked step on
+# (the provoked update changes the losses from spike_at + 1 on; at ratio 1.06, armed earlier, ordinary
+# batch-to-batch noise could fire it); the rollback is short (2 steps).
+QUICK = dict(steps=11, lr=2e-4, warmup=4, spike_at=5, spike_lr_mult=5000.0, spike_scope="router", ar_lag=6,
+             ar_duration=5, spike_ratio=1.06, rollback=2, batch_size=4, seq_len=64, contrast=False)
+# full: a larger batch (less batch-to-batch noise), three more steps after AR goes off, and the contrast: the
+# same spike given to every parameter (backbone damage, which AR does not touch).
+FULL = {**QUICK, "steps": 14, "batch_size": 8, "contrast": True, "contrast_lr_mult": 100.0}
+MODEL_DIR = "data/tiny-v4"
+
+SETTINGS = ("steps", "lr", "warmup", "spike_at", "spike_lr_mult", "spike_scope", "ar_lag", "ar_duration",
+            "spike_ratio", "rollback", "batch_size", "seq_len")
 
 
-SETTINGS = ("steps", "lr", "spike_at", "spike_lr_mult", "ar_lag", "ar_duration", "spike_ratio", "batch_size",
-            "seq_len")
-
-
-def _cell(config: TrainConfig, data, s: dict) -> dict:
-    """One cell of the grid: the run of ``config``, summarised around the spike of settings ``s``."""
-    r = fit(config, data)
+def _cell(config: TrainConfig, data, s: dict, model) -> dict:
+    """One cell of the grid: the run of ``config`` from ``model``, summarised around the spike of settings
+    ``s`` (post_spike_loss: mean lm loss over the ar_duration steps after spike_at)."""
+    r = fit(config, data, model=model)
     log = r["log"]
     after = [x["lm_loss"] for x in log if s["spike_at"] < x["step"] <= s["spike_at"] + s["ar_duration"]]
     on = [x["seconds"] for x in log if x["ar_on"]]
     off = [x["seconds"] for x in log if not x["ar_on"]]
+    # CPU seconds of each step (the first has no start to subtract): unlike wall time, not inflated while
+    # other processes hold the core
+    cpu = [(b["ar_on"], a["ar_on"], b["cpu_seconds"] - a["cpu_seconds"]) for a, b in zip(log, log[1:])]
+    cpu_on, cpu_off = [v for f, _, v in cpu if f], [v for f, _, v in cpu if not f]
+    # the first AR step of a period also pays AR's start: the routes of Δt steps from stored snapshots
+    steady = [v for f, before, v in cpu if f and before]
     return {"loss": [x["lm_loss"] for x in log], "step": [x["step"] for x in log],
+            "churn": [sum(x["churn"]) / max(1, len(x["churn"])) for x in log],
             "ar_on": [x["ar_on"] for x in log], "events": [(x["iter"], x["event"]) for x in log if "event" in x],
             "post_spike_loss": sum(after) / max(1, len(after)), "final_loss": log[-1]["lm_loss"],
             "seconds_per_step": sum(x["seconds"] for x in log) / len(log),
-            "seconds_ar_on": sum(on) / len(on) if on else None, "seconds_ar_off": sum(off) / len(off) if off else None}
+            "seconds_ar_on": sum(on) / len(on) if on else None, "seconds_ar_off": sum(off) / len(off) if off else None,
+            "cpu_ar_on": sum(cpu_on) / len(cpu_on) if cpu_on else None,
+            "cpu_ar_off": sum(cpu_off) / len(cpu_off) if cpu_off else None,
+            "cpu_ar_on_steady": sum(steady) / len(steady) if steady else None}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b - 1 if a and b else None
+
+
+def _source(model_dir: str, device):
+    """The trained model's config and a function that returns a fresh copy of its weights (fp32)."""
+    from v4lab.experiments.subfp4 import _load
+    from v4lab.model import V4Model
+    src = _load(model_dir, device)
+    state = {k: v.detach().clone() for k, v in src.state_dict().items()}
+
+    def fresh() -> V4Model:
+        m = V4Model(src.cfg)
+        m.load_state_dict(state)
+        return m
+    return src.cfg, fresh
+
+
+@torch.no_grad()
+def _forward_share(model, ids, step_seconds: float, repeats: int = 3) -> dict:
+    """Seconds of one routing-only forward (AR's look-ahead) against a training step's: the overhead a
+    serial implementation must pay."""
+    model.route_only(ids[:, :-1], return_mtp=True)                  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        model.route_only(ids[:, :-1], return_mtp=True)
+    fwd = (time.perf_counter() - t0) / repeats
+    return {"route_only_seconds": fwd, "step_seconds": step_seconds, "share": fwd / step_seconds}
+
+
+@torch.no_grad()
+def _forward_cpu_share(model, ids, step_cpu: float, repeats: int = 3) -> dict:
+    """The same in CPU seconds (``time.process_time``)."""
+    model.route_only(ids[:, :-1], return_mtp=True)
+    t0 = time.process_time()
+    for _ in range(repeats):
+        model.route_only(ids[:, :-1], return_mtp=True)
+    fwd = (time.process_time() - t0) / repeats
+    return {"route_only_cpu": fwd, "step_cpu": step_cpu, "share": fwd / step_cpu}
 
 
 def experiment(quick: bool = False, device: str | torch.device | None = None, data: TokenData | None = None,
-               **changes: Any) -> dict:
-    """`v4lab experiment ar`: the same provoked spike (one step at spike_lr_mult × lr) four ways, AR on/off ×
-    rollback on/off. Baseline = neither, treatment = AR alone; metric = post_spike_loss (mean lm loss over
-    the ar_duration steps after the spike); effect = baseline − treatment (> 0 when AR alone helps).
-    overhead = AR-on step time / AR-off step time − 1, measured inside the AR-only run."""
+               cells: tuple = tuple(GRID), model_dir: str = MODEL_DIR, **changes: Any) -> dict:
+    """`v4lab experiment ar`: the same provoked spike (one update of the learned routers at spike_lr_mult × lr,
+    on the trained tiny-v4) four ways, AR on/off × rollback on/off, plus the run without the spike. Baseline =
+    neither, treatment = AR only; metric = post_spike_loss; effect = baseline − treatment (> 0 when AR alone
+    helps). overhead = AR-on step time / AR-off step time − 1 inside the AR-only run (wall; overhead_cpu: the
+    same in CPU seconds; overhead_cpu_steady: without each AR period's first step, which also routes Δt
+    steps from snapshots); forward_share: one routing-only forward / one training step of "neither".
+    ``cells``: a subset of GRID (must hold "neither" and "AR only"); with ``contrast`` the two also run with
+    a spike given to every parameter (lr × ``contrast_lr_mult`` for one step: × spike_lr_mult would turn
+    the model to NaN)."""
     from v4lab.data import load_data
     s = {**(QUICK if quick else FULL), **changes}
-    cfg = micro_config()
-    data = data or load_data(cfg.vocab_size)
-    base = TrainConfig(cfg, warmup=2, seed=0, progress=False, threads=1, device=device,
-                       **{k: s[k] for k in SETTINGS})
-    cells = {name: _cell(replace(base, **sw), data, s) for name, sw in GRID.items()}
-    ar = cells["AR only"]
-    overhead = ar["seconds_ar_on"] / ar["seconds_ar_off"] - 1 if ar["seconds_ar_on"] and ar["seconds_ar_off"] else None
-    base, treat = cells["neither"], ar
-    return {"metric": "post_spike_loss", "baseline": {"label": "neither", **base},
-            "treatment": {"label": "AR only", **treat},
-            "effect": base["post_spike_loss"] - treat["post_spike_loss"], "settings": s,
-            "details": {"cells": cells, "overhead": overhead,
-                        "rollback_effect": base["post_spike_loss"] - cells["rollback only"]["post_spike_loss"],
-                        "both_effect": base["post_spike_loss"] - cells["AR + rollback"]["post_spike_loss"]}}
+    for need in ("neither", "AR only"):
+        if need not in cells:
+            raise ValueError(f"cells = {cells!r}: must contain {need!r} (the baseline and the treatment)")
+    cfg, fresh = _source(model_dir, device)
+    if data is None:
+        data = load_data(cfg.vocab_size)          # the same BPE tiny-v4 was trained with (data/tiny-v4/tokenizer.json)
+    base = TrainConfig(cfg, seed=0, progress=False, threads=1, device=device, min_lr_ratio=1.0,
+                       spike_min_step=s["spike_at"] + 1, **{k: s[k] for k in SETTINGS})
+    out = {name: _cell(replace(base, **GRID[name]), data, s, fresh()) for name in cells}
+    out[REFERENCE] = _cell(replace(base, spike_at=None), data, s, fresh())
+    ar, neither = out["AR only"], out["neither"]
+    ids = data.batch(0, s["batch_size"], s["seq_len"], 0)
+    details = {"cells": out, "overhead": _ratio(ar["seconds_ar_on"], ar["seconds_ar_off"]),
+               "overhead_cpu": _ratio(ar["cpu_ar_on"], ar["cpu_ar_off"]),
+               "overhead_cpu_steady": _ratio(ar["cpu_ar_on_steady"], ar["cpu_ar_off"]),
+               "forward_share": _forward_share(fresh(), ids, neither["seconds_per_step"]),
+               "forward_share_cpu": _forward_cpu_share(fresh(), ids, neither["cpu_ar_off"]),
+               "ar_on_fraction": sum(ar["ar_on"]) / len(ar["ar_on"]),
+               "excess": {n: _excess(c, out[REFERENCE], s) for n, c in out.items() if n != REFERENCE}}
+    details.update({f"{k}_effect": neither["post_spike_loss"] - out[n]["post_spike_loss"]
+                    for k, n in (("rollback", "rollback only"), ("both", "AR + rollback")) if n in out})
+    if s.get("contrast"):
+        allp = replace(base, spike_scope="all", spike_lr_mult=s["contrast_lr_mult"])
+        c = {n: _cell(replace(allp, **GRID[n]), data, s, fresh()) for n in ("neither", "AR only")}
+        details["contrast_all_params"] = {"cells": c, "effect": c["neither"]["post_spike_loss"]
+                                          - c["AR only"]["post_spike_loss"]}
+    return {"metric": "post_spike_loss", "baseline": {"label": "neither", **neither},
+            "treatment": {"label": "AR only", **ar},
+            "effect": neither["post_spike_loss"] - ar["post_spike_loss"], "settings": s, "details": details}
+
+
+def _excess(cell: dict, ref: dict, s: dict) -> list:
+    """Per step from spike_at on: the loss of the run training kept (after a rollback, the replay) − the
+    no-spike run's at that step."""
+    kept = dict(zip(cell["step"], cell["loss"]))              # a replayed step overwrites its first run
+    ref_loss = dict(zip(ref["step"], ref["loss"]))
+    return [[st, kept[st] - ref_loss[st]] for st in sorted(kept) if st >= s["spike_at"]]

@@ -99,20 +99,37 @@ def build_subfp4(res: dict) -> go.Figure:
 
 
 def build_ar(res: dict) -> go.Figure:
-    """Training loss by iteration for the 2×2 (AR × rollback) around the same provoked spike."""
-    fig = go.Figure()
-    cells = res["details"]["cells"]
-    for i, (label, c) in enumerate(cells.items()):
-        same = next((other for other in list(cells)[:i] if cells[other]["loss"] == c["loss"]), None)
-        fig.add_scatter(x=list(range(len(c["loss"]))), y=c["loss"],
-                        name=label + (f" (identical to {same})" if same else ""),
-                        line=dict(color=PALETTE[i], dash="dot" if "AR" in label else "solid"))
-    s = res["settings"]
-    fig.add_vline(x=s["spike_at"], line=dict(dash="dash", color="#9e9e9e"),
-                  annotation_text=f"lr × {s['spike_lr_mult']:g} at step {s['spike_at']}")
-    fig.update_xaxes(title_text="iteration (a rollback re-runs steps)")
-    fig.update_yaxes(title_text="training loss (nats/token)")
-    return _layout(fig, "Anticipatory Routing × rollback after one provoked spike")
+    """The 2×2 (AR × rollback) around the same provoked spike. Left: each cell's loss minus the run without the
+    spike, per step (the steps training kept: after a rollback, the replay), so batch-to-batch noise cancels;
+    shading marks the steps AR-only routed with parameters from Δt steps earlier. Right: the post-spike loss
+    of each cell and of the run without the spike (grey). The every-parameter contrast is not drawn: its
+    losses, a nat higher, would flatten these differences."""
+    d, s = res["details"], res["settings"]
+    names = list(d["excess"])
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.62, 0.38], horizontal_spacing=0.12,
+                        subplot_titles=("loss − no-spike run's (nats/token)",
+                                        f"mean loss, steps {s['spike_at'] + 1}–{s['spike_at'] + s['ar_duration']}"))
+    for i, name in enumerate(names):
+        xy = d["excess"][name]
+        fig.add_scatter(x=[p[0] for p in xy], y=[p[1] for p in xy], name=name, legendgroup=name,
+                        line=dict(color=PALETTE[i], dash="dot" if "rollback" in name else "solid"), row=1, col=1)
+    ar = d["cells"]["AR only"]
+    on = [st for st, flag in zip(ar["step"], ar["ar_on"]) if flag]
+    if on:
+        fig.add_vrect(x0=min(on) - 0.5, x1=max(on) + 0.5, fillcolor="#9e9e9e", opacity=0.15, line_width=0,
+                      annotation_text=f"AR on (Δt = {s['ar_lag']})", annotation_position="top left", row=1, col=1)
+    labels = [*names, "no spike"]
+    vals = [d["cells"][n]["post_spike_loss"] for n in labels]
+    fig.add_bar(x=labels, y=vals, marker_color=[*PALETTE[:len(names)], "#9e9e9e"],
+                text=[f"{v:.3f}" for v in vals], textposition="outside", showlegend=False, row=1, col=2)
+    lo, hi = min(vals), max(vals)
+    fig.update_yaxes(range=[lo - 0.5 * (hi - lo), hi + 0.25 * (hi - lo)], title_text="nats/token", row=1, col=2)
+    fig.update_xaxes(title_text="optimiser step", row=1, col=1)
+    fig.update_xaxes(tickangle=30, row=1, col=2)
+    fig = _layout(fig, f"A router spike (router update × {s['spike_lr_mult']:g} at step {s['spike_at']}), "
+                       f"tiny-v4: AR alone {res['effect']:+.3f} nats", height=470)
+    fig.update_layout(margin=dict(t=80, b=130), legend=dict(orientation="h", y=-0.3))
+    return fig
 
 
 def build_qat(res: dict) -> go.Figure:

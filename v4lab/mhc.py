@@ -178,6 +178,22 @@ def _mixes(x_flat: torch.Tensor, fn: torch.Tensor, rms_eps: float) -> torch.Tens
     return F.linear(x_flat, fn.to(x_flat.dtype)) * r
 
 
+def mix_streams(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Σ_i w[t, i] · v[t, i]: weights w [T, n], streams v [T, n, d] → [T, d] (the pre-mix u, the head collapse).
+
+    One broadcast product and a sum over the n streams: a [1, n] @ [n, d] bmm per token does the same work
+    ~5x slower on a CPU (fwd + bwd, T = 2048, n = 4, d = 128), as each of the T products is tiny."""
+    return (w.unsqueeze(-1) * v).sum(-2)
+
+
+def mix_streams_reference(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The reference of `mix_streams` (same signature and result): the weighted sum written out stream by stream."""
+    u = w[:, 0, None] * v[:, 0]
+    for i in range(1, v.shape[1]):
+        u = u + w[:, i, None] * v[:, i]
+    return u
+
+
 def hc_pre_coeffs(x_flat: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
                   rms_eps: float, hc_eps: float, iters: int, mode: str = "mhc", check_finite: bool = True):
     """pre [T, n], post [T, n], comb [T, n, n] for flattened tokens x_flat [T, n·d] (reference for the kernel).
@@ -231,7 +247,7 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
     cd = _compute_dtype(x.dtype)
     v = x.reshape(B * S, n * d).to(cd)                                    # stream-major flatten
     pre, post, comb = _coeffs(v, fn, scale, base, n, rms_eps, hc_eps, iters, mode, check_finite)
-    u = (pre.unsqueeze(1) @ v.view(B * S, n, d)).squeeze(1)              # Σ_i pre_i X_i, un-normalised X
+    u = mix_streams(pre, v.view(B * S, n, d))                            # Σ_i pre_i X_i, un-normalised X
     return u.to(x.dtype).view(B, S, d), post.view(B, S, n), comb.reshape(B, S, n, n)
 
 
@@ -268,7 +284,7 @@ def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.
     z = scale.to(cd)[0] * m + base.to(cd)
     _check_finite(z, "hc_head: logits scale·(fn·v)/RMS(v) + base", check_finite)
     p = torch.sigmoid(z) + hc_eps
-    return (p.unsqueeze(1) @ v.view(B * S, n, d)).squeeze(1).to(x.dtype).view(B, S, d)
+    return mix_streams(p, v.view(B * S, n, d)).to(x.dtype).view(B, S, d)
 
 
 def init_streams(e: torch.Tensor, n: int) -> torch.Tensor:

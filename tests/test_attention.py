@@ -4,11 +4,14 @@ import torch
 
 from v4lab import attention, quant
 from v4lab.attention import (
+    ATTN_BLOCK_FLOATS,
+    ATTN_BLOCK_QUERIES,
     GATHER_COPY_FLOPS,
     Attention,
     attn_path_costs,
     choose_attn_path,
     dense_attn,
+    plan_attn_blocks,
     sparse_attn,
     sparse_attn_probs,
 )
@@ -262,6 +265,53 @@ def test_cost_model_crossover():
     assert choose_attn_path(2, 64, 40 * K, K, D) == "gather"
     c = attn_path_costs(8, 16, 100, 50, 64)
     assert c["dense"] == 4 * 16 * 8 * 100 * 64 and c["gather"] == 16 * 50 * 64 * (GATHER_COPY_FLOPS + 4 * 16)
+
+
+def test_plan_attn_blocks_training_counts_the_per_block_overhead():
+    """Inference keeps the per-block choice of `choose_attn_path` on ATTN_BLOCK_QUERIES-query blocks; training
+    adds a fixed cost per block, so the tiny config's window layer (4 heads × 64, 16 + 15 rows per query) runs
+    one wide gather instead of 32 dense blocks, while the released shape keeps its dense blocks."""
+    # tiny window layer, a 2048-query projection block: last dense block sees 64 + 15 rows, K = 16
+    assert plan_attn_blocks(4, 2048, 79, 16, 64) == ("dense", ATTN_BLOCK_QUERIES)
+    assert plan_attn_blocks(4, 2048, 79, 16, 64, training=True) == ("gather", 2048)
+    # released V4-Flash CSA at 1K context: dense blocks either way (a block there costs GFLOPs)
+    for training in (False, True):
+        assert plan_attn_blocks(64, 256, 64 + 127 + 256, 128 + 512, 512, training=training) == ("dense", 64)
+    # gather blocks are cut so their [s, K, D] gathered rows stay within ATTN_BLOCK_FLOATS
+    path, sub = plan_attn_blocks(64, 256, 64 + 127 + 4096, 128 + 512, 512, path="gather")
+    assert path == "gather" and sub == ATTN_BLOCK_FLOATS // (640 * 512) and sub * 640 * 512 <= ATTN_BLOCK_FLOATS
+    for heads, s, n, k, d in ((2, 64, 16 * 640, 640, 512), (2, 64, 40 * 640, 640, 512), (64, 64, 800, 640, 512)):
+        assert plan_attn_blocks(heads, s, n, k, d)[0] == choose_attn_path(heads, s, n, k, d)
+    assert plan_attn_blocks(4, 10, 79, 16, 64, path="dense") == ("dense", 10)
+
+
+def test_q_chunk_default_keeps_projection_blocks_within_the_float_budget():
+    """256 queries per projection block at the released 64 × 512 heads (as before), the whole chunk for tiny."""
+    real = get_config("tiny").replace(num_attention_heads=64, head_dim=512)
+    assert Attention(real, 0).q_chunk == 256
+    tiny = get_config("tiny")
+    assert Attention(tiny, 0).q_chunk == ATTN_BLOCK_FLOATS // (tiny.num_attention_heads * tiny.head_dim)
+
+
+def test_training_forward_runs_wide_gather_blocks_with_the_same_result(monkeypatch):
+    """With grad enabled "auto" runs the tiny window layer as one gather block; output and gradients equal
+    the dense-block path's (which the inference forward of "auto" takes here)."""
+    a = make("window", seed=8).train()
+    x = torch.randn(1, 300, 128, generator=torch.Generator().manual_seed(9))
+    ref = _grads(a, x, attn_path="dense")
+    calls = []
+
+    def spy(q, kv, sink, idx, scale):
+        calls.append(q.shape[1])
+        return sparse_attn(q, kv, sink, idx, scale)
+
+    monkeypatch.setattr(attention, "sparse_attn", spy)
+    y, gx, gp = _grads(a, x, attn_path="auto")
+    assert calls == [300]
+    torch.testing.assert_close(y, ref[0], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(gx, ref[1], atol=2e-6, rtol=1e-4)
+    for n in gp:
+        assert (gp[n] - ref[2][n]).abs().max() <= 1e-5 * ref[2][n].abs().max(), n
 
 
 def _grads(a, x, **kw):

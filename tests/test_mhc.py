@@ -341,3 +341,21 @@ def test_sinkhorn_token_last_layout_equals_the_reference_with_gradients(shape):
     torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-6, rtol=1e-5)
     assert not torch.allclose(outs[0][0], torch.softmax(logits, -1))       # it did normalise columns
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_mix_streams_equals_the_stream_by_stream_reference_with_gradients(n):
+    """`mix_streams` (one broadcast product and a sum) against the written-out sum: values and gradients."""
+    g = torch.Generator().manual_seed(3)
+    w0, v0 = torch.randn(37, n, generator=g), torch.randn(37, n, 24, generator=g)
+    gy = torch.randn(37, 24, generator=g)
+    outs = []
+    for fn in (mhc.mix_streams, mhc.mix_streams_reference):
+        w, v = w0.clone().requires_grad_(), v0.clone().requires_grad_()
+        y = fn(w, v)
+        (y * gy).sum().backward()
+        outs.append((y.detach(), w.grad, v.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    # and the reference is what it says: stream i weighted by w[:, i]
+    torch.testing.assert_close(outs[1][0][5], sum(w0[5, i] * v0[5, i] for i in range(n)), atol=1e-6, rtol=1e-6)

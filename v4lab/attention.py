@@ -163,8 +163,37 @@ def choose_attn_path(heads: int, queries: int, n_cols: int, k: int, head_dim: in
 
 
 ATTN_PATHS = ("auto", "dense", "gather")
-ATTN_BLOCK_QUERIES = 64         # queries per attention block (a dense block also sees its own rows: keep it short)
+ATTN_BLOCK_QUERIES = 64         # queries per dense block (a dense block also sees its own rows: keep it short)
 ATTN_BLOCK_FLOATS = 1 << 23     # an attention sub-block's big temporary ([s, K, D] gathered rows or [s, H, N'] scores)
+# The fixed cost of one attention block in training (GEMM-FLOP equivalents): its ~30 small ops forward and
+# their backward nodes take ~0.7 ms on this CPU whatever their size (measured on the tiny config's window
+# layer at 2048 tokens: 32 dense blocks 69 ms fwd + bwd, one gather block 39 ms). Nothing at the released
+# shape (a 64-query dense block there is GFLOPs), but a narrow model's blocks are that overhead and little
+# else. Without a backward (inference, no_grad) the overhead is left out, which keeps the calibrated
+# inference choices (and so the pinned logits of tests/test_refactor_reference.py) as they were.
+BLOCK_OVERHEAD_FLOPS = 5e7
+
+
+def plan_attn_blocks(heads: int, queries: int, n_cols: int, k: int, head_dim: int, path: str = "auto",
+                     training: bool = False) -> tuple[str, int]:
+    """(path, queries per attention block) for a projection block of `queries` queries.
+
+    dense blocks hold ATTN_BLOCK_QUERIES queries (`n_cols`: rows the widest of them sees); a gather block has
+    no rows of its own to score, so it takes as many queries as ATTN_BLOCK_FLOATS of gathered rows allow.
+    "auto" compares the whole projection block's cost: `attn_path_costs` per block, plus, when `training`
+    (a backward follows), BLOCK_OVERHEAD_FLOPS per block, so that a narrow model's many tiny dense blocks
+    lose to a few wide gathers. Both paths give the same result (to fp32 rounding)."""
+    sub = {"dense": max(1, min(queries, ATTN_BLOCK_QUERIES, ATTN_BLOCK_FLOATS // max(1, heads * n_cols))),
+           "gather": max(1, min(queries, ATTN_BLOCK_FLOATS // max(1, k * head_dim)))}
+    if path != "auto":
+        return path, sub[path]
+    if not training:              # inference: both paths costed and cut on blocks of ATTN_BLOCK_QUERIES
+        best = choose_attn_path(heads, min(queries, ATTN_BLOCK_QUERIES), n_cols, k, head_dim)
+        return best, sub[best] if best == "dense" else min(sub["gather"], ATTN_BLOCK_QUERIES)
+    cost = {p: -(-queries // sub[p]) * (attn_path_costs(heads, sub[p], n_cols, k, head_dim)[p] + BLOCK_OVERHEAD_FLOPS)
+            for p in ("dense", "gather")}
+    best = "dense" if cost["dense"] <= cost["gather"] else "gather"
+    return best, sub[best]
 
 
 def sparse_attn_probs(q, kv, attn_sink, idx, scale):
@@ -378,8 +407,11 @@ class Attention(nn.Module):
         self.last_inspect: dict | None = None     # filled when `inspect` is on
         self.last_distill: tuple | None = None
         self.last_recall: tuple | None = None
-        self.q_chunk = 256                        # queries per projection block (attention sub-blocks are
-                                                  # cut to ATTN_BLOCK_FLOATS of temporaries)
+        # queries per projection block: its [s, H·D] q and output stay within ATTN_BLOCK_FLOATS (256 queries at
+        # the released 64 × 512 heads; a narrow model gets one block per chunk: fewer, larger ops, as on a CPU
+        # a tiny model's step is bound by the count of ops, not their FLOPs). Attention sub-blocks are cut
+        # to ATTN_BLOCK_FLOATS of temporaries too.
+        self.q_chunk = max(1, ATTN_BLOCK_FLOATS // (H * D))
         self.prefill_chunk = 2048                 # longer inputs run as consecutive chunks through the cache
         self.attn_path = "auto"                   # "auto" (cost model) | "dense" | "gather": see the docstring
 
@@ -617,18 +649,17 @@ class Attention(nn.Module):
         call.iq, call.iw = self.indexer.queries(ix, iqr, call.pos)
 
     def _project_block(self, call: _Call, qr, cos, sin, b0: int, b1: int) -> torch.Tensor:
-        """Queries b0..b1−1: q projection, the path (costed on the block's last, widest attention block of
-        up to ATTN_BLOCK_QUERIES), the indexer's picks, attention blocks small enough for their temporaries,
-        and the output projection → [B, b1−b0, d]."""
+        """Queries b0..b1−1: q projection, the path and attention-block size (`plan_attn_blocks`, costed with the
+        rows of the last, widest dense block), the indexer's picks, the attention blocks, and the output
+        projection → [B, b1−b0, d]."""
         H, D = self.n_heads, self.head_dim
         qb = self._queries(qr[:, b0:b1], cos[b0:b1], sin[b0:b1])
         sub = min(b1 - b0, ATTN_BLOCK_QUERIES)
         rows = self._rows((call.start_pos + b1 - sub, call.start_pos + b1), call.kv_all.shape[1], call.lo, call.L,
                           call.ring_path)
         n_cols = sum(r1 - r0 for r0, r1 in rows)
-        bpath = choose_attn_path(H, sub, n_cols, call.k_cols, D) if call.path == "auto" else call.path
-        per_query = call.k_cols * D if bpath == "gather" else H * n_cols            # floats of its temporaries
-        sub = max(1, min(sub, ATTN_BLOCK_FLOATS // max(1, per_query)))
+        bpath, sub = plan_attn_blocks(H, b1 - b0, n_cols, call.k_cols, D, call.path,
+                                      training=torch.is_grad_enabled() and qr.requires_grad)
         picks = None
         if self.kind == "csa":
             keep = call.distill or call.insp is not None

@@ -21,12 +21,29 @@ used for the peer (it does more work: dense attention), so its figure is "useful
 The peer is skipped where its eager attention (dense [S, S + S/m] scores per head and layer, kept for the
 backward) would not fit ``V4LAB_BENCH_HF_GIB``.
 
-Profile (torch.profiler, seq 2048, before this bench's changes; v4lab 2.0 s/step vs the peer's 7.6 s):
-  weight GEMMs (aten::mm) ~21 %, batched products (aten::bmm: attention blocks, the grouped output
-  projection, MoE experts) ~19 %, then elementwise work, most of it from mHC (hc_mult = 4 streams:
-  the 20-iteration Sinkhorn's div/sum on [S, 4, 4] and the pre/post mixes: aten::mul 14 %, div 7 %,
-  add 5 %, sum 4 %, copies 4 %) and their backward nodes (DivBackward ~8 % inclusive). On a model this
-  narrow (hidden 128) the per-op overhead of ~6000 small ops per step is the limit, not the GEMMs.
+Profile of one step (v4lab, seq 2048 unless said; fp32, 1 thread). The machine is shared, so costs are CPU
+time (``time.process_time``) of each part's forward + backward on the inputs it sees in the step, all layers
+and both mHC sites; torch.profiler's (wall-clock) op table and cProfile agree on the ranking.
+  Before (commit b1ce90d), 1.8 s/step: CSA attention (3 layers) ~30 %, MoE ~17 %, mHC pre-mix ~15 % (26-30 ms
+  a site: the per-token [1, 4] @ [4, 128] bmm of u = Σ pre_i X_i, the 20-iteration Sinkhorn's autograd
+  nodes), HCA attention ~11 %, mHC post-mix ~10 %, window attention ~5 %, norms, head. By op: aten::mm
+  ~21 %, aten::bmm ~14 %, then elementwise mul/div/add/sum (~28 %) and their backward nodes. Attention
+  ran 32 blocks of 64 queries per layer (~0.7 ms of fixed cost each, fwd + bwd, whatever the FLOPs), the
+  cost model choosing dense blocks for the narrow layers.
+  After, 1.4-1.65 s/step: u as one broadcast product and sum (``v4lab.mhc.mix_streams``) and the Sinkhorn's
+  normalisations as one autograd Function with a hand-written backward (hc_pre 16-18 ms a site); attention
+  projection blocks sized by floats (one block for tiny, 256 queries at the released shape as before) and,
+  in training, a per-block overhead in the path cost model (``v4lab.attention.plan_attn_blocks``), so the
+  window / CSA / HCA layers run a few wide gather blocks (window layer 69 → 39 ms, CSA ~150 → ~95-115 ms).
+  Now the largest parts: CSA attention ~25 % (indexer scores [S, 4, S/4] and top-k, compressor, gathers),
+  MoE ~20 % (GEMM-bound: its routed and shared GEMMs run at ~50 GFLOP/s, 60 % of the peak), mHC ~25 %
+  (12 sites of ~60 small [T, 4, 4] / [T, 4, 128] ops each way), HCA ~12 %; ~13 000 aten ops a step (fwd +
+  bwd) at 512 tokens, 61 % of op time in the backward.
+What limits going further: on a model this narrow (hidden 128, 4 heads × 64, 4 streams) each op's fixed
+cost (~10-30 µs dispatch, allocation, autograd node) is comparable to its work, and the mHC mixes, the
+Sinkhorn and the attention softmax are chains of small elementwise ops that eager PyTorch does not fuse
+(a compiler could; torch.compile was not used: its compile time would count in the bench). The GEMMs
+themselves reach 50-65 % of the 2048² matmul peak at these shapes, which caps the whole step well below it.
 The peer spends most of its time in dense attention (bmm over [S, S] per head) and its masks.
 """
 from __future__ import annotations

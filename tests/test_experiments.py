@@ -63,3 +63,38 @@ def test_subfp4_finds_the_repository_model_from_another_folder(tmp_path, monkeyp
     assert model.cfg.vocab_size > 0
     with pytest.raises(ValueError):
         subfp4._load("data/no-such-model", "cpu")
+
+
+def test_per_expert_error_sees_rounding_and_what_rounds_back():
+    import torch
+
+    from v4lab.model import V4Model
+    from v4lab.quant import fp4_fake_quant
+    from v4lab.train import micro_config
+    torch.manual_seed(0)
+    model = V4Model(micro_config())
+    mats = qat.expert_matrices(model)
+    assert len(mats) == sum(len(b.ffn.experts) for b in model.blocks())
+    with torch.no_grad():
+        for _, _, ws in mats:
+            for w in ws:
+                w.copy_(fp4_fake_quant(w))                   # on the MXFP4 grid, as a released model is
+    start = [[w.detach().clone() for w in ws] for _, _, ws in mats]
+    rows = qat.per_expert_error(model, start)
+    assert all(r["rel_error"] == 0 and r["drift"] == 0 and r["reverted"] == 0 for r in rows)
+    w = mats[0][2][0]
+    with torch.no_grad():
+        nz = w.flatten().abs().argmax()
+        w.view(-1)[nz] *= 1.001                                  # far less than half a grid cell: rounds back
+    r0 = qat.per_expert_error(model, start)[0]
+    assert r0["drift"] > 0 and r0["rel_error"] > 0 and r0["reverted"] == 1.0
+    with torch.no_grad():
+        w.view(-1)[nz] *= 1.6                                     # past the next grid value: stays moved
+    assert qat.per_expert_error(model, start)[0]["reverted"] == 0.0
+
+
+def test_qat_lab_experiment_names_a_missing_model_and_a_bad_scope(tmp_path):
+    with pytest.raises(ValueError, match="model_dir = .*needs config.json"):
+        qat.run_lab(model_dir=tmp_path)
+    with pytest.raises(ValueError, match="trainable = 'router'"):
+        qat.run_lab(model_dir=tmp_path, trainable="router")

@@ -1,5 +1,7 @@
 """The stability experiments behind notebooks 04-06: structure of what they return, and that each knob
 really does what it says (tiny settings; the defaults are sized for a notebook cell)."""
+from pathlib import Path
+
 import pytest
 
 from v4lab.data import load_data
@@ -98,3 +100,20 @@ def test_qat_lab_experiment_names_a_missing_model_and_a_bad_scope(tmp_path):
         qat.run_lab(model_dir=tmp_path)
     with pytest.raises(ValueError, match="trainable = 'router'"):
         qat.run_lab(model_dir=tmp_path, trainable="router")
+
+
+LAB = Path(__file__).resolve().parents[1] / "data" / "lab-v4"
+
+
+@pytest.mark.skipif(not (LAB / "config.json").is_file(), reason="data/lab-v4 is not there (see data/README.md)")
+def test_qat_lab_experiment_rounding_after_a_gentle_expert_fine_tune_costs_loss():
+    # a smaller variant of `v4lab experiment qat --quick`: the experts move less than half a grid cell, so
+    # rounding the full-precision masters throws most of the fine-tune away (PTQ costs held-out loss)
+    r = qat.run_lab(steps=6, lr=1e-3, batch_size=2, seq_len=128, eval_windows=4, trainable="experts", threads=1)
+    p, q = r["ptq"], r["qat"]
+    # the released experts are stored in MXFP4: rounding them changes nothing, so step 0 is the same forward
+    assert len(p["loss"]) == len(q["loss"]) == 6 and p["loss"][0] == q["loss"][0] and p["loss"][1] != q["loss"][1]
+    assert p["heldout"]["masters"] < r["start"] - 0.02                  # the fine-tune helps in full precision
+    assert p["heldout"]["fp4"] > p["heldout"]["masters"] + 0.01         # ... and PTQ gives much of it back
+    assert sum(x["reverted"] for x in p["experts"]) / len(p["experts"]) > 0.5
+    assert all(x["drift"] > 0 and 0 < x["rel_error"] < 0.5 for x in p["experts"])

@@ -1,6 +1,11 @@
 """FP4 quantisation-aware training of the routed experts (docs/design/v4-moe-mhc-fp4.md §6.8) vs BF16 experts.
 
-The same micro V4 trained twice from the same seed on the same batches:
+Two settings. ``run_lab`` (what ``v4lab experiment qat`` runs): the lab model ``data/lab-v4`` fine-tuned
+twice from its released FP4 experts, rounded after training (PTQ) vs QAT; it is where PTQ visibly costs
+held-out loss (see the block above ``run_lab``). ``run`` (notebook 05's first QAT figure): the micro V4
+from scratch, where neither costs anything measurable.
+
+In ``run``, the same micro V4 trained twice from the same seed on the same batches:
 
 * "bf16": routed experts in full precision during training (what pre-training does);
 * "qat":  routed experts pass through MXFP4 fake-quantisation in the forward, the gradient goes straight
@@ -170,8 +175,10 @@ def run_lab(seed: int = 0, *, model_dir: str | Path = LAB_DIR, steps: int = 20, 
     return out
 
 
-QUICK = dict(steps=12, lr=3e-3, batch_size=4, seq_len=256, eval_windows=8)
-FULL = dict(steps=40, lr=3e-3, batch_size=4, seq_len=256, eval_windows=32)
+# Only the routed experts train, gently (lr 1e-3: most masters move less than half a grid cell), so the
+# fine-tune lives in the weights that get rounded; see benchmarks/experiments/README.md for the search.
+QUICK = dict(steps=20, lr=1e-3, batch_size=4, seq_len=256, eval_windows=8, trainable="experts")
+FULL = dict(steps=60, lr=1e-3, batch_size=4, seq_len=256, eval_windows=16, trainable="experts")
 
 
 def _side(label: str, arm: dict, loss: float) -> dict:

@@ -150,6 +150,24 @@ def build_qat(res: dict) -> go.Figure:
     return fig
 
 
+def qat_lines(res: dict) -> str:
+    """The qat result as text: the four held-out losses, PTQ's cost, QAT's recovery, and per arm the mean
+    per-expert drift, rounding error and share of moved weights that rounding puts back."""
+    d, b, t = res["details"], res["baseline"], res["treatment"]
+    lines = [f"released lab-v4 (FP4 experts)          {d['released']:.4f}",
+             f"fine-tuned, full-precision masters     {d['ptq_masters']:.4f}",
+             f"  ... rounded to MXFP4 after (PTQ)     {b['heldout_loss']:.4f}   PTQ costs {d['gap_ptq']:+.4f}",
+             f"fine-tuned with FP4 QAT (FP4 experts)  {t['heldout_loss']:.4f}   PTQ − QAT = {res['effect']:+.4f}",
+             f"  ... QAT masters, unrounded           {d['qat_masters']:.4f}"]
+    for arm, label in (("ptq", "full-precision"), ("qat", "QAT")):
+        ex = d["experts"][arm]
+        n = len(ex)
+        lines.append(f"{label} masters, mean over {n} experts: drift {sum(x['drift'] for x in ex) / n:.3f}, "
+                     f"rounding error {sum(x['rel_error'] for x in ex) / n:.3f}, "
+                     f"moved weights rounded back {100 * sum(x['reverted'] for x in ex) / n:.1f} %")
+    return "\n".join(lines)
+
+
 def build_mhc(res: dict) -> go.Figure:
     """Composite Amax gain by depth after training (log y) and the training loss, residual / HC / mHC."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("composite gain by depth (log scale)", "training loss (MSE)"))

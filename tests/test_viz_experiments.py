@@ -49,7 +49,7 @@ def test_qat_figure_shows_the_three_losses_and_every_expert_of_both_arms():
     bars = [t for t in fig.data if t.type == "bar"][0]
     d = res["details"]
     assert list(bars.y) == [d["ptq_masters"], res["baseline"]["heldout_loss"], res["treatment"]["heldout_loss"]]
-    pts = [t for t in fig.data if t.type == "scatter"]
+    pts = [t for t in fig.data if t.type == "scatter" and t.mode == "markers"]
     assert [len(t.x) for t in pts] == [len(d["experts"]["ptq"]), len(d["experts"]["qat"])]
     text = ev.qat_lines(res)
     assert f"{res['effect']:+.4f}" in text and f"{d['released']:.4f}" in text and f"{d['gap_ptq']:+.4f}" in text

@@ -30,6 +30,7 @@ from v4lab.trainconfig import TrainConfig
 
 if TYPE_CHECKING:
     from v4lab.data import TokenData
+    from v4lab.model import V4Model
 
 
 def _expert_weights(model):
@@ -106,14 +107,14 @@ def lab_data(model_dir: str | Path = LAB_DIR) -> TokenData:
     return load_data(tok.get_vocab_size(), tokenizer=tok)
 
 
-def expert_matrices(model) -> list[tuple[int, int, list[torch.Tensor]]]:
+def expert_matrices(model: V4Model) -> list[tuple[int, int, list[torch.Tensor]]]:
     """[(layer, expert, [w1, w2, w3])] of every routed expert (MTP blocks count as the last layers)."""
     return [(i, e, [x.w1.weight, x.w2.weight, x.w3.weight])
             for i, b in enumerate(model.blocks()) for e, x in enumerate(b.ffn.experts)]
 
 
 @torch.no_grad()
-def per_expert_error(model, start: list[list[torch.Tensor]] | None = None) -> list[dict]:
+def per_expert_error(model: V4Model, start: list[list[torch.Tensor]] | None = None) -> list[dict]:
     """Per routed expert: ``rel_error`` = ‖deq(q(w)) − w‖ / ‖w‖ over its three matrices (MXFP4, block 32);
     with ``start`` (the same experts' weights before training, on the grid): ``drift`` = ‖w − w₀‖ / ‖w₀‖
     and ``reverted`` = the share of weights that moved but round back to exactly their start value."""

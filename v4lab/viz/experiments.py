@@ -122,7 +122,7 @@ def build_qat(res: dict) -> go.Figure:
     d = res["details"]
     fig = make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55], horizontal_spacing=0.12,
                         subplot_titles=("held-out loss (nats/token)", "per routed expert: rounding error"))
-    labels = ["full-precision masters", "PTQ: rounded to FP4", "QAT: FP4 experts"]
+    labels = ["full-precision<br>masters", "PTQ: rounded<br>to FP4", "QAT:<br>FP4 experts"]
     vals = [d["ptq_masters"], res["baseline"]["heldout_loss"], res["treatment"]["heldout_loss"]]
     fig.add_bar(x=labels, y=vals, marker_color=list(PALETTE[:3]), text=[f"{v:.4f}" for v in vals],
                 textposition="outside", showlegend=False, row=1, col=1)
@@ -141,12 +141,15 @@ def build_qat(res: dict) -> go.Figure:
                               "weights round back" for x in ex],
                         hovertemplate="%{text}<br>drift %{x:.3g}<br>rounding error %{y:.3g}<extra></extra>",
                         row=1, col=2)
+    xs = [x["drift"] for arm in ("ptq", "qat") for x in d["experts"][arm]]
+    fig.add_scatter(x=[min(xs), max(xs)], y=[min(xs), max(xs)], mode="lines", line=dict(dash="dot", color="#757575"),
+                    name="error = drift: rounding lands back on the released weights", row=1, col=2)
     fig.update_xaxes(title_text="drift ‖w − w₀‖ / ‖w₀‖ from the released expert", row=1, col=2)
     fig.update_yaxes(title_text="‖FP4(w) − w‖ / ‖w‖", row=1, col=2)
     s = res["settings"]
     fig = _layout(fig, f"lab-v4 fine-tuned {s['steps']} steps at lr {s['lr']:g} ({s.get('trainable', 'all')} "
-                       f"trainable): PTQ − QAT = {res['effect']:+.3g} nats", height=460)
-    fig.update_layout(legend=dict(orientation="h", y=-0.25), margin=dict(t=80, b=120))
+                       f"trainable): PTQ − QAT = {res['effect']:+.3g} nats", height=500)
+    fig.update_layout(legend=dict(orientation="h", y=-0.4), margin=dict(t=80, b=150))
     return fig
 
 

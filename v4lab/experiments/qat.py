@@ -82,7 +82,10 @@ def run(seed: int = 0, *, steps: int = 30, lr: float = 1e-2, batch_size: int = 8
 # twice from the same weights on the same batches: with full-precision experts, rounded to MXFP4 at the end
 # (PTQ, what a fine-tune in BF16 followed by re-quantisation does), or with the experts trained through the
 # rounding (QAT). A master that moved less than half a grid cell rounds back to the released value, so PTQ
-# throws away much of what the experts learnt while the rest of the model adapted to the moved experts.
+# throws away much of what a gentle fine-tune taught the experts; QAT's gradient, taken at the rounded
+# weights, keeps pushing a master until it crosses a cell. The regime that shows it (FULL): only the experts
+# train, at lr 1e-3. With every parameter training, or at lr 3e-3, PTQ costs little and QAT ends worse
+# (notebook 05 lists the search with its numbers).
 LAB_DIR = "data/lab-v4"
 TRAINABLE = ("all", "experts")
 

@@ -55,3 +55,15 @@ def test_ar_figure_draws_every_cell_against_the_no_spike_run():
     on = [st for st, f in zip(cells["AR only"]["step"], cells["AR only"]["ar_on"]) if f]
     (shade,) = fig.layout.shapes                                # the AR-on steps of the AR-only run
     assert (shade.x0, shade.x1) == (min(on) - 0.5, max(on) + 0.5)
+
+
+def test_qat_figure_shows_the_three_losses_and_every_expert_of_both_arms():
+    res = ev.load("qat")
+    fig = ev.build_qat(res)
+    bars = [t for t in fig.data if t.type == "bar"][0]
+    d = res["details"]
+    assert list(bars.y) == [d["ptq_masters"], res["baseline"]["heldout_loss"], res["treatment"]["heldout_loss"]]
+    pts = [t for t in fig.data if t.type == "scatter" and t.mode == "markers"]
+    assert [len(t.x) for t in pts] == [len(d["experts"]["ptq"]), len(d["experts"]["qat"])]
+    text = ev.qat_lines(res)
+    assert f"{res['effect']:+.4f}" in text and f"{d['released']:.4f}" in text and f"{d['gap_ptq']:+.4f}" in text

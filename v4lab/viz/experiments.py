@@ -133,15 +133,59 @@ def build_ar(res: dict) -> go.Figure:
 
 
 def build_qat(res: dict) -> go.Figure:
-    """Held-out loss: BF16 masters, PTQ (BF16 rounded to FP4 after training), FP4 QAT."""
-    h = res["details"]["heldout"]
-    labels = ["BF16 masters", "PTQ: rounded to FP4", "QAT: FP4 experts"]
-    vals = [h["bf16"], h["bf16_rounded_after"], h["qat_fp4"]]
-    fig = go.Figure(go.Bar(x=labels, y=vals, marker_color=list(PALETTE[:3]), text=[f"{v:.4f}" for v in vals],
-                           textposition="outside", showlegend=False))
-    lo = min(vals)
-    fig.update_yaxes(title_text="held-out loss (nats/token)", range=[lo - 0.05, max(vals) + 0.05])
-    return _layout(fig, "FP4 experts: rounding after training vs training through the rounding")
+    """Left: held-out loss of the fine-tuned full-precision masters, PTQ (masters rounded to MXFP4) and FP4
+    QAT, the released model as a dotted line. Right: per routed expert, the relative MXFP4 rounding error of
+    each arm's masters against how far the PTQ masters moved from the released weights."""
+    d = res["details"]
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55], horizontal_spacing=0.12,
+                        subplot_titles=("held-out loss (nats/token)", "per routed expert: rounding error"))
+    labels = ["full-precision<br>masters", "PTQ: rounded<br>to FP4", "QAT:<br>FP4 experts"]
+    vals = [d["ptq_masters"], res["baseline"]["heldout_loss"], res["treatment"]["heldout_loss"]]
+    fig.add_bar(x=labels, y=vals, marker_color=list(PALETTE[:3]), text=[f"{v:.4f}" for v in vals],
+                textposition="outside", showlegend=False, row=1, col=1)
+    span = max(vals) - min(vals)
+    lo, hi = min(vals) - max(0.02, 2 * span), max(vals) + max(0.02, 2 * span)
+    fig.update_yaxes(range=[lo, hi], row=1, col=1)
+    rel = d["released"]
+    fig.add_annotation(x=0.5, y=hi, xref="x", yref="y", showarrow=False, yanchor="top",
+                       text=f"released lab-v4 before fine-tuning: {rel:.4f}", font=dict(size=11))
+    for i, arm in enumerate(("ptq", "qat")):
+        ex = d["experts"][arm]
+        name = "masters after full-precision fine-tune" if arm == "ptq" else "masters after QAT fine-tune"
+        fig.add_scatter(x=[x["drift"] for x in ex], y=[x["rel_error"] for x in ex], mode="markers",
+                        marker=dict(size=6, color=PALETTE[i + 1], opacity=0.7), name=name,
+                        text=[f"layer {x['layer']} expert {x['expert']}, {100 * x['reverted']:.3g} % of moved "
+                              "weights round back" for x in ex],
+                        hovertemplate="%{text}<br>drift %{x:.3g}<br>rounding error %{y:.3g}<extra></extra>",
+                        row=1, col=2)
+    xs = [x["drift"] for arm in ("ptq", "qat") for x in d["experts"][arm]]
+    fig.add_scatter(x=[min(xs), max(xs)], y=[min(xs), max(xs)], mode="lines", line=dict(dash="dot", color="#757575"),
+                    name="error = drift: rounding lands back on the released weights", row=1, col=2)
+    fig.update_xaxes(title_text="drift ‖w − w₀‖ / ‖w₀‖ from the released expert", row=1, col=2)
+    fig.update_yaxes(title_text="‖FP4(w) − w‖ / ‖w‖", row=1, col=2)
+    s = res["settings"]
+    fig = _layout(fig, f"lab-v4 fine-tuned {s['steps']} steps at lr {s['lr']:g} ({s.get('trainable', 'all')} "
+                       f"trainable): PTQ − QAT = {res['effect']:+.3g} nats", height=500)
+    fig.update_layout(legend=dict(orientation="h", y=-0.4), margin=dict(t=80, b=150))
+    return fig
+
+
+def qat_lines(res: dict) -> str:
+    """The qat result as text: the four held-out losses, PTQ's cost, QAT's recovery, and per arm the mean
+    per-expert drift, rounding error and share of moved weights that rounding puts back."""
+    d, b, t = res["details"], res["baseline"], res["treatment"]
+    lines = [f"released lab-v4 (FP4 experts)          {d['released']:.4f}",
+             f"fine-tuned, full-precision masters     {d['ptq_masters']:.4f}",
+             f"  ... rounded to MXFP4 after (PTQ)     {b['heldout_loss']:.4f}   PTQ costs {d['gap_ptq']:+.4f}",
+             f"fine-tuned with FP4 QAT (FP4 experts)  {t['heldout_loss']:.4f}   PTQ − QAT = {res['effect']:+.4f}",
+             f"  ... QAT masters, unrounded           {d['qat_masters']:.4f}"]
+    for arm, label in (("ptq", "full-precision"), ("qat", "QAT")):
+        ex = d["experts"][arm]
+        n = len(ex)
+        lines.append(f"{label} masters, mean over {n} experts: drift {sum(x['drift'] for x in ex) / n:.3f}, "
+                     f"rounding error {sum(x['rel_error'] for x in ex) / n:.3f}, "
+                     f"moved weights rounded back {100 * sum(x['reverted'] for x in ex) / n:.1f} %")
+    return "\n".join(lines)
 
 
 def build_mhc(res: dict) -> go.Figure:

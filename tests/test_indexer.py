@@ -3,8 +3,7 @@ import pytest
 import torch
 
 from v4lab.config import get_config
-from v4lab.indexer import (Indexer, index_scores, index_scores_tiled, topk_visible, topk_visible_sorted,
-                           visible_entries)
+from v4lab.indexer import Indexer, index_scores, index_scores_tiled, topk_visible, topk_visible_sorted, visible_entries
 from v4lab.rope import layer_inv_freq
 
 
@@ -40,7 +39,7 @@ def test_index_scores_tiled_equals_reference(shape, tiles):
 def test_index_scores_tiled_gradients_and_empty():
     """The warm-up loss trains the indexer through the fast path: its gradients equal the reference's."""
     g = torch.Generator().manual_seed(2)
-    args = [torch.randn(2, 11, 3, 4, generator=g), torch.randn(2, 13, 4, generator=g), torch.randn(2, 11, 3, generator=g)]
+    args = [torch.randn(s, generator=g) for s in ((2, 11, 3, 4), (2, 13, 4), (2, 11, 3))]
     grads = []
     for fn in (index_scores, lambda *a: index_scores_tiled(*a, q_tile=4, n_tile=5)):
         leaves = [a.clone().requires_grad_() for a in args]

@@ -140,3 +140,21 @@ def test_topk_visible_equals_the_sorted_reference(case):
     for kk in (k, 1, N - 1, N, N + 3):
         got, ref = topk_visible(scores, n_vis, kk), topk_visible_sorted(scores, n_vis, kk)
         assert torch.equal(got, ref), (case, kk)
+
+
+def test_indexer_scores_through_the_tiles_only_for_large_blocks(monkeypatch):
+    """score_fn: the tiled path from INDEX_TILE_FROM logits, the reference below; both give the same scores."""
+    import v4lab.indexer as I
+    calls = []
+    for name in ("index_scores", "index_scores_tiled"):
+        fn = getattr(I, name)
+        monkeypatch.setattr(I, name, lambda *a, _f=fn, _n=name: calls.append(_n) or _f(*a))
+    ix = Indexer(get_config("tiny"), layer_inv_freq(get_config("tiny"), 2))
+    Hi, Di = ix.n_heads, ix.head_dim
+    q, w = torch.randn(1, 4, Hi, Di), torch.randn(1, 4, Hi)
+    small = ix.score_fn(q, torch.randn(1, 8, Di), w)
+    monkeypatch.setattr(I, "INDEX_TILE_FROM", 4 * Hi * 8)
+    keys = torch.randn(1, 8, Di)
+    assert calls == ["index_scores"] and small.shape == (1, 4, 8)
+    torch.testing.assert_close(ix.score_fn(q, keys, w), I.index_scores(q, keys, w))
+    assert calls == ["index_scores", "index_scores_tiled", "index_scores"]

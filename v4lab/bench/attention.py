@@ -23,16 +23,20 @@ Decode (real shapes, one layer, random weights, fp32 on CPU; full run: 8K, 128K,
   One subprocess per layer walks its contexts upward: ``peak_bytes`` is that process's RSS high-water mark
   (weights + cache + step), not a per-point figure.
 
-Prefill (v4lab vs Hugging Face ``DeepseekV4Attention``, same shapes, eager attention; full run: 4K and 8K
-measured, 16K-64K HF analytic memory only — the 2-core machine is shared and v4lab's torch reference
-path costs ~6 CPU-s per 1K tokens at this shape):
-  a full-width layer costs ~0.25-0.6 GFLOP per token in projections alone, hours per 64K point on a
-  2-core CPU, so prefill runs a NARROW V4-Flash layer: the attention geometry is real (head_dim 512,
-  rope 64, window 128, m = 4 / 128, top-k 512, indexer head dim 128), the widths are cut (hidden 1024,
-  2 query heads, 2 indexer heads, q_lora 256, one output group of rank 256). Each point runs in a fresh
-  subprocess; ``peak_bytes`` = peak RSS during the forward (sampled every 5 ms) minus RSS before it.
+Prefill (v4lab vs Hugging Face ``DeepseekV4Attention``, same shapes and weights' shapes, eager attention) at
+two shapes of a V4-Flash CSA and HCA layer:
+  - narrow: the attention geometry is real (head_dim 512, rope 64, window 128, m = 4 / 128, top-k 512,
+    indexer head dim 128), the widths are cut (hidden 1024, 2 query heads, 2 indexer heads, q_lora 256, one
+    output group of rank 256): cheap enough for 1K-32K on a shared 2-core CPU.
+  - real: the released V4-Flash attention (d 4096, 64 heads × 512, q_lora 1024, 8 output groups of rank 1024,
+    64 indexer heads × 128): ~0.25 GFLOP per token in projections alone, 6-10 CPU-s per 1K tokens.
+  --quick: narrow 1K, 2K, 4K (3 interleaved runs per side, medians), narrow 8K (memory target) and real 1K,
+  2K, 4K (one run per side); full: narrow 1K-32K and real 1K-4K plus the 64K real-shape points (v4lab only).
+  Each point runs in a fresh subprocess; ``peak_bytes`` = peak RSS during the forward (sampled every 5 ms)
+  minus RSS before it; ``seconds`` is the process's CPU time (1 thread).
   HF builds dense [S, S + S/m] scores per head (plus mask, softmax copies): where its analytic footprint
-  exceeds ``HF_BUDGET`` the record is marked ``skipped`` with that figure in ``analytic_peak_bytes``.
+  exceeds ``HF_BUDGET`` (12 GiB: the CPU machine has 24 GiB, shared; the real shape's 4K point needs ~16 GiB)
+  the record is marked ``skipped`` with that figure in ``analytic_peak_bytes`` and the reason.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from v4lab.config import get_config
-from v4lab.indexer import Indexer, index_scores, index_scores_tiled, topk_visible, topk_visible_sorted, visible_entries
+from v4lab.indexer import Indexer, index_scores, topk_visible, topk_visible_sorted, visible_entries
 from v4lab.rope import layer_inv_freq
 
 
@@ -21,35 +21,6 @@ def test_index_scores_matches_loop():
     q2 = q.clone()
     q2[:, :, 0] *= -1
     assert not torch.allclose(index_scores(q2, k, w), got)
-
-
-@pytest.mark.parametrize("shape,tiles", [((2, 19, 4, 8, 37), (8, 16)), ((1, 5, 3, 4, 1), (2, 1)),
-                                         ((2, 8, 2, 4, 64), (8, 64)), ((1, 3, 64, 128, 1100), (8, 1024))])
-def test_index_scores_tiled_equals_reference(shape, tiles):
-    """The tiled fast path == the reference: exactly on integer inputs (every sum exact in fp32, so any tile
-    that reads a wrong row, head or query shows), to rounding on random ones; ragged last tiles included."""
-    B, S, H, D, N = shape
-    g = torch.Generator().manual_seed(1)
-    q, k, w = (torch.randint(-3, 4, s, generator=g).float() for s in ((B, S, H, D), (B, N, D), (B, S, H)))
-    assert torch.equal(index_scores_tiled(q, k, w, *tiles), index_scores(q, k, w))
-    q, k, w = torch.randn(B, S, H, D, generator=g), torch.randn(B, N, D, generator=g), torch.randn(B, S, H, generator=g)
-    torch.testing.assert_close(index_scores_tiled(q, k, w, *tiles), index_scores(q, k, w), atol=1e-5, rtol=1e-5)
-
-
-def test_index_scores_tiled_gradients_and_empty():
-    """The warm-up loss trains the indexer through the fast path: its gradients equal the reference's."""
-    g = torch.Generator().manual_seed(2)
-    args = [torch.randn(s, generator=g) for s in ((2, 11, 3, 4), (2, 13, 4), (2, 11, 3))]
-    grads = []
-    for fn in (index_scores, lambda *a: index_scores_tiled(*a, q_tile=4, n_tile=5)):
-        leaves = [a.clone().requires_grad_() for a in args]
-        (fn(*leaves) * torch.linspace(-1, 1, 13)).sum().backward()
-        grads.append([x.grad for x in leaves])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert index_scores_tiled(torch.randn(1, 2, 3, 4), torch.randn(1, 0, 4), torch.randn(1, 2, 3)).shape == (1, 2, 0)
-    with pytest.raises(ValueError, match="index_scores_tiled"):
-        index_scores_tiled(torch.randn(1, 2, 3, 4), torch.randn(1, 5, 3), torch.randn(1, 2, 3))
 
 
 def test_index_scores_bad_shapes():
@@ -140,21 +111,3 @@ def test_topk_visible_equals_the_sorted_reference(case):
     for kk in (k, 1, N - 1, N, N + 3):
         got, ref = topk_visible(scores, n_vis, kk), topk_visible_sorted(scores, n_vis, kk)
         assert torch.equal(got, ref), (case, kk)
-
-
-def test_indexer_scores_through_the_tiles_only_for_large_blocks(monkeypatch):
-    """score_fn: the tiled path from INDEX_TILE_FROM logits, the reference below; both give the same scores."""
-    import v4lab.indexer as I
-    calls = []
-    for name in ("index_scores", "index_scores_tiled"):
-        fn = getattr(I, name)
-        monkeypatch.setattr(I, name, lambda *a, _f=fn, _n=name: calls.append(_n) or _f(*a))
-    ix = Indexer(get_config("tiny"), layer_inv_freq(get_config("tiny"), 2))
-    Hi, Di = ix.n_heads, ix.head_dim
-    q, w = torch.randn(1, 4, Hi, Di), torch.randn(1, 4, Hi)
-    small = ix.score_fn(q, torch.randn(1, 8, Di), w)
-    monkeypatch.setattr(I, "INDEX_TILE_FROM", 4 * Hi * 8)
-    keys = torch.randn(1, 8, Di)
-    assert calls == ["index_scores"] and small.shape == (1, 4, 8)
-    torch.testing.assert_close(ix.score_fn(q, keys, w), I.index_scores(q, keys, w))
-    assert calls == ["index_scores", "index_scores_tiled", "index_scores"]

@@ -13,63 +13,19 @@ from .rope import apply_rope, cos_sin
 from .switches import Switches, share_switches
 
 
-def _check_index_args(name: str, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> None:
-    if q.dim() != 4 or k.dim() != 3 or w.dim() != 3:
-        raise ValueError(f"{name}: q {tuple(q.shape)} must be [B,S,Hi,Di], k {tuple(k.shape)} [B,N,Di], "
-                         f"w {tuple(w.shape)} [B,S,Hi]")
-    B, S, H, D = q.shape
-    if k.shape[0] != B or k.shape[2] != D or tuple(w.shape) != (B, S, H):
-        raise ValueError(f"{name}: shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, w {tuple(w.shape)}")
-
-
 def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """I[b, t, s] = Σ_h w[b, t, h] · ReLU(q[b, t, h] · k[b, s])  (no mask). The reference of
-    `index_scores_tiled`.
+    """I[b, t, s] = Σ_h w[b, t, h] · ReLU(q[b, t, h] · k[b, s])  (no mask).
 
     q: [B, S, Hi, Di], k: [B, N, Di], w: [B, S, Hi] → [B, S, N] in fp32.
     """
-    _check_index_args("index_scores", q, k, w)
+    if q.dim() != 4 or k.dim() != 3 or w.dim() != 3:
+        raise ValueError(f"index_scores: q {tuple(q.shape)} must be [B,S,Hi,Di], k {tuple(k.shape)} [B,N,Di], "
+                         f"w {tuple(w.shape)} [B,S,Hi]")
+    B, S, H, D = q.shape
+    if k.shape[0] != B or k.shape[2] != D or tuple(w.shape) != (B, S, H):
+        raise ValueError(f"index_scores: shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, w {tuple(w.shape)}")
     logits = torch.einsum("bshd,bnd->bshn", q.float(), k.float()).relu()   # [B, S, Hi, N]
     return torch.einsum("bshn,bsh->bsn", logits, w.float())
-
-
-# Tiles of the fast path: the [q_tile·Hi, n_tile] logits of one tile (2 MiB at Hi = 64) stay in the CPU's
-# cache between the GEMM that writes them, the in-place ReLU and the head-weighted sum that reads them.
-INDEX_Q_TILE = 8
-INDEX_N_TILE = 1024
-# Below this many logits (S·Hi·N floats, 4 MiB) the reference's own tensors fit in the cache and its one
-# large product beats the tiles' small ones (2 heads × 64 queries × 2K entries: 1.5 ms vs 2.3 ms).
-INDEX_TILE_FROM = 1 << 20
-
-
-def index_scores_tiled(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, q_tile: int = INDEX_Q_TILE,
-                       n_tile: int = INDEX_N_TILE) -> torch.Tensor:
-    """`index_scores` (same signature and result) computed in tiles of q_tile queries × n_tile entries.
-
-    The reference writes all [S, Hi, N] logits (268 MB for a 64-query block at 16K entries, 64 heads), ReLUs
-    them into a second tensor and reads both back from memory: at 64 heads it ran at ~33 GFLOP/s on this
-    project's CPU, the tiles at ~70 (the GEMM's own speed). Every score is the same dot products and the same
-    head sum as the reference. Differentiable (the indexer's warm-up loss trains through it).
-    """
-    _check_index_args("index_scores_tiled", q, k, w)
-    B, S, H, D = q.shape
-    N = k.shape[1]
-    if S == 0 or N == 0:
-        return q.new_zeros(B, S, N, dtype=torch.float32)
-    qf, kf, wf = q.float(), k.float(), w.float()
-    rows = []
-    for b in range(B):
-        cols = []
-        for n0 in range(0, N, n_tile):
-            kt = kf[b, n0:n0 + n_tile].t()                                            # [Di, n]
-            part = []
-            for s0 in range(0, S, q_tile):
-                qs, ws = qf[b, s0:s0 + q_tile], wf[b, s0:s0 + q_tile]                  # [s, Hi, Di], [s, Hi]
-                logits = torch.mm(qs.reshape(-1, D), kt).relu_().view(qs.shape[0], H, -1)   # [s, Hi, n]
-                part.append(torch.bmm(ws[:, None, :], logits)[:, 0])                 # [s, n]
-            cols.append(torch.cat(part, 0))
-        rows.append(torch.cat(cols, 1))
-    return torch.stack(rows, 0)
 
 
 def visible_entries(positions: torch.Tensor, ratio: int) -> torch.Tensor:
@@ -187,13 +143,10 @@ class Indexer(nn.Module):
         share_switches(self, self.switches)
 
     def score_fn(self, q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """`index_scores_tiled` (the reference `index_scores` tiled for the CPU's cache) from INDEX_TILE_FROM
-        logits, `index_scores` below, or the Triton kernel when `switches.kernels` is on (same result)."""
+        """`index_scores`, or its Triton kernel when `switches.kernels` is on."""
         if self.switches.kernels:
             from .kernels.indexer import index_scores as kernel
             return kernel(q, keys, w)
-        if q.shape[1] * q.shape[2] * keys.shape[1] >= INDEX_TILE_FROM:
-            return index_scores_tiled(q, keys, w)
         return index_scores(q, keys, w)
 
     def _fp4(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,16 +23,20 @@ Decode (real shapes, one layer, random weights, fp32 on CPU; full run: 8K, 128K,
   One subprocess per layer walks its contexts upward: ``peak_bytes`` is that process's RSS high-water mark
   (weights + cache + step), not a per-point figure.
 
-Prefill (v4lab vs Hugging Face ``DeepseekV4Attention``, same shapes, eager attention; full run: 4K and 8K
-measured, 16K-64K HF analytic memory only — the 2-core machine is shared and v4lab's torch reference
-path costs ~6 CPU-s per 1K tokens at this shape):
-  a full-width layer costs ~0.25-0.6 GFLOP per token in projections alone, hours per 64K point on a
-  2-core CPU, so prefill runs a NARROW V4-Flash layer: the attention geometry is real (head_dim 512,
-  rope 64, window 128, m = 4 / 128, top-k 512, indexer head dim 128), the widths are cut (hidden 1024,
-  2 query heads, 2 indexer heads, q_lora 256, one output group of rank 256). Each point runs in a fresh
-  subprocess; ``peak_bytes`` = peak RSS during the forward (sampled every 5 ms) minus RSS before it.
+Prefill (v4lab vs Hugging Face ``DeepseekV4Attention``, same shapes and weights' shapes, eager attention) at
+two shapes of a V4-Flash CSA and HCA layer:
+  - narrow: the attention geometry is real (head_dim 512, rope 64, window 128, m = 4 / 128, top-k 512,
+    indexer head dim 128), the widths are cut (hidden 1024, 2 query heads, 2 indexer heads, q_lora 256, one
+    output group of rank 256): cheap enough for 1K-32K on a shared 2-core CPU.
+  - real: the released V4-Flash attention (d 4096, 64 heads × 512, q_lora 1024, 8 output groups of rank 1024,
+    64 indexer heads × 128): ~0.25 GFLOP per token in projections alone, 6-10 CPU-s per 1K tokens.
+  --quick: narrow 1K, 2K, 4K (3 interleaved runs per side, medians), narrow 8K (memory target) and real 1K,
+  2K, 4K (one run per side); full: narrow 1K-32K and real 1K-4K plus the 64K real-shape points (v4lab only).
+  Each point runs in a fresh subprocess; ``peak_bytes`` = peak RSS during the forward (sampled every 5 ms)
+  minus RSS before it; ``seconds`` is the process's CPU time (1 thread).
   HF builds dense [S, S + S/m] scores per head (plus mask, softmax copies): where its analytic footprint
-  exceeds ``HF_BUDGET`` the record is marked ``skipped`` with that figure in ``analytic_peak_bytes``.
+  exceeds ``HF_BUDGET`` (12 GiB: the CPU machine has 24 GiB, shared; the real shape's 4K point needs ~16 GiB)
+  the record is marked ``skipped`` with that figure in ``analytic_peak_bytes`` and the reason.
 """
 from __future__ import annotations
 
@@ -68,9 +72,13 @@ FULL_DECODE = (8192, 131072, 1048576)
 # (shape, context): v4lab runs every point, HF where its analytic footprint fits in the budget
 FULL_PREFILL = [("narrow", S) for S in (1024, 2048, 4096, 8192, 16384, 32768)] + \
                [("real", S) for S in (1024, 2048, 4096, 65536)]
-QUICK_PREFILL = [("narrow", S) for S in (1024, 2048, 4096)] + [("real", 1024)]
+# quick: both shapes at 1K-4K (the peer's real-shape 4K needs ~16 GiB and is skipped with that reason) and the
+# narrow 8K point, the first context of the memory target
+QUICK_PREFILL = [("narrow", S) for S in (1024, 2048, 4096, 8192)] + [("real", S) for S in (1024, 2048, 4096)]
 FULL_PREFILL_ANALYTIC = (65536,)
-PREFILL_REPEATS = 3            # side-by-side repeats (v4lab and HF interleaved) below this many tokens
+# side-by-side repeats (v4lab and HF interleaved) below REPEAT_BELOW tokens; a real-shape point costs 6-30
+# CPU-s per run on each side, so it runs once (its ratios are far from 1: see the README table)
+PREFILL_REPEATS = {"narrow": 3, "real": 1}
 REPEAT_BELOW = 8192
 
 
@@ -485,7 +493,7 @@ def prefill_side_by_side(points: list[tuple[str, int]], dev: str | torch.device,
         cfg = prefill_config(shape)
         for name in PREFILL_LAYERS:
             need = hf_analytic_peak(cfg, PREFILL_LAYERS[name], S)
-            plan.append((shape, S, name, need, PREFILL_REPEATS if S < REPEAT_BELOW else 1))
+            plan.append((shape, S, name, need, PREFILL_REPEATS[shape] if S < REPEAT_BELOW else 1))
     total = sum(reps * (1 + (need <= budget)) for *_, need, reps in plan)
     records = []
     with bar(total, "prefill", progress) as pb:
@@ -510,7 +518,8 @@ def prefill_side_by_side(points: list[tuple[str, int]], dev: str | torch.device,
                                 "context": S, "shape": shape, "skipped": True, "seconds": None, "peak_bytes": None,
                                 "analytic_peak_bytes": need, "cache_bytes": None,
                                 "reason": f"dense [S, S+T] scores need ~{need / 2 ** 30:.1f} GiB > budget "
-                                          f"{budget / 2 ** 30:.0f} GiB"})
+                                          f"{budget / 2 ** 30:.0f} GiB (V4LAB_BENCH_HF_GIB; the CPU machine "
+                                          "has 24 GiB, shared)"})
             else:
                 records[-2]["speed_vs_hf"] = records[-1]["seconds"] / records[-2]["seconds"]
                 records[-2]["memory_vs_hf"] = records[-1]["peak_bytes"] / max(1, records[-2]["peak_bytes"])
@@ -633,7 +642,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(recs))
         return 0
     p = OneLineParser(prog="v4lab bench attention")
-    p.add_argument("--quick", action="store_true", help="a small subset (< 1 min)")
+    p.add_argument("--quick", action="store_true",
+                   help="a subset: decode at 8K, prefill at 1K-8K (narrow) and 1K-4K (real); ~10 CPU-minutes")
     p.add_argument("--json", action="store_true", help="print the records as JSON")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default: $V4LAB_DEVICE, else auto)")
     from v4lab.progress import add_argument, enabled

@@ -94,22 +94,26 @@ def _worker(out_path, tokens, repeat, device, fp8):
 
 
 def measured(quick: bool = False, device: str | torch.device | None = None,
-             worlds: Sequence[int] = (2, 4)) -> list[dict]:
+             worlds: Sequence[int] = (2, 4), progress: bool = False) -> list[dict]:
+    """One record per (ranks, dispatch dtype): a launched group of processes each. ``progress``: a bar per launch."""
     from v4lab.device import get_device
     from v4lab.distributed import launch
+    from v4lab.progress import bar
     dev = get_device(device)
     records = []
-    with tempfile.TemporaryDirectory(prefix="v4lab-bench-ep-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="v4lab-bench-ep-") as tmp, bar(2 * len(worlds), "ep", progress) as pb:
         for world in worlds:
             if dev.type == "cuda" and torch.cuda.device_count() < world:
                 records.append({"bench": "ep", "device": "cuda", "ranks": world, "skipped":
                                 f"needs {world} GPUs, {torch.cuda.device_count()} visible"})
+                pb.update(2)
                 continue
             for fp8 in (False, True):
                 out = Path(tmp) / f"w{world}-{fp8}.json"
                 launch(_worker, world, (str(out), 64 if quick else 256, 3 if quick else 10, dev.type, fp8),
                        device=dev.type, timeout_s=600)
                 records.append(json.loads(out.read_text()))
+                pb.update(1)
     return records
 
 
@@ -129,8 +133,8 @@ def analytic() -> list[dict]:
     return rows
 
 
-def run(quick: bool = False, device: str | torch.device | None = None) -> list[dict]:
-    return measured(quick, device) + analytic()
+def run(quick: bool = False, device: str | torch.device | None = None, progress: bool = False) -> list[dict]:
+    return measured(quick, device, progress=progress) + analytic()
 
 
 def _kib(b):
@@ -173,8 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print a JSON list of records")
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: $V4LAB_DEVICE, else auto)")
     p.add_argument("--analytic-only", action="store_true", help="only the analytic table (no processes)")
+    from v4lab.progress import add_argument
+    add_argument(p)
     a = p.parse_args(argv)
-    recs = analytic() if a.analytic_only else run(a.quick, a.device)
+    recs = analytic() if a.analytic_only else run(a.quick, a.device, progress=not a.no_progress)
     print(json.dumps(recs, indent=1) if a.json else format_records(recs))
     return 0
 

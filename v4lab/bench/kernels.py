@@ -267,9 +267,12 @@ def bench_case(case: Case, dev: torch.device, size: str, repeat: int, gpu: str |
     return rec
 
 
-def run(quick: bool = False, device: str | torch.device | None = None, kernels: list[str] | None = None) -> list[dict]:
-    """One record per kernel (see module docstring). ``device``: as ``v4lab.device.get_device``."""
+def run(quick: bool = False, device: str | torch.device | None = None, kernels: list[str] | None = None,
+        progress: bool = False) -> list[dict]:
+    """One record per kernel (see module docstring). ``device``: as ``v4lab.device.get_device``;
+    ``progress``: a bar per kernel."""
     import v4lab.kernels  # noqa: F401  (sets the Triton mode before any kernel module is imported)
+    from v4lab.progress import bar
     dev = check_kernel_device(get_device(device))
     names = list(CASES) if kernels is None else list(kernels)
     bad = [n for n in names if n not in CASES]
@@ -281,7 +284,9 @@ def run(quick: bool = False, device: str | torch.device | None = None, kernels: 
         size, repeat = ("quick" if quick else "cpu"), 1
     name = gpu_name(dev) if dev.type == "cuda" else None
     out = []
+    pb = bar(len(names), "kernels", progress)
     for n in names:
+        pb.set_postfix_str(n)
         try:
             out.append(bench_case(CASES[n], dev, size, repeat, name))
         except Exception as e:  # one kernel that fails to compile or run must not lose the others' rows
@@ -290,6 +295,8 @@ def run(quick: bool = False, device: str | torch.device | None = None, kernels: 
         finally:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
+            pb.update(1)
+    pb.close()
     return out
 
 
@@ -341,9 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the records as a JSON list")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto (default: $V4LAB_DEVICE, else auto)")
     p.add_argument("--kernel", action="append", choices=list(CASES), help="only this kernel (repeatable)")
+    from v4lab.progress import add_argument
+    add_argument(p)
     a = p.parse_args(argv)
     try:
-        recs = run(quick=a.quick, device=a.device, kernels=a.kernel)
+        recs = run(quick=a.quick, device=a.device, kernels=a.kernel, progress=not a.no_progress)
     except ValueError as e:
         print(f"v4lab bench kernels: error: {e}")
         return 2

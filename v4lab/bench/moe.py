@@ -55,15 +55,17 @@ def _time(fn, device: str, repeat: int) -> float:
 
 
 @torch.no_grad()
-def run(quick: bool = False, device: str | torch.device | None = None) -> list[dict]:
+def run(quick: bool = False, device: str | torch.device | None = None, progress: bool = False) -> list[dict]:
     """CPU always (the reference point); CUDA too when the device setting (``device``, else
-    $V4LAB_DEVICE, else auto) picks it — the Triton path only there."""
+    $V4LAB_DEVICE, else auto) picks it — the Triton path only there. ``progress``: a bar per impl timed."""
     from v4lab.device import get_device
+    from v4lab.progress import bar
     E = 16
     records = []
     plans = [("cpu", torch.float32, 8 if quick else 32, 128 if quick else 512)]
     if get_device(device).type == "cuda":
         plans.append(("cuda", torch.bfloat16, 64 if quick else 256, 2048 if quick else 16384))
+    pb = bar(sum(2 + (d == "cuda") for d, *_ in plans), "moe", progress)
     for device, dtype, t_naive, t_fast in plans:
         w1s, w2s, w3s = _weights(E, device, dtype)           # one set of weights for every impl
         impls = [("naive", moe_naive, t_naive), ("grouped", moe_grouped, t_fast)]
@@ -75,11 +77,13 @@ def run(quick: bool = False, device: str | torch.device | None = None) -> list[d
             sec = _time(partial(fn, x, idx, w, w1s, w2s, w3s, 10.0), device, 1 if (quick or name == "naive") else 3)
             tps = T / sec
             naive_tps = tps if name == "naive" else naive_tps
+            pb.update(1)
             records.append({"bench": "moe", "impl": name, "device": device, "weight_dtype": str(dtype).split(".")[-1],
                             "hidden": D, "inter": I, "topk": K, "experts": E, "tokens": T,
                             "seconds": round(sec, 5), "tokens_per_s": round(tps, 1),
                             "speedup_vs_naive": round(tps / naive_tps, 2)})
         del w1s, w2s, w3s
+    pb.close()
     return records
 
 
@@ -88,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer tokens (under a minute on 2 CPU cores)")
     p.add_argument("--json", action="store_true", help="print a JSON list of records")
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: $V4LAB_DEVICE, else auto)")
+    from v4lab.progress import add_argument
+    add_argument(p)
     args = p.parse_args(argv)
-    recs = run(quick=args.quick, device=args.device)
+    recs = run(quick=args.quick, device=args.device, progress=not args.no_progress)
     if args.json:
         print(json.dumps(recs, indent=1))
     else:

@@ -47,9 +47,11 @@ def _dequant_then_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Te
 
 
 @torch.no_grad()
-def gemm_records(quick: bool, device: str | torch.device | None = None) -> list[dict]:
-    """CPU always (the reference point); CUDA too when the device setting picks it (Triton only there)."""
+def gemm_records(quick: bool, device: str | torch.device | None = None, progress: bool = False) -> list[dict]:
+    """CPU always (the reference point); CUDA too when the device setting picks it (Triton only there).
+    ``progress``: a bar per (device, M) point."""
     from v4lab.device import get_device
+    from v4lab.progress import bar
     on_gpu = get_device(device).type == "cuda"
     N, K = (1024, 2048) if quick else (2048, 4096)
     g = torch.Generator().manual_seed(0)
@@ -58,6 +60,7 @@ def gemm_records(quick: bool, device: str | torch.device | None = None) -> list[
     wf = Q.mxfp4_dequantize(pk, s)
     out = []
     devices = ["cpu"] + (["cuda"] if on_gpu else [])
+    pb = bar(len(devices) * (2 if quick else 3), "fp4 gemm", progress)
     for device in devices:
         pkd, sd, wfd = pk.to(device), s.to(device), wf.to(device)
         for M in ((1, 64) if quick else (1, 16, 256)):
@@ -70,11 +73,13 @@ def gemm_records(quick: bool, device: str | torch.device | None = None) -> list[
                 from v4lab.kernels.fp4_gemm import fp4_gemm
                 paths["triton"] = partial(fp4_gemm, x, pkd, sd)
             times = {k: _time(f, 3 if quick else 10, device) for k, f in paths.items()}
+            pb.update(1)
             for k, t in times.items():
                 err = (paths[k]() - ref).abs().max().item()
                 out.append({"bench": "fp4_gemm", "device": device, "path": k, "M": M, "N": N, "K": K,
                             "ms": round(t * 1e3, 3), "ratio_vs_dequant": round(times["dequant_then_matmul"] / t, 2),
                             "max_abs_err_vs_ref": err})
+    pb.close()
     if not on_gpu:
         out.append({"bench": "fp4_gemm", "device": "cpu", "path": "triton", "M": None, "N": N, "K": K, "ms": None,
                     "ratio_vs_dequant": None, "note": "interpreter only here: checked for correctness in "
@@ -103,8 +108,8 @@ def bytes_records() -> list[dict]:
     return out
 
 
-def run(quick: bool = False, device: str | torch.device | None = None) -> list[dict]:
-    return gemm_records(quick, device) + bytes_records()
+def run(quick: bool = False, device: str | torch.device | None = None, progress: bool = False) -> list[dict]:
+    return gemm_records(quick, device, progress) + bytes_records()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: $V4LAB_DEVICE, else auto)")
+    from v4lab.progress import add_argument
+    add_argument(p)
     a = p.parse_args(argv)
-    recs = run(a.quick, a.device)
+    recs = run(a.quick, a.device, progress=not a.no_progress)
     if a.json:
         print(json.dumps(recs, indent=1))
         return 0

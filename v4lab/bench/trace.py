@@ -24,9 +24,11 @@ def lab_sized() -> V4Config:
                                      num_hash_layers=1)
 
 
-def run(quick: bool = False, device: str | torch.device | None = None) -> list[dict]:
+def run(quick: bool = False, device: str | torch.device | None = None, progress: bool = False) -> list[dict]:
+    """Prefill (chunk 256) and decode (chunk 1) traces, best of a few runs. ``progress``: a bar per run."""
     from v4lab.device import get_device
     from v4lab.model import V4Model
+    from v4lab.progress import bar
     from v4lab.trace import decode_trace
     dev = get_device(device)
     torch.manual_seed(0)
@@ -34,17 +36,21 @@ def run(quick: bool = False, device: str | torch.device | None = None) -> list[d
     model = V4Model(cfg, device=dev).eval()
     ids = torch.randint(2, cfg.vocab_size, (1, 1024), generator=torch.Generator().manual_seed(0))
     recs = []
-    for chunk, n, reps in ((256, 1024, 2 if quick else 3), (1, 64 if quick else 256, 1)):
+    plan = ((256, 1024, 2 if quick else 3), (1, 64 if quick else 256, 1))
+    pb = bar(sum(p[2] for p in plan), "trace", progress)
+    for chunk, n, reps in plan:
         best = float("inf")
         for _ in range(reps):
             t0 = time.perf_counter()
             decode_trace(model, ids[:, :n], chunk=chunk)
             best = min(best, time.perf_counter() - t0)
+            pb.update(1)
         r = {"bench": "trace", "device": str(dev), "config": "lab widths, 6 layers", "tokens": n, "chunk": chunk,
              "seconds": round(best, 3), "ms_per_token": round(1e3 * best / n, 2)}
         if n == 1024:
             r.update(target_s=TARGET_S, ok=best <= TARGET_S)
         recs.append(r)
+    pb.close()
     return recs
 
 
@@ -53,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: $V4LAB_DEVICE, else auto)")
+    from v4lab.progress import add_argument
+    add_argument(p)
     a = p.parse_args(argv)
-    recs = run(a.quick, a.device)
+    recs = run(a.quick, a.device, progress=not a.no_progress)
     if a.json:
         print(json.dumps(recs, indent=1))
         return 0

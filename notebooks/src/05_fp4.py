@@ -313,16 +313,17 @@ exp_viz.build_qat(qat_res)
 
 # %% [markdown]
 # **What it shows** (stored full run, measured by v4lab). The fine-tune lowers the held-out loss from
-# 4.643 (released) to 4.156 with full-precision masters. Rounding those masters to MXFP4 costs
-# +0.131 nats (4.287). The release's experts sit exactly on the FP4 grid, a gentle fine-tune moves most
-# weights by less than half a grid cell, and rounding puts 90 % of the moved weights back on exactly their
+# 4.411 (released) to 3.893 with full-precision masters. Rounding those masters to MXFP4 costs
+# +0.153 nats (4.046). The release's experts sit exactly on the FP4 grid, a gentle fine-tune moves most
+# weights by less than half a grid cell, and rounding puts 91 % of the moved weights back on exactly their
 # released value (right panel: each expert's drift, about 0.08 of its norm, is the size of its rounding
-# error). QAT ends at 4.256 with FP4 experts, so PTQ − QAT = +0.031 nats: QAT keeps about a quarter of
+# error). QAT ends at 4.017 with FP4 experts, so PTQ − QAT = +0.029 nats: QAT keeps about a fifth of
 # what rounding after training throws away. Its forward sees only the rounded weights, so the gradient
 # keeps pushing a master until it crosses into the next grid cell. QAT is not free either: its masters
-# learn more slowly (4.236 unrounded, against 4.156 for the full-precision run).
+# learn more slowly (4.014 unrounded, against 3.893 for the full-precision run).
 #
-# **What did not show it** (the search; each run measured by v4lab on this machine):
+# **What did not show it** (the search; each run measured by v4lab on this machine, on the first lab-v4
+# release, run A of `data/README.md`, before the shipped continuation):
 # - *the micro V4 trained from scratch* (the QAT section above; also without a shared expert, 300 steps
 #   at lr 3e-2 with QAT over the second half): PTQ costs +0.0001 to +0.0013 nats, and QAT ends up to
 #   0.055 nats *worse*. Its experts stay close to their Gaussian start, and a d = 32 model does not feel

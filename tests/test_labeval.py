@@ -117,6 +117,9 @@ def test_cli_entries(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err
     assert cli.main(["labrun", "--ckpt-seconds", "0"]) == 2
     assert "--ckpt-seconds" in capsys.readouterr().err
+    # --init belongs to a continuation; the from-scratch recipe refuses it before touching --run-dir
+    assert cli.main(["labrun", "--init", "x", "--run-dir", str(tmp_path / "run")]) == 2
+    assert "--init = 'x'" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

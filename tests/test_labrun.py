@@ -166,6 +166,7 @@ def test_full_run_writes_the_release_and_a_rerun_changes_nothing(tmp_path):
 @pytest.mark.slow
 def test_continuation_starts_from_the_release_and_adds_its_cpu(tmp_path):
     from v4lab import model as model_mod
+    from v4lab.checkpoint import shards_fingerprint
     root = _site(tmp_path / "html")
     a = tmp_path / "a_out"
     labrun.run(tmp_path / "a", a, root, recipe=_recipe(), progress=False)
@@ -173,7 +174,7 @@ def test_continuation_starts_from_the_release_and_adds_its_cpu(tmp_path):
     b = tmp_path / "b_out"
     # stop before any step: the starting model is the release's weights, read back
     labrun.run(tmp_path / "b", b, root, recipe=cont, progress=False, stop_after="warmup")
-    start, _ = labrun.find_checkpoint(tmp_path / "b"), None
+    start = labrun.find_checkpoint(tmp_path / "b")
     want = model_mod.load(a, keep_quantized=False).state_dict()
     got = load_file(str(start / "model.safetensors"))
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
@@ -181,7 +182,7 @@ def test_continuation_starts_from_the_release_and_adds_its_cpu(tmp_path):
     assert st["stage"] == "done"
     sa = json.loads((a / "training_summary.json").read_text())
     sb = json.loads((b / "training_summary.json").read_text())
-    assert sb["init"]["weights_sha256"] == labrun._release_sha256(a)
+    assert sb["init"]["weights_sha256"] == shards_fingerprint(a)
     assert sb["cpu_seconds_training"] > sa["cpu_seconds_total"] and sb["cpu_seconds_this_stage"] > 0
     # the release keeps the history: run A's lm1 and lm2 logs beside this run's own
     assert (b / "train_log_lm1.jsonl").read_bytes() == (a / "train_log_lm1.jsonl").read_bytes()
@@ -194,3 +195,15 @@ def test_continuation_refuses_a_folder_without_a_release(tmp_path):
     cont = dict(_recipe(), init=str(tmp_path / "nothing"), lm1_steps=0, indexer_warmup_steps=0)
     with pytest.raises(ValueError, match="init.*not a release directory"):
         labrun.run(tmp_path / "b", tmp_path / "o", root, recipe=cont, progress=False)
+
+
+@pytest.mark.slow
+def test_continuation_refuses_a_release_of_another_shape(tmp_path):
+    root = _site(tmp_path / "html")
+    a = tmp_path / "a_out"
+    labrun.run(tmp_path / "a", a, root, recipe=_recipe(), progress=False)
+    other = micro_config(vocab_size=300, index_topk=2).replace(hidden_size=48)
+    cont = dict(_recipe(), config=other, init=str(a), lm1_steps=0, indexer_warmup_steps=0)
+    with pytest.raises(ValueError, match="init.*does not fit config"):
+        labrun.run(tmp_path / "b", tmp_path / "o", root, recipe=cont, progress=False)
+    assert not (tmp_path / "o").exists()

@@ -196,6 +196,15 @@ def plan_attn_blocks(heads: int, queries: int, n_cols: int, k: int, head_dim: in
     return best, sub[best]
 
 
+def _slot_probs(z, valid, attn_sink):
+    """Scores z [B, S, H, K] of the listed slots (valid [B, S, K]) → (p [B, S, H, K], 0 on −1 slots; the
+    sink's mass [B, S, H]): one softmax over the valid slots and the sink."""
+    B, S, H, _ = z.shape
+    z = z.masked_fill(~valid[:, :, None, :], float("-inf"))
+    p = torch.cat([z, attn_sink.float().view(1, 1, H, 1).expand(B, S, H, 1)], -1).softmax(-1)
+    return p[..., :-1].masked_fill(~valid[:, :, None, :], 0.0), p[..., -1]
+
+
 def sparse_attn_probs(q, kv, attn_sink, idx, scale):
     """Same math as `sparse_attn`, returning the probabilities instead: p [B, S, H, K] (0 on −1 slots) and
     the sink's mass [B, S, H] (1 − Σ p). For inspection; memory as large as the gather."""
@@ -203,9 +212,7 @@ def sparse_attn_probs(q, kv, attn_sink, idx, scale):
     valid = idx >= 0
     g = torch.gather(kv.float(), 1, idx.clamp(min=0).long().reshape(B, -1, 1).expand(-1, -1, D)).view(B, S, -1, D)
     z = torch.einsum("bshd,bskd->bshk", q.float(), g.masked_fill(~valid[..., None], 0.0)) * scale
-    z = z.masked_fill(~valid[:, :, None, :], float("-inf"))
-    p = torch.cat([z, attn_sink.float().view(1, 1, H, 1).expand(B, S, H, 1)], -1).softmax(-1)
-    return p[..., :-1].masked_fill(~valid[:, :, None, :], 0.0), p[..., -1]
+    return _slot_probs(z, valid, attn_sink)
 
 
 def dense_attn_probs(q, kv, attn_sink, idx, scale):
@@ -225,9 +232,7 @@ def _probs_on_rows(q, kv, attn_sink, idx, scale, rows):
     at = torch.searchsorted(rows, idx.clamp(min=0).long().contiguous()).clamp(max=rows.numel() - 1)
     zr = torch.einsum("bshd,brd->bshr", q.float(), kv[:, rows].float()) * scale          # [B, S, H, R]
     z = zr.gather(-1, at[:, :, None, :].expand(B, S, H, K))
-    z = z.masked_fill(~valid[:, :, None, :], float("-inf"))
-    p = torch.cat([z, attn_sink.float().view(1, 1, H, 1).expand(B, S, H, 1)], -1).softmax(-1)
-    return p[..., :-1].masked_fill(~valid[:, :, None, :], 0.0), p[..., -1]
+    return _slot_probs(z, valid, attn_sink)
 
 
 def attn_probs(q, kv, attn_sink, idx, scale):

@@ -575,6 +575,21 @@ def _release_file(name: str) -> bool:
             or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) is not None)
 
 
+def shards_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 of a checkpoint's weight map and shards: which weights a stored measurement, or a run that
+    continues them, belongs to."""
+    import hashlib
+    p = Path(path)
+    h = hashlib.sha256()
+    idx = json.loads((p / INDEX_FILE).read_text())
+    h.update(json.dumps(idx["weight_map"], sort_keys=True).encode())
+    for shard in sorted(set(idx["weight_map"].values())):
+        with open(p / shard, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def write_checkpoint(tensors: dict[str, torch.Tensor], cfg: V4Config, path: str | Path,
                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
                      extra_files: dict[str, bytes] | None = None) -> Path:

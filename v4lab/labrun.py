@@ -230,7 +230,7 @@ class _Job:
         self.data, self.docs = build_data(run_dir, root, cfg.vocab_size)
         ck = find_checkpoint(run_dir)
         if ck is None and r.get("init"):
-            self.model, self.opt_state = init_model(Path(r["init"]), cfg, run_dir, r["seed"]), None
+            self.model, self.opt_state = init_model(Path(r["init"]), cfg, run_dir), None
             self.state = {"stage": "warmup", "next_step": 0, "cpu_seconds": 0.0}
         elif ck is None:
             self.model, self.opt_state = None, None
@@ -289,37 +289,26 @@ class _Job:
         (self.run_dir / "done.json").write_text(json.dumps(self.state, indent=1) + "\n")
 
 
-def _release_sha256(path: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    for f in sorted(path.glob("*.safetensors")):
-        if f.name != "bigram_counts.safetensors":
-            h.update(f.name.encode() + f.read_bytes())
-    return h.hexdigest()
-
-
-def init_model(init: Path, cfg: V4Config, run_dir: Path, seed: int) -> V4Model:
-    """A continuation's starting model: the release at ``init`` read back (FP8/FP4 dequantised to fp32).
-    Its logs are copied into ``run_dir`` (``INIT_FILES``) and its weights' sha256 recorded in ``init.json``,
-    so the run states exactly what it continued. Indexers whose shape ``cfg`` changes start fresh (seeded)."""
+def init_model(init: Path, cfg: V4Config, run_dir: Path) -> V4Model:
+    """A continuation's starting model: the release at ``init`` read back (FP8/FP4 dequantised to fp32) into
+    ``cfg``'s model. Its logs are copied into ``run_dir`` (``INIT_FILES``) and its weights' fingerprint and
+    CPU seconds recorded in ``init.json``, so the run states exactly what it continued."""
     from v4lab import model as model_mod
+    from v4lab.checkpoint import shards_fingerprint
     if not (init / "config.json").is_file():
         _bad("init", str(init), "is not a release directory (no config.json); run the release recipe first")
-    src = model_mod.load(init, keep_quantized=False)
-    torch.manual_seed(seed)
     model = model_mod.V4Model(cfg)
-    want = model.state_dict()
-    sd = {k: v for k, v in src.state_dict().items() if k in want and want[k].shape == v.shape}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if unexpected or any(".indexer." not in k for k in missing):
-        _bad("init", str(init), f"does not fit config {cfg.name!r} outside the indexers (missing {missing[:4]})")
+    try:
+        model.load_state_dict(model_mod.load(init, keep_quantized=False).state_dict(), strict=True)
+    except RuntimeError as e:
+        _bad("init", str(init), f"does not fit config {cfg.name!r}: {str(e).splitlines()[0]}")
     for name, new in INIT_FILES.items():
         if (init / name).is_file():
             shutil.copyfile(init / name, run_dir / new)
     sj = init / "training_summary.json"
     summ = json.loads(sj.read_text()) if sj.is_file() else {}
     (run_dir / "init.json").write_text(json.dumps({
-        "init": str(init), "weights_sha256": _release_sha256(init), "fresh_indexer_keys": len(missing),
+        "init": str(init), "weights_sha256": shards_fingerprint(init),
         "cpu_seconds_training": summ.get("cpu_seconds_training", 0.0),
         "cpu_seconds_total": summ.get("cpu_seconds_total", 0.0)}, indent=1) + "\n")
     return model
@@ -446,8 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         recipe = dict(RECIPES[args.recipe])
         if args.init is not None:
-            if args.recipe != "lab-v4-continue":
-                raise ValueError(f"--init = {args.init!r}: only the lab-v4-continue recipe starts from a release")
+            if "init" not in recipe:
+                raise ValueError(f"--init = {args.init!r}: recipe {args.recipe} trains from scratch; only a "
+                                 "continuation (lab-v4-continue) starts from a release")
             recipe["init"] = args.init
         state = run(args.run_dir, args.out, args.root, recipe=recipe, ckpt_seconds=args.ckpt_seconds,
                     progress=not args.no_progress)

@@ -168,6 +168,15 @@ class _TextWidget(Widget):
         with running(self, "one forward of the model over the new text"):
             return value, run_text(value)
 
+    def _set_text(self, value) -> None:
+        """Show a new text (`_new_text`): the query position clamped to its length, and the position slider's
+        range following it."""
+        value, run = self._new_text(value)
+        S = run.n_tokens
+        self.set(text=value, position=min(self.state["position"], S - 1))
+        if "position" in self.controls:
+            self.controls["position"].max = S - 1
+
 
 # ------------------------------------------------------------------------------------ the inspector figure
 def inspect_data(run: Run, position: int, layer: int, head: int) -> dict:
@@ -351,11 +360,7 @@ class InspectWidget(_TextWidget):
                 "layer": list(range(len(run.layers))), "head": list(range(run.n_heads))}[control]
 
     def on_text(self, value):
-        value, run = self._new_text(value)
-        S = run.n_tokens
-        self.set(text=value, position=min(self.state["position"], S - 1))
-        if "position" in self.controls:
-            self.controls["position"].max = S - 1
+        self._set_text(value)
 
     def on_position(self, value):
         self.set(position=int(value))
@@ -805,11 +810,8 @@ class CompareWidget(_TextWidget):
                 "head": ["mean"] + list(range(run.n_heads)), "measure": list(MEASURES)}[control]
 
     def on_text(self, value):
-        value, run = self._new_text(value)
-        S = run.n_tokens
-        self.set(text=value, position=min(self.state["position"], S - 1))
+        self._set_text(value)
         if "position" in self.controls:
-            self.controls["position"].max = S - 1
             self.controls["position"].value = self.state["position"]
 
     def on_position(self, value):

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from v4lab import quant as Q
+from v4lab.checkpoint import shards_fingerprint
 from v4lab.viz.common import Widget, check_choice, figure_from, register, stored_result
 
 
@@ -373,21 +374,6 @@ def coarse_round(w: torch.Tensor, block: int = COARSE_BLOCK) -> torch.Tensor:
     pad = (-w.shape[-1]) % block
     wp = torch.nn.functional.pad(w, (0, pad)) if pad else w
     return Q.fp4_fake_quant(wp, block)[..., :w.shape[-1]]
-
-
-def shards_fingerprint(path) -> str:
-    """sha256 of the checkpoint's index and shards (which weights a stored measurement belongs to)."""
-    import hashlib
-    import json
-    p = Path(path)
-    h = hashlib.sha256()
-    idx = json.loads((p / "model.safetensors.index.json").read_text())
-    h.update(json.dumps(idx["weight_map"], sort_keys=True).encode())
-    for shard in sorted(set(idx["weight_map"].values())):
-        with open(p / shard, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def _expert_name(cfg, layer: int, expert: int, matrix: str) -> str:

@@ -525,3 +525,46 @@ def test_attn_probs_takes_both_paths_with_one_result(monkeypatch):
         torch.testing.assert_close(p, p_ref, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=1e-7)
     assert seen == ["dense", "gather"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_attn_inspect_twins_equal_the_attention_and_its_probabilities(seed):
+    """sparse/dense_attn_inspect: o exactly as sparse/dense_attn, p and the sink as sparse_attn_probs, on
+    duplicated slots, −1 slots, a sink-only query and a NaN row nobody lists."""
+    from v4lab.attention import dense_attn, dense_attn_inspect, sparse_attn_inspect
+    q, kv, sink, idx = _probs_case(seed)
+    p_ref, s_ref = sparse_attn_probs(q, kv, sink, idx, 0.3)
+    for fn, attn in ((sparse_attn_inspect, sparse_attn), (dense_attn_inspect, dense_attn)):
+        o, p, s = fn(q, kv, sink, idx, 0.3)
+        assert torch.equal(o, attn(q, kv, sink, idx, 0.3)), fn.__name__
+        torch.testing.assert_close(p, p_ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=1e-6)
+        assert (p[1, 2] == 0).all() and torch.allclose(s[1, 2], torch.ones(3))
+    unlisted = sorted(set(range(kv.shape[1])) - set(idx[idx >= 0].tolist()))
+    if unlisted:
+        kv2 = kv.clone()
+        kv2[:, unlisted[0]] = float("nan")
+        o, p, s = dense_attn_inspect(q, kv2, sink, idx, 0.3)
+        assert torch.isfinite(o).all()
+        torch.testing.assert_close(p, p_ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="dense_attn_inspect"):
+        dense_attn_inspect(q, kv, sink, idx[..., None], 0.3)
+
+
+@pytest.mark.parametrize("kind", ["window", "csa", "hca"])
+def test_inspected_forward_matches_the_plain_one_and_recomputed_probabilities(kind):
+    """Inspection takes the probabilities from the attention's own pass: the output is bit-identical to
+    the plain forward's, and the recorded probabilities equal sparse_attn_probs recomputed from q."""
+    a = make(kind, seed=3)
+    x = torch.randn(1, 300, a.cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = a(x)
+        a.inspect = True
+        yi = a(x)
+    assert torch.equal(y, yi)
+    rec = a.last_inspect
+    p = torch.cat([rec["probs_window"], rec["probs_compressed"]], -1)
+    total = p.sum(-1) + rec["sink"]
+    torch.testing.assert_close(total, torch.ones_like(total), rtol=0, atol=1e-5)
+    assert (rec["probs_compressed"][rec["compressed_idx"][:, :, None, :].expand_as(rec["probs_compressed"]) < 0]
+            == 0).all()

@@ -1,6 +1,8 @@
 """`v4lab experiment NAME`: the result object's shape, determinism, bad input, and the effect's sign on
 settings small enough for the suite (subfp4 here; the others in their own tests below)."""
+import io
 import json
+import re
 
 import pytest
 
@@ -141,3 +143,46 @@ def test_routes_with_an_older_snapshot_use_its_parameters_and_restore_the_model(
     lagged = _routes_with(model, snap, ids, use_mtp=False)
     assert all(torch.equal(old[i], lagged[i]) for i in learned)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+SMALL_RUNS = {
+    "mhc": dict(steps=2, n_sublayers=4),
+    "subfp4": dict(TINY_SUBFP4, formats=("e2m1", "e2m0"), qat_steps=1, qat_formats=("none",), eval_windows=1,
+                   seq_len=32),
+    "ar": dict(SMALL_AR, steps=6, cells=("neither", "AR only")),
+    "clamp": dict(steps=3, seeds=(0,), batch_size=2, seq_len=16, eval_windows=1),
+    "qat": dict(steps=1, batch_size=1, seq_len=32, eval_windows=1),        # on data/lab-v4, its own data
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_RUNS))
+def test_experiment_progress_bar_counts_its_work_on_a_terminal_only(name, monkeypatch, data):
+    """``progress=True`` draws one bar with an ETA that ends full (its total is the work the experiment did);
+    on a non-terminal stderr nothing is written."""
+    import importlib
+    mod = importlib.import_module(f"v4lab.experiments.{runner.EXPERIMENTS[name]}")
+    kw = dict(SMALL_RUNS[name])
+    if name not in ("mhc", "qat"):
+        kw["data"] = data
+    for stream, drawn in ((_Tty(), True), (io.StringIO(), False)):
+        monkeypatch.setattr("sys.stderr", stream)
+        mod.experiment(quick=True, progress=True, **kw)
+        text = stream.getvalue()
+        if not drawn:
+            assert text == ""
+            continue
+        done = re.findall(r"(\d+)/(\d+) \[", text)
+        assert f"experiment {name}" in text and done and "<" in text, text[-300:]
+        n, total = map(int, done[-1])
+        assert n >= total > 0, text[-300:]           # a rollback's replayed steps may add to the count
+
+
+def test_experiment_cli_has_the_no_progress_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        runner.main(["--help"])
+    assert e.value.code == 0 and "--no-progress" in capsys.readouterr().out

@@ -295,3 +295,23 @@ def test_training_forward_reaches_every_parameter(tiny):
     assert {k.split(".attn.")[0] for k in no_grad} == {f"layers.{i}" for i in range(6) if tiny.layer_kind(i) == "csa"}
     zero = [k for k, p in m.named_parameters() if k not in no_grad and p.grad.abs().max() == 0]
     assert all(".experts." in k for k in zero), zero      # only an expert nobody picked may see no gradient
+
+
+def test_streams_are_the_forwards_final_streams_without_the_head():
+    """model.streams(ids) = the hidden streams forward(return_hidden=True) returns, and it runs no head."""
+    from v4lab.config import get_config
+    from v4lab.model import V4Model
+    torch.manual_seed(0)
+    m = V4Model(get_config("tiny")).eval()
+    ids = torch.randint(0, m.cfg.vocab_size, (2, 37))
+    calls = []
+    hook = m.head.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        _, hidden = m(ids, return_hidden=True)
+        n_forward = len(calls)
+        s = m.streams(ids)
+    hook.remove()
+    assert n_forward == 1 and len(calls) == 1          # the forward ran the head once, streams did not
+    assert torch.equal(s, hidden)
+    with pytest.raises(ValueError, match="input_ids"):
+        m.streams(torch.full((1, 3), m.cfg.vocab_size))

@@ -147,3 +147,20 @@ def test_number_formats_and_label_positions():
     assert label_positions([262, 50.4, 42, 5.27, 3.68], 0.005, 300, 330, side="right") == \
         ["middle right", "top right", "bottom right", "top right", "bottom right"]
     assert label_positions([1, 100], 0.1, 1000, 300) == ["middle left", "middle left"]    # far apart: unmoved
+
+
+def test_apply_data_sends_a_matrix_as_an_array_with_nan_gaps():
+    """A heatmap's z (list of lists, None = gap) reaches the figure as a float array with NaN gaps, the
+    same numbers; ragged or non-numeric lists are left as they are."""
+    import numpy as np
+    import plotly.graph_objects as go
+
+    from v4lab.viz.common import _as_array, apply_data
+    fig = go.Figure([go.Heatmap(z=[[0.0]]), go.Bar(x=["a"], y=[1])])
+    apply_data(fig, {"traces": [dict(type="heatmap", z=[[0.25, None], [None, 1.5]]),
+                                dict(type="bar", x=["a", "b"], y=[1, 2])]})
+    z = np.asarray(fig.data[0].z, dtype=float)
+    assert z.shape == (2, 2) and z[0, 0] == 0.25 and z[1, 1] == 1.5 and np.isnan(z[0, 1]) and np.isnan(z[1, 0])
+    assert list(fig.data[1].x) == ["a", "b"]
+    for kept in ([[1, 2], [3]], [["a", "b"]], [[True, False]], [1, 2], []):
+        assert _as_array(kept) is kept

@@ -37,8 +37,8 @@ def test_kernel_sweep_shows_each_pair(static):
     seen = set()
     for k, _ in sweep(w, "kernel"):
         r = V.compare(k)
-        ref = torch.tensor([list(row) for row in w.fig.data[0].z])
-        out = torch.tensor([list(row) for row in w.fig.data[1].z])
+        ref = torch.tensor([list(row) for row in w.fig.data[0].z], dtype=torch.float32)
+        out = torch.tensor([list(row) for row in w.fig.data[1].z], dtype=torch.float32)
         assert torch.allclose(ref, V._as2d(r["ref"])) and torch.allclose(out, V._as2d(r["out"]))
         assert k in w.fig.layout.title.text and r["reference"] in w.fig.layout.annotations[0].text
         seen.add(w.fig.layout.title.text)

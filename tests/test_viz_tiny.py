@@ -47,7 +47,7 @@ def test_routing_position_sweep_matches_the_layers_routes(nb_model, static):
     positions = list(range(0, ids.shape[1], 7)) if not static else None
     for pos, _ in sweep(w, "position", positions):
         assert list(w.fig.data[1].x) == [pos] * len(moes)
-        z = torch.tensor([list(r) for r in w.fig.data[2].z])             # [layers, E] weights of this token
+        z = torch.tensor([list(r) for r in w.fig.data[2].z], dtype=torch.float32)   # [layers, E] weights of this token
         for l, m in enumerate(moes):
             chosen = set(m.last_routing["idx"][pos].tolist())
             assert {e for e in range(z.shape[1]) if z[l, e] > 0} == chosen and len(chosen) == K

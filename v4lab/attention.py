@@ -96,6 +96,11 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx:
     A row with no valid index returns zeros (all mass on the sink, whose value is zero).
     """
     _check_attn_args("sparse_attn", q, kv, attn_sink, idx)
+    return _sparse_core(q, kv, attn_sink, idx, scale)[0]
+
+
+def _sparse_core(q, kv, attn_sink, idx, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sparse_attn`'s computation → (o [B, S, H, D], the slots' probabilities p [B, S, H, K])."""
     B, S, H, D = q.shape
     N = kv.shape[1]
     valid = idx >= 0                                               # [B, S, K]
@@ -108,9 +113,10 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx:
     g = kv.float().reshape(B * N, D).index_select(0, rows.reshape(-1)).view(B, S, -1, D)  # [B, S, K, D]
     z = torch.einsum("bshd,bskd->bshk", q.float(), g) * scale      # [B, S, H, K]
     z = z.masked_fill(~valid[:, :, None, :], float("-inf"))
-    o = torch.einsum("bshk,bskd->bshd", _sink_softmax(z, attn_sink), g)
+    p = _sink_softmax(z, attn_sink)
+    o = torch.einsum("bshk,bskd->bshd", p, g)
     o = o.masked_fill(~valid.any(-1)[:, :, None, None], 0.0)       # sink-only rows
-    return o.to(q.dtype)
+    return o.to(q.dtype), p
 
 
 def dense_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx: torch.Tensor,
@@ -127,16 +133,51 @@ def dense_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx: 
     _check_attn_args("dense_attn", q, kv, attn_sink, idx)
     if not bool(torch.isfinite(kv).all()):
         return sparse_attn(q, kv, attn_sink, idx, scale)
+    return _dense_core(q, kv, attn_sink, idx, scale)[0]
+
+
+def _dense_core(q, kv, attn_sink, idx, scale) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`dense_attn`'s computation (finite kv) → (o [B, S, H, D], the rows' probabilities p [B, S, H, N],
+    how many times each query lists each row: count [B, S, N])."""
     B, S, H, D = q.shape
     N = kv.shape[1]
     valid = idx >= 0
     count = torch.zeros(B, S, N, device=q.device).scatter_add_(2, idx.clamp(min=0).long(), valid.float())
     kvf = kv.float()
     z = torch.bmm(q.float().reshape(B, S * H, D), kvf.transpose(1, 2)).view(B, S, H, N) * scale
-    z = z + count.log()[:, :, None, :]                                # log 0 = −inf: not attended
+    if bool((count > 1).any()):                                       # a row listed n times: + log n
+        z = z + count.log()[:, :, None, :]                            # log 0 = −inf: not attended
+    else:                                                             # (the same values, without the log)
+        z = z.masked_fill((count == 0)[:, :, None, :], float("-inf"))
     p = _sink_softmax(z, attn_sink)
     o = torch.bmm(p.view(B, S * H, N), kvf).view(B, S, H, D)
-    return o.to(q.dtype)
+    return o.to(q.dtype), p, count
+
+
+def sparse_attn_inspect(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx: torch.Tensor,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sparse_attn` that also returns what it attended: (o [B, S, H, D] exactly as `sparse_attn`, the
+    slots' probabilities p [B, S, H, K] (0 on −1 slots), the sink's mass [B, S, H]) — one pass instead of
+    `sparse_attn` then `sparse_attn_probs`. For the inspected forward."""
+    _check_attn_args("sparse_attn_inspect", q, kv, attn_sink, idx)
+    o, p = _sparse_core(q, kv, attn_sink, idx, scale)
+    p = p.masked_fill(~(idx >= 0)[:, :, None, :], 0.0)
+    return o, p, 1.0 - p.sum(-1)
+
+
+def dense_attn_inspect(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The dense-block twin of `sparse_attn_inspect` (same signature and results, o exactly as `dense_attn`):
+    a slot's probability is its row's, shared among the slots that list that row."""
+    _check_attn_args("dense_attn_inspect", q, kv, attn_sink, idx)
+    if not bool(torch.isfinite(kv).all()):
+        return sparse_attn_inspect(q, kv, attn_sink, idx, scale)
+    o, pr, count = _dense_core(q, kv, attn_sink, idx, scale)
+    B, S, H, _ = q.shape
+    at = idx.clamp(min=0).long()
+    p = pr.gather(-1, at[:, :, None, :].expand(B, S, H, -1)) / count.gather(2, at).clamp_min(1.0)[:, :, None, :]
+    p = p.masked_fill(~(idx >= 0)[:, :, None, :], 0.0)
+    return o, p, 1.0 - pr.sum(-1)
 
 
 # Cost model of one query block, calibrated on a 2-core AMD EPYC with torch's fp32 CPU GEMMs (1 thread):
@@ -543,14 +584,19 @@ class Attention(nn.Module):
             rows.append((L, L + min(n_all - L, span[1] // self.ratio)))
         return rows
 
-    def _attend(self, q, kv_all, idx, span, lo, L, ring_path, path):
+    def _attend(self, q, kv_all, idx, span, lo, L, ring_path, path, probs: bool = False) -> tuple:
         """One block of queries at positions span: o [B, s, H, D] by the gather path over kv_all ("gather") or
-        by the dense-block path over only the rows the block can see ("dense"). Same result either way."""
+        by the dense-block path over only the rows the block can see ("dense"). Same result either way.
+        → (o, p, sink): with `probs` (the inspected forward) also the slots' probabilities [B, s, H, K] and the
+        sink's mass [B, s, H] from the same pass (`*_attn_inspect`), else (o, None, None)."""
         if path == "gather":
-            if self.switches.kernels:
+            if self.switches.kernels:                   # the kernel returns o only: probabilities on the side
                 from .kernels.sparse_attn import sparse_attn as kernel
-                return kernel(q, kv_all, self.attn_sink, idx, self.scale)
-            return sparse_attn(q, kv_all, self.attn_sink, idx, self.scale)
+                o = kernel(q, kv_all, self.attn_sink, idx, self.scale)
+                return (o, *attn_probs(q, kv_all, self.attn_sink, idx, self.scale)) if probs else (o, None, None)
+            if probs:
+                return sparse_attn_inspect(q, kv_all, self.attn_sink, idx, self.scale)
+            return sparse_attn(q, kv_all, self.attn_sink, idx, self.scale), None, None
         n_all = kv_all.shape[1]
         rows = self._rows(span, n_all, lo, L, ring_path)
         remap = torch.full((n_all,), -1, dtype=torch.long, device=idx.device)   # kv_all row → block row
@@ -560,7 +606,9 @@ class Attention(nn.Module):
             off += b - a
         blk = kv_all if ring_path else torch.cat([kv_all[:, a:b] for a, b in rows], 1)
         bidx = torch.where(idx >= 0, remap[idx.clamp(min=0)], -1)
-        return dense_attn(q, blk, self.attn_sink, bidx, self.scale)
+        if probs:
+            return dense_attn_inspect(q, blk, self.attn_sink, bidx, self.scale)
+        return dense_attn(q, blk, self.attn_sink, bidx, self.scale), None, None
 
     def forward(self, x: torch.Tensor, start_pos: int = 0, cache: AttentionCache | None = None,
                 seq_lens=None, attn_path: str | None = None) -> torch.Tensor:
@@ -681,11 +729,11 @@ class Attention(nn.Module):
         idx, cidx, scores = self._candidates(call, t, wp, picks, off, off + c1 - c0)
         if call.distill:
             self._distill_target(call, qc, idx, t, cidx, scores)
-        o = self._attend(qc, call.kv_all, idx, (call.start_pos + c0, call.start_pos + c1), call.lo, call.L,
-                         call.ring_path, path)
+        o, p, sink = self._attend(qc, call.kv_all, idx, (call.start_pos + c0, call.start_pos + c1), call.lo,
+                                  call.L, call.ring_path, path, probs=call.insp is not None)
         w, L = self.window, call.L
         if call.insp is not None:
-            call.records.append(self._inspect_record(call, qc, idx, t, wp, cidx, scores))
+            call.records.append(self._inspect_record(call, idx, t, wp, cidx, scores, p, sink))
         if call.cache.reads is not None:   # decode_trace: what these queries read (record=True caches)
             call.cache.reads.append({"positions": t, "window": wp.where(wp >= 0, -1)[None].expand(call.B, -1, -1),
                                      "compressed": torch.where(idx[..., w:] >= 0, idx[..., w:] - L, -1)})
@@ -720,16 +768,16 @@ class Attention(nn.Module):
         s = call.distill_sums
         call.distill_sums = [s[0] + a, s[1] + n, s[2] + h, s[3] + m]
 
-    def _inspect_record(self, call: _Call, qc, idx, t, wp, cidx, scores) -> dict:
-        """What these queries read, with the probabilities (``last_inspect``, concatenated over blocks)."""
+    def _inspect_record(self, call: _Call, idx, t, wp, cidx, scores, p, sink) -> dict:
+        """What these queries read, with the probabilities p [B, s, H, K] and the sink's mass [B, s, H] the
+        attention computed (``last_inspect``, concatenated over blocks)."""
         w, L = self.window, call.L
         rec = {}
         if self.kind == "csa":
             nv = visible_entries(t, self.ratio)
-            hidden = torch.arange(call.Nc, device=qc.device)[None, None] >= nv[None, :, None]
+            hidden = torch.arange(call.Nc, device=idx.device)[None, None] >= nv[None, :, None]
             rec["index_scores"] = scores.masked_fill(hidden, float("-inf"))
             rec["selected"] = cidx
-        p, sink = attn_probs(qc, call.kv_all, self.attn_sink, idx, self.scale)
         rec["window_positions"] = wp.where(wp >= 0, -1)[None].expand(call.B, -1, -1)
         rec["compressed_idx"] = torch.where(idx[..., w:] >= 0, idx[..., w:] - L, -1)
         rec["probs_window"], rec["probs_compressed"], rec["sink"] = p[..., :w], p[..., w:], sink

@@ -300,6 +300,21 @@ class V4Model(nn.Module):
         return self.logits_from_streams(z, m.hc_head_fn, m.hc_head_base, m.hc_head_scale, m.norm)
 
     # ------------------------------------------------------------------ forward
+    def _trunk(self, ids: torch.Tensor, start_pos: int, cache: ModelCache | None, forced: list) -> torch.Tensor:
+        """Embedding → n copies of the stream → every block: ids [B, S] → the final streams [B, S, n, d]."""
+        B, S = ids.shape
+        x = self.embed(ids)                                                   # [B, S, d]
+        x = x.unsqueeze(2).expand(B, S, self.cfg.hc_mult, self.cfg.hidden_size).contiguous()   # [B, S, n, d]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ids, start_pos, cache.layers[i] if cache is not None else None, forced[i])
+        return x
+
+    def streams(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final streams [B, S, n, d] of a cache-free forward from position 0, without the head: for callers
+        that want what the layers record (``inspect``), not the logits (the head is ~10 % of a forward)."""
+        ids = self._check_ids(input_ids)
+        return self._trunk(ids, 0, None, [None] * self.cfg.num_hidden_layers)
+
     def forward(self, input_ids: torch.Tensor, start_pos: int | None = None, cache: ModelCache | None = None,
                 return_mtp: bool = False, forced_routes: list | None = None, return_hidden: bool = False):
         """input_ids [B, S] → logits [B, S, vocab].
@@ -326,10 +341,7 @@ class V4Model(nn.Module):
         forced = [None if r is None else r.to(self.device)
                   for r in check_forced_routes(cfg, forced_routes, B * S, len(self.mtp))]
         try:                              # everything is checked; a failure now is marked on the cache
-            x = self.embed(ids)                                               # [B, S, d]
-            x = x.unsqueeze(2).expand(B, S, cfg.hc_mult, cfg.hidden_size).contiguous()   # [B, S, n, d] copies
-            for i, layer in enumerate(self.layers):
-                x = layer(x, ids, start_pos, cache.layers[i] if cache is not None else None, forced[i])
+            x = self._trunk(ids, start_pos, cache, forced)
             logits = self.logits_from_streams(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.norm)
             out = [logits]
             if return_mtp:

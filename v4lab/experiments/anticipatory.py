@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -93,10 +94,11 @@ SETTINGS = ("steps", "lr", "warmup", "spike_at", "spike_lr_mult", "spike_scope",
             "spike_ratio", "rollback", "batch_size", "seq_len")
 
 
-def _cell(config: TrainConfig, data, s: dict, model) -> dict:
+def _cell(config: TrainConfig, data, s: dict, model, on_step: Callable | None = None) -> dict:
     """One cell of the grid: the run of ``config`` from ``model``, summarised around the spike of settings
-    ``s`` (post_spike_loss: mean lm loss over the ar_duration steps after spike_at)."""
-    r = fit(config, data, model=model)
+    ``s`` (post_spike_loss: mean lm loss over the ar_duration steps after spike_at); ``on_step`` is called
+    after every step (the progress bar)."""
+    r = fit(config, data, model=model, callback=on_step and (lambda *a: on_step()))
     log = r["log"]
     after = [x["lm_loss"] for x in log if s["spike_at"] < x["step"] <= s["spike_at"] + s["ar_duration"]]
     on = [x["seconds"] for x in log if x["ar_on"]]
@@ -160,7 +162,8 @@ def _forward_cpu_share(model, ids, step_cpu: float, repeats: int = 3) -> dict:
 
 
 def experiment(quick: bool = False, device: str | torch.device | None = None, data: TokenData | None = None,
-               cells: tuple = tuple(GRID), model_dir: str = MODEL_DIR, **changes: Any) -> dict:
+               cells: tuple = tuple(GRID), model_dir: str = MODEL_DIR, progress: bool = False,
+               **changes: Any) -> dict:
     """`v4lab experiment ar`: the same provoked spike (one update of the learned routers at spike_lr_mult × lr,
     on the trained tiny-v4) four ways, AR on/off × rollback on/off, plus the run without the spike. Baseline =
     neither, treatment = AR only; metric = post_spike_loss; effect = baseline − treatment (> 0 when AR alone
@@ -169,8 +172,9 @@ def experiment(quick: bool = False, device: str | torch.device | None = None, da
     steps from snapshots); forward_share: one routing-only forward / one training step of "neither".
     ``cells``: a subset of GRID (must hold "neither" and "AR only"); with ``contrast`` the two also run with
     a spike given to every parameter (lr × ``contrast_lr_mult`` for one step: × spike_lr_mult would turn
-    the model to NaN)."""
+    the model to NaN). ``progress``: a bar over the cells' training steps."""
     from v4lab.data import load_data
+    from v4lab.progress import bar
     s = {**(QUICK if quick else FULL), **changes}
     for need in ("neither", "AR only"):
         if need not in cells:
@@ -180,8 +184,12 @@ def experiment(quick: bool = False, device: str | torch.device | None = None, da
         data = load_data(cfg.vocab_size)          # the same BPE tiny-v4 was trained with (data/tiny-v4/tokenizer.json)
     base = TrainConfig(cfg, seed=0, progress=False, threads=1, device=device, min_lr_ratio=1.0,
                        spike_min_step=s["spike_at"] + 1, **{k: s[k] for k in SETTINGS})
-    out = {name: _cell(replace(base, **GRID[name]), data, s, fresh()) for name in cells}
-    out[REFERENCE] = _cell(replace(base, spike_at=None), data, s, fresh())
+    n_runs = len(cells) + 1 + (2 if s.get("contrast") else 0)
+    with bar(n_runs * s["steps"], "experiment ar", progress) as pb:    # (a rollback's replayed steps count too)
+        tick = partial(pb.update, 1)
+        out = {name: _cell(replace(base, **GRID[name]), data, s, fresh(), tick) for name in cells}
+        out[REFERENCE] = _cell(replace(base, spike_at=None), data, s, fresh(), tick)
+        contrast = _contrast(base, data, s, fresh, tick) if s.get("contrast") else None
     ar, neither = out["AR only"], out["neither"]
     ids = data.batch(0, s["batch_size"], s["seq_len"], 0)
     details = {"cells": out, "overhead": _ratio(ar["seconds_ar_on"], ar["seconds_ar_off"]),
@@ -193,14 +201,18 @@ def experiment(quick: bool = False, device: str | torch.device | None = None, da
                "excess": {n: _excess(c, out[REFERENCE], s) for n, c in out.items() if n != REFERENCE}}
     details.update({f"{k}_effect": neither["post_spike_loss"] - out[n]["post_spike_loss"]
                     for k, n in (("rollback", "rollback only"), ("both", "AR + rollback")) if n in out})
-    if s.get("contrast"):
-        allp = replace(base, spike_scope="all", spike_lr_mult=s["contrast_lr_mult"])
-        c = {n: _cell(replace(allp, **GRID[n]), data, s, fresh()) for n in ("neither", "AR only")}
-        details["contrast_all_params"] = {"cells": c, "effect": c["neither"]["post_spike_loss"]
-                                          - c["AR only"]["post_spike_loss"]}
+    if contrast is not None:
+        details["contrast_all_params"] = contrast
     return {"metric": "post_spike_loss", "baseline": {"label": "neither", **neither},
             "treatment": {"label": "AR only", **ar},
             "effect": neither["post_spike_loss"] - ar["post_spike_loss"], "settings": s, "details": details}
+
+
+def _contrast(base: TrainConfig, data, s: dict, fresh: Callable, tick: Callable) -> dict:
+    """"neither" and "AR only" with the spike given to every parameter (lr × contrast_lr_mult, one step)."""
+    allp = replace(base, spike_scope="all", spike_lr_mult=s["contrast_lr_mult"])
+    c = {n: _cell(replace(allp, **GRID[n]), data, s, fresh(), tick) for n in ("neither", "AR only")}
+    return {"cells": c, "effect": c["neither"]["post_spike_loss"] - c["AR only"]["post_spike_loss"]}
 
 
 def _excess(cell: dict, ref: dict, s: dict) -> list:

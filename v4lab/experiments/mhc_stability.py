@@ -14,6 +14,8 @@ A 27B-scale 3000× blow-up should not be expected here; the point is the mechani
 from __future__ import annotations
 
 import time
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import nn
@@ -93,7 +95,7 @@ def _gains_by_depth(model: Surrogate, x: torch.Tensor) -> dict:
 
 def run(seed: int = 0, *, n_sublayers: int = 60, d: int = 16, n: int = 4, hidden: int = 32, steps: int = 12,
         batch: int = 64, lr: float = 1e-2, iters: int = 20, diag: float = 0.0,
-        variants: tuple = ("residual", "hc", "mhc"), device=None) -> dict:
+        variants: tuple = ("residual", "hc", "mhc"), device=None, on_step: Callable | None = None) -> dict:
     """Train the surrogate under each variant from the same seed; return, per variant:
 
     loss [steps], grad_norm [steps] (total, before any clipping), grad_norm_by_depth [L] (last step, per
@@ -104,6 +106,7 @@ def run(seed: int = 0, *, n_sublayers: int = 60, d: int = 16, n: int = 4, hidden
     12 steps at lr 1e-2 (~12 at lr 3e-3) while mHC's stays 1.000 and the residual's is 1 by construction.
     With base_res = 0 (diag = 0) mHC mixes uniformly and copies of one stream stay copies, so at this
     scale mHC tracks the residual closely; diag > 0 starts it near the identity instead.
+    ``on_step`` is called after every training step of every variant (the progress bar).
     """
     from v4lab.device import get_device
     dev = get_device(device)        # argument, else $V4LAB_DEVICE, else CUDA when present
@@ -127,13 +130,14 @@ def run(seed: int = 0, *, n_sublayers: int = 60, d: int = 16, n: int = 4, hidden
     try:
         for variant in variants:
             result[variant] = _train(variant, seed, xs, ys, x_eval, d_in, d_out, d, n, n_sublayers, hidden,
-                                     iters, diag, lr)
+                                     iters, diag, lr, on_step)
     finally:
         torch.set_num_threads(threads)
     return result
 
 
-def _train(variant, seed, xs, ys, x_eval, d_in, d_out, d, n, n_sublayers, hidden, iters, diag, lr) -> dict:
+def _train(variant, seed, xs, ys, x_eval, d_in, d_out, d, n, n_sublayers, hidden, iters, diag, lr,
+           on_step=None) -> dict:
     """Train one variant; see `run` for what comes back."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)                                   # same weights for the shared parts
@@ -149,6 +153,8 @@ def _train(variant, seed, xs, ys, x_eval, d_in, d_out, d, n, n_sublayers, hidden
                                            if p.grad is not None))))
         losses.append(float(loss.detach()))
         opt.step()
+        if on_step is not None:
+            on_step()
     by_depth = [float(torch.sqrt(sum(p.grad.pow(2).sum() for p in mlp.parameters()))) for mlp in model.mlps]
     return {"loss": losses, "grad_norm": gnorms, "grad_norm_by_depth": by_depth,
             "gains": {"init": gains_init, "final": _gains_by_depth(model, x_eval)},
@@ -159,13 +165,18 @@ QUICK = dict(steps=12, n_sublayers=60, lr=1e-2)
 FULL = dict(steps=40, n_sublayers=60, lr=1e-2)
 
 
-def experiment(quick: bool = False, device=None, **changes) -> dict:
+def experiment(quick: bool = False, device=None, progress: bool = False, **changes) -> dict:
     """`v4lab experiment mhc`: the trained surrogate three ways from one seed. Baseline = plain HC,
     treatment = mHC; metric = peak composite Amax gain through depth after training (1 is neutral);
-    effect = log10(HC's peak / mHC's peak), > 0 when mHC keeps the gain closer to 1."""
+    effect = log10(HC's peak / mHC's peak), > 0 when mHC keeps the gain closer to 1. ``progress``: a bar
+    over the three variants' training steps."""
     import math
+
+    from v4lab.progress import bar
     settings = {**(QUICK if quick else FULL), **changes}
-    r = run(device=device, **settings)
+    n_variants = len(settings.get("variants", ("residual", "hc", "mhc")))
+    with bar(n_variants * settings["steps"], "experiment mhc", progress) as pb:
+        r = run(device=device, on_step=partial(pb.update, 1), **settings)
 
     def side(v):
         g = r[v]["gains"]["final"]

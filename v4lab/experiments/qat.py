@@ -19,8 +19,9 @@ The QAT model is also evaluated with its experts unrounded, to show it did not n
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -142,14 +143,14 @@ def _eval_both(model, windows) -> dict:
 def run_lab(seed: int = 0, *, model_dir: str | Path = LAB_DIR, steps: int = 20, lr: float = 3e-3,
             batch_size: int = 4, seq_len: int = 256, eval_windows: int = 16, trainable: str = "all",
             data: TokenData | None = None, threads: int | None = None,
-            device: str | torch.device | None = None) -> dict:
+            device: str | torch.device | None = None, on_step: Callable | None = None) -> dict:
     """Fine-tune the lab model twice from its released weights on the same batches (``lab_data``):
     "ptq" with full-precision experts, "qat" through the FP4 straight-through estimator. ``trainable``:
     "all" parameters, or only the routed "experts" (the rest frozen, so whatever is learnt lives in the
     weights that get rounded). Returns
     {"config", "step", "start": held-out loss of the released model, "ptq"/"qat": {"loss": [...],
     "seconds", "heldout": {"masters", "fp4"}, "experts": per_expert_error rows}}; "fp4" of "ptq" is the
-    PTQ model (masters rounded after training)."""
+    PTQ model (masters rounded after training). ``on_step`` is called after every training step."""
     from v4lab import model as model_mod
     from v4lab.device import get_device
     from v4lab.train import torch_settings
@@ -173,7 +174,7 @@ def run_lab(seed: int = 0, *, model_dir: str | Path = LAB_DIR, steps: int = 20, 
             cfg = TrainConfig(model.cfg, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
                               warmup=max(1, steps // 10), seed=seed, qat=qat, progress=False, threads=threads,
                               device=device)
-            r = fit(cfg, data, model=model)
+            r = fit(cfg, data, model=model, callback=on_step and (lambda *a: on_step()))
             out[arm] = {"loss": [x["lm_loss"] for x in r["log"]], "seconds": r["summary"]["seconds"],
                         "heldout": _eval_both(r["model"], windows), "experts": per_expert_error(r["model"], start)}
     return out
@@ -192,13 +193,17 @@ def _side(label: str, arm: dict, loss: float) -> dict:
             "mean_expert_drift": sum(x["drift"] for x in ex) / len(ex)}
 
 
-def experiment(quick: bool = False, device: str | torch.device | None = None, **changes: Any) -> dict:
+def experiment(quick: bool = False, device: str | torch.device | None = None, progress: bool = False,
+               **changes: Any) -> dict:
     """`v4lab experiment qat`: data/lab-v4 fine-tuned with full-precision experts then rounded to MXFP4
     (PTQ, baseline) vs fine-tuned with FP4 QAT (treatment), both evaluated with MXFP4 experts;
     effect = PTQ loss − QAT loss (> 0 when QAT keeps what rounding throws away). The full-precision
-    masters' loss, the released model's and the per-expert errors are in ``details``."""
+    masters' loss, the released model's and the per-expert errors are in ``details``. ``progress``: a bar
+    over both arms' training steps."""
+    from v4lab.progress import bar
     settings = {**(QUICK if quick else FULL), **changes}
-    r = run_lab(device=device, threads=1, **settings)
+    with bar(2 * settings["steps"], "experiment qat", progress) as pb:
+        r = run_lab(device=device, threads=1, on_step=partial(pb.update, 1), **settings)
     p, q = r["ptq"], r["qat"]
     base = _side("fine-tuned in full precision, rounded to FP4 after (PTQ)", p, p["heldout"]["fp4"])
     treat = _side("fine-tuned with FP4 QAT", q, q["heldout"]["fp4"])

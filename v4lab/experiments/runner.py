@@ -1,4 +1,4 @@
-"""``v4lab experiment NAME [--quick] [--json] [--out FILE] [--device D]``: one experiment, side by side.
+"""``v4lab experiment NAME [--quick] [--json] [--out FILE] [--device D] [--no-progress]``: one experiment, side by side.
 
 NAME = clamp | ar | qat | subfp4 | mhc. Each runs a baseline and a treatment from the same seed on the same
 data in one process and prints (or with ``--json`` writes to stdout) one object:
@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from v4lab.progress import add_argument as add_progress_flag
+
 # NAME -> module in v4lab.experiments exposing experiment(quick: bool, device) -> dict
 EXPERIMENTS = {"clamp": "swiglu_clamp", "ar": "anticipatory", "qat": "qat", "subfp4": "subfp4",
                "mhc": "mhc_stability"}
@@ -33,13 +35,15 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def run_experiment(name: str, quick: bool = False, device: str | None = None, command: str | None = None) -> dict:
+def run_experiment(name: str, quick: bool = False, device: str | None = None, command: str | None = None,
+                   progress: bool = False) -> dict:
     """Run experiment ``name`` and return its result object (see the module docstring); ``command`` is
-    recorded as the command line that made it (default: the equivalent ``v4lab experiment`` call)."""
+    recorded as the command line that made it (default: the equivalent ``v4lab experiment`` call);
+    ``progress``: a tqdm bar with ETA over the experiment's training steps / evaluations, on a terminal."""
     if name not in EXPERIMENTS:
         raise ValueError(f"NAME = {name!r}: must be one of {tuple(EXPERIMENTS)}")
     mod = importlib.import_module(f"v4lab.experiments.{EXPERIMENTS[name]}")
-    res = mod.experiment(quick=quick, device=device)
+    res = mod.experiment(quick=quick, device=device, progress=progress)
     missing = [k for k in REQUIRED if k not in res]
     if missing:                                   # a programming error in the experiment, not bad input
         raise RuntimeError(f"experiment {name} returned no {missing}")
@@ -73,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the result object as JSON")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N | auto")
+    add_progress_flag(p)
     args = p.parse_args(argv)
     if args.device is not None:
         from v4lab.device import get_device
@@ -80,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     torch.set_num_threads(1)                      # deterministic and fastest on a shared machine
     argv = sys.argv[1:] if argv is None else argv
-    res = run_experiment(args.name, args.quick, args.device, command=" ".join(["v4lab experiment", *argv]))
+    res = run_experiment(args.name, args.quick, args.device, command=" ".join(["v4lab experiment", *argv]),
+                         progress=not args.no_progress)
     text = json.dumps(res, indent=1)
     if args.out:
         _write_atomic(Path(args.out), text + "\n")

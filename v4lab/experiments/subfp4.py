@@ -16,8 +16,9 @@ Bits per weight count the element bits plus 8/block for the shared E8M0 scale (4
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -75,7 +76,8 @@ class _STE(nn.Module):
 
 
 def qat_finetune(model: V4Model, data: TokenData, fmt: str | None, block: int, *, steps: int, lr: float,
-                 batch_size: int, seq_len: int, seed: int, mtp_weight: float = 0.3) -> list[float]:
+                 batch_size: int, seq_len: int, seed: int, mtp_weight: float = 0.3,
+                 on_step: Callable | None = None) -> list[float]:
     """Fine-tune in place for ``steps`` AdamW steps, routed experts through fmt's STE (fmt None: no
     quantisation, the control). Returns the training lm loss per step."""
     experts = [m for name, m in model.named_modules() if ".ffn.experts." in name and isinstance(m, nn.Linear)]
@@ -94,6 +96,8 @@ def qat_finetune(model: V4Model, data: TokenData, fmt: str | None, block: int, *
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             losses.append(float(lm.detach()))
+            if on_step is not None:
+                on_step()
     finally:
         if fmt is not None:
             for m in experts:                    # keep the fp32 masters (the rounding is applied at eval)
@@ -114,10 +118,13 @@ def _load(model_dir, device):
 def run(seed: int = 0, *, model_dir: str = "data/tiny-v4", formats: tuple = tuple(SUBFP4_FORMATS),
         blocks: tuple = (32, 16, 8), scopes: tuple = SCOPES, qat_steps: int = 8, qat_formats: tuple | None = None,
         qat_lr: float = 1e-4, batch_size: int = 4, seq_len: int = 128, eval_windows: int = 8,
-        data: TokenData | None = None, device: str | torch.device | None = None) -> dict:
+        data: TokenData | None = None, device: str | torch.device | None = None,
+        on_unit: Callable | None = None) -> dict:
     """Returns {"config", "bf16": loss, "ptq": [{scope, fmt, block, bits, bytes_per_param, loss, params}],
     "qat": [{fmt, block, bits, loss_before, loss_after, train_loss}], "seconds"}.
-    ``qat_formats`` (default: all formats, plus the unquantised control "none") use block 32."""
+    ``qat_formats`` (default: all formats, plus the unquantised control "none") use block 32. ``on_unit`` is
+    called after each evaluation of a rounded model and each QAT step (the progress bar; `work_units`)."""
+    tick = on_unit or (lambda: None)
     from v4lab.data import load_data
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -132,13 +139,14 @@ def run(seed: int = 0, *, model_dir: str = "data/tiny-v4", formats: tuple = tupl
         for fmt in formats:
             for block in (blocks if scope == "experts" else blocks[:1]):
                 r = ptq_loss(model, windows, scope, fmt, block)
+                tick()
                 b = bits_per_weight(fmt, block)
                 out["ptq"].append(dict(scope=scope, fmt=fmt, block=block, bits=b, bytes_per_param=b / 8, **r))
     for fmt in (("none",) + tuple(formats)) if qat_formats is None else qat_formats:
         m = _load(model_dir, device)
         q = None if fmt == "none" else fmt
         train_loss = qat_finetune(m, data, q, 32, steps=qat_steps, lr=qat_lr, batch_size=batch_size,
-                                  seq_len=seq_len, seed=seed) if qat_steps else []
+                                  seq_len=seq_len, seed=seed, on_step=tick) if qat_steps else []
         after = evaluate(m, windows)["loss"] if q is None else ptq_loss(m, windows, "experts", q, 32)["loss"]
         before = out["bf16"] if q is None else _find(out["ptq"], "experts", q, 32)
         if before is None:
@@ -157,11 +165,23 @@ QUICK = dict(blocks=(32, 8), qat_steps=6, qat_formats=("none", "e2m0", "ternary"
 FULL = dict(blocks=(32, 16, 8), qat_steps=16, qat_formats=None, eval_windows=16)
 
 
-def experiment(quick: bool = False, device: str | torch.device | None = None, **changes: Any) -> dict:
+def work_units(formats: tuple = tuple(SUBFP4_FORMATS), blocks: tuple = (32, 16, 8), scopes: tuple = SCOPES,
+               qat_steps: int = 8, qat_formats: tuple | None = None, **_: Any) -> int:
+    """How many times `run` with these settings calls ``on_unit``."""
+    ptq = sum(len(formats) * (len(blocks) if s == "experts" else 1) for s in scopes)
+    n_qat = len(formats) + 1 if qat_formats is None else len(qat_formats)
+    return ptq + n_qat * qat_steps
+
+
+def experiment(quick: bool = False, device: str | torch.device | None = None, progress: bool = False,
+               **changes: Any) -> dict:
     """`v4lab experiment subfp4`: baseline = MXFP4 experts (as released), treatment = the best 3-bit
-    format at block 32; effect = treatment loss − baseline loss (the price of dropping to 3 bits)."""
+    format at block 32; effect = treatment loss − baseline loss (the price of dropping to 3 bits).
+    ``progress``: a bar over the evaluations and QAT steps."""
+    from v4lab.progress import bar
     settings = {**(QUICK if quick else FULL), **changes}
-    r = run(device=device, **settings)
+    with bar(work_units(**settings), "experiment subfp4", progress) as pb:
+        r = run(device=device, on_unit=partial(pb.update, 1), **settings)
     ptq = [x for x in r["ptq"] if x["scope"] == "experts" and x["block"] == 32]
     fp4 = next(x for x in ptq if x["fmt"] == "e2m1")
     best3 = min((x for x in ptq if x["fmt"] in THREE_BIT), key=lambda x: x["loss"])

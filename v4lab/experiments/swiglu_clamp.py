@@ -56,14 +56,14 @@ def run(seed: int = 0, *, steps: int = 30, lr: float = 5e-2, limit: float = 10.0
     return out
 
 
-def _run_until_divergence(config: TrainConfig, data, eval_windows: int = 16) -> dict:
+def _run_until_divergence(config: TrainConfig, data, eval_windows: int = 16, pb: Any = None) -> dict:
     """Train ``config`` (its swiglu_limit; 0: no clamp); a non-finite value ends the run (divergence) and the
     steps logged so far are kept. Returns the per-step curves, diverged_at (step or None) and, for a run
     that finished, the held-out loss on ``eval_windows`` windows."""
     log = []
     diverged_at, err, heldout = None, None, None
     try:
-        r = fit(config, data, callback=lambda step, rec, model: log.append(rec))
+        r = fit(config, data, callback=lambda step, rec, model: (log.append(rec), pb is not None and pb.update(1)))
         heldout = evaluate(r["model"], data.heldout_windows(config.seq_len, eval_windows))["loss"]
     except (FloatingPointError, ValueError) as e:     # NaN/inf in the loss or in mHC's logits
         if isinstance(e, ValueError) and "inf or nan" not in str(e):
@@ -88,13 +88,15 @@ FULL = dict(steps=50, lr=0.3, batch_size=4, seq_len=64, grad_clip=0.0, weight_de
 
 
 def experiment(quick: bool = False, device: str | torch.device | None = None, data: TokenData | None = None,
-               limits: tuple[float, ...] = (0.0, 10.0, 1.0), spike_margin: float = 0.5,
+               limits: tuple[float, ...] = (0.0, 10.0, 1.0), spike_margin: float = 0.5, progress: bool = False,
                **changes: Any) -> dict:
     """`v4lab experiment clamp`: the same high-LR run with no clamp (baseline), V4's clamp 10 (treatment)
     and a too-tight clamp (1), for each seed. metric = steps_survived (optimiser steps before a non-finite
     value); effect = mean over seeds of (treatment − baseline) / steps, the fraction of the run the clamp
-    adds before divergence. Baseline/treatment curves are those of the first seed."""
+    adds before divergence. Baseline/treatment curves are those of the first seed. ``progress``: a bar over
+    the runs' training steps."""
     from v4lab.data import load_data
+    from v4lab.progress import bar
     settings = {**(QUICK if quick else FULL), **changes}
     kw = {k: v for k, v in settings.items() if k != "seeds"}
     cfg = micro_config()
@@ -102,16 +104,18 @@ def experiment(quick: bool = False, device: str | torch.device | None = None, da
     eval_windows = kw.pop("eval_windows", 16)     # the held-out windows of a finished run, not a train setting
     base = TrainConfig(cfg, progress=False, log_preact=True, threads=1, device=device, **kw)
     by_seed = {}
+    pb = bar(len(settings["seeds"]) * len(limits) * kw["steps"], "experiment clamp", progress)
     for seed in settings["seeds"]:
         runs = {}
         for lim in limits:
-            r = _run_until_divergence(replace(base, seed=seed, swiglu_limit=lim), data, eval_windows)
+            r = _run_until_divergence(replace(base, seed=seed, swiglu_limit=lim), data, eval_windows, pb)
             r["spikes"] = count_spikes(r["loss"], spike_margin)
             r["max_preact"] = max(r["preact_max"], default=None)
             r["max_moe"] = max(r["moe_max"], default=None)
             r["label"] = "no clamp" if lim == 0 else f"clamp {lim:g}"
             runs[r["label"]] = r
         by_seed[seed] = runs
+    pb.close()
     gains = [(runs["clamp 10"]["steps_survived"] - runs["no clamp"]["steps_survived"]) / kw["steps"]
              for runs in by_seed.values()]
     first = by_seed[settings["seeds"][0]]

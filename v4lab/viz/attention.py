@@ -103,7 +103,7 @@ def _run(text: str, model, tok) -> Run:
     try:
         for a in attns:
             a.inspect = True
-        model(ids)
+        model.streams(ids)                # the records, not the logits: no head
         layers = [_take(a.last_inspect, a.ratio, a.kind) for a in attns]
     finally:
         for a, o in zip(attns, old):

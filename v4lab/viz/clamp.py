@@ -82,7 +82,7 @@ def collect(texts=TEXTS, model=None, tok=None) -> dict:
     try:
         for text in texts:
             ids = trained.encode(tok, text, MAX_TOKENS)
-            model(ids)
+            model.streams(ids)            # what the experts saw, not the logits
             n_tok += ids.shape[1]
             for m in moes:
                 idx[m.layer_id].append(m.last_routing["idx"].cpu())

@@ -342,7 +342,7 @@ def model_combs(model=None, tok=None, text: str | None = None) -> dict:
         hooks.append(b.register_forward_pre_hook(lambda m, a: xin.__setitem__(m.layer_id, a[0].detach())))
         hooks.append(b.attn.register_forward_hook(lambda m, a, o, i=b.layer_id: attn_out.__setitem__(i, o.detach())))
     try:
-        model(ids)
+        model.streams(ids)                # the hooks record; no head needed
     finally:
         for h in hooks:
             h.remove()

@@ -264,7 +264,7 @@ def route_text(text: str = DEFAULT_TEXT, model=None, tok=None) -> dict:
 
 def _route(text: str, model, tok) -> dict:
     ids = trained.encode(tok, text, MAX_TOKENS)
-    model(ids)
+    model.streams(ids)                    # the routing records, not the logits
     moes = [b.ffn for b in model.layers]
     # captured on the CPU, whatever device the model is on: the figures combine them with CPU tensors
     layers = [{"layer": m.layer_id, "hash": m.gate.is_hash, "scores": m.last_routing["scores"].detach().float().cpu(),

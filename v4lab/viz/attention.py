@@ -241,7 +241,10 @@ def _pooling_panel(rec: dict, kind: str, m: int, comp: list) -> tuple[dict, list
     """Panel 3: pooling weights of the entries the query attends to (rows = entries, columns = tokens)."""
     rows = [s for s, _ in comp]
     if rows:
-        cols = sorted({p for s in rows for p in entry_tokens(kind, m, s) if p >= 0})
+        pooled = {p for s in rows for p in entry_tokens(kind, m, s) if p >= 0}
+        # an empty column on each side of a run of pooled tokens: a heatmap cell spans half-way to its
+        # neighbours, so without them a run's end tokens would stretch over the unpooled tokens between runs
+        cols = sorted(pooled | {p + d for p in pooled for d in (-1, 1) if p + d not in pooled and p + d >= 0})
         where = {p: j for j, p in enumerate(cols)}
         z = [[None] * len(cols) for _ in rows]
         pm = rec["pool_mean"]

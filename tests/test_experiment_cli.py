@@ -75,11 +75,12 @@ def test_cli_json_object_is_complete_and_deterministic(monkeypatch, capsys, tmp_
     assert line.startswith("subfp4 (quick): heldout_loss") and f"{res['effect']:+.4g}" in line
 
 
-CLAMP_SMALL = dict(steps=20, seeds=(0,), eval_windows=4, fp32_check=False)
+# the quick run's schedule (100 steps), stopped after 20 (stop_step): no clamp dies near step 15
+CLAMP_SMALL = dict(stop_step=20, seeds=(0,), eval_windows=4, fp32_check=False)
 
 
 def test_clamp_keeps_the_provoked_run_alive_where_no_clamp_diverges(data):
-    """The quick regime cut to 20 steps (no clamp dies near step 15): the clamp-off run's h outgrows the
+    """The quick regime stopped after 20 steps (no clamp dies near step 15): the clamp-off run's h outgrows the
     FP8 range and turns NaN, the clamped runs finish; the effect is the held-out loss the clamp saves."""
     from v4lab.experiments import swiglu_clamp
     r = swiglu_clamp.experiment(quick=True, data=data, **CLAMP_SMALL)
@@ -99,7 +100,7 @@ def test_clamp_experiment_shows_nothing_without_the_provocation(data):
     """Control: with the experts at the model's own learning rate the pre-activations stay below 10, the
     clamp never binds and both runs are the same run: effect exactly 0."""
     from v4lab.experiments import swiglu_clamp
-    r = swiglu_clamp.experiment(quick=True, data=data, limits=(0.0, 10.0), **{**CLAMP_SMALL, "steps": 8},
+    r = swiglu_clamp.experiment(quick=True, data=data, limits=(0.0, 10.0), **{**CLAMP_SMALL, "stop_step": 8},
                                 expert_lr_mult=1.0)
     assert max(r["treatment"]["preact_max"]) < 10 and r["baseline"]["diverged_at"] is None
     assert r["baseline"]["loss"] == r["treatment"]["loss"] and r["effect"] == 0.0

@@ -20,7 +20,8 @@ def test_clamp_figure_marks_the_divergence():
     res = ev.load("clamp")
     fig = ev.build_clamp(res)
     runs = res["details"]["runs"]
-    assert sum(1 for t in fig.data if t.showlegend is not False) == len(runs)
+    legend = [t.name for t in fig.data if t.showlegend is not False]
+    assert legend == [*runs, "clamp limit L = 10"]       # one entry per run, plus the limit line
     diverged = [r for r in runs.values() if r["diverged_at"] is not None]
     texts = [t.text[0] for t in fig.data if t.mode == "markers+text"]
     assert len(texts) == len(diverged) and all(t.startswith("NaN at step") for t in texts)

@@ -9,7 +9,9 @@
 # - how often the limit bites on a trained model: histograms of the pre-activations each expert of the
 #   trained tiny V4 really sees on a text, and what a smaller limit would clip and change;
 # - what the clamp does for training stability: the same small V4 trained at a high learning rate with
-#   and without the clamp (`v4lab.experiments.swiglu_clamp`).
+#   and without the clamp (`v4lab.experiments.swiglu_clamp`), and a provoked regime (fast-growing experts,
+#   an FP8 cast of their activations) where every run without the clamp diverges and every run with it
+#   finishes, while a clamp of 1 costs loss.
 #
 # **You need**: [01 · MoE expansion](01_moe_expansion.ipynb) (what an expert and its routing are).
 #

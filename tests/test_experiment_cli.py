@@ -96,6 +96,16 @@ def test_clamp_keeps_the_provoked_run_alive_where_no_clamp_diverges(data):
     assert first >= 2 and base["loss"][:first] == treat["loss"][:first] and base["loss"][first] != treat["loss"][first]
 
 
+def test_clamp_experiment_without_the_fp8_cast_does_not_diverge(data):
+    """Control: the same fast experts in fp32 (expert_h_fp8 = 0) reach the same pre-activations but no run
+    diverges: the NaN of the baseline comes from h leaving the FP8 range, not from another route."""
+    from v4lab.experiments import swiglu_clamp
+    r = swiglu_clamp.experiment(quick=True, data=data, limits=(0.0, 10.0), expert_h_fp8=0.0, **CLAMP_SMALL)
+    assert max(r["baseline"]["preact_max"]) > 21.2
+    assert r["baseline"]["diverged_at"] is None and r["treatment"]["diverged_at"] is None
+    assert abs(r["effect"]) < 0.05
+
+
 def test_clamp_experiment_shows_nothing_without_the_provocation(data):
     """Control: with the experts at the model's own learning rate the pre-activations stay below 10, the
     clamp never binds and both runs are the same run: effect exactly 0."""

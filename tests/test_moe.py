@@ -130,7 +130,7 @@ def _bias_in_weights(self, x, input_ids=None, forced_idx=None):
     return ORIG_ROUTE(s + b, idx, self.route_scale, self.renormalize), idx, s
 
 
-def _weight_after_w2(x, w1, w2, w3, weight=None, limit=0.0):
+def _weight_after_w2(x, w1, w2, w3, weight=None, limit=0.0, h_fp8_scale=0.0):
     y = ORIG_EXPERT(x, w1, w2, w3, None, limit)
     return y if weight is None else y * weight.float()[:, None]
 

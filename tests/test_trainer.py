@@ -19,7 +19,7 @@ TRAIN_KEYWORDS = {
     "ckpt_every", "eval_every", "eval_windows", "threads", "deterministic", "progress", "max_seconds",
     "callback", "log_preact", "device", "mtp_weight_final", "mtp_switch_at", "extra_files", "ddp",
     "indexer_distill_weight", "indexer_distill_every", "start_step", "stop_step", "opt_state", "on_checkpoint",
-    "ckpt_seconds", "spike_scope"}
+    "ckpt_seconds", "spike_scope", "expert_lr_mult", "expert_h_fp8"}
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,28 @@ def test_clamp_figure_marks_the_divergence():
     res = ev.load("clamp")
     fig = ev.build_clamp(res)
     runs = res["details"]["runs"]
-    assert sum(1 for t in fig.data if t.showlegend is not False) == len(runs)
+    legend = [t.name for t in fig.data if t.showlegend is not False]
+    assert legend == [*runs, "clamp limit L = 10"]       # one entry per run, plus the limit line
     diverged = [r for r in runs.values() if r["diverged_at"] is not None]
     texts = [t.text[0] for t in fig.data if t.mode == "markers+text"]
     assert len(texts) == len(diverged) and all(t.startswith("NaN at step") for t in texts)
+
+
+def test_clamp_seed_figure_and_table_show_every_run():
+    res = ev.load("clamp")
+    by_seed = res["details"]["by_seed"]
+    fig = ev.build_clamp_seeds(res)
+    points = [t for t in fig.data if t.mode == "markers"]
+    assert len(points) == len(next(iter(by_seed.values())))
+    for t in points:                        # hollow exactly where that seed's run diverged
+        runs = [by_seed[x.split()[1]][t.name] for x in t.x]
+        assert list(t.marker.symbol) == ["circle-open" if r["diverged_at"] is not None else "circle" for r in runs]
+        assert list(t.y) == [r["scored_loss"] for r in runs]
+    table = ev.clamp_table(res).splitlines()
+    n_runs = sum(len(runs) for runs in by_seed.values())
+    assert len(table) == 1 + n_runs + 1 + len(res["details"]["fp32"])
+    res["details"]["fp32"] = {}
+    assert any(a.text == "no fp32 check in this run" for a in ev.build_clamp_seeds(res).layout.annotations)
 
 
 def test_subfp4_figure_has_one_point_per_ptq_row_and_the_release_formats():

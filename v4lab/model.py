@@ -214,12 +214,16 @@ class V4Model(nn.Module):
         return list(self.layers) + list(self.mtp)
 
     def set_flags(self, hc_mode: str | None = None, low_precision: bool | None = None,
-                  qat: bool | None = None) -> "V4Model":
+                  qat: bool | None = None, expert_h_fp8: float | None = None) -> "V4Model":
         """Pass mode flags down to every block (None leaves a flag as it is): the mHC mode ("mhc" | "hc" |
         "residual", see v4lab.mhc), the attention FP8/FP4 simulation (``Attention.low_precision``, plus FP8
-        activation fake-quant before the MTP ``e_proj``/``h_proj``) and routed-expert FP4 QAT (``MoE.qat``)."""
+        activation fake-quant before the MTP ``e_proj``/``h_proj``), routed-expert FP4 QAT (``MoE.qat``) and
+        the static-scale FP8 cast of the routed experts' h (``MoE.h_fp8_scale``; 0: off)."""
         if hc_mode is not None and hc_mode not in HC_MODES:
             _bad("hc_mode", hc_mode, f"must be one of {HC_MODES}")
+        number = isinstance(expert_h_fp8, (int, float)) and not isinstance(expert_h_fp8, bool)
+        if expert_h_fp8 is not None and not (number and 0 <= expert_h_fp8 < float("inf")):
+            _bad("expert_h_fp8", expert_h_fp8, "must be a finite number >= 0 (0: off)")
         for b in self.blocks():
             if hc_mode is not None:
                 b.hc_mode = hc_mode
@@ -229,6 +233,8 @@ class V4Model(nn.Module):
                     b.low_precision = bool(low_precision)
             if qat is not None:
                 b.ffn.qat = bool(qat)
+            if expert_h_fp8 is not None:
+                b.ffn.h_fp8_scale = float(expert_h_fp8)
         self.hc_mode = self.hc_mode if hc_mode is None else hc_mode
         self.low_precision = self.low_precision if low_precision is None else bool(low_precision)
         self.qat = self.qat if qat is None else bool(qat)

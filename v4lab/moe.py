@@ -56,12 +56,18 @@ def down_proj(h: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
 
 
 def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-               weight: torch.Tensor | None = None, limit: float = 0.0) -> torch.Tensor:
-    """One expert on rows x [N, D] -> [N, D] fp32; ``weight [N]`` scales the intermediate before W2."""
+               weight: torch.Tensor | None = None, limit: float = 0.0, h_fp8_scale: float = 0.0) -> torch.Tensor:
+    """One expert on rows x [N, D] -> [N, D] fp32; ``weight [N]`` scales the intermediate before W2.
+    ``h_fp8_scale`` > 0: the intermediate h goes through a static-scale FP8 E4M3 cast before W2
+    (``v4lab.quant.fp8_static_cast``, straight-through gradient): a value beyond 448·scale becomes NaN.
+    Not V4's recipe (its activation scales follow the data): the clamp experiment's provoked regime."""
     xf = x.float()
     h = swiglu(F.linear(xf, w1.float()), F.linear(xf, w3.float()), limit)      # [N, I]
     if weight is not None:
         h = h * weight.float()[:, None]
+    if h_fp8_scale > 0:
+        from v4lab.quant import fp8_static_cast  # loaded on first use, as for QAT below
+        h = h + (fp8_static_cast(h.detach(), h_fp8_scale) - h).detach()
     return down_proj(h, w2)
 
 
@@ -82,14 +88,15 @@ class Expert(nn.Module):
 
 
 # --------------------------------------------------------------------------------------- dispatch
-def moe_naive(x, idx, weights, w1s, w2s, w3s, limit):
+def moe_naive(x, idx, weights, w1s, w2s, w3s, limit, h_fp8_scale=0.0):
     """Reference: y[t] = sum_k expert_{idx[t,k]}(x[t], weight[t,k]). x [T, D] -> [T, D] fp32."""
     rows = []
     for t in range(x.shape[0]):
         acc = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
         for k in range(idx.shape[1]):
             e = int(idx[t, k])
-            acc = acc + expert_ffn(x[t:t + 1], w1s[e], w2s[e], w3s[e], weights[t, k:k + 1], limit)[0]
+            acc = acc + expert_ffn(x[t:t + 1], w1s[e], w2s[e], w3s[e], weights[t, k:k + 1], limit,
+                                   h_fp8_scale)[0]
         rows.append(acc)
     return torch.stack(rows) if rows else x.new_zeros(0, x.shape[1], dtype=torch.float32)
 
@@ -105,14 +112,14 @@ def sort_by_expert(idx: torch.Tensor, n_experts: int):
     return order, order // idx.shape[1], offsets
 
 
-def moe_grouped(x, idx, weights, w1s, w2s, w3s, limit):
+def moe_grouped(x, idx, weights, w1s, w2s, w3s, limit, h_fp8_scale=0.0):
     """Tokens sorted by expert, one matmul per expert, scattered back. Same result as moe_naive."""
-    return moe_grouped_from(x, idx, weights, lambda e: (w1s[e], w2s[e], w3s[e]), len(w1s), limit)
+    return moe_grouped_from(x, idx, weights, lambda e: (w1s[e], w2s[e], w3s[e]), len(w1s), limit, h_fp8_scale)
 
 
 def moe_grouped_from(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
                      expert: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n_experts: int,
-                     limit: float) -> torch.Tensor:
+                     limit: float, h_fp8_scale: float = 0.0) -> torch.Tensor:
     """``moe_grouped`` with the weights of expert e from ``expert(e)`` -> (w1, w2, w3), asked only for the
     experts some token picked, in expert order, one at a time (an expert provider may read them from disk)."""
     order, token, offsets = sort_by_expert(idx, n_experts)
@@ -125,7 +132,7 @@ def moe_grouped_from(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
             continue
         w1, w2, w3 = expert(e)
         tok = token[a:b]
-        out = out.index_add(0, tok, expert_ffn(x[tok], w1, w2, w3, w_sorted[a:b], limit))
+        out = out.index_add(0, tok, expert_ffn(x[tok], w1, w2, w3, w_sorted[a:b], limit, h_fp8_scale))
         del w1, w2, w3                                  # a provider's expert is dropped before the next read
     return out
 
@@ -168,6 +175,7 @@ class MoE(nn.Module):
     training reads), and keeps the latest one in ``self.last_routing`` for inspection (notebooks, tests).
     ``switches.kernels`` runs the routed experts through the Triton kernel (``dispatch`` "triton").
     ``qat = True`` sends routed expert weights through ``v4lab.quant.fp4_fake_quant_ste``.
+    ``h_fp8_scale > 0`` casts the routed experts' intermediate h to FP8 with that fixed scale (``expert_ffn``).
     ``ep_size = n`` (inside a torch.distributed group of n ranks): ``experts`` holds only this rank's experts
     (a ModuleDict keyed by global id; load the matching subset of a full layer's state dict to reproduce
     it) and the routed part runs through ``v4lab.expert_parallel.ep_forward`` (``dispatch`` is not used;
@@ -188,6 +196,7 @@ class MoE(nn.Module):
         self.dispatch = dispatch
         self.switches = Switches()         # `kernels`: dispatch through kernels/moe.py; `record`: see forward
         self.qat = False
+        self.h_fp8_scale = 0.0             # > 0: static FP8 cast of the routed experts' h (see expert_ffn)
         self.limit = float(cfg.swiglu_limit if swiglu_limit is None else swiglu_limit)
         self.gate = Gate(cfg, layer_id, **gate_options)
         std = cfg.initializer_range
@@ -224,19 +233,24 @@ class MoE(nn.Module):
         flat = x.reshape(B * S, D)
         weights, idx, scores = self.gate(flat, input_ids, forced_idx)
         dispatch = "triton" if self.switches.kernels else self.dispatch
+        if self.h_fp8_scale > 0 and (dispatch == "triton" or isinstance(self.experts, nn.ModuleDict)):
+            _bad("h_fp8_scale", self.h_fp8_scale, "the static FP8 cast of h runs in the naive and grouped "
+                                                  "dispatch only (not the Triton kernel or expert parallelism)")
         if dispatch == "triton" and torch.is_grad_enabled() and (
                 x.requires_grad or any(p.requires_grad for p in self.parameters())):
             _bad("dispatch", "triton", "the Triton kernel is forward-only; use it under torch.no_grad() "
                                        "or pick 'grouped' for training")
         if self.expert_provider is not None:
-            y = moe_grouped_from(flat, idx, weights, self.expert_provider, self.gate.n_experts, self.limit)
+            y = moe_grouped_from(flat, idx, weights, self.expert_provider, self.gate.n_experts, self.limit,
+                                 self.h_fp8_scale)
         elif isinstance(self.experts, nn.ModuleDict):
             w1s, w2s, w3s = self.expert_weights()
             from v4lab.expert_parallel import ep_forward  # imports this module: loaded on first use
             y, self.last_ep = ep_forward(flat, idx, weights, w1s, w2s, w3s, self.limit, self.gate.n_experts,
                                          self.ep_group, self.ep_fp8, ffn=expert_ffn)
         else:
-            y = _DISPATCH[dispatch](flat, idx, weights, *self.expert_weights(), self.limit)
+            y = _DISPATCH[dispatch](flat, idx, weights, *self.expert_weights(), self.limit,
+                                    *([self.h_fp8_scale] if self.h_fp8_scale > 0 else []))
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         self.last_routing = {"idx": idx.detach(), "weights": weights.detach(), "scores": scores,

@@ -227,6 +227,22 @@ def act_quant_fp8(x: torch.Tensor, block: int = FP8_BLOCK, scale_fmt: str | None
     return (q * s).reshape(x.shape).to(x.dtype)
 
 
+FP8_OVERFLOW = 464.0       # the midpoint between 448 and the next E4M3 step (480, which E4M3fn lacks)
+
+
+def fp8_static_cast(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` through E4M3fn with one fixed (static) ``scale``: q = e4m3(x/scale)·scale, round-to-nearest-even,
+    and, as a non-saturating cast does (the OCP FP8 spec's overflow-to-NaN mode), NaN where |x/scale|
+    rounds above 448 (|x/scale| >= 464). Unlike ``act_quant_fp8`` the scale does not follow the data: a
+    value that outgrows it is lost. Forward only (the clamp experiment wraps it in a straight-through
+    estimator)."""
+    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale < math.inf):
+        _bad("scale", scale, "must be a finite number > 0")
+    v = x.float() / scale
+    q = _e4m3_round(v).float()
+    return torch.where(v.abs() >= FP8_OVERFLOW, torch.full_like(q, math.nan), q * scale)
+
+
 def _pad2d(w: torch.Tensor, block: int) -> torch.Tensor:
     o, i = w.shape
     po, pi = -o % block, -i % block

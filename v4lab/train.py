@@ -153,28 +153,41 @@ class Muon(torch.optim.Optimizer):
                 p.add_(u.to(p.dtype), alpha=-group["lr"])
 
 
+def is_routed_expert_weight(name: str) -> bool:
+    """True for a routed expert's w1 / w2 / w3 (``...ffn.experts.E.wK.weight``); not the shared expert's."""
+    return ".ffn.experts." in f".{name}" and name.rsplit(".", 2)[-2] in ("w1", "w2", "w3")
+
+
 def make_optimizer(model: V4Model, kind: str, lr: float, weight_decay: float,
-                   betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-20) -> list[torch.optim.Optimizer]:
+                   betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-20,
+                   expert_lr_mult: float = 1.0) -> list[torch.optim.Optimizer]:
     """AdamW for everything (kind "adamw"), or V4's split (kind "muon"): Muon for the 2-D matrices of the
     blocks, AdamW for the embedding, head, norms, sinks and the mHC parameters. AdamW ε = 1e-20 (V4 technical
-    report)."""
+    report). ``expert_lr_mult`` != 1 puts the routed experts' w1/w2/w3 in a group of their own whose
+    ``lr_mult`` the trainer applies to every step's learning rate (1: the same groups as always)."""
     if kind not in OPTIMIZERS:
         _bad("optimizer", kind, f"must be one of {OPTIMIZERS}")
-    decay, no_decay, muon = [], [], []
+    decay, no_decay, muon, experts = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         is_hc = ".hc_" in f".{name}" or name.startswith("hc_")
-        if kind == "muon" and p.dim() == 2 and name.startswith(("layers.", "mtp.")) and not is_hc:
+        if expert_lr_mult != 1.0 and is_routed_expert_weight(name):
+            experts.append(p)
+        elif kind == "muon" and p.dim() == 2 and name.startswith(("layers.", "mtp.")) and not is_hc:
             muon.append(p)
         elif p.dim() >= 2 and not is_hc:
             decay.append(p)
         else:
             no_decay.append(p)
+    expert_group = [{"params": experts, "weight_decay": weight_decay, "lr_mult": expert_lr_mult}]
     opts = [torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps)]
-    if muon:
-        opts.append(Muon(muon, lr=lr, weight_decay=weight_decay))
+                               {"params": no_decay, "weight_decay": 0.0},
+                               *(expert_group if experts and kind == "adamw" else [])],
+                              lr=lr, betas=betas, eps=eps)]
+    if muon or (experts and kind == "muon"):
+        opts.append(Muon([{"params": muon}, *(expert_group if experts and kind == "muon" else [])],
+                         lr=lr, weight_decay=weight_decay))
     return opts
 
 
@@ -483,9 +496,10 @@ class Trainer:
                                                                      cfg.num_experts_per_tok))
         self.model = model = model_mod.to_device(model, self.dev)
         self.qat_from = c.qat_from
-        model.set_flags(hc_mode=c.hc_mode, qat=self.qat_from is not None and c.start_step >= self.qat_from)
+        model.set_flags(hc_mode=c.hc_mode, qat=self.qat_from is not None and c.start_step >= self.qat_from,
+                        expert_h_fp8=c.expert_h_fp8)
         model.train()
-        self.opts = make_optimizer(model, c.optimizer, c.lr, c.weight_decay)
+        self.opts = make_optimizer(model, c.optimizer, c.lr, c.weight_decay, expert_lr_mult=c.expert_lr_mult)
         self.fwd = model if self.ddp is None else self.ddp.wrap(model)     # what the loss forward goes through
         for o, st in zip(self.opts, self.opt_state or []):
             o.load_state_dict(st)
@@ -620,7 +634,7 @@ class Trainer:
             self.spike_done = True
         for o in self.opts:
             for g in o.param_groups:
-                g["lr"] = cur_lr
+                g["lr"] = cur_lr * g.get("lr_mult", 1.0)      # lr_mult: the experts' group (expert_lr_mult)
         return cur_lr
 
     def _router_kick(self, step: int) -> Callable[[], None]:

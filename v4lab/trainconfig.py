@@ -13,7 +13,9 @@ Fields (defaults are the recipe of the tiny model):
 * model and data shape: ``cfg`` (a ``V4Config`` or preset name; ``swiglu_limit`` overrides its clamp,
   <= 0 turns it off), ``steps``, ``batch_size`` (the global batch), ``seq_len``, ``seed``.
 * optimiser: ``optimizer`` ("adamw" | "muon"), ``lr`` with ``warmup`` steps of linear warm-up then cosine
-  down to ``min_lr_ratio``·lr, ``weight_decay``, ``grad_clip`` (<= 0: none).
+  down to ``min_lr_ratio``·lr, ``weight_decay``, ``grad_clip`` (<= 0: none); ``expert_lr_mult``: the routed
+  experts' w1/w2/w3 train at ``expert_lr_mult``·lr (1: the same lr as the rest; the clamp experiment raises
+  it so that the experts' SwiGLU is the only unstable part of the model).
 * losses: ``mtp_weight``, or V4's "MTP weight 0.3 → 0.1": from step ``int(mtp_switch_at · steps)`` on
   ``mtp_weight_final`` (None: constant); ``balance_alpha`` (sequence-wise balance loss),
   ``bias_gamma`` (aux-loss-free bias update speed); ``indexer_distill_weight`` > 0 keeps V4's indexer loss
@@ -21,7 +23,9 @@ Fields (defaults are the recipe of the tiny model):
   from the rest, so the KL does not rescale the LM step).
 * model modes: ``qat`` (False | True | a start step | a fraction of the run after which the routed experts
   train through the FP4 straight-through estimator), ``hc_mode``, ``balanced_hash`` (frequency-balanced hash
-  tables for a new model).
+  tables for a new model), ``expert_h_fp8`` (> 0: the routed experts' intermediate h goes through a
+  static-scale FP8 E4M3 cast with that scale, NaN beyond 448·scale; 0: off; a regime that provokes the
+  failure the SwiGLU clamp prevents, not V4's recipe, see ``v4lab.experiments.swiglu_clamp``).
 * Anticipatory Routing (``v4lab.anticipatory``): ``anticipatory`` ("off" | "always" | "spike"), ``ar_lag``
   = Δt in steps, ``ar_duration``; the spike detector's ``spike_ratio``, ``spike_beta`` (EMA decay),
   ``spike_min_step`` (default: ``warmup``), ``rollback`` (default 2·Δt), and what a detected spike triggers:
@@ -69,6 +73,7 @@ class TrainConfig:
     warmup: int = 10
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    expert_lr_mult: float = 1.0
     mtp_weight: float = 0.3
     mtp_weight_final: float | None = None
     mtp_switch_at: float = 0.7
@@ -79,6 +84,7 @@ class TrainConfig:
     swiglu_limit: float | None = None
     qat: bool | int | float | None = False
     hc_mode: str = "mhc"
+    expert_h_fp8: float = 0.0
     balanced_hash: bool = True
     anticipatory: str = "off"
     ar_lag: int = 4
@@ -164,6 +170,8 @@ class TrainConfig:
             bad("optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
         if not self.lr > 0:
             bad("lr", self.lr, "must be > 0")
+        for name in ("expert_lr_mult", "expert_h_fp8"):
+            _check_number(name, getattr(self, name), allow_zero=name == "expert_h_fp8")
         if self.seq_len > cfg.max_position_embeddings:
             bad("seq_len", self.seq_len, f"must be <= max_position_embeddings = {cfg.max_position_embeddings}")
         self._validate_schedule()
@@ -184,6 +192,12 @@ class TrainConfig:
         if not _is_int(self.indexer_distill_every) or self.indexer_distill_every < 1:
             bad("indexer_distill_every", self.indexer_distill_every, "must be an integer >= 1")
         qat_start(self.qat, self.steps)
+
+
+def _check_number(name: str, v: object, allow_zero: bool) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v if allow_zero else 0 < v) \
+            or not v < float("inf"):
+        bad(name, v, f"must be a finite number {'>= 0' if allow_zero else '> 0'}")
 
 
 def qat_start(qat: object, steps: int) -> int | None:

@@ -45,25 +45,86 @@ def _layout(fig: go.Figure, title: str, height: int = 420) -> go.Figure:
 
 
 def build_clamp(res: dict) -> go.Figure:
-    """Loss and max |MoE output| per step for no clamp, clamp 10 and the too-tight clamp (× where it diverged)."""
+    """Loss, max |pre-activation| and max |MoE output| per step for no clamp, clamp 10 and the too-tight
+    clamp of the first seed (× where a run diverged), the clamp limit drawn on the pre-activations."""
     runs = res["details"]["runs"]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("training loss (nats/token)",
-                                                         "max |MoE output| (log scale)"))
+    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.08,
+                        subplot_titles=("training loss (nats/token)", "max |W1 x|, |W3 x| (log)",
+                                        "max |MoE output| (log)"))
     for i, (label, r) in enumerate(runs.items()):
         c = PALETTE[i % len(PALETTE)]
         steps = list(range(len(r["loss"])))
-        fig.add_scatter(x=steps, y=r["loss"], name=label, line=dict(color=c), legendgroup=label, row=1, col=1)
-        fig.add_scatter(x=steps, y=r["moe_max"], name=label, line=dict(color=c), legendgroup=label,
-                        showlegend=False, row=1, col=2)
+        for col, key in ((1, "loss"), (2, "preact_max"), (3, "moe_max")):
+            fig.add_scatter(x=steps, y=r[key], name=label, mode="lines", line=dict(color=c), legendgroup=label,
+                            showlegend=col == 1, row=1, col=col)
         if r["diverged_at"] is not None:
             fig.add_scatter(x=[steps[-1]], y=[r["moe_max"][-1]], mode="markers+text", marker=dict(symbol="x", size=12,
-                            color=c), text=[f"NaN at step {r['diverged_at']}"], textposition="bottom left",
-                            showlegend=False, row=1, col=2)
-    fig.update_yaxes(type="log", row=1, col=2)
+                            color=c), text=[f"NaN at step {r['diverged_at']}"], textposition="middle right",
+                            showlegend=False, row=1, col=3)
+    n = max(len(r["loss"]) for r in runs.values())
+    fig.add_scatter(x=[0, n - 1], y=[10, 10], mode="lines", line=dict(dash="dash", color="#616161"),
+                    name="clamp limit L = 10", row=1, col=2)
+    fig.update_yaxes(type="log", dtick=1, row=1, col=2)                 # one tick per decade
+    fig.update_yaxes(type="log", dtick=1, row=1, col=3)
     fig.update_xaxes(title_text="optimiser step")
     s = res["settings"]
-    fig = _layout(fig, f"SwiGLU clamp at lr {s['lr']:g}, no grad clipping (micro V4, seed {s['seeds'][0]})")
-    fig.update_layout(margin=dict(t=80, b=110), legend=dict(y=-0.35))
+    fig = _layout(fig, f"SwiGLU clamp: experts at {s['expert_lr_mult']:g}× lr, h cast to FP8 "
+                       f"(micro V4, seed {s['seeds'][0]})")
+    fig.update_layout(margin=dict(t=80, b=110), legend=dict(y=-0.3))
+    return fig
+
+
+def clamp_table(res: dict) -> str:
+    """One line per seed and variant of a clamp result (survival, losses, spikes, max activations), then
+    the too-tight clamp's mean cost and the fp32 check."""
+    d = res["details"]
+
+    def num(v: float | None, fmt: str) -> str:
+        return "—" if v is None else format(v, fmt)
+    lines = [f"{'seed':>4} {'variant':>9} {'diverged at':>11} {'held-out':>8} {'final':>6} {'spikes':>6} "
+             f"{'max preact':>10} {'max |MoE|':>9}"]
+    for seed, runs in d["by_seed"].items():
+        for label, r in runs.items():
+            lines.append(f"{seed:>4} {label:>9} {num(r['diverged_at'], 'd'):>11} {num(r['heldout_loss'], '.3f'):>8} "
+                         f"{num(r['final_loss'], '.3f'):>6} {r['spikes']:>6} {num(r['max_preact'], '.3g'):>10} "
+                         f"{num(r['max_moe'], '.3g'):>9}")
+    if d.get("tight_cost") is not None:
+        lines.append(f"clamp 1 − clamp 10, held-out loss, mean over seeds: {d['tight_cost']:+.3f} nats")
+    for label, r in (d.get("fp32") or {}).items():
+        lines.append(f"fp32 (no FP8 cast), seed {res['settings']['seeds'][0]}, {label}: held-out "
+                     f"{num(r['heldout_loss'], '.3f')}, max |MoE output| {num(r['max_moe'], '.3g')}")
+    return "\n".join(lines)
+
+
+def build_clamp_seeds(res: dict) -> go.Figure:
+    """Left: the metric (held-out loss; a diverged run at the cap ln V) of every seed and variant, hollow
+    markers for diverged runs. Right: the fp32 check (no FP8 cast), max |MoE output| per step."""
+    by_seed, cap = res["details"]["by_seed"], res["settings"]["loss_cap"]
+    fp32 = res["details"].get("fp32") or {}
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12, subplot_titles=(
+        "held-out loss per seed (diverged: scored ln V)", "fp32, no FP8 cast: max |MoE output| (log)"))
+    labels = list(next(iter(by_seed.values())))
+    for i, label in enumerate(labels):
+        c = PALETTE[i % len(PALETTE)]
+        rows = [(seed, runs[label]) for seed, runs in by_seed.items()]
+        fig.add_scatter(x=[f"seed {sd}" for sd, _ in rows], y=[r["scored_loss"] for _, r in rows], name=label,
+                        mode="markers", legendgroup=label, marker=dict(color=c, size=11, symbol=[
+                            "circle-open" if r["diverged_at"] is not None else "circle" for _, r in rows]),
+                        hovertemplate="%{x}: %{y:.3f} nats<extra>" + label + "</extra>", row=1, col=1)
+        if label in fp32:
+            f = fp32[label]
+            fig.add_scatter(x=list(range(len(f["moe_max"]))), y=f["moe_max"], name=label, legendgroup=label,
+                            showlegend=False, line=dict(color=c), row=1, col=2)
+    fig.add_hline(y=cap, line=dict(dash="dot", color="#616161"), row=1, col=1,
+                  annotation_text=f"ln V = {cap:.3f}: diverged", annotation_position="bottom right")
+    fig.update_yaxes(title_text="nats/token", row=1, col=1)
+    fig.update_yaxes(type="log", row=1, col=2)
+    fig.update_xaxes(title_text="optimiser step", row=1, col=2)
+    if not fp32:
+        fig.add_annotation(text="no fp32 check in this run", xref="x2 domain", yref="y2 domain", x=0.5, y=0.5,
+                           showarrow=False)
+    fig = _layout(fig, "Every seed, and the same runs without the FP8 cast")
+    fig.update_layout(margin=dict(t=80, b=90), legend=dict(y=-0.25))
     return fig
 
 

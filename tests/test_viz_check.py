@@ -147,8 +147,8 @@ def test_every_widget_state_passes_the_figure_check(name, demo_release):
 
 
 def test_every_static_notebook_figure_passes_the_figure_check():
-    from v4lab.viz.screenshots import STATIC_FIGURES, static_figures
+    from v4lab.viz.screenshots import EXPERIMENT_FIGURES, STATIC_FIGURES, static_figures
     figs = static_figures()
-    assert set(figs) == set(STATIC_FIGURES)
+    assert set(figs) == set(STATIC_FIGURES) | {f"experiment.{e}" for e in EXPERIMENT_FIGURES}
     problems = {n: check.check_figure(f) for n, f in figs.items()}
     assert not any(problems.values()), {n: p for n, p in problems.items() if p}

@@ -110,8 +110,9 @@ clamp_viz.PreactWidget(pre=pre).display()
 clamp_viz.OverviewWidget(pre=pre).display()
 
 # %% [markdown]
-# ## The stability experiment
+# ## At a sane learning rate: nothing happens (the honest null result)
 #
+# The provoked run further down shows the clamp at work; this one first shows why it had to be provoked.
 # `swiglu_clamp.run` trains the micro V4 (`v4lab.train.micro_config`: 2 layers, d = 32, 8 experts)
 # twice from the same seed at a learning rate well above the comfortable one, once with the clamp
 # ($L = 10$) and once without, logging the largest pre-clamp activation, the largest MoE output and

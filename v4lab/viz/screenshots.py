@@ -51,11 +51,20 @@ STATIC_FIGURES = {"moe.routing_load": ("moe", "build_routing"), "mhc.training": 
                   "moe.expansion_static": ("moe", "build_expansion")}
 
 
+# the stored full runs of `v4lab experiment NAME` (benchmarks/experiments/NAME.json): experiment.NAME.png
+EXPERIMENT_FIGURES = ("clamp", "ar", "qat", "subfp4", "mhc")
+
+
 def static_figures(only: list[str] | None = None) -> dict:
-    """name -> figure for :data:`STATIC_FIGURES` (``only``: a subset of names)."""
+    """name -> figure for :data:`STATIC_FIGURES` and the stored experiments (``only``: a subset of names)."""
     import importlib
-    return {n: getattr(importlib.import_module(f"v4lab.viz.{m}"), f)() for n, (m, f) in STATIC_FIGURES.items()
+
+    from v4lab.viz import experiments as exp_viz
+    figs = {n: getattr(importlib.import_module(f"v4lab.viz.{m}"), f)() for n, (m, f) in STATIC_FIGURES.items()
             if only is None or n in only}
+    figs.update({f"experiment.{e}": getattr(exp_viz, f"build_{e}")(exp_viz.load(e)) for e in EXPERIMENT_FIGURES
+                 if only is None or f"experiment.{e}" in only})
+    return figs
 
 
 def _apply_state(w, changes: dict) -> None:
@@ -81,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     from v4lab.viz import load_all
     registry = load_all()
     if args.only:
-        unknown = sorted(set(args.only) - set(registry) - set(STATIC_FIGURES))
+        unknown = sorted(set(args.only) - set(registry) - set(STATIC_FIGURES)
+                         - {f"experiment.{e}" for e in EXPERIMENT_FIGURES})
         if unknown:
             sys.stderr.write(f"v4lab: error: --only {unknown[0]!r}: not a widget; known: {', '.join(sorted(registry))}\n")
             return 2

@@ -1,0 +1,112 @@
+"""Training fast paths (issue 21, `v4lab bench train`): each against its slow reference, forward and gradients."""
+import pytest
+import torch
+
+from v4lab.attention import Attention
+from v4lab.config import get_config
+from v4lab.indexer import index_scores
+
+
+def _tiny_attn(layer_id: int, seed: int = 0) -> Attention:
+    torch.manual_seed(seed)
+    a = Attention(get_config("tiny"), layer_id)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.normal_(0.0, 0.2)
+    return a
+
+
+def test_index_scores_in_place_relu_equals_the_graph_version():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 7, 3, 5, generator=g), torch.randn(2, 11, 5, generator=g)
+    w = torch.randn(2, 7, 3, generator=g)
+    with torch.no_grad():
+        fast = index_scores(q, k, w)
+    ref = index_scores(q.requires_grad_(), k, w)
+    assert ref.requires_grad and torch.equal(fast, ref.detach())
+
+
+@pytest.mark.parametrize("distill", [False, True])
+def test_indexer_builds_a_graph_only_for_its_warm_up(distill):
+    a = _tiny_attn(1).train()                                        # layer 1 of tiny: CSA
+    assert a.kind == "csa"
+    a.distill = distill
+    x = torch.randn(1, 40, a.cfg.hidden_size, requires_grad=True)
+    cache = a.new_cache(1)
+    y = a(x, 0, cache)
+    assert cache.index_keys.get().requires_grad == distill           # the indexer's keys: graph only for the warm-up
+    loss = y.square().sum() + (a.last_distill[0] if distill else 0.0)
+    loss.backward()
+    got = a.indexer.wq_b.weight.grad
+    assert (got is not None and float(got.abs().sum()) > 0) if distill else got is None
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+
+
+def test_indexer_without_graph_keeps_the_attention_gradients():
+    """The main attention's gradients do not depend on whether the indexer built a graph (warm-up on/off)."""
+    a = _tiny_attn(1).double().train()
+    x = torch.randn(1, 40, a.cfg.hidden_size, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for distill in (False, True):
+        a.distill = distill
+        a.zero_grad(set_to_none=True)
+        y = a(x, 0, None)
+        gx, = torch.autograd.grad(y.sin().sum(), x, retain_graph=True)
+        y.sin().sum().backward()
+        grads.append((y.detach(), gx, {n: p.grad for n, p in a.named_parameters() if not n.startswith("indexer.")}))
+    (y0, g0, p0), (y1, g1, p1) = grads
+    assert torch.equal(y0, y1) and torch.allclose(g0, g1, rtol=1e-12, atol=1e-14) and float(g0.abs().sum()) > 0
+    assert p0.keys() == p1.keys() and all(torch.allclose(p0[k], p1[k], rtol=1e-12, atol=1e-14) for k in p0)
+
+
+# ------------------------------------------------------------------ the gather path's fused core
+def _attn_case(B, S, H, D, N, K, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, S, H, D, generator=g, dtype=dtype, requires_grad=True)
+    kv = torch.randn(B, N, D, generator=g, dtype=dtype, requires_grad=True)
+    sink = torch.randn(H, generator=g, dtype=dtype, requires_grad=True)
+    idx = torch.randint(-1, N, (B, S, K), generator=g)
+    idx[0, 0] = -1                                   # a sink-only query
+    if S > 1:
+        idx[-1, 1, :2] = 0                           # a row listed twice counts twice
+    return q, kv, sink, idx
+
+
+def test_gathered_core_gradcheck_float64():
+    """The Function itself (`sparse_attn_fused` computes in fp32, as its reference) in fp64: q, the gathered
+    rows and the sink, with a sink-only query and a listed-twice row."""
+    from v4lab.attention import _GatheredCore
+    q, kv, sink, idx = _attn_case(2, 5, 3, 4, 7, 4)
+    valid = (idx >= 0).reshape(10, 4)
+    g = kv.detach()[0][idx.clamp(min=0).reshape(-1)].view(10, 4, 4).requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, g, s: _GatheredCore.apply(q, g, valid, s, 0.7),
+                                    (q.detach().reshape(10, 3, 4).requires_grad_(), g, sink))
+
+
+@pytest.mark.parametrize("S,H,N,K", [(512, 4, 640, 24), (300, 4, 316, 32), (64, 2, 80, 16)])
+def test_sparse_attn_fused_equals_the_reference_fp32(S, H, N, K):
+    from v4lab.attention import sparse_attn, sparse_attn_fused
+    q, kv, sink, idx = (t.float().detach().requires_grad_() if t.is_floating_point() else t
+                        for t in _attn_case(1, S, H, 64, N, K, seed=S))
+    go = torch.randn(1, S, H, 64, generator=torch.Generator().manual_seed(9))
+    outs = []
+    for f in (sparse_attn, sparse_attn_fused):
+        o = f(q, kv, sink, idx, 0.125)
+        outs.append((o, *torch.autograd.grad(o, (q, kv, sink), go)))
+    assert torch.equal(outs[0][0], outs[1][0])                  # the same forward ops: the same values
+    assert float(outs[0][0][0, 0].detach().abs().max()) == 0.0           # the sink-only query attends nothing
+    for a, b in zip(outs[0][1:], outs[1][1:]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), float((a - b).abs().max())
+
+
+def test_sparse_attn_fused_edge_sinks():
+    """A −inf sink (the softmax is over the listed slots only) and a +large sink (all mass on the sink)."""
+    from v4lab.attention import sparse_attn, sparse_attn_fused
+    q, kv, _, idx = _attn_case(1, 6, 2, 4, 9, 3, seed=3)
+    for value in (float("-inf"), 30.0):
+        sink = torch.full((2,), value, dtype=torch.float64, requires_grad=True)
+        got, want = (f(q, kv, sink, idx, 0.5) for f in (sparse_attn_fused, sparse_attn))
+        assert torch.equal(got, want) and torch.isfinite(got).all()
+        ga = torch.autograd.grad(got.sum(), (q, kv, sink))
+        gb = torch.autograd.grad(want.sum(), (q, kv, sink))
+        assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(ga, gb))

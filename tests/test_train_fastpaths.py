@@ -110,3 +110,34 @@ def test_sparse_attn_fused_edge_sinks():
         ga = torch.autograd.grad(got.sum(), (q, kv, sink))
         gb = torch.autograd.grad(want.sum(), (q, kv, sink))
         assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(ga, gb))
+
+
+# ------------------------------------------------------------------ mHC: the RMS-scaled mixing logits
+def test_mixes_gradcheck_float64():
+    from v4lab.mhc import _mixes
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(6, 12, generator=g, dtype=torch.float64)
+    v[2] = 0.0                                         # an all-zero token: 1/RMS = eps^−½, still differentiable
+    fn = torch.randn(8, 12, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda v, fn: _mixes(v, fn, 1e-3), (v.requires_grad_(), fn.requires_grad_()))
+
+
+@pytest.mark.parametrize("T", [1, 512, 2048])
+def test_mixes_equals_the_reference_fp32(T):
+    from v4lab.mhc import _mixes, _mixes_reference
+    g = torch.Generator().manual_seed(T)
+    v = (torch.randn(T, 512, generator=g) * 3).requires_grad_()
+    fn = (torch.randn(24, 512, generator=g) * 0.02).requires_grad_()
+    gm = torch.randn(T, 24, generator=g)
+    got, want = _mixes(v, fn, 1e-6), _mixes_reference(v, fn, 1e-6)
+    assert torch.equal(got, want)                                     # the same forward ops
+    for a, b in zip(torch.autograd.grad(got, (v, fn), gm), torch.autograd.grad(want, (v, fn), gm)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), float((a - b).abs().max())
+
+
+def test_mixes_gradient_to_one_input_only():
+    from v4lab.mhc import _mixes, _mixes_reference
+    v, fn = torch.randn(5, 8), torch.randn(3, 8, requires_grad=True)
+    a, = torch.autograd.grad(_mixes(v, fn, 1e-6).sum(), fn)
+    b, = torch.autograd.grad(_mixes_reference(v, fn, 1e-6).sum(), fn)
+    assert torch.allclose(a, b, atol=1e-6)

@@ -141,3 +141,28 @@ def test_mixes_gradient_to_one_input_only():
     a, = torch.autograd.grad(_mixes(v, fn, 1e-6).sum(), fn)
     b, = torch.autograd.grad(_mixes_reference(v, fn, 1e-6).sum(), fn)
     assert torch.allclose(a, b, atol=1e-6)
+
+
+# ------------------------------------------------------------------ mHC: the Sinkhorn as one Function
+@pytest.mark.parametrize("iters", [1, 2, 5])
+def test_sinkhorn_function_gradcheck_float64(iters):
+    from v4lab.mhc import _sinkhorn
+    lg = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(iters)) * 2
+    assert torch.autograd.gradcheck(lambda z: _sinkhorn(z, iters, 1e-6), (lg.requires_grad_(),))
+
+
+@pytest.mark.parametrize("T,iters", [(1, 20), (512, 20), (2048, 20), (7, 1)])
+def test_sinkhorn_function_equals_the_references_fp32(T, iters):
+    """Forward: bit-equal to the explicit loop (`sinkhorn_errors`' traced path: the same ops) and close to the
+    row-major reference; gradients: those of autograd through the row-major reference `sinkhorn_rowmajor`."""
+    from v4lab.mhc import _sinkhorn, sinkhorn_rowmajor
+    g = torch.Generator().manual_seed(T)
+    lg = (torch.randn(1, T, 4, 4, generator=g) * 3).requires_grad_()
+    gc = torch.randn(1, T, 4, 4, generator=g)
+    got = _sinkhorn(lg, iters, 1e-6)
+    assert torch.equal(got, _sinkhorn(lg.detach(), iters, 1e-6, trace=[]))
+    want = sinkhorn_rowmajor(lg, iters, 1e-6)
+    assert torch.allclose(got, want, atol=1e-6)
+    a, = torch.autograd.grad(got, lg, gc)
+    b, = torch.autograd.grad(want, lg, gc)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), float((a - b).abs().max())

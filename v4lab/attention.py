@@ -148,7 +148,7 @@ class _GatheredCore(torch.autograd.Function):
         gz = p * (gp - pg) * ctx.scale                                             # d/dz, times the scale
         g_sink = -(p_sink * pg).sum((0, 2))
         gq = torch.bmm(gz, g)
-        gg = torch.bmm(torch.cat([gz, p], 1).transpose(1, 2), torch.cat([q, go], 1))  # [B·S, K, D]
+        gg = torch.bmm(torch.cat([gz.transpose(1, 2), p.transpose(1, 2)], 2), torch.cat([q, go], 1))  # [B·S, K, D]
         return gq, gg, None, g_sink.to(sink_dtype), None
 
 

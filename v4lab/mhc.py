@@ -133,32 +133,37 @@ def sinkhorn_rowmajor(logits: torch.Tensor, iters: int, eps: float) -> torch.Ten
     return c
 
 
-class _Normalise(torch.autograd.Function):
-    """The 2·iters − 1 alternating normalisations after the first column one, on c [n, n, T], with a
-    hand-written backward: for y = c / (Σ_a c + eps) the input gradient is (g − Σ_a g·y) / (Σ_a c + eps),
-    4 ops per step where autograd's DivBackward and SumBackward nodes take ~10 (the Sinkhorn's backward
-    was ~14 % of the tiny model's training step at 512 tokens). Same forward ops, so the same values."""
+class _Sinkhorn(torch.autograd.Function):
+    """The whole Sinkhorn of logits [T, n, n] on a [n, n, T] layout (tokens the contiguous axis) with a
+    hand-written backward: softmax over k, + eps, then 2·iters − 1 normalisations y = c / (Σ_a c + eps), a
+    column one (a = 0) first, then rows (a = 1) and columns alternating; every step's output goes into one
+    preallocated [2·iters − 1, n, n, T] buffer (a fresh tensor per step costs page faults at 2048 tokens).
+    Backward: a step's input gradient is (g − Σ_a g·y) / (Σ_a c + eps), the softmax's s·(g − Σ_k g·s), on a
+    contiguous copy of g (it arrives token-major from the permute, which made every op ~5x slower): ~4 small
+    ops a step where autograd's DivBackward / SumBackward nodes took ~10. Same forward ops, same values."""
 
     @staticmethod
-    def forward(ctx, c: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-        ys, dens = [], []
-        for _ in range(iters - 1):
-            for axis in (1, 0):
-                den = c.sum(axis, keepdim=True) + eps
-                c = c / den
-                ys.append(c)
-                dens.append(den)
-        ctx.save_for_backward(*ys, *dens)
-        return c
+    def forward(ctx, logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+        steps, n = 2 * iters - 1, logits.shape[-1]
+        # softmax on the [T, n, n] rows (a [n, n, T] softmax is 10x faster, but rounds differently and
+        # moves the pinned logits of tests/test_refactor_reference.py by ~7e-6)
+        s = torch.softmax(logits.reshape(-1, n, n), -1).permute(1, 2, 0).contiguous()             # [n, n, T]
+        ys = s.new_empty(steps, *s.shape)
+        dens, c = [], s + eps
+        for k in range(steps):
+            den = c.sum(k % 2, keepdim=True) + eps                     # k even: columns (axis 0), odd: rows
+            c = torch.div(c, den, out=ys[k])
+            dens.append(den)
+        ctx.save_for_backward(s, ys, *dens)
+        return c.clone()
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        saved = ctx.saved_tensors
-        ys, dens = saved[:len(saved) // 2], saved[len(saved) // 2:]
-        for step in range(len(ys) - 1, -1, -1):
-            axis = 1 - step % 2                                    # steps alternate rows (1), columns (0)
-            g = (g - (g * ys[step]).sum(axis, keepdim=True)) / dens[step]
-        return g, None, None
+        s, ys, *dens = ctx.saved_tensors
+        g = g.clone(memory_format=torch.contiguous_format)      # it arrives token-major from the permute
+        for k in range(len(dens) - 1, -1, -1):
+            g.sub_((g * ys[k]).sum(k % 2, keepdim=True)).div_(dens[k])
+        return (s * (g - (g * s).sum(1, keepdim=True))).permute(2, 0, 1), None, None
 
 
 def _sinkhorn(logits, iters, eps, trace=None):
@@ -167,18 +172,16 @@ def _sinkhorn(logits, iters, eps, trace=None):
     # rows of 4 floats: ~8x slower on a CPU, ~25 % of a tiny model's training step at hc_mult 4).
     lead = logits.shape[:-2]
     n = logits.shape[-1]
+    if trace is None:
+        return _Sinkhorn.apply(logits.reshape(-1, n, n), iters, eps).permute(2, 0, 1).reshape(*lead, n, n)
     c = torch.softmax(logits, dim=-1).reshape(-1, n, n).permute(1, 2, 0).contiguous() + eps    # [n, n, T]
     c = c / (c.sum(0, keepdim=True) + eps)
-    if trace is None and iters > 1:
-        return _Normalise.apply(c, iters, eps).permute(2, 0, 1).reshape(*lead, n, n)
-    if trace is not None:
-        trace.append(c.permute(2, 0, 1).reshape(*lead, *c.shape[:2]))
+    trace.append(c.permute(2, 0, 1).reshape(*lead, n, n))
     for _ in range(iters - 1):
         c = c / (c.sum(1, keepdim=True) + eps)
         c = c / (c.sum(0, keepdim=True) + eps)
-        if trace is not None:
-            trace.append(c.permute(2, 0, 1).reshape(*lead, *c.shape[:2]))
-    return c.permute(2, 0, 1).reshape(*lead, *c.shape[:2])
+        trace.append(c.permute(2, 0, 1).reshape(*lead, n, n))
+    return c.permute(2, 0, 1).reshape(*lead, n, n)
 
 
 def sinkhorn_errors(logits: torch.Tensor, iters: int, eps: float) -> dict:

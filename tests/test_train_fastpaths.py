@@ -166,3 +166,37 @@ def test_sinkhorn_function_equals_the_references_fp32(T, iters):
     a, = torch.autograd.grad(got, lg, gc)
     b, = torch.autograd.grad(want, lg, gc)
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), float((a - b).abs().max())
+
+
+# ------------------------------------------------------------------ mHC: the post-mix as one Function
+def _post_case(B, S, n, d, seed, dtype):
+    from v4lab.mhc import _sinkhorn
+    g = torch.Generator().manual_seed(seed)
+    o, x = torch.randn(B, S, d, generator=g, dtype=dtype), torch.randn(B, S, n, d, generator=g, dtype=dtype)
+    post = 2 * torch.rand(B, S, n, generator=g, dtype=dtype)
+    comb = _sinkhorn(torch.randn(B, S, n, n, generator=g, dtype=dtype) * 2, 3, 1e-6)   # token-minor, as in the model
+    return [t.detach().requires_grad_() for t in (o, x, post, comb)]
+
+
+def test_hc_post_gradcheck_float64():
+    from v4lab.mhc import hc_post
+    assert torch.autograd.gradcheck(hc_post, tuple(_post_case(2, 3, 4, 5, 0, torch.float64)))
+
+
+@pytest.mark.parametrize("S,n", [(1, 4), (512, 4), (2048, 4), (33, 1), (17, 3)])
+def test_hc_post_equals_the_reference_fp32(S, n):
+    from v4lab.mhc import hc_post, hc_post_reference
+    args = _post_case(1, S, n, 128, S, torch.float32)
+    gy = torch.randn(1, S, n, 128, generator=torch.Generator().manual_seed(1))
+    got, want = hc_post(*args), hc_post_reference(*args)
+    assert torch.equal(got, want)
+    for a, b in zip(torch.autograd.grad(got, args, gy), torch.autograd.grad(want, args, gy)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), float((a - b).abs().max())
+
+
+def test_hc_post_bf16_streams_keep_their_dtype():
+    from v4lab.mhc import hc_post, hc_post_reference
+    o, x, post, comb = _post_case(1, 9, 4, 16, 2, torch.float32)
+    args = (o.detach().bfloat16(), x.detach().bfloat16(), post.detach(), comb.detach())
+    got = hc_post(*args)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, hc_post_reference(*args))

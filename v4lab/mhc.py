@@ -323,10 +323,40 @@ def hc_post(o: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Te
             _bad(f"hc_post: {name}.shape", tuple(getattr(t, "shape", ())),
                  f"must be {list(shape)} to match x [B, S, n, d] = {list(x.shape)}")
     cd = _compute_dtype(x.dtype)
+    y = _Post.apply(o.to(cd).reshape(B * S, d), x.to(cd).reshape(B * S, n, d), post.to(cd).reshape(B * S, n),
+                    comb.to(cd).reshape(B * S, n, n))
+    return y.view(B, S, n, d).to(x.dtype)
+
+
+def hc_post_reference(o: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """The reference of `hc_post` (same signature and result, without the checks), differentiated by autograd."""
+    cd = _compute_dtype(x.dtype)
     # Σ_i comb[i, j] X_i = (combᵀ X)_j: the transpose is the official (column-stochastic) use.
     # contiguous: Sinkhorn leaves comb token-minor ([B, S, n, n] with stride 1 on S), which makes bmm crawl
     y = post.to(cd).unsqueeze(-1) * o.to(cd).unsqueeze(-2) + comb.to(cd).transpose(-1, -2).contiguous() @ x.to(cd)
     return y.to(x.dtype)
+
+
+class _Post(torch.autograd.Function):
+    """`hc_post_reference`'s ops on o [T, d], x [T, n, d], post [T, n], comb [T, n, n] with a hand-written
+    backward: g_o = Σ_j post_j·g_j, g_post_j = g_j·o, g_comb = x·gᵀ ([T, n, d] @ [T, d, n]), g_x = comb·g;
+    autograd's broadcast-product nodes reduce [T, n, d] temporaries to the broadcast shapes instead."""
+
+    @staticmethod
+    def forward(ctx, o: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        comb_t = comb.transpose(-1, -2).contiguous()          # Sinkhorn leaves comb token-minor: bmm would crawl
+        ctx.save_for_backward(o, x, post, comb_t)
+        return post.unsqueeze(-1) * o.unsqueeze(-2) + comb_t @ x
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        o, x, post, comb_t = ctx.saved_tensors
+        g = g.contiguous()
+        g_o = (post.unsqueeze(-1) * g).sum(-2) if ctx.needs_input_grad[0] else None
+        g_x = comb_t.transpose(-1, -2) @ g if ctx.needs_input_grad[1] else None
+        g_post = (g * o.unsqueeze(-2)).sum(-1) if ctx.needs_input_grad[2] else None
+        g_comb = x @ g.transpose(-1, -2) if ctx.needs_input_grad[3] else None
+        return g_o, g_x, g_post, g_comb
 
 
 def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *, rms_eps: float,

@@ -200,3 +200,39 @@ def test_hc_post_bf16_streams_keep_their_dtype():
     args = (o.detach().bfloat16(), x.detach().bfloat16(), post.detach(), comb.detach())
     got = hc_post(*args)
     assert got.dtype == torch.bfloat16 and torch.equal(got, hc_post_reference(*args))
+
+
+# ------------------------------------------------------------------ RMSNorm as one Function
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rms_norm_gradcheck_float64(with_weight):
+    from v4lab.norm import _RMSNorm
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 6, generator=g, dtype=torch.float64)
+    x[1, 2] = 0.0                                            # a zero row: 1/RMS = eps^−½
+    w = torch.randn(6, generator=g, dtype=torch.float64).requires_grad_() if with_weight else None
+    args = (x.requires_grad_(), w)
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNorm.apply(x, w, 1e-3), args)
+
+
+@pytest.mark.parametrize("shape,with_weight", [((1, 2048, 128), True), ((1, 512, 4, 64), False), ((1, 1, 64), True)])
+def test_rms_norm_equals_the_reference_fp32(shape, with_weight):
+    from v4lab.norm import rms_norm, rms_norm_reference
+    g = torch.Generator().manual_seed(len(shape))
+    x = (torch.randn(*shape, generator=g) * 3).requires_grad_()
+    w = (torch.randn(shape[-1], generator=g)).requires_grad_() if with_weight else None
+    gy = torch.randn(*shape, generator=g)
+    got, want = rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6)
+    assert torch.equal(got, want)
+    inputs = (x, w) if with_weight else (x,)
+    for a, b in zip(torch.autograd.grad(got, inputs, gy), torch.autograd.grad(want, inputs, gy)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), float((a - b).abs().max())
+
+
+def test_rms_norm_bf16_input_keeps_its_dtype_and_trains_the_fp32_weight():
+    from v4lab.norm import rms_norm, rms_norm_reference
+    x = torch.randn(5, 32).bfloat16().requires_grad_()
+    w = torch.randn(32, requires_grad=True)
+    got, want = rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    a, b = (torch.autograd.grad(y.float().sum(), (x, w)) for y in (got, want))
+    assert a[0].dtype == torch.bfloat16 and torch.allclose(a[1], b[1], rtol=1e-3, atol=1e-3)

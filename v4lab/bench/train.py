@@ -47,7 +47,9 @@ and both mHC sites; torch.profiler's (wall-clock) op table and cProfile agree on
   at the 512 median). Still ~13 500 top-level aten ops a step at 512 (12 900 before): the gains are layout
   and memory traffic, not op count. One autograd Function each, forward ops unchanged (bit-equal values,
   logits pinned), hand-written backward, a slow reference and tests (``tests/test_train_fastpaths.py``);
-  per part (fwd + bwd, min of alternating runs):
+  Tensors kept for the backward at 2048 (``saved_tensors_hooks``, by storage): 580 → 478 MiB; ``peak_bytes``
+  (sampled RSS growth over the warm-up step's, allocator-dependent) read 136-147 MiB before and 176-229 after.
+  Per part (fwd + bwd, min of alternating runs):
     Sinkhorn (``mhc._Sinkhorn``: softmax + eps + 39 normalisations, outputs in one preallocated buffer, the
       backward on a contiguous gradient): 12.9 → 4.2 ms a site at 2048, 3.6 → 1.4 at 512;
     RMS-scaled mixing logits (``mhc._RmsMix``, hc_pre and hc_head): 6.7 → 4.3 ms a site, 1.3 → 0.9 at 512;

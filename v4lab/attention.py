@@ -133,7 +133,11 @@ class _GatheredCore(torch.autograd.Function):
         e = (z - m).exp()
         den = (e.sum(-1, keepdim=True) + (s - m).exp()).clamp_min(torch.finfo(z.dtype).tiny)
         p = e / den
-        o = torch.bmm(p, g).masked_fill(~valid.any(-1)[:, None, None], 0.0)      # sink-only rows
+        o = torch.bmm(p, g)
+        empty = ~valid.any(-1)                                                     # sink-only rows
+        ctx.any_empty = bool(empty.any())           # training rows always list themselves: skip two passes
+        if ctx.any_empty:
+            o = o.masked_fill(empty[:, None, None], 0.0)
         ctx.save_for_backward(q, g, valid, p, (s - m).exp() / den)
         ctx.scale, ctx.sink_dtype = scale, sink.dtype
         return o
@@ -142,7 +146,8 @@ class _GatheredCore(torch.autograd.Function):
     def backward(ctx, go: torch.Tensor):
         q, g, valid, p, p_sink = ctx.saved_tensors
         sink_dtype = ctx.sink_dtype
-        go = go.masked_fill(~valid.any(-1)[:, None, None], 0.0)
+        if ctx.any_empty:
+            go = go.masked_fill(~valid.any(-1)[:, None, None], 0.0)
         gp = torch.bmm(go, g.transpose(1, 2))                                      # [B·S, H, K]
         pg = (p * gp).sum(-1, keepdim=True)                                        # [B·S, H, 1]
         gz = p * (gp - pg) * ctx.scale                                             # d/dz, times the scale

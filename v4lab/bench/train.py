@@ -73,7 +73,7 @@ causal blocking of the indexer scores would change their GEMM shapes (top-k near
 fuses the elementwise chains (torch.compile, not used: its compile time would count, and laptops may lack a
 C++ toolchain) or batched kernels for the 4-row products are the next step. The machine is shared: a quick
 run (2 steps, one round; its "median" of 2 is the slower step) moves by ±25 % at 512 with the other jobs'
-load, more than this work's gain there (four quick runs of this code in one hour: 0.35-0.44 s and 1.11-1.38x
+load, more than this work's gain there (four quick runs of this work in one hour: 0.28-0.44 s and 1.11-1.67x
 the peer at 512, 0.93-1.22 s, 5.4-6.0x and 20.6-28.3 % of the matmul peak at 2048).
 The peer spends most of its time in dense attention (bmm over [S, S] per head) and its masks.
 """

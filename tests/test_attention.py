@@ -198,12 +198,12 @@ def test_chunked_prefill_never_builds_square_scores(kind, path, monkeypatch):
                 return fn(q, kv, sink, idx, scale)
             return f
 
-        monkeypatch.setattr(attention, "sparse_attn", spy(sparse_attn))
+        monkeypatch.setattr(attention, "sparse_attn_fused", spy(attention.sparse_attn_fused))   # the layer's gather
         monkeypatch.setattr(attention, "dense_attn", spy(dense_attn))
         a.q_chunk = 16
         got = a(x, attn_path=path)
     cfg, w = a.cfg, a.cfg.sliding_window
-    assert {c[0] for c in calls} == {"sparse_attn" if path == "gather" else "dense_attn"}
+    assert {c[0] for c in calls} == {"sparse_attn_fused" if path == "gather" else "dense_attn"}
     assert all(s <= 16 for _, s, _, _ in calls) and sum(s for _, s, _, _ in calls) == S
     if path == "gather":
         k_max = w + (cfg.index_topk if kind == "csa" else S // a.ratio)
@@ -303,9 +303,10 @@ def test_training_forward_runs_wide_gather_blocks_with_the_same_result(monkeypat
 
     def spy(q, kv, sink, idx, scale):
         calls.append(q.shape[1])
-        return sparse_attn(q, kv, sink, idx, scale)
+        return fused(q, kv, sink, idx, scale)
 
-    monkeypatch.setattr(attention, "sparse_attn", spy)
+    fused = attention.sparse_attn_fused                          # the layer's gather core (fused backward)
+    monkeypatch.setattr(attention, "sparse_attn_fused", spy)
     y, gx, gp = _grads(a, x, attn_path="auto")
     assert calls == [300]
     torch.testing.assert_close(y, ref[0], atol=2e-6, rtol=1e-5)

@@ -119,6 +119,65 @@ def _sparse_core(q, kv, attn_sink, idx, scale) -> tuple[torch.Tensor, torch.Tens
     return o.to(q.dtype), p
 
 
+class _GatheredCore(torch.autograd.Function):
+    """The gather path's core on the already gathered rows, with a hand-written backward.
+
+    q [B·S, H, D], g [B·S, K, D] (fp32), valid [B·S, K] (bool), sink [H] → o [B·S, H, D]. The forward runs the
+    same ops as `sparse_attn` (so the same values). The backward, with p the slot probabilities and
+    gp = go·gᵀ: gz = p·(gp − Σ_k p·gp), g_sink = −Σ p_sink·Σ_k p·gp, gq = scale·gz·g, and the gathered rows'
+    gradient as ONE product [scale·gz, p]ᵀ·[q, go] (autograd's two products with H = 4 rows, their sum and
+    the softmax's ~10 nodes cost ~2x as much on a narrow model)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, g: torch.Tensor, valid: torch.Tensor, sink: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        z = torch.bmm(q, g.transpose(1, 2)) * scale                                # [B·S, H, K]
+        z = z.masked_fill(~valid[:, None, :], float("-inf"))
+        s = sink.to(z.dtype).view(1, -1, 1)                                       # fp64 only in gradcheck
+        m = torch.maximum(z.amax(-1, keepdim=True), s)
+        m = m.masked_fill(m == float("-inf"), 0.0)
+        e = (z - m).exp()
+        den = (e.sum(-1, keepdim=True) + (s - m).exp()).clamp_min(torch.finfo(z.dtype).tiny)
+        p = e / den
+        o = torch.bmm(p, g)
+        empty = ~valid.any(-1)                                                     # sink-only rows
+        ctx.any_empty = bool(empty.any())           # training rows always list themselves: skip two passes
+        if ctx.any_empty:
+            o = o.masked_fill(empty[:, None, None], 0.0)
+        ctx.save_for_backward(q, g, valid, p, (s - m).exp() / den)
+        ctx.scale, ctx.sink_dtype = scale, sink.dtype
+        return o
+
+    @staticmethod
+    def backward(ctx, go: torch.Tensor):
+        q, g, valid, p, p_sink = ctx.saved_tensors
+        sink_dtype = ctx.sink_dtype
+        if ctx.any_empty:
+            go = go.masked_fill(~valid.any(-1)[:, None, None], 0.0)
+        gp = torch.bmm(go, g.transpose(1, 2))                                      # [B·S, H, K]
+        pg = (p * gp).sum(-1, keepdim=True)                                        # [B·S, H, 1]
+        gz = p * (gp - pg) * ctx.scale                                             # d/dz, times the scale
+        g_sink = -(p_sink * pg).sum((0, 2))
+        gq = torch.bmm(gz, g)
+        gg = torch.bmm(torch.cat([gz.transpose(1, 2), p.transpose(1, 2)], 2), torch.cat([q, go], 1))  # [B·S, K, D]
+        return gq, gg, None, g_sink.to(sink_dtype), None
+
+
+def sparse_attn_fused(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """`sparse_attn` (same signature and result, its reference) with the core after the gather as one autograd
+    Function (`_GatheredCore`): the training step's gather path."""
+    _check_attn_args("sparse_attn_fused", q, kv, attn_sink, idx)
+    B, S, H, D = q.shape
+    N, K = kv.shape[1], idx.shape[-1]
+    valid = idx >= 0
+    safe = torch.where(valid, idx, idx.amax(-1, keepdim=True).clamp(min=0)).long()    # as `sparse_attn`
+    rows = safe + (torch.arange(B, device=idx.device) * N).view(B, 1, 1)
+    g = kv.float().reshape(B * N, D).index_select(0, rows.reshape(-1)).view(B * S, K, D)
+    o = _GatheredCore.apply(q.float().reshape(B * S, H, D), g, valid.reshape(B * S, K), attn_sink, scale)
+    return o.view(B, S, H, D).to(q.dtype)
+
+
 def dense_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx: torch.Tensor,
                scale: float) -> torch.Tensor:
     """The dense-block twin of `sparse_attn` (same signature, same result): every query scores every row of
@@ -596,7 +655,7 @@ class Attention(nn.Module):
                 return (o, *attn_probs(q, kv_all, self.attn_sink, idx, self.scale)) if probs else (o, None, None)
             if probs:
                 return sparse_attn_inspect(q, kv_all, self.attn_sink, idx, self.scale)
-            return sparse_attn(q, kv_all, self.attn_sink, idx, self.scale), None, None
+            return sparse_attn_fused(q, kv_all, self.attn_sink, idx, self.scale), None, None
         n_all = kv_all.shape[1]
         rows = self._rows(span, n_all, lo, L, ring_path)
         remap = torch.full((n_all,), -1, dtype=torch.long, device=idx.device)   # kv_all row → block row
@@ -697,9 +756,12 @@ class Attention(nn.Module):
     def _index_inputs(self, call: _Call, x, qr) -> None:
         """CSA: the indexer keys of the new entries (into the cache) and the queries' indexer q and weights."""
         ix, iqr = (x.detach(), qr.detach()) if call.distill else (x, qr)    # the warm-up trains the indexer only
-        call.cache.index_keys.append(self.indexer.keys(ix, call.cache.index_state))
-        call.keys = call.cache.index_keys.get()
-        call.iq, call.iw = self.indexer.queries(ix, iqr, call.pos)
+        # Without the warm-up nothing differentiable leaves the indexer (top-k picks have no gradient): no
+        # graph is built for it, so the [S, Hi, Nc] score logits are neither kept nor given a backward node.
+        with torch.set_grad_enabled(call.distill and torch.is_grad_enabled()):
+            call.cache.index_keys.append(self.indexer.keys(ix, call.cache.index_state))
+            call.keys = call.cache.index_keys.get()
+            call.iq, call.iw = self.indexer.queries(ix, iqr, call.pos)
 
     def _project_block(self, call: _Call, qr, cos, sin, b0: int, b1: int) -> torch.Tensor:
         """Queries b0..b1−1: q projection, the path and attention-block size (`plan_attn_blocks`, costed with the
@@ -716,7 +778,8 @@ class Attention(nn.Module):
         picks = None
         if self.kind == "csa":
             keep = call.distill or call.insp is not None
-            picks = self._select(call.iq[:, b0:b1], call.iw[:, b0:b1], call.keys, call.pos[b0:b1], keep)
+            with torch.set_grad_enabled(call.distill and torch.is_grad_enabled()):
+                picks = self._select(call.iq[:, b0:b1], call.iw[:, b0:b1], call.keys, call.pos[b0:b1], keep)
         ob = [self._attend_block(call, qb[:, c0 - b0:min(b1, c0 + sub) - b0], c0, min(b1, c0 + sub),
                                  picks, c0 - b0, bpath) for c0 in range(b0, b1, sub)]
         return self._output(torch.cat(ob, 1), cos[b0:b1], sin[b0:b1])

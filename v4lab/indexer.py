@@ -24,7 +24,9 @@ def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Ten
     B, S, H, D = q.shape
     if k.shape[0] != B or k.shape[2] != D or tuple(w.shape) != (B, S, H):
         raise ValueError(f"index_scores: shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, w {tuple(w.shape)}")
-    logits = torch.einsum("bshd,bnd->bshn", q.float(), k.float()).relu()   # [B, S, Hi, N]
+    logits = torch.einsum("bshd,bnd->bshn", q.float(), k.float())        # [B, S, Hi, N]
+    # in place when no backward needs the pre-ReLU logits: one [B, S, Hi, N] temporary fewer (same values)
+    logits = logits.relu() if logits.requires_grad else logits.relu_()
     return torch.einsum("bshn,bsh->bsn", logits, w.float())
 
 

@@ -133,32 +133,37 @@ def sinkhorn_rowmajor(logits: torch.Tensor, iters: int, eps: float) -> torch.Ten
     return c
 
 
-class _Normalise(torch.autograd.Function):
-    """The 2·iters − 1 alternating normalisations after the first column one, on c [n, n, T], with a
-    hand-written backward: for y = c / (Σ_a c + eps) the input gradient is (g − Σ_a g·y) / (Σ_a c + eps),
-    4 ops per step where autograd's DivBackward and SumBackward nodes take ~10 (the Sinkhorn's backward
-    was ~14 % of the tiny model's training step at 512 tokens). Same forward ops, so the same values."""
+class _Sinkhorn(torch.autograd.Function):
+    """The whole Sinkhorn of logits [T, n, n] on a [n, n, T] layout (tokens the contiguous axis) with a
+    hand-written backward: softmax over k, + eps, then 2·iters − 1 normalisations y = c / (Σ_a c + eps), a
+    column one (a = 0) first, then rows (a = 1) and columns alternating; every step's output goes into one
+    preallocated [2·iters − 1, n, n, T] buffer (a fresh tensor per step costs page faults at 2048 tokens).
+    Backward: a step's input gradient is (g − Σ_a g·y) / (Σ_a c + eps), the softmax's s·(g − Σ_k g·s), on a
+    contiguous copy of g (it arrives token-major from the permute, which made every op ~5x slower): ~4 small
+    ops a step where autograd's DivBackward / SumBackward nodes took ~10. Same forward ops, same values."""
 
     @staticmethod
-    def forward(ctx, c: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-        ys, dens = [], []
-        for _ in range(iters - 1):
-            for axis in (1, 0):
-                den = c.sum(axis, keepdim=True) + eps
-                c = c / den
-                ys.append(c)
-                dens.append(den)
-        ctx.save_for_backward(*ys, *dens)
-        return c
+    def forward(ctx, logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+        steps, n = 2 * iters - 1, logits.shape[-1]
+        # softmax on the [T, n, n] rows (a [n, n, T] softmax is 10x faster, but rounds differently and
+        # moves the pinned logits of tests/test_refactor_reference.py by ~7e-6)
+        s = torch.softmax(logits.reshape(-1, n, n), -1).permute(1, 2, 0).contiguous()             # [n, n, T]
+        ys = s.new_empty(steps, *s.shape)
+        dens, c = [], s + eps
+        for k in range(steps):
+            den = c.sum(k % 2, keepdim=True) + eps                     # k even: columns (axis 0), odd: rows
+            c = torch.div(c, den, out=ys[k])
+            dens.append(den)
+        ctx.save_for_backward(s, ys, *dens)
+        return c.clone()
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        saved = ctx.saved_tensors
-        ys, dens = saved[:len(saved) // 2], saved[len(saved) // 2:]
-        for step in range(len(ys) - 1, -1, -1):
-            axis = 1 - step % 2                                    # steps alternate rows (1), columns (0)
-            g = (g - (g * ys[step]).sum(axis, keepdim=True)) / dens[step]
-        return g, None, None
+        s, ys, *dens = ctx.saved_tensors
+        g = g.clone(memory_format=torch.contiguous_format)      # it arrives token-major from the permute
+        for k in range(len(dens) - 1, -1, -1):
+            g.sub_((g * ys[k]).sum(k % 2, keepdim=True)).div_(dens[k])
+        return (s * (g - (g * s).sum(1, keepdim=True))).permute(2, 0, 1), None, None
 
 
 def _sinkhorn(logits, iters, eps, trace=None):
@@ -167,18 +172,16 @@ def _sinkhorn(logits, iters, eps, trace=None):
     # rows of 4 floats: ~8x slower on a CPU, ~25 % of a tiny model's training step at hc_mult 4).
     lead = logits.shape[:-2]
     n = logits.shape[-1]
+    if trace is None:
+        return _Sinkhorn.apply(logits.reshape(-1, n, n), iters, eps).permute(2, 0, 1).reshape(*lead, n, n)
     c = torch.softmax(logits, dim=-1).reshape(-1, n, n).permute(1, 2, 0).contiguous() + eps    # [n, n, T]
     c = c / (c.sum(0, keepdim=True) + eps)
-    if trace is None and iters > 1:
-        return _Normalise.apply(c, iters, eps).permute(2, 0, 1).reshape(*lead, n, n)
-    if trace is not None:
-        trace.append(c.permute(2, 0, 1).reshape(*lead, *c.shape[:2]))
+    trace.append(c.permute(2, 0, 1).reshape(*lead, n, n))
     for _ in range(iters - 1):
         c = c / (c.sum(1, keepdim=True) + eps)
         c = c / (c.sum(0, keepdim=True) + eps)
-        if trace is not None:
-            trace.append(c.permute(2, 0, 1).reshape(*lead, *c.shape[:2]))
-    return c.permute(2, 0, 1).reshape(*lead, *c.shape[:2])
+        trace.append(c.permute(2, 0, 1).reshape(*lead, n, n))
+    return c.permute(2, 0, 1).reshape(*lead, n, n)
 
 
 def sinkhorn_errors(logits: torch.Tensor, iters: int, eps: float) -> dict:
@@ -202,10 +205,39 @@ def h_res(comb: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- pre / post
-def _mixes(x_flat: torch.Tensor, fn: torch.Tensor, rms_eps: float) -> torch.Tensor:
-    """m = (fn · v) · 1/RMS(v): the matmul first, then the per-token 1/RMS factor (as the official code)."""
+def _mixes_reference(x_flat: torch.Tensor, fn: torch.Tensor, rms_eps: float) -> torch.Tensor:
+    """m = (fn · v) · 1/RMS(v): the matmul first, then the per-token 1/RMS factor (as the official code).
+    The reference of `_mixes` (same signature and result), differentiated by autograd."""
     r = torch.rsqrt(x_flat.square().mean(-1, keepdim=True) + rms_eps)
     return F.linear(x_flat, fn.to(x_flat.dtype)) * r
+
+
+class _RmsMix(torch.autograd.Function):
+    """`_mixes_reference`'s ops with a hand-written backward. For m = (v·fnᵀ)·r, r = (mean(v²) + eps)^−½:
+    d/dv = (g·r)·fn − v·r²·Σ_j g_j·m_j / (n·d) and d/dfn = (g·r)ᵀ·v, one GEMM each and one fused
+    multiply-add over [T, n·d], where autograd's pow / mean / rsqrt / mul nodes make ~6 [T, n·d] passes
+    (at 2048 tokens those were ~70 % of an hc_pre site's forward + backward)."""
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, fn: torch.Tensor, rms_eps: float) -> torch.Tensor:
+        r = torch.rsqrt(v.square().mean(-1, keepdim=True) + rms_eps)               # [T, 1]
+        m = F.linear(v, fn) * r                                                   # [T, rows]
+        ctx.save_for_backward(v, fn, r, m)
+        return m
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        v, fn, r, m = ctx.saved_tensors
+        gr = g * r
+        coef = (g * m).sum(-1, keepdim=True) * r.square() / v.shape[-1]          # [T, 1]
+        gv = torch.addcmul(gr @ fn, v, coef, value=-1.0) if ctx.needs_input_grad[0] else None
+        gfn = gr.t() @ v if ctx.needs_input_grad[1] else None
+        return gv, gfn, None
+
+
+def _mixes(x_flat: torch.Tensor, fn: torch.Tensor, rms_eps: float) -> torch.Tensor:
+    """m = (fn · v) · 1/RMS(v) as `_mixes_reference` (same values), with `_RmsMix`'s backward."""
+    return _RmsMix.apply(x_flat, fn.to(x_flat.dtype), rms_eps)
 
 
 def mix_streams(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -291,10 +323,40 @@ def hc_post(o: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Te
             _bad(f"hc_post: {name}.shape", tuple(getattr(t, "shape", ())),
                  f"must be {list(shape)} to match x [B, S, n, d] = {list(x.shape)}")
     cd = _compute_dtype(x.dtype)
+    y = _Post.apply(o.to(cd).reshape(B * S, d), x.to(cd).reshape(B * S, n, d), post.to(cd).reshape(B * S, n),
+                    comb.to(cd).reshape(B * S, n, n))
+    return y.view(B, S, n, d).to(x.dtype)
+
+
+def hc_post_reference(o: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """The reference of `hc_post` (same signature and result, without the checks), differentiated by autograd."""
+    cd = _compute_dtype(x.dtype)
     # Σ_i comb[i, j] X_i = (combᵀ X)_j: the transpose is the official (column-stochastic) use.
     # contiguous: Sinkhorn leaves comb token-minor ([B, S, n, n] with stride 1 on S), which makes bmm crawl
     y = post.to(cd).unsqueeze(-1) * o.to(cd).unsqueeze(-2) + comb.to(cd).transpose(-1, -2).contiguous() @ x.to(cd)
     return y.to(x.dtype)
+
+
+class _Post(torch.autograd.Function):
+    """`hc_post_reference`'s ops on o [T, d], x [T, n, d], post [T, n], comb [T, n, n] with a hand-written
+    backward: g_o = Σ_j post_j·g_j, g_post_j = g_j·o, g_comb = x·gᵀ ([T, n, d] @ [T, d, n]), g_x = comb·g;
+    autograd's broadcast-product nodes reduce [T, n, d] temporaries to the broadcast shapes instead."""
+
+    @staticmethod
+    def forward(ctx, o: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        comb_t = comb.transpose(-1, -2).contiguous()          # Sinkhorn leaves comb token-minor: bmm would crawl
+        ctx.save_for_backward(o, x, post, comb_t)
+        return post.unsqueeze(-1) * o.unsqueeze(-2) + comb_t @ x
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        o, x, post, comb_t = ctx.saved_tensors
+        g = g.contiguous()
+        g_o = (post.unsqueeze(-1) * g).sum(-2) if ctx.needs_input_grad[0] else None
+        g_x = comb_t.transpose(-1, -2) @ g if ctx.needs_input_grad[1] else None
+        g_post = (g * o.unsqueeze(-2)).sum(-1) if ctx.needs_input_grad[2] else None
+        g_comb = x @ g.transpose(-1, -2) if ctx.needs_input_grad[3] else None
+        return g_o, g_x, g_post, g_comb
 
 
 def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *, rms_eps: float,

@@ -30,20 +30,51 @@ and both mHC sites; torch.profiler's (wall-clock) op table and cProfile agree on
   ~21 %, aten::bmm ~14 %, then elementwise mul/div/add/sum (~28 %) and their backward nodes. Attention
   ran 32 blocks of 64 queries per layer (~0.7 ms of fixed cost each, fwd + bwd, whatever the FLOPs), the
   cost model choosing dense blocks for the narrow layers.
-  After, 1.4-1.65 s/step: u as one broadcast product and sum (``v4lab.mhc.mix_streams``) and the Sinkhorn's
-  normalisations as one autograd Function with a hand-written backward (hc_pre 16-18 ms a site); attention
-  projection blocks sized by floats (one block for tiny, 256 queries at the released shape as before) and,
-  in training, a per-block overhead in the path cost model (``v4lab.attention.plan_attn_blocks``), so the
-  window / CSA / HCA layers run a few wide gather blocks (window layer 69 → 39 ms, CSA ~150 → ~95-115 ms).
-  Now the largest parts: CSA attention ~25 % (indexer scores [S, 4, S/4] and top-k, compressor, gathers),
-  MoE ~20 % (GEMM-bound: its routed and shared GEMMs run at ~50 GFLOP/s, 60 % of the peak), mHC ~25 %
-  (12 sites of ~60 small [T, 4, 4] / [T, 4, 128] ops each way), HCA ~12 %; ~13 000 aten ops a step (fwd +
-  bwd) at 512 tokens, 61 % of op time in the backward.
-What limits going further: on a model this narrow (hidden 128, 4 heads × 64, 4 streams) each op's fixed
-cost (~10-30 µs dispatch, allocation, autograd node) is comparable to its work, and the mHC mixes, the
-Sinkhorn and the attention softmax are chains of small elementwise ops that eager PyTorch does not fuse
-(a compiler could; torch.compile was not used: its compile time would count in the bench). The GEMMs
-themselves reach 50-65 % of the 2048² matmul peak at these shapes, which caps the whole step well below it.
+  Then (commit 2849302), 1.03-1.47 s/step (0.27-0.41 s at 512, runs of one session): u as one broadcast product and sum
+  (``v4lab.mhc.mix_streams``), the Sinkhorn's normalisations as one autograd Function, attention projection
+  blocks sized by floats and a per-block overhead in the training path cost model
+  (``v4lab.attention.plan_attn_blocks``: a few wide gather blocks). Parts at 2048 (ms, fwd + bwd, all 6
+  layers): attention ~400-550 (CSA ~95-115 a layer, of which the indexer's forward ~35: scores
+  [S, 4, S/4] built with a graph nobody differentiates, ReLU on a fresh 16 MB copy, top-k), MoE ~230-300
+  (GEMM-bound: 60 % of the peak), mHC pre-mix ~150-200 (a site: Sinkhorn 12.9, RMS-scaled mixing logits
+  6.7, u 2.0), post-mix ~90-130, norms ~17-26. ~13 000 aten ops a step at 512 tokens, 61 % of op time in
+  the backward. Two findings: the Sinkhorn's backward received its gradient token-major (from the
+  [n, n, T] → [T, n, n] permute) and ran all 39 steps on that strided layout, ~5x slower than on a
+  contiguous copy; the gather path's backward ran two [S, K, 4] x [S, 4, D] per-token products (inner
+  dim 4) and added their [S, K, D] results.
+  After (issue 21), 0.88-0.99 s/step at 2048 and 0.23-0.32 s at 512 (min-median of 9 and 20 steps run
+  alternately with commit 2849302 in one session, which gave 1.03-1.14 and 0.27-0.34: -13 to -16 %, -6 %
+  at the 512 median). Still ~13 500 top-level aten ops a step at 512 (12 900 before): the gains are layout
+  and memory traffic, not op count. One autograd Function each, forward ops unchanged (bit-equal values,
+  logits pinned), hand-written backward, a slow reference and tests (``tests/test_train_fastpaths.py``);
+  Tensors kept for the backward at 2048 (``saved_tensors_hooks``, by storage): 580 → 478 MiB; ``peak_bytes``
+  (sampled RSS growth over the warm-up step's, allocator-dependent) read 136-147 MiB before and 176-229 after.
+  Per part (fwd + bwd, min of alternating runs):
+    Sinkhorn (``mhc._Sinkhorn``: softmax + eps + 39 normalisations, outputs in one preallocated buffer, the
+      backward on a contiguous gradient): 12.9 → 4.2 ms a site at 2048, 3.6 → 1.4 at 512;
+    RMS-scaled mixing logits (``mhc._RmsMix``, hc_pre and hc_head): 6.7 → 4.3 ms a site, 1.3 → 0.9 at 512;
+    the gather core after the gather (``attention.sparse_attn_fused``: one [S, K, 2H] x [S, 2H, D] product
+      for the gathered rows' gradient): CSA-shaped layer core 43 → 29 ms, 8.1 → 6.2 at 512;
+    RMSNorm (``norm._RMSNorm``): 1.9 → 1.2 ms a call on [2048, 128];
+    hc_post (``mhc._Post``): 7.8 → 5.9 ms a site (median; equal at the minimum: memory-bound);
+    the indexer builds no graph outside its warm-up (its scores and keys feed only top-k) and ReLUs in place.
+  Now the largest parts at 2048: attention ~45 % (per-token [S, 4, D] x [S, D, K] products run at 1-2
+  GFLOP/s: 2048 GEMMs of 4 rows; the gather and its scatter-add; the indexer's dense [S, 4, S/4] scores),
+  MoE ~28 % (its GEMMs at 50-65 % of the peak), mHC pre-mix ~14 % (4.2 Sinkhorn + 4.3 logits + 2 u a site),
+  post-mix ~10 % (its [T, 4, 4] x [T, 4, 128] per-token product: 2 ms at 2048 and no eager formulation is
+  faster: broadcast or per-stream loops measured 2-2.5x slower).
+What limits going further: on a model this narrow (hidden 128, 4 heads × 64, 4 streams) the remaining ops are
+either per-token batched products with 4-row matrices (MKL's per-matrix overhead) or memory-bound passes over
+[T, 4, 128] stream tensors; hand-written backwards no longer help there (a fused expert-FFN Function with a
+hand-written SwiGLU backward measured no faster than autograd's nodes and was dropped, as was a single
+gather / scatter for all experts). Forward ops are pinned by ``tests/test_refactor_reference.py`` (1e-6): a
+[n, n, T] softmax in the Sinkhorn is 10x faster than the [T, n, n] one but moves the logits by 7e-6, and
+causal blocking of the indexer scores would change their GEMM shapes (top-k near-ties). A compiler that
+fuses the elementwise chains (torch.compile, not used: its compile time would count, and laptops may lack a
+C++ toolchain) or batched kernels for the 4-row products are the next step. The machine is shared: a quick
+run (2 steps, one round; its "median" of 2 is the slower step) moves by ±25 % at 512 with the other jobs'
+load, more than this work's gain there (four quick runs of this work in one hour: 0.28-0.44 s and 1.11-1.67x
+the peer at 512, 0.93-1.22 s, 5.4-6.0x and 20.6-28.3 % of the matmul peak at 2048).
 The peer spends most of its time in dense attention (bmm over [S, S] per head) and its masks.
 """
 from __future__ import annotations

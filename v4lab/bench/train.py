@@ -71,10 +71,11 @@ gather / scatter for all experts). Forward ops are pinned by ``tests/test_refact
 [n, n, T] softmax in the Sinkhorn is 10x faster than the [T, n, n] one but moves the logits by 7e-6, and
 causal blocking of the indexer scores would change their GEMM shapes (top-k near-ties). A compiler that
 fuses the elementwise chains (torch.compile, not used: its compile time would count, and laptops may lack a
-C++ toolchain) or batched kernels for the 4-row products are the next step. The machine is shared: a quick
-run (2 steps, one round; its "median" of 2 is the slower step) moves by ±25 % at 512 with the other jobs'
-load, more than this work's gain there (four quick runs of this work in one hour: 0.28-0.44 s and 1.11-1.67x
-the peer at 512, 0.93-1.22 s, 5.4-6.0x and 20.6-28.3 % of the matmul peak at 2048).
+C++ toolchain) or batched kernels for the 4-row products are the next step. Noise: a quick run was 2 steps, one
+round, whose "median" of 2 is the slower step; it is now 3 steps. With the cores shared it moved by ±25 % at
+512 (four quick runs in one hour: 0.28-0.44 s, 1.11-1.67x the peer), and even on a quiet machine one process's
+consecutive 512-token steps span 0.26-0.40 s of CPU time (no page faults): the full run (3 rounds of 3 steps)
+gave 1.52x at 512, a quick run just before it 1.97x; 6.56x and 25.2 % of the matmul peak at 2048.
 The peer spends most of its time in dense attention (bmm over [S, S] per head) and its masks.
 """
 from __future__ import annotations
@@ -189,7 +190,7 @@ def run(quick: bool = False, progress: bool = False, log: Callable[[str], None] 
     torch.set_num_threads(1)
     log = log or (lambda s: None)
     seqs = QUICK_SEQS if quick else FULL_SEQS
-    steps, repeats = (2, 1) if quick else (3, 3)
+    steps, repeats = (3, 1) if quick else (3, 3)    # 3 steps: a true median (of 2 it is the slower)
     plan = []
     for seq in seqs:
         fits = hf_analytic_peak(bench_config(seq), seq) <= HF_BUDGET
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from v4lab.progress import add_argument, enabled
     p = argparse.ArgumentParser(prog="v4lab bench train", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="seq 512 and 2048, one round of 2 steps")
+    p.add_argument("--quick", action="store_true", help="seq 512 and 2048, one round of 3 steps")
     p.add_argument("--json", action="store_true", help="print the records as JSON")
     p.add_argument("--device", default=None, help="cpu only (the comparison is a CPU one)")
     add_argument(p)

@@ -23,8 +23,10 @@ def test_clamp_figure_marks_the_divergence():
     legend = [t.name for t in fig.data if t.showlegend is not False]
     assert legend == [*runs, "clamp limit L = 10"]       # one entry per run, plus the limit line
     diverged = [r for r in runs.values() if r["diverged_at"] is not None]
-    texts = [t.text[0] for t in fig.data if t.mode == "markers+text"]
-    assert len(texts) == len(diverged) and all(t.startswith("NaN at step") for t in texts)
+    marks = [t for t in fig.data if t.mode == "markers+text"]          # on the loss and on the MoE output
+    assert len(marks) == 2 * len(diverged) and all(t.text[0].startswith("NaN at step") for t in marks)
+    for r in diverged:                                                 # at the run's last logged step
+        assert {(t.xaxis, t.y[0]) for t in marks} >= {("x", r["loss"][-1]), ("x3", r["moe_max"][-1])}
 
 
 def test_clamp_seed_figure_and_table_show_every_run():

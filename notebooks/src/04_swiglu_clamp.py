@@ -208,15 +208,15 @@ exp_viz.build_clamp_seeds(clamp_res)
 # 14, 15 or 16: the largest pre-activation passes about 23, SiLU(g)·u passes the FP8 range and the loss is
 # NaN. The loss curve gives no warning before (0 spikes in every run: the failure is a cliff, not a
 # bump), and up to the step where some pre-activation first passes 10 the clamped and unclamped runs are
-# the same run to the last bit. With V4's clamp all five seeds finish, held-out loss 4.954–5.041: the
-# effect is **+1.26 nats** of held-out loss (6.238 against a mean 4.977). The pre-activations keep growing
+# the same run to the last bit. With V4's clamp all five seeds finish, held-out loss 4.939–5.031: the
+# effect is **+1.27 nats** of held-out loss (6.238 against a mean 4.971). The pre-activations keep growing
 # to about 31 with the clamp on (the clamp bounds what comes out of SwiGLU, not W1 x itself) while every h
-# stays below 100. The clamp of 1 finishes too and holds the MoE output near 20 instead of 2 000–2 600,
-# but costs **+0.084 nats** of held-out loss against the clamp at 10 on average, worse in every seed
-# (+0.027 to +0.131): every expert becomes a small, nearly linear map. That is the trade-off the limit
+# stays below 100. The clamp of 1 finishes too and holds the MoE output near 20 instead of 2 000–2 400,
+# but costs **+0.092 nats** of held-out loss against the clamp at 10 on average, worse in every seed
+# (+0.050 to +0.112): every expert becomes a small, nearly linear map. That is the trade-off the limit
 # sets: high enough that normal activations pass, low enough that the product fits the arithmetic. The
-# fp32 check (no FP8 cast, seed 0) is the honest null at this size: held-out 4.952 without the clamp,
-# 4.948 with it, largest MoE outputs 5 190 and 2 240 — no divergence, no spike.
+# fp32 check (no FP8 cast, seed 0) is the honest null at this size: held-out 4.951 without the clamp,
+# 4.949 with it, largest MoE outputs 4 930 and 2 320 — no divergence, no spike.
 #
 # **How far from V4.** V4 trains its experts' weights in FP4 and their activations in FP8 with
 # data-following scales, at a learning rate chosen to be stable, in models of up to 1.6 T parameters
@@ -227,8 +227,8 @@ exp_viz.build_clamp_seeds(clamp_res)
 #
 # ### Run it yourself
 #
-# `v4lab experiment clamp --quick` runs seed 0 for 100 steps plus the fp32 check (38 s on one thread of
-# the lab's 2-core machine; it gave effect +1.15 and a clamp-1 cost of +0.039 nats); `--json` prints the
+# `v4lab experiment clamp --quick` runs seed 0 for 100 steps plus the fp32 check (34 s on one thread of
+# the lab's 2-core machine; it gave effect +1.15 and a clamp-1 cost of +0.034 nats); `--json` prints the
 # result object. The cell below does the same from Python. It is marked
 # `# NBVAL_SKIP`: the automated notebook test runs all notebooks in a few minutes and this cell would take
 # a large share of that budget, so the check skips it; in Jupyter it runs normally.

@@ -236,11 +236,11 @@ exp_viz.build_ar(ar_res)
 # for as long as they are used.
 #
 # **The overhead.** AR's steady cost is one routing-only forward over the batch of step t + Δt per step.
-# Measured in CPU seconds (wall time on this shared machine swings with the other jobs: two runs of the
-# full settings gave +19 % and +43 % wall), that forward is 38 % of a training step, about the third a
-# forward is of a forward + backward; a steady AR step costs 43 % more (the forward, plus v4lab's per-step
+# Measured in CPU seconds (wall time on this shared machine swings with the other jobs: three runs of the
+# full settings gave +19 %, +43 % and +33 % wall), that forward is 38 % of a training step, about the third a
+# forward is of a forward + backward; a steady AR step costs 28 % more (the forward, plus v4lab's per-step
 # check of how far the router has moved from the routes it was given). Averaged over all AR steps it is
-# 79 %, because the first AR step also routes Δt = 6 steps from stored snapshots (one forward each), a
+# 81 %, because the first AR step also routes Δt = 6 steps from stored snapshots (one forward each), a
 # start-up cost that a 5-step AR period cannot spread. What the report's ~20 % (§4.2.3) amortises and this
 # run cannot: V4 overlaps the look-ahead forward with expert-parallel communication in its pipeline (one
 # CPU process has no communication to hide it behind); an AR period many times longer than Δt (the report

@@ -57,10 +57,11 @@ def build_clamp(res: dict) -> go.Figure:
         for col, key in ((1, "loss"), (2, "preact_max"), (3, "moe_max")):
             fig.add_scatter(x=steps, y=r[key], name=label, mode="lines", line=dict(color=c), legendgroup=label,
                             showlegend=col == 1, row=1, col=col)
-        if r["diverged_at"] is not None:
-            fig.add_scatter(x=[steps[-1]], y=[r["moe_max"][-1]], mode="markers+text", marker=dict(symbol="x", size=12,
-                            color=c), text=[f"NaN at step {r['diverged_at']}"], textposition="middle right",
-                            showlegend=False, row=1, col=3)
+        if r["diverged_at"] is not None:               # × on the loss too: its curve hides under the others
+            for col, key, where in ((1, "loss", "top right"), (3, "moe_max", "middle right")):
+                fig.add_scatter(x=[steps[-1]], y=[r[key][-1]], mode="markers+text", marker=dict(symbol="x", size=12,
+                                color=c), text=[f"NaN at step {r['diverged_at']}"], textposition=where,
+                                showlegend=False, row=1, col=col)
     n = max(len(r["loss"]) for r in runs.values())
     fig.add_scatter(x=[0, n - 1], y=[10, 10], mode="lines", line=dict(dash="dash", color="#616161"),
                     name="clamp limit L = 10", row=1, col=2)

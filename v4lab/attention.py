@@ -75,15 +75,17 @@ def _check_attn_args(name, q, kv, attn_sink, idx):
         raise ValueError(f"{name}: idx has entries >= N = {kv.shape[1]}")
 
 
-def _sink_softmax(z: torch.Tensor, attn_sink: torch.Tensor) -> torch.Tensor:
-    """z [B, S, H, K] (−inf = not attended) → p [B, S, H, K]: softmax over [z, sink] without the sink's column
-    (its value is zero). Rows with nothing but −inf get p = 0 (a −inf sink would otherwise give NaN)."""
-    sink = attn_sink.float().view(1, 1, -1, 1)
+def _sink_softmax(z: torch.Tensor, attn_sink: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """z [..., H, K] (−inf = not attended) → (p [..., H, K], the sink's mass [..., H, 1]): one softmax over
+    [z, sink] with the sink's column returned apart (its value is zero). Rows with nothing but −inf get p = 0
+    (a −inf sink would otherwise give NaN). In z's dtype (fp32 in the model, fp64 in gradcheck)."""
+    sink = attn_sink.to(z.dtype).view(-1, 1)
     m = torch.maximum(z.detach().amax(-1, keepdim=True), sink.detach())     # a shift, not a function of z
     m = m.masked_fill(m == float("-inf"), 0.0)                      # nothing attended and a −inf sink
-    e = (z - m).exp()
+    e, e_sink = (z - m).exp(), (sink - m).exp()
     # (no [z, sink] concatenation: one copy fewer of the [B, S, H, K] scores)
-    return e / (e.sum(-1, keepdim=True) + (sink - m).exp()).clamp_min(torch.finfo(torch.float32).tiny)
+    den = (e.sum(-1, keepdim=True) + e_sink).clamp_min(torch.finfo(z.dtype).tiny)
+    return e / den, e_sink / den
 
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx: torch.Tensor,
@@ -99,8 +101,9 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx:
     return _sparse_core(q, kv, attn_sink, idx, scale)[0]
 
 
-def _sparse_core(q, kv, attn_sink, idx, scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """`sparse_attn`'s computation → (o [B, S, H, D], the slots' probabilities p [B, S, H, K])."""
+def _sparse_core(q, kv, attn_sink, idx, scale) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sparse_attn`'s computation → (o [B, S, H, D], the slots' probabilities p [B, S, H, K], the sink's
+    mass [B, S, H])."""
     B, S, H, D = q.shape
     N = kv.shape[1]
     valid = idx >= 0                                               # [B, S, K]
@@ -113,10 +116,10 @@ def _sparse_core(q, kv, attn_sink, idx, scale) -> tuple[torch.Tensor, torch.Tens
     g = kv.float().reshape(B * N, D).index_select(0, rows.reshape(-1)).view(B, S, -1, D)  # [B, S, K, D]
     z = torch.einsum("bshd,bskd->bshk", q.float(), g) * scale      # [B, S, H, K]
     z = z.masked_fill(~valid[:, :, None, :], float("-inf"))
-    p = _sink_softmax(z, attn_sink)
+    p, p_sink = _sink_softmax(z, attn_sink)
     o = torch.einsum("bshk,bskd->bshd", p, g)
     o = o.masked_fill(~valid.any(-1)[:, :, None, None], 0.0)       # sink-only rows
-    return o.to(q.dtype), p
+    return o.to(q.dtype), p, p_sink.squeeze(-1)
 
 
 class _GatheredCore(torch.autograd.Function):
@@ -133,18 +136,13 @@ class _GatheredCore(torch.autograd.Function):
                 scale: float) -> torch.Tensor:
         z = torch.bmm(q, g.transpose(1, 2)) * scale                                # [B·S, H, K]
         z = z.masked_fill(~valid[:, None, :], float("-inf"))
-        s = sink.to(z.dtype).view(1, -1, 1)                                       # fp64 only in gradcheck
-        m = torch.maximum(z.amax(-1, keepdim=True), s)
-        m = m.masked_fill(m == float("-inf"), 0.0)
-        e = (z - m).exp()
-        den = (e.sum(-1, keepdim=True) + (s - m).exp()).clamp_min(torch.finfo(z.dtype).tiny)
-        p = e / den
+        p, p_sink = _sink_softmax(z, sink)                                        # [B·S, H, K], [B·S, H, 1]
         o = torch.bmm(p, g)
         empty = ~valid.any(-1)                                                     # sink-only rows
         ctx.any_empty = bool(empty.any())           # training rows always list themselves: skip two passes
         if ctx.any_empty:
             o = o.masked_fill(empty[:, None, None], 0.0)
-        ctx.save_for_backward(q, g, valid, p, (s - m).exp() / den)
+        ctx.save_for_backward(q, g, valid, p, p_sink)
         ctx.scale, ctx.sink_dtype = scale, sink.dtype
         return o
 
@@ -195,9 +193,9 @@ def dense_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx: 
     return _dense_core(q, kv, attn_sink, idx, scale)[0]
 
 
-def _dense_core(q, kv, attn_sink, idx, scale) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`dense_attn`'s computation (finite kv) → (o [B, S, H, D], the rows' probabilities p [B, S, H, N],
-    how many times each query lists each row: count [B, S, N])."""
+def _dense_core(q, kv, attn_sink, idx, scale) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`dense_attn`'s computation (finite kv) → (o [B, S, H, D], the rows' probabilities p [B, S, H, N], the
+    sink's mass [B, S, H], how many times each query lists each row: count [B, S, N])."""
     B, S, H, D = q.shape
     N = kv.shape[1]
     valid = idx >= 0
@@ -208,9 +206,9 @@ def _dense_core(q, kv, attn_sink, idx, scale) -> tuple[torch.Tensor, torch.Tenso
         z = z + count.log()[:, :, None, :]                            # log 0 = −inf: not attended
     else:                                                             # (the same values, without the log)
         z = z.masked_fill((count == 0)[:, :, None, :], float("-inf"))
-    p = _sink_softmax(z, attn_sink)
+    p, p_sink = _sink_softmax(z, attn_sink)
     o = torch.bmm(p.view(B, S * H, N), kvf).view(B, S, H, D)
-    return o.to(q.dtype), p, count
+    return o.to(q.dtype), p, p_sink.squeeze(-1), count
 
 
 def sparse_attn_inspect(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx: torch.Tensor,
@@ -219,9 +217,8 @@ def sparse_attn_inspect(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tens
     slots' probabilities p [B, S, H, K] (0 on −1 slots), the sink's mass [B, S, H]) — one pass instead of
     `sparse_attn` then `sparse_attn_probs`. For the inspected forward."""
     _check_attn_args("sparse_attn_inspect", q, kv, attn_sink, idx)
-    o, p = _sparse_core(q, kv, attn_sink, idx, scale)
-    p = p.masked_fill(~(idx >= 0)[:, :, None, :], 0.0)
-    return o, p, 1.0 - p.sum(-1)
+    o, p, p_sink = _sparse_core(q, kv, attn_sink, idx, scale)
+    return o, p.masked_fill(~(idx >= 0)[:, :, None, :], 0.0), p_sink
 
 
 def dense_attn_inspect(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, idx: torch.Tensor,
@@ -231,12 +228,11 @@ def dense_attn_inspect(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tenso
     _check_attn_args("dense_attn_inspect", q, kv, attn_sink, idx)
     if not bool(torch.isfinite(kv).all()):
         return sparse_attn_inspect(q, kv, attn_sink, idx, scale)
-    o, pr, count = _dense_core(q, kv, attn_sink, idx, scale)
+    o, pr, p_sink, count = _dense_core(q, kv, attn_sink, idx, scale)
     B, S, H, _ = q.shape
     at = idx.clamp(min=0).long()
     p = pr.gather(-1, at[:, :, None, :].expand(B, S, H, -1)) / count.gather(2, at).clamp_min(1.0)[:, :, None, :]
-    p = p.masked_fill(~(idx >= 0)[:, :, None, :], 0.0)
-    return o, p, 1.0 - pr.sum(-1)
+    return o, p.masked_fill(~(idx >= 0)[:, :, None, :], 0.0), p_sink
 
 
 # Cost model of one query block, calibrated on a 2-core AMD EPYC with torch's fp32 CPU GEMMs (1 thread):

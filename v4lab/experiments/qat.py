@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from v4lab.experiments import repo_path
 from v4lab.quant import fp4_fake_quant, sqnr_db
 from v4lab.train import evaluate, fit, micro_config
 from v4lab.trainconfig import TrainConfig
@@ -34,8 +35,9 @@ if TYPE_CHECKING:
     from v4lab.model import V4Model
 
 
-def _expert_weights(model):
-    return [w for b in model.blocks() for e in b.ffn.experts for w in (e.w1.weight, e.w2.weight, e.w3.weight)]
+def _expert_weights(model: V4Model) -> list[torch.Tensor]:
+    """Every routed expert's w1, w2, w3, in `expert_matrices` order."""
+    return [w for _, _, ws in expert_matrices(model) for w in ws]
 
 
 @torch.no_grad()
@@ -92,10 +94,7 @@ TRAINABLE = ("all", "experts")
 
 
 def _lab_path(model_dir: str | Path) -> Path:
-    path = Path(model_dir)
-    if not path.is_absolute() and not path.exists():
-        # a relative path names the repository's folder: notebooks run with notebooks/ as the working folder
-        path = Path(__file__).resolve().parents[2] / path
+    path = repo_path(model_dir)
     if not (path / "config.json").is_file() or not (path / "tokenizer.json").is_file():
         raise ValueError(f"model_dir = {str(model_dir)!r}: needs config.json, the weights and tokenizer.json "
                          "(data/lab-v4 is written by `v4lab labrun`, see data/README.md)")

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from v4lab.experiments import repo_path
 from v4lab.quant import SUBFP4_FORMATS, bits_per_weight, mx_fake_quant, mx_fake_quant_ste
 from v4lab.train import evaluate, lm_losses
 
@@ -108,11 +108,7 @@ def qat_finetune(model: V4Model, data: TokenData, fmt: str | None, block: int, *
 
 def _load(model_dir, device):
     from v4lab import model as model_mod
-    path = Path(model_dir)
-    if not path.is_absolute() and not path.exists():
-        # a relative path names the repository's folder: notebooks run with notebooks/ as the working folder
-        path = Path(__file__).resolve().parents[2] / path
-    return model_mod.load(path, keep_quantized=False, device=device)
+    return model_mod.load(repo_path(model_dir), keep_quantized=False, device=device)
 
 
 def run(seed: int = 0, *, model_dir: str = "data/tiny-v4", formats: tuple = tuple(SUBFP4_FORMATS),

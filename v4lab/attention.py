@@ -262,12 +262,15 @@ ATTN_PATHS = ("auto", "dense", "gather")
 ATTN_BLOCK_QUERIES = 64         # queries per dense block (a dense block also sees its own rows: keep it short)
 ATTN_BLOCK_FLOATS = 1 << 23     # an attention sub-block's big temporary ([s, K, D] gathered rows or [s, H, N'] scores)
 # The fixed cost of one attention block in training (GEMM-FLOP equivalents): its ~30 small ops forward and
-# their backward nodes take ~0.7 ms on this CPU whatever their size (measured on the tiny config's window
-# layer at 2048 tokens: 32 dense blocks 69 ms fwd + bwd, one gather block 39 ms). Nothing at the released
-# shape (a 64-query dense block there is GFLOPs), but a narrow model's blocks are that overhead and little
-# else. Without a backward (inference, no_grad) the overhead is left out, which keeps the calibrated
-# inference choices (and so the pinned logits of tests/test_refactor_reference.py) as they were.
-BLOCK_OVERHEAD_FLOPS = 5e7
+# their backward nodes. First measured on the tiny config's window layer at 2048 tokens (32 dense blocks
+# 69 ms fwd + bwd, one gather block 39 ms: ~0.7 ms a block); re-measured on the lab-v4 shape (H 4, D 64,
+# window 64, top-32), where all-dense (224 blocks of 64 queries over 7 layers) took 2.15-2.6 s per 2048-token
+# forward + backward and all-gather (14 blocks) 1.74-2.0 s: ~2 ms a block, 1.5e8 FLOPs at this CPU's
+# ~75 GFLOP/s. Nothing at the released shape (a 64-query dense block there is GFLOPs), but a narrow model's
+# blocks are that overhead and little else. Without a backward (inference, no_grad) the overhead is left
+# out, which keeps the calibrated inference choices (and so the pinned logits of
+# tests/test_refactor_reference.py) as they were.
+BLOCK_OVERHEAD_FLOPS = 1.5e8
 
 
 def plan_attn_blocks(heads: int, queries: int, n_cols: int, k: int, head_dim: int, path: str = "auto",

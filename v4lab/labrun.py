@@ -60,7 +60,13 @@ RECIPE = {
 # QAT over the last quarter. ``indexer_warmup_steps`` = 0: the indexers carry over trained.
 CONTINUE = dict(RECIPE, init="runs/lab-v4-a", lm1_steps=0, indexer_warmup_steps=0, lm2_steps=900, lm2_seed=2,
                 lm2_warmup=20, lr=2e-3, min_lr_ratio=0.05, indexer_distill_every=2)
-RECIPES = {"lab-v4": RECIPE, "lab-v4-continue": CONTINUE}
+# The successor, from scratch in one run (data/README.md, "In training"): the lab-v4-2k shape, a longer
+# constant-lr stage, a longer indexer warm-up, the indexer loss every second step and one cosine to 5 %.
+# Sized to 3 CPU-hours at the step costs measured on this shape (0.6 s a 512-token step, 2.5-2.7 s a
+# 2048-token one with the indexer loss every second step; ~9,500 s in all, 10 % more with both cores busy).
+RECIPE_2K = dict(RECIPE, config="lab-v4-2k", lm1_steps=6400, indexer_warmup_steps=150, lm2_steps=1700,
+                 min_lr_ratio=0.05, indexer_distill_every=2)
+RECIPES = {"lab-v4": RECIPE, "lab-v4-continue": CONTINUE, "lab-v4-2k": RECIPE_2K}
 STAGES = ("lm1", "warmup", "lm2", "final", "done")
 # the logs of the release a continuation starts from, renamed in the run folder and the new release
 INIT_FILES = {"train_log_lm1.jsonl": "train_log_lm1.jsonl", "train_log.jsonl": "train_log_lm2.jsonl",
@@ -417,7 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--root", default=None, help="CPython HTML docs root (default: python3.11-doc's)")
     p.add_argument("--ckpt-seconds", type=float, default=600.0, help="wall seconds between checkpoints")
     p.add_argument("--recipe", default="lab-v4", choices=sorted(RECIPES),
-                   help="lab-v4: from scratch; lab-v4-continue: more steps from the release in --init")
+                   help="lab-v4: from scratch; lab-v4-continue: more steps from the release in --init; lab-v4-2k: the "
+                        "successor shape, from scratch")
     p.add_argument("--init", default=None, help="the release a continuation starts from (default runs/lab-v4-a)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--status", action="store_true", help="only print where the run in --run-dir stands")

@@ -59,13 +59,13 @@ RECIPE = {
 # data seed, a short re-warm-up and a cosine to ``min_lr_ratio``; the indexer loss every second step, FP4
 # QAT over the last quarter. ``indexer_warmup_steps`` = 0: the indexers carry over trained.
 CONTINUE = dict(RECIPE, init="runs/lab-v4-a", lm1_steps=0, indexer_warmup_steps=0, lm2_steps=900, lm2_seed=2,
-                lm2_warmup=20, lr=2e-3, min_lr_ratio=0.05, indexer_distill_every=2)
+                lm2_warmup=20, lr=2e-3, min_lr_ratio=0.05, indexer_distill_every=1)
 # The successor, from scratch in one run (data/README.md, "In training"): the lab-v4-2k shape, a longer
-# constant-lr stage, a longer indexer warm-up, the indexer loss every second step and one cosine to 5 %.
-# Sized to 3 CPU-hours at the step costs measured in this run's first minutes (0.76 CPU-s a 512-token step;
-# 2.5-3.1 s a 2048-token one with the indexer loss every second step): ~9,500 s in all, ~12 % to spare.
-RECIPE_2K = dict(RECIPE, config="lab-v4-2k", lm1_steps=5600, indexer_warmup_steps=150, lm2_steps=1500,
-                 min_lr_ratio=0.05, indexer_distill_every=2)
+# constant-lr stage, a longer indexer warm-up, the indexer loss on every step and one cosine to 5 %.
+# Sized to 3 CPU-hours at the step costs measured on this shape (0.64 CPU-s a 512-token step, ~3 s a
+# 2048-token one with the indexer loss): ~9,300 s in all, ~14 % to spare for a busy machine.
+RECIPE_2K = dict(RECIPE, config="lab-v4-2k", lm1_steps=5800, indexer_warmup_steps=200, lm2_steps=1500,
+                 min_lr_ratio=0.05, indexer_distill_every=1)
 RECIPES = {"lab-v4": RECIPE, "lab-v4-continue": CONTINUE, "lab-v4-2k": RECIPE_2K}
 STAGES = ("lm1", "warmup", "lm2", "final", "done")
 # the logs of the release a continuation starts from, renamed in the run folder and the new release

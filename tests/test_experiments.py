@@ -57,14 +57,17 @@ def test_anticipatory_experiment_modes(data):
     assert all(0 <= c <= 1 for c in r["always"]["churn"])
 
 
-def test_subfp4_finds_the_repository_model_from_another_folder(tmp_path, monkeypatch):
+def test_experiments_find_the_repository_model_from_another_folder(tmp_path, monkeypatch):
     # notebooks run with notebooks/ as the working folder; "data/tiny-v4" names the repository's model
-    from v4lab.experiments import subfp4
+    import torch
+
+    from v4lab.experiments import load_masters
     monkeypatch.chdir(tmp_path)
-    model = subfp4._load("data/tiny-v4", "cpu")
+    model = load_masters("data/tiny-v4", "cpu")
     assert model.cfg.vocab_size > 0
+    assert all(p.dtype == torch.float32 for p in model.parameters())     # FP8/FP4 dequantised to masters
     with pytest.raises(ValueError):
-        subfp4._load("data/no-such-model", "cpu")
+        load_masters("data/no-such-model", "cpu")
 
 
 def test_per_expert_error_sees_rounding_and_what_rounds_back():

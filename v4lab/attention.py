@@ -755,9 +755,7 @@ class Attention(nn.Module):
     def _index_inputs(self, call: _Call, x, qr) -> None:
         """CSA: the indexer keys of the new entries (into the cache) and the queries' indexer q and weights."""
         ix, iqr = (x.detach(), qr.detach()) if call.distill else (x, qr)    # the warm-up trains the indexer only
-        # Without the warm-up nothing differentiable leaves the indexer (top-k picks have no gradient): no
-        # graph is built for it, so the [S, Hi, Nc] score logits are neither kept nor given a backward node.
-        with torch.set_grad_enabled(call.distill and torch.is_grad_enabled()):
+        with call.indexer_grad():
             call.cache.index_keys.append(self.indexer.keys(ix, call.cache.index_state))
             call.keys = call.cache.index_keys.get()
             call.iq, call.iw = self.indexer.queries(ix, iqr, call.pos)
@@ -777,7 +775,7 @@ class Attention(nn.Module):
         picks = None
         if self.kind == "csa":
             keep = call.distill or call.insp is not None
-            with torch.set_grad_enabled(call.distill and torch.is_grad_enabled()):
+            with call.indexer_grad():
                 picks = self._select(call.iq[:, b0:b1], call.iw[:, b0:b1], call.keys, call.pos[b0:b1], keep)
         ob = [self._attend_block(call, qb[:, c0 - b0:min(b1, c0 + sub) - b0], c0, min(b1, c0 + sub),
                                  picks, c0 - b0, bpath) for c0 in range(b0, b1, sub)]
@@ -868,3 +866,9 @@ class _Call:
     iw: torch.Tensor | None = None     # CSA: indexer head weights [B, S, Hi]
     records: list = field(default_factory=list)
     distill_sums: list = field(default_factory=lambda: [0.0, 0, 0, 0])     # Σ KL, queries, hits, possible
+
+    def indexer_grad(self):
+        """The grad mode of the indexer's computations: on only in a distill call (warm-up or indexer loss)
+        under autograd. Otherwise nothing differentiable leaves the indexer (top-k picks have no gradient),
+        so no graph is built for its [S, Hi, Nc] score logits."""
+        return torch.set_grad_enabled(self.distill and torch.is_grad_enabled())

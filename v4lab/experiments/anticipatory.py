@@ -126,9 +126,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def _source(model_dir: str, device):
     """The trained model's config and a function that returns a fresh copy of its weights (fp32)."""
-    from v4lab.experiments.subfp4 import _load
+    from v4lab.experiments import load_masters
     from v4lab.model import V4Model
-    src = _load(model_dir, device)
+    src = load_masters(model_dir, device)
     state = {k: v.detach().clone() for k, v in src.state_dict().items()}
 
     def fresh() -> V4Model:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from v4lab.experiments import repo_path
+from v4lab.experiments import load_masters, repo_path
 from v4lab.quant import fp4_fake_quant, sqnr_db
 from v4lab.train import evaluate, fit, micro_config
 from v4lab.trainconfig import TrainConfig
@@ -150,7 +150,6 @@ def run_lab(seed: int = 0, *, model_dir: str | Path = LAB_DIR, steps: int = 20, 
     {"config", "step", "start": held-out loss of the released model, "ptq"/"qat": {"loss": [...],
     "seconds", "heldout": {"masters", "fp4"}, "experts": per_expert_error rows}}; "fp4" of "ptq" is the
     PTQ model (masters rounded after training). ``on_step`` is called after every training step."""
-    from v4lab import model as model_mod
     from v4lab.device import get_device
     from v4lab.train import torch_settings
     if trainable not in TRAINABLE:
@@ -162,7 +161,7 @@ def run_lab(seed: int = 0, *, model_dir: str | Path = LAB_DIR, steps: int = 20, 
                           seq_len=seq_len, eval_windows=eval_windows, trainable=trainable), "step": list(range(steps))}
     with torch_settings(threads, True, get_device(device)):
         for arm, qat in (("ptq", False), ("qat", True)):
-            model = model_mod.load(path, keep_quantized=False, device=device)
+            model = load_masters(path, device)
             if arm == "ptq":
                 out["start"] = _eval(model, windows, False)
                 start = [[w.detach().clone() for w in ws] for _, _, ws in expert_matrices(model)]

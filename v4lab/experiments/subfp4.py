@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from v4lab.experiments import repo_path
+from v4lab.experiments import load_masters
 from v4lab.quant import SUBFP4_FORMATS, bits_per_weight, mx_fake_quant, mx_fake_quant_ste
 from v4lab.train import evaluate, lm_losses
 
@@ -106,11 +106,6 @@ def qat_finetune(model: V4Model, data: TokenData, fmt: str | None, block: int, *
     return losses
 
 
-def _load(model_dir, device):
-    from v4lab import model as model_mod
-    return model_mod.load(repo_path(model_dir), keep_quantized=False, device=device)
-
-
 def run(seed: int = 0, *, model_dir: str = "data/tiny-v4", formats: tuple = tuple(SUBFP4_FORMATS),
         blocks: tuple = (32, 16, 8), scopes: tuple = SCOPES, qat_steps: int = 8, qat_formats: tuple | None = None,
         qat_lr: float = 1e-4, batch_size: int = 4, seq_len: int = 128, eval_windows: int = 8,
@@ -124,7 +119,7 @@ def run(seed: int = 0, *, model_dir: str = "data/tiny-v4", formats: tuple = tupl
     from v4lab.data import load_data
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    model = _load(model_dir, device).eval()
+    model = load_masters(model_dir, device).eval()
     data = data or load_data(model.cfg.vocab_size)
     windows = data.heldout_windows(seq_len, eval_windows)
     out = {"config": dict(seed=seed, model_dir=str(model_dir), formats=list(formats), blocks=list(blocks),
@@ -139,7 +134,7 @@ def run(seed: int = 0, *, model_dir: str = "data/tiny-v4", formats: tuple = tupl
                 b = bits_per_weight(fmt, block)
                 out["ptq"].append(dict(scope=scope, fmt=fmt, block=block, bits=b, bytes_per_param=b / 8, **r))
     for fmt in (("none",) + tuple(formats)) if qat_formats is None else qat_formats:
-        m = _load(model_dir, device)
+        m = load_masters(model_dir, device)
         q = None if fmt == "none" else fmt
         train_loss = qat_finetune(m, data, q, 32, steps=qat_steps, lr=qat_lr, batch_size=batch_size,
                                   seq_len=seq_len, seed=seed, on_step=tick) if qat_steps else []

@@ -64,7 +64,7 @@ CONTINUE = dict(RECIPE, init="runs/lab-v4-a", lm1_steps=0, indexer_warmup_steps=
 # constant-lr stage, a longer indexer warm-up, the indexer loss on every step and one cosine to 5 %.
 # Sized to 3 CPU-hours with ~8 % to spare at the step costs this run met (0.65-0.9 CPU-s a 512-token step,
 # varying with the machine; ~3.4 s a 2048-token one with the indexer loss). lm1 was first 5,800 steps and
-# lm2 1,500; both were cut at lm1's step 1,459, before either count had any effect (lm1's lr is constant
+# lm2 1,500; both were cut at lm1's step 2,221, before either count had any effect (lm1's lr is constant
 # and a step's batch depends only on (seed, step)), so the weights are those of a run set this way at start.
 RECIPE_2K = dict(RECIPE, config="lab-v4-2k", lm1_steps=5000, indexer_warmup_steps=200, lm2_steps=1400,
                  min_lr_ratio=0.05, indexer_distill_every=1)

@@ -62,11 +62,12 @@ CONTINUE = dict(RECIPE, init="runs/lab-v4-a", lm1_steps=0, indexer_warmup_steps=
                 lm2_warmup=20, lr=2e-3, min_lr_ratio=0.05, indexer_distill_every=1)
 # The successor, from scratch in one run (data/README.md, "In training"): the lab-v4-2k shape, a longer
 # constant-lr stage, a longer indexer warm-up, the indexer loss on every step and one cosine to 5 %.
-# Sized to 3 CPU-hours with ~8 % to spare at the step costs this run met (0.65-0.9 CPU-s a 512-token step,
-# varying with the machine; ~3.4 s a 2048-token one with the indexer loss). lm1 was first 5,800 steps and
-# lm2 1,500; both were cut at lm1's step 2,221, before either count had any effect (lm1's lr is constant
-# and a step's batch depends only on (seed, step)), so the weights are those of a run set this way at start.
-RECIPE_2K = dict(RECIPE, config="lab-v4-2k", lm1_steps=5000, indexer_warmup_steps=200, lm2_steps=1400,
+# Sized to 3 CPU-hours with ~9 % to spare at the step costs this run met (0.60-0.92 CPU-s a 512-token step,
+# varying with the machine; ~3.4 s a 2048-token one with the indexer loss). It started as 5,800 / 1,500 steps;
+# lm1 was cut to 5,000 at its step 2,221 and lm2 set to 1,500 at the end of the warm-up, each before the
+# count had any effect (lm1's lr is constant and a step's batch depends only on (seed, step)), so the
+# weights are those of a run given these counts from the start.
+RECIPE_2K = dict(RECIPE, config="lab-v4-2k", lm1_steps=5000, indexer_warmup_steps=200, lm2_steps=1500,
                  min_lr_ratio=0.05, indexer_distill_every=1)
 RECIPES = {"lab-v4": RECIPE, "lab-v4-continue": CONTINUE, "lab-v4-2k": RECIPE_2K}
 STAGES = ("lm1", "warmup", "lm2", "final", "done")

@@ -431,7 +431,7 @@ def _lab_v4_2k() -> V4Config:
     # (the smallest the lab model's brief allows; the output head is a third of a forward's FLOPs at 4096)
     # and a wider indexer, 8 heads x 64 (after 120 warm-up steps on the first release: recall 0.677 against
     # 0.648 for 4 x 32, for ~8 % more warm-up time). Why each number: data/README.md.
-    return _lab_v4().replace(vocab_size=2048, index_n_heads=8, index_head_dim=64)
+    return _lab_v4().replace(name="lab-v4-2k", vocab_size=2048, index_n_heads=8, index_head_dim=64)
 
 
 PRESETS = {"v4-flash": _v4_flash, "v4-pro": _v4_pro, "v3": lambda: _v3(False), "v3.2": lambda: _v3(True),

@@ -427,8 +427,9 @@ def _lab_v4() -> V4Config:
 
 
 def _lab_v4_2k() -> V4Config:
-    # The lab model's second shape (in training, v4lab.labrun --recipe lab-v4-2k): a 2048-entry vocabulary
-    # (the smallest the lab model's brief allows; the output head is a third of a forward's FLOPs at 4096)
+    # The lab model's second shape (trained by v4lab.labrun --recipe lab-v4-2k, not yet shipped): a 2048-entry
+    # vocabulary (the smallest the lab model's brief allows; at 4096 the output head is 2.10 of a token's
+    # 10.03 MFLOP, v4lab.accounting, and training runs it twice with MTP)
     # and a wider indexer, 8 heads x 64 (after 120 warm-up steps on the first release: recall 0.677 against
     # 0.648 for 4 x 32, for ~8 % more warm-up time). Why each number: data/README.md.
     return _lab_v4().replace(name="lab-v4-2k", vocab_size=2048, index_n_heads=8, index_head_dim=64)

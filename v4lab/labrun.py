@@ -59,8 +59,8 @@ RECIPE = {
 # data seed, a short re-warm-up and a cosine to ``min_lr_ratio``; the indexer loss every second step, FP4
 # QAT over the last quarter. ``indexer_warmup_steps`` = 0: the indexers carry over trained.
 CONTINUE = dict(RECIPE, init="runs/lab-v4-a", lm1_steps=0, indexer_warmup_steps=0, lm2_steps=900, lm2_seed=2,
-                lm2_warmup=20, lr=2e-3, min_lr_ratio=0.05, indexer_distill_every=1)
-# The successor, from scratch in one run (data/README.md, "In training"): the lab-v4-2k shape, a longer
+                lm2_warmup=20, lr=2e-3, min_lr_ratio=0.05, indexer_distill_every=2)
+# The successor, from scratch in one run (data/README.md, "Trained, not yet shipped"): the lab-v4-2k shape, a longer
 # constant-lr stage, a longer indexer warm-up, the indexer loss on every step and one cosine to 5 %.
 # Sized to 3 CPU-hours with ~9 % to spare at the step costs this run met (0.60-0.92 CPU-s a 512-token step,
 # varying with the machine; ~3.4 s a 2048-token one with the indexer loss). It started as 5,800 / 1,500 steps;
